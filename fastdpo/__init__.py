@@ -1,0 +1,12 @@
+"""fastdpo: fused, exact DPO losses for PyTorch.
+
+``from fastdpo import DPO`` is a drop-in for ``from x_transformers.dpo import DPO``.
+"""
+
+from .data import PreferenceDataset
+from .dpo import DPO
+from .losses import dpo_loss
+from .ops import sequence_logprobs
+
+__all__ = ["DPO", "PreferenceDataset", "dpo_loss", "sequence_logprobs"]
+__version__ = "0.1.0"

@@ -1,0 +1,89 @@
+"""Argument checks shared by the public entry points.
+
+Every check raises a ``TypeError`` (wrong kind or dtype) or a ``ValueError`` (wrong shape or
+value) whose message names the argument, what was expected and what was given.  Checks on
+tensor *values* (token ranges) read the data: on CPU tensors that costs nothing extra, on
+accelerators it is done with ``torch._assert_async`` so the hot path never waits on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def tensor(name: str, x, *, ndim: int | None = None) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    return x
+
+
+def integer_tokens(name: str, x, *, ndim: int) -> Tensor:
+    tensor(name, x, ndim=ndim)
+    if x.dtype not in INT_DTYPES:
+        raise TypeError(f"{name} must hold integer token ids (torch.long), got dtype {x.dtype}")
+    return x
+
+
+def bool_mask(name: str, x, shape: tuple[int, ...]) -> Tensor:
+    tensor(name, x)
+    if x.dtype != torch.bool:
+        raise TypeError(
+            f"{name} must be a torch.bool tensor (True = position counts), got dtype {x.dtype}"
+        )
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    return x
+
+
+def same_device(**tensors: Tensor | None) -> None:
+    named = [(k, v) for k, v in tensors.items() if v is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name} is on {t.device} but {first_name} is on {first.device}; "
+                "all inputs must be on one device"
+            )
+
+
+def token_range(name: str, tokens: Tensor, high: int | None, where: Tensor | None = None) -> None:
+    """Check ``0 <= tokens < high`` (only at positions where ``where`` is True, if given)."""
+    if tokens.numel() == 0:
+        return
+    bad = tokens < 0
+    if high is not None:
+        bad = bad | (tokens >= high)
+    if where is not None:
+        bad = bad & where
+    expected = f"[0, {high})" if high is not None else ">= 0"
+    if tokens.device.type == "cpu":
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{name} holds token id {int(tokens[idx])} at index {idx}, outside {expected}"
+            )
+    else:
+        # No host sync on accelerators: fail the stream instead.
+        torch._assert_async(~bad.any(), f"{name} holds a token id outside {expected}")
+
+
+def positive_finite(name: str, value) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
+    if not v > 0 or v == float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return v
+
+
+def choice(name: str, value, options: tuple[str, ...]) -> str:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {options}, got {value!r}")
+    return value

@@ -1,0 +1,1 @@
+"""Triton kernels of fastdpo (installed as ``fastdpo.kernels``)."""

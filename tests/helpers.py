@@ -1,0 +1,36 @@
+"""Shared test helpers: the per-dtype tolerance table, the three-way comparison rule, models."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Slack allowed beyond the reference implementation's own error (STYLE.md's three-way rule):
+# ours must be no further from the float64 truth than the reference in the input dtype is,
+# plus this much (absolute, on values scaled to O(1)).
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def three_way(ours: Tensor, ref: Tensor, truth: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """Assert ``max|ours - truth| <= max|ref - truth| + TOL[dtype] * scale``."""
+    truth = truth.double()
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    err_ours = (ours.double() - truth).abs().max().item() if truth.numel() else 0.0
+    err_ref = (ref.double() - truth).abs().max().item() if truth.numel() else 0.0
+    assert err_ours <= err_ref + TOL[dtype] * scale, (
+        f"{what}: ours is {err_ours:.3g} from float64, the reference {err_ref:.3g} "
+        f"(allowed slack {TOL[dtype] * scale:.3g})"
+    )
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    """Norm-wise relative error of ``a`` against ``b``."""
+    a, b = a.double(), b.double()
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom > 0 else (a - b).norm().item()
+
+
+def reference_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """``sum_t mask * log_softmax(logits)[target]`` with plain torch ops (in logits' dtype)."""
+    lp = logits.log_softmax(-1).gather(-1, torch.where(mask, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return lp.masked_fill(~mask, 0).sum(-1)

@@ -1,0 +1,323 @@
+"""DPO: parity with x_transformers.dpo.DPO, the convention switches, structure, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from x_transformers import Decoder, TransformerWrapper
+from x_transformers.dpo import DPO as XDPO
+
+from fastdpo import DPO
+from fastdpo.dpo import deepcopy_module
+
+from helpers import rel_err
+
+
+def make_model(num_tokens, *, dim=32, depth=1, tie=False, seed=0, max_seq_len=64):
+    torch.manual_seed(seed)
+    return TransformerWrapper(
+        num_tokens=num_tokens,
+        max_seq_len=max_seq_len,
+        tie_embedding=tie,
+        attn_layers=Decoder(dim=dim, depth=depth, heads=2),
+    )
+
+
+def perturb_(module, seed, skip=()):
+    """Move the policy away from the reference so the loss and its gradient are not trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name not in skip:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+# x-transformers' reference copy of a tied-embedding model reads the policy's embedding in
+# its head (see test_tied_reference_does_not_drift); parity runs leave that weight equal.
+TIED = ("token_emb.emb.weight",)
+
+
+def make_batch(b, l, v, *, seed, prompt_lens, pad_id=None, pad_lens=None):
+    g = torch.Generator().manual_seed(seed)
+    low = 1 if pad_id == 0 else 0
+    pref = torch.randint(low, v, (b, l), generator=g)
+    unpref = torch.randint(low, v, (b, l), generator=g)
+    prompt_mask = torch.arange(l)[None] < torch.tensor(prompt_lens)[:, None]
+    unpref[prompt_mask] = pref[prompt_mask]  # shared prompt
+    if pad_lens is not None:
+        for i, (pw, pl) in enumerate(pad_lens):
+            if pw:
+                pref[i, l - pw :] = pad_id
+            if pl:
+                unpref[i, l - pl :] = pad_id
+    return pref, unpref, prompt_mask
+
+
+def paired(make, tie=False, **kw):
+    """An x-transformers DPO and a fastdpo DPO with identical policy and reference weights."""
+    x = XDPO(make(), beta=kw.get("beta", 0.1), pad_id=kw.get("pad_id"))
+    ours = DPO(make(), **kw)
+    perturb_(x.policy_model, seed=123, skip=TIED if tie else ())
+    ours.policy_model.load_state_dict(x.policy_model.state_dict())
+    ours.ref_model.load_state_dict(x.ref_model.state_dict())
+    return x, ours
+
+
+def loss_and_grads(dpo, *args, **kwargs):
+    dpo.policy_model.zero_grad(set_to_none=True)
+    loss = dpo(*args, **kwargs)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in dpo.policy_model.named_parameters() if p.grad is not None}
+
+
+CONFIGS = [
+    # b, l, v, tie, pad_id, pad_lens, explicit masks, prompt lens, train
+    dict(b=1, l=9, v=2, prompt_lens=[3]),
+    dict(b=3, l=17, v=257, prompt_lens=[2, 5, 9]),
+    dict(b=3, l=13, v=5003, prompt_lens=[4, 1, 6], tie=True),
+    dict(b=3, l=15, v=257, prompt_lens=[3, 5, 2], pad_id=0, pad_lens=[(2, 0), (0, 4), (3, 3)]),
+    dict(b=3, l=11, v=257, prompt_lens=[3, 11, 2], explicit=True),  # row 1 is all prompt
+    dict(b=1, l=7, v=5003, prompt_lens=[2], train=True, tie=True),
+    dict(b=3, l=9, v=257, prompt_lens=[1, 4, 3], pad_id=0, pad_lens=[(1, 2), (0, 0), (4, 1)], train=True),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "pad_lens"))
+def test_parity_with_x_transformers(cfg):
+    b, l, v = cfg["b"], cfg["l"], cfg["v"]
+    pad_id = cfg.get("pad_id")
+    tie = cfg.get("tie", False)
+    x, ours = paired(lambda: make_model(v, tie=tie, seed=v + l), tie=tie, beta=0.1, pad_id=pad_id)
+    for m in (x, ours):
+        m.train(cfg.get("train", False))
+    pref, unpref, prompt_mask = make_batch(
+        b, l, v, seed=l, prompt_lens=cfg["prompt_lens"], pad_id=pad_id, pad_lens=cfg.get("pad_lens")
+    )
+    kwargs = dict(prompt_mask=prompt_mask)
+    if cfg.get("explicit"):
+        g = torch.Generator().manual_seed(7)
+        kwargs["preferred_seq_mask"] = torch.rand(b, l, generator=g) > 0.2
+        kwargs["unpreferred_seq_mask"] = torch.rand(b, l, generator=g) > 0.2
+
+    lx, gx = loss_and_grads(x, pref, unpref, **kwargs)
+    lo, go = loss_and_grads(ours, pref, unpref, **kwargs)
+    assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item()), (lo.item(), lx.item())
+    assert gx.keys() == go.keys()
+    for name in gx:
+        assert rel_err(go[name], gx[name]) <= 1e-5, name
+
+    # Three-way: the same model in float64 is the truth; ours is no further from it than
+    # x-transformers (plus float32 slack).
+    truth = deepcopy_module(x).double()
+    truth.train(cfg.get("train", False))
+    lt, gt = loss_and_grads(truth, pref, unpref, **kwargs)
+    assert abs(lo.item() - lt.item()) <= abs(lx.item() - lt.item()) + 1e-6 * abs(lt.item())
+    for name in gt:
+        assert rel_err(go[name], gt[name]) <= rel_err(gx[name], gt[name]) + 1e-5, name
+
+
+def test_tied_reference_does_not_drift():
+    """x-transformers' deepcopy leaves the tied head reading the policy's embedding; ours not."""
+    dpo = DPO(make_model(257, tie=True, seed=3))
+    x = XDPO(make_model(257, tie=True, seed=3))
+    src = torch.randint(0, 257, (2, 8))
+    with torch.no_grad():
+        before = dpo.ref_model(src)
+        x_before = x.ref_model(src)
+        for m in (dpo, x):
+            m.policy_model.token_emb.emb.weight.mul_(2.0)
+        torch.testing.assert_close(dpo.ref_model(src), before, rtol=0, atol=0)
+        assert not torch.allclose(x.ref_model(src), x_before)  # the flaw we do not copy
+    emb = dpo.ref_model.token_emb.emb.weight
+    assert emb.data_ptr() != dpo.policy_model.token_emb.emb.weight.data_ptr()
+
+
+def test_reference_model_is_frozen_and_untouched():
+    model = make_model(257)
+    dpo = DPO(model)
+    assert dpo.policy_model is model and dpo.ref_model is not model
+    assert all(not p.requires_grad for p in dpo.ref_model.parameters())
+    assert {id(p) for p in dpo.parameters()} == {id(p) for p in model.parameters()}
+    before = {k: v.clone() for k, v in dpo.ref_model.state_dict().items()}
+    dpo.train()
+    pref, unpref, pm = make_batch(2, 9, 257, seed=1, prompt_lens=[2, 3])
+    dpo(pref, unpref, prompt_mask=pm).backward()
+    assert not dpo.ref_model.training  # evaluated in eval mode, as x-transformers
+    assert all(p.grad is None for p in dpo.ref_model.parameters())
+    for k, v in dpo.ref_model.state_dict().items():
+        assert torch.equal(v, before[k])
+
+
+class Counting(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls, self.batch = inner, 0, []
+
+    def forward(self, x):
+        self.calls += 1
+        self.batch.append(x.shape[0])
+        return self.inner(x)
+
+
+def test_one_forward_per_model_on_concatenated_batch():
+    dpo = DPO(Counting(make_model(257)))
+    pref, unpref, pm = make_batch(3, 9, 257, seed=2, prompt_lens=[2, 3, 4])
+    dpo(pref, unpref, prompt_mask=pm)
+    assert dpo.policy_model.calls == 1 and dpo.ref_model.calls == 1
+    assert dpo.policy_model.batch == [6] and dpo.ref_model.batch == [6]
+
+
+def test_no_log_softmax_over_the_vocabulary():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    v = 257
+    dpo = DPO(make_model(v))
+    pref, unpref, pm = make_batch(2, 9, v, seed=3, prompt_lens=[2, 3])
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if "softmax" in str(func) and isinstance(out, torch.Tensor) and out.shape[-1] == v:
+                seen.append(str(func))
+            return out
+
+    with Spy():
+        dpo(pref, unpref, prompt_mask=pm).backward()
+    assert seen == []
+
+
+def hand_loss(dpo64, pref, unpref, prompt_mask, *, beta, reduction, alignment, pad_id=None):
+    """The DPO paper / TRL formula written out with full log_softmax, in the model's dtype."""
+    seq = torch.cat((pref, unpref))
+    keep = ~prompt_mask.repeat(2, 1)
+    if pad_id is not None:
+        keep = keep & (seq != pad_id)
+    mask = keep[:, 1:] if alignment == "target" else keep[:, :-1]
+
+    def score(model):
+        lp = model(seq[:, :-1]).log_softmax(-1).gather(-1, seq[:, 1:, None]).squeeze(-1)
+        s = (lp * mask).sum(-1)
+        return s / mask.sum(-1).clamp(min=1e-5) if reduction == "mean" else s
+
+    with torch.no_grad():
+        dpo64.ref_model.eval()
+        ref = score(dpo64.ref_model)
+    pol = score(dpo64.policy_model)
+    b = pref.shape[0]
+    z = beta * ((pol[:b] - pol[b:]) - (ref[:b] - ref[b:]))
+    return -F.logsigmoid(z).mean()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("alignment", ["input", "target"])
+def test_convention_switches_against_float64_formula(reduction, alignment):
+    v, b, l = 257, 3, 13
+    model = make_model(v, seed=4)
+    ours = DPO(model, beta=0.2, pad_id=0, logprob_reduction=reduction, mask_alignment=alignment)
+    perturb_(ours.policy_model, seed=9)
+    pref, unpref, pm = make_batch(b, l, v, seed=5, prompt_lens=[2, 5, 3], pad_id=0, pad_lens=[(2, 0), (0, 3), (1, 1)])
+    lo, go = loss_and_grads(ours, pref, unpref, prompt_mask=pm)
+
+    kw = dict(beta=0.2, reduction=reduction, alignment=alignment, pad_id=0)
+    truth = deepcopy_module(ours).double()
+    ref32 = deepcopy_module(ours)
+    results = {}
+    for name, m in (("truth", truth), ("ref32", ref32)):
+        m.policy_model.zero_grad(set_to_none=True)
+        loss = hand_loss(m, pref, unpref, pm, **kw)
+        loss.backward()
+        results[name] = loss.detach(), {n: p.grad for n, p in m.policy_model.named_parameters() if p.grad is not None}
+    (lt, gt), (lr, gr) = results["truth"], results["ref32"]
+    assert abs(lo.item() - lt.item()) <= abs(lr.item() - lt.item()) + 1e-6 * abs(lt.item())
+    for n in gt:
+        assert rel_err(go[n], gt[n]) <= rel_err(gr[n], gt[n]) + 1e-5, n
+
+
+def test_conventions_differ_from_default():
+    """The switches change the number (so the test above cannot pass vacuously)."""
+    model = make_model(257, seed=6)
+    pref, unpref, pm = make_batch(2, 11, 257, seed=6, prompt_lens=[3, 4])
+    losses = {}
+    for red in ("mean", "sum"):
+        for al in ("input", "target"):
+            d = DPO(deepcopy_module(model), logprob_reduction=red, mask_alignment=al)
+            perturb_(d.policy_model, seed=1)
+            losses[red, al] = d(pref, unpref, prompt_mask=pm).item()
+    assert len(set(losses.values())) == 4, losses
+
+
+def test_inplace_backward_used_and_equivalent():
+    model = make_model(257, seed=8)
+    a = DPO(deepcopy_module(model), inplace_backward=True)
+    b_ = DPO(deepcopy_module(model), inplace_backward=False)
+    perturb_(a.policy_model, 3)
+    perturb_(b_.policy_model, 3)
+    pref, unpref, pm = make_batch(2, 9, 257, seed=8, prompt_lens=[2, 3])
+    la, ga = loss_and_grads(a, pref, unpref, prompt_mask=pm)
+    lb, gb = loss_and_grads(b_, pref, unpref, prompt_mask=pm)
+    assert torch.equal(la, lb)
+    for n in ga:
+        assert torch.equal(ga[n], gb[n]), n
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def small():
+    return DPO(make_model(50, seed=1), pad_id=0)
+
+
+def _ok(b=2, l=6):
+    pref = torch.randint(1, 50, (b, l))
+    return pref, pref.flip(-1), torch.arange(l)[None].expand(b, l) < 2
+
+
+@pytest.mark.parametrize(
+    "mutate, err, match",
+    [
+        (lambda p, u, m, kw: (p[0], u[0], m[0], kw), ValueError, "preferred_seq must be 2-D"),
+        (lambda p, u, m, kw: (p, u[:, :-1], m, kw), ValueError, "unpreferred_seq must have the shape"),
+        (lambda p, u, m, kw: (p.float(), u, m, kw), TypeError, "preferred_seq must hold integer"),
+        (lambda p, u, m, kw: (p, u.float(), m, kw), TypeError, "unpreferred_seq must hold integer"),
+        (lambda p, u, m, kw: (p, u, m.long(), kw), TypeError, "prompt_mask must be a torch.bool"),
+        (lambda p, u, m, kw: (p, u, m[:, :-1], kw), ValueError, "prompt_mask must have shape"),
+        (lambda p, u, m, kw: (p, u, m, {"preferred_seq_mask": m.int()}), TypeError, "preferred_seq_mask"),
+        (lambda p, u, m, kw: (p, u, m, {"unpreferred_seq_mask": m[:1]}), ValueError, "unpreferred_seq_mask"),
+        (lambda p, u, m, kw: (p.clamp(max=0) + 50, u, m, kw), ValueError, r"preferred_seq holds token id 50 .*\[0, 50\)"),
+        (lambda p, u, m, kw: (p, u - 60, m, kw), ValueError, "unpreferred_seq holds token id"),
+        (lambda p, u, m, kw: (p[:, :1], u[:, :1], m[:, :1], kw), ValueError, "L >= 2"),
+        (lambda p, u, m, kw: (p[:0], u[:0], m[:0], kw), ValueError, "B >= 1"),
+        (lambda p, u, m, kw: (p.tolist(), u, m, kw), TypeError, "preferred_seq must be a torch.Tensor"),
+    ],
+)
+def test_bad_forward_input(small, mutate, err, match):
+    p, u, m = _ok()
+    p, u, m, kw = mutate(p, u, m, {})
+    with pytest.raises(err, match=match):
+        small(p, u, prompt_mask=m, **kw)
+
+
+@pytest.mark.parametrize(
+    "kw, err, match",
+    [
+        (dict(beta=0.0), ValueError, "beta must be a finite number > 0"),
+        (dict(beta=-1), ValueError, "beta"),
+        (dict(beta=float("nan")), ValueError, "beta"),
+        (dict(beta="x"), TypeError, "beta"),
+        (dict(pad_id=1.5), TypeError, "pad_id"),
+        (dict(logprob_reduction="avg"), ValueError, "logprob_reduction"),
+        (dict(mask_alignment="output"), ValueError, "mask_alignment"),
+        (dict(impl="cuda"), ValueError, "impl"),
+    ],
+)
+def test_bad_constructor_args(kw, err, match):
+    with pytest.raises(err, match=match):
+        DPO(make_model(50), **kw)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        DPO(lambda x: x)
