@@ -6,7 +6,7 @@
 from .data import PreferenceDataset
 from .dpo import DPO
 from .losses import dpo_loss
-from .ops import sequence_logprobs
+from .ops import sequence_logprobs, sequence_logprobs_pair
 
-__all__ = ["DPO", "PreferenceDataset", "dpo_loss", "sequence_logprobs"]
+__all__ = ["DPO", "PreferenceDataset", "dpo_loss", "sequence_logprobs", "sequence_logprobs_pair"]
 __version__ = "0.1.0"

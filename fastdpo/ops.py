@@ -1,12 +1,18 @@
 """Functional ops: masked per-sequence log-probabilities of target tokens.
 
-This is where a user's call turns into math: :func:`sequence_logprobs` checks its arguments,
-then hands them to one implementation chosen per call by ``impl``:
+This is where a user's call turns into math.  :func:`sequence_logprobs` (and
+:func:`sequence_logprobs_pair`) check their arguments, then call one ``torch.library`` custom
+op, ``fastdpo::sequence_logprobs``, whose body runs one implementation chosen per call by
+``impl``:
 
 * ``"torch"`` -- :mod:`fastdpo.torch_impl`, chunked pure torch (any device);
-* ``"triton"`` -- the fused Triton kernels of :mod:`fastdpo.kernels` (CUDA tensors, or CPU
-  tensors under ``TRITON_INTERPRET=1``);
+* ``"triton"`` -- the fused kernels of :mod:`fastdpo.kernels.sequence_logprobs` (CUDA
+  tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
 * ``"auto"`` -- Triton for CUDA tensors when available, torch otherwise.
+
+Being a custom op (with a fake implementation and registered autograd), it is opaque to
+``torch.compile``: a compiled model calling it does not graph-break, whatever the
+implementation does inside.
 """
 
 from __future__ import annotations
@@ -15,30 +21,16 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .torch_impl import TorchOptions, TorchSequenceLogprobs
+from . import torch_impl
 
 IMPLS = ("auto", "torch", "triton")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation ``impl`` names for tensors on ``device`` ("torch" or "triton")."""
-    _checks.choice("impl", impl, IMPLS)
-    if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if impl == "triton":
-        _require_triton(device)
-    return impl
-
-
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return _triton_kernels() is not None
+# ----------------------------------------------------------------------------- dispatch
 
 
 def _triton_kernels():
+    """The kernel module, or None when triton (or the kernels) cannot be imported."""
     try:
         from .kernels import sequence_logprobs as k
     except ImportError:
@@ -46,32 +38,134 @@ def _triton_kernels():
     return k
 
 
-def _require_triton(device: torch.device) -> None:
-    if _triton_kernels() is None:
-        raise NotImplementedError(
-            "impl='triton' needs the fused kernels in fastdpo.kernels, which are not available "
-            "in this build (is triton installed?); use impl='torch' or impl='auto'"
-        )
-    if device.type != "cuda":
-        import triton
-
-        if not triton.knobs.runtime.interpret:
-            raise ValueError(
-                f"impl='triton' needs CUDA tensors, got tensors on {device}; set "
-                "TRITON_INTERPRET=1 before importing fastdpo to run the kernels on the CPU "
-                "(slow, for testing), or use impl='torch'"
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``impl`` names for tensors on ``device``: "torch" or "triton"."""
+    _checks.choice("impl", impl, IMPLS)
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and _triton_kernels() is not None else "torch"
+    if impl == "triton":
+        if _triton_kernels() is None:
+            raise NotImplementedError(
+                "impl='triton' needs triton and the kernels in fastdpo.kernels, which cannot "
+                "be imported here; use impl='torch' or impl='auto'"
             )
+        if device.type != "cuda":
+            import triton
+
+            if not triton.knobs.runtime.interpret:
+                raise ValueError(
+                    f"impl='triton' needs CUDA tensors, got tensors on {device}; set "
+                    "TRITON_INTERPRET=1 before importing fastdpo to run the kernels on the "
+                    "CPU (slow, for testing), or use impl='torch'"
+                )
+    return impl
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("fastdpo::sequence_logprobs", mutates_args=())
+def _logprobs_op(
+    logits: Tensor,
+    ref_logits: Tensor | None,
+    targets: Tensor,
+    mask: Tensor,
+    impl: str,
+    inplace_backward: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(scores (N,), ref_scores (N,) or (0,), row logsumexp (N, T)), all float32."""
+    if impl == "triton":
+        k = _triton_kernels()
+        scores, ref_scores, lse = k.sequence_logprobs_forward(logits, targets, mask, ref_logits)
+    else:
+        # The kernels never read an out-of-vocab id (they return NaN); torch's gather would.
+        _checks.token_range("targets", targets, logits.shape[-1], where=mask)
+        scores, lse = torch_impl.forward(logits, targets, mask)
+        ref_scores = None
+        if ref_logits is not None:
+            ref_scores, _ = torch_impl.forward(ref_logits, targets, mask)
+    if ref_scores is None:
+        ref_scores = scores.new_empty(0)
+    return scores, ref_scores, lse
+
+
+@_logprobs_op.register_fake
+def _(logits, ref_logits, targets, mask, impl, inplace_backward):
+    n, t, _ = logits.shape
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    return (
+        torch.empty(n, **f32),
+        torch.empty(n if ref_logits is not None else 0, **f32),
+        torch.empty(n, t, **f32),
+    )
+
+
+@torch.library.custom_op("fastdpo::sequence_logprobs_backward", mutates_args=())
+def _logprobs_backward_op(
+    logits: Tensor, targets: Tensor, mask: Tensor, lse: Tensor, grad_scores: Tensor, impl: str
+) -> Tensor:
+    return _backward(logits, targets, mask, lse, grad_scores, impl, inplace=False)
+
+
+@_logprobs_backward_op.register_fake
+def _(logits, targets, mask, lse, grad_scores, impl):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastdpo::sequence_logprobs_backward_", mutates_args=("logits",))
+def _logprobs_backward_inplace_op(
+    logits: Tensor, targets: Tensor, mask: Tensor, lse: Tensor, grad_scores: Tensor, impl: str
+) -> None:
+    _backward(logits, targets, mask, lse, grad_scores, impl, inplace=True)
+
+
+def _backward(logits, targets, mask, lse, grad_scores, impl, *, inplace):
+    grad_scores = grad_scores.float().contiguous()
+    if impl == "triton":
+        k = _triton_kernels()
+        return k.sequence_logprobs_backward(logits, targets, mask, lse, grad_scores, inplace=inplace)
+    return torch_impl.backward(logits, targets, mask, lse, grad_scores, inplace=inplace)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, _, targets, mask, impl, inplace_backward = inputs
+    _, _, lse = output
+    ctx.save_for_backward(logits, targets, mask, lse)
+    ctx.impl, ctx.inplace_backward = impl, inplace_backward
+    ctx.mark_non_differentiable(output[1], lse)
+
+
+def _logprobs_autograd_backward(ctx, grad_scores, _grad_ref, _grad_lse):
+    logits, targets, mask, lse = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        if grad_scores is None:
+            grad_scores = torch.zeros(logits.shape[0], device=logits.device)
+        if ctx.inplace_backward:
+            _logprobs_backward_inplace_op(logits, targets, mask, lse, grad_scores, ctx.impl)
+            grad = logits
+        else:
+            grad = _logprobs_backward_op(logits, targets, mask, lse, grad_scores, ctx.impl)
+    return grad, None, None, None, None, None
+
+
+_logprobs_op.register_autograd(_logprobs_autograd_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
 
 
 def check_logprob_inputs(
     logits: Tensor, targets: Tensor, mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """Validate ``sequence_logprobs`` arguments; return (int64 targets, bool mask)."""
+    """Validate ``sequence_logprobs`` arguments; return (int64 targets, bool mask).
+
+    Shapes, dtypes and devices only: checks of values (token ranges) happen inside the op,
+    so this stays traceable by ``torch.compile``.
+    """
     _checks.tensor("logits", logits, ndim=3)
     if logits.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(
-            f"logits must be float32, bfloat16 or float16, got dtype {logits.dtype}"
-        )
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got dtype {logits.dtype}")
     n, t, v = logits.shape
     if v < 1:
         raise ValueError(f"logits must have a vocabulary dimension of size >= 1, got {v}")
@@ -86,7 +180,6 @@ def check_logprob_inputs(
     else:
         _checks.bool_mask("mask", mask, (n, t))
     _checks.same_device(logits=logits, targets=targets, mask=mask)
-    _checks.token_range("targets", targets, v, where=mask)
     return targets.long(), mask
 
 
@@ -101,32 +194,68 @@ def sequence_logprobs(
     """Masked sum of target-token log-probabilities per sequence.
 
     ``out[n] = sum_t mask[n, t] * log_softmax(logits[n, t])[targets[n, t]]``, the sequence
-    score of DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), differentiable w.r.t.
-    ``logits``.  No (N, T, V) log-softmax or softmax is ever materialized; all arithmetic is
-    float32 whatever the logits dtype.
+    log-likelihood of DPO (Rafailov et al. 2023, arXiv 2305.18290, eq. 7), differentiable
+    w.r.t. ``logits``.  No (N, T, V) log-softmax or softmax is ever materialized; all
+    arithmetic is float32 whatever the logits dtype.
 
     Args:
         logits: (N, T, V) float32, bfloat16 or float16; any strides.
         targets: (N, T) integer token ids, aligned with ``logits`` (row (n, t) scores
             ``targets[n, t]``).  Ids at masked positions are never read and may be anything
-            (e.g. -100); counted ids must lie in [0, V) (``ValueError`` on CPU tensors; on
-            CUDA a device-side assert).
+            (e.g. -100).  A counted id outside [0, V) raises ``ValueError`` for CPU tensors;
+            on CUDA the Triton path scores it NaN (no host sync to check it) and the torch
+            path fails a device-side assert.
         mask: (N, T) bool, True where the position counts; ``None`` counts every position.
         impl: "auto" (Triton on CUDA when available, else torch), "torch" or "triton".
         inplace_backward: write the gradient into ``logits`` itself instead of a new buffer,
-            saving one (N, T, V) tensor.  Only for logits nobody else reads afterwards.
+            saving one (N, T, V) tensor.  Only for logits nobody reads afterwards.
 
     Returns:
-        float32 (N,) scores.  A row with no counted position scores exactly 0.  Non-finite
-        logits in a counted row give a non-finite score (NaN for NaN or +inf entries,
-        -inf for a target whose logit is -inf); masked rows never affect the result.
+        float32 (N,) scores.  A sequence with no counted position scores exactly 0.  NaN or
+        +inf logits in a counted row give a NaN score; a counted target whose logit is -inf
+        scores -inf; masked rows never affect the scores and get an exactly zero gradient.
     """
     targets, mask = check_logprob_inputs(logits, targets, mask)
     which = resolve_impl(impl, logits.device)
-    if which == "triton":
-        from .triton_impl import triton_sequence_logprobs
+    scores, _, _ = _logprobs_op(logits, None, targets, mask, which, inplace_backward)
+    return scores
 
-        return triton_sequence_logprobs(logits, targets, mask, inplace_backward=inplace_backward)
-    return TorchSequenceLogprobs.apply(
-        logits, targets, mask, TorchOptions(inplace_backward=inplace_backward)
+
+def sequence_logprobs_pair(
+    logits: Tensor,
+    ref_logits: Tensor,
+    targets: Tensor,
+    mask: Tensor | None = None,
+    *,
+    impl: str = "auto",
+    inplace_backward: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Policy and reference scores in one pass: ``(sequence_logprobs(logits, ...),
+    sequence_logprobs(ref_logits, ...).detach())``.
+
+    The Triton path reads each policy row and the matching reference row in the same program
+    (one launch).  Only the policy scores are differentiable.  Both (N, T, V) tensors must be
+    alive at once, so prefer two :func:`sequence_logprobs` calls when memory is tight (as
+    :class:`fastdpo.DPO` does by default).
+
+    Args:
+        logits, ref_logits: (N, T, V) float32, bfloat16 or float16 (dtypes may differ).
+        targets, mask, impl, inplace_backward: as in :func:`sequence_logprobs`.
+    """
+    targets, mask = check_logprob_inputs(logits, targets, mask)
+    _checks.tensor("ref_logits", ref_logits, ndim=3)
+    if ref_logits.dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(
+            f"ref_logits must be float32, bfloat16 or float16, got dtype {ref_logits.dtype}"
+        )
+    if ref_logits.shape != logits.shape:
+        raise ValueError(
+            f"ref_logits must have the shape of logits {tuple(logits.shape)}, "
+            f"got {tuple(ref_logits.shape)}"
+        )
+    _checks.same_device(logits=logits, ref_logits=ref_logits)
+    which = resolve_impl(impl, logits.device)
+    scores, ref_scores, _ = _logprobs_op(
+        logits, ref_logits.detach(), targets, mask, which, inplace_backward
     )
+    return scores, ref_scores

@@ -14,24 +14,19 @@ when asked, into the logits themselves).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 # Rows of a box are chosen so that one float32 copy of the box is about this many bytes:
 # large enough that per-box Python and dispatch overhead (~20 us) is noise, small enough that
-# the box stays in L2 between the passes made over it.  Measured in
-# benchmarks/chunk_size.py (see docs/performance.md).
+# the box stays in cache between the passes made over it (measured: docs/performance.md).
+# Read at call time, so tests can shrink it to exercise box boundaries.
 BOX_BYTES = 1 << 20
 
 
-@dataclass(frozen=True)
-class TorchOptions:
-    """Non-tensor options of the torch path (one object, so backward returns fixed Nones)."""
-
-    inplace_backward: bool = False
-    box_bytes: int = BOX_BYTES
+# What a box holds: no counted row (skipped), only counted rows, or both.
+EMPTY, FULL, MIXED = 0, 1, 2
 
 
 def _boxes(n: int, t: int, v: int, box_bytes: int) -> Iterator[tuple[slice, slice]]:
@@ -53,24 +48,38 @@ def _boxes(n: int, t: int, v: int, box_bytes: int) -> Iterator[tuple[slice, slic
                 yield slice(i, i + 1), slice(t0, min(t0 + rows, t))
 
 
-def row_logsumexp(logits: Tensor, box_bytes: int = BOX_BYTES) -> Tensor:
-    """float32 (N, T) logsumexp over the vocabulary, computed box by box."""
-    n, t, v = logits.shape
-    lse = torch.empty(n, t, dtype=torch.float32, device=logits.device)
+def box_plan(mask: Tensor, v: int, box_bytes: int) -> list[tuple[slice, slice, int]]:
+    """The boxes of :func:`_boxes`, each tagged EMPTY, FULL or MIXED from ``mask``.
+
+    Prompt and padding rows are often whole boxes; skipping them saves their exp work (and
+    exp of -inf/subnormal arguments is a slow path on x86).  Reading the mask costs one
+    device-to-host copy of N*T counts (free on CPU, the one sync of this path on CUDA).
+    """
+    n, t = mask.shape
+    counted = torch.cumsum(mask.reshape(-1), 0, dtype=torch.int64).tolist()
+    plan = []
     for bn, bt in _boxes(n, t, v, box_bytes):
-        lse[bn, bt] = torch.logsumexp(logits[bn, bt].float(), dim=-1)
-    return lse
+        first = bn.start * t + bt.start
+        last = (bn.stop - 1) * t + bt.stop - 1
+        size = last - first + 1
+        count = counted[last] - (counted[first - 1] if first else 0)
+        plan.append((bn, bt, EMPTY if count == 0 else FULL if count == size else MIXED))
+    return plan
 
 
-def forward(
-    logits: Tensor, targets: Tensor, mask: Tensor, box_bytes: int = BOX_BYTES
-) -> tuple[Tensor, Tensor]:
+def forward(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Return (scores float32 (N,), row logsumexp float32 (N, T)).
 
     ``targets`` is int64 and ``mask`` bool, both (N, T); targets at masked positions are never
-    read (they may hold any value, e.g. a padding id of -100).
+    read (they may hold any value, e.g. a padding id of -100).  The logsumexp of rows in EMPTY
+    boxes is left at 0 (never used).
     """
-    lse = row_logsumexp(logits, box_bytes)
+    n, t, v = logits.shape
+    plan = box_plan(mask, v, BOX_BYTES)
+    lse = torch.zeros(n, t, dtype=torch.float32, device=logits.device)
+    for bn, bt, kind in plan:
+        if kind != EMPTY:
+            lse[bn, bt] = torch.logsumexp(logits[bn, bt].float(), dim=-1)
     safe = torch.where(mask, targets, 0)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
     # where, not multiply: a non-finite value in a masked row must not reach the score.
@@ -86,54 +95,29 @@ def backward(
     grad_scores: Tensor,
     *,
     inplace: bool = False,
-    box_bytes: int = BOX_BYTES,
 ) -> Tensor:
     """Gradient ``g_n * m_t * (onehot(y) - softmax(z))`` in the logits dtype.
 
-    With ``inplace=True`` the gradient overwrites ``logits`` (which is returned).
+    With ``inplace=True`` the gradient overwrites ``logits`` (which is returned).  Masked rows
+    get exact zeros whatever their logits hold.
     """
-    n, t, v = logits.shape
+    plan = box_plan(mask, logits.shape[-1], BOX_BYTES)
     out = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     g = torch.where(mask, grad_scores.float().unsqueeze(-1), 0.0)  # (N, T)
-    # exp(z - inf) == 0 makes every masked row an exact zero without a separate pass.
-    lse = torch.where(mask, lse, float("inf"))
     safe = torch.where(mask, targets, 0)
     direct = out.dtype == torch.float32
-    for bn, bt in _boxes(n, t, v, box_bytes):
-        z, gb, yb = logits[bn, bt], g[bn, bt].unsqueeze(-1), safe[bn, bt].unsqueeze(-1)
+    for bn, bt, kind in plan:
         o = out[bn, bt]
+        if kind == EMPTY:
+            o.zero_()
+            continue
+        z, gb = logits[bn, bt], g[bn, bt].unsqueeze(-1)
         buf = o if direct else torch.empty(z.shape, dtype=torch.float32, device=z.device)
         torch.sub(z, lse[bn, bt].unsqueeze(-1), out=buf)
         buf.exp_().mul_(gb.neg())
-        buf.scatter_add_(-1, yb, gb)
+        buf.scatter_add_(-1, safe[bn, bt].unsqueeze(-1), gb)
+        if kind == MIXED:
+            buf.masked_fill_(~mask[bn, bt].unsqueeze(-1), 0.0)
         if not direct:
             o.copy_(buf)
     return out
-
-
-class TorchSequenceLogprobs(torch.autograd.Function):
-    """Autograd Function over :func:`forward` / :func:`backward`."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, mask: Tensor, opts: TorchOptions) -> Tensor:
-        scores, lse = forward(logits, targets, mask, opts.box_bytes)
-        ctx.save_for_backward(logits, targets, mask, lse)
-        ctx.opts = opts
-        return scores
-
-    @staticmethod
-    def backward(ctx, grad_scores: Tensor):
-        logits, targets, mask, lse = ctx.saved_tensors
-        opts: TorchOptions = ctx.opts
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = backward(
-                logits.detach(),
-                targets,
-                mask,
-                lse,
-                grad_scores,
-                inplace=opts.inplace_backward,
-                box_bytes=opts.box_bytes,
-            )
-        return grad, None, None, None

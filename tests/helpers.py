@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Every implementation runs in CI: Triton on CPU tensors under TRITON_INTERPRET=1 (set by
+# conftest.py), on the GPU when there is one.
+IMPLS = ["torch", "triton"]
+
 # Slack allowed beyond the reference implementation's own error (STYLE.md's three-way rule):
 # ours must be no further from the float64 truth than the reference in the input dtype is,
 # plus this much (absolute, on values scaled to O(1)).

@@ -321,3 +321,19 @@ def test_bad_constructor_args(kw, err, match):
 def test_model_must_be_a_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         DPO(lambda x: x)
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3]], ids=["prompts", "padding"])
+def test_triton_impl_matches_x_transformers(cfg):
+    """DPO(impl='triton') -- interpreted on CPU, compiled on a GPU -- against x-transformers."""
+    b, l, v = cfg["b"], cfg["l"], cfg["v"]
+    pad_id = cfg.get("pad_id")
+    x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton")
+    pref, unpref, prompt_mask = make_batch(
+        b, l, v, seed=l, prompt_lens=cfg["prompt_lens"], pad_id=pad_id, pad_lens=cfg.get("pad_lens")
+    )
+    lx, gx = loss_and_grads(x, pref, unpref, prompt_mask=prompt_mask)
+    lo, go = loss_and_grads(ours, pref, unpref, prompt_mask=prompt_mask)
+    assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item()), (lo.item(), lx.item())
+    for name in gx:
+        assert rel_err(go[name], gx[name]) <= 1e-5, name

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fastdpo import sequence_logprobs
-from fastdpo.torch_impl import TorchOptions, TorchSequenceLogprobs
+from fastdpo import torch_impl
 
-from helpers import TOL, reference_logprobs, three_way
+from helpers import IMPLS, TOL, reference_logprobs, three_way
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -47,37 +47,52 @@ def check_against_float64(logits, targets, mask, fn, seed=0):
     return ours
 
 
+def op(impl, **kw):
+    return lambda z, y, m: sequence_logprobs(z, y, m, impl=impl, **kw)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "shape",
     [(2, 7, 1000), (3, 1, 257), (1, 5, 2), (4, 3, 5003), (2, 9, 33)],
     ids=lambda s: "x".join(map(str, s)),
 )
-def test_values_and_grads(shape, dtype):
+def test_values_and_grads(shape, dtype, impl):
     logits, targets, mask = make_inputs(*shape, dtype, seed=sum(shape))
-    check_against_float64(logits, targets, mask, lambda z, y, m: sequence_logprobs(z, y, m, impl="torch"))
+    check_against_float64(logits, targets, mask, op(impl))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("box_rows", [1, 3, 5, 20])
-def test_box_boundaries(dtype, box_rows):
-    """Boxes of whole sequences, runs of positions, and a last partial box all agree."""
+@pytest.mark.parametrize("layout", ["random", "prompt"])
+def test_box_boundaries(dtype, box_rows, layout, monkeypatch):
+    """Boxes of whole sequences, runs of positions, skipped (all-masked), mixed and partial
+    last boxes all agree with float64."""
     v = 1001
+    monkeypatch.setattr(torch_impl, "BOX_BYTES", 4 * v * box_rows)
     logits, targets, mask = make_inputs(3, 7, v, dtype, seed=box_rows)
-    opts = TorchOptions(box_bytes=4 * v * box_rows)
-    check_against_float64(
-        logits, targets, mask, lambda z, y, m: TorchSequenceLogprobs.apply(z, y, m, opts)
-    )
+    if layout == "prompt":  # contiguous masked runs, as prompts and padding are
+        mask = (torch.arange(7)[None] >= torch.tensor([[2], [5], [7]])) & (torch.arange(7)[None] < 6)
+    check_against_float64(logits, targets, mask, op("torch"))
 
 
-def test_fully_masked_rows_and_ignored_targets():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fully_masked_rows_and_ignored_targets(impl):
     logits, targets, mask = make_inputs(3, 6, 300, torch.float32, seed=5)
     mask[1] = False
     targets[~mask] = -100  # never read at masked positions
-    out = check_against_float64(
-        logits, targets, mask, lambda z, y, m: sequence_logprobs(z, y, m, impl="torch")
-    )
+    out = check_against_float64(logits, targets, mask, op(impl))
     assert out[1].item() == 0.0
+    # nor are masked logits: NaN there changes nothing, and their gradient stays exactly 0
+    poisoned = logits.clone()
+    poisoned[1, 2] = float("nan")
+    poisoned[~mask] = float("inf")
+    poisoned.requires_grad_()
+    again = sequence_logprobs(poisoned, targets, mask, impl=impl)
+    assert torch.equal(again, out.detach())
+    again.backward(torch.randn(3))
+    assert (poisoned.grad[~mask] == 0).all() and poisoned.grad[mask].isfinite().all()
 
 
 def test_mask_none_counts_everything():
@@ -88,28 +103,30 @@ def test_mask_none_counts_everything():
     )
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_non_contiguous_inputs(dtype):
+def test_non_contiguous_inputs(dtype, impl):
     base, targets, mask = make_inputs(6, 4, 700, dtype, seed=11)
     logits = base.transpose(0, 1)[:, :, 100:613]  # (4, 6, 513): strided N/T, sliced V
     targets = targets.T % 513  # (4, 6) as a transposed view
     targets = targets.contiguous().T.contiguous().T  # non-contiguous too
     mask = mask.T
     assert not logits.is_contiguous() and not targets.is_contiguous()
-    check_against_float64(logits, targets, mask, lambda z, y, m: sequence_logprobs(z, y, m, impl="torch"))
+    check_against_float64(logits, targets, mask, op(impl))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_inplace_backward_matches_out_of_place(dtype):
+def test_inplace_backward_matches_out_of_place(dtype, impl):
     logits, targets, mask = make_inputs(2, 5, 400, dtype, seed=3)
     upstream = torch.randn(2)
     a = logits.clone().requires_grad_()
-    sequence_logprobs(a, targets, mask, impl="torch").backward(upstream)
+    sequence_logprobs(a, targets, mask, impl=impl).backward(upstream)
 
     # in-place: the gradient lands in the (non-leaf) logits buffer itself
     leaf = logits.clone().requires_grad_()
     z = leaf * 1.0
-    out = TorchSequenceLogprobs.apply(z, targets, mask, TorchOptions(inplace_backward=True))
+    out = sequence_logprobs(z, targets, mask, impl=impl, inplace_backward=True)
     out.backward(upstream)
     torch.testing.assert_close(leaf.grad, a.grad, rtol=0, atol=0)
     torch.testing.assert_close(z.detach(), a.grad, rtol=0, atol=0)
@@ -121,7 +138,6 @@ def test_no_vocab_sized_softmax_is_built():
 
     n, t, v = 2, 8, 4096
     logits, targets, mask = make_inputs(n, t, v, torch.float32, seed=1)
-    logits.requires_grad_()
     big = []
 
     class Spy(TorchDispatchMode):
@@ -131,13 +147,20 @@ def test_no_vocab_sized_softmax_is_built():
             assert "softmax" not in name, name
             for o in out if isinstance(out, (tuple, list)) else [out]:
                 if isinstance(o, torch.Tensor) and o.numel() >= n * t * v:
-                    big.append(name)
+                    ptr = o.untyped_storage().data_ptr()
+                    if ptr != logits.untyped_storage().data_ptr() and ptr not in big:
+                        big.append(ptr)  # a new (N, T, V) storage
             return out
 
+    # The custom op is opaque to dispatch modes: spy on the implementation it runs.
     with Spy():
-        sequence_logprobs(logits, targets, mask, impl="torch").sum().backward()
-    # exactly one full-size allocation: the gradient (plus its accumulation into .grad)
-    assert len([b for b in big if "empty" in b]) == 1, big
+        scores, lse = torch_impl.forward(logits, targets, mask)
+        torch_impl.backward(logits, targets, mask, lse, torch.ones(n))
+    assert len(big) == 1, big  # the gradient buffer, nothing else
+    big.clear()
+    with Spy():
+        torch_impl.backward(logits.detach(), targets, mask, lse, torch.ones(n), inplace=True)
+    assert big == [], big
 
 
 def test_nan_logits_give_nan_score_only_where_counted():
@@ -167,3 +190,63 @@ def test_minus_inf_vocab_entries():
 
 def test_tolerance_table_covers_dtypes():
     assert set(TOL) == set(DTYPES)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ref_dtype", DTYPES)
+def test_pair_equals_two_calls(impl, ref_dtype):
+    from fastdpo import sequence_logprobs_pair
+
+    logits, targets, mask = make_inputs(3, 4, 300, torch.float32, seed=8)
+    ref_logits = make_inputs(3, 4, 300, ref_dtype, seed=9)[0]
+    a = logits.clone().requires_grad_()
+    scores, ref_scores = sequence_logprobs_pair(a, ref_logits, targets, mask, impl=impl)
+    assert not ref_scores.requires_grad
+    b = logits.clone().requires_grad_()
+    alone = sequence_logprobs(b, targets, mask, impl=impl)
+    torch.testing.assert_close(scores, alone, rtol=0, atol=0)
+    torch.testing.assert_close(ref_scores, sequence_logprobs(ref_logits, targets, mask, impl=impl), rtol=0, atol=0)
+    upstream = torch.randn(3)
+    scores.backward(upstream)
+    alone.backward(upstream)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "call, err, match",
+    [
+        (lambda z, y, m: sequence_logprobs(z[0], y, m), ValueError, "logits must be 3-D"),
+        (lambda z, y, m: sequence_logprobs(z.double(), y, m), TypeError, "logits must be float32"),
+        (lambda z, y, m: sequence_logprobs(z, y.float(), m), TypeError, "targets must hold integer"),
+        (lambda z, y, m: sequence_logprobs(z, y[:, :-1], m), ValueError, r"targets must have shape \(N, T\)"),
+        (lambda z, y, m: sequence_logprobs(z, y, m.int()), TypeError, "mask must be a torch.bool"),
+        (lambda z, y, m: sequence_logprobs(z, y, m[:1]), ValueError, "mask must have shape"),
+        (lambda z, y, m: sequence_logprobs(z, y + 50, m), ValueError, "targets holds token id .* outside \\[0, 50\\)"),
+        (lambda z, y, m: sequence_logprobs(z, y - 50, m), ValueError, "targets holds token id"),
+        (lambda z, y, m: sequence_logprobs(z, y, m, impl="cuda"), ValueError, "impl must be one of"),
+        (lambda z, y, m: sequence_logprobs(z[:, :, :0], y, m), ValueError, "vocabulary dimension"),
+        (lambda z, y, m: sequence_logprobs(z.tolist(), y, m), TypeError, "logits must be a torch.Tensor"),
+        (lambda z, y, m: __import__("fastdpo").sequence_logprobs_pair(z, z[:1], y, m), ValueError, "ref_logits must have the shape"),
+    ],
+)
+def test_bad_input(call, err, match):
+    logits, targets, mask = make_inputs(2, 3, 50, torch.float32, seed=0)
+    mask[:] = True
+    with pytest.raises(err, match=match):
+        call(logits, targets, mask)
+
+
+def test_out_of_range_targets_are_fine_where_masked():
+    logits, targets, mask = make_inputs(2, 3, 50, torch.float32, seed=0)
+    targets[~mask] = 10_000
+    sequence_logprobs(logits, targets, mask, impl="torch")  # no error
+
+
+def test_empty_inputs():
+    for shape in [(0, 3, 10), (2, 0, 10)]:
+        z = torch.randn(*shape, requires_grad=True)
+        y = torch.zeros(shape[:2], dtype=torch.long)
+        out = sequence_logprobs(z, y, impl="torch")
+        assert out.shape == (shape[0],) and (out == 0).all()
+        out.sum().backward()
+        assert z.grad.shape == z.shape

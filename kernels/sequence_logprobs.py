@@ -1,0 +1,470 @@
+"""Per-sequence sums of token log-probabilities, forward and backward, in Triton.
+
+Dimensions: N sequences, T positions, V vocabulary entries. A *row* is one position (n, t):
+its V logits, its target id and its mask bit.
+
+    scores[n] = sum_t where(mask[n, t], logits[n, t, y] - logsumexp(logits[n, t, :]), 0)
+    d scores[n] / d logits[n, t, :] = mask[n, t] * (onehot(y) - softmax(logits[n, t, :]))
+
+(the sequence log-likelihood of DPO, Rafailov et al. 2023, arXiv 2305.18290). The forward
+reads every counted row of the policy logits (and of the reference logits) once with an
+online logsumexp; the backward reads it once more and writes the gradient once, in place if
+asked. Rows whose mask is false are never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "sequence_logprobs_forward",
+    "sequence_logprobs_backward",
+    "SUPPORTED_DTYPES",
+    "KernelSpec",
+    "aot_specs",
+    "AOT_VOCABS",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# One program streams BYTES_PER_ITER bytes of its row per loop iteration: 4096 float32 or
+# 8192 16-bit logits, i.e. with 8 warps 64 bytes (four 128-bit loads) per thread. At the
+# <= 64 registers per thread ptxas reports for aligned rows (python -m fastdpo.kernel_report)
+# four such programs fit on an SM: 64 KiB of loads in flight per SM, several times the
+# ~15 KiB Little's law asks of an H100 (3.35 TB/s x ~0.6 us latency / 132 SMs), while each
+# iteration's two block reductions (max, sum) stay small next to 16 KiB of loads. Argued,
+# not yet timed on a GPU; FASTDPO_AUTOTUNE=1 searches around it.
+BYTES_PER_ITER = 16384
+MAX_WARPS = 8
+_BYTES_PER_THREAD = 64
+
+
+def _default_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of V logits of `dtype`: the shipped configuration."""
+    elem = dtype.itemsize
+    # A small vocabulary gets a block no larger than the row (a power of two for tl.arange),
+    # so that V=2 does not pay for 8192 masked lanes.
+    block_v = min(BYTES_PER_ITER // elem, max(16, triton.next_power_of_2(V)))
+    num_warps = min(MAX_WARPS, max(1, block_v * elem // (32 * _BYTES_PER_THREAD)))
+    return block_v, num_warps
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _row_logsumexp(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
+    """float32 logsumexp of one row of V logits, one pass, running max + rescaled sum."""
+    offs = tl.arange(0, BLOCK_V)
+    m = float("-inf")
+    s = 0.0
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        if EVEN_V:
+            z = tl.load(row_ptr + cols).to(tl.float32)
+        else:
+            # -inf padding adds exp(-inf) = 0 to the sum and never wins the max.
+            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # While the row has been all -inf so far, m_new is -inf and shifting by it would
+        # give exp(-inf - -inf) = NaN; shifting by 0 gives the right exp(-inf) = 0 terms.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        m = m_new
+    # NaN anywhere in the row makes s NaN (exp(NaN) = NaN), whether or not max kept it.
+    return m + tl.log(s)
+
+
+@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+@triton.jit
+def _sequence_logprobs_fwd_kernel(
+    # pointers: inputs, then (N, T) float32 outputs (contiguous)
+    logits_ptr, ref_logits_ptr, targets_ptr, mask_ptr,
+    row_vals_ptr, ref_row_vals_ptr, lse_ptr,
+    # strides, in elements, of the N and T dims (the V stride is 1)
+    stride_ln, stride_lt, stride_rn, stride_rt, stride_yn, stride_yt, stride_mn, stride_mt,
+    # sizes
+    T, V,
+    # structure
+    HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+):
+    # int64 from the start: n * stride_ln exceeds 2^31 once N*T*V does.
+    row = tl.program_id(0).to(tl.int64)
+    n = row // T
+    t = row - n * T
+    counted = tl.load(mask_ptr + n * stride_mn + t * stride_mt)
+    if counted:
+        y = tl.load(targets_ptr + n * stride_yn + t * stride_yt)
+        in_vocab = (y >= 0) & (y < V)
+        # An out-of-vocab id is never dereferenced: read column 0, then return NaN.
+        y_safe = tl.where(in_vocab, y, 0)
+        row_ptr = logits_ptr + n * stride_ln + t * stride_lt
+        z_y = tl.load(row_ptr + y_safe).to(tl.float32)
+        lse = _row_logsumexp(row_ptr, V, BLOCK_V, EVEN_V)
+        tl.store(row_vals_ptr + row, tl.where(in_vocab, z_y - lse, float("nan")))
+        tl.store(lse_ptr + row, lse)
+        if HAS_REF:
+            ref_row_ptr = ref_logits_ptr + n * stride_rn + t * stride_rt
+            ref_z_y = tl.load(ref_row_ptr + y_safe).to(tl.float32)
+            ref_lse = _row_logsumexp(ref_row_ptr, V, BLOCK_V, EVEN_V)
+            tl.store(ref_row_vals_ptr + row, tl.where(in_vocab, ref_z_y - ref_lse, float("nan")))
+    else:
+        # Skipping the row (not multiplying it by 0) keeps NaN/inf in prompt or padding
+        # logits out of the score, and saves reading them. lse of a masked row is 0.
+        tl.store(row_vals_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+        if HAS_REF:
+            tl.store(ref_row_vals_ptr + row, 0.0)
+
+
+@triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
+@triton.jit
+def _sequence_logprobs_bwd_kernel(
+    # pointers: inputs, then the gradient (may alias logits_ptr: in-place backward)
+    logits_ptr, targets_ptr, mask_ptr, lse_ptr, grad_scores_ptr,
+    grad_ptr,
+    # strides, in elements, of the N and T dims (the V stride is 1); lse is contiguous (N, T)
+    stride_ln, stride_lt, stride_yn, stride_yt, stride_mn, stride_mt, stride_gn, stride_gt,
+    # sizes
+    T, V,
+    # structure
+    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    n = row // T
+    t = row - n * T
+    offs = tl.arange(0, BLOCK_V)
+    grad_row_ptr = grad_ptr + n * stride_gn + t * stride_gt
+    counted = tl.load(mask_ptr + n * stride_mn + t * stride_mt)
+    if counted:
+        y = tl.load(targets_ptr + n * stride_yn + t * stride_yt)
+        in_vocab = (y >= 0) & (y < V)
+        # The forward score of an out-of-vocab target is NaN; so is its gradient row.
+        g = tl.where(in_vocab, tl.load(grad_scores_ptr + n), float("nan"))
+        lse = tl.load(lse_ptr + row)
+        row_ptr = logits_ptr + n * stride_ln + t * stride_lt
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            if EVEN_V:
+                z = tl.load(row_ptr + cols).to(tl.float32)
+            else:
+                z = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
+            dz = g * (tl.where(cols == y, 1.0, 0.0) - tl.exp(z - lse))
+            dz = dz.to(grad_ptr.dtype.element_ty)
+            # Each element is read and written by the same thread in the same iteration,
+            # so grad_ptr may alias logits_ptr.
+            if EVEN_V:
+                tl.store(grad_row_ptr + cols, dz)
+            else:
+                tl.store(grad_row_ptr + cols, dz, mask=cols < V)
+    else:
+        # A row that does not count gets exact zeros, without reading its logits.
+        zeros = tl.zeros([BLOCK_V], dtype=grad_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            if EVEN_V:
+                tl.store(grad_row_ptr + cols, zeros)
+            else:
+                tl.store(grad_row_ptr + cols, zeros, mask=cols < V)
+
+
+# --------------------------------------------------------------------------------------
+# opt-in autotuning (FASTDPO_AUTOTUNE=1), as in cut-cross-entropy
+# --------------------------------------------------------------------------------------
+
+
+def _autotune_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_V": block_v}, num_warps=num_warps)
+        for block_v in (1024, 2048, 4096, 8192, 16384)
+        for num_warps in (4, 8, 16)
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    limit = max(16, triton.next_power_of_2(named_args["V"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_V"] <= limit]
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_V"])]
+
+
+_fwd_autotuned = triton.autotune(
+    _autotune_configs(), key=["V", "HAS_REF"], prune_configs_by={"early_config_prune": _prune_configs}
+)(_sequence_logprobs_fwd_kernel)
+_bwd_autotuned = triton.autotune(
+    _autotune_configs(), key=["V"], prune_configs_by={"early_config_prune": _prune_configs}
+)(_sequence_logprobs_bwd_kernel)
+# Tuning an in-place backward runs it several times: the logits must be put back each time.
+_bwd_inplace_autotuned = triton.autotune(
+    _autotune_configs(), key=["V"], prune_configs_by={"early_config_prune": _prune_configs},
+    restore_value=["logits_ptr"],
+)(_sequence_logprobs_bwd_kernel)
+
+
+def _autotune_enabled() -> bool:
+    # Read per call, never at import, so a process can switch it on after importing fastdpo.
+    return os.environ.get("FASTDPO_AUTOTUNE", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+
+
+def _check_logits(name: str, x, shape: tuple[int, ...] | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must have dtype float32, bfloat16 or float16, got {x.dtype}")
+    if shape is None:
+        if x.dim() != 3:
+            raise ValueError(f"{name} must have shape (N, T, V), got {tuple(x.shape)}")
+        if x.shape[-1] < 1:
+            raise ValueError(f"{name} must have V >= 1, got shape {tuple(x.shape)}")
+    elif tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (N, T, V), got {tuple(x.shape)}")
+
+
+def _check_nt(name: str, x, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {x.dtype}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device} like logits, got {x.device}")
+
+
+def _unit_stride_v(x: torch.Tensor) -> torch.Tensor:
+    # The kernels assume unit V stride (vector loads); any N/T strides are passed through.
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def sequence_logprobs_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    *,
+    _block_v: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Masked per-sequence sums of target log-probabilities (DPO, arXiv 2305.18290).
+
+    Args:
+        logits: (N, T, V) float32, bfloat16 or float16, any N/T strides.
+        targets: (N, T) int64 token ids; an id outside [0, V) at a counted position gives a
+            NaN score, at a masked position it is ignored.
+        mask: (N, T) bool; False rows are not read and contribute exactly 0.
+        ref_logits: None, or (N, T, V) reference-model logits (any supported dtype, own
+            strides) scored against the same targets and mask in the same pass.
+        _block_v: test-only override of BLOCK_V (a power of two).
+
+    Returns:
+        scores: (N,) float32, ``sum_t where(mask, logits[n,t,y] - logsumexp(logits[n,t]), 0)``;
+        ref_scores: (N,) float32 for ``ref_logits`` or None;
+        lse: (N, T) float32 row logsumexp of ``logits``, 0 at masked rows (the backward's input).
+    """
+    _check_logits("logits", logits)
+    N, T, V = logits.shape
+    _check_nt("targets", targets, (N, T), torch.int64, logits.device)
+    _check_nt("mask", mask, (N, T), torch.bool, logits.device)
+    has_ref = ref_logits is not None
+    if has_ref:
+        _check_logits("ref_logits", ref_logits, (N, T, V))
+        if ref_logits.device != logits.device:
+            raise ValueError(f"ref_logits must be on {logits.device} like logits, got {ref_logits.device}")
+    if N * T >= 2**31:
+        raise ValueError(f"logits must have fewer than 2**31 rows N*T, got N={N}, T={T}")
+
+    device = logits.device
+    row_vals = torch.empty((N, T), dtype=torch.float32, device=device)
+    lse = torch.empty((N, T), dtype=torch.float32, device=device)
+    ref_row_vals = torch.empty((N, T), dtype=torch.float32, device=device) if has_ref else None
+    if N * T == 0:
+        scores = torch.zeros((N,), dtype=torch.float32, device=device)
+        return scores, (scores.clone() if has_ref else None), lse
+
+    logits = _unit_stride_v(logits)
+    ref = _unit_stride_v(ref_logits) if has_ref else logits
+    args = (
+        logits, ref, targets, mask,
+        row_vals, ref_row_vals if has_ref else row_vals, lse,
+        logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
+        targets.stride(0), targets.stride(1), mask.stride(0), mask.stride(1),
+        T, V,
+    )
+    grid = (N * T,)
+    if _block_v is None and _autotune_enabled():
+        _fwd_autotuned[grid](*args, HAS_REF=has_ref)
+    else:
+        block_v, num_warps = _default_config(V, logits.dtype)
+        if _block_v is not None:
+            block_v = _block_v
+        _sequence_logprobs_fwd_kernel[grid](*args, HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps)
+
+    # Fixed-order reductions over T: bitwise reproducible, no atomics.
+    scores = row_vals.sum(-1)
+    ref_scores = ref_row_vals.sum(-1) if has_ref else None
+    return scores, ref_scores, lse
+
+
+def sequence_logprobs_backward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    lse: torch.Tensor,
+    grad_scores: torch.Tensor,
+    *,
+    inplace: bool = False,
+    _block_v: int | None = None,
+) -> torch.Tensor:
+    """Gradient of ``sum_n grad_scores[n] * scores[n]`` with respect to ``logits``.
+
+    Args:
+        logits, targets, mask: as given to :func:`sequence_logprobs_forward`.
+        lse: (N, T) float32, the forward's third output.
+        grad_scores: (N,) float32 upstream gradient per sequence (fold any 1/count into it).
+        inplace: write the gradient over ``logits`` (which must then have unit V stride;
+            any N/T strides) and return it.
+        _block_v: test-only override of BLOCK_V (a power of two).
+
+    Returns:
+        (N, T, V) tensor of ``logits.dtype``:
+        ``grad[n, t] = grad_scores[n] * mask[n, t] * (onehot(targets[n, t]) - softmax(logits[n, t]))``,
+        a NaN row where a counted target is outside [0, V); a new contiguous tensor, or
+        ``logits`` itself when ``inplace``.
+    """
+    _check_logits("logits", logits)
+    N, T, V = logits.shape
+    _check_nt("targets", targets, (N, T), torch.int64, logits.device)
+    _check_nt("mask", mask, (N, T), torch.bool, logits.device)
+    _check_nt("lse", lse, (N, T), torch.float32, logits.device)
+    if not isinstance(grad_scores, torch.Tensor):
+        raise TypeError(f"grad_scores must be a torch.Tensor, got {type(grad_scores).__name__}")
+    if grad_scores.dtype != torch.float32:
+        raise TypeError(f"grad_scores must have dtype torch.float32, got {grad_scores.dtype}")
+    if tuple(grad_scores.shape) != (N,):
+        raise ValueError(f"grad_scores must have shape {(N,)}, got {tuple(grad_scores.shape)}")
+    if grad_scores.device != logits.device:
+        raise ValueError(f"grad_scores must be on {logits.device} like logits, got {grad_scores.device}")
+    if inplace and logits.stride(-1) != 1 and V != 1:
+        raise ValueError(f"inplace backward needs logits with unit stride in V, got strides {logits.stride()}")
+    if N * T >= 2**31:
+        raise ValueError(f"logits must have fewer than 2**31 rows N*T, got N={N}, T={T}")
+
+    if inplace:
+        grad = logits
+    else:
+        logits = _unit_stride_v(logits)
+        grad = torch.empty((N, T, V), dtype=logits.dtype, device=logits.device)
+    if N * T == 0:
+        return grad
+
+    lse = lse.contiguous()
+    grad_scores = grad_scores.contiguous()
+    args = (
+        logits, targets, mask, lse, grad_scores, grad,
+        logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
+        mask.stride(0), mask.stride(1), grad.stride(0), grad.stride(1),
+        T, V,
+    )
+    grid = (N * T,)
+    if _block_v is None and _autotune_enabled():
+        (_bwd_inplace_autotuned if inplace else _bwd_autotuned)[grid](*args)
+    else:
+        block_v, num_warps = _default_config(V, logits.dtype)
+        if _block_v is not None:
+            block_v = _block_v
+        _sequence_logprobs_bwd_kernel[grid](*args, BLOCK_V=block_v, num_warps=num_warps)
+    return grad
+
+
+# --------------------------------------------------------------------------------------
+# what ships, for ahead-of-time compilation (fastdpo.kernel_report)
+# --------------------------------------------------------------------------------------
+
+_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One shipped kernel specialization, ready for ``triton.compile(ASTSource(...))``."""
+
+    name: str                   # kernel and variant: "fwd", "fwd+ref" or "bwd"
+    dtype: str                  # logits dtype: "fp32", "bf16" or "fp16"
+    V: int                      # the vocabulary size it was specialized for
+    block_v: int
+    num_warps: int
+    fn: object                  # the @triton.jit function
+    signature: dict[str, str]   # argument name -> Triton type, as the JIT would specialize it
+    constexprs: dict[str, object]
+    attrs: dict[tuple[int, ...], list]  # (arg index,) -> [["tt.divisibility", 16]]
+
+
+# Vocabulary sizes that exercise every specialization the launcher can pick.
+AOT_VOCABS: dict[int, str] = {
+    128256: "V % 16 == 0, masked tail block (Llama 3; likewise 32000, 151936)",
+    262144: "EVEN_V: no masks (Gemma 3)",
+    50257: "odd V: rows not 16-byte aligned, no vector loads (GPT-2)",
+    2000: "small V: BLOCK_V clamped to next_power_of_2(V)",
+}
+
+
+def _specialize(fn, example: dict[str, object]) -> tuple[dict, dict, dict]:
+    """Mirror the JIT's specialization of one launch: ints equal to 1 become constexprs,
+    16-byte-aligned pointers and multiples of 16 get tt.divisibility=16."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, name in enumerate(fn.arg_names):
+        value = example[name]
+        if isinstance(value, tuple):  # ("constexpr", value) for the kernel's own constexprs
+            signature[name], constexprs[name] = "constexpr", value[1]
+        elif isinstance(value, str):  # a pointer: "*fp32", ...; torch allocations are aligned
+            signature[name] = value
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif value == 1:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048) -> list[KernelSpec]:
+    """The kernels as launched on contiguous (N, T, V) logits with the shipped default
+    configuration, for every supported logits dtype, with and without reference logits (of
+    the same dtype; a mixed pair compiles the same code with another load type), and for
+    each vocabulary size in `vocabs`."""
+    specs = []
+    for V in vocabs:
+        for torch_dtype, tdt in _TRITON_DTYPE.items():
+            block_v, num_warps = _default_config(V, torch_dtype)
+            common = dict(
+                targets_ptr="*i64", mask_ptr="*u1",
+                stride_ln=T * V, stride_lt=V, stride_yn=T, stride_yt=1, stride_mn=T, stride_mt=1,
+                T=T, V=V, BLOCK_V=("constexpr", block_v), EVEN_V=("constexpr", V % block_v == 0),
+            )
+            for has_ref in (False, True):
+                fn = _sequence_logprobs_fwd_kernel.fn
+                example = dict(
+                    common, logits_ptr="*" + tdt, ref_logits_ptr="*" + tdt,
+                    row_vals_ptr="*fp32", ref_row_vals_ptr="*fp32", lse_ptr="*fp32",
+                    # without ref the launcher passes the policy logits as a dummy
+                    stride_rn=T * V, stride_rt=V, HAS_REF=("constexpr", has_ref),
+                )
+                specs.append(KernelSpec("fwd+ref" if has_ref else "fwd", tdt, V, block_v, num_warps,
+                                        fn, *_specialize(fn, example)))
+            fn = _sequence_logprobs_bwd_kernel.fn
+            example = dict(
+                common, logits_ptr="*" + tdt, lse_ptr="*fp32", grad_scores_ptr="*fp32",
+                grad_ptr="*" + tdt, stride_gn=T * V, stride_gt=V,
+            )
+            specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *_specialize(fn, example)))
+    return specs
