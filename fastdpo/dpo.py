@@ -1,8 +1,16 @@
 """The drop-in ``DPO`` module.
 
 Data flows one way: (preferred, unpreferred, masks) -> one concatenated batch of 2B sequences
--> model (reference under no_grad, then policy) -> :func:`fastdpo.sequence_logprobs` ->
-:func:`fastdpo.losses.dpo_loss` -> scalar.
+-> model (reference under no_grad, then policy) -> sequence log-probs -> pair loss -> scalar.
+
+Two routes from the model to the scores:
+
+* **fused head** (x-transformers ``TransformerWrapper`` with a plain linear or tied head):
+  the model runs with ``return_embeddings=True`` and :mod:`fastdpo.linear` multiplies hidden
+  states by the head weight chunk by chunk, so no (2B, L-1, V) logits ever exist; the
+  policy's head gradient is made in the forward (:func:`fastdpo.linear.fused_linear_pair_loss`).
+* **logits** (any other model): the model returns logits and
+  :func:`fastdpo.sequence_logprobs` scores them without a log-softmax tensor.
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
+from .linear import LinearHead, find_linear_head, fused_linear_pair_loss, linear_sequence_logprobs
 from .losses import dpo_loss
 from .ops import IMPLS, sequence_logprobs
 
 REDUCTIONS = ("mean", "sum")
 ALIGNMENTS = ("input", "target")
+HEADS = ("auto", "fused", "logits")
 
 # Autograd nodes that do not keep their output for their own backward: logits produced by one
 # of these (a linear head, a scale) can take the gradient in place.  Anything else (a softcap's
@@ -88,7 +98,8 @@ class DPO(nn.Module):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) around a model.
 
     A drop-in for ``x_transformers.dpo.DPO``: same constructor, attributes and ``forward``,
-    same loss and gradients by default, computed without any (2B, L, V) log-softmax.
+    same loss and gradients by default, computed without any (2B, L, V) log-softmax and, for
+    ``TransformerWrapper`` models, without any (2B, L, V) logits.
 
     Args:
         model: maps token ids (B, L) to logits (B, L, V) (e.g. an x-transformers
@@ -105,10 +116,14 @@ class DPO(nn.Module):
             position j, i.e. ``mask[:, :-1]`` -- the first completion token is not scored and
             the token after the last unmasked one is.  ``"target"`` (the DPO paper, TRL): the
             mask at the target position, ``mask[:, 1:]``.
-        impl: sequence log-prob implementation, see :func:`fastdpo.sequence_logprobs`.
-        inplace_backward: let the policy's logits (created by this module's own call to the
-            model) take their gradient in place, so the step holds one (2B, L-1, V) buffer
-            instead of two.  Used only when the logits come straight from a linear head.
+        head: ``"auto"`` (default) fuses the head product into the loss whenever
+            :func:`fastdpo.linear.find_linear_head` can reproduce the model's head exactly,
+            and scores logits otherwise; ``"fused"`` insists (``ValueError`` with the reason
+            if it cannot); ``"logits"`` always scores the model's logits.
+        impl: implementation of the logits route, see :func:`fastdpo.sequence_logprobs`.
+        inplace_backward: on the logits route, let the policy's logits (created by this
+            module's own call to the model) take their gradient in place, so the loss adds no
+            (2B, L-1, V) buffer to them.  Used only when they come straight from a linear head.
     """
 
     def __init__(
@@ -119,26 +134,38 @@ class DPO(nn.Module):
         pad_id: int | None = None,
         logprob_reduction: str = "mean",
         mask_alignment: str = "input",
+        head: str = "auto",
         impl: str = "auto",
         inplace_backward: bool = True,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.policy_model = model
-        self.ref_model = frozen_copy(model)
         self.beta = _checks.positive_finite("beta", beta)
         if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
             raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
         self.pad_id = pad_id
         self.logprob_reduction = _checks.choice("logprob_reduction", logprob_reduction, REDUCTIONS)
         self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
+        self.head = _checks.choice("head", head, HEADS)
         self.impl = _checks.choice("impl", impl, IMPLS)
         self.inplace_backward = bool(inplace_backward)
+        if head == "fused":
+            found, why = find_linear_head(model)
+            if found is None:
+                raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+        self.policy_model = model
+        self.ref_model = frozen_copy(model)
 
     def parameters(self, recurse: bool = True):
         """The policy's parameters only (the reference model is frozen), as x-transformers."""
         return self.policy_model.parameters(recurse)
+
+    def fused_head(self, model: nn.Module) -> LinearHead | None:
+        """The head the fused route will use for ``model``, or None for the logits route."""
+        if self.head == "logits":
+            return None
+        return find_linear_head(model)[0]
 
     def _check_inputs(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask):
         _checks.integer_tokens("preferred_seq", preferred_seq, ndim=2)
@@ -171,6 +198,45 @@ class DPO(nn.Module):
         _checks.token_range("preferred_seq", preferred_seq, high)
         _checks.token_range("unpreferred_seq", unpreferred_seq, high)
 
+    def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask):
+        """(inputs (2B, L-1), targets (2B, L-1), score mask (2B, L-1), token counts (2B,))."""
+        self._check_inputs(preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask)
+        if self.pad_id is not None:
+            if pref_mask is None:
+                pref_mask = preferred_seq != self.pad_id
+            if unpref_mask is None:
+                unpref_mask = unpreferred_seq != self.pad_id
+        seq = torch.cat((preferred_seq, unpreferred_seq))
+        keep = ~prompt_mask.repeat(2, 1)
+        if pref_mask is not None or unpref_mask is not None:
+            ones = torch.ones_like(prompt_mask)
+            seq_mask = torch.cat(
+                (
+                    pref_mask if pref_mask is not None else ones,
+                    unpref_mask if unpref_mask is not None else ones,
+                )
+            )
+            keep = keep & seq_mask
+        mask = keep[:, :-1] if self.mask_alignment == "input" else keep[:, 1:]
+        # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
+        count = mask.sum(-1).clamp(min=1e-5)
+        return seq[:, :-1], seq[:, 1:], mask, count
+
+    def _reduce(self, sums: Tensor, count: Tensor) -> Tensor:
+        return sums / count if self.logprob_reduction == "mean" else sums
+
+    @torch.no_grad()
+    def _reference_scores(self, src: Tensor, tgt: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+        self.ref_model.eval()
+        head = self.fused_head(self.ref_model)
+        if head is not None:
+            hidden = self.ref_model(src, return_embeddings=True)
+            sums = linear_sequence_logprobs(hidden, head.weight, tgt, mask, scale=head.scale)
+        else:
+            logits = self.ref_model(src)
+            sums = sequence_logprobs(logits, tgt, mask, impl=self.impl)
+        return self._reduce(sums, count)
+
     def forward(
         self,
         preferred_seq: Tensor,
@@ -179,6 +245,8 @@ class DPO(nn.Module):
         prompt_mask: Tensor,
         preferred_seq_mask: Tensor | None = None,
         unpreferred_seq_mask: Tensor | None = None,
+        ref_preferred_logprob: Tensor | None = None,
+        ref_unpreferred_logprob: Tensor | None = None,
     ) -> Tensor:
         """Mean DPO loss over B pairs.
 
@@ -187,55 +255,114 @@ class DPO(nn.Module):
             prompt_mask: (B, L) bool, True on prompt positions (excluded from the scores).
             preferred_seq_mask, unpreferred_seq_mask: (B, L) bool, True on real (unpadded)
                 tokens; default ``seq != pad_id`` when ``pad_id`` was given, else all True.
+            ref_preferred_logprob, ref_unpreferred_logprob: optional precomputed (B,) reference
+                scores (as :meth:`reference_scores` returns them, in this module's
+                ``logprob_reduction``); given both, the reference model is not run.
 
         Returns:
             scalar loss ``mean_b -log sigmoid(beta * ((pi_w - pi_l) - (ref_w - ref_l)))``.
         """
-        self._check_inputs(
+        src, tgt, mask, count = self._batch(
             preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask
         )
         b = preferred_seq.shape[0]
-        if self.pad_id is not None:
-            if preferred_seq_mask is None:
-                preferred_seq_mask = preferred_seq != self.pad_id
-            if unpreferred_seq_mask is None:
-                unpreferred_seq_mask = unpreferred_seq != self.pad_id
-
-        seq = torch.cat((preferred_seq, unpreferred_seq))
-        keep = ~prompt_mask.repeat(2, 1)
-        if preferred_seq_mask is not None or unpreferred_seq_mask is not None:
-            ones = torch.ones_like(prompt_mask)
-            seq_mask = torch.cat(
-                (
-                    preferred_seq_mask if preferred_seq_mask is not None else ones,
-                    unpreferred_seq_mask if unpreferred_seq_mask is not None else ones,
-                )
+        if (ref_preferred_logprob is None) != (ref_unpreferred_logprob is None):
+            raise ValueError(
+                "give both ref_preferred_logprob and ref_unpreferred_logprob, or neither"
             )
-            keep = keep & seq_mask
-        mask = keep[:, :-1] if self.mask_alignment == "input" else keep[:, 1:]
-        src, tgt = seq[:, :-1], seq[:, 1:]
+        if ref_preferred_logprob is not None:
+            ref_scores = self._check_ref_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, src)
+        else:
+            ref_scores = self._reference_scores(src, tgt, mask, count)
 
-        with torch.no_grad():
-            self.ref_model.eval()
-            ref_logits = self.ref_model(src)
-            ref_scores = sequence_logprobs(ref_logits, tgt, mask, impl=self.impl)
-            del ref_logits
+        head = self.fused_head(self.policy_model)
+        if head is not None:
+            hidden = self.policy_model(src, return_embeddings=True)
+
+            def pair_loss(sums: Tensor, pairs: Tensor) -> Tensor:
+                k = pairs.shape[0]
+                both = torch.cat((pairs, pairs + b))
+                scores = self._reduce(sums, count[both])
+                ref = ref_scores[both]
+                return dpo_loss(scores[:k], scores[k:], ref[:k], ref[k:], self.beta)
+
+            loss, _ = fused_linear_pair_loss(
+                hidden, head.weight, tgt, mask, pair_loss, scale=head.scale, reduction="mean"
+            )
+            return loss
 
         policy_logits = self.policy_model(src)
-        policy_scores = sequence_logprobs(
+        policy_sums = sequence_logprobs(
             policy_logits,
             tgt,
             mask,
             impl=self.impl,
             inplace_backward=self.inplace_backward and _own_logits(policy_logits),
         )
-
-        if self.logprob_reduction == "mean":
-            count = mask.sum(-1).clamp(min=1e-5)
-            policy_scores = policy_scores / count
-            ref_scores = ref_scores / count
-
+        policy_scores = self._reduce(policy_sums, count)
         losses = dpo_loss(
             policy_scores[:b], policy_scores[b:], ref_scores[:b], ref_scores[b:], self.beta
         )
         return losses.mean()
+
+    def _check_ref_scores(self, pref, unpref, b, like):
+        for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):
+            _checks.tensor(name, x, ndim=1)
+            if x.shape[0] != b:
+                raise ValueError(f"{name} must have shape ({b},), got {tuple(x.shape)}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+            _checks.same_device(preferred_seq=like, **{name: x})
+        return torch.cat((pref, unpref)).detach().float()
+
+    @torch.no_grad()
+    def reference_scores(
+        self,
+        preferred_seq: Tensor,
+        unpreferred_seq: Tensor,
+        *,
+        prompt_mask: Tensor,
+        preferred_seq_mask: Tensor | None = None,
+        unpreferred_seq_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The reference model's (B,) scores of a batch, to pass back to :meth:`forward`.
+
+        Same arguments as :meth:`forward`; returns ``(ref_preferred_logprob,
+        ref_unpreferred_logprob)`` in this module's ``logprob_reduction`` and
+        ``mask_alignment``.  See :func:`fastdpo.precompute_reference_scores` for a dataset.
+        """
+        src, tgt, mask, count = self._batch(
+            preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask
+        )
+        scores = self._reference_scores(src, tgt, mask, count)
+        b = preferred_seq.shape[0]
+        return scores[:b], scores[b:]
+
+
+@torch.no_grad()
+def precompute_reference_scores(dpo: DPO, batches, *, progress: bool = True) -> tuple[Tensor, Tensor]:
+    """Run ``dpo``'s reference model once over a dataset; return its scores for every pair.
+
+    ``batches`` yields ``(preferred, unpreferred, prompt_mask)`` tuples (optionally with the two
+    sequence masks after them), e.g. ``DataLoader(ds, batch_size=..., collate_fn=ds.collate)``
+    without shuffling.  Returns ``(ref_preferred_logprob, ref_unpreferred_logprob)``, each
+    ``(num_pairs,)`` float32 on the CPU in iteration order; slice them per batch and pass them
+    to ``dpo(...)`` so a training run need not keep the reference model (``del dpo.ref_model``
+    is then safe, as long as every call passes precomputed scores).
+    """
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency of the bench extra only
+        tqdm = None
+    it = tqdm(batches, desc="reference scores", disable=not progress) if tqdm else batches
+    chosen, rejected = [], []
+    for batch in it:
+        pref, unpref, prompt_mask, *masks = batch
+        kwargs = dict(zip(("preferred_seq_mask", "unpreferred_seq_mask"), masks))
+        w, l = dpo.reference_scores(pref, unpref, prompt_mask=prompt_mask, **kwargs)
+        chosen.append(w.cpu())
+        rejected.append(l.cpu())
+    if not chosen:
+        empty = torch.empty(0)
+        return empty, empty.clone()
+    return torch.cat(chosen), torch.cat(rejected)

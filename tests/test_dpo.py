@@ -83,12 +83,32 @@ CONFIGS = [
 ]
 
 
+@pytest.fixture
+def routes(monkeypatch):
+    """Counts which route DPO took: the fused head or the logits."""
+    import fastdpo.dpo as dpo_module
+
+    seen = {"fused": 0, "logits": 0}
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            seen[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(dpo_module, "fused_linear_pair_loss", spy("fused", dpo_module.fused_linear_pair_loss))
+    monkeypatch.setattr(dpo_module, "sequence_logprobs", spy("logits", dpo_module.sequence_logprobs))
+    return seen
+
+
+@pytest.mark.parametrize("head", ["fused", "logits"])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items() if k != "pad_lens"))
-def test_parity_with_x_transformers(cfg):
+def test_parity_with_x_transformers(cfg, head, routes):
     b, l, v = cfg["b"], cfg["l"], cfg["v"]
     pad_id = cfg.get("pad_id")
     tie = cfg.get("tie", False)
-    x, ours = paired(lambda: make_model(v, tie=tie, seed=v + l), tie=tie, beta=0.1, pad_id=pad_id)
+    x, ours = paired(lambda: make_model(v, tie=tie, seed=v + l), tie=tie, beta=0.1, pad_id=pad_id, head=head)
     for m in (x, ours):
         m.train(cfg.get("train", False))
     pref, unpref, prompt_mask = make_batch(
@@ -102,6 +122,8 @@ def test_parity_with_x_transformers(cfg):
 
     lx, gx = loss_and_grads(x, pref, unpref, **kwargs)
     lo, go = loss_and_grads(ours, pref, unpref, **kwargs)
+    # the policy took the route asked for (the reference scores no logits on the fused one)
+    assert routes == ({"fused": 1, "logits": 0} if head == "fused" else {"fused": 0, "logits": 2})
     assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item()), (lo.item(), lx.item())
     assert gx.keys() == go.keys()
     for name in gx:
@@ -210,12 +232,13 @@ def hand_loss(dpo64, pref, unpref, prompt_mask, *, beta, reduction, alignment, p
     return -F.logsigmoid(z).mean()
 
 
+@pytest.mark.parametrize("head", ["fused", "logits"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("alignment", ["input", "target"])
-def test_convention_switches_against_float64_formula(reduction, alignment):
+def test_convention_switches_against_float64_formula(reduction, alignment, head):
     v, b, l = 257, 3, 13
     model = make_model(v, seed=4)
-    ours = DPO(model, beta=0.2, pad_id=0, logprob_reduction=reduction, mask_alignment=alignment)
+    ours = DPO(model, beta=0.2, pad_id=0, logprob_reduction=reduction, mask_alignment=alignment, head=head)
     perturb_(ours.policy_model, seed=9)
     pref, unpref, pm = make_batch(b, l, v, seed=5, prompt_lens=[2, 5, 3], pad_id=0, pad_lens=[(2, 0), (0, 3), (1, 1)])
     lo, go = loss_and_grads(ours, pref, unpref, prompt_mask=pm)
@@ -250,8 +273,8 @@ def test_conventions_differ_from_default():
 
 def test_inplace_backward_used_and_equivalent():
     model = make_model(257, seed=8)
-    a = DPO(deepcopy_module(model), inplace_backward=True)
-    b_ = DPO(deepcopy_module(model), inplace_backward=False)
+    a = DPO(deepcopy_module(model), inplace_backward=True, head="logits")
+    b_ = DPO(deepcopy_module(model), inplace_backward=False, head="logits")
     perturb_(a.policy_model, 3)
     perturb_(b_.policy_model, 3)
     pref, unpref, pm = make_batch(2, 9, 257, seed=8, prompt_lens=[2, 3])
@@ -311,6 +334,7 @@ def test_bad_forward_input(small, mutate, err, match):
         (dict(logprob_reduction="avg"), ValueError, "logprob_reduction"),
         (dict(mask_alignment="output"), ValueError, "mask_alignment"),
         (dict(impl="cuda"), ValueError, "impl"),
+        (dict(head="linear"), ValueError, "head must be one of"),
     ],
 )
 def test_bad_constructor_args(kw, err, match):
@@ -328,7 +352,7 @@ def test_triton_impl_matches_x_transformers(cfg):
     """DPO(impl='triton') -- interpreted on CPU, compiled on a GPU -- against x-transformers."""
     b, l, v = cfg["b"], cfg["l"], cfg["v"]
     pad_id = cfg.get("pad_id")
-    x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton")
+    x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton", head="logits")
     pref, unpref, prompt_mask = make_batch(
         b, l, v, seed=l, prompt_lens=cfg["prompt_lens"], pad_id=pad_id, pad_lens=cfg.get("pad_lens")
     )

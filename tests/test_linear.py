@@ -1,0 +1,263 @@
+"""The fused head: linear_sequence_logprobs, the pair-group loss, head detection, fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from x_transformers import Decoder, TransformerWrapper
+from x_transformers.dpo import DPO as XDPO
+
+import fastdpo.linear as linear
+from fastdpo import DPO, linear_sequence_logprobs
+from fastdpo.linear import find_linear_head, fused_linear_pair_loss
+
+from helpers import reference_logprobs, rel_err, three_way
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def make_inputs(n, t, d, v, dtype, seed, p_mask=0.3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, d, generator=g).to(dtype)
+    weight = (torch.randn(v, d, generator=g) / d**0.5 * 3).to(dtype)
+    targets = torch.randint(0, v, (n, t), generator=g)
+    mask = torch.rand(n, t, generator=g) > p_mask
+    return hidden, weight, targets, mask
+
+
+def via_logits(hidden, weight, targets, mask, scale):
+    logits = hidden @ weight.T
+    if scale is not None:
+        logits = logits * scale
+    return reference_logprobs(logits, targets, mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 7, 33, 1001), (3, 1, 16, 2), (1, 9, 40, 257)], ids=str)
+@pytest.mark.parametrize("scale", [None, 0.37])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, monkeypatch):
+    n, t, d, v = shape
+    if chunk_rows is not None:
+        monkeypatch.setattr(linear, "CHUNK_BYTES", 4 * v * chunk_rows)
+    hidden, weight, targets, mask = make_inputs(n, t, d, v, dtype, seed=d + v)
+    upstream = torch.randn(n)
+
+    def run(fn, cast):
+        h = cast(hidden).requires_grad_()
+        w = cast(weight).requires_grad_()
+        out = fn(h, w, targets, mask, scale)
+        out.float().backward(upstream.to(out.dtype))
+        return out, h.grad, w.grad
+
+    truth = run(via_logits, lambda x: x.double())
+    ref = run(via_logits, lambda x: x.clone())
+    ours = run(lambda h, w, y, m, s: linear_sequence_logprobs(h, w, y, m, scale=s), lambda x: x.clone())
+    assert ours[0].dtype == torch.float32
+    assert ours[1].dtype == dtype and ours[2].dtype == dtype
+    for what, o, r, tr in zip(("scores", "d hidden", "d weight"), ours, ref, truth):
+        three_way(o, r, tr, dtype, what)
+
+
+def test_linear_logprobs_never_builds_full_logits(monkeypatch):
+    """Only chunk-sized products: the largest (rows, V) product has at most CHUNK_BYTES."""
+    n, t, d, v = 4, 16, 8, 500
+    monkeypatch.setattr(linear, "CHUNK_BYTES", 4 * v * 5)
+    hidden, weight, targets, mask = make_inputs(n, t, d, v, torch.float32, seed=0)
+    sizes = []
+    mm = torch.mm
+
+    def spy(a, b):
+        out = mm(a, b)
+        sizes.append(out.numel())
+        return out
+
+    monkeypatch.setattr(linear.torch, "mm", spy)
+    h = hidden.requires_grad_()
+    linear_sequence_logprobs(h, weight, targets, mask).sum().backward()
+    assert max(sizes) <= 5 * v
+
+
+@pytest.mark.parametrize("group_bytes", ["pair", "all", "too_small"])
+def test_pair_groups_agree(group_bytes, monkeypatch):
+    """One pair per group, all pairs in one group, and pairs too big (two passes) agree."""
+    b, t, d, v = 3, 6, 12, 301
+    hidden, weight, targets, mask = make_inputs(2 * b, t, d, v, torch.float32, seed=4)
+    budget = {"pair": 4 * v * 2 * t, "all": 1 << 30, "too_small": 4 * v}[group_bytes]
+    monkeypatch.setattr(linear, "GROUP_BYTES", budget)
+    monkeypatch.setattr(linear, "CHUNK_BYTES", 4 * v * 4)
+    ref_scores = torch.randn(2 * b)
+    count = mask.sum(-1).clamp(min=1e-5)
+
+    def pair_loss(sums, pairs):
+        k = pairs.shape[0]
+        both = torch.cat((pairs, pairs + b))
+        s = sums / count[both]
+        r = ref_scores[both]
+        return -F.logsigmoid(0.5 * ((s[:k] - s[k:]) - (r[:k] - r[k:])))
+
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, sums = fused_linear_pair_loss(h1, w1, targets, mask, pair_loss)
+    loss.backward()
+
+    h2, w2 = hidden.clone().double().requires_grad_(), weight.clone().double().requires_grad_()
+    s2 = via_logits(h2, w2, targets, mask, None) / count
+    r = ref_scores.double()
+    expected = -F.logsigmoid(0.5 * ((s2[:b] - s2[b:]) - (r[:b] - r[b:]))).mean()
+    expected.backward()
+    assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
+    torch.testing.assert_close(sums.double(), via_logits(hidden.double(), weight.double(), targets, mask, None), rtol=1e-6, atol=1e-5)
+    assert rel_err(h1.grad, h2.grad) <= 1e-5
+    assert rel_err(w1.grad, w2.grad) <= 1e-5
+
+
+def test_linear_bad_input():
+    hidden, weight, targets, mask = make_inputs(2, 3, 8, 20, torch.float32, seed=0)
+    mask[:] = True
+    with pytest.raises(ValueError, match="weight must have shape"):
+        linear_sequence_logprobs(hidden, weight[:, :4], targets, mask)
+    with pytest.raises(TypeError, match="must share a dtype"):
+        linear_sequence_logprobs(hidden, weight.half(), targets, mask)
+    with pytest.raises(ValueError, match="targets holds token id"):
+        linear_sequence_logprobs(hidden, weight, targets + 20, mask)
+    with pytest.raises(ValueError, match="scale must be finite"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, scale=float("inf"))
+    with pytest.raises(ValueError, match="2B sequences"):
+        fused_linear_pair_loss(hidden[:1], weight, targets[:1], mask[:1], lambda s, p: s)
+
+
+# ----------------------------------------------------------------------------- head detection
+
+
+def wrapper(**kw):
+    torch.manual_seed(0)
+    return TransformerWrapper(num_tokens=64, max_seq_len=16, attn_layers=Decoder(dim=16, depth=1, heads=2), **kw)
+
+
+class Softcapped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 64, bias=False)
+
+    def forward(self, x):
+        return 30 * torch.tanh(self.proj(x) / 30)
+
+
+class NotAWrapper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.num_tokens = 64
+        self.emb = torch.nn.Embedding(64, 16)
+        self.out = torch.nn.Linear(16, 64, bias=False)
+
+    def forward(self, x):
+        return self.out(self.emb(x))
+
+
+FALLBACKS = {
+    "custom to_logits (soft-capping)": (lambda: wrapper(to_logits=Softcapped()), "custom Softcapped"),
+    "biased to_logits": (lambda: wrapper(to_logits=torch.nn.Linear(16, 64)), "bias"),
+    "multiple heads": (lambda: wrapper(num_output_heads=2), "multiple output heads"),
+    "mixture of softmax": (lambda: wrapper(mixture_of_softmax=True), "mixture of softmaxes"),
+    "sigsoftmax": (lambda: wrapper(sigsoftmax_logits=True), "sigsoftmax"),
+    "not a TransformerWrapper": (NotAWrapper, "not a TransformerWrapper"),
+}
+
+
+def test_fusable_heads_are_found():
+    head, why = find_linear_head(wrapper())
+    assert head is not None and head.scale is None and why == ""
+    tied, _ = find_linear_head(wrapper(tie_embedding=True))
+    assert tied is not None and tied.scale == pytest.approx(16**-0.5)
+
+
+@pytest.mark.parametrize("name", FALLBACKS)
+def test_fallback_triggers(name, monkeypatch):
+    make, reason = FALLBACKS[name]
+    model = make()
+    head, why = find_linear_head(model)
+    assert head is None and reason in why
+    with pytest.raises(ValueError, match=reason):
+        DPO(make(), head="fused")
+
+    # head="auto" falls back to the logits route and still matches x-transformers
+    import fastdpo.dpo as dpo_module
+
+    fused_calls = []
+    real = dpo_module.fused_linear_pair_loss
+    monkeypatch.setattr(dpo_module, "fused_linear_pair_loss", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    x, ours = XDPO(make()), DPO(make())
+    g = torch.Generator().manual_seed(1)
+    pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)
+    pm = torch.arange(9)[None] < torch.tensor([[2], [4]])
+    if name == "multiple heads":
+        # a tuple of logits: x-transformers fails with an AttributeError, we say what is wrong
+        with pytest.raises(TypeError, match="logits must be a torch.Tensor, got tuple"):
+            ours(pref, unpref, prompt_mask=pm)
+        return
+    lx, lo = x(pref, unpref, prompt_mask=pm), ours(pref, unpref, prompt_mask=pm)
+    assert fused_calls == []
+    assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item())
+
+
+# ----------------------------------------------------------------------------- precomputed reference
+
+
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_precomputed_reference_scores_give_the_same_step(head):
+    torch.manual_seed(0)
+    model = wrapper()
+    live, pre = DPO(model, pad_id=0, head=head), DPO(wrapper(), pad_id=0, head=head)
+    pre.load_state_dict(live.state_dict())
+    with torch.no_grad():
+        for p in list(live.policy_model.parameters()) + list(pre.policy_model.parameters()):
+            p.mul_(1.01)
+    g = torch.Generator().manual_seed(2)
+    pref, unpref = torch.randint(1, 64, (3, 11), generator=g), torch.randint(1, 64, (3, 11), generator=g)
+    unpref[0, -3:] = 0
+    pm = torch.arange(11)[None] < torch.tensor([[2], [4], [3]])
+
+    l1 = live(pref, unpref, prompt_mask=pm)
+    l1.backward()
+    ref_w, ref_l = pre.reference_scores(pref, unpref, prompt_mask=pm)
+    assert ref_w.shape == (3,) and not ref_w.requires_grad
+    l2 = pre(pref, unpref, prompt_mask=pm, ref_preferred_logprob=ref_w, ref_unpreferred_logprob=ref_l)
+    l2.backward()
+    assert torch.equal(l1, l2)
+    for (n, a), (_, b) in zip(live.policy_model.named_parameters(), pre.policy_model.named_parameters()):
+        assert torch.equal(a.grad, b.grad), n
+
+
+def test_precomputed_reference_scores_checked():
+    dpo = DPO(wrapper())
+    pref = torch.randint(0, 64, (2, 5))
+    pm = torch.zeros(2, 5, dtype=torch.bool)
+    with pytest.raises(ValueError, match="both"):
+        dpo(pref, pref, prompt_mask=pm, ref_preferred_logprob=torch.zeros(2))
+    with pytest.raises(ValueError, match=r"ref_unpreferred_logprob must have shape \(2,\)"):
+        dpo(pref, pref, prompt_mask=pm, ref_preferred_logprob=torch.zeros(2), ref_unpreferred_logprob=torch.zeros(3))
+
+
+def test_precompute_reference_scores_over_a_dataloader():
+    from torch.utils.data import DataLoader
+
+    from fastdpo import PreferenceDataset, precompute_reference_scores
+
+    g = torch.Generator().manual_seed(5)
+    items = [
+        dict(preferred=torch.randint(1, 64, (int(lw),), generator=g), unpreferred=torch.randint(1, 64, (int(ll),), generator=g), prompt_len=2)
+        for lw, ll in torch.randint(3, 9, (5, 2), generator=g)
+    ]
+    ds = PreferenceDataset(items, pad_id=0)
+    loader = DataLoader(ds, batch_size=2, collate_fn=ds.collate)
+    dpo = DPO(wrapper(), pad_id=0)
+    ref_w, ref_l = precompute_reference_scores(dpo, loader, progress=False)
+    assert ref_w.shape == ref_l.shape == (5,)
+    start = 0
+    for pref, unpref, pm in loader:
+        b = pref.shape[0]
+        live = dpo(pref, unpref, prompt_mask=pm)
+        pre = dpo(pref, unpref, prompt_mask=pm, ref_preferred_logprob=ref_w[start : start + b], ref_unpreferred_logprob=ref_l[start : start + b])
+        assert torch.equal(live, pre)
+        start += b
