@@ -14,8 +14,9 @@ logsumexp, target logit or gradient is taken.  Two entry points:
   pairs, so once a group's scores are known the loss gradient per sequence is too (a pair's
   loss depends on its own four scores only): the group's logits, kept from the forward product,
   turn into the gradient in place and meet ``weight`` and ``hidden`` right away.  One product
-  forward and two backward, the floor; backward merely scales the gradients it stored.  A pair
-  whose logits exceed the budget falls back to two passes over row chunks (one recomputation).
+  forward and two backward, the floor; backward merely scales the gradients it stored.  When
+  a group's logits exceed ``GROUP_BYTES`` (one pair is always a group), the chunks beyond the
+  budget are recomputed in the second pass instead of kept.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, torch_impl
 
 # Float32 logits bytes one chunk of rows may hold.  Large enough that each chunk's product is
 # an efficient GEMM (hundreds of rows), small against the (N, T, V) logits it replaces.
 CHUNK_BYTES = 64 << 20
-# Float32 logits bytes a group of whole pairs may hold in fused_linear_pair_loss.
-GROUP_BYTES = 256 << 20
+# Float32 logits bytes fused_linear_pair_loss may keep from a group of whole pairs between
+# its two passes; logits beyond it are recomputed.  At 128 MiB one pair of 2 x 512 tokens
+# over a 32k vocabulary fits whole (no recomputation).
+GROUP_BYTES = 128 << 20
 
 
 # ----------------------------------------------------------------------------- the head
@@ -100,18 +103,28 @@ def _logits(h: Tensor, weight: Tensor, scale: float | None) -> Tensor:
     return z if z.dtype == torch.float32 else z.float()
 
 
+def _boxes(z: Tensor) -> list[slice]:
+    """Row ranges of ``z`` small enough to stay in cache across several elementwise passes
+    (the chunk itself is a GEMM output far larger than any cache)."""
+    return _chunks(z.shape[0], z.shape[1], torch_impl.BOX_BYTES)
+
+
 def _stats(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(row logsumexp, row target log-prob) of float32 logits ``z``."""
-    lse = torch.logsumexp(z, dim=-1)
+    lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    for r in _boxes(z):
+        lse[r] = torch.logsumexp(z[r], dim=-1)
     return lse, z.gather(1, y.unsqueeze(1)).squeeze(1) - lse
 
 
 def _into_grad_(z: Tensor, lse: Tensor, y: Tensor, g: Tensor, scale: float | None) -> Tensor:
     """Turn float32 logits into d(sum_m g_m logp_m)/d(h @ W.T) in place."""
-    z.sub_(lse.unsqueeze(1)).exp_().mul_(g.neg().unsqueeze(1))
-    z.scatter_add_(1, y.unsqueeze(1), g.unsqueeze(1))
-    if scale is not None:
-        z.mul_(scale)
+    for r in _boxes(z):
+        zr = z[r]
+        zr.sub_(lse[r].unsqueeze(1)).exp_().mul_(g[r].neg().unsqueeze(1))
+        zr.scatter_add_(1, y[r].unsqueeze(1), g[r].unsqueeze(1))
+        if scale is not None:
+            zr.mul_(scale)
     return z
 
 
@@ -311,13 +324,21 @@ class _FusedPairLoss(torch.autograd.Function):
             h = torch.cat([rows.h[s] for s in spans])
             y = torch.cat([rows.y[s] for s in spans])
             seq = torch.cat([rows.seq[s] for s in spans])
-            whole = h.shape[0] * v * 4 <= GROUP_BYTES
-            if whole:  # one product: keep the logits, they become the gradient
-                z = _logits(h, weight, scale)
-                lse, logp = _stats(z, y)
-            else:  # the pair is too big to hold: two passes, recomputing the logits
-                lse, logp = _row_stats(h, y, weight, scale)
+            # Pass 1: score the group's rows, keeping chunk logits while they fit the budget.
+            chunks = _chunks(h.shape[0], v, CHUNK_BYTES)
+            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+            logp = torch.empty_like(lse)
+            kept: list[Tensor | None] = []
+            held = 0
+            for c in chunks:
+                z = _logits(h[c], weight, scale)
+                lse[c], logp[c] = _stats(z, y[c])
+                keep = held + z.numel() * 4 <= GROUP_BYTES
+                held += z.numel() * 4 if keep else 0
+                kept.append(z if keep else None)
+                del z
             sums.index_add_(0, seq, logp)
+            # The group's loss gradient per sequence, from its scores alone.
             index = torch.tensor(pairs, device=hidden.device)
             group_sums = torch.cat((sums[index], sums[index + b])).requires_grad_()
             with torch.enable_grad():
@@ -328,11 +349,13 @@ class _FusedPairLoss(torch.autograd.Function):
             g_of_seq[index] = dsums[: len(pairs)]
             g_of_seq[index + b] = dsums[len(pairs) :]
             g = g_of_seq.index_select(0, seq)
-            if whole:
-                grad_h = _grads(_into_grad_(z, lse, y, g, scale), h, weight, grad_w)
+            # Pass 2: kept logits become the gradient in place; the rest are recomputed.
+            grad_h = torch.empty_like(h)
+            for i, c in enumerate(chunks):
+                z = kept[i] if kept[i] is not None else _logits(h[c], weight, scale)
+                kept[i] = None
+                grad_h[c] = _grads(_into_grad_(z, lse[c], y[c], g[c], scale), h[c], weight, grad_w)
                 del z
-            else:
-                grad_h = _row_grads(h, y, weight, scale, lse, g, grad_w)
             start = 0
             for s in spans:
                 grad_rows[s] = grad_h[start : start + s.stop - s.start]

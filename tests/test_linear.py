@@ -79,12 +79,13 @@ def test_linear_logprobs_never_builds_full_logits(monkeypatch):
     assert max(sizes) <= 5 * v
 
 
-@pytest.mark.parametrize("group_bytes", ["pair", "all", "too_small"])
+@pytest.mark.parametrize("group_bytes", ["pair", "all", "partial", "too_small"])
 def test_pair_groups_agree(group_bytes, monkeypatch):
-    """One pair per group, all pairs in one group, and pairs too big (two passes) agree."""
+    """One pair per group, all pairs in one group, pairs partly kept and partly recomputed,
+    and pairs recomputed whole all agree with float64."""
     b, t, d, v = 3, 6, 12, 301
     hidden, weight, targets, mask = make_inputs(2 * b, t, d, v, torch.float32, seed=4)
-    budget = {"pair": 4 * v * 2 * t, "all": 1 << 30, "too_small": 4 * v}[group_bytes]
+    budget = {"pair": 4 * v * 2 * t, "all": 1 << 30, "partial": 4 * v * 6, "too_small": 4 * v}[group_bytes]
     monkeypatch.setattr(linear, "GROUP_BYTES", budget)
     monkeypatch.setattr(linear, "CHUNK_BYTES", 4 * v * 4)
     ref_scores = torch.randn(2 * b)
