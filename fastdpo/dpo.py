@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import _checks
 from .linear import LinearHead, find_linear_head, fused_linear_pair_loss, linear_sequence_logprobs
-from .losses import dpo_loss
+from .losses import SIMPO_GAMMA, check_loss_config, preference_loss, reward_metrics
 from .ops import IMPLS, sequence_logprobs
 
 REDUCTIONS = ("mean", "sum")
@@ -89,6 +89,12 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return copy
 
 
+def _argmax_hits(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """(N,) count of scored positions whose target is the argmax of its logits."""
+    with torch.no_grad():
+        return ((logits.argmax(-1) == targets) & mask).sum(-1)
+
+
 def _own_logits(logits: Tensor) -> bool:
     fn = logits.grad_fn
     return fn is not None and type(fn).__name__ in _OVERWRITABLE_GRAD_FNS
@@ -124,6 +130,14 @@ class DPO(nn.Module):
         inplace_backward: on the logits route, let the policy's logits (created by this
             module's own call to the model) take their gradient in place, so the loss adds no
             (2B, L-1, V) buffer to them.  Used only when they come straight from a linear head.
+        loss_type, label_smoothing, loss_weights, gamma, bco_delta: the pair loss, see
+            :func:`fastdpo.losses.preference_loss` (default ``"sigmoid"`` with no smoothing:
+            x-transformers' loss, bitwise).  With ``logprob_reduction="sum"`` the types
+            defined on per-token averages (``ipo``, ``simpo``, ``sigmoid_norm``) get the token
+            counts and normalize as their authors define them; ``sigmoid_norm`` needs that
+            (with mean scores it would be plain ``sigmoid``).
+        reference_free: score against a zero reference (TRL's ``reference_free``); no
+            reference copy is made.  Reference-free loss types (``simpo``) make none either.
     """
 
     def __init__(
@@ -137,6 +151,12 @@ class DPO(nn.Module):
         head: str = "auto",
         impl: str = "auto",
         inplace_backward: bool = True,
+        loss_type: str | list[str] = "sigmoid",
+        label_smoothing: float = 0.0,
+        loss_weights: list[float] | None = None,
+        gamma: float = SIMPO_GAMMA,
+        bco_delta: float | str | Tensor = 0.0,
+        reference_free: bool = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -154,8 +174,19 @@ class DPO(nn.Module):
             found, why = find_linear_head(model)
             if found is None:
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+        self.loss = check_loss_config(
+            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
+        )
+        if self.loss.needs_lengths and self.logprob_reduction != "sum":
+            raise ValueError(
+                "loss_type 'sigmoid_norm' length-normalizes summed log-probs: it needs "
+                "logprob_reduction='sum' (with the default 'mean' it would be plain 'sigmoid')"
+            )
+        self.reference_free = bool(reference_free)
         self.policy_model = model
-        self.ref_model = frozen_copy(model)
+        self.ref_model = (
+            frozen_copy(model) if self.loss.needs_reference and not self.reference_free else None
+        )
 
     def parameters(self, recurse: bool = True):
         """The policy's parameters only (the reference model is frozen), as x-transformers."""
@@ -227,6 +258,9 @@ class DPO(nn.Module):
 
     @torch.no_grad()
     def _reference_scores(self, src: Tensor, tgt: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+        if self.ref_model is None:
+            # reference-free: a zero reference (what TRL's reference_free means)
+            return torch.zeros(src.shape[0], dtype=torch.float32, device=src.device)
         self.ref_model.eval()
         head = self.fused_head(self.ref_model)
         if head is not None:
@@ -247,7 +281,8 @@ class DPO(nn.Module):
         unpreferred_seq_mask: Tensor | None = None,
         ref_preferred_logprob: Tensor | None = None,
         ref_unpreferred_logprob: Tensor | None = None,
-    ) -> Tensor:
+        return_metrics: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """Mean DPO loss over B pairs.
 
         Args:
@@ -258,9 +293,18 @@ class DPO(nn.Module):
             ref_preferred_logprob, ref_unpreferred_logprob: optional precomputed (B,) reference
                 scores (as :meth:`reference_scores` returns them, in this module's
                 ``logprob_reduction``); given both, the reference model is not run.
+            return_metrics: also return a dict of detached training metrics (below).
 
         Returns:
-            scalar loss ``mean_b -log sigmoid(beta * ((pi_w - pi_l) - (ref_w - ref_l)))``.
+            the scalar loss, ``mean_b loss_b`` (default: ``-log sigmoid(beta * ((pi_w - pi_l)
+            - (ref_w - ref_l)))``); with ``return_metrics``, ``(loss, metrics)`` where
+            metrics holds :func:`fastdpo.losses.reward_metrics`' ``rewards/chosen``,
+            ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
+            ``logps/chosen``, ``logps/rejected`` (on the scores in this module's
+            ``logprob_reduction``), plus ``tokens/chosen`` and ``tokens/rejected`` (mean
+            number of scored tokens per sequence) and ``token_accuracy/chosen``: the
+            fraction of scored chosen tokens whose target is the policy's argmax (ties go to
+            the lowest token id, as ``torch.argmax``).
         """
         src, tgt, mask, count = self._batch(
             preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask
@@ -276,34 +320,72 @@ class DPO(nn.Module):
             ref_scores = self._reference_scores(src, tgt, mask, count)
 
         head = self.fused_head(self.policy_model)
-        if head is not None:
+        hits = None
+        if head is not None and self._pair_separable():
             hidden = self.policy_model(src, return_embeddings=True)
 
             def pair_loss(sums: Tensor, pairs: Tensor) -> Tensor:
-                k = pairs.shape[0]
                 both = torch.cat((pairs, pairs + b))
-                scores = self._reduce(sums, count[both])
-                ref = ref_scores[both]
-                return dpo_loss(scores[:k], scores[k:], ref[:k], ref[k:], self.beta)
+                return self._pair_losses(sums, ref_scores[both], count[both])
 
-            loss, _ = fused_linear_pair_loss(
-                hidden, head.weight, tgt, mask, pair_loss, scale=head.scale, reduction="mean"
+            loss, policy_sums, hits = fused_linear_pair_loss(
+                hidden,
+                head.weight,
+                tgt,
+                mask,
+                pair_loss,
+                scale=head.scale,
+                reduction="mean",
+                count_hits=return_metrics,
             )
+            policy_sums = policy_sums.detach()
+        else:
+            if head is not None:  # a loss coupling pairs: score everything, then the loss
+                hidden = self.policy_model(src, return_embeddings=True)
+                policy_sums = linear_sequence_logprobs(
+                    hidden, head.weight, tgt, mask, scale=head.scale
+                )
+            else:
+                policy_logits = self.policy_model(src)
+                if return_metrics:  # before backward may overwrite the logits
+                    hits = _argmax_hits(policy_logits, tgt, mask)
+                policy_sums = sequence_logprobs(
+                    policy_logits,
+                    tgt,
+                    mask,
+                    impl=self.impl,
+                    inplace_backward=self.inplace_backward and _own_logits(policy_logits),
+                )
+            loss = self._pair_losses(policy_sums, ref_scores, count).mean()
+        if not return_metrics:
             return loss
+        return loss, self._metrics(policy_sums.detach(), ref_scores, count, mask, hits, b)
 
-        policy_logits = self.policy_model(src)
-        policy_sums = sequence_logprobs(
-            policy_logits,
-            tgt,
-            mask,
-            impl=self.impl,
-            inplace_backward=self.inplace_backward and _own_logits(policy_logits),
+    def _pair_separable(self) -> bool:
+        """Whether each pair's loss depends on its own scores only (BCO's batch shift does not)."""
+        return not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
+
+    def _pair_losses(self, sums: Tensor, ref_scores: Tensor, count: Tensor) -> Tensor:
+        """Per-pair losses of 2k summed policy log-probs (k chosen, then k rejected)."""
+        k = sums.shape[0] // 2
+        scores = self._reduce(sums, count)
+        lengths = {}
+        if self.logprob_reduction == "sum":
+            lengths = dict(chosen_lengths=count[:k], rejected_lengths=count[k:])
+        return preference_loss(
+            scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], **self.loss.kwargs(), **lengths
         )
-        policy_scores = self._reduce(policy_sums, count)
-        losses = dpo_loss(
-            policy_scores[:b], policy_scores[b:], ref_scores[:b], ref_scores[b:], self.beta
-        )
-        return losses.mean()
+
+    def _metrics(self, sums, ref_scores, count, mask, hits, b) -> dict[str, Tensor]:
+        scores = self._reduce(sums, count)
+        # Without a reference model the reference scores are zeros: rewards are beta * scores.
+        metrics = reward_metrics(scores[:b], scores[b:], ref_scores[:b], ref_scores[b:], self.loss.beta)
+        tokens = mask.sum(-1).float()
+        metrics["tokens/chosen"] = tokens[:b].mean()
+        metrics["tokens/rejected"] = tokens[b:].mean()
+        if hits is not None:
+            metrics["token_accuracy/chosen"] = hits[:b].sum().float() / tokens[:b].sum().clamp(min=1)
+        return metrics
 
     def _check_ref_scores(self, pref, unpref, b, like):
         for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):

@@ -309,7 +309,7 @@ scores, token counts, beta) and must be differentiable in ``policy_sums``."""
 
 class _FusedPairLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, scale, pair_loss, reduction):
+    def forward(ctx, hidden, weight, targets, mask, scale, pair_loss, reduction, count_hits):
         b2, t, d = hidden.shape
         b = b2 // 2
         rows = _gather_rows(hidden, targets, mask)
@@ -317,6 +317,7 @@ class _FusedPairLoss(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_rows = torch.empty_like(rows.h)
         sums = torch.zeros(b2, dtype=torch.float32, device=hidden.device)
+        hits = torch.zeros(b2 if count_hits else 0, dtype=torch.int64, device=hidden.device)
         losses = torch.empty(b, dtype=torch.float32, device=hidden.device)
         v = weight.shape[0]
         weight_of_pair = 1.0 / b if reduction == "mean" else 1.0
@@ -333,6 +334,8 @@ class _FusedPairLoss(torch.autograd.Function):
             for c in chunks:
                 z = _logits(h[c], weight, scale)
                 lse[c], logp[c] = _stats(z, y[c])
+                if count_hits:
+                    hits.index_add_(0, seq[c], (z.argmax(-1) == y[c]).long())
                 keep = held + z.numel() * 4 <= GROUP_BYTES
                 held += z.numel() * 4 if keep else 0
                 kept.append(z if keep else None)
@@ -362,15 +365,15 @@ class _FusedPairLoss(torch.autograd.Function):
                 start += s.stop - s.start
         ctx.grad_hidden = _scatter_rows(rows, grad_rows, hidden.shape).to(hidden.dtype)
         ctx.grad_weight = grad_w.to(weight.dtype) if grad_w is not None else None
-        ctx.mark_non_differentiable(sums)
-        return (losses.mean() if reduction == "mean" else losses.sum()), sums
+        ctx.mark_non_differentiable(sums, hits)
+        return (losses.mean() if reduction == "mean" else losses.sum()), sums, hits
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_sums):
+    def backward(ctx, grad_loss, _grad_sums, _grad_hits):
         grad_h = ctx.grad_hidden * grad_loss if ctx.needs_input_grad[0] else None
         grad_w = ctx.grad_weight * grad_loss if ctx.grad_weight is not None else None
         ctx.grad_hidden = ctx.grad_weight = None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _pair_groups(bounds: list[int], b: int, v: int):
@@ -400,7 +403,8 @@ def fused_linear_pair_loss(
     *,
     scale: float | None = None,
     reduction: str = "mean",
-) -> tuple[Tensor, Tensor]:
+    count_hits: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Mean (or sum) over pairs of ``pair_loss``, with the head's gradient made in forward.
 
     ``hidden`` (2B, T, D) holds B chosen sequences followed by their B rejected ones; each
@@ -408,7 +412,9 @@ def fused_linear_pair_loss(
     the pairs it is given), and its logits turned into the gradient in place while they are
     still in memory.  Backward returns the stored gradients times the upstream gradient.
 
-    Returns (loss scalar, float32 (2B,) summed log-probs, detached).
+    Returns (loss scalar, float32 (2B,) summed log-probs, int64 (2B,) counts of scored
+    positions whose target is the argmax of its logits -- taken from the logits already in
+    hand, only with ``count_hits``, else an empty tensor); the last two are detached.
     """
     targets, mask, scale = _check_linear_inputs(hidden, weight, targets, mask, scale)
     if hidden.shape[0] % 2:
@@ -416,4 +422,6 @@ def fused_linear_pair_loss(
             f"hidden must hold 2B sequences (chosen then rejected), got {hidden.shape[0]}"
         )
     _checks.choice("reduction", reduction, ("mean", "sum"))
-    return _FusedPairLoss.apply(hidden, weight, targets, mask, scale, pair_loss, reduction)
+    return _FusedPairLoss.apply(
+        hidden, weight, targets, mask, scale, pair_loss, reduction, count_hits
+    )

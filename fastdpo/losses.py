@@ -1,9 +1,73 @@
-"""Pairwise preference losses on per-sequence scores (cheap ops on (B,) vectors)."""
+"""Pairwise preference losses on per-sequence scores (cheap ops on (B,) vectors).
+
+Every loss here maps four (B,) score vectors -- the policy's and the reference's scores of the
+chosen (preferred, ``w``) and rejected (``l``) completions -- to a (B,) vector of per-pair losses;
+the caller takes the mean.  A score is a sequence log-prob as the DPO module computed it: by
+default the masked MEAN of token log-probs (x-transformers), optionally the masked sum.
+
+Notation used in every docstring below::
+
+    pi_w, pi_l    policy_chosen, policy_rejected
+    ref_w, ref_l  ref_chosen, ref_rejected
+    r_w = pi_w - ref_w,  r_l = pi_l - ref_l          (log-ratios, "implicit rewards" / beta)
+    z   = (pi_w - pi_l) - (ref_w - ref_l)  (= r_w - r_l)
+    x   = beta * z
+    eps = label_smoothing
+    logsig(t) = log(sigmoid(t)),  sig(t) = sigmoid(t)
+
+The math lives in :func:`_per_type_loss`, one branch per loss type; everything else is argument
+checking.  All forms are written with ``logsigmoid``/``sigmoid`` of a single argument, never
+``log(sigmoid(.))`` or ``1 - sigmoid(.)``, so they stay finite (value and gradient) for any
+finite input where the formula itself is finite, e.g. equal scores or margins of 1e4.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import _checks
+
+# Order is documentation order; the names are TRL's ``DPOConfig.loss_type`` names (plus
+# ``simpo``, which TRL keeps in its CPO trainer).
+LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid",
+    "robust",
+    "ipo",
+    "hinge",
+    "bco_pair",
+    "nca_pair",
+    "exo_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "sigmoid_norm",
+    "simpo",
+)
+
+# Types that read ``label_smoothing`` and the interval it must lie in, as
+# (low, low_inclusive, high, high_inclusive).  The other types do not use it.
+_SMOOTHING_RANGE: dict[str, tuple[float, bool, float, bool]] = {
+    "sigmoid": (0.0, True, 0.5, False),
+    "robust": (0.0, True, 0.5, False),
+    "sigmoid_norm": (0.0, True, 0.5, False),
+    "simpo": (0.0, True, 0.5, False),
+    "exo_pair": (0.0, False, 0.5, False),
+}
+_REFERENCE_FREE = frozenset({"simpo"})
+_NEEDS_LENGTHS = frozenset({"sigmoid_norm"})
+# Types defined on per-token averages: given lengths, they divide (sum) scores by them.
+_USES_LENGTHS = frozenset({"sigmoid_norm", "ipo", "simpo"})
+
+# SimPO's target reward margin: the official trainer's defaults are beta = 2.0 and
+# gamma / beta = 0.25, i.e. gamma = 0.5 (TRL's CPOConfig.simpo_gamma default is 0.5 too).
+SIMPO_GAMMA = 0.5
 
 
 def dpo_loss(
@@ -22,3 +86,495 @@ def dpo_loss(
     policy_logratios = policy_chosen - policy_rejected
     ref_logratios = ref_chosen - ref_rejected
     return -F.logsigmoid(beta * (policy_logratios - ref_logratios))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A checked, normalized loss configuration (see :func:`check_loss_config`).
+
+    Field names are :func:`preference_loss`'s keyword arguments, so
+    ``preference_loss(pc, pr, rc, rr, **cfg.kwargs())`` runs the configured loss.
+    """
+
+    loss_type: tuple[str, ...]
+    beta: float
+    label_smoothing: float
+    loss_weights: tuple[float, ...]
+    gamma: float
+    bco_delta: float | str | Tensor
+
+    @property
+    def needs_reference(self) -> bool:
+        """False when every type is reference-free (``simpo``): no reference model needed."""
+        return any(t not in _REFERENCE_FREE for t in self.loss_type)
+
+    @property
+    def needs_lengths(self) -> bool:
+        """True when ``chosen_lengths``/``rejected_lengths`` must be passed (``sigmoid_norm``)."""
+        return any(t in _NEEDS_LENGTHS for t in self.loss_type)
+
+    def kwargs(self) -> dict:
+        """The fields as :func:`preference_loss` keyword arguments (a shallow dict)."""
+        return {
+            "loss_type": self.loss_type,
+            "beta": self.beta,
+            "label_smoothing": self.label_smoothing,
+            "loss_weights": self.loss_weights,
+            "gamma": self.gamma,
+            "bco_delta": self.bco_delta,
+        }
+
+
+def _real(name: str, value) -> float:
+    # A tensor here would need a host sync to check (and beta & co. are constants by design).
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real Python number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def _interval(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
+    return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def check_loss_config(
+    loss_type: str | Sequence[str] = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_weights: Sequence[float] | None = None,
+    *,
+    gamma: float = SIMPO_GAMMA,
+    bco_delta: float | str | Tensor = 0.0,
+) -> LossConfig:
+    """Check the non-tensor loss options once (e.g. in a module's ``__init__``).
+
+    Returns a frozen :class:`LossConfig` with ``loss_type`` as a tuple of names and
+    ``loss_weights`` as a tuple of floats of the same length.  Raises ``TypeError`` (wrong
+    kind) or ``ValueError`` (bad value) naming the argument:
+
+    - ``loss_type``: a name in :data:`LOSS_TYPES` or a non-empty sequence of distinct names.
+    - ``beta``: finite, > 0.
+    - ``label_smoothing``: finite; in [0, 0.5) for ``sigmoid``, ``robust``, ``sigmoid_norm``,
+      ``simpo``; in (0, 0.5) for ``exo_pair``; must lie in every range of the chosen types that
+      read it (one value is shared, as in TRL), and be 0 when none of them does.
+    - ``loss_weights``: ``None`` (all 1) or one finite weight >= 0 per type, not all 0.
+    - ``gamma``: finite, >= 0 (SimPO's target margin).
+    - ``bco_delta``: a finite float, ``"batch"``, or a 0-D/1-D floating tensor.
+    """
+    if isinstance(loss_type, str):
+        types = (loss_type,)
+    elif isinstance(loss_type, Sequence) and all(isinstance(t, str) for t in loss_type):
+        types = tuple(loss_type)
+    else:
+        raise TypeError(
+            f"loss_type must be a name or a sequence of names, got {type(loss_type).__name__}"
+        )
+    if not types:
+        raise ValueError(f"loss_type must name at least one of {LOSS_TYPES}, got an empty list")
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {t!r}")
+    if len(set(types)) != len(types):
+        raise ValueError(f"loss_type lists a name twice ({types}); use loss_weights instead")
+
+    beta = _real("beta", beta)
+    if not beta > 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+    eps = _real("label_smoothing", label_smoothing)
+    readers = [t for t in types if t in _SMOOTHING_RANGE]
+    if not readers and eps != 0.0:
+        raise ValueError(
+            f"label_smoothing must be 0 for loss_type {types} (only "
+            f"{tuple(_SMOOTHING_RANGE)} use it), got {eps!r}"
+        )
+    for t in readers:
+        lo, lo_in, hi, hi_in = _SMOOTHING_RANGE[t]
+        if not ((lo <= eps if lo_in else lo < eps) and (eps <= hi if hi_in else eps < hi)):
+            raise ValueError(
+                f"label_smoothing must be in {_interval(lo, lo_in, hi, hi_in)} for "
+                f"loss_type {t!r}, got {eps!r}"
+            )
+
+    if loss_weights is None:
+        weights = (1.0,) * len(types)
+    else:
+        if isinstance(loss_weights, (str, Tensor)) or not isinstance(loss_weights, Sequence):
+            raise TypeError(
+                f"loss_weights must be a sequence of numbers or None, got "
+                f"{type(loss_weights).__name__}"
+            )
+        if len(loss_weights) != len(types):
+            raise ValueError(
+                f"loss_weights must have one weight per loss type ({len(types)}: {types}), "
+                f"got {len(loss_weights)}"
+            )
+        weights = tuple(_real("loss_weights", w) for w in loss_weights)
+        if any(w < 0 for w in weights):
+            raise ValueError(f"loss_weights must be >= 0, got {tuple(loss_weights)}")
+        if not any(w > 0 for w in weights):
+            raise ValueError(f"loss_weights must not all be 0, got {tuple(loss_weights)}")
+
+    gamma = _real("gamma", gamma)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0 (SimPO's target reward margin), got {gamma!r}")
+
+    if isinstance(bco_delta, str):
+        if bco_delta != "batch":
+            raise ValueError(f"bco_delta must be a number, 'batch' or a tensor, got {bco_delta!r}")
+    elif isinstance(bco_delta, Tensor):
+        if bco_delta.ndim > 1 or not bco_delta.is_floating_point():
+            raise TypeError(
+                f"bco_delta must be a 0-D or (B,) floating tensor, got shape "
+                f"{tuple(bco_delta.shape)} and dtype {bco_delta.dtype}"
+            )
+    else:
+        bco_delta = _real("bco_delta", bco_delta)
+
+    return LossConfig(types, beta, eps, weights, gamma, bco_delta)
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_scores(**scores: Tensor | None) -> int:
+    """All given score vectors: floating, 1-D, one shape, one device.  Returns B."""
+    first_name, first = None, None
+    for name, x in scores.items():
+        if x is None and name.startswith("ref_"):
+            continue
+        _checks.tensor(name, x, ndim=1)
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+        if first is None:
+            first_name, first = name, x
+        elif x.shape != first.shape:
+            raise ValueError(
+                f"{name} must have the shape of {first_name}, {tuple(first.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
+    _checks.same_device(**scores)
+    return first.shape[0]
+
+
+def _check_reference(ref_chosen: Tensor | None, ref_rejected: Tensor | None, who: str) -> bool:
+    """Both references or neither; returns whether they are given."""
+    if (ref_chosen is None) != (ref_rejected is None):
+        missing = "ref_chosen" if ref_chosen is None else "ref_rejected"
+        raise ValueError(
+            f"{missing} is None but the other reference score is given: pass both "
+            f"ref_chosen and ref_rejected, or neither ({who})"
+        )
+    return ref_chosen is not None
+
+
+def _check_lengths(b: int, chosen_lengths: Tensor | None, rejected_lengths: Tensor | None):
+    for name, n in (("chosen_lengths", chosen_lengths), ("rejected_lengths", rejected_lengths)):
+        if n is None:
+            continue
+        _checks.tensor(name, n, ndim=1)
+        if n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"{name} must hold integer or float token counts, got {n.dtype}")
+        if n.shape[0] != b:
+            raise ValueError(f"{name} must have shape ({b},), got {tuple(n.shape)}")
+    if (chosen_lengths is None) != (rejected_lengths is None):
+        missing = "chosen_lengths" if chosen_lengths is None else "rejected_lengths"
+        raise ValueError(f"{missing} is None but the other length vector is given: pass both")
+
+
+# --------------------------------------------------------------------------------------------
+# The losses
+# --------------------------------------------------------------------------------------------
+
+
+def _smoothed_sigmoid(u: Tensor, eps: float) -> Tensor:
+    """``-(1 - eps) logsig(u) - eps logsig(-u)``; exactly ``-logsig(u)`` when eps == 0."""
+    if eps == 0.0:
+        return -F.logsigmoid(u)
+    return -(1 - eps) * F.logsigmoid(u) - eps * F.logsigmoid(-u)
+
+
+def _per_type_loss(
+    t: str,
+    pi_w: Tensor,
+    pi_l: Tensor,
+    ref_w: Tensor | None,
+    ref_l: Tensor | None,
+    n_w: Tensor | None,
+    n_l: Tensor | None,
+    cfg: LossConfig,
+) -> Tensor:
+    beta, eps = cfg.beta, cfg.label_smoothing
+
+    if t in _USES_LENGTHS and n_w is not None:
+        # Sum scores -> per-token averages.  Keep the order (a - b) - (c - d) of dpo_loss.
+        pi_w, pi_l = pi_w / n_w, pi_l / n_l
+        if ref_w is not None:
+            ref_w, ref_l = ref_w / n_w, ref_l / n_l
+
+    if t == "simpo":
+        return _smoothed_sigmoid(beta * (pi_w - pi_l) - cfg.gamma, eps)
+
+    # Same order of operations as dpo_loss (bitwise parity for "sigmoid" with eps == 0).
+    z = (pi_w - pi_l) - (ref_w - ref_l)
+
+    if t in ("sigmoid", "sigmoid_norm"):
+        return _smoothed_sigmoid(beta * z, eps)
+    if t == "robust":
+        x = beta * z
+        return (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+    if t == "ipo":
+        return (z - 1 / (2 * beta)) ** 2
+    if t == "hinge":
+        return torch.relu(1 - beta * z)
+    if t == "exo_pair":
+        # KL(Bernoulli(sig(x)) || Bernoulli(1 - eps)), each term a product of a probability and
+        # a finite log (logsigmoid never returns -inf for finite x), so no 0 * inf.
+        x = beta * z
+        return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
+            F.logsigmoid(-x) - math.log(eps)
+        )
+
+    rw = beta * (pi_w - ref_w)
+    rl = beta * (pi_l - ref_l)
+    if t == "bco_pair":
+        if isinstance(cfg.bco_delta, str):  # "batch"
+            delta = torch.cat([rw, rl]).detach().mean()
+        else:
+            delta = cfg.bco_delta
+        return -F.logsigmoid(rw - delta) - F.logsigmoid(-(rl - delta))
+    if t == "nca_pair":
+        return -F.logsigmoid(rw) - 0.5 * F.logsigmoid(-rw) - 0.5 * F.logsigmoid(-rl)
+    if t == "sppo_hard":
+        half = 1 / (2 * beta)
+        return (pi_w - ref_w - half) ** 2 + (pi_l - ref_l + half) ** 2
+    if t == "apo_zero":
+        return torch.sigmoid(-rw) + torch.sigmoid(rl)
+    if t == "apo_down":
+        return torch.sigmoid(rw) + torch.sigmoid(-(beta * z))
+    raise AssertionError(t)  # check_loss_config admits only LOSS_TYPES
+
+
+def preference_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None = None,
+    ref_rejected: Tensor | None = None,
+    *,
+    loss_type: str | Sequence[str] = "sigmoid",
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    gamma: float = SIMPO_GAMMA,
+    loss_weights: Sequence[float] | None = None,
+    bco_delta: float | str | Tensor = 0.0,
+    chosen_lengths: Tensor | None = None,
+    rejected_lengths: Tensor | None = None,
+) -> Tensor:
+    """Per-pair preference loss, shape (B,); the caller takes the mean.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: (B,) floating score vectors
+            (sequence log-probs), one shape, one device; mixed float dtypes promote as torch
+            does.  ``ref_*`` may be ``None`` (both) when every type is reference-free
+            (``simpo``); otherwise a ``ValueError`` names ``ref_chosen``.  For TRL's
+            ``reference_free=True`` behaviour pass zeros.
+        loss_type: a name from :data:`LOSS_TYPES`, or a sequence of distinct names: the result
+            is then ``sum_k loss_weights[k] * loss_k`` (per pair).
+        beta: > 0, shared by all types (it is tau in IPO, 1/eta in SPPO).
+        label_smoothing: eps, shared by the types that read it (ranges in
+            :func:`check_loss_config`).
+        gamma: SimPO's target reward margin, in log-prob units *after* the beta scaling (not
+            gamma/beta): the loss is ``-logsig(beta * (pi_w - pi_l) - gamma)``.  Default 0.5,
+            the official SimPO trainer's default (beta = 2.0, gamma/beta = 0.25).
+        loss_weights: one weight >= 0 per type; ``None`` means all 1.
+        bco_delta: BCO's reward shift delta (``bco_pair`` only): a float, a detached 0-D or
+            (B,) tensor (e.g. a running mean the caller keeps), or ``"batch"``.  See below.
+        chosen_lengths, rejected_lengths: (B,) completion token counts (int or float), both or
+            neither.  Required by ``sigmoid_norm``.  When given, the scores are taken to be
+            SUMS and the types defined on per-token averages -- ``sigmoid_norm``, ``ipo``,
+            ``simpo`` -- divide each score by its count clamped at 1 (an empty completion's
+            sum, 0, stays 0); every other type ignores them.  With fastdpo's default MEAN
+            scores, leave them out: the scores already are the averages.
+
+    Formulas (notation in the module docstring; ``r_w, r_l`` are log-ratios)::
+
+        sigmoid      -(1-eps) logsig(x) - eps logsig(-x)                  eps in [0, 0.5)
+                     DPO, Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; eps > 0 is
+                     conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy
+                     preferences").  eps = 0 is bitwise :func:`dpo_loss`.
+        robust       (-(1-eps) logsig(x) + eps logsig(-x)) / (1 - 2 eps)  eps in [0, 0.5)
+                     Provably robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409): an
+                     unbiased loss under preference flips with probability eps.  Not bounded
+                     below for eps > 0 (about -eps x / (1-2eps) for large x).
+        ipo          (z - 1/(2 beta))^2
+                     IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, beta = tau.  Its
+                     authors intend length-normalized (per-token mean) log-probs: use mean
+                     scores (fastdpo's default) or pass lengths with sum scores.
+        hinge        relu(1 - x)
+                     SLiC-HF, Zhao et al. 2023 (arXiv 2305.10425): its rank-calibration hinge
+                     with margin delta = 1/beta, scaled by beta, taken (as in TRL) on the
+                     reference-adjusted margin z rather than the raw policy margin.
+        bco_pair     -logsig(beta r_w - delta) - logsig(-(beta r_l - delta))
+                     BCO, Jung et al. 2024 (arXiv 2404.04656): a binary classifier with the
+                     implicit reward as logit, chosen = 1, rejected = 0, reward shift delta.
+        nca_pair     -logsig(beta r_w) - 1/2 logsig(-beta r_w) - 1/2 logsig(-beta r_l)
+                     NCA, Chen et al. 2024, "Noise Contrastive Alignment" (arXiv 2402.05369),
+                     the K = 2 (pairwise) case.
+        exo_pair     sig(x) (logsig(x) - log(1-eps)) + sig(-x) (logsig(-x) - log eps)
+                                                                            eps in (0, 0.5)
+                     EXO, Ji et al. 2024 (arXiv 2402.00856) eq. 16 with K = 2: the reverse KL
+                     from the model's preference distribution softmax(beta r) over the pair to
+                     the smoothed label distribution (1-eps, eps); >= 0.  eps = 1e-3 is
+                     TRL's old default; 0 is not allowed (log 0).
+        sppo_hard    (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2
+                     SPPO, Wu et al. 2024 (arXiv 2405.00675), the squared loss of its
+                     Algorithm 1 with the hard win probability P(y_w > y_l) = 1 (0 for y_l)
+                     in place of the estimated one, and eta = 1/beta.
+        apo_zero     sig(-beta r_w) + sig(beta r_l)      (= 1 - sig(beta r_w) + sig(beta r_l))
+                     APO-zero, D'Oosterlinck et al. 2024, "Anchored Preference Optimization"
+                     (arXiv 2408.06266) eq. 7: raise chosen, lower rejected likelihood.
+        apo_down     sig(beta r_w) + sig(-x)             (= sig(beta r_w) + 1 - sig(x))
+                     APO-down, same paper eq. 8: lower both, the rejected more.
+        sigmoid_norm the ``sigmoid`` loss (same eps) on z computed from per-token averages,
+                     z = (pi_w/n_w - pi_l/n_l) - (ref_w/n_w - ref_l/n_l), n = length clamped
+                     at 1.  Length-normalized DPO, Tulu 3, Lambert et al. 2024 (arXiv
+                     2411.15124).  Needs the lengths and SUM scores (with mean scores it is
+                     exactly ``sigmoid``).
+        simpo        -(1-eps) logsig(u) - eps logsig(-u),  u = beta (pi_w - pi_l) - gamma
+                                                                            eps in [0, 0.5)
+                     SimPO, Meng et al. 2024 (arXiv 2405.14734) (eps: the SimPO trainer's
+                     label smoothing).  Reference-free: ref_* are ignored and may be
+                     None.  Scores must be average log-probs (the default, or sums + lengths).
+                     The paper's beta is 2-10, not DPO's 0.1: set beta for simpo.
+
+    BCO's reward shift.  TRL's DPOTrainer used to keep a running mean of the batch rewards
+    across steps (hidden trainer state; recent versions use delta = 0).  Here it is stateless
+    and explicit: ``bco_delta`` is a number (default 0, TRL's current behaviour), a tensor the
+    caller maintains (pass it detached; a (B,) tensor gives one shift per pair), or
+    ``"batch"``: delta = mean over this call's 2B rewards ``cat(beta r_w, beta r_l)``, detached
+    -- TRL's first-step value.  With ``"batch"`` a pair's loss depends on the other pairs in
+    the call (under data parallelism: on its rank's batch).
+
+    Computation stays in the scores' dtype (bitwise parity with :func:`dpo_loss`); length
+    division promotes to float32 at least, so bf16/fp16 counts do not round.
+    """
+    cfg = check_loss_config(
+        loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
+    )
+    b = _check_scores(
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+    )
+    has_ref = _check_reference(ref_chosen, ref_rejected, "preference_loss")
+    if cfg.needs_reference and not has_ref:
+        need = tuple(t for t in cfg.loss_type if t not in _REFERENCE_FREE)
+        raise ValueError(
+            f"ref_chosen and ref_rejected are None, but loss_type {need} needs the reference "
+            f"scores (only {tuple(sorted(_REFERENCE_FREE))} is reference-free)"
+        )
+    _check_lengths(b, chosen_lengths, rejected_lengths)
+    per_pair_delta = isinstance(cfg.bco_delta, Tensor) and cfg.bco_delta.ndim == 1
+    _checks.same_device(
+        policy_chosen=policy_chosen,
+        chosen_lengths=chosen_lengths,
+        rejected_lengths=rejected_lengths,
+        bco_delta=cfg.bco_delta if per_pair_delta else None,
+    )
+    if cfg.needs_lengths and chosen_lengths is None:
+        raise ValueError(
+            "chosen_lengths and rejected_lengths are required by loss_type 'sigmoid_norm' "
+            "(completion token counts, with SUM scores)"
+        )
+    if isinstance(cfg.bco_delta, Tensor) and "bco_pair" in cfg.loss_type:
+        if cfg.bco_delta.ndim == 1 and cfg.bco_delta.shape[0] != b:
+            raise ValueError(
+                f"bco_delta must be 0-D or have shape ({b},), got {tuple(cfg.bco_delta.shape)}"
+            )
+
+    n_w = n_l = None
+    if chosen_lengths is not None and any(t in _USES_LENGTHS for t in cfg.loss_type):
+        dtype = torch.float32
+        for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+            if x is not None:
+                dtype = torch.promote_types(dtype, x.dtype)
+        n_w = chosen_lengths.to(dtype).clamp(min=1)
+        n_l = rejected_lengths.to(dtype).clamp(min=1)
+
+    total = None
+    for t, w in zip(cfg.loss_type, cfg.loss_weights):
+        loss = _per_type_loss(
+            t, policy_chosen, policy_rejected, ref_chosen, ref_rejected, n_w, n_l, cfg
+        )
+        if len(cfg.loss_type) > 1:
+            loss = w * loss
+        total = loss if total is None else total + loss
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# Logging
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reward_metrics(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    beta: float,
+) -> dict[str, Tensor]:
+    """The reward statistics TRL's DPOTrainer logs, as detached 0-D tensors.
+
+    With implicit rewards ``c_i = beta * (pi_w_i - ref_w_i)`` and ``r_i = beta * (pi_l_i -
+    ref_l_i)`` (``beta * pi_w_i`` and ``beta * pi_l_i`` when ``ref_*`` are None, i.e.
+    reference-free), over the B pairs::
+
+        rewards/chosen      mean_i c_i
+        rewards/rejected    mean_i r_i
+        rewards/margins     mean_i (c_i - r_i)
+        rewards/accuracies  mean_i [c_i > r_i]     (strict: a tie counts as wrong)
+        logps/chosen        mean_i pi_w_i
+        logps/rejected      mean_i pi_l_i
+
+    Computed in float32 (float64 for float64 scores), so bf16 scores average without rounding.
+    A batch of B = 0 gives NaN means.  Shapes, dtypes and beta are checked as in
+    :func:`preference_loss`.
+    """
+    _check_scores(
+        policy_chosen=policy_chosen,
+        policy_rejected=policy_rejected,
+        ref_chosen=ref_chosen,
+        ref_rejected=ref_rejected,
+    )
+    has_ref = _check_reference(ref_chosen, ref_rejected, "reward_metrics")
+    beta = _real("beta", beta)
+    if not beta > 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+    dtype = torch.promote_types(policy_chosen.dtype, torch.float32)
+    pi_w, pi_l = policy_chosen.detach().to(dtype), policy_rejected.detach().to(dtype)
+    if has_ref:
+        chosen = beta * (pi_w - ref_chosen.detach().to(dtype))
+        rejected = beta * (pi_l - ref_rejected.detach().to(dtype))
+    else:
+        chosen, rejected = beta * pi_w, beta * pi_l
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/accuracies": (chosen > rejected).to(dtype).mean(),
+        "logps/chosen": pi_w.mean(),
+        "logps/rejected": pi_l.mean(),
+    }
