@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import _checks
 from .linear import LinearHead, find_linear_head, fused_linear_pair_loss, linear_sequence_logprobs
 from .losses import SIMPO_GAMMA, check_loss_config, preference_loss, reward_metrics
-from .ops import IMPLS, sequence_logprobs
+from .ops import IMPLS, resolve_impl, sequence_logprobs
 
 REDUCTIONS = ("mean", "sum")
 ALIGNMENTS = ("input", "target")
@@ -126,7 +126,9 @@ class DPO(nn.Module):
             :func:`fastdpo.linear.find_linear_head` can reproduce the model's head exactly,
             and scores logits otherwise; ``"fused"`` insists (``ValueError`` with the reason
             if it cannot); ``"logits"`` always scores the model's logits.
-        impl: implementation of the logits route, see :func:`fastdpo.sequence_logprobs`.
+        impl: "auto" (Triton kernels for CUDA tensors, torch otherwise), "torch" or "triton",
+            for both routes (see :func:`fastdpo.sequence_logprobs` and
+            :func:`fastdpo.linear_sequence_logprobs`).
         inplace_backward: on the logits route, let the policy's logits (created by this
             module's own call to the model) take their gradient in place, so the loss adds no
             (2B, L-1, V) buffer to them.  Used only when they come straight from a linear head.
@@ -265,7 +267,9 @@ class DPO(nn.Module):
         head = self.fused_head(self.ref_model)
         if head is not None:
             hidden = self.ref_model(src, return_embeddings=True)
-            sums = linear_sequence_logprobs(hidden, head.weight, tgt, mask, scale=head.scale)
+            sums = linear_sequence_logprobs(
+                hidden, head.weight, tgt, mask, scale=head.scale, impl=self.impl
+            )
         else:
             logits = self.ref_model(src)
             sums = sequence_logprobs(logits, tgt, mask, impl=self.impl)
@@ -321,7 +325,11 @@ class DPO(nn.Module):
 
         head = self.fused_head(self.policy_model)
         hits = None
-        if head is not None and self._pair_separable():
+        # The pair-group fusion holds logits chunks in memory: the torch path's way.  The
+        # Triton kernels keep logits tiles in registers only, so they score first and
+        # recompute in backward (linear_sequence_logprobs).
+        torch_path = resolve_impl(self.impl, src.device) == "torch"
+        if head is not None and torch_path and self._pair_separable():
             hidden = self.policy_model(src, return_embeddings=True)
 
             def pair_loss(sums: Tensor, pairs: Tensor) -> Tensor:
@@ -340,10 +348,10 @@ class DPO(nn.Module):
             )
             policy_sums = policy_sums.detach()
         else:
-            if head is not None:  # a loss coupling pairs: score everything, then the loss
+            if head is not None:  # Triton, or a loss coupling pairs: score all, then the loss
                 hidden = self.policy_model(src, return_embeddings=True)
                 policy_sums = linear_sequence_logprobs(
-                    hidden, head.weight, tgt, mask, scale=head.scale
+                    hidden, head.weight, tgt, mask, scale=head.scale, impl=self.impl
                 )
             else:
                 policy_logits = self.policy_model(src)

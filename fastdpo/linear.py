@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks, torch_impl
+from .ops import resolve_impl
 
 # Float32 logits bytes one chunk of rows may hold.  Large enough that each chunk's product is
 # an efficient GEMM (hundreds of rows), small against the (N, T, V) logits it replaces.
@@ -110,18 +111,20 @@ def _boxes(z: Tensor) -> list[slice]:
 
 
 def _stats(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """(row logsumexp, row target log-prob) of float32 logits ``z``."""
-    lse = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    """(row stats (2, rows): max and log-sum, see :func:`torch_impl.max_logsum`; row target
+    log-prob) of float32 logits ``z``."""
+    st = torch.empty(2, z.shape[0], dtype=torch.float32, device=z.device)
     for r in _boxes(z):
-        lse[r] = torch.logsumexp(z[r], dim=-1)
-    return lse, z.gather(1, y.unsqueeze(1)).squeeze(1) - lse
+        st[0, r], st[1, r] = torch_impl.max_logsum(z[r])
+    return st, (z.gather(1, y.unsqueeze(1)).squeeze(1) - st[0]) - st[1]
 
 
-def _into_grad_(z: Tensor, lse: Tensor, y: Tensor, g: Tensor, scale: float | None) -> Tensor:
+def _into_grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None) -> Tensor:
     """Turn float32 logits into d(sum_m g_m logp_m)/d(h @ W.T) in place."""
     for r in _boxes(z):
         zr = z[r]
-        zr.sub_(lse[r].unsqueeze(1)).exp_().mul_(g[r].neg().unsqueeze(1))
+        zr.sub_(st[0, r].unsqueeze(1)).sub_(st[1, r].unsqueeze(1))
+        zr.exp_().mul_(g[r].neg().unsqueeze(1))
         zr.scatter_add_(1, y[r].unsqueeze(1), g[r].unsqueeze(1))
         if scale is not None:
             zr.mul_(scale)
@@ -145,13 +148,13 @@ def _chunks(m: int, v: int, budget: int) -> list[slice]:
 
 
 def _row_stats(h: Tensor, y: Tensor, weight: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
-    """(lse, logp) of every row of ``h``, chunk by chunk; no logits kept."""
+    """(row stats (2, M), logp (M,)) of every row of ``h``, chunk by chunk; no logits kept."""
     m, v = h.shape[0], weight.shape[0]
-    lse = torch.empty(m, dtype=torch.float32, device=h.device)
+    st = torch.empty(2, m, dtype=torch.float32, device=h.device)
     logp = torch.empty(m, dtype=torch.float32, device=h.device)
     for c in _chunks(m, v, CHUNK_BYTES):
-        lse[c], logp[c] = _stats(_logits(h[c], weight, scale), y[c])
-    return lse, logp
+        st[:, c], logp[c] = _stats(_logits(h[c], weight, scale), y[c])
+    return st, logp
 
 
 def _row_grads(
@@ -159,14 +162,14 @@ def _row_grads(
     y: Tensor,
     weight: Tensor,
     scale: float | None,
-    lse: Tensor,
+    st: Tensor,
     g: Tensor,
     grad_weight: Tensor | None,
 ) -> Tensor:
     """d hidden rows for row weights ``g`` (recomputing logits); adds into ``grad_weight``."""
     grad_h = torch.empty_like(h)
     for c in _chunks(h.shape[0], weight.shape[0], CHUNK_BYTES):
-        dz = _into_grad_(_logits(h[c], weight, scale), lse[c], y[c], g[c], scale)
+        dz = _into_grad_(_logits(h[c], weight, scale), st[:, c], y[c], g[c], scale)
         grad_h[c] = _grads(dz, h[c], weight, grad_weight)
     return grad_h
 
@@ -242,26 +245,53 @@ def _check_linear_inputs(hidden, weight, targets, mask, scale):
 
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, mask, scale):
+    def forward(ctx, hidden, weight, targets, mask, scale, impl):
         n = hidden.shape[0]
+        ctx.scale, ctx.impl = scale, impl
+        if impl == "triton":
+            # Every row goes to the kernels (masked ones get weight 0 in backward): gathering
+            # the counted rows would need their count on the host, a sync per call.
+            k = _linear_kernels()
+            h = hidden.reshape(-1, hidden.shape[-1])
+            y = torch.where(mask, targets, 0).reshape(-1)
+            logp, lse = k.linear_logprobs_forward(h, weight, y, 1.0 if scale is None else scale)
+            ctx.save_for_backward(hidden, weight, y, mask, lse)
+            return torch.where(mask, logp.view(mask.shape), 0.0).sum(-1)
         rows = _gather_rows(hidden, targets, mask)
-        lse, logp = _row_stats(rows.h, rows.y, weight, scale)
-        ctx.save_for_backward(hidden, weight, lse)
-        ctx.rows, ctx.scale = rows, scale
+        st, logp = _row_stats(rows.h, rows.y, weight, scale)
+        ctx.save_for_backward(hidden, weight, st)
+        ctx.rows = rows
         return _sequence_sums(rows, logp, n)
 
     @staticmethod
     def backward(ctx, grad_scores):
-        hidden, weight, lse = ctx.saved_tensors
-        rows: _Rows = ctx.rows
         need_h, need_w = ctx.needs_input_grad[:2]
+        if ctx.impl == "triton":
+            hidden, weight, y, mask, lse = ctx.saved_tensors
+            k = _linear_kernels()
+            g = torch.where(mask, grad_scores.float().unsqueeze(-1), 0.0).reshape(-1)
+            grad_h, grad_w = k.linear_logprobs_backward(
+                hidden.reshape(-1, hidden.shape[-1]), weight, y, lse, g,
+                1.0 if ctx.scale is None else ctx.scale,
+                need_hidden_grad=need_h, need_weight_grad=need_w,
+            )
+            grad_h = grad_h.view(hidden.shape) if grad_h is not None else None
+            return grad_h, grad_w, None, None, None, None
+        hidden, weight, st = ctx.saved_tensors
+        rows: _Rows = ctx.rows
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         g = grad_scores.float().index_select(0, rows.seq)
-        grad_rows = _row_grads(rows.h, rows.y, weight, ctx.scale, lse, g, grad_w)
+        grad_rows = _row_grads(rows.h, rows.y, weight, ctx.scale, st, g, grad_w)
         grad_h = _scatter_rows(rows, grad_rows, hidden.shape) if need_h else None
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
+
+
+def _linear_kernels():
+    from .kernels import linear_sequence_logprobs as k
+
+    return k
 
 
 def linear_sequence_logprobs(
@@ -271,6 +301,7 @@ def linear_sequence_logprobs(
     mask: Tensor | None = None,
     *,
     scale: float | None = None,
+    impl: str = "auto",
 ) -> Tensor:
     """Masked per-sequence sums of target log-probs of ``hidden @ weight.T * scale``.
 
@@ -278,7 +309,7 @@ def linear_sequence_logprobs(
     rounded in the inputs' dtype, the scale applied after it, everything after in float32),
     differentiable w.r.t. ``hidden`` and ``weight``, without ever holding the (N, T, V)
     logits: peak extra memory is O(N*T*D + CHUNK_BYTES + V*D).  Only counted rows are
-    multiplied.  Backward recomputes each chunk's logits from the saved row logsumexp; when a
+    multiplied.  Backward recomputes each chunk's logits from the saved row statistics; when a
     whole loss is known in advance, :func:`fused_linear_pair_loss` avoids that recomputation.
 
     Args:
@@ -288,12 +319,16 @@ def linear_sequence_logprobs(
         targets: (N, T) integer ids; counted ids must be in [0, V) (ignored where masked).
         mask: (N, T) bool, True where the position counts; ``None`` counts all.
         scale: multiplies the logits after the product (x-transformers' tied-embedding scale).
+        impl: "torch" (chunked torch, above), "triton" (the kernels of
+            :mod:`fastdpo.kernels.linear_sequence_logprobs`: logits tiles live in registers
+            only, every row is processed, no host sync) or "auto" (Triton on CUDA).
 
     Returns:
         float32 (N,) scores, as :func:`fastdpo.sequence_logprobs`.
     """
     targets, mask, scale = _check_linear_inputs(hidden, weight, targets, mask, scale)
-    return _LinearLogprobs.apply(hidden, weight, targets, mask, scale)
+    which = resolve_impl(impl, hidden.device)
+    return _LinearLogprobs.apply(hidden, weight, targets, mask, scale, which)
 
 
 # ----------------------------------------------------------------------------- fused DPO head
@@ -327,13 +362,13 @@ class _FusedPairLoss(torch.autograd.Function):
             seq = torch.cat([rows.seq[s] for s in spans])
             # Pass 1: score the group's rows, keeping chunk logits while they fit the budget.
             chunks = _chunks(h.shape[0], v, CHUNK_BYTES)
-            lse = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-            logp = torch.empty_like(lse)
+            st = torch.empty(2, h.shape[0], dtype=torch.float32, device=h.device)
+            logp = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
             kept: list[Tensor | None] = []
             held = 0
             for c in chunks:
                 z = _logits(h[c], weight, scale)
-                lse[c], logp[c] = _stats(z, y[c])
+                st[:, c], logp[c] = _stats(z, y[c])
                 if count_hits:
                     hits.index_add_(0, seq[c], (z.argmax(-1) == y[c]).long())
                 keep = held + z.numel() * 4 <= GROUP_BYTES
@@ -357,7 +392,9 @@ class _FusedPairLoss(torch.autograd.Function):
             for i, c in enumerate(chunks):
                 z = kept[i] if kept[i] is not None else _logits(h[c], weight, scale)
                 kept[i] = None
-                grad_h[c] = _grads(_into_grad_(z, lse[c], y[c], g[c], scale), h[c], weight, grad_w)
+                dz = _into_grad_(z, st[:, c], y[c], g[c], scale)
+                grad_h[c] = _grads(dz, h[c], weight, grad_w)
+                del dz
                 del z
             start = 0
             for s in spans:

@@ -347,12 +347,14 @@ def test_model_must_be_a_module():
         DPO(lambda x: x)
 
 
+@pytest.mark.parametrize("head", ["fused", "logits"])
 @pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3]], ids=["prompts", "padding"])
-def test_triton_impl_matches_x_transformers(cfg):
-    """DPO(impl='triton') -- interpreted on CPU, compiled on a GPU -- against x-transformers."""
+def test_triton_impl_matches_x_transformers(cfg, head):
+    """DPO(impl='triton') -- interpreted on CPU, compiled on a GPU -- against x-transformers,
+    through the sequence kernels (logits route) and the fused-linear kernels (fused route)."""
     b, l, v = cfg["b"], cfg["l"], cfg["v"]
     pad_id = cfg.get("pad_id")
-    x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton", head="logits")
+    x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton", head=head)
     pref, unpref, prompt_mask = make_batch(
         b, l, v, seed=l, prompt_lens=cfg["prompt_lens"], pad_id=pad_id, pad_lens=cfg.get("pad_lens")
     )

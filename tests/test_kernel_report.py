@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from fastdpo.kernel_report import SMEM_LIMIT, Row
+from fastdpo.kernels.linear_sequence_logprobs import AOT_SHAPES
 from fastdpo.kernels.sequence_logprobs import AOT_VOCABS
 
 
@@ -35,11 +37,14 @@ def test_every_shipped_kernel_compiles_without_spills():
     assert not failures, failures
     assert rc == 0 and report["ok"]
 
-    built = {(r["kernel"], r["dtype"], r["V"], r["target"]) for r in rows}
+    sequence = [r for r in rows if r["family"] == "sequence"]
+    linear = [r for r in rows if r["family"] == "linear"]
+    assert len(sequence) + len(linear) == len(rows)
+    built = {(r["kernel"], r["dtype"], r["V"], r["target"]) for r in sequence}
     expected = {(k, d, V, t) for k in ("fwd", "fwd+ref", "bwd") for d in ("fp32", "bf16", "fp16")
                 for V in AOT_VOCABS for t in ("sm_80", "sm_90")}
     assert built == expected
-    for r in rows:
+    for r in sequence:
         assert 0 < r["registers"] <= 255 and r["shared"] >= 0, r
         # Rows 16-byte aligned (V % 16 == 0): every logits load is 128 bits wide, and the
         # backward's stores too; the reference row adds its own loads.
@@ -49,6 +54,36 @@ def test_every_shipped_kernel_compiles_without_spills():
         else:
             # Unaligned rows cannot be vector-loaded: the scan must say so, not guess.
             assert not r["vectorized"] and r["loads_128"] == 0, r
+
+    built = {(r["kernel"], r["dtype"], r["D"], r["V"], r["target"]) for r in linear}
+    expected = {(k, d, D, V, t) for k in ("lin_fwd", "lin_bwd_h", "lin_bwd_w") for d in ("fp32", "bf16", "fp16")
+                for D, V in AOT_SHAPES for t in ("sm_80", "sm_90")}
+    expected |= {("lin_combine", "fp32", 0, next(iter(AOT_SHAPES))[1], t) for t in ("sm_80", "sm_90")}
+    assert built == expected
+    for r in linear:
+        assert 0 < r["registers"] <= 255 and 0 <= r["shared"] <= SMEM_LIMIT[int(r["target"][3:])], r
+        if r["kernel"] != "lin_combine":
+            # The launchers align every row: the hidden and weight tiles arrive by 16-byte
+            # cp.async; 16-bit tiles use tensor cores, float32 ones IEEE FMAs (no TF32).
+            assert r["vectorized"] and r["cp_async_128"] >= 2, r
+            assert (r["mma"] > 0) == (r["dtype"] != "fp32"), r
+
+
+def test_row_failure_rules():
+    # What makes the report exit 1, on hand-made rows (no compiling).
+    def row(**kw):
+        base = dict(kernel="lin_fwd", dtype="bf16", V=128, block_v=64, num_warps=4, target="sm_80", ok=True,
+                    registers=100, spill_stores=0, spill_loads=0, shared=1024, family="linear",
+                    cp_async_128=4, mma=8, vec_expected=True, tensor_cores_expected=True)
+        return Row(**{**base, **kw})
+
+    assert not row().failed
+    assert row(ok=False).failed
+    assert row(spill_loads=4).failed
+    assert row(shared=SMEM_LIMIT[80] + 1).failed and not row(shared=SMEM_LIMIT[80] + 1, target="sm_90").failed
+    assert row(cp_async_128=0).failed
+    assert row(mma=0).failed and row(dtype="fp32", tensor_cores_expected=False).failed
+    assert not row(dtype="fp32", tensor_cores_expected=False, mma=0).failed
 
 
 def test_reexecs_itself_out_of_interpret_mode():

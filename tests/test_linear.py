@@ -60,6 +60,32 @@ def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, monkey
         three_way(o, r, tr, dtype, what)
 
 
+@pytest.mark.parametrize("scale", [None, 0.37])
+@pytest.mark.parametrize("shape", [(2, 5, 33, 301), (3, 1, 16, 2)], ids=str)
+def test_linear_logprobs_triton_against_float64(shape, scale):
+    """impl='triton': the fused-linear kernels (interpreted on CPU), float32.  The kernels'
+    own tests cover 16-bit inputs and their block boundaries."""
+    n, t, d, v = shape
+    hidden, weight, targets, mask = make_inputs(n, t, d, v, torch.float32, seed=d + v)
+    targets[~mask] = -100  # never read at masked positions
+    safe = torch.where(mask, targets, 0)
+    upstream = torch.randn(n)
+
+    def run(fn, cast, y):
+        h = cast(hidden).requires_grad_()
+        w = cast(weight).requires_grad_()
+        out = fn(h, w, y, mask, scale)
+        out.float().backward(upstream.to(out.dtype))
+        return out, h.grad, w.grad
+
+    truth = run(via_logits, lambda x: x.double(), safe)
+    ref = run(via_logits, lambda x: x.clone(), safe)
+    ours = run(lambda h, w, y, m, s: linear_sequence_logprobs(h, w, y, m, scale=s, impl="triton"), lambda x: x.clone(), targets)
+    for what, o, r, tr in zip(("scores", "d hidden", "d weight"), ours, ref, truth):
+        three_way(o, r, tr, torch.float32, what)
+    assert (ours[1][~mask] == 0).all()
+
+
 def test_linear_logprobs_never_builds_full_logits(monkeypatch):
     """Only chunk-sized products: the largest (rows, V) product has at most CHUNK_BYTES."""
     n, t, d, v = 4, 16, 8, 500
