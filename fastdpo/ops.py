@@ -73,20 +73,20 @@ def _logprobs_op(
     impl: str,
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(scores (N,), ref_scores (N,) or (0,), row logsumexp (N, T)), all float32."""
+    """(scores (N,), ref_scores (N,) or (0,), row stats (2, N, T): max and log-sum), float32."""
     if impl == "triton":
         k = _triton_kernels()
-        scores, ref_scores, lse = k.sequence_logprobs_forward(logits, targets, mask, ref_logits)
+        scores, ref_scores, stats = k.sequence_logprobs_forward(logits, targets, mask, ref_logits)
     else:
         # The kernels never read an out-of-vocab id (they return NaN); torch's gather would.
         _checks.token_range("targets", targets, logits.shape[-1], where=mask)
-        scores, lse = torch_impl.forward(logits, targets, mask)
+        scores, stats = torch_impl.forward(logits, targets, mask)
         ref_scores = None
         if ref_logits is not None:
             ref_scores, _ = torch_impl.forward(ref_logits, targets, mask)
     if ref_scores is None:
         ref_scores = scores.new_empty(0)
-    return scores, ref_scores, lse
+    return scores, ref_scores, stats
 
 
 @_logprobs_op.register_fake
@@ -96,56 +96,56 @@ def _(logits, ref_logits, targets, mask, impl, inplace_backward):
     return (
         torch.empty(n, **f32),
         torch.empty(n if ref_logits is not None else 0, **f32),
-        torch.empty(n, t, **f32),
+        torch.empty(2, n, t, **f32),
     )
 
 
 @torch.library.custom_op("fastdpo::sequence_logprobs_backward", mutates_args=())
 def _logprobs_backward_op(
-    logits: Tensor, targets: Tensor, mask: Tensor, lse: Tensor, grad_scores: Tensor, impl: str
+    logits: Tensor, targets: Tensor, mask: Tensor, stats: Tensor, grad_scores: Tensor, impl: str
 ) -> Tensor:
-    return _backward(logits, targets, mask, lse, grad_scores, impl, inplace=False)
+    return _backward(logits, targets, mask, stats, grad_scores, impl, inplace=False)
 
 
 @_logprobs_backward_op.register_fake
-def _(logits, targets, mask, lse, grad_scores, impl):
+def _(logits, targets, mask, stats, grad_scores, impl):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastdpo::sequence_logprobs_backward_", mutates_args=("logits",))
 def _logprobs_backward_inplace_op(
-    logits: Tensor, targets: Tensor, mask: Tensor, lse: Tensor, grad_scores: Tensor, impl: str
+    logits: Tensor, targets: Tensor, mask: Tensor, stats: Tensor, grad_scores: Tensor, impl: str
 ) -> None:
-    _backward(logits, targets, mask, lse, grad_scores, impl, inplace=True)
+    _backward(logits, targets, mask, stats, grad_scores, impl, inplace=True)
 
 
-def _backward(logits, targets, mask, lse, grad_scores, impl, *, inplace):
+def _backward(logits, targets, mask, stats, grad_scores, impl, *, inplace):
     grad_scores = grad_scores.float().contiguous()
     if impl == "triton":
         k = _triton_kernels()
-        return k.sequence_logprobs_backward(logits, targets, mask, lse, grad_scores, inplace=inplace)
-    return torch_impl.backward(logits, targets, mask, lse, grad_scores, inplace=inplace)
+        return k.sequence_logprobs_backward(logits, targets, mask, stats, grad_scores, inplace=inplace)
+    return torch_impl.backward(logits, targets, mask, stats, grad_scores, inplace=inplace)
 
 
 def _setup_context(ctx, inputs, output):
     logits, _, targets, mask, impl, inplace_backward = inputs
-    _, _, lse = output
-    ctx.save_for_backward(logits, targets, mask, lse)
+    _, _, stats = output
+    ctx.save_for_backward(logits, targets, mask, stats)
     ctx.impl, ctx.inplace_backward = impl, inplace_backward
-    ctx.mark_non_differentiable(output[1], lse)
+    ctx.mark_non_differentiable(output[1], stats)
 
 
-def _logprobs_autograd_backward(ctx, grad_scores, _grad_ref, _grad_lse):
-    logits, targets, mask, lse = ctx.saved_tensors
+def _logprobs_autograd_backward(ctx, grad_scores, _grad_ref, _grad_stats):
+    logits, targets, mask, stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0]:
         if grad_scores is None:
             grad_scores = torch.zeros(logits.shape[0], device=logits.device)
         if ctx.inplace_backward:
-            _logprobs_backward_inplace_op(logits, targets, mask, lse, grad_scores, ctx.impl)
+            _logprobs_backward_inplace_op(logits, targets, mask, stats, grad_scores, ctx.impl)
             grad = logits
         else:
-            grad = _logprobs_backward_op(logits, targets, mask, lse, grad_scores, ctx.impl)
+            grad = _logprobs_backward_op(logits, targets, mask, stats, grad_scores, ctx.impl)
     return grad, None, None, None, None, None
 
 

@@ -4,8 +4,8 @@ Dimensions: N sequences, T positions, V vocabulary.
 
 For a row (n, t) with logits z and target y, ``logp = z_y - logsumexp(z)``; a sequence's score
 is ``sum_t m_t * logp_t``.  Its gradient w.r.t. row (n, t) is ``g_n * m_t * (onehot(y) -
-softmax(z))`` (DESIGN.md), so backward needs only the saved row logsumexp, never a stored
-softmax.  Both passes walk the logits in boxes of whole rows small enough to stay in cache
+softmax(z))`` (DESIGN.md), so backward needs only the saved row statistics (max and log-sum),
+never a stored softmax.  Both passes walk the logits in boxes of whole rows small enough to stay in cache
 (``_boxes``), in float32 whatever the input dtype: no (N, T, V) log-softmax or softmax is ever
 built, and backward writes the gradient straight into its one (N, T, V) output buffer (or,
 when asked, into the logits themselves).
@@ -22,7 +22,7 @@ from torch import Tensor
 # large enough that per-box Python and dispatch overhead (~20 us) is noise, small enough that
 # the box stays in cache between the passes made over it (measured: docs/performance.md).
 # Read at call time, so tests can shrink it to exercise box boundaries.
-BOX_BYTES = 1 << 20
+BOX_BYTES = 4 << 20
 
 
 # What a box holds: no counted row (skipped), only counted rows, or both.
@@ -67,31 +67,44 @@ def box_plan(mask: Tensor, v: int, box_bytes: int) -> list[tuple[slice, slice, i
     return plan
 
 
-def forward(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Return (scores float32 (N,), row logsumexp float32 (N, T)).
+def max_logsum(z: Tensor) -> tuple[Tensor, Tensor]:
+    """Per row of float32 ``z`` (..., V): the max m and ``log sum exp(z - m)``.
 
-    ``targets`` is int64 and ``mask`` bool, both (N, T); targets at masked positions are never
-    read (they may hold any value, e.g. a padding id of -100).  The logsumexp of rows in EMPTY
-    boxes is left at 0 (never used).
+    Kept apart rather than added into a logsumexp: the backward's ``exp((z - m) - log_s)``
+    then errs by ulp(log_s)/2 instead of ulp(|lse|)/2 (about 2e-6 relative at |lse| ~ 50).
+    A +inf or NaN in the row makes log_s NaN (inf - inf), as in float64 log_softmax, where
+    ``torch.logsumexp`` would return +inf.
+    """
+    m = z.amax(dim=-1, keepdim=True)
+    log_s = (z - m).exp_().sum(-1).log_()
+    return m.squeeze(-1), log_s
+
+
+def forward(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Return (scores float32 (N,), row stats float32 (2, N, T)).
+
+    The stats are each row's max and ``log sum exp(z - max)`` (see :func:`max_logsum`); rows
+    in EMPTY boxes are left at 0 (never used).  ``targets`` is int64 and ``mask`` bool, both
+    (N, T); targets at masked positions are never read (they may hold any value, e.g. -100).
     """
     n, t, v = logits.shape
     plan = box_plan(mask, v, BOX_BYTES)
-    lse = torch.zeros(n, t, dtype=torch.float32, device=logits.device)
+    stats = torch.zeros(2, n, t, dtype=torch.float32, device=logits.device)
     for bn, bt, kind in plan:
         if kind != EMPTY:
-            lse[bn, bt] = torch.logsumexp(logits[bn, bt].float(), dim=-1)
+            stats[0, bn, bt], stats[1, bn, bt] = max_logsum(logits[bn, bt].float())
     safe = torch.where(mask, targets, 0)
     picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
     # where, not multiply: a non-finite value in a masked row must not reach the score.
-    scores = torch.where(mask, picked - lse, 0.0).sum(-1)
-    return scores, lse
+    scores = torch.where(mask, (picked - stats[0]) - stats[1], 0.0).sum(-1)
+    return scores, stats
 
 
 def backward(
     logits: Tensor,
     targets: Tensor,
     mask: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     grad_scores: Tensor,
     *,
     inplace: bool = False,
@@ -113,8 +126,8 @@ def backward(
             continue
         z, gb = logits[bn, bt], g[bn, bt].unsqueeze(-1)
         buf = o if direct else torch.empty(z.shape, dtype=torch.float32, device=z.device)
-        torch.sub(z, lse[bn, bt].unsqueeze(-1), out=buf)
-        buf.exp_().mul_(gb.neg())
+        torch.sub(z, stats[0, bn, bt].unsqueeze(-1), out=buf)
+        buf.sub_(stats[1, bn, bt].unsqueeze(-1)).exp_().mul_(gb.neg())
         buf.scatter_add_(-1, safe[bn, bt].unsqueeze(-1), gb)
         if kind == MIXED:
             buf.masked_fill_(~mask[bn, bt].unsqueeze(-1), 0.0)

@@ -60,8 +60,11 @@ def _default_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 @triton.jit
-def _row_logsumexp(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
-    """float32 logsumexp of one row of V logits, one pass, running max + rescaled sum."""
+def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
+    """(max m, log sum exp(z - m)) of one row of V logits in float32, one pass, running max +
+    rescaled sum.  The two are kept apart, not added into a logsumexp: rounding m + log s to
+    float32 would cost ulp(|lse|)/2 of relative error in every exp(z - lse) of the backward
+    (about 2e-6 at |lse| ~ 50), where exp((z - m) - log s) keeps it to ulp(log s)/2."""
     offs = tl.arange(0, BLOCK_V)
     m = float("-inf")
     s = 0.0
@@ -78,8 +81,9 @@ def _row_logsumexp(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
-    # NaN anywhere in the row makes s NaN (exp(NaN) = NaN), whether or not max kept it.
-    return m + tl.log(s)
+    # NaN anywhere in the row makes s NaN (exp(NaN) = NaN), whether or not max kept it; so
+    # does +inf (exp(inf - inf)), as in float64 log_softmax.
+    return m, tl.log(s)
 
 
 @triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
@@ -87,11 +91,11 @@ def _row_logsumexp(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
 def _sequence_logprobs_fwd_kernel(
     # pointers: inputs, then (N, T) float32 outputs (contiguous)
     logits_ptr, ref_logits_ptr, targets_ptr, mask_ptr,
-    row_vals_ptr, ref_row_vals_ptr, lse_ptr,
+    row_vals_ptr, ref_row_vals_ptr, stats_ptr,
     # strides, in elements, of the N and T dims (the V stride is 1)
     stride_ln, stride_lt, stride_rn, stride_rt, stride_yn, stride_yt, stride_mn, stride_mt,
-    # sizes
-    T, V,
+    # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats)
+    T, V, NT,
     # structure
     HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
 ):
@@ -107,19 +111,22 @@ def _sequence_logprobs_fwd_kernel(
         y_safe = tl.where(in_vocab, y, 0)
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
         z_y = tl.load(row_ptr + y_safe).to(tl.float32)
-        lse = _row_logsumexp(row_ptr, V, BLOCK_V, EVEN_V)
-        tl.store(row_vals_ptr + row, tl.where(in_vocab, z_y - lse, float("nan")))
-        tl.store(lse_ptr + row, lse)
+        m, log_s = _row_max_logsum(row_ptr, V, BLOCK_V, EVEN_V)
+        tl.store(row_vals_ptr + row, tl.where(in_vocab, (z_y - m) - log_s, float("nan")))
+        tl.store(stats_ptr + row, m)
+        tl.store(stats_ptr + NT + row, log_s)
         if HAS_REF:
             ref_row_ptr = ref_logits_ptr + n * stride_rn + t * stride_rt
             ref_z_y = tl.load(ref_row_ptr + y_safe).to(tl.float32)
-            ref_lse = _row_logsumexp(ref_row_ptr, V, BLOCK_V, EVEN_V)
-            tl.store(ref_row_vals_ptr + row, tl.where(in_vocab, ref_z_y - ref_lse, float("nan")))
+            ref_m, ref_log_s = _row_max_logsum(ref_row_ptr, V, BLOCK_V, EVEN_V)
+            ref_val = (ref_z_y - ref_m) - ref_log_s
+            tl.store(ref_row_vals_ptr + row, tl.where(in_vocab, ref_val, float("nan")))
     else:
         # Skipping the row (not multiplying it by 0) keeps NaN/inf in prompt or padding
-        # logits out of the score, and saves reading them. lse of a masked row is 0.
+        # logits out of the score, and saves reading them. Stats of a masked row are 0.
         tl.store(row_vals_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(stats_ptr + row, 0.0)
+        tl.store(stats_ptr + NT + row, 0.0)
         if HAS_REF:
             tl.store(ref_row_vals_ptr + row, 0.0)
 
@@ -128,12 +135,12 @@ def _sequence_logprobs_fwd_kernel(
 @triton.jit
 def _sequence_logprobs_bwd_kernel(
     # pointers: inputs, then the gradient (may alias logits_ptr: in-place backward)
-    logits_ptr, targets_ptr, mask_ptr, lse_ptr, grad_scores_ptr,
+    logits_ptr, targets_ptr, mask_ptr, stats_ptr, grad_scores_ptr,
     grad_ptr,
-    # strides, in elements, of the N and T dims (the V stride is 1); lse is contiguous (N, T)
+    # strides, in elements, of the N and T dims (the V stride is 1); stats are contiguous
     stride_ln, stride_lt, stride_yn, stride_yt, stride_mn, stride_mt, stride_gn, stride_gt,
-    # sizes
-    T, V,
+    # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats)
+    T, V, NT,
     # structure
     BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
 ):
@@ -148,7 +155,8 @@ def _sequence_logprobs_bwd_kernel(
         in_vocab = (y >= 0) & (y < V)
         # The forward score of an out-of-vocab target is NaN; so is its gradient row.
         g = tl.where(in_vocab, tl.load(grad_scores_ptr + n), float("nan"))
-        lse = tl.load(lse_ptr + row)
+        m = tl.load(stats_ptr + row)
+        log_s = tl.load(stats_ptr + NT + row)
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
         for start in range(0, V, BLOCK_V):
             cols = start + offs
@@ -156,7 +164,7 @@ def _sequence_logprobs_bwd_kernel(
                 z = tl.load(row_ptr + cols).to(tl.float32)
             else:
                 z = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            dz = g * (tl.where(cols == y, 1.0, 0.0) - tl.exp(z - lse))
+            dz = g * (tl.where(cols == y, 1.0, 0.0) - tl.exp((z - m) - log_s))
             dz = dz.to(grad_ptr.dtype.element_ty)
             # Each element is read and written by the same thread in the same iteration,
             # so grad_ptr may alias logits_ptr.
@@ -269,7 +277,8 @@ def sequence_logprobs_forward(
     Returns:
         scores: (N,) float32, ``sum_t where(mask, logits[n,t,y] - logsumexp(logits[n,t]), 0)``;
         ref_scores: (N,) float32 for ``ref_logits`` or None;
-        lse: (N, T) float32 row logsumexp of ``logits``, 0 at masked rows (the backward's input).
+        stats: (2, N, T) float32, the backward's input: per row the max of ``logits`` and
+            ``log sum exp(logits - max)`` (their sum is the row logsumexp), 0 at masked rows.
     """
     _check_logits("logits", logits)
     N, T, V = logits.shape
@@ -285,20 +294,20 @@ def sequence_logprobs_forward(
 
     device = logits.device
     row_vals = torch.empty((N, T), dtype=torch.float32, device=device)
-    lse = torch.empty((N, T), dtype=torch.float32, device=device)
+    stats = torch.empty((2, N, T), dtype=torch.float32, device=device)
     ref_row_vals = torch.empty((N, T), dtype=torch.float32, device=device) if has_ref else None
     if N * T == 0:
         scores = torch.zeros((N,), dtype=torch.float32, device=device)
-        return scores, (scores.clone() if has_ref else None), lse
+        return scores, (scores.clone() if has_ref else None), stats
 
     logits = _unit_stride_v(logits)
     ref = _unit_stride_v(ref_logits) if has_ref else logits
     args = (
         logits, ref, targets, mask,
-        row_vals, ref_row_vals if has_ref else row_vals, lse,
+        row_vals, ref_row_vals if has_ref else row_vals, stats,
         logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
         targets.stride(0), targets.stride(1), mask.stride(0), mask.stride(1),
-        T, V,
+        T, V, N * T,
     )
     grid = (N * T,)
     if _block_v is None and _autotune_enabled():
@@ -312,14 +321,14 @@ def sequence_logprobs_forward(
     # Fixed-order reductions over T: bitwise reproducible, no atomics.
     scores = row_vals.sum(-1)
     ref_scores = ref_row_vals.sum(-1) if has_ref else None
-    return scores, ref_scores, lse
+    return scores, ref_scores, stats
 
 
 def sequence_logprobs_backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
     mask: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     grad_scores: torch.Tensor,
     *,
     inplace: bool = False,
@@ -329,7 +338,7 @@ def sequence_logprobs_backward(
 
     Args:
         logits, targets, mask: as given to :func:`sequence_logprobs_forward`.
-        lse: (N, T) float32, the forward's third output.
+        stats: (2, N, T) float32, the forward's third output.
         grad_scores: (N,) float32 upstream gradient per sequence (fold any 1/count into it).
         inplace: write the gradient over ``logits`` (which must then have unit V stride;
             any N/T strides) and return it.
@@ -345,7 +354,13 @@ def sequence_logprobs_backward(
     N, T, V = logits.shape
     _check_nt("targets", targets, (N, T), torch.int64, logits.device)
     _check_nt("mask", mask, (N, T), torch.bool, logits.device)
-    _check_nt("lse", lse, (N, T), torch.float32, logits.device)
+    if not isinstance(stats, torch.Tensor):
+        raise TypeError(f"stats must be a torch.Tensor, got {type(stats).__name__}")
+    if stats.dtype != torch.float32 or tuple(stats.shape) != (2, N, T) or stats.device != logits.device:
+        raise ValueError(
+            f"stats must be a float32 (2, N, T) = {(2, N, T)} tensor on {logits.device} (the "
+            f"forward's third output), got {stats.dtype} {tuple(stats.shape)} on {stats.device}"
+        )
     if not isinstance(grad_scores, torch.Tensor):
         raise TypeError(f"grad_scores must be a torch.Tensor, got {type(grad_scores).__name__}")
     if grad_scores.dtype != torch.float32:
@@ -367,13 +382,13 @@ def sequence_logprobs_backward(
     if N * T == 0:
         return grad
 
-    lse = lse.contiguous()
+    stats = stats.contiguous()
     grad_scores = grad_scores.contiguous()
     args = (
-        logits, targets, mask, lse, grad_scores, grad,
+        logits, targets, mask, stats, grad_scores, grad,
         logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
         mask.stride(0), mask.stride(1), grad.stride(0), grad.stride(1),
-        T, V,
+        T, V, N * T,
     )
     grid = (N * T,)
     if _block_v is None and _autotune_enabled():
@@ -449,13 +464,13 @@ def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048) -> lis
             common = dict(
                 targets_ptr="*i64", mask_ptr="*u1",
                 stride_ln=T * V, stride_lt=V, stride_yn=T, stride_yt=1, stride_mn=T, stride_mt=1,
-                T=T, V=V, BLOCK_V=("constexpr", block_v), EVEN_V=("constexpr", V % block_v == 0),
+                T=T, V=V, NT=16 * T, BLOCK_V=("constexpr", block_v), EVEN_V=("constexpr", V % block_v == 0),
             )
             for has_ref in (False, True):
                 fn = _sequence_logprobs_fwd_kernel.fn
                 example = dict(
                     common, logits_ptr="*" + tdt, ref_logits_ptr="*" + tdt,
-                    row_vals_ptr="*fp32", ref_row_vals_ptr="*fp32", lse_ptr="*fp32",
+                    row_vals_ptr="*fp32", ref_row_vals_ptr="*fp32", stats_ptr="*fp32",
                     # without ref the launcher passes the policy logits as a dummy
                     stride_rn=T * V, stride_rt=V, HAS_REF=("constexpr", has_ref),
                 )
@@ -463,7 +478,7 @@ def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048) -> lis
                                         fn, *_specialize(fn, example)))
             fn = _sequence_logprobs_bwd_kernel.fn
             example = dict(
-                common, logits_ptr="*" + tdt, lse_ptr="*fp32", grad_scores_ptr="*fp32",
+                common, logits_ptr="*" + tdt, stats_ptr="*fp32", grad_scores_ptr="*fp32",
                 grad_ptr="*" + tdt, stride_gn=T * V, stride_gt=V,
             )
             specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *_specialize(fn, example)))

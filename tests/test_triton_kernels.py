@@ -95,12 +95,13 @@ def test_forward_backward(N, T, V, block_v, dtype):
     logits, targets, mask = make_inputs(N, T, V, dtype)
     scores, ref_scores, lse = sequence_logprobs_forward(logits, targets, mask, _block_v=block_v)
     assert ref_scores is None
-    assert scores.dtype == lse.dtype == torch.float32 and scores.shape == (N,) and lse.shape == (N, T)
+    assert scores.dtype == lse.dtype == torch.float32 and scores.shape == (N,) and lse.shape == (2, N, T)
     truth = torch_scores(logits.double(), targets, mask)
     atol, rtol = TOL[dtype]["scores"]
     assert_three_way(scores, truth, torch_scores(logits, targets, mask), atol, rtol, "scores")
     assert (scores[0] == 0).all()
-    assert_three_way(lse[mask], torch.logsumexp(logits.double(), -1)[mask],
+    # the stats are each row's max and log-sum; together, its logsumexp
+    assert_three_way(lse.sum(0)[mask], torch.logsumexp(logits.double(), -1)[mask],
                      torch.logsumexp(logits, -1)[mask], atol, rtol, "lse")
 
     grad_scores = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(DEVICE)
@@ -282,7 +283,7 @@ def test_empty_and_shipped_config():
     targets = torch.zeros(0, 3, dtype=torch.long, device=DEVICE)
     mask = torch.ones(0, 3, dtype=torch.bool, device=DEVICE)
     s, r, lse = sequence_logprobs_forward(logits, targets, mask, logits)
-    assert s.shape == r.shape == (0,) and lse.shape == (0, 3)
+    assert s.shape == r.shape == (0,) and lse.shape == (2, 0, 3)
     assert sequence_logprobs_backward(logits, targets, mask, lse, s).shape == (0, 3, 10)
     logits = torch.randn(2, 0, 10, device=DEVICE)
     s, r, _ = sequence_logprobs_forward(logits, targets.reshape(2, 0), mask.reshape(2, 0))
@@ -311,7 +312,7 @@ def test_opt_in_autotune(monkeypatch):
 def test_validation():
     N, T, V = 2, 3, 10
     logits, targets, mask = make_inputs(N, T, V, torch.float32)
-    lse = torch.zeros(N, T, device=DEVICE)
+    lse = torch.zeros(2, N, T, device=DEVICE)  # the row stats (max, log-sum)
     gs = torch.zeros(N, device=DEVICE)
     fwd, bwd = sequence_logprobs_forward, sequence_logprobs_backward
     cases = [
@@ -323,7 +324,7 @@ def test_validation():
         (ValueError, "mask", lambda: fwd(logits, targets, mask.t())),
         (ValueError, "ref_logits", lambda: fwd(logits, targets, mask, logits[:, :, :5])),
         (TypeError, "ref_logits", lambda: fwd(logits, targets, mask, logits.double())),
-        (TypeError, "lse", lambda: bwd(logits, targets, mask, lse.half(), gs)),
+        (ValueError, "stats", lambda: bwd(logits, targets, mask, lse.half(), gs)),
         (ValueError, "grad_scores", lambda: bwd(logits, targets, mask, lse, gs[:1])),
         (TypeError, "grad_scores", lambda: bwd(logits, targets, mask, lse, gs.double())),
         (ValueError, "inplace", lambda: bwd(logits[:, :, ::2], targets, mask, lse, gs, inplace=True)),
