@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
 # Set up ./.venv from scratch if needed, then run the whole test suite on the CPU.
-source "$(dirname "$0")/_venv.sh" test
+# The bench extra too: the CLI tests run the suite (Liger, matplotlib).
+source "$(dirname "$0")/_venv.sh" test,bench
 exec .venv/bin/python -m pytest "$@"

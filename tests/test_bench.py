@@ -1,0 +1,182 @@
+"""fastdpo.bench internals: the registry, that the providers compute the same losses (so the
+benchmark compares like with like), the CPU peak-memory measurement, ratios and output."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from fastdpo import DPO, bench
+
+TINY = bench.Config(batch=2, seq_len=24, vocab=256, dim=32, depth=1, heads=2, seed=3)
+
+
+def test_registry_has_the_documented_providers():
+    step_only = {"body", "liger"}
+    for name in ("floor", "body", "x-transformers", "torch", "trl", "liger", "fastdpo-torch", "fastdpo-triton"):
+        assert name in bench.PROVIDERS
+        want = ("step",) if name in step_only else bench.WORKLOADS
+        assert bench.PROVIDERS[name].workloads == want, name
+    assert bench.applicable("head", ["liger", "torch", "body"]) == ["torch"]
+
+
+def test_register_adds_a_provider_and_checks_workloads():
+    before = dict(bench.PROVIDERS)
+    try:
+
+        @bench.register("test-only", workloads=("head",))
+        def build(workload, mode, cfg):
+            return lambda: None
+
+        assert bench.PROVIDERS["test-only"].build is build
+        with pytest.raises(ValueError, match="workloads"):
+            bench.register("bad", workloads=("train",))
+    finally:
+        bench.PROVIDERS.clear()
+        bench.PROVIDERS.update(before)
+
+
+def _loss(provider: str, workload: str, mode: str = "forward") -> float:
+    return bench.PROVIDERS[provider].build(workload, mode, TINY)().item()
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+def test_step_providers_compute_x_transformers_loss(mode, monkeypatch):
+    monkeypatch.setattr(bench, "LIGER_COMPILED", False)  # the same math, without 15 s of compiling
+    names = ["torch", "fastdpo-torch"] + (["liger"] if _has_liger() else [])
+    ref = _loss("x-transformers", "step", mode)
+    assert abs(ref - math.log(2)) > 1e-3  # the reference is not the policy: a loss that says something
+    for name in names:
+        assert _loss(name, "step", mode) == pytest.approx(ref, rel=1e-6), name
+
+
+def _has_liger() -> bool:
+    try:
+        import liger_kernel.chunked_loss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_trl_provider_is_the_sum_and_target_mask_convention():
+    policy, ref = bench.make_models(TINY)
+    dpo = DPO(policy, beta=bench.BETA, logprob_reduction="sum", mask_alignment="target")
+    dpo.ref_model.load_state_dict(ref.state_dict())
+    bt = bench.make_batch(TINY)
+    want = dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask).item()
+    assert _loss("trl", "step") == pytest.approx(want, rel=1e-6)
+
+
+def test_head_providers_agree():
+    ref = _loss("x-transformers", "head")
+    for name in ("torch", "fastdpo-torch"):
+        assert _loss(name, "head") == pytest.approx(ref, rel=1e-6), name
+    bt = bench.make_batch(TINY)
+    logits = bench.head_logits(TINY).detach().double()
+    lp = logits.log_softmax(-1).gather(-1, bt.tgt.unsqueeze(-1)).squeeze(-1)
+    assert _loss("trl", "head") == pytest.approx((lp * bt.mask_target).sum().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("workload", bench.WORKLOADS)
+def test_backward_mode_leaves_no_gradients(workload):
+    step = bench.PROVIDERS["x-transformers"].build(workload, "forward+backward", TINY)
+    step()
+    cell_objects = [c.cell_contents for c in step.__closure__ or ()]
+    params = next(x for x in cell_objects if isinstance(x, list))
+    assert params and all(p.grad is None for p in params)
+
+
+def test_fastdpo_triton_is_unavailable_on_cpu():
+    with pytest.raises(bench.Unavailable, match="CUDA"):
+        bench.PROVIDERS["fastdpo-triton"].build("step", "forward", TINY)
+
+
+def test_cpu_peak_memory_counts_the_live_buffers():
+    """x-transformers' head holds 3 (2B, L-1, V) float32 buffers at its peak (log_softmax, the
+    gather's gradient, the log_softmax gradient), the floor 1: what the fresh-process RSS shows
+    once glibc returns freed blocks (the fixed mmap threshold)."""
+    cfg = bench.Config(batch=2, seq_len=65, vocab=4096, dim=32, depth=1, heads=2)
+    buf = 2 * cfg.batch * (cfg.seq_len - 1) * cfg.vocab * 4
+    with bench.MemoryServer(timeout=120) as server:
+        xt = server.measure("head", "x-transformers", "forward+backward", cfg)
+        floor = server.measure("head", "floor", "forward+backward", cfg)
+        unknown = server.measure("head", "no-such-provider", "forward", cfg)
+    assert xt["peak_extra_bytes"] / buf == pytest.approx(3, abs=0.2)
+    assert floor["peak_extra_bytes"] / buf == pytest.approx(1, abs=0.2)
+    assert "not registered" in unknown["error"]
+
+
+def _row(provider, workload="step", mode="forward", median=None, peak=None, **kw):
+    r = dict(provider=provider, workload=workload, mode=mode, status="ok", reason="", median_ms=median,
+             peak_mib=peak, dtype="float32", device="cpu", **{k: getattr(TINY, k) for k in bench.SIZE_FIELDS})  # fmt: skip
+    r.update(kw)
+    return r
+
+
+def test_ratios_and_head_memory():
+    rows = [
+        _row("floor", median=10.0, peak=30.0),
+        _row("body", median=5.0, peak=20.0),
+        _row("x-transformers", median=40.0, peak=60.0),
+        _row("fastdpo-torch", median=20.0, peak=30.0),
+        _row("liger", status="failed", reason="boom"),
+        _row("x-transformers", "head", median=4.0, peak=8.0),
+        _row("fastdpo-torch", "head", median=2.0, peak=2.0),
+        _row("fastdpo-torch", mode="forward+backward", median=3.0, peak=25.0),  # no references there
+    ]
+    bench.add_ratios(rows)
+    by = {(r["provider"], r["workload"], r["mode"]): r for r in rows}
+    ours = by["fastdpo-torch", "step", "forward"]
+    assert ours["vs_xt"] == 0.5 and ours["vs_floor"] == 2.0 and ours["mem_vs_xt"] == 0.5
+    assert ours["body_mib"] == 20.0 and ours["head_mib"] == 10.0 and ours["head_mem_vs_xt"] == 0.25
+    assert by["body", "step", "forward"]["head_mib"] == 0.0
+    assert by["liger", "step", "forward"]["vs_xt"] is None
+    head = by["fastdpo-torch", "head", "forward"]
+    assert head["vs_xt"] == 0.5 and head["head_mib"] == 2.0 and head["body_mib"] is None and head["vs_floor"] is None
+    lonely = by["fastdpo-torch", "step", "forward+backward"]
+    assert lonely["vs_xt"] is None and lonely["head_mib"] is None
+    assert all(set(bench.COLUMNS) <= set(r) for r in rows)
+
+    table = bench.format_table(rows)
+    assert "failed: boom" in table
+    line = next(ln for ln in table.splitlines() if ln.startswith("fastdpo-torch   step     forward "))
+    assert line.split()[3:] == ["20.00", "0.50x", "2.00x", "30.0", "10.0", "0.50x"]
+
+
+def test_write_rows_csv_and_json(tmp_path):
+    rows = [_row("x-transformers", median=1.0, peak=2.0, extra="dropped")]
+    bench.add_ratios(rows)
+    bench.write_rows(rows, str(tmp_path / "r.csv"))
+    bench.write_rows(rows, str(tmp_path / "r.json"))
+    with open(tmp_path / "r.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == bench.COLUMNS
+        (got,) = list(reader)
+    assert got["provider"] == "x-transformers" and float(got["vs_xt"]) == 1.0 and got["reason"] == ""
+    (obj,) = json.loads((tmp_path / "r.json").read_text())
+    assert tuple(obj) == bench.COLUMNS and obj["median_ms"] == 1.0
+
+
+def test_sweep_parsing():
+    assert bench._sweep("vocab=8192,16384") == ("vocab", [8192, 16384])
+    assert bench._sweep("seq-len=64") == ("seq_len", [64])
+    for bad in ("vocab", "dim=4", "vocab=", "vocab=a", "seq-len=0"):
+        with pytest.raises(Exception):
+            bench._sweep(bad)
+
+
+def test_bfloat16_step_runs():
+    cfg = bench.Config(**{**vars_of(TINY), "dtype": "bfloat16"})
+    for name in ("x-transformers", "fastdpo-torch"):
+        loss = bench.PROVIDERS[name].build("step", "forward+backward", cfg)()
+        assert torch.isfinite(loss)
+
+
+def vars_of(cfg: bench.Config) -> dict:
+    from dataclasses import asdict
+
+    return asdict(cfg)
