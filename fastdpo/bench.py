@@ -391,8 +391,8 @@ def _trl(workload: str, mode: str, cfg: Config) -> Step:
 LIGER_COMPILED = True
 
 
-@register("liger", workloads=("step",), help="Liger-Kernel LigerFusedLinearDPOLoss on the body's hidden states + head weight")
-def _liger(workload: str, mode: str, cfg: Config) -> Step:
+@register("liger", workloads=("step",), help="Liger-Kernel LigerFusedLinearDPOLoss on the body's hidden states + head weight (torch.compile'd chunks)")
+def _liger(workload: str, mode: str, cfg: Config, compiled: bool = True) -> Step:
     try:
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
     except ImportError as e:
@@ -402,7 +402,9 @@ def _liger(workload: str, mode: str, cfg: Config) -> Step:
     # Liger's masking is ignore_index on the targets; x-transformers' input-aligned mask and
     # masked mean (average_log_prob) make its loss equal x-transformers'.
     target = bt.tgt.masked_fill(~bt.mask, -100)
-    loss_fn = LigerFusedLinearDPOLoss(beta=BETA, average_log_prob=True, ignore_index=-100, compiled=LIGER_COMPILED)
+    loss_fn = LigerFusedLinearDPOLoss(
+        beta=BETA, average_log_prob=True, ignore_index=-100, compiled=LIGER_COMPILED and compiled
+    )
 
     def loss():
         with torch.no_grad():
@@ -412,6 +414,11 @@ def _liger(workload: str, mode: str, cfg: Config) -> Step:
         return out[0] if isinstance(out, tuple) else out
 
     return make_step(loss, mode, model.parameters())
+
+
+@register("liger-eager", workloads=("step",), help="as liger, with its chunks run eagerly (compiled=False)")
+def _liger_eager(workload: str, mode: str, cfg: Config) -> Step:
+    return _liger(workload, mode, cfg, compiled=False)
 
 
 def _fastdpo(impl: str) -> Builder:
@@ -432,7 +439,58 @@ def _fastdpo(impl: str) -> Builder:
 
 
 for _impl in ("torch", "triton"):
-    register(f"fastdpo-{_impl}", help=f"fastdpo.DPO / sequence_logprobs, impl={_impl!r}")(_fastdpo(_impl))
+    register(f"fastdpo-{_impl}", help=f"fastdpo.DPO (default head='auto': fused for this model) / sequence_logprobs, impl={_impl!r}")(_fastdpo(_impl))
+
+
+@register("fastdpo-logits", workloads=("step",), help="fastdpo.DPO(head='logits', impl='torch'): the model's logits, scored without a log-softmax")
+def _fastdpo_logits(workload: str, mode: str, cfg: Config) -> Step:
+    from fastdpo import DPO
+
+    bt = make_batch(cfg)
+    dpo = _dpo(DPO, cfg, impl="torch", head="logits")
+    return make_step(lambda: dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask), mode, dpo.parameters())
+
+
+@register("fastdpo-precomputed", workloads=("step",), help="fastdpo.DPO (impl='torch') with precomputed reference scores: no reference model run")
+def _fastdpo_precomputed(workload: str, mode: str, cfg: Config) -> Step:
+    from fastdpo import DPO
+
+    bt = make_batch(cfg)
+    dpo = _dpo(DPO, cfg, impl="torch")
+    ref_w, ref_l = dpo.reference_scores(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask)
+    dpo.ref_model = None  # a run with precomputed scores can drop it
+
+    def loss():
+        return dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask,
+                   ref_preferred_logprob=ref_w, ref_unpreferred_logprob=ref_l)
+
+    return make_step(loss, mode, dpo.parameters())
+
+
+@register("torch-lce", workloads=("step",), help="torch's chunked F.linear_cross_entropy (reduction='none') on the body's hidden states")
+def _torch_lce(workload: str, mode: str, cfg: Config) -> Step:
+    lce = getattr(F, "linear_cross_entropy", None)
+    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if lce is None or options is None:
+        raise Unavailable(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
+    bt = make_batch(cfg)
+    model, ref = make_models(cfg)
+    target = bt.tgt.masked_fill(~bt.mask, -100).reshape(-1)
+    count = bt.mask.sum(-1).clamp(min=1e-5)
+    opts = options()
+
+    def scores(m):
+        hidden = m(bt.src, return_embeddings=True)
+        nll = lce(hidden.reshape(-1, cfg.dim), m.to_logits.weight, target,
+                  reduction="none", ignore_index=-100, options=opts)
+        return -nll.view(bt.tgt.shape).sum(-1) / count
+
+    def loss():
+        with torch.no_grad():
+            ref_scores = scores(ref)
+        return _pair_loss(scores(model), ref_scores)
+
+    return make_step(loss, mode, model.parameters())
 
 
 def head_logits(cfg: Config) -> torch.Tensor:
@@ -931,7 +989,7 @@ def format_table(rows: list[dict]) -> str:
     def f(x, spec, suffix=""):
         return "-" if x is None else format(x, spec) + suffix
 
-    cols = [("provider", 15, "<"), ("workload", 8, "<"), ("mode", 16, "<"), ("median ms", 10, ">"),
+    cols = [("provider", 19, "<"), ("workload", 8, "<"), ("mode", 16, "<"), ("median ms", 10, ">"),
             ("vs x-t", 7, ">"), ("vs floor", 8, ">"), ("peak MiB", 9, ">"), ("head MiB", 9, ">"),
             ("mem vs x-t", 10, ">")]  # fmt: skip
     head = " ".join(f"{name:{al}{w}}" for name, w, al in cols)

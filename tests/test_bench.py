@@ -143,7 +143,7 @@ def test_ratios_and_head_memory():
 
     table = bench.format_table(rows)
     assert "failed: boom" in table
-    line = next(ln for ln in table.splitlines() if ln.startswith("fastdpo-torch   step     forward "))
+    line = next(ln for ln in table.splitlines() if ln.startswith("fastdpo-torch       step     forward "))
     assert line.split()[3:] == ["20.00", "0.50x", "2.00x", "30.0", "10.0", "0.50x"]
 
 

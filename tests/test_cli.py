@@ -80,7 +80,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
 
-    header = "provider        workload mode              median ms  vs x-t vs floor  peak MiB  head MiB mem vs x-t"
+    header = "provider            workload mode              median ms  vs x-t vs floor  peak MiB  head MiB mem vs x-t"
     assert header in text
     rows = json.loads(out.read_text())
     assert all(list(r) == list(bench.COLUMNS) for r in rows)
