@@ -94,7 +94,7 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
         assert r["median_ms"] > 0 and r["peak_mib"] is not None
         assert r["vocab"] == 512 and r["dtype"] == "float32" and r["device"] == "cpu"
         assert r["torch"] and r["x_transformers"] and r["date"] and r["threads"] == 1
-        assert f"{r['provider']:15} {r['workload']:8} {r['mode']:16}" in text
+        assert f"{r['provider']:19} {r['workload']:8} {r['mode']:16}" in text
     xt = [r for r in rows if r["provider"] == "x-transformers"]
     assert all(r["vs_xt"] == 1.0 and r["mem_vs_xt"] == 1.0 for r in xt)
     assert all(r["vs_floor"] == 1.0 for r in rows if r["provider"] == "floor")
