@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -63,10 +64,14 @@ class PreferenceDataset(Dataset):
         prompt_len = item["prompt_len"]
         if isinstance(prompt_len, Tensor) and prompt_len.numel() == 1:
             prompt_len = prompt_len.item()
-        if isinstance(prompt_len, bool) or not isinstance(prompt_len, int):
+        try:  # any integer (numpy's too), but not a bool or a float
+            if isinstance(prompt_len, bool):
+                raise TypeError
+            prompt_len = operator.index(prompt_len)
+        except TypeError:
             raise TypeError(
                 f"data[{index}]['prompt_len'] must be an int, got {type(prompt_len).__name__}"
-            )
+            ) from None
         length = max(len(preferred), len(unpreferred))
         if not 0 <= prompt_len <= min(len(preferred), len(unpreferred)):
             raise ValueError(
@@ -95,7 +100,15 @@ class PreferenceDataset(Dataset):
         """Stack items into (B, L) tensors, right-padding to the longest item with ``pad_id``."""
         if len(batch) == 0:
             raise ValueError("collate got an empty batch")
-        length = max(len(p) for p, _, _ in batch)
+        for i, entry in enumerate(batch):
+            if not (isinstance(entry, Sequence) and len(entry) == 3) or not all(
+                isinstance(x, Tensor) and x.ndim == 1 for x in entry
+            ):
+                raise TypeError(
+                    f"batch item {i} must be a dataset item (preferred, unpreferred, prompt_mask) "
+                    f"of three 1-D tensors, as ds[i] returns; got {type(entry).__name__}"
+                )
+        length = max(len(x) for entry in batch for x in entry)
         preferred, unpreferred, prompt = [], [], []
         for i, (p, u, m) in enumerate(batch):
             preferred.append(self._pad(p, length, f"batch item {i}"))

@@ -440,13 +440,19 @@ def precompute_reference_scores(dpo: DPO, batches, *, progress: bool = True) -> 
     to ``dpo(...)`` so a training run need not keep the reference model (``del dpo.ref_model``
     is then safe, as long as every call passes precomputed scores).
     """
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency of the bench extra only
-        tqdm = None
-    it = tqdm(batches, desc="reference scores", disable=not progress) if tqdm else batches
+    from tqdm.auto import tqdm
+
+    if not isinstance(dpo, DPO):
+        hint = " (for a DistributedDataParallel wrapper, pass ddp.module)" if hasattr(dpo, "module") else ""
+        raise TypeError(f"dpo must be a fastdpo.DPO, got {type(dpo).__name__}{hint}")
+    it = tqdm(batches, desc="reference scores", disable=not progress)
     chosen, rejected = [], []
-    for batch in it:
+    for i, batch in enumerate(it):
+        if not 3 <= len(batch) <= 5:
+            raise ValueError(
+                f"batches[{i}] must be (preferred, unpreferred, prompt_mask[, preferred_seq_mask"
+                f"[, unpreferred_seq_mask]]), got {len(batch)} entries"
+            )
         pref, unpref, prompt_mask, *masks = batch
         kwargs = dict(zip(("preferred_seq_mask", "unpreferred_seq_mask"), masks))
         w, l = dpo.reference_scores(pref, unpref, prompt_mask=prompt_mask, **kwargs)

@@ -79,6 +79,12 @@ def find_linear_head(model: nn.Module) -> tuple[LinearHead | None, str]:
         if bad:
             return None, why
     head = model.to_logits
+    weight = getattr(head, "weight", None) if isinstance(head, nn.Module) else None
+    if weight is None and isinstance(getattr(model, "token_emb", None), TokenEmbedding):
+        weight = model.token_emb.emb.weight
+    if isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter):
+        # e.g. an FSDP2-sharded DTensor: the chunked products need a plain local weight
+        return None, f"its head weight is a {type(weight).__name__}, not a plain tensor"
     if type(head) is nn.Linear:
         if head.bias is not None:
             return None, "its to_logits has a bias"
@@ -235,6 +241,11 @@ def _check_linear_inputs(hidden, weight, targets, mask, scale):
     else:
         _checks.bool_mask("mask", mask, (n, t))
     _checks.same_device(hidden=hidden, weight=weight, targets=targets, mask=mask)
+    if hidden.device.type == "meta":
+        raise ValueError(
+            "hidden is on the meta device: linear_sequence_logprobs selects the counted rows "
+            "by value and needs real tensors"
+        )
     if scale is not None:
         scale = float(scale)
         if not scale == scale or scale in (float("inf"), float("-inf")):
@@ -252,10 +263,13 @@ class _LinearLogprobs(torch.autograd.Function):
             # Every row goes to the kernels (masked ones get weight 0 in backward): gathering
             # the counted rows would need their count on the host, a sync per call.
             k = _linear_kernels()
-            h = hidden.reshape(-1, hidden.shape[-1])
+            # Masked rows enter the products with weight 0; zeroing their hidden states keeps
+            # a NaN/inf there (padding) from turning 0 * NaN into NaN in every gradient.
+            h = hidden.masked_fill(~mask.unsqueeze(-1), 0).reshape(-1, hidden.shape[-1])
             y = torch.where(mask, targets, 0).reshape(-1)
             logp, lse = k.linear_logprobs_forward(h, weight, y, 1.0 if scale is None else scale)
-            ctx.save_for_backward(hidden, weight, y, mask, lse)
+            ctx.save_for_backward(h, weight, y, mask, lse)
+            ctx.hidden_shape = hidden.shape
             return torch.where(mask, logp.view(mask.shape), 0.0).sum(-1)
         rows = _gather_rows(hidden, targets, mask)
         st, logp = _row_stats(rows.h, rows.y, weight, scale)
@@ -267,15 +281,14 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_scores):
         need_h, need_w = ctx.needs_input_grad[:2]
         if ctx.impl == "triton":
-            hidden, weight, y, mask, lse = ctx.saved_tensors
+            h, weight, y, mask, lse = ctx.saved_tensors
             k = _linear_kernels()
             g = torch.where(mask, grad_scores.float().unsqueeze(-1), 0.0).reshape(-1)
             grad_h, grad_w = k.linear_logprobs_backward(
-                hidden.reshape(-1, hidden.shape[-1]), weight, y, lse, g,
-                1.0 if ctx.scale is None else ctx.scale,
+                h, weight, y, lse, g, 1.0 if ctx.scale is None else ctx.scale,
                 need_hidden_grad=need_h, need_weight_grad=need_w,
             )
-            grad_h = grad_h.view(hidden.shape) if grad_h is not None else None
+            grad_h = grad_h.view(ctx.hidden_shape) if grad_h is not None else None
             return grad_h, grad_w, None, None, None, None
         hidden, weight, st = ctx.saved_tensors
         rows: _Rows = ctx.rows
@@ -454,6 +467,8 @@ def fused_linear_pair_loss(
     hand, only with ``count_hits``, else an empty tensor); the last two are detached.
     """
     targets, mask, scale = _check_linear_inputs(hidden, weight, targets, mask, scale)
+    if hidden.shape[0] == 0:
+        raise ValueError("hidden must hold at least one pair (2 sequences), got 0 sequences")
     if hidden.shape[0] % 2:
         raise ValueError(
             f"hidden must hold 2B sequences (chosen then rejected), got {hidden.shape[0]}"

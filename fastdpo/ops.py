@@ -155,6 +155,15 @@ _logprobs_op.register_autograd(_logprobs_autograd_backward, setup_context=_setup
 # ----------------------------------------------------------------------------- public API
 
 
+def _can_overwrite(logits: Tensor, impl: str) -> bool:
+    """Whether the gradient can be written over ``logits``: each element must own its memory
+    (not an expanded or otherwise overlapping view), and the kernels write rows of unit V
+    stride.  Otherwise ``inplace_backward`` quietly falls back to a fresh buffer."""
+    if torch._debug_has_internal_overlap(logits) != 0:
+        return False
+    return impl != "triton" or logits.stride(-1) == 1 or logits.shape[-1] == 1
+
+
 def check_logprob_inputs(
     logits: Tensor, targets: Tensor, mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
@@ -202,13 +211,15 @@ def sequence_logprobs(
         logits: (N, T, V) float32, bfloat16 or float16; any strides.
         targets: (N, T) integer token ids, aligned with ``logits`` (row (n, t) scores
             ``targets[n, t]``).  Ids at masked positions are never read and may be anything
-            (e.g. -100).  A counted id outside [0, V) raises ``ValueError`` for CPU tensors;
-            on CUDA the Triton path scores it NaN (no host sync to check it) and the torch
-            path fails a device-side assert.
+            (e.g. -100).  A counted id outside [0, V): ``impl="torch"`` raises ``ValueError``
+            on CPU tensors and fails a device-side assert on CUDA; the Triton kernels score it
+            NaN (never reading out of bounds; no host sync to check it).
         mask: (N, T) bool, True where the position counts; ``None`` counts every position.
         impl: "auto" (Triton on CUDA when available, else torch), "torch" or "triton".
         inplace_backward: write the gradient into ``logits`` itself instead of a new buffer,
-            saving one (N, T, V) tensor.  Only for logits nobody reads afterwards.
+            saving one (N, T, V) tensor.  Only for logits nobody reads afterwards.  Ignored
+            (a new buffer is used) where it cannot be done: logits whose elements share memory
+            (an ``expand``), or, for the kernels, a vocabulary stride other than 1.
 
     Returns:
         float32 (N,) scores.  A sequence with no counted position scores exactly 0.  NaN or
@@ -217,7 +228,8 @@ def sequence_logprobs(
     """
     targets, mask = check_logprob_inputs(logits, targets, mask)
     which = resolve_impl(impl, logits.device)
-    scores, _, _ = _logprobs_op(logits, None, targets, mask, which, inplace_backward)
+    inplace = inplace_backward and _can_overwrite(logits, which)
+    scores, _, _ = _logprobs_op(logits, None, targets, mask, which, inplace)
     return scores
 
 
@@ -255,7 +267,6 @@ def sequence_logprobs_pair(
         )
     _checks.same_device(logits=logits, ref_logits=ref_logits)
     which = resolve_impl(impl, logits.device)
-    scores, ref_scores, _ = _logprobs_op(
-        logits, ref_logits.detach(), targets, mask, which, inplace_backward
-    )
+    inplace = inplace_backward and _can_overwrite(logits, which)
+    scores, ref_scores, _ = _logprobs_op(logits, ref_logits.detach(), targets, mask, which, inplace)
     return scores, ref_scores
