@@ -37,6 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import specialize
+
 __all__ = [
     "linear_logprobs_forward",
     "linear_logprobs_backward",
@@ -694,31 +696,6 @@ AOT_SHAPES: dict[tuple[int, int], str] = {
 }
 
 
-def _specialize(fn, example: dict[str, object]) -> tuple[dict, dict, dict]:
-    """Mirror the JIT's specialization of one launch (as sequence_logprobs._specialize, plus
-    the floats and bools it never specializes): ints equal to 1 become constexprs,
-    16-byte-aligned pointers and multiples of 16 get tt.divisibility=16."""
-    signature, constexprs, attrs = {}, {}, {}
-    for index, name in enumerate(fn.arg_names):
-        value = example[name]
-        if isinstance(value, tuple):  # ("constexpr", value)
-            signature[name], constexprs[name] = "constexpr", value[1]
-        elif isinstance(value, str):  # a pointer: "*fp32", ...; torch allocations are aligned
-            signature[name] = value
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, bool):
-            signature[name] = "u1"
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs
-
-
 def aot_specs(shapes: tuple[tuple[int, int], ...] = tuple(AOT_SHAPES), M: int = 16383) -> list[LinearKernelSpec]:
     """The kernels as the launchers start them on contiguous hidden (M, D) and weight (V, D)
     with the shipped configurations, for every supported dtype and each (D, V) in `shapes`:
@@ -730,7 +707,7 @@ def aot_specs(shapes: tuple[tuple[int, int], ...] = tuple(AOT_SHAPES), M: int = 
                    logp_ptr="*fp32", lse_ptr="*fp32", M=M, V=shapes[0][1], n_splits=3,
                    BLOCK=("constexpr", _COMBINE_BLOCK))
     specs.append(LinearKernelSpec("lin_combine", "fp32", 0, shapes[0][1], _COMBINE_CONFIG,
-                                  fn, *_specialize(fn, example)))
+                                  fn, *specialize(fn, example)))
     for D, V in shapes:
         for torch_dtype, tdt in _TRITON_DTYPE.items():
             common = dict(hidden_ptr="*" + tdt, weight_ptr="*" + tdt, targets_ptr="*i64",
@@ -743,18 +720,18 @@ def aot_specs(shapes: tuple[tuple[int, int], ...] = tuple(AOT_SHAPES), M: int = 
             cfg = _DEFAULT_CONFIGS["fwd", torch_dtype]
             fn = _lse_partials_kernel
             example = dict(common, part_max_ptr="*fp32", part_sum_ptr="*fp32", part_tgt_ptr="*fp32", **blocks(cfg))
-            specs.append(LinearKernelSpec("lin_fwd", tdt, D, V, cfg, fn, *_specialize(fn, example)))
+            specs.append(LinearKernelSpec("lin_fwd", tdt, D, V, cfg, fn, *specialize(fn, example)))
 
             cfg = _DEFAULT_CONFIGS["bwd_h", torch_dtype]
             fn = _grad_hidden_kernel
             example = dict(common, lse_ptr="*fp32", grad_rows_ptr="*fp32", acc_ptr="*fp32",
                            grad_hidden_ptr="*" + tdt, stride_as=M * D, stride_am=D, stride_gm=D,
                            direct=True, **blocks(cfg))
-            specs.append(LinearKernelSpec("lin_bwd_h", tdt, D, V, cfg, fn, *_specialize(fn, example)))
+            specs.append(LinearKernelSpec("lin_bwd_h", tdt, D, V, cfg, fn, *specialize(fn, example)))
 
             cfg = _DEFAULT_CONFIGS["bwd_w", torch_dtype]
             fn = _grad_weight_kernel
             example = dict(common, lse_ptr="*fp32", grad_rows_ptr="*fp32", acc_ptr="*fp32",
                            grad_weight_ptr="*" + tdt, stride_av=D, stride_gv=D, **blocks(cfg))
-            specs.append(LinearKernelSpec("lin_bwd_w", tdt, D, V, cfg, fn, *_specialize(fn, example)))
+            specs.append(LinearKernelSpec("lin_bwd_w", tdt, D, V, cfg, fn, *specialize(fn, example)))
     return specs

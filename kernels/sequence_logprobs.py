@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._aot import specialize
+
 __all__ = [
     "sequence_logprobs_forward",
     "sequence_logprobs_backward",
@@ -432,26 +434,6 @@ AOT_VOCABS: dict[int, str] = {
 }
 
 
-def _specialize(fn, example: dict[str, object]) -> tuple[dict, dict, dict]:
-    """Mirror the JIT's specialization of one launch: ints equal to 1 become constexprs,
-    16-byte-aligned pointers and multiples of 16 get tt.divisibility=16."""
-    signature, constexprs, attrs = {}, {}, {}
-    for index, name in enumerate(fn.arg_names):
-        value = example[name]
-        if isinstance(value, tuple):  # ("constexpr", value) for the kernel's own constexprs
-            signature[name], constexprs[name] = "constexpr", value[1]
-        elif isinstance(value, str):  # a pointer: "*fp32", ...; torch allocations are aligned
-            signature[name] = value
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif value == 1:
-            signature[name], constexprs[name] = "constexpr", 1
-        else:
-            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(index,)] = [["tt.divisibility", 16]]
-    return signature, constexprs, attrs
-
-
 def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048) -> list[KernelSpec]:
     """The kernels as launched on contiguous (N, T, V) logits with the shipped default
     configuration, for every supported logits dtype, with and without reference logits (of
@@ -475,11 +457,11 @@ def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048) -> lis
                     stride_rn=T * V, stride_rt=V, HAS_REF=("constexpr", has_ref),
                 )
                 specs.append(KernelSpec("fwd+ref" if has_ref else "fwd", tdt, V, block_v, num_warps,
-                                        fn, *_specialize(fn, example)))
+                                        fn, *specialize(fn, example)))
             fn = _sequence_logprobs_bwd_kernel.fn
             example = dict(
                 common, logits_ptr="*" + tdt, stats_ptr="*fp32", grad_scores_ptr="*fp32",
                 grad_ptr="*" + tdt, stride_gn=T * V, stride_gt=V,
             )
-            specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *_specialize(fn, example)))
+            specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *specialize(fn, example)))
     return specs
