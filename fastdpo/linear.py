@@ -212,7 +212,10 @@ def _scatter_rows(rows: _Rows, values: Tensor, shape: tuple[int, ...]) -> Tensor
 
 
 def _sequence_sums(rows: _Rows, per_row: Tensor, n: int) -> Tensor:
-    return per_row.new_zeros(n).index_add_(0, rows.seq, per_row)
+    # index_add_ adds row after row: thousands of float32 terms would lose ~1e-6 relative,
+    # so the per-sequence sums accumulate in float64 (M extra values, nothing to the step).
+    sums = torch.zeros(n, dtype=torch.float64, device=per_row.device)
+    return sums.index_add_(0, rows.seq, per_row.double()).float()
 
 
 # ----------------------------------------------------------------------------- op
@@ -364,7 +367,7 @@ class _FusedPairLoss(torch.autograd.Function):
         need_w = weight.requires_grad
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_rows = torch.empty_like(rows.h)
-        sums = torch.zeros(b2, dtype=torch.float32, device=hidden.device)
+        sums64 = torch.zeros(b2, dtype=torch.float64, device=hidden.device)  # see _sequence_sums
         hits = torch.zeros(b2 if count_hits else 0, dtype=torch.int64, device=hidden.device)
         losses = torch.empty(b, dtype=torch.float32, device=hidden.device)
         v = weight.shape[0]
@@ -388,7 +391,8 @@ class _FusedPairLoss(torch.autograd.Function):
                 held += z.numel() * 4 if keep else 0
                 kept.append(z if keep else None)
                 del z
-            sums.index_add_(0, seq, logp)
+            sums64.index_add_(0, seq, logp.double())
+            sums = sums64.float()
             # The group's loss gradient per sequence, from its scores alone.
             index = torch.tensor(pairs, device=hidden.device)
             group_sums = torch.cat((sums[index], sums[index + b])).requires_grad_()
@@ -415,6 +419,7 @@ class _FusedPairLoss(torch.autograd.Function):
                 start += s.stop - s.start
         ctx.grad_hidden = _scatter_rows(rows, grad_rows, hidden.shape).to(hidden.dtype)
         ctx.grad_weight = grad_w.to(weight.dtype) if grad_w is not None else None
+        sums = sums64.float()
         ctx.mark_non_differentiable(sums, hits)
         return (losses.mean() if reduction == "mean" else losses.sum()), sums, hits
 
