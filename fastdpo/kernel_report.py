@@ -29,7 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 TARGETS = (80, 90)
 # Largest shared memory one block may opt into (cudaDevAttrMaxSharedMemoryPerBlockOptin):
@@ -157,19 +156,18 @@ def _compile_one(job: tuple[str, tuple, int, int]) -> Row:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from fastdpo.kernels._common import LAUNCH_OPTIONS
+
     spec, row, options = _spec(job)
+    options = {**options, **LAUNCH_OPTIONS}  # built as the launchers launch them
     cc = job[3]
     start = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            # Triton 3.9 warns that its fp-fusion default will change; the launchers use
-            # the default, so the report does too.
-            warnings.simplefilter("ignore", UserWarning)
-            compiled = triton.compile(
-                ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs),
-                target=GPUTarget("cuda", cc, 32),
-                options=options,
-            )
+        compiled = triton.compile(
+            ASTSource(spec.fn, spec.signature, spec.constexprs, spec.attrs),
+            target=GPUTarget("cuda", cc, 32),
+            options=options,
+        )
         ptx = compiled.asm["ptx"]
         row.registers, row.spill_stores, row.spill_loads = _ptxas_info(
             ptx, cc, bool(compiled.metadata.enable_fp_fusion))

@@ -31,13 +31,12 @@ eager bf16/fp16 backward rounds its logits gradient.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._aot import specialize
+from ._common import LAUNCH_OPTIONS, SUPPORTED_DTYPES, TRITON_DTYPE, autotune_enabled, specialize
 
 __all__ = [
     "linear_logprobs_forward",
@@ -48,9 +47,6 @@ __all__ = [
     "AOT_SHAPES",
     "SUPPORTED_DTYPES",
 ]
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
 
 @dataclasses.dataclass(frozen=True)
 class LinearConfig:
@@ -413,11 +409,6 @@ _grad_hidden_autotuned = triton.autotune(_autotune_configs(), **_autotune)(_grad
 _grad_weight_autotuned = triton.autotune(_autotune_configs(), **_autotune)(_grad_weight_kernel)
 
 
-def _autotune_enabled() -> bool:
-    # Read per call, never at import, so a process can switch it on after importing fastdpo.
-    return os.environ.get("FASTDPO_AUTOTUNE", "0") == "1"
-
-
 # --------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------
@@ -559,15 +550,15 @@ def linear_logprobs_forward(
     parts = [torch.empty((splits, M), dtype=torch.float32, device=device) for _ in range(3)]
     args = (hidden, weight, targets, parts[0], parts[1], parts[2],
             stride_hm, stride_wv, M, V, D_pad, float(scale))
-    if _autotune_enabled() and not (_block_m or _block_v or _block_d):
-        _fwd_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](*args)
+    if autotune_enabled() and not (_block_m or _block_v or _block_d):
+        _fwd_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](*args, **LAUNCH_OPTIONS)
     else:
         _lse_partials_kernel[(triton.cdiv(M, cfg.block_m), splits)](
             *args, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
     _lse_combine_kernel[(triton.cdiv(M, _COMBINE_BLOCK),)](
         parts[0], parts[1], parts[2], targets, logp, lse, M, V, splits,
-        BLOCK=_COMBINE_BLOCK, num_warps=_COMBINE_CONFIG.num_warps)
+        BLOCK=_COMBINE_BLOCK, num_warps=_COMBINE_CONFIG.num_warps, **LAUNCH_OPTIONS)
     return logp, lse
 
 
@@ -611,7 +602,7 @@ def linear_logprobs_backward(
         hidden, stride_hm = _aligned_rows(hidden, D_pad)
         weight, stride_wv = _aligned_rows(weight, D_pad)
     targets, lse, grad_rows = targets.contiguous(), lse.contiguous(), grad_rows.contiguous()
-    tuned = _autotune_enabled() and not (_block_m or _block_v or _block_d)
+    tuned = autotune_enabled() and not (_block_m or _block_v or _block_d)
     scale = float(scale)
 
     grad_hidden = None
@@ -632,11 +623,12 @@ def linear_logprobs_backward(
                     stride_hm, stride_wv, acc.stride(0), acc.stride(1), grad_hidden.stride(0),
                     M, V, D_pad, scale, direct)
             if tuned:
-                _grad_hidden_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](*args)
+                _grad_hidden_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](
+                    *args, **LAUNCH_OPTIONS)
             else:
                 _grad_hidden_kernel[(triton.cdiv(M, cfg.block_m), splits)](
                     *args, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
             if not direct:
                 # Fixed-order sum over the splits (a plain reduction: no atomics), then the
                 # per-row factor the kernel left out, as the direct path applies it.
@@ -655,11 +647,11 @@ def linear_logprobs_backward(
                 stride_hm, stride_wv, acc.stride(0), grad_weight.stride(0),
                 M, V, D_pad, scale)
         if tuned:
-            _grad_weight_autotuned[lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)](*args)
+            _grad_weight_autotuned[lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)](*args, **LAUNCH_OPTIONS)
         else:
             _grad_weight_kernel[(triton.cdiv(V, cfg.block_v),)](
                 *args, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
         if D_pad != D:
             grad_weight = grad_weight[:, :D].contiguous()
     return grad_hidden, grad_weight
@@ -668,9 +660,6 @@ def linear_logprobs_backward(
 # --------------------------------------------------------------------------------------
 # what ships, for ahead-of-time compilation (fastdpo.kernel_report)
 # --------------------------------------------------------------------------------------
-
-_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
 
 @dataclasses.dataclass(frozen=True)
 class LinearKernelSpec:
@@ -709,7 +698,7 @@ def aot_specs(shapes: tuple[tuple[int, int], ...] = tuple(AOT_SHAPES), M: int = 
     specs.append(LinearKernelSpec("lin_combine", "fp32", 0, shapes[0][1], _COMBINE_CONFIG,
                                   fn, *specialize(fn, example)))
     for D, V in shapes:
-        for torch_dtype, tdt in _TRITON_DTYPE.items():
+        for torch_dtype, tdt in TRITON_DTYPE.items():
             common = dict(hidden_ptr="*" + tdt, weight_ptr="*" + tdt, targets_ptr="*i64",
                           stride_hm=D, stride_wv=D, M=M, V=V, D=D, scale=1.0)
 

@@ -15,24 +15,23 @@ asked. Rows whose mask is false are never read.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._aot import specialize
+from ._common import LAUNCH_OPTIONS, SUPPORTED_DTYPES, TRITON_DTYPE, autotune_enabled, specialize
 
 __all__ = [
     "sequence_logprobs_forward",
     "sequence_logprobs_backward",
+    "row_logprobs",
+    "row_logprob_grad_",
     "SUPPORTED_DTYPES",
     "KernelSpec",
     "aot_specs",
     "AOT_VOCABS",
 ]
-
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # One program streams BYTES_PER_ITER bytes of its row per loop iteration: 4096 float32 or
 # 8192 16-bit logits, i.e. with 8 warps 64 bytes (four 128-bit loads) per thread. At the
@@ -207,19 +206,16 @@ def _prune_configs(configs, named_args, **kwargs):
 _fwd_autotuned = triton.autotune(
     _autotune_configs(), key=["V", "HAS_REF"], prune_configs_by={"early_config_prune": _prune_configs}
 )(_sequence_logprobs_fwd_kernel)
+# Tuned out of place only: tuning an in-place launch would have to restore the logits before
+# every configuration it tries (a clone of the whole tensor, exactly where in place was chosen
+# to save that memory).  The in-place backward tunes on a few rows out of place, then runs
+# the whole tensor in place with the configuration chosen (_tuned_bwd_config).
 _bwd_autotuned = triton.autotune(
     _autotune_configs(), key=["V"], prune_configs_by={"early_config_prune": _prune_configs}
 )(_sequence_logprobs_bwd_kernel)
-# Tuning an in-place backward runs it several times: the logits must be put back each time.
-_bwd_inplace_autotuned = triton.autotune(
-    _autotune_configs(), key=["V"], prune_configs_by={"early_config_prune": _prune_configs},
-    restore_value=["logits_ptr"],
-)(_sequence_logprobs_bwd_kernel)
 
-
-def _autotune_enabled() -> bool:
-    # Read per call, never at import, so a process can switch it on after importing fastdpo.
-    return os.environ.get("FASTDPO_AUTOTUNE", "0") == "1"
+# Rows the in-place backward tunes on: enough programs to fill a GPU several times over.
+_TUNE_ROWS = 2048
 
 
 # --------------------------------------------------------------------------------------
@@ -312,13 +308,14 @@ def sequence_logprobs_forward(
         T, V, N * T,
     )
     grid = (N * T,)
-    if _block_v is None and _autotune_enabled():
-        _fwd_autotuned[grid](*args, HAS_REF=has_ref)
+    if _block_v is None and autotune_enabled():
+        _fwd_autotuned[grid](*args, HAS_REF=has_ref, **LAUNCH_OPTIONS)
     else:
         block_v, num_warps = _default_config(V, logits.dtype)
         if _block_v is not None:
             block_v = _block_v
-        _sequence_logprobs_fwd_kernel[grid](*args, HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps)
+        _sequence_logprobs_fwd_kernel[grid](*args, HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps,
+                                            **LAUNCH_OPTIONS)
 
     # Fixed-order reductions over T: bitwise reproducible, no atomics.
     scores = row_vals.sum(-1)
@@ -393,21 +390,101 @@ def sequence_logprobs_backward(
         T, V, N * T,
     )
     grid = (N * T,)
-    if _block_v is None and _autotune_enabled():
-        (_bwd_inplace_autotuned if inplace else _bwd_autotuned)[grid](*args)
+    if _block_v is None and autotune_enabled() and not inplace:
+        _bwd_autotuned[grid](*args, **LAUNCH_OPTIONS)
+        return grad
+    if _block_v is None and autotune_enabled():
+        meta = _tuned_bwd_config(logits, targets, mask, stats, grad_scores)
     else:
         block_v, num_warps = _default_config(V, logits.dtype)
-        if _block_v is not None:
-            block_v = _block_v
-        _sequence_logprobs_bwd_kernel[grid](*args, BLOCK_V=block_v, num_warps=num_warps)
+        meta = dict(BLOCK_V=_block_v or block_v, num_warps=num_warps)
+    _sequence_logprobs_bwd_kernel[grid](*args, **meta, **LAUNCH_OPTIONS)
     return grad
+
+
+def _tuned_bwd_config(logits, targets, mask, stats, grad_scores) -> dict:
+    """The autotuned backward's choice for these logits' V and dtype, tuned out of place on
+    their first rows (at most _TUNE_ROWS): {"BLOCK_V": ..., "num_warps": ...}."""
+    N, T, V = logits.shape
+    n = max(1, min(N, _TUNE_ROWS // max(T, 1)))
+    t = min(T, _TUNE_ROWS)
+    sub = logits[:n, :t]
+    out = torch.empty((n, t, V), dtype=logits.dtype, device=logits.device)
+    _bwd_autotuned[(n * t,)](
+        sub, targets[:n, :t], mask[:n, :t], stats[:, :n, :t].contiguous(), grad_scores[:n], out,
+        sub.stride(0), sub.stride(1), targets.stride(0), targets.stride(1),
+        mask.stride(0), mask.stride(1), out.stride(0), out.stride(1),
+        t, V, n * t, **LAUNCH_OPTIONS,
+    )
+    best = _bwd_autotuned.best_config
+    return dict(BLOCK_V=best.kwargs["BLOCK_V"], num_warps=best.num_warps)
+
+
+# --------------------------------------------------------------------------------------
+# the fused head's fold: rows of logits that all count, gradient in place
+# --------------------------------------------------------------------------------------
+
+
+def row_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row target log-probs of (M, V) logits whose rows all count (the fused head's
+    chunks of gathered rows, after the library's matrix product).
+
+    Args:
+        logits: (M, V) float32, bfloat16 or float16, unit V stride.
+        targets: (M,) int64 ids; one outside [0, V) gives a NaN log-prob.
+
+    Returns:
+        logp: (M,) float32, ``logits[m, y] - logsumexp(logits[m])``;
+        stats: (2, M) float32 row max and ``log sum exp(logits - max)`` (the backward's input).
+    """
+    M, V = _check_rows_of_logits(logits, targets)
+    scores, _, stats = sequence_logprobs_forward(
+        logits.view(M, 1, V), targets.reshape(M, 1), _all_rows(M, logits.device)
+    )
+    return scores, stats.view(2, M)
+
+
+def row_logprob_grad_(
+    logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, grad_rows: torch.Tensor
+) -> torch.Tensor:
+    """Overwrite (M, V) logits with ``grad_rows[m] * (onehot(y_m) - softmax(logits[m]))`` (in
+    their dtype) and return them: the gradient of ``sum_m grad_rows[m] * logp[m]``.
+
+    Args:
+        logits, targets: as given to :func:`row_logprobs`.
+        stats: (2, M) float32, its second output.
+        grad_rows: (M,) float32 weight of each row's log-prob.
+    """
+    M, V = _check_rows_of_logits(logits, targets)
+    if tuple(stats.shape) != (2, M) or tuple(grad_rows.shape) != (M,):
+        raise ValueError(
+            f"stats must be (2, M) and grad_rows (M,) with M = {M}, got {tuple(stats.shape)} "
+            f"and {tuple(grad_rows.shape)}"
+        )
+    sequence_logprobs_backward(
+        logits.view(M, 1, V), targets.reshape(M, 1), _all_rows(M, logits.device),
+        stats.reshape(2, M, 1), grad_rows, inplace=True,
+    )
+    return logits
+
+
+def _check_rows_of_logits(logits, targets) -> tuple[int, int]:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a (M, V) tensor, got {getattr(logits, 'shape', type(logits))}")
+    if logits.stride(-1) != 1 and logits.shape[-1] != 1:
+        raise ValueError(f"logits must have unit stride in V, got strides {logits.stride()}")
+    M, V = logits.shape
+    _check_nt("targets", targets, (M,), torch.int64, logits.device)
+    return M, V
+
+
+def _all_rows(M: int, device: torch.device) -> torch.Tensor:
+    return torch.ones((M, 1), dtype=torch.bool, device=device)
 
 
 # --------------------------------------------------------------------------------------
 # what ships, for ahead-of-time compilation (fastdpo.kernel_report)
 # --------------------------------------------------------------------------------------
-
-_TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,7 +518,7 @@ def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048) -> lis
     each vocabulary size in `vocabs`."""
     specs = []
     for V in vocabs:
-        for torch_dtype, tdt in _TRITON_DTYPE.items():
+        for torch_dtype, tdt in TRITON_DTYPE.items():
             block_v, num_warps = _default_config(V, torch_dtype)
             common = dict(
                 targets_ptr="*i64", mask_ptr="*u1",

@@ -1,7 +1,32 @@
-"""Ahead-of-time compilation support shared by the kernel files (used by their ``aot_specs``,
-which ``fastdpo.kernel_report`` compiles with no GPU)."""
+"""What both kernel files share: dtypes, launch options, the autotuning switch, and the
+mirror of the JIT's specialization that their ``aot_specs`` use (``fastdpo.kernel_report``
+compiles those ahead of time with no GPU)."""
 
 from __future__ import annotations
+
+import os
+
+import torch
+
+# Input dtypes every kernel takes, and their Triton names.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# Passed to every launch and to the ahead-of-time builds.  Triton <= 3.9 contracts a * b + c
+# into one FMA by default, 3.9 warns that the default will change and 3.10 turns it off:
+# naming it keeps the bits (and the float32 FMA throughput of the linear kernels) the same
+# on every Triton version.
+LAUNCH_OPTIONS = {"enable_fp_fusion": True}
+
+
+def autotune_enabled() -> bool:
+    """``FASTDPO_AUTOTUNE=1``: search tile configurations instead of the shipped ones.
+
+    Read per call, never at import, so a process can switch it on after importing fastdpo.
+    Autotuning gives up bitwise run-to-run reproducibility: the configuration it picks by
+    timing decides the order of the floating-point sums, and may differ between processes.
+    """
+    return os.environ.get("FASTDPO_AUTOTUNE", "0") == "1"
 
 
 def specialize(fn, example: dict[str, object]) -> tuple[dict, dict, dict]:
