@@ -3,6 +3,18 @@
 ``from fastdpo import DPO`` is a drop-in for ``from x_transformers.dpo import DPO``.
 """
 
+import os as _os
+
+# In a source checkout used without installing (the repository root on sys.path, as on a GPU
+# machine with no network), the kernels live in ../kernels, which an install maps to
+# fastdpo.kernels (pyproject's package-dir): let the submodule search look there too.
+_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
+    _os.path.join(_root, "kernels", "__init__.py")
+) and _os.path.isfile(_os.path.join(_root, "pyproject.toml")):
+    __path__.append(_root)
+del _root
+
 from .data import PreferenceDataset
 from .dpo import DPO, precompute_reference_scores
 from .linear import linear_sequence_logprobs

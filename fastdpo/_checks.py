@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from .kernels._common import SUPPORTED_DTYPES as FLOAT_DTYPES  # one set for ops and kernels
+
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
@@ -30,12 +31,18 @@ def integer_tokens(name: str, x, *, ndim: int) -> Tensor:
     return x
 
 
-def bool_mask(name: str, x, shape: tuple[int, ...]) -> Tensor:
+def float_dtype(name: str, x: Tensor) -> Tensor:
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {x.dtype}")
+    return x
+
+
+def bool_mask(name: str, x, shape: tuple[int, ...], meaning: str) -> Tensor:
+    """A bool mask of ``shape``; ``meaning`` says what True means for this mask (e.g. "True =
+    the position counts", "True = a prompt position, excluded from the scores")."""
     tensor(name, x)
     if x.dtype != torch.bool:
-        raise TypeError(
-            f"{name} must be a torch.bool tensor (True = position counts), got dtype {x.dtype}"
-        )
+        raise TypeError(f"{name} must be a torch.bool tensor ({meaning}), got dtype {x.dtype}")
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(x.shape)}")
     return x
@@ -62,14 +69,15 @@ def token_range(name: str, tokens: Tensor, high: int | None, where: Tensor | Non
     if where is not None:
         bad = bad & where
     expected = f"[0, {high})" if high is not None else ">= 0"
-    if tokens.device.type == "cpu":
+    if tokens.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
             idx = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(
                 f"{name} holds token id {int(tokens[idx])} at index {idx}, outside {expected}"
             )
     else:
-        # No host sync on accelerators: fail the stream instead.
+        # No host sync on accelerators (and no data-dependent branch in a compiled graph):
+        # fail the stream instead.
         torch._assert_async(~bad.any(), f"{name} holds a token id outside {expected}")
 
 

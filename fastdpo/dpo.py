@@ -3,27 +3,36 @@
 Data flows one way: (preferred, unpreferred, masks) -> one concatenated batch of 2B sequences
 -> model (reference under no_grad, then policy) -> sequence log-probs -> pair loss -> scalar.
 
-Two routes from the model to the scores:
+A :class:`Route` from the model to the scores is decided once per model and device
+(:meth:`DPO.route`):
 
-* **fused head** (x-transformers ``TransformerWrapper`` with a plain linear or tied head):
-  the model runs with ``return_embeddings=True`` and :mod:`fastdpo.linear` multiplies hidden
-  states by the head weight chunk by chunk, so no (2B, L-1, V) logits ever exist; the
-  policy's head gradient is made in the forward (:func:`fastdpo.linear.fused_linear_pair_loss`).
-* **logits** (any other model): the model returns logits and
-  :func:`fastdpo.sequence_logprobs` scores them without a log-softmax tensor.
+* ``"pair"`` -- the fused head (x-transformers ``TransformerWrapper`` with a plain linear or
+  tied head, :mod:`fastdpo.heads`) with a loss that each pair's own scores determine: the
+  models run with ``return_embeddings=True`` and one op, :func:`fastdpo.fused_pair.dpo_head`,
+  scores the reference and makes the policy's loss and head gradients in forward; no
+  (2B, L-1, V) logits ever exist;
+* ``"scores"`` -- the fused head with a loss that couples pairs (BCO's batch shift), or with
+  the Triton GEMM kernels (``matmul="triton"``): :func:`fastdpo.linear_sequence_logprobs`
+  scores both models, the loss follows, backward recomputes the logits chunk by chunk;
+* ``"logits"`` -- any other model: it returns logits and :func:`fastdpo.sequence_logprobs`
+  scores them without a log-softmax tensor.
 """
 
 from __future__ import annotations
 
 import types
+import warnings
 from copy import deepcopy
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .linear import LinearHead, find_linear_head, fused_linear_pair_loss, linear_sequence_logprobs
-from .losses import SIMPO_GAMMA, check_loss_config, preference_loss, reward_metrics
+from .fused_pair import HeadOptions, dpo_head
+from .heads import LinearHead, find_linear_head
+from .linear import MATMULS, linear_sequence_logprobs, resolve_matmul
+from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
 from .ops import IMPLS, resolve_impl, sequence_logprobs
 
 REDUCTIONS = ("mean", "sum")
@@ -100,6 +109,17 @@ def _own_logits(logits: Tensor) -> bool:
     return fn is not None and type(fn).__name__ in _OVERWRITABLE_GRAD_FNS
 
 
+@dataclass(frozen=True)
+class Route:
+    """How :class:`DPO` turns one model's outputs into scores on one device."""
+
+    kind: str  # "pair", "scores" or "logits" (see the module docstring)
+    impl: str  # "torch" or "triton"
+    matmul: str  # fused routes: who multiplies, "torch" or "triton"
+    head: LinearHead | None  # the fused head, None on the logits route
+    reason: str  # why the head is not fused ("" when it is)
+
+
 class DPO(nn.Module):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) around a model.
 
@@ -109,9 +129,10 @@ class DPO(nn.Module):
 
     Args:
         model: maps token ids (B, L) to logits (B, L, V) (e.g. an x-transformers
-            ``TransformerWrapper``).  It becomes ``policy_model``; ``ref_model`` is a frozen
-            deep copy (see :func:`frozen_copy`: unlike x-transformers' copy, it shares no
-            weights with the policy, also when the head is tied to the embedding).
+            ``TransformerWrapper``, also inside ``torch.compile``).  It becomes
+            ``policy_model``; ``ref_model`` is a frozen deep copy (see :func:`frozen_copy`:
+            unlike x-transformers' copy, it shares no weights with the policy, also when the
+            head is tied to the embedding).
         beta: inverse temperature of the DPO loss, > 0.
         pad_id: when given, a missing sequence mask becomes ``seq != pad_id``.
         logprob_reduction: how token log-probs make a sequence score.  ``"mean"`` (default,
@@ -123,12 +144,18 @@ class DPO(nn.Module):
             the token after the last unmasked one is.  ``"target"`` (the DPO paper, TRL): the
             mask at the target position, ``mask[:, 1:]``.
         head: ``"auto"`` (default) fuses the head product into the loss whenever
-            :func:`fastdpo.linear.find_linear_head` can reproduce the model's head exactly,
-            and scores logits otherwise; ``"fused"`` insists (``ValueError`` with the reason
-            if it cannot); ``"logits"`` always scores the model's logits.
+            :func:`fastdpo.heads.find_linear_head` can reproduce the model's head exactly, and
+            scores logits otherwise (warning once with the reason); ``"fused"`` insists (a
+            ``ValueError`` with the reason, at construction and at any call that cannot fuse);
+            ``"logits"`` always scores the model's logits.
         impl: "auto" (Triton kernels for CUDA tensors, torch otherwise), "torch" or "triton",
-            for both routes (see :func:`fastdpo.sequence_logprobs` and
+            for every route (see :func:`fastdpo.sequence_logprobs` and
             :func:`fastdpo.linear_sequence_logprobs`).
+        matmul: on the fused head with ``impl`` resolving to "triton": who multiplies,
+            "torch" (the library's products, cuBLAS on CUDA, over completion rows, with
+            Triton kernels for the elementwise work: three products a step), "triton" (the
+            Triton GEMM kernels over every row, backward recomputing) or "auto"
+            (:func:`fastdpo.cost_model.choose_matmul`).
         inplace_backward: on the logits route, let the policy's logits (created by this
             module's own call to the model) take their gradient in place, so the loss adds no
             (2B, L-1, V) buffer to them.  Used only when they come straight from a linear head.
@@ -152,6 +179,7 @@ class DPO(nn.Module):
         mask_alignment: str = "input",
         head: str = "auto",
         impl: str = "auto",
+        matmul: str = "auto",
         inplace_backward: bool = True,
         loss_type: str | list[str] = "sigmoid",
         label_smoothing: float = 0.0,
@@ -163,7 +191,6 @@ class DPO(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.beta = _checks.positive_finite("beta", beta)
         if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
             raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
         self.pad_id = pad_id
@@ -171,14 +198,17 @@ class DPO(nn.Module):
         self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
         self.head = _checks.choice("head", head, HEADS)
         self.impl = _checks.choice("impl", impl, IMPLS)
+        self.matmul = _checks.choice("matmul", matmul, MATMULS)
         self.inplace_backward = bool(inplace_backward)
         if head == "fused":
             found, why = find_linear_head(model)
             if found is None:
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+        # Checks beta too (the one place it is checked).
         self.loss = check_loss_config(
             loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
         )
+        self.beta = self.loss.beta
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
             raise ValueError(
                 "loss_type 'sigmoid_norm' length-normalizes summed log-probs: it needs "
@@ -189,16 +219,59 @@ class DPO(nn.Module):
         self.ref_model = (
             frozen_copy(model) if self.loss.needs_reference and not self.reference_free else None
         )
+        self._routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
+        self._warned = False
 
     def parameters(self, recurse: bool = True):
         """The policy's parameters only (the reference model is frozen), as x-transformers."""
         return self.policy_model.parameters(recurse)
 
+    # ------------------------------------------------------------------------- routes
+
+    def route(self, model: nn.Module, device: torch.device | str) -> Route:
+        """The :class:`Route` this module takes for ``model`` (its policy or reference) on
+        ``device``: decided on the first call there and kept (``head="fused"`` raises on any
+        call whose model cannot be fused)."""
+        device = torch.device(device)
+        key = (id(model), str(device))
+        cached = self._routes.get(key)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        decided = self._decide_route(model, device)
+        self._routes[key] = (model, decided)
+        return decided
+
+    def _decide_route(self, model: nn.Module, device: torch.device) -> Route:
+        impl = resolve_impl(self.impl, device)
+        if self.head == "logits":
+            return Route("logits", impl, "torch", None, "head='logits' was asked for")
+        head, why = find_linear_head(model)
+        if head is None:
+            if self.head == "fused":
+                raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+            if not self._warned:  # once per DPO module, not per model or step
+                self._warned = True
+                warnings.warn(
+                    f"fastdpo.DPO scores this model's logits (no fused head, so (2B, L-1, V) "
+                    f"logits are built): {why}; pass head='logits' to silence this",
+                    stacklevel=4,
+                )
+            return Route("logits", impl, "torch", None, why)
+        matmul = resolve_matmul(self.matmul, impl, head.weight)
+        pair = matmul == "torch" and self._pair_separable()
+        return Route("pair" if pair else "scores", impl, matmul, head, "")
+
     def fused_head(self, model: nn.Module) -> LinearHead | None:
-        """The head the fused route will use for ``model``, or None for the logits route."""
+        """The head the fused route uses for ``model``, or None for the logits route."""
         if self.head == "logits":
             return None
         return find_linear_head(model)[0]
+
+    def _pair_separable(self) -> bool:
+        """Whether each pair's loss depends on its own scores only (BCO's batch shift does not)."""
+        return not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
+
+    # ------------------------------------------------------------------------- inputs
 
     def _check_inputs(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask):
         _checks.integer_tokens("preferred_seq", preferred_seq, ndim=2)
@@ -214,11 +287,10 @@ class DPO(nn.Module):
                 f"sequences must be (B, L) with B >= 1 and L >= 2 (one input and one target "
                 f"token), got {shape}"
             )
-        _checks.bool_mask("prompt_mask", prompt_mask, shape)
-        if pref_mask is not None:
-            _checks.bool_mask("preferred_seq_mask", pref_mask, shape)
-        if unpref_mask is not None:
-            _checks.bool_mask("unpreferred_seq_mask", unpref_mask, shape)
+        _checks.bool_mask("prompt_mask", prompt_mask, shape, "True = a prompt position, not scored")
+        for name, m in (("preferred_seq_mask", pref_mask), ("unpreferred_seq_mask", unpref_mask)):
+            if m is not None:
+                _checks.bool_mask(name, m, shape, "True = a real token, False = padding")
         _checks.same_device(
             preferred_seq=preferred_seq,
             unpreferred_seq=unpreferred_seq,
@@ -258,22 +330,56 @@ class DPO(nn.Module):
     def _reduce(self, sums: Tensor, count: Tensor) -> Tensor:
         return sums / count if self.logprob_reduction == "mean" else sums
 
+    def _check_ref_scores(self, pref, unpref, b, like):
+        if (pref is None) != (unpref is None):
+            raise ValueError(
+                "give both ref_preferred_logprob and ref_unpreferred_logprob, or neither"
+            )
+        for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):
+            _checks.tensor(name, x, ndim=1)
+            if x.shape[0] != b:
+                raise ValueError(f"{name} must have shape ({b},), got {tuple(x.shape)}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+            _checks.same_device(preferred_seq=like, **{name: x})
+        return torch.cat((pref, unpref)).detach().float()
+
+    # ------------------------------------------------------------------------- scoring
+
     @torch.no_grad()
     def _reference_scores(self, src: Tensor, tgt: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+        """The reference's scores on their own (when they are not scored inside dpo_head)."""
         if self.ref_model is None:
             # reference-free: a zero reference (what TRL's reference_free means)
             return torch.zeros(src.shape[0], dtype=torch.float32, device=src.device)
         self.ref_model.eval()
-        head = self.fused_head(self.ref_model)
-        if head is not None:
+        route = self.route(self.ref_model, src.device)
+        if route.head is not None:
             hidden = self.ref_model(src, return_embeddings=True)
             sums = linear_sequence_logprobs(
-                hidden, head.weight, tgt, mask, scale=head.scale, impl=self.impl
+                hidden, route.head.weight, tgt, mask, scale=route.head.scale,
+                impl=route.impl, matmul=route.matmul,
             )
         else:
             logits = self.ref_model(src)
-            sums = sequence_logprobs(logits, tgt, mask, impl=self.impl)
+            sums = sequence_logprobs(logits, tgt, mask, impl=route.impl)
         return self._reduce(sums, count)
+
+    def _head_options(self, route: Route, ref_scale: float | None, count_hits: bool) -> HeadOptions:
+        delta = self.loss.bco_delta
+        return HeadOptions(
+            fold=route.impl,
+            scale=route.head.scale,
+            ref_scale=ref_scale,
+            reduction=self.logprob_reduction,
+            loss_type=self.loss.loss_type,
+            beta=self.loss.beta,
+            label_smoothing=self.loss.label_smoothing,
+            loss_weights=self.loss.loss_weights,
+            gamma=self.loss.gamma,
+            bco_delta=0.0 if isinstance(delta, Tensor) else float(delta),
+            count_hits=count_hits,
+        )
 
     def forward(
         self,
@@ -299,6 +405,10 @@ class DPO(nn.Module):
                 ``logprob_reduction``); given both, the reference model is not run.
             return_metrics: also return a dict of detached training metrics (below).
 
+        Without gradients (``torch.no_grad()``, ``torch.inference_mode()``, or a policy with no
+        trainable parameters) both models are scored forward only: an evaluation step costs
+        about two reference passes.
+
         Returns:
             the scalar loss, ``mean_b loss_b`` (default: ``-log sigmoid(beta * ((pi_w - pi_l)
             - (ref_w - ref_l)))``); with ``return_metrics``, ``(loss, metrics)`` where
@@ -306,52 +416,46 @@ class DPO(nn.Module):
             ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
             ``logps/chosen``, ``logps/rejected`` (on the scores in this module's
             ``logprob_reduction``), plus ``tokens/chosen`` and ``tokens/rejected`` (mean
-            number of scored tokens per sequence) and ``token_accuracy/chosen``: the
-            fraction of scored chosen tokens whose target is the policy's argmax (ties go to
-            the lowest token id, as ``torch.argmax``).
+            number of scored tokens per sequence) and, except on the Triton GEMM route,
+            ``token_accuracy/chosen``: the fraction of scored chosen tokens whose target is
+            the policy's argmax (ties go to the lowest token id, as ``torch.argmax``).
         """
         src, tgt, mask, count = self._batch(
             preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask
         )
         b = preferred_seq.shape[0]
-        if (ref_preferred_logprob is None) != (ref_unpreferred_logprob is None):
-            raise ValueError(
-                "give both ref_preferred_logprob and ref_unpreferred_logprob, or neither"
-            )
-        if ref_preferred_logprob is not None:
+        route = self.route(self.policy_model, src.device)
+        ref_scores = ref_hidden = ref_head = None
+        if ref_preferred_logprob is not None or ref_unpreferred_logprob is not None:
             ref_scores = self._check_ref_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, src)
-        else:
+        elif self.ref_model is not None and route.kind == "pair":
+            ref_head = self.route(self.ref_model, src.device).head
+        if ref_scores is None and ref_head is not None:
+            # Scored inside dpo_head, with the policy's rows: one host sync for the step.
+            self.ref_model.eval()
+            with torch.no_grad():
+                ref_hidden = self.ref_model(src, return_embeddings=True)
+        elif ref_scores is None:
             ref_scores = self._reference_scores(src, tgt, mask, count)
 
-        head = self.fused_head(self.policy_model)
         hits = None
-        # The pair-group fusion holds logits chunks in memory: the torch path's way.  The
-        # Triton kernels keep logits tiles in registers only, so they score first and
-        # recompute in backward (linear_sequence_logprobs).
-        torch_path = resolve_impl(self.impl, src.device) == "torch"
-        if head is not None and torch_path and self._pair_separable():
+        if route.kind == "pair":
             hidden = self.policy_model(src, return_embeddings=True)
-
-            def pair_loss(sums: Tensor, pairs: Tensor) -> Tensor:
-                both = torch.cat((pairs, pairs + b))
-                return self._pair_losses(sums, ref_scores[both], count[both])
-
-            loss, policy_sums, hits = fused_linear_pair_loss(
-                hidden,
-                head.weight,
-                tgt,
-                mask,
-                pair_loss,
-                scale=head.scale,
-                reduction="mean",
-                count_hits=return_metrics,
+            delta = self.loss.bco_delta
+            loss, policy_sums, ref_scores, hits = dpo_head(
+                hidden, route.head.weight, tgt, mask, count,
+                self._head_options(route, ref_head.scale if ref_head is not None else None, return_metrics),
+                ref_hidden=ref_hidden,
+                ref_weight=ref_head.weight if ref_head is not None else None,
+                ref_scores=ref_scores,
+                bco_delta=delta if isinstance(delta, Tensor) else None,
             )
-            policy_sums = policy_sums.detach()
         else:
-            if head is not None:  # Triton, or a loss coupling pairs: score all, then the loss
+            if route.kind == "scores":
                 hidden = self.policy_model(src, return_embeddings=True)
                 policy_sums = linear_sequence_logprobs(
-                    hidden, head.weight, tgt, mask, scale=head.scale, impl=self.impl
+                    hidden, route.head.weight, tgt, mask, scale=route.head.scale,
+                    impl=route.impl, matmul=route.matmul,
                 )
             else:
                 policy_logits = self.policy_model(src)
@@ -361,28 +465,13 @@ class DPO(nn.Module):
                     policy_logits,
                     tgt,
                     mask,
-                    impl=self.impl,
+                    impl=route.impl,
                     inplace_backward=self.inplace_backward and _own_logits(policy_logits),
                 )
-            loss = self._pair_losses(policy_sums, ref_scores, count).mean()
+            loss = pair_losses(policy_sums, ref_scores, count, self.loss, self.logprob_reduction).mean()
         if not return_metrics:
             return loss
         return loss, self._metrics(policy_sums.detach(), ref_scores, count, mask, hits, b)
-
-    def _pair_separable(self) -> bool:
-        """Whether each pair's loss depends on its own scores only (BCO's batch shift does not)."""
-        return not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
-
-    def _pair_losses(self, sums: Tensor, ref_scores: Tensor, count: Tensor) -> Tensor:
-        """Per-pair losses of 2k summed policy log-probs (k chosen, then k rejected)."""
-        k = sums.shape[0] // 2
-        scores = self._reduce(sums, count)
-        lengths = {}
-        if self.logprob_reduction == "sum":
-            lengths = dict(chosen_lengths=count[:k], rejected_lengths=count[k:])
-        return preference_loss(
-            scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], **self.loss.kwargs(), **lengths
-        )
 
     def _metrics(self, sums, ref_scores, count, mask, hits, b) -> dict[str, Tensor]:
         scores = self._reduce(sums, count)
@@ -394,16 +483,6 @@ class DPO(nn.Module):
         if hits is not None:
             metrics["token_accuracy/chosen"] = hits[:b].sum().float() / tokens[:b].sum().clamp(min=1)
         return metrics
-
-    def _check_ref_scores(self, pref, unpref, b, like):
-        for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):
-            _checks.tensor(name, x, ndim=1)
-            if x.shape[0] != b:
-                raise ValueError(f"{name} must have shape ({b},), got {tuple(x.shape)}")
-            if not x.is_floating_point():
-                raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
-            _checks.same_device(preferred_seq=like, **{name: x})
-        return torch.cat((pref, unpref)).detach().float()
 
     @torch.no_grad()
     def reference_scores(

@@ -23,6 +23,7 @@ finite input where the formula itself is finite, e.g. equal scores or margins of
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
@@ -502,6 +503,13 @@ def preference_loss(
                 f"bco_delta must be 0-D or have shape ({b},), got {tuple(cfg.bco_delta.shape)}"
             )
 
+    return _combined_loss(
+        cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths
+    )
+
+
+def _combined_loss(cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
+    """:func:`preference_loss` on arguments already checked (``cfg`` from check_loss_config)."""
     n_w = n_l = None
     if chosen_lengths is not None and any(t in _USES_LENGTHS for t in cfg.loss_type):
         dtype = torch.float32
@@ -520,6 +528,33 @@ def preference_loss(
             loss = w * loss
         total = loss if total is None else total + loss
     return total
+
+
+def pair_losses(
+    sums: Tensor,
+    ref_scores: Tensor,
+    count: Tensor,
+    cfg: LossConfig,
+    reduction: str,
+    pairs: Tensor | None = None,
+) -> Tensor:
+    """Per-pair losses (k,) of some pairs of a DPO batch, from their sequences' summed log-probs.
+
+    ``sums``, ``ref_scores`` and ``count`` are (2k,): the pairs' k chosen sequences, then their k
+    rejected ones (summed policy log-probs; reference scores already in ``reduction``; scored
+    token counts).  ``reduction`` is the DPO module's ``logprob_reduction``: ``"mean"`` divides
+    the sums by the counts, ``"sum"`` passes the counts as lengths (for the types defined on
+    per-token averages).  ``pairs`` (k,) names the pairs, to select a per-pair ``bco_delta``.
+    The configuration was checked once (:func:`check_loss_config`), so nothing is checked here.
+    """
+    k = sums.shape[0] // 2
+    scores = sums / count if reduction == "mean" else sums
+    n_w = n_l = None
+    if reduction == "sum":
+        n_w, n_l = count[:k], count[k:]
+    if pairs is not None and isinstance(cfg.bco_delta, Tensor) and cfg.bco_delta.ndim == 1:
+        cfg = dataclasses.replace(cfg, bco_delta=cfg.bco_delta[pairs])
+    return _combined_loss(cfg, scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], n_w, n_l)
 
 
 # --------------------------------------------------------------------------------------------

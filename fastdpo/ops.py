@@ -30,8 +30,10 @@ IMPLS = ("auto", "torch", "triton")
 
 
 def _triton_kernels():
-    """The kernel module, or None when triton (or the kernels) cannot be imported."""
+    """The logits kernel module, or None when triton or either kernel module (this op's and
+    the fused head's, :mod:`fastdpo.kernels.linear_sequence_logprobs`) cannot be imported."""
     try:
+        from .kernels import linear_sequence_logprobs as _  # noqa: F401
         from .kernels import sequence_logprobs as k
     except ImportError:
         return None
@@ -173,8 +175,7 @@ def check_logprob_inputs(
     so this stays traceable by ``torch.compile``.
     """
     _checks.tensor("logits", logits, ndim=3)
-    if logits.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got dtype {logits.dtype}")
+    _checks.float_dtype("logits", logits)
     n, t, v = logits.shape
     if v < 1:
         raise ValueError(f"logits must have a vocabulary dimension of size >= 1, got {v}")
@@ -187,7 +188,7 @@ def check_logprob_inputs(
     if mask is None:
         mask = torch.ones(n, t, dtype=torch.bool, device=logits.device)
     else:
-        _checks.bool_mask("mask", mask, (n, t))
+        _checks.bool_mask("mask", mask, (n, t), "True = the position counts")
     _checks.same_device(logits=logits, targets=targets, mask=mask)
     return targets.long(), mask
 
@@ -256,10 +257,7 @@ def sequence_logprobs_pair(
     """
     targets, mask = check_logprob_inputs(logits, targets, mask)
     _checks.tensor("ref_logits", ref_logits, ndim=3)
-    if ref_logits.dtype not in _checks.FLOAT_DTYPES:
-        raise TypeError(
-            f"ref_logits must be float32, bfloat16 or float16, got dtype {ref_logits.dtype}"
-        )
+    _checks.float_dtype("ref_logits", ref_logits)
     if ref_logits.shape != logits.shape:
         raise ValueError(
             f"ref_logits must have the shape of logits {tuple(logits.shape)}, "

@@ -97,7 +97,7 @@ def routes(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(dpo_module, "fused_linear_pair_loss", spy("fused", dpo_module.fused_linear_pair_loss))
+    monkeypatch.setattr(dpo_module, "dpo_head", spy("fused", dpo_module.dpo_head))
     monkeypatch.setattr(dpo_module, "sequence_logprobs", spy("logits", dpo_module.sequence_logprobs))
     return seen
 

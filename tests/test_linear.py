@@ -1,20 +1,33 @@
-"""The fused head: linear_sequence_logprobs, the pair-group loss, head detection, fallbacks."""
+"""The fused head: linear_sequence_logprobs on every route, the DPO head op (pair groups),
+head detection, fallbacks.
+
+Routes (impl, matmul): ("torch", "auto") is the CPU path; ("triton", "torch") is the CUDA
+default (library products + Triton fold) and ("triton", "triton") the Triton GEMM kernels,
+both interpreted on CPU tensors (TRITON_INTERPRET=1, set by conftest) and compiled on a GPU."""
 
 from __future__ import annotations
+
+import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from x_transformers import Decoder, TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
-import fastdpo.linear as linear
+import fastdpo.chunks as chunks
 from fastdpo import DPO, linear_sequence_logprobs
-from fastdpo.linear import find_linear_head, fused_linear_pair_loss
+from fastdpo.fused_pair import HeadOptions, dpo_head
+from fastdpo.heads import find_linear_head
 
 from helpers import reference_logprobs, rel_err, three_way
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ROUTES = [("torch", "auto"), ("triton", "torch"), ("triton", "triton")]
+ROUTE_IDS = ["torch", "triton-fold", "triton-gemm"]
 
 
 def make_inputs(n, t, d, v, dtype, seed, p_mask=0.3):
@@ -33,14 +46,16 @@ def via_logits(hidden, weight, targets, mask, scale):
     return reference_logprobs(logits, targets, mask)
 
 
+@pytest.mark.parametrize("route", ROUTES[:2], ids=ROUTE_IDS[:2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 7, 33, 1001), (3, 1, 16, 2), (1, 9, 40, 257)], ids=str)
 @pytest.mark.parametrize("scale", [None, 0.37])
 @pytest.mark.parametrize("chunk_rows", [None, 3])
-def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, monkeypatch):
+def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, route, monkeypatch):
     n, t, d, v = shape
+    impl, matmul = route
     if chunk_rows is not None:
-        monkeypatch.setattr(linear, "CHUNK_BYTES", 4 * v * chunk_rows)
+        monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * v * chunk_rows)
     hidden, weight, targets, mask = make_inputs(n, t, d, v, dtype, seed=d + v)
     upstream = torch.randn(n)
 
@@ -53,7 +68,7 @@ def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, monkey
 
     truth = run(via_logits, lambda x: x.double())
     ref = run(via_logits, lambda x: x.clone())
-    ours = run(lambda h, w, y, m, s: linear_sequence_logprobs(h, w, y, m, scale=s), lambda x: x.clone())
+    ours = run(lambda h, w, y, m, s: linear_sequence_logprobs(h, w, y, m, scale=s, impl=impl, matmul=matmul), lambda x: x.clone())
     assert ours[0].dtype == torch.float32
     assert ours[1].dtype == dtype and ours[2].dtype == dtype
     for what, o, r, tr in zip(("scores", "d hidden", "d weight"), ours, ref, truth):
@@ -62,9 +77,9 @@ def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, monkey
 
 @pytest.mark.parametrize("scale", [None, 0.37])
 @pytest.mark.parametrize("shape", [(2, 5, 33, 301), (3, 1, 16, 2)], ids=str)
-def test_linear_logprobs_triton_against_float64(shape, scale):
-    """impl='triton': the fused-linear kernels (interpreted on CPU), float32.  The kernels'
-    own tests cover 16-bit inputs and their block boundaries."""
+def test_linear_logprobs_triton_gemm_against_float64(shape, scale):
+    """impl='triton', matmul='triton': the fused-linear kernels (interpreted on CPU), float32.
+    The kernels' own tests cover 16-bit inputs and their block boundaries."""
     n, t, d, v = shape
     hidden, weight, targets, mask = make_inputs(n, t, d, v, torch.float32, seed=d + v)
     targets[~mask] = -100  # never read at masked positions
@@ -80,63 +95,128 @@ def test_linear_logprobs_triton_against_float64(shape, scale):
 
     truth = run(via_logits, lambda x: x.double(), safe)
     ref = run(via_logits, lambda x: x.clone(), safe)
-    ours = run(lambda h, w, y, m, s: linear_sequence_logprobs(h, w, y, m, scale=s, impl="triton"), lambda x: x.clone(), targets)
+    ours = run(lambda h, w, y, m, s: linear_sequence_logprobs(h, w, y, m, scale=s, impl="triton", matmul="triton"), lambda x: x.clone(), targets)
     for what, o, r, tr in zip(("scores", "d hidden", "d weight"), ours, ref, truth):
         three_way(o, r, tr, torch.float32, what)
     assert (ours[1][~mask] == 0).all()
 
 
-def test_linear_logprobs_never_builds_full_logits(monkeypatch):
-    """Only chunk-sized products: the largest (rows, V) product has at most CHUNK_BYTES."""
-    n, t, d, v = 4, 16, 8, 500
-    monkeypatch.setattr(linear, "CHUNK_BYTES", 4 * v * 5)
-    hidden, weight, targets, mask = make_inputs(n, t, d, v, torch.float32, seed=0)
-    sizes = []
-    mm = torch.mm
+class _Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an ATen op returns (a custom op's insides are hidden
+    from the mode: the products and buffers there are caught by patching torch.mm/empty)."""
 
-    def spy(a, b):
-        out = mm(a, b)
-        sizes.append(out.numel())
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen.extend(tuple(x.shape) for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor))
         return out
 
-    monkeypatch.setattr(linear.torch, "mm", spy)
+
+def vocab_wide_shapes(step, v, monkeypatch) -> list[tuple[int, ...]]:
+    """Every tensor shape ending in V that ``step()`` creates: ATen outputs, torch.mm products
+    and torch.empty buffers (also inside fastdpo's custom ops)."""
+    seen: list[tuple[int, ...]] = []
+    real_mm, real_empty = torch.mm, torch.empty
+
+    def mm(*a, **k):
+        out = real_mm(*a, **k)
+        seen.append(tuple(out.shape))
+        return out
+
+    def empty(*a, **k):
+        out = real_empty(*a, **k)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "mm", mm)
+    monkeypatch.setattr(torch, "empty", empty)
+    with _Shapes(seen):
+        step()
+    monkeypatch.undo()
+    return [s for s in seen if s and s[-1] == v]
+
+
+@pytest.mark.parametrize("route", ROUTES[:2], ids=ROUTE_IDS[:2])
+def test_linear_logprobs_never_builds_full_logits(route, monkeypatch):
+    """Only chunk-sized products: every (rows, V) tensor has at most the chunk's rows."""
+    n, t, d, v = 4, 16, 8, 500
+    impl, matmul = route
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * v * 5)
+    hidden, weight, targets, mask = make_inputs(n, t, d, v, torch.float32, seed=0)
     h = hidden.requires_grad_()
-    linear_sequence_logprobs(h, weight, targets, mask).sum().backward()
-    assert max(sizes) <= 5 * v
+
+    def step():
+        linear_sequence_logprobs(h, weight, targets, mask, impl=impl, matmul=matmul).sum().backward()
+
+    shapes = vocab_wide_shapes(step, v, monkeypatch)
+    assert shapes, "the spy saw no product: it checks nothing"
+    assert max(math.prod(s[:-1]) for s in shapes) <= 5, shapes
 
 
+@pytest.mark.parametrize("tie", [False, True], ids=["linear", "tied"])
+@pytest.mark.parametrize("route", ROUTES[:2], ids=ROUTE_IDS[:2])
+def test_dpo_step_never_builds_full_logits(route, tie, monkeypatch):
+    """A whole DPO training step on the default fused route (reference, policy, loss,
+    backward): no tensor with a V-wide last dimension has as many rows as the (2B, L-1)
+    positions, and the model's own head is never called."""
+    b, l, v = 3, 12, 311
+    impl, matmul = route
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * v * 4)
+    monkeypatch.setattr(chunks, "GROUP_BYTES", 4 * v * 6)
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=v, max_seq_len=16, tie_embedding=tie, attn_layers=Decoder(dim=16, depth=1, heads=2))
+    dpo = DPO(model, impl=impl, matmul=matmul)
+    assert dpo.route(dpo.policy_model, "cpu").kind == "pair"
+    head_calls = []
+    if not tie:
+        model.to_logits.register_forward_hook(lambda *a: head_calls.append(1))
+    g = torch.Generator().manual_seed(3)
+    pref, unpref = torch.randint(0, v, (b, l), generator=g), torch.randint(0, v, (b, l), generator=g)
+    pm = torch.arange(l)[None] < torch.tensor([[3], [5], [2]])
+
+    shapes = vocab_wide_shapes(lambda: dpo(pref, unpref, prompt_mask=pm).backward(), v, monkeypatch)
+    assert shapes, "the spy saw no product: it checks nothing"
+    rows = max(math.prod(s[:-1]) for s in shapes)
+    assert rows < 2 * b * (l - 1), shapes
+    assert rows <= 6, shapes  # the keep budget in rows
+    assert head_calls == []
+
+
+@pytest.mark.parametrize("fold", ["torch", "triton"])
 @pytest.mark.parametrize("group_bytes", ["pair", "all", "partial", "too_small"])
-def test_pair_groups_agree(group_bytes, monkeypatch):
-    """One pair per group, all pairs in one group, pairs partly kept and partly recomputed,
-    and pairs recomputed whole all agree with float64."""
+def test_pair_groups_agree(group_bytes, fold):
+    """dpo_head: one pair per group, all pairs in one group, pairs partly kept and partly
+    recomputed, and pairs recomputed whole all agree with float64, with and without a live
+    reference, an all-prompt sequence and padding."""
     b, t, d, v = 3, 6, 12, 301
     hidden, weight, targets, mask = make_inputs(2 * b, t, d, v, torch.float32, seed=4)
+    mask[1] = False  # a chosen sequence with no scored token
+    ref_hidden = torch.randn(2 * b, t, d, generator=torch.Generator().manual_seed(9))
+    ref_weight = weight + 0.1 * torch.randn(v, d, generator=torch.Generator().manual_seed(10))
     budget = {"pair": 4 * v * 2 * t, "all": 1 << 30, "partial": 4 * v * 6, "too_small": 4 * v}[group_bytes]
-    monkeypatch.setattr(linear, "GROUP_BYTES", budget)
-    monkeypatch.setattr(linear, "CHUNK_BYTES", 4 * v * 4)
-    ref_scores = torch.randn(2 * b)
+    opts = HeadOptions(fold=fold, scale=0.37, ref_scale=0.37, reduction="mean", loss_type=("sigmoid",), beta=0.5,
+                       label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False,
+                       chunk_bytes=4 * v * 4, group_bytes=budget)
     count = mask.sum(-1).clamp(min=1e-5)
 
-    def pair_loss(sums, pairs):
-        k = pairs.shape[0]
-        both = torch.cat((pairs, pairs + b))
-        s = sums / count[both]
-        r = ref_scores[both]
-        return -F.logsigmoid(0.5 * ((s[:k] - s[k:]) - (r[:k] - r[k:])))
-
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, sums, _ = fused_linear_pair_loss(h1, w1, targets, mask, pair_loss)
+    loss, sums, ref, _ = dpo_head(h1, w1, targets, mask, count, opts, ref_hidden=ref_hidden, ref_weight=ref_weight)
     loss.backward()
 
     h2, w2 = hidden.clone().double().requires_grad_(), weight.clone().double().requires_grad_()
-    s2 = via_logits(h2, w2, targets, mask, None) / count
-    r = ref_scores.double()
+    s2 = via_logits(h2, w2, targets, mask, 0.37) / count
+    r = via_logits(ref_hidden.double(), ref_weight.double(), targets, mask, 0.37) / count
     expected = -F.logsigmoid(0.5 * ((s2[:b] - s2[b:]) - (r[:b] - r[b:]))).mean()
     expected.backward()
     assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
-    torch.testing.assert_close(sums.double(), via_logits(hidden.double(), weight.double(), targets, mask, None), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ref.double(), r, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sums.double(), via_logits(hidden.double(), weight.double(), targets, mask, 0.37), rtol=1e-6, atol=1e-5)
     assert rel_err(h1.grad, h2.grad) <= 1e-5
     assert rel_err(w1.grad, w2.grad) <= 1e-5
+    assert (h1.grad[~mask] == 0).all()
 
 
 def test_linear_bad_input():
@@ -150,8 +230,10 @@ def test_linear_bad_input():
         linear_sequence_logprobs(hidden, weight, targets + 20, mask)
     with pytest.raises(ValueError, match="scale must be finite"):
         linear_sequence_logprobs(hidden, weight, targets, mask, scale=float("inf"))
-    with pytest.raises(ValueError, match="2B sequences"):
-        fused_linear_pair_loss(hidden[:1], weight, targets[:1], mask[:1], lambda s, p: s)
+    with pytest.raises(ValueError, match="matmul='triton'"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, impl="torch", matmul="triton")
+    with pytest.raises(ValueError, match="matmul must be one of"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, matmul="cublas")
 
 
 # ----------------------------------------------------------------------------- head detection
@@ -200,32 +282,60 @@ def test_fusable_heads_are_found():
 
 
 @pytest.mark.parametrize("name", FALLBACKS)
-def test_fallback_triggers(name, monkeypatch):
+def test_fallback_triggers(name):
     make, reason = FALLBACKS[name]
-    model = make()
-    head, why = find_linear_head(model)
+    head, why = find_linear_head(make())
     assert head is None and reason in why
     with pytest.raises(ValueError, match=reason):
         DPO(make(), head="fused")
 
-    # head="auto" falls back to the logits route and still matches x-transformers
-    import fastdpo.dpo as dpo_module
-
-    fused_calls = []
-    real = dpo_module.fused_linear_pair_loss
-    monkeypatch.setattr(dpo_module, "fused_linear_pair_loss", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    # head="auto" falls back to the logits route, says why once, and matches x-transformers
+    # (the policy moved away from the reference, so loss and gradients are not trivial)
     x, ours = XDPO(make()), DPO(make())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(11)
+        for p in x.policy_model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ours.policy_model.load_state_dict(x.policy_model.state_dict())
+    ours.ref_model.load_state_dict(x.ref_model.state_dict())
     g = torch.Generator().manual_seed(1)
     pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)
     pm = torch.arange(9)[None] < torch.tensor([[2], [4]])
     if name == "multiple heads":
         # a tuple of logits: x-transformers fails with an AttributeError, we say what is wrong
-        with pytest.raises(TypeError, match="logits must be a torch.Tensor, got tuple"):
+        with pytest.warns(UserWarning, match=reason), pytest.raises(TypeError, match="logits must be a torch.Tensor, got tuple"):
             ours(pref, unpref, prompt_mask=pm)
         return
-    lx, lo = x(pref, unpref, prompt_mask=pm), ours(pref, unpref, prompt_mask=pm)
-    assert fused_calls == []
+    lx = x(pref, unpref, prompt_mask=pm)
+    lx.backward()
+    with pytest.warns(UserWarning, match=reason):
+        lo = ours(pref, unpref, prompt_mask=pm)
+    assert ours.route(ours.policy_model, "cpu").kind == "logits"
+    lo.backward()
+    assert abs(lx.item() - math.log(2)) > 1e-3  # not the trivial loss of policy == reference
     assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item())
+    gx = dict(x.policy_model.named_parameters())
+    for n, p in ours.policy_model.named_parameters():
+        if gx[n].grad is not None:
+            assert rel_err(p.grad, gx[n].grad) <= 1e-5, n
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every step
+        ours(pref, unpref, prompt_mask=pm)
+
+
+def test_compiled_model_keeps_the_fused_head():
+    """DPO(torch.compile(model)) finds the head through the wrapper, runs the compiled body,
+    and gives the eager numbers."""
+    model = wrapper()
+    dpo = DPO(torch.compile(model, backend="eager"))
+    assert dpo.route(dpo.policy_model, "cpu").kind == "pair"
+    eager = DPO(wrapper())
+    g = torch.Generator().manual_seed(1)
+    pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)
+    pm = torch.arange(9)[None] < torch.tensor([[2], [4]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        assert torch.equal(dpo(pref, unpref, prompt_mask=pm), eager(pref, unpref, prompt_mask=pm))
 
 
 # ----------------------------------------------------------------------------- precomputed reference

@@ -7,11 +7,12 @@ budget and its own line in ``--hypothesis-show-statistics``):
   boundaries) and ``impl="triton"`` (the kernels, interpreted on CPU tensors: N*T <= 12,
   V <= 300);
 * ``linear_sequence_logprobs``: ``impl="torch"`` (chunked, with chunks and boxes shrunk at
-  random) and ``impl="triton"`` (the linear kernels, interpreted: float32 and float16 only,
+  random) and ``impl="triton"`` with either ``matmul`` (drawn per example): torch products
+  and the Triton fold, or the Triton GEMM kernels (interpreted: float32 and float16 only,
   see LINEAR_TRITON_DTYPES);
-* ``DPO``: its four routes on a tiny x-transformers TransformerWrapper -- the fused head
-  (``head="fused"``) and the logits route (``head="logits"``), each with ``impl="torch"``
-  and ``impl="triton"``.
+* ``DPO``: its routes on a tiny x-transformers TransformerWrapper (``ROUTES``) -- the fused
+  head (``head="fused"``) and the logits route (``head="logits"``), each with
+  ``impl="torch"`` and ``impl="triton"``, and the fused head on the Triton GEMM kernels.
 
 Properties: invariance under a per-row constant added to the logits (+-1e4 included in
 float32); batch permutation; padding with masked positions; all-false masks give exactly 0;
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 from x_transformers import Decoder, TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
-import fastdpo.linear as linear
+import fastdpo.chunks as chunks
 from fastdpo import DPO, linear_sequence_logprobs, sequence_logprobs
 from fastdpo import torch_impl
 from fastdpo.dpo import deepcopy_module
@@ -56,19 +57,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EPS32 = torch.finfo(torch.float32).eps
-# The routes of DPO: (head, impl).  With impl="triton" the fused head runs the linear
-# kernels (fastdpo.kernels.linear_sequence_logprobs), the logits route the log-prob kernels.
+# The routes of DPO: (head, impl, matmul).  With impl="triton" the fused head multiplies with
+# torch and folds with the Triton kernels (the CUDA default), or, with matmul="triton", runs
+# the Triton GEMM kernels (fastdpo.kernels.linear_sequence_logprobs); the logits route runs
+# the log-prob kernels.
 ROUTES = {
-    "fused": ("fused", "torch"),
-    "fused_triton": ("fused", "triton"),
-    "logits_torch": ("logits", "torch"),
-    "logits_triton": ("logits", "triton"),
+    "fused": ("fused", "torch", "auto"),
+    "fused_triton": ("fused", "triton", "torch"),
+    "fused_triton_gemm": ("fused", "triton", "triton"),
+    "logits_torch": ("logits", "torch", "auto"),
+    "logits_triton": ("logits", "triton", "auto"),
 }
 # Triton runs on CUDA tensors when there is a GPU, else interpreted on CPU tensors.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # triton 3.9's interpreter gets tl.dot on bfloat16 wrong (a plain 16x16 bf16 dot is off by
-# ~3e10), so interpreted runs of the linear kernels (which multiply with tl.dot) leave bf16
-# out; on a GPU they cover it.
+# ~3e10), so interpreted runs of the Triton GEMM kernels (which multiply with tl.dot) leave
+# bf16 out; on a GPU they cover it.  The default Triton route multiplies with torch: all dtypes.
 LINEAR_TRITON_DTYPES = DTYPES if torch.cuda.is_available() else [torch.float32, torch.float16]
 
 
@@ -374,15 +378,16 @@ class LinearCase:
     mask: Tensor
     scale: float | None
     upstream: Tensor
-    chunk_rows: int | None  # linear.CHUNK_BYTES in rows, None = shipped
+    chunk_rows: int | None  # chunks.CHUNK_BYTES in rows, None = shipped
     box_rows: int | None
     impl: str
+    matmul: str  # with impl="triton": "torch" (torch products, Triton fold) or "triton" (GEMM kernels)
 
     def patches(self):
         v = self.weight.shape[0]
         stack = []
         if self.chunk_rows is not None:
-            stack.append(mock.patch.object(linear, "CHUNK_BYTES", 4 * v * self.chunk_rows))
+            stack.append(mock.patch.object(chunks, "CHUNK_BYTES", 4 * v * self.chunk_rows))
         stack.append(boxes(self.box_rows, v))
         return stack
 
@@ -393,7 +398,8 @@ def linear_cases(draw, impl: str, *, grid: bool = False):
     t = draw(st.integers(1, 6 if impl == "torch" else max(1, 12 // n)))
     d = draw(st.integers(1, 8 if grid else 16))
     v = draw(st.integers(1, 20) | st.integers(21, 300))
-    dtype = draw(st.sampled_from(DTYPES if impl == "torch" else LINEAR_TRITON_DTYPES))
+    matmul = "torch" if impl == "torch" else draw(st.sampled_from(["torch", "triton"]))
+    dtype = draw(st.sampled_from(LINEAR_TRITON_DTYPES if matmul == "triton" else DTYPES))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     if grid and dtype != torch.float32:
         # h in {0, +-1/2, +-1}, W integers in [-3, 3], D <= 8: logits are multiples of 1/2
@@ -409,7 +415,7 @@ def linear_cases(draw, impl: str, *, grid: bool = False):
     targets = torch.where(mask, torch.randint(0, v, (n, t), generator=g), -100)
     return LinearCase(
         hidden, weight, targets, mask, scale, torch.randn(n, generator=g),
-        draw(st.sampled_from([None, 1, 2, 5])), draw(st.sampled_from([None, 1, 3])), impl,
+        draw(st.sampled_from([None, 1, 2, 5])), draw(st.sampled_from([None, 1, 3])), impl, matmul,
     )
 
 
@@ -443,7 +449,8 @@ def run_linear(case: LinearCase, hidden=None, weight=None, targets=None, mask=No
     dev = device(case.impl)
     try:
         s = linear_sequence_logprobs(
-            h.to(dev), w.to(dev), targets.to(dev), mask.to(dev), scale=case.scale, impl=case.impl
+            h.to(dev), w.to(dev), targets.to(dev), mask.to(dev), scale=case.scale, impl=case.impl,
+            matmul=case.matmul,
         )
         s.backward(upstream.to(dev))
     finally:
@@ -737,11 +744,11 @@ def dpo_cases(draw, route: str, *, max_rows: int = 12, max_v: int | None = None)
 
 
 def make_dpo(case: DPOCase, route: str, model: nn.Module | None = None, **kw) -> DPO:
-    head, impl = ROUTES[route]
+    head, impl, matmul = ROUTES[route]
     dpo = DPO(
         model if model is not None else make_model(case.v, tie=case.tie, seed=case.seed % 1000),
         beta=case.beta, pad_id=0, logprob_reduction=case.reduction,
-        mask_alignment=case.alignment, head=head, impl=impl, **kw,
+        mask_alignment=case.alignment, head=head, impl=impl, matmul=matmul, **kw,
     )
     # Move the policy away from the reference, so the loss and its gradients are not trivial.
     perturb_(dpo.policy_model, case.seed)
@@ -816,7 +823,7 @@ def check_dpo_shift_invariance(case: DPOCase, data, route: str):
     """Logits shifted by a constant per input token (+-1e4 included) give the same loss and
     gradients.  Shifted logits leave the fused route (the head is no longer a plain linear
     map), so the fused route is compared with the logits route of the shifted model."""
-    head, impl = ROUTES[route]
+    head, impl, matmul = ROUTES[route]
     const = st.sampled_from([1e4, -1e4, 0.0]) | st.floats(-1e4, 1e4, allow_nan=False)
     table = torch.tensor(data.draw(st.lists(const, min_size=case.v, max_size=case.v)))
 
@@ -859,7 +866,7 @@ def check_dpo_padding(case: DPOCase, data, route: str):
     a sequence is scored (x-transformers' convention: the mask at input j scores target
     j + 1), so there the base batch already ends in one pad and more are added."""
     b, l = case.pref.shape
-    _, impl = ROUTES[route]
+    _, impl, _ = ROUTES[route]
     room = (12 // (2 * b) + 1 - l) if impl == "triton" else 16 - l
     k = data.draw(st.integers(1, max(1, min(4, room))))
     pref, unpref, prompt_mask = case.pref, case.unpref, case.prompt_mask
@@ -909,7 +916,7 @@ def check_dpo_probabilities(case: DPOCase, data, route: str):
     ref_w, ref_l = reference_scores(dpo, case.pref, case.unpref, case.prompt_mask)
     assert (ref_w <= 0).all() and (ref_l <= 0).all(), (ref_w, ref_l)
     # L = 2, nothing prompt: with either alignment exactly one token, seq[:, 1], is scored.
-    _, impl = ROUTES[route]
+    _, impl, _ = ROUTES[route]
     v = min(case.v, 6) if impl == "triton" else case.v  # 2V rows of logits
     first = data.draw(st.integers(1, v - 1)) if v > 1 else 0
     seqs = torch.stack((torch.full((v,), first), torch.arange(v)), 1)
@@ -927,8 +934,8 @@ def check_dpo_probabilities(case: DPOCase, data, route: str):
 def check_dpo_against_float64(case: DPOCase, data, route: str):
     """x-transformers' DPO (float32) is the reference, the same in float64 the truth
     (x-transformers' conventions: mean of log-probs, input alignment)."""
-    head, impl = ROUTES[route]
-    dtype = data.draw(st.sampled_from(LINEAR_TRITON_DTYPES if route == "fused_triton" else DTYPES))
+    head, impl, matmul = ROUTES[route]
+    dtype = data.draw(st.sampled_from(LINEAR_TRITON_DTYPES if route == "fused_triton_gemm" else DTYPES))
     tied = ("token_emb.emb.weight",) if case.tie else ()
 
     def model():
@@ -937,7 +944,7 @@ def check_dpo_against_float64(case: DPOCase, data, route: str):
     x = XDPO(model(), beta=case.beta, pad_id=0)
     # x-transformers' tied reference reads the policy's embedding: leave that one equal
     perturb_(x.policy_model, case.seed, skip=tied)
-    ours = DPO(model(), beta=case.beta, pad_id=0, head=head, impl=impl)
+    ours = DPO(model(), beta=case.beta, pad_id=0, head=head, impl=impl, matmul=matmul)
     ours.policy_model.load_state_dict(x.policy_model.state_dict())
     ours.ref_model.load_state_dict(x.ref_model.state_dict())
     ours.to(device(impl))
@@ -1102,3 +1109,15 @@ def test_dpo_against_float64_fused_triton(case, data):
 @given(case=dpo_cases("logits_triton"), data=st.data())
 def test_dpo_against_float64_logits_triton(case, data):
     check_dpo_against_float64(case, data, "logits_triton")
+
+
+@scaled(0.3)
+@given(case=dpo_cases("fused_triton_gemm"), data=st.data())
+def test_dpo_against_float64_fused_triton_gemm(case, data):
+    check_dpo_against_float64(case, data, "fused_triton_gemm")
+
+
+@scaled(0.3)
+@given(case=dpo_cases("fused_triton_gemm"), data=st.data())
+def test_dpo_all_false_mask_fused_triton_gemm(case, data):
+    check_dpo_all_false_mask(case, data, "fused_triton_gemm")

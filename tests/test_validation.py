@@ -9,6 +9,8 @@ tests, then fixed) stay as regression tests.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,7 @@ from fastdpo import (
     sequence_logprobs,
     sequence_logprobs_pair,
 )
-from fastdpo.linear import fused_linear_pair_loss
+from fastdpo.fused_pair import HeadOptions, dpo_head
 
 from helpers import IMPLS
 
@@ -356,27 +358,31 @@ def test_linear_sequence_logprobs_strided_and_expanded():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def pair_loss(sums, pairs):
-    k = pairs.shape[0]
-    return -torch.nn.functional.logsigmoid(sums[:k] - sums[k:])
+OPTS = HeadOptions(fold="torch", scale=None, ref_scale=None, reduction="mean", loss_type=("sigmoid",), beta=0.1,
+                   label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False)
 
 
-def test_fused_linear_pair_loss_rejects():
+def test_dpo_head_rejects():
+    count = torch.ones(2)
     with pytest.raises(ValueError, match="hidden must hold 2B sequences"):
-        fused_linear_pair_loss(H[:1].expand(3, 3, 4), W, LY[:1].expand(3, 3), LM[:1].expand(3, 3), pair_loss)
-    with pytest.raises(ValueError, match="reduction must be one of"):
-        fused_linear_pair_loss(H, W, LY, LM, pair_loss, reduction="max")
-    with pytest.raises(TypeError, match="mask must be a torch.bool"):
-        fused_linear_pair_loss(H, W, LY, LM.float(), pair_loss)
+        dpo_head(H[:1].expand(3, 3, 4), W, LY[:1].expand(3, 3), LM[:1].expand(3, 3), torch.ones(3), OPTS)
+    with pytest.raises(ValueError, match="opts.reduction must be one of"):
+        dpo_head(H, W, LY, LM, count, dataclasses.replace(OPTS, reduction="max"))
+    with pytest.raises(ValueError, match="opts.fold must be one of"):
+        dpo_head(H, W, LY, LM, count, dataclasses.replace(OPTS, fold="cuda"))
+    with pytest.raises(TypeError, match=r"mask must be a torch.bool tensor \(True = the position counts\)"):
+        dpo_head(H, W, LY, LM.float(), count, OPTS)
     with pytest.raises(ValueError, match="targets holds token id"):
-        fused_linear_pair_loss(H, W, LY + 7, LM, pair_loss)
+        dpo_head(H, W, LY + 7, LM, count, OPTS)
+    with pytest.raises(ValueError, match=r"count must be a float \(2,\) tensor"):
+        dpo_head(H, W, LY, LM, torch.ones(3), OPTS)
+    with pytest.raises(ValueError, match="ref_scores must be a float32"):
+        dpo_head(H, W, LY, LM, count, OPTS, ref_scores=torch.zeros(3))
 
 
-
-
-def test_fused_linear_pair_loss_empty_batch():
-    with pytest.raises((ValueError, TypeError), match="hidden"):
-        fused_linear_pair_loss(H[:0], W, LY[:0], LM[:0], pair_loss)
+def test_dpo_head_empty_batch():
+    with pytest.raises(ValueError, match="hidden must hold at least one pair"):
+        dpo_head(H[:0], W, LY[:0], LM[:0], torch.ones(0), OPTS)
 
 
 # ============================================================================ DPO

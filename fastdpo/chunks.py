@@ -1,0 +1,314 @@
+"""Counted rows and chunked head products: the math both fused-head ops share.
+
+Dimensions: N sequences, T positions, D hidden size, V vocabulary; M counted rows.
+
+``logits = hidden @ weight.T (* scale)`` is never built whole.  The counted rows (mask True)
+are gathered once (prompt and padding rows need no head product at all), then walked in
+chunks whose logits fit a byte budget.  Each chunk's logits come from the library's matrix
+product (``torch.mm``: cuBLAS on CUDA), rounded as the model's own head rounds them (the
+product in the weight's dtype, then the scale); a *fold* then does the elementwise work on
+them:
+
+* :class:`TorchFold` -- torch ops over cache-sized boxes, on float32 copies (the CPU path);
+* :class:`TritonFold` -- fastdpo's Triton kernels (:func:`fastdpo.kernels.sequence_logprobs.
+  row_logprobs` and ``row_logprob_grad_``), reading the logits in their own dtype and writing
+  the gradient over them in place (the CUDA path, and under ``TRITON_INTERPRET=1`` on CPU
+  tensors).
+
+Gathering needs the number of counted rows on the host: :func:`plan_rows` costs one
+device-to-host copy of N counts (one sync on CUDA), and everything after it is sync-free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import torch_impl
+
+# Logits bytes (in the fold's dtype) one chunk of rows may hold, per device type.  CPU: large
+# enough that each chunk's product is an efficient GEMM (hundreds of rows), small against the
+# (N, T, V) logits it replaces.  CUDA: thousands of rows, so each product fills the GPU
+# (1 GiB is 4096 rows of bf16 logits at V = 128256).
+CHUNK_BYTES = 64 << 20
+CUDA_CHUNK_BYTES = 1 << 30
+# Logits bytes the pair fusion may keep from one group of whole pairs between its two passes
+# (logits beyond it are recomputed).  CPU: at 128 MiB one pair of 2 x 512 tokens over a 32k
+# vocabulary fits whole.  CUDA: a quarter of the memory free for tensors (cudaMemGetInfo plus
+# what torch's caching allocator holds unused), at most CUDA_GROUP_CAP: 4 GiB holds 16k rows of
+# bf16 logits at V = 128256 (B = 8 pairs of 2 x 1000 completion tokens), so recomputing is
+# the exception.
+GROUP_BYTES = 128 << 20
+CUDA_GROUP_CAP = 4 << 30
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The chunk budget for tensors on ``device`` (read at call time: tests shrink it)."""
+    return CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES
+
+
+def group_bytes(device: torch.device) -> int:
+    """The pair fusion's keep budget for tensors on ``device`` (see GROUP_BYTES)."""
+    if device.type != "cuda":
+        return GROUP_BYTES
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(max(GROUP_BYTES, min(CUDA_GROUP_CAP, (free + cached) // 4)))
+
+
+def rows_per_chunk(v: int, elem_bytes: int, budget: int) -> int:
+    """Rows of V logits of ``elem_bytes`` each that fit ``budget`` bytes (at least one)."""
+    return max(1, budget // (elem_bytes * max(v, 1)))
+
+
+def chunk_slices(m: int, rows: int, start: int = 0) -> list[slice]:
+    """[start, m) cut into slices of at most ``rows`` rows."""
+    return [slice(r, min(r + rows, m)) for r in range(start, m, rows)]
+
+
+# ----------------------------------------------------------------------------- counted rows
+
+
+@dataclass
+class RowPlan:
+    """The counted rows of an (N, T) mask, in row-major order.
+
+    ``index`` (M,) flat positions into N*T; ``seq`` (M,) the sequence of each row; ``bounds``
+    (host list, N + 1) so that sequence n's rows are ``[bounds[n], bounds[n + 1])``.
+    """
+
+    index: Tensor
+    seq: Tensor
+    bounds: list[int]
+    shape: tuple[int, int]
+
+    @property
+    def m(self) -> int:
+        return self.bounds[-1]
+
+    def take(self, x: Tensor) -> Tensor:
+        """Rows of an (N, T, ...) tensor at the counted positions: (M, ...)."""
+        n, t = self.shape
+        return x.reshape(n * t, *x.shape[2:]).index_select(0, self.index)
+
+    def put(self, rows: Tensor) -> Tensor:
+        """(N, T, ...) zeros with ``rows`` (M, ...) at the counted positions."""
+        n, t = self.shape
+        out = rows.new_zeros(n * t, *rows.shape[1:])
+        out.index_copy_(0, self.index, rows)
+        return out.reshape(n, t, *rows.shape[1:])
+
+    def sequence_sums(self, per_row: Tensor) -> Tensor:
+        """float32 (N,) sums of (M,) row values per sequence.  index_add_ adds row after row:
+        thousands of float32 terms would lose ~1e-6 relative, so the sums accumulate in
+        float64 (M extra values, nothing to the step)."""
+        sums = torch.zeros(self.shape[0], dtype=torch.float64, device=per_row.device)
+        return sums.index_add_(0, self.seq, per_row.double()).float()
+
+
+def plan_rows(mask: Tensor) -> RowPlan:
+    """The :class:`RowPlan` of a bool (N, T) mask; its one host sync is the N counts."""
+    n, t = mask.shape
+    counts = mask.sum(-1)
+    bounds = [0, *torch.cumsum(counts, 0).tolist()]  # the sync
+    m = bounds[-1]
+    # Sync-free compaction now that M is known: a stable sort puts the counted positions
+    # first, in order (deterministic, unlike a scatter with a spare slot).
+    flat = mask.reshape(-1)
+    index = torch.sort((~flat).to(torch.uint8), stable=True).indices[:m]
+    return RowPlan(index=index, seq=torch.div(index, max(t, 1), rounding_mode="floor"), bounds=bounds, shape=(n, t))
+
+
+# ----------------------------------------------------------------------------- products
+
+
+def logits_into(out: Tensor, h: Tensor, weight: Tensor, scale: float | None) -> Tensor:
+    """Fill ``out`` (rows, V) with ``h @ weight.T (* scale)`` rounded as the model's own head
+    rounds it: the product in the weight's dtype, then the scale (after the product, as
+    x-transformers' tied head does), then, for a float32 ``out``, the widening."""
+    if out.dtype == weight.dtype:
+        torch.mm(h, weight.t(), out=out)
+        if scale is not None:
+            out.mul_(scale)
+        return out
+    z = torch.mm(h, weight.t())
+    if scale is not None:
+        z.mul_(scale)
+    return out.copy_(z)
+
+
+class WeightGrad:
+    """Accumulates ``sum_k dz_k.T @ h_k`` for a (V, D) weight.
+
+    One product is kept as it comes (rounded once to the weight's dtype, as the model's own
+    backward rounds it); from the second on, the sum moves to float32 and every product is
+    added there (``torch.mm(..., out_dtype=torch.float32)`` where the build has it for CUDA,
+    else the product widened), so many chunks or groups do not round the gradient many times.
+    """
+
+    def __init__(self, weight: Tensor):
+        self.dtype = weight.dtype
+        self.value: Tensor | None = None
+        self.products = 0
+
+    def add(self, dz: Tensor, h: Tensor) -> None:
+        self.products += 1
+        if self.value is None:
+            self.value = torch.mm(dz.t(), h)
+            return
+        if self.value.dtype != torch.float32:
+            self.value = self.value.float()
+        if dz.dtype == torch.float32:
+            self.value.addmm_(dz.t(), h)
+        else:
+            self.value.add_(_mm_float32(dz.t(), h))
+
+    def result(self) -> Tensor | None:
+        return None if self.value is None else self.value.to(self.dtype)
+
+
+_MM_OUT_DTYPE: bool | None = None
+
+
+def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
+    """float32 ``a @ b`` of 16-bit operands: cuBLAS's float32 output where torch offers it
+    (``aten::mm.dtype``, CUDA only), else the product in the operands' dtype, widened."""
+    global _MM_OUT_DTYPE
+    if a.device.type == "cuda" and _MM_OUT_DTYPE is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return torch.mm(a, b).float()
+
+
+# ----------------------------------------------------------------------------- folds
+
+
+class TorchFold:
+    """The elementwise work in torch ops, on float32 logits, box by box (cache-sized)."""
+
+    name = "torch"
+
+    @staticmethod
+    def dtype(weight: Tensor) -> torch.dtype:
+        return torch.float32
+
+    @staticmethod
+    def stats(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """(row stats (2, rows): max and log-sum, see :func:`torch_impl.max_logsum`; target
+        log-probs (rows,)) of float32 logits ``z``."""
+        st = torch.empty(2, z.shape[0], dtype=torch.float32, device=z.device)
+        for r in _boxes(z):
+            st[0, r], st[1, r] = torch_impl.max_logsum(z[r])
+        return st, (z.gather(1, y.unsqueeze(1)).squeeze(1) - st[0]) - st[1]
+
+    @staticmethod
+    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None) -> Tensor:
+        """Turn float32 logits into d(sum_m g_m logp_m)/d(h @ W.T) in place."""
+        for r in _boxes(z):
+            zr = z[r]
+            zr.sub_(st[0, r].unsqueeze(1)).sub_(st[1, r].unsqueeze(1))
+            zr.exp_().mul_(g[r].neg().unsqueeze(1))
+            zr.scatter_add_(1, y[r].unsqueeze(1), g[r].unsqueeze(1))
+            if scale is not None:
+                zr.mul_(scale)
+        return z
+
+
+def _boxes(z: Tensor) -> list[slice]:
+    """Row ranges of ``z`` small enough to stay in cache across several elementwise passes
+    (the chunk itself is a GEMM output far larger than any cache)."""
+    return chunk_slices(z.shape[0], rows_per_chunk(z.shape[1], 4, torch_impl.BOX_BYTES))
+
+
+class TritonFold:
+    """The elementwise work in fastdpo's Triton kernels, on logits in the weight's dtype:
+    one launch for the row statistics and target log-probs, one that writes the gradient over
+    the logits in place (so the two gradient products read it as they would the model's)."""
+
+    name = "triton"
+
+    @staticmethod
+    def dtype(weight: Tensor) -> torch.dtype:
+        return weight.dtype
+
+    @staticmethod
+    def stats(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        from .kernels.sequence_logprobs import row_logprobs
+
+        logp, st = row_logprobs(z, y)
+        return st, logp
+
+    @staticmethod
+    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None) -> Tensor:
+        from .kernels.sequence_logprobs import row_logprob_grad_
+
+        # The scale folds into the row weight: d logp / dz scaled, rounded once to z's dtype.
+        return row_logprob_grad_(z, y, st, g if scale is None else g * scale)
+
+
+FOLDS = {"torch": TorchFold, "triton": TritonFold}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_rows(
+    h: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    scale: float | None,
+    fold,
+    budget: int,
+    *,
+    hits: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(row stats (2, M), target log-probs (M,), argmax hits (M,) bool or None) of every row of
+    ``h`` (M, D), chunk by chunk through one reused buffer; no logits kept."""
+    m, v = h.shape[0], weight.shape[0]
+    dtype = fold.dtype(weight)
+    st = torch.empty(2, m, dtype=torch.float32, device=h.device)
+    logp = torch.empty(m, dtype=torch.float32, device=h.device)
+    hit = torch.empty(m, dtype=torch.bool, device=h.device) if hits else None
+    rows = max(1, min(m, rows_per_chunk(v, dtype.itemsize, budget)))
+    buf = torch.empty(rows, v, dtype=dtype, device=h.device) if m else None
+    for c in chunk_slices(m, rows):
+        z = logits_into(buf[: c.stop - c.start], h[c], weight, scale)
+        st[:, c], logp[c] = fold.stats(z, y[c])
+        if hit is not None:
+            hit[c] = z.argmax(-1) == y[c]
+    return st, logp, hit
+
+
+def row_grads(
+    h: Tensor,
+    y: Tensor,
+    weight: Tensor,
+    scale: float | None,
+    fold,
+    st: Tensor,
+    g: Tensor,
+    budget: int,
+    grad_weight: WeightGrad | None,
+    need_hidden: bool = True,
+) -> Tensor | None:
+    """d hidden rows (M, D) of ``sum_m g_m logp_m`` (recomputing each chunk's logits from the
+    row stats); adds the weight's gradient into ``grad_weight``."""
+    m, v = h.shape[0], weight.shape[0]
+    dtype = fold.dtype(weight)
+    grad_h = torch.empty_like(h) if need_hidden else None
+    rows = max(1, min(m, rows_per_chunk(v, dtype.itemsize, budget)))
+    buf = torch.empty(rows, v, dtype=dtype, device=h.device) if m else None
+    for c in chunk_slices(m, rows):
+        z = logits_into(buf[: c.stop - c.start], h[c], weight, scale)
+        dz = fold.grad_(z, st[:, c], y[c], g[c], scale).to(weight.dtype)
+        if grad_h is not None:
+            torch.mm(dz, weight, out=grad_h[c])
+        if grad_weight is not None:
+            grad_weight.add(dz, h[c])
+    return grad_h

@@ -1,0 +1,359 @@
+"""The DPO step's head: reference scores and the policy's loss and head gradients in one op.
+
+Dimensions: B pairs; 2B sequences (B chosen, then their B rejected); T positions; D hidden
+size; V vocabulary; M counted rows.
+
+A pair's loss depends on its own four scores only, so once a group of whole pairs is scored
+the loss gradient of each of its sequences is known, while the group's logits are still in
+memory: they turn into the gradient in place and meet ``weight`` and ``hidden`` right away.
+The policy's head then costs one product forward and two backward (the floor); backward
+merely scales the gradients made in forward.  A group whose logits exceed the keep budget
+(:func:`fastdpo.chunks.group_bytes`; one pair is always a group) recomputes the chunks beyond
+it.  Only counted rows are multiplied.  The elementwise work is a fold of
+:mod:`fastdpo.chunks` (torch on CPU, Triton kernels on CUDA), the products are ``torch.mm``.
+
+Everything runs inside one ``torch.library`` custom op, ``fastdpo::dpo_head``, so that
+``torch.compile`` sees one opaque node (with a fake implementation) instead of the
+data-dependent row gathering, and so that the step's one host sync (the counted rows, see
+:func:`fastdpo.chunks.plan_rows`) is shared by the reference and the policy.  Without
+gradients (``no_grad``, ``inference_mode``, a frozen policy) it scores forward only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from . import _checks, chunks
+from .linear import check_linear_inputs
+from .losses import LossConfig, pair_losses
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """The op's non-tensor options (they travel as one JSON string: a custom op's schema)."""
+
+    fold: str  # "torch" | "triton": see fastdpo.chunks.FOLDS
+    scale: float | None  # the policy head's logit scale (tied embedding)
+    ref_scale: float | None
+    reduction: str  # the DPO module's logprob_reduction: "mean" | "sum"
+    loss_type: tuple[str, ...]
+    beta: float
+    label_smoothing: float
+    loss_weights: tuple[float, ...]
+    gamma: float
+    bco_delta: float  # a tensor delta travels as the op's bco_delta argument
+    count_hits: bool  # count scored positions whose target is the argmax (metrics)
+    chunk_bytes: int = 0  # 0: the device's default, fastdpo.chunks.chunk_bytes
+    group_bytes: int = 0  # 0: the device's default, fastdpo.chunks.group_bytes
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    def loss_config(self, bco_delta: Tensor | None) -> LossConfig:
+        return LossConfig(
+            loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
+            loss_weights=self.loss_weights, gamma=self.gamma,
+            bco_delta=bco_delta if bco_delta is not None else self.bco_delta,
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _options(text: str) -> HeadOptions:
+    raw = json.loads(text)
+    raw["loss_type"], raw["loss_weights"] = tuple(raw["loss_type"]), tuple(raw["loss_weights"])
+    return HeadOptions(**raw)
+
+
+@contextlib.contextmanager
+def _autograd_inside_op():
+    """Let autograd record again inside the custom op's body, for the group's tiny loss.
+
+    A custom op's implementation runs below autograd: its dispatch keys are excluded from
+    the thread's dispatch, so no graph is recorded even under ``torch.enable_grad()``.  The
+    loss gradient of a group (a few scalars per pair, any loss type) is taken with autograd
+    itself rather than a second, hand-written derivative of every loss, so this guard
+    removes the autograd keys from the excluded set for the duration (torch.func's vjp would
+    do it too, but breaks under dispatch modes such as FlopCounterMode).  Never used under
+    ``inference_mode``: without gradients the op does not take the loss's gradient."""
+    c = torch._C
+    autograd = (
+        c.DispatchKeySet(c.DispatchKey.AutogradFunctionality)
+        | c.DispatchKeySet(c.DispatchKey.AutogradOther)
+        | c.DispatchKeySet(c.DispatchKey.AutogradNestedTensor)
+    )
+    excluded = c._dispatch_tls_local_exclude_set()
+    with c._ForceDispatchKeyGuard(c._dispatch_tls_local_include_set(), excluded - autograd), torch.enable_grad():
+        yield
+
+
+def pair_groups(bounds: list[int], b: int, row_bytes: int, budget: int):
+    """Consecutive pairs whose counted rows' logits (``row_bytes`` each) fit ``budget`` (at
+    least one pair).  Yields (pair indices, row slices of their chosen then rejected rows)."""
+    start = 0
+    while start < b:
+        stop, rows = start, 0
+        while stop < b:
+            size = (bounds[stop + 1] - bounds[stop]) + (bounds[b + stop + 1] - bounds[b + stop])
+            if stop > start and (rows + size) * row_bytes > budget:
+                break
+            rows += size
+            stop += 1
+        yield list(range(start, stop)), [slice(bounds[start], bounds[stop]), slice(bounds[b + start], bounds[b + stop])]
+        start = stop
+
+
+def _cat_rows(x: Tensor, spans: list[slice]) -> Tensor:
+    parts = [x[s] for s in spans if s.stop > s.start]
+    if not parts:
+        return x[:0]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def dpo_head_impl(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    count: Tensor,
+    ref_hidden: Tensor | None,
+    ref_weight: Tensor | None,
+    ref_scores: Tensor | None,
+    bco_delta: Tensor | None,
+    opts: HeadOptions,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The op's body; see :func:`dpo_head` for the arguments and results."""
+    n2, t, d = hidden.shape
+    b = n2 // 2
+    dev = hidden.device
+    plan = chunks.plan_rows(mask)  # the step's one host sync
+    fold = chunks.FOLDS[opts.fold]
+    chunk_bytes = opts.chunk_bytes or chunks.chunk_bytes(dev)
+    y = plan.take(targets)
+    if ref_hidden is not None:
+        _, ref_logp, _ = chunks.score_rows(plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes)
+        ref_sums = plan.sequence_sums(ref_logp)
+        ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
+    elif ref_scores is None:  # reference-free: a zero reference
+        ref_scores = torch.zeros(n2, dtype=torch.float32, device=dev)
+    cfg = opts.loss_config(bco_delta)
+    h = plan.take(hidden)
+    hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
+
+    if not (need_hidden or need_weight):
+        _, logp, hit = chunks.score_rows(h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits)
+        sums = plan.sequence_sums(logp)
+        if hit is not None:
+            hits.index_add_(0, plan.seq, hit.long())
+        loss = pair_losses(sums, ref_scores, count, cfg, opts.reduction).mean()
+        return loss, sums, ref_scores, hits, None, None
+
+    v = weight.shape[0]
+    zdtype = fold.dtype(weight)
+    rows_per_chunk = chunks.rows_per_chunk(v, zdtype.itemsize, chunk_bytes)
+    group_bytes = opts.group_bytes or chunks.group_bytes(dev)
+    grad_rows = torch.empty_like(h) if need_hidden else None
+    grad_w = chunks.WeightGrad(weight) if need_weight else None
+    sums64 = torch.zeros(n2, dtype=torch.float64, device=dev)  # see RowPlan.sequence_sums
+    losses = torch.empty(b, dtype=torch.float32, device=dev)
+    for pairs, spans in pair_groups(plan.bounds, b, v * zdtype.itemsize, group_bytes):
+        hg, yg, seq = _cat_rows(h, spans), _cat_rows(y, spans), _cat_rows(plan.seq, spans)
+        m = hg.shape[0]
+        # The first `keep` rows keep their logits between the passes; the rest are recomputed.
+        keep = min(m, group_bytes // (v * zdtype.itemsize))
+        kept = torch.empty(keep, v, dtype=zdtype, device=dev)
+        parts = chunks.chunk_slices(keep, rows_per_chunk) + chunks.chunk_slices(m, rows_per_chunk, keep)
+        spare = None
+        st = torch.empty(2, m, dtype=torch.float32, device=dev)
+        logp = torch.empty(m, dtype=torch.float32, device=dev)
+        # Pass 1: score the group's rows.
+        for c in parts:
+            if c.stop <= keep:
+                z = kept[c]
+            else:
+                spare = spare if spare is not None else torch.empty(rows_per_chunk, v, dtype=zdtype, device=dev)
+                z = spare[: c.stop - c.start]
+            chunks.logits_into(z, hg[c], weight, opts.scale)
+            st[:, c], logp[c] = fold.stats(z, yg[c])
+            if opts.count_hits:
+                hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
+        sums64.index_add_(0, seq, logp.double())
+        # The group's loss gradient per sequence, from its scores alone.
+        index = torch.tensor(pairs, device=dev)
+        both = torch.cat((index, index + b))
+        group_sums = sums64.float()[both]
+
+        def group_loss(s: Tensor) -> Tensor:
+            return pair_losses(s, ref_scores[both], count[both], cfg, opts.reduction, pairs=index)
+
+        with _autograd_inside_op():
+            leaf = group_sums.detach().requires_grad_()
+            group_losses = group_loss(leaf)
+            (dsums,) = torch.autograd.grad(group_losses.sum() * (1.0 / b), leaf)
+        losses[index] = group_losses.detach()
+        g_of_seq = torch.zeros(n2, dtype=torch.float32, device=dev)
+        g_of_seq[both] = dsums.float()
+        g = g_of_seq.index_select(0, seq)
+        # Pass 2: the kept logits become the gradient in place, then two products over all of
+        # them; the rest are recomputed chunk by chunk.
+        grad_h = torch.empty_like(hg) if need_hidden else None
+        if keep:
+            for c in chunks.chunk_slices(keep, rows_per_chunk):
+                fold.grad_(kept[c], st[:, c], yg[c], g[c], opts.scale)
+            dz = kept.to(weight.dtype)
+            del kept
+            if grad_h is not None:
+                torch.mm(dz, weight, out=grad_h[:keep])
+            if grad_w is not None:
+                grad_w.add(dz, hg[:keep])
+            del dz
+        if keep < m:
+            rest = chunks.row_grads(
+                hg[keep:], yg[keep:], weight, opts.scale, fold, st[:, keep:], g[keep:],
+                chunk_bytes, grad_w, need_hidden,
+            )
+            if grad_h is not None:
+                grad_h[keep:] = rest
+        if grad_rows is not None:
+            start = 0
+            for s in spans:
+                grad_rows[s] = grad_h[start : start + s.stop - s.start]
+                start += s.stop - s.start
+    grad_hidden = plan.put(grad_rows).to(hidden.dtype) if grad_rows is not None else None
+    if grad_w is not None:
+        grad_weight = grad_w.result() if grad_w.value is not None else torch.zeros_like(weight)
+    else:
+        grad_weight = None
+    return losses.mean(), sums64.float(), ref_scores, hits, grad_hidden, grad_weight
+
+
+# ----------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("fastdpo::dpo_head", mutates_args=())
+def _dpo_head_op(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    count: Tensor,
+    ref_hidden: Tensor | None,
+    ref_weight: Tensor | None,
+    ref_scores: Tensor | None,
+    bco_delta: Tensor | None,
+    options: str,
+    need_hidden: bool,
+    need_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    loss, sums, ref, hits, grad_h, grad_w = dpo_head_impl(
+        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta,
+        _options(options), need_hidden, need_weight,
+    )
+    if ref_scores is not None and ref is ref_scores:
+        ref = ref.clone()  # a custom op's outputs may not alias its inputs or each other
+    return loss, sums, ref, hits, _or_empty(grad_h, hidden), _or_empty(grad_w, hidden)
+
+
+def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
+    return x if x is not None else like.new_empty(0)
+
+
+@_dpo_head_op.register_fake
+def _(hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, options, need_hidden, need_weight):
+    n2 = hidden.shape[0]
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    return (
+        torch.empty((), **f32),
+        torch.empty(n2, **f32),
+        torch.empty(n2, **f32),
+        torch.empty(n2 if _options(options).count_hits else 0, dtype=torch.int64, device=hidden.device),
+        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+        torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, _, _, _, _, _, _, _, need_hidden, need_weight = inputs
+    # save_for_backward keeps the gradients while the graph is retained (a second backward
+    # after backward(retain_graph=True) sees them again) and frees them with the graph.
+    ctx.save_for_backward(output[4], output[5])
+    ctx.need = (need_hidden, need_weight)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward(ctx, grad_loss, *_):
+    grad_h, grad_w = ctx.saved_tensors
+    need_hidden, need_weight = ctx.need
+    # A new tensor even when grad_loss is 1: autograd may accumulate into what it is given.
+    grad_h = grad_h * grad_loss if need_hidden and ctx.needs_input_grad[0] else None
+    grad_w = grad_w * grad_loss if need_weight and ctx.needs_input_grad[1] else None
+    return (grad_h, grad_w) + (None,) * 10
+
+
+_dpo_head_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dpo_head(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    count: Tensor,
+    opts: HeadOptions,
+    *,
+    ref_hidden: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_scores: Tensor | None = None,
+    bco_delta: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Mean DPO loss over pairs of the policy's hidden states, with the head's gradients made
+    in forward; also the reference's scores when its hidden states are given.
+
+    Args:
+        hidden: (2B, T, D) policy final hidden states, B chosen sequences then their B
+            rejected ones (float32, bfloat16 or float16).
+        weight: (V, D) the policy's head weight, hidden's dtype.
+        targets: (2B, T) int64 ids, mask: (2B, T) bool (True = the position is scored),
+            count: (2B,) float scored-token counts (clamped, as the DPO module makes them).
+        opts: :class:`HeadOptions` (fold, scales, the loss, budgets).
+        ref_hidden, ref_weight: the reference model's hidden states and head weight, scored
+            with the same row plan (the step's one host sync); or
+        ref_scores: (2B,) precomputed reference scores in ``opts.reduction``; with neither, a
+            zero reference.
+        bco_delta: a tensor ``bco_delta`` (0-D or (B,)), if the loss has one.
+
+    Returns:
+        (loss scalar, policy summed log-probs (2B,) float32, reference scores (2B,) float32,
+        argmax hits (2B,) int64 or (0,) without ``opts.count_hits``); all but the loss detached.
+    """
+    targets, mask, _ = check_linear_inputs(hidden, weight, targets, mask, opts.scale)
+    n2 = hidden.shape[0]
+    if n2 == 0:
+        raise ValueError("hidden must hold at least one pair (2 sequences), got 0 sequences")
+    if n2 % 2:
+        raise ValueError(f"hidden must hold 2B sequences (chosen then rejected), got {n2}")
+    _checks.tensor("count", count, ndim=1)
+    if count.shape[0] != n2 or not count.is_floating_point():
+        raise ValueError(f"count must be a float ({n2},) tensor, got {count.dtype} {tuple(count.shape)}")
+    if ref_hidden is not None:
+        check_linear_inputs(ref_hidden, ref_weight, targets, mask, opts.ref_scale)
+        if ref_hidden.shape[:2] != hidden.shape[:2]:
+            raise ValueError(f"ref_hidden must be ({n2}, T, D') like hidden, got {tuple(ref_hidden.shape)}")
+    if ref_scores is not None and (ref_scores.shape != (n2,) or ref_scores.dtype != torch.float32):
+        raise ValueError(f"ref_scores must be a float32 ({n2},) tensor, got {ref_scores.dtype} {tuple(ref_scores.shape)}")
+    _checks.choice("opts.fold", opts.fold, tuple(chunks.FOLDS))
+    _checks.choice("opts.reduction", opts.reduction, ("mean", "sum"))
+    need_hidden = torch.is_grad_enabled() and hidden.requires_grad
+    need_weight = torch.is_grad_enabled() and weight.requires_grad
+    loss, sums, ref, hits, _, _ = _dpo_head_op(
+        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta,
+        opts.to_json(), need_hidden, need_weight,
+    )
+    return loss, sums, ref, hits
