@@ -78,9 +78,9 @@ def _check_impls(device) -> list[tuple[str, str | None]]:
         out.append(("triton", None))
     else:
         try:
-            import triton
+            from .kernels._common import interpreting
 
-            interpreted = bool(triton.knobs.runtime.interpret)
+            interpreted = interpreting()
         except Exception:  # noqa: BLE001 -- no triton: nothing to check
             interpreted = False
         out.append(("triton", None if interpreted else f"needs CUDA (set TRITON_INTERPRET=1 to run the kernels on the {device.type} interpreter)"))

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checks
-from .fused_pair import HeadOptions, dpo_head
+from .fused_pair import call_dpo_head
 from .heads import LinearHead, find_linear_head
 from .linear import MATMULS, linear_sequence_logprobs, resolve_matmul
 from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
@@ -147,7 +147,8 @@ class DPO(nn.Module):
             :func:`fastdpo.heads.find_linear_head` can reproduce the model's head exactly, and
             scores logits otherwise (warning once with the reason); ``"fused"`` insists (a
             ``ValueError`` with the reason, at construction and at any call that cannot fuse);
-            ``"logits"`` always scores the model's logits.
+            ``"logits"`` always scores the model's logits.  A model wrapped or changed after
+            construction is looked at again on its first call on each device.
         impl: "auto" (Triton kernels for CUDA tensors, torch otherwise), "torch" or "triton",
             for every route (see :func:`fastdpo.sequence_logprobs` and
             :func:`fastdpo.linear_sequence_logprobs`).
@@ -200,10 +201,16 @@ class DPO(nn.Module):
         self.impl = _checks.choice("impl", impl, IMPLS)
         self.matmul = _checks.choice("matmul", matmul, MATMULS)
         self.inplace_backward = bool(inplace_backward)
-        if head == "fused":
+        if head != "logits":
             found, why = find_linear_head(model)
-            if found is None:
+            if found is None and head == "fused":
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+            if found is None:  # said once, here, not at every step
+                warnings.warn(
+                    f"fastdpo.DPO will score this model's logits (no fused head, so (2B, L-1, V) "
+                    f"logits are built): {why}; pass head='logits' to silence this",
+                    stacklevel=2,
+                )
         # Checks beta too (the one place it is checked).
         self.loss = check_loss_config(
             loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
@@ -220,7 +227,6 @@ class DPO(nn.Module):
             frozen_copy(model) if self.loss.needs_reference and not self.reference_free else None
         )
         self._routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
-        self._warned = False
 
     def parameters(self, recurse: bool = True):
         """The policy's parameters only (the reference model is frozen), as x-transformers."""
@@ -233,6 +239,8 @@ class DPO(nn.Module):
         ``device``: decided on the first call there and kept (``head="fused"`` raises on any
         call whose model cannot be fused)."""
         device = torch.device(device)
+        if torch.compiler.is_compiling():  # traced: decided again, folded into the graph
+            return self._decide_route(model, device)
         key = (id(model), str(device))
         cached = self._routes.get(key)
         if cached is not None and cached[0] is model:
@@ -249,13 +257,6 @@ class DPO(nn.Module):
         if head is None:
             if self.head == "fused":
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
-            if not self._warned:  # once per DPO module, not per model or step
-                self._warned = True
-                warnings.warn(
-                    f"fastdpo.DPO scores this model's logits (no fused head, so (2B, L-1, V) "
-                    f"logits are built): {why}; pass head='logits' to silence this",
-                    stacklevel=4,
-                )
             return Route("logits", impl, "torch", None, why)
         matmul = resolve_matmul(self.matmul, impl, head.weight)
         pair = matmul == "torch" and self._pair_separable()
@@ -365,20 +366,23 @@ class DPO(nn.Module):
             sums = sequence_logprobs(logits, tgt, mask, impl=route.impl)
         return self._reduce(sums, count)
 
-    def _head_options(self, route: Route, ref_scale: float | None, count_hits: bool) -> HeadOptions:
+    def _head_options(self, route: Route, ref_scale: float | None, count_hits: bool) -> dict:
+        """:class:`fastdpo.fused_pair.HeadOptions`' fields, as the op's keyword arguments."""
         delta = self.loss.bco_delta
-        return HeadOptions(
+        return dict(
             fold=route.impl,
             scale=route.head.scale,
             ref_scale=ref_scale,
             reduction=self.logprob_reduction,
-            loss_type=self.loss.loss_type,
+            loss_type=",".join(self.loss.loss_type),
             beta=self.loss.beta,
             label_smoothing=self.loss.label_smoothing,
             loss_weights=self.loss.loss_weights,
             gamma=self.loss.gamma,
-            bco_delta=0.0 if isinstance(delta, Tensor) else float(delta),
+            bco_delta_value=0.0 if isinstance(delta, Tensor) else float(delta),
             count_hits=count_hits,
+            chunk_bytes=0,
+            group_bytes=0,
         )
 
     def forward(
@@ -442,13 +446,11 @@ class DPO(nn.Module):
         if route.kind == "pair":
             hidden = self.policy_model(src, return_embeddings=True)
             delta = self.loss.bco_delta
-            loss, policy_sums, ref_scores, hits = dpo_head(
-                hidden, route.head.weight, tgt, mask, count,
-                self._head_options(route, ref_head.scale if ref_head is not None else None, return_metrics),
-                ref_hidden=ref_hidden,
-                ref_weight=ref_head.weight if ref_head is not None else None,
-                ref_scores=ref_scores,
-                bco_delta=delta if isinstance(delta, Tensor) else None,
+            loss, policy_sums, ref_scores, hits = call_dpo_head(
+                hidden, route.head.weight, tgt, mask, count, ref_hidden,
+                ref_head.weight if ref_head is not None else None, ref_scores,
+                delta if isinstance(delta, Tensor) else None,
+                **self._head_options(route, ref_head.scale if ref_head is not None else None, return_metrics),
             )
         else:
             if route.kind == "scores":
@@ -466,7 +468,10 @@ class DPO(nn.Module):
                     tgt,
                     mask,
                     impl=route.impl,
-                    inplace_backward=self.inplace_backward and _own_logits(policy_logits),
+                    # (a compiled graph cannot look at grad_fn: it takes a fresh gradient buffer)
+                    inplace_backward=self.inplace_backward
+                    and not torch.compiler.is_compiling()
+                    and _own_logits(policy_logits),
                 )
             loss = pair_losses(policy_sums, ref_scores, count, self.loss, self.logprob_reduction).mean()
         if not return_metrics:

@@ -22,9 +22,8 @@ gradients (``no_grad``, ``inference_mode``, a frozen policy) it scores forward o
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import List
 
 import torch
 from torch import Tensor
@@ -36,7 +35,8 @@ from .losses import LossConfig, pair_losses
 
 @dataclass(frozen=True)
 class HeadOptions:
-    """The op's non-tensor options (they travel as one JSON string: a custom op's schema)."""
+    """The op's non-tensor options.  They reach the custom op as its plain arguments (a custom
+    op's schema takes no objects, and ``torch.compile`` passes plain constants through)."""
 
     fold: str  # "torch" | "triton": see fastdpo.chunks.FOLDS
     scale: float | None  # the policy head's logit scale (tied embedding)
@@ -52,22 +52,12 @@ class HeadOptions:
     chunk_bytes: int = 0  # 0: the device's default, fastdpo.chunks.chunk_bytes
     group_bytes: int = 0  # 0: the device's default, fastdpo.chunks.group_bytes
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
     def loss_config(self, bco_delta: Tensor | None) -> LossConfig:
         return LossConfig(
             loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
             loss_weights=self.loss_weights, gamma=self.gamma,
             bco_delta=bco_delta if bco_delta is not None else self.bco_delta,
         )
-
-
-@functools.lru_cache(maxsize=64)
-def _options(text: str) -> HeadOptions:
-    raw = json.loads(text)
-    raw["loss_type"], raw["loss_weights"] = tuple(raw["loss_type"]), tuple(raw["loss_weights"])
-    return HeadOptions(**raw)
 
 
 @contextlib.contextmanager
@@ -136,7 +126,7 @@ def dpo_head_impl(
     plan = chunks.plan_rows(mask)  # the step's one host sync
     fold = chunks.FOLDS[opts.fold]
     chunk_bytes = opts.chunk_bytes or chunks.chunk_bytes(dev)
-    y = plan.take(targets)
+    y = plan.take(targets).long()
     if ref_hidden is not None:
         _, ref_logp, _ = chunks.score_rows(plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes)
         ref_sums = plan.sequence_sums(ref_logp)
@@ -248,13 +238,28 @@ def _dpo_head_op(
     ref_weight: Tensor | None,
     ref_scores: Tensor | None,
     bco_delta: Tensor | None,
-    options: str,
+    fold: str,
+    scale: float | None,
+    ref_scale: float | None,
+    reduction: str,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float,
+    loss_weights: List[float],  # typing.List: torch < 2.7 takes no builtin list[float] here
+    gamma: float,
+    bco_delta_value: float,
+    count_hits: bool,
+    chunk_bytes: int,
+    group_bytes: int,
     need_hidden: bool,
     need_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # loss_type: the names joined by "," (a schema takes no list of strings)
+    opts = HeadOptions(fold, scale, ref_scale, reduction, tuple(loss_type.split(",")), beta, label_smoothing,
+                       tuple(loss_weights), gamma, bco_delta_value, count_hits, chunk_bytes, group_bytes)
     loss, sums, ref, hits, grad_h, grad_w = dpo_head_impl(
-        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta,
-        _options(options), need_hidden, need_weight,
+        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, opts,
+        need_hidden, need_weight,
     )
     if ref_scores is not None and ref is ref_scores:
         ref = ref.clone()  # a custom op's outputs may not alias its inputs or each other
@@ -266,21 +271,23 @@ def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
 
 
 @_dpo_head_op.register_fake
-def _(hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, options, need_hidden, need_weight):
+def _(hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, fold, scale, ref_scale,
+      reduction, loss_type, beta, label_smoothing, loss_weights, gamma, bco_delta_value, count_hits, chunk_bytes,
+      group_bytes, need_hidden, need_weight):
     n2 = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (
         torch.empty((), **f32),
         torch.empty(n2, **f32),
         torch.empty(n2, **f32),
-        torch.empty(n2 if _options(options).count_hits else 0, dtype=torch.int64, device=hidden.device),
+        torch.empty(n2 if count_hits else 0, dtype=torch.int64, device=hidden.device),
         torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
         torch.empty_like(weight) if need_weight else hidden.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, _, _, _, _, _, _, _, need_hidden, need_weight = inputs
+    need_hidden, need_weight = inputs[-2:]
     # save_for_backward keeps the gradients while the graph is retained (a second backward
     # after backward(retain_graph=True) sees them again) and frees them with the graph.
     ctx.save_for_backward(output[4], output[5])
@@ -294,7 +301,7 @@ def _backward(ctx, grad_loss, *_):
     # A new tensor even when grad_loss is 1: autograd may accumulate into what it is given.
     grad_h = grad_h * grad_loss if need_hidden and ctx.needs_input_grad[0] else None
     grad_w = grad_w * grad_loss if need_weight and ctx.needs_input_grad[1] else None
-    return (grad_h, grad_w) + (None,) * 10
+    return (grad_h, grad_w) + (None,) * 22
 
 
 _dpo_head_op.register_autograd(_backward, setup_context=_setup_context)
@@ -350,10 +357,24 @@ def dpo_head(
         raise ValueError(f"ref_scores must be a float32 ({n2},) tensor, got {ref_scores.dtype} {tuple(ref_scores.shape)}")
     _checks.choice("opts.fold", opts.fold, tuple(chunks.FOLDS))
     _checks.choice("opts.reduction", opts.reduction, ("mean", "sum"))
+    return call_dpo_head(
+        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta,
+        fold=opts.fold, scale=opts.scale, ref_scale=opts.ref_scale, reduction=opts.reduction,
+        loss_type=",".join(opts.loss_type), beta=opts.beta, label_smoothing=opts.label_smoothing,
+        loss_weights=opts.loss_weights, gamma=opts.gamma, bco_delta_value=opts.bco_delta,
+        count_hits=opts.count_hits, chunk_bytes=opts.chunk_bytes, group_bytes=opts.group_bytes,
+    )
+
+
+def call_dpo_head(
+    hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, **options
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The op on checked inputs, with :class:`HeadOptions`' fields as keywords (what
+    :class:`fastdpo.DPO` calls: plain constants, so ``torch.compile`` traces through it)."""
     need_hidden = torch.is_grad_enabled() and hidden.requires_grad
     need_weight = torch.is_grad_enabled() and weight.requires_grad
     loss, sums, ref, hits, _, _ = _dpo_head_op(
         hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta,
-        opts.to_json(), need_hidden, need_weight,
+        **options, need_hidden=need_hidden, need_weight=need_weight,
     )
     return loss, sums, ref, hits

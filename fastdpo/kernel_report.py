@@ -101,14 +101,18 @@ class Row:
 
 def _ptxas_info(ptx: str, cc: int, fp_fusion: bool) -> tuple[int, int, int]:
     """(registers, spill store bytes, spill load bytes) from the bundled ptxas -v."""
+    import inspect
+
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
 
+    # triton >= 3.5 picks a ptxas per architecture; 3.4 has one.
+    ptxas = get_ptxas(cc) if inspect.signature(get_ptxas).parameters else get_ptxas()
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
         # The flags Triton's own make_cubin passes, so the numbers are those of the shipped cubin.
-        cmd = [get_ptxas(cc).path, "-v", "--regAllocOptLevel=2", *([] if fp_fusion else ["--fmad=false"]),
+        cmd = [ptxas.path, "-v", "--regAllocOptLevel=2", *([] if fp_fusion else ["--fmad=false"]),
                f"--gpu-name={sm_arch_from_capability(cc)}", src, "-o", os.path.join(tmp, "k.cubin")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     regs, spills = _REGS.search(log), _SPILLS.search(log)

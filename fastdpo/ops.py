@@ -43,20 +43,27 @@ def _triton_kernels():
 def resolve_impl(impl: str, device: torch.device) -> str:
     """The implementation ``impl`` names for tensors on ``device``: "torch" or "triton"."""
     _checks.choice("impl", impl, IMPLS)
+    return _resolve(impl, torch.device(device).type)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(impl: str, device_type: str) -> str:
+    # A constant of the compiled graph: torch.compile calls this once, eagerly (it asks
+    # triton whether it interprets, which a trace cannot).
     if impl == "auto":
-        return "triton" if device.type == "cuda" and _triton_kernels() is not None else "torch"
+        return "triton" if device_type == "cuda" and _triton_kernels() is not None else "torch"
     if impl == "triton":
         if _triton_kernels() is None:
             raise NotImplementedError(
                 "impl='triton' needs triton and the kernels in fastdpo.kernels, which cannot "
                 "be imported here; use impl='torch' or impl='auto'"
             )
-        if device.type != "cuda":
-            import triton
+        if device_type != "cuda":
+            from .kernels._common import interpreting
 
-            if not triton.knobs.runtime.interpret:
+            if not interpreting():
                 raise ValueError(
-                    f"impl='triton' needs CUDA tensors, got tensors on {device}; set "
+                    f"impl='triton' needs CUDA tensors, got tensors on {device_type}; set "
                     "TRITON_INTERPRET=1 before importing fastdpo to run the kernels on the "
                     "CPU (slow, for testing), or use impl='torch'"
                 )

@@ -19,6 +19,17 @@ TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "f
 LAUNCH_OPTIONS = {"enable_fp_fusion": True}
 
 
+def interpreting() -> bool:
+    """Whether triton runs kernels in its interpreter (TRITON_INTERPRET=1, read by triton when
+    it decorates a kernel): through ``triton.knobs`` where triton has it (>= 3.4)."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def autotune_enabled() -> bool:
     """``FASTDPO_AUTOTUNE=1``: search tile configurations instead of the shipped ones.
 

@@ -1,6 +1,9 @@
-"""torch.compile sees sequence_logprobs as one custom op: no graph break, same numbers."""
+"""torch.compile: fastdpo's ops are custom ops (no graph break, same numbers), and a whole DPO
+step compiles with fullgraph=True on every route."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -49,3 +52,87 @@ def test_custom_op_passes_opcheck():
     op = torch.ops.fastdpo.sequence_logprobs.default
     torch.library.opcheck(op, (logits, None, targets, mask, "torch", False))
     torch.library.opcheck(op, (logits, torch.randn(2, 4, 33), targets, mask, "torch", False))
+
+
+# ----------------------------------------------------------------------------- a whole DPO step
+
+from x_transformers import Decoder, TransformerWrapper  # noqa: E402
+
+from fastdpo import DPO, linear_sequence_logprobs  # noqa: E402
+
+# Every route DPO can take (with impl="triton" the kernels run interpreted on CPU tensors).
+DPO_ROUTES = {
+    "fused": dict(),
+    "fused-triton": dict(impl="triton"),
+    "fused-triton-gemm": dict(impl="triton", matmul="triton"),
+    "logits": dict(head="logits"),
+    "logits-triton": dict(head="logits", impl="triton"),
+}
+
+
+def _dpo(kw, tie=False):
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=97, max_seq_len=32, tie_embedding=tie, attn_layers=Decoder(dim=32, depth=1, heads=2))
+    dpo = DPO(model, **kw)
+    with torch.no_grad():  # the policy away from the reference: a loss that is not log 2
+        g = torch.Generator().manual_seed(1)
+        for p in dpo.policy_model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return dpo
+
+
+def _batch():
+    g = torch.Generator().manual_seed(2)
+    pref, unpref = torch.randint(0, 97, (3, 16), generator=g), torch.randint(0, 97, (3, 16), generator=g)
+    pm = torch.arange(16)[None] < torch.tensor([[3], [5], [16]])  # the last pair is all prompt
+    unpref[pm] = pref[pm]
+    return pref, unpref, pm
+
+
+@pytest.mark.parametrize("route", DPO_ROUTES)
+def test_dpo_step_compiles_fullgraph(route):
+    """torch.compile(fullgraph=True) over a whole DPO step (reference, policy, head, loss,
+    backward) on every route: no graph break, the eager loss and gradients."""
+    dpo = _dpo(DPO_ROUTES[route])
+    pref, unpref, pm = _batch()
+    eager = dpo(pref, unpref, prompt_mask=pm)
+    eager.backward()
+    grads = {n: p.grad.clone() for n, p in dpo.policy_model.named_parameters()}
+    dpo.policy_model.zero_grad(set_to_none=True)
+
+    torch._dynamo.reset()
+    step = torch.compile(lambda a, b, m: dpo(a, b, prompt_mask=m), fullgraph=True, backend="aot_eager")
+    loss = step(pref, unpref, pm)
+    loss.backward()
+    assert abs(eager.item() - math.log(2)) > 1e-4
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
+    for n, p in dpo.policy_model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_linear_custom_op_passes_opcheck():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 13, (2, 5), generator=g)
+    mask = torch.rand(2, 5, generator=g) > 0.3
+    op = torch.ops.fastdpo.linear_sequence_logprobs.default
+    for args in ((None, "torch", "torch"), (0.5, "torch", "torch"), (None, "triton", "torch"), (None, "triton", "triton")):
+        torch.library.opcheck(op, (hidden, weight, targets, mask, *args))
+    assert linear_sequence_logprobs(hidden, weight, targets, mask).shape == (2,)
+
+
+def test_dpo_head_custom_op_passes_opcheck():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 13, (4, 5), generator=g)
+    mask = torch.rand(4, 5, generator=g) > 0.3
+    count = mask.sum(-1).clamp(min=1e-5).float()
+    ref_hidden = torch.randn(4, 5, 8, generator=g)
+    op = torch.ops.fastdpo.dpo_head.default
+    options = ("torch", None, None, "mean", "sigmoid", 0.1, 0.0, [1.0], 0.5, 0.0, True, 0, 0)
+    for fold in ("torch", "triton"):
+        opts = (fold, *options[1:])
+        torch.library.opcheck(op, (hidden, weight, targets, mask, count, ref_hidden, weight.detach(), None, None, *opts, True, True))
+        torch.library.opcheck(op, (hidden, weight, targets, mask, count, None, None, torch.randn(4), None, *opts, False, False))

@@ -97,7 +97,7 @@ def routes(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(dpo_module, "dpo_head", spy("fused", dpo_module.dpo_head))
+    monkeypatch.setattr(dpo_module, "call_dpo_head", spy("fused", dpo_module.call_dpo_head))
     monkeypatch.setattr(dpo_module, "sequence_logprobs", spy("logits", dpo_module.sequence_logprobs))
     return seen
 
@@ -271,7 +271,12 @@ def test_conventions_differ_from_default():
     assert len(set(losses.values())) == 4, losses
 
 
-def test_inplace_backward_used_and_equivalent():
+def test_inplace_backward_used_and_equivalent(monkeypatch):
+    import fastdpo.ops as ops
+
+    inplace_calls = []
+    real = ops._logprobs_backward_inplace_op
+    monkeypatch.setattr(ops, "_logprobs_backward_inplace_op", lambda *a: inplace_calls.append(1) or real(*a))
     model = make_model(257, seed=8)
     a = DPO(deepcopy_module(model), inplace_backward=True, head="logits")
     b_ = DPO(deepcopy_module(model), inplace_backward=False, head="logits")
@@ -279,10 +284,100 @@ def test_inplace_backward_used_and_equivalent():
     perturb_(b_.policy_model, 3)
     pref, unpref, pm = make_batch(2, 9, 257, seed=8, prompt_lens=[2, 3])
     la, ga = loss_and_grads(a, pref, unpref, prompt_mask=pm)
+    assert inplace_calls == [1]  # the policy's logits took their gradient in place
     lb, gb = loss_and_grads(b_, pref, unpref, prompt_mask=pm)
+    assert inplace_calls == [1]  # and not with inplace_backward=False
     assert torch.equal(la, lb)
     for n in ga:
         assert torch.equal(ga[n], gb[n]), n
+
+
+# ----------------------------------------------------------------------------- evaluation, autograd contract
+
+ROUTE_KW = {
+    "fused": dict(head="fused"),
+    "fused-triton": dict(head="fused", impl="triton"),
+    "fused-triton-gemm": dict(head="fused", impl="triton", matmul="triton"),
+    "logits": dict(head="logits"),
+}
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+@pytest.mark.parametrize("route", ROUTE_KW)
+def test_evaluation_scores_forward_only(route, mode, monkeypatch):
+    """Without gradients (no_grad, inference_mode, or a frozen policy) DPO gives the training
+    loss and metrics and does no gradient work: no fold turns logits into gradients, no
+    weight-gradient product, no backward kernel."""
+    import contextlib
+
+    import fastdpo.chunks as chunks
+    import fastdpo.ops as ops
+
+    dpo = DPO(make_model(257, seed=4), **ROUTE_KW[route])
+    perturb_(dpo.policy_model, 5)
+    pref, unpref, pm = make_batch(3, 11, 257, seed=6, prompt_lens=[2, 4, 11])
+    train_loss, train_metrics = dpo(pref, unpref, prompt_mask=pm, return_metrics=True)
+
+    def forbidden(*a, **k):
+        raise AssertionError("gradient work in an evaluation step")
+
+    for fold in chunks.FOLDS.values():
+        monkeypatch.setattr(fold, "grad_", staticmethod(forbidden))
+    monkeypatch.setattr(chunks.WeightGrad, "add", forbidden)
+    monkeypatch.setattr(ops, "_backward", forbidden)
+    if mode == "frozen":
+        dpo.policy_model.requires_grad_(False)
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(), "frozen": contextlib.nullcontext()}[mode]
+    with ctx:
+        loss, metrics = dpo(pref, unpref, prompt_mask=pm, return_metrics=True)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, train_loss.detach(), rtol=1e-6, atol=0)
+    assert metrics.keys() == train_metrics.keys()
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], train_metrics[k], rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("route", ROUTE_KW)
+def test_backward_twice_with_retain_graph(route):
+    """One graph, two backward passes: the gradients are exactly twice one pass's.  (The logits
+    route's in-place backward overwrites the logits the second pass would read: there it
+    takes inplace_backward=False, and with the default autograd says so -- see below.)"""
+    kw = dict(ROUTE_KW[route], inplace_backward=False) if route == "logits" else ROUTE_KW[route]
+    dpo = DPO(make_model(257, seed=4), **kw)
+    perturb_(dpo.policy_model, 5)
+    pref, unpref, pm = make_batch(2, 9, 257, seed=6, prompt_lens=[2, 4])
+    _, once = loss_and_grads(dpo, pref, unpref, prompt_mask=pm)
+    dpo.policy_model.zero_grad(set_to_none=True)
+    loss = dpo(pref, unpref, prompt_mask=pm)
+    loss.backward(retain_graph=True)
+    loss.backward()
+    for n, p in dpo.policy_model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[n], rtol=1e-6, atol=1e-8, msg=n)
+
+
+def test_retain_graph_with_inplace_logits_is_an_error_not_a_wrong_gradient():
+    dpo = DPO(make_model(257, seed=4), head="logits")
+    pref, unpref, pm = make_batch(2, 9, 257, seed=6, prompt_lens=[2, 4])
+    loss = dpo(pref, unpref, prompt_mask=pm)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_step_under_a_dispatch_mode():
+    """The fused route works under a TorchDispatchMode such as FlopCounterMode (the pair
+    fusion takes its group loss gradient with autograd inside a custom op)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dpo = DPO(make_model(257, seed=4))
+    perturb_(dpo.policy_model, 5)
+    pref, unpref, pm = make_batch(2, 9, 257, seed=6, prompt_lens=[2, 4])
+    plain, grads = loss_and_grads(dpo, pref, unpref, prompt_mask=pm)
+    with FlopCounterMode(display=False):
+        counted, counted_grads = loss_and_grads(dpo, pref, unpref, prompt_mask=pm)
+    assert torch.equal(plain, counted)
+    for n in grads:
+        assert torch.equal(grads[n], counted_grads[n]), n
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -347,14 +442,19 @@ def test_model_must_be_a_module():
         DPO(lambda x: x)
 
 
-@pytest.mark.parametrize("head", ["fused", "logits"])
-@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3]], ids=["prompts", "padding"])
-def test_triton_impl_matches_x_transformers(cfg, head):
-    """DPO(impl='triton') -- interpreted on CPU, compiled on a GPU -- against x-transformers,
-    through the sequence kernels (logits route) and the fused-linear kernels (fused route)."""
+@pytest.mark.parametrize("head, matmul", [("fused", "auto"), ("fused", "triton"), ("logits", "auto")],
+                         ids=["fused", "fused-gemm", "logits"])
+@pytest.mark.parametrize("cfg", [CONFIGS[1], CONFIGS[3], CONFIGS[4]], ids=["prompts", "padding", "all-prompt-row"])
+def test_triton_impl_matches_x_transformers(cfg, head, matmul):
+    """DPO(impl='triton') -- interpreted on CPU, compiled on a GPU: exactly the code path
+    impl='auto' takes on CUDA tensors -- against x-transformers: the sequence kernels (logits
+    route), torch products + the Triton fold (the fused route's default, matmul='auto') and
+    the Triton GEMM kernels (matmul='triton')."""
     b, l, v = cfg["b"], cfg["l"], cfg["v"]
     pad_id = cfg.get("pad_id")
-    x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton", head=head)
+    x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton", head=head, matmul=matmul)
+    expected = {"fused": "pair" if matmul == "auto" else "scores", "logits": "logits"}[head]
+    assert ours.route(ours.policy_model, "cpu").kind == expected
     pref, unpref, prompt_mask = make_batch(
         b, l, v, seed=l, prompt_lens=cfg["prompt_lens"], pad_id=pad_id, pad_lens=cfg.get("pad_lens")
     )

@@ -295,18 +295,43 @@ def test_empty_and_shipped_config():
 
 
 def test_opt_in_autotune(monkeypatch):
-    # FASTDPO_AUTOTUNE=1 goes through triton.autotune (configs pruned to the vocabulary; on
-    # a GPU it benchmarks them): same results as the fixed configuration.
-    N, T, V = 2, 3, 300
+    """FASTDPO_AUTOTUNE=1 benchmarks several configurations (a CPU timer stands in for
+    do_bench under the interpreter) and gives the fixed configuration's results; the in-place
+    backward tunes out of place on a few rows and never restores (clones) the logits."""
+    import time
+
+    from fastdpo.kernels import sequence_logprobs as k
+
+    N, T, V = 2, 3, 3000  # BLOCK_V 1024..4096 fit V: 9 configurations to try
     logits, targets, mask = make_inputs(N, T, V, torch.float16)
     grad_scores = torch.randn(N, generator=torch.Generator().manual_seed(8)).to(DEVICE)
     s, _, lse = sequence_logprobs_forward(logits, targets, mask)
     g = sequence_logprobs_backward(logits, targets, mask, lse, grad_scores)
+
+    timed = []
+
+    def cpu_bench(kernel_call, quantiles):
+        t0 = time.perf_counter()
+        kernel_call()
+        timed.append(1)
+        ms = (time.perf_counter() - t0) * 1e3
+        return [ms, ms, ms]
+
+    for tuner in (k._fwd_autotuned, k._bwd_autotuned):
+        monkeypatch.setattr(tuner, "_do_bench", cpu_bench)
+        monkeypatch.setattr(tuner, "cache", {})
+    assert not hasattr(k, "_bwd_inplace_autotuned")  # no restore_value path left
     monkeypatch.setenv("FASTDPO_AUTOTUNE", "1")
     s_at, _, lse_at = sequence_logprobs_forward(logits, targets, mask)
+    assert len(timed) >= 2, "autotuning tried fewer than two configurations"
     assert torch.allclose(s_at, s, rtol=1e-6, atol=1e-6) and torch.allclose(lse_at, lse, rtol=1e-6, atol=1e-6)
+    before = len(timed)
     g_at = sequence_logprobs_backward(logits.clone(), targets, mask, lse, grad_scores, inplace=True)
+    assert len(timed) - before >= 2
+    assert k._bwd_autotuned.best_config.kwargs["BLOCK_V"] in (1024, 2048, 4096)
     assert torch.allclose(g_at.float(), g.float(), rtol=2**-10, atol=1e-6)
+    g_out = sequence_logprobs_backward(logits, targets, mask, lse, grad_scores)
+    assert torch.allclose(g_out.float(), g.float(), rtol=2**-10, atol=1e-6)
 
 
 def test_validation():
