@@ -528,6 +528,13 @@ def check_dpo(suite: Suite) -> None:
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in dpo.policy_model.named_parameters() if p.grad is not None}
 
+    def body_pass(dpo):
+        seq = torch.cat((pref, unpref))[:, :-1]
+        with torch.no_grad():
+            dpo.ref_model(seq, return_embeddings=True)
+        dpo.policy_model(seq, return_embeddings=True).sum().backward()
+        dpo.policy_model.zero_grad(set_to_none=True)
+
     lx, gx = run(x)
     truth = copy.deepcopy(x).double()
     lt, gt = run(truth)
@@ -554,8 +561,31 @@ def check_dpo(suite: Suite) -> None:
                          f"three-way {'ok' if closer else 'FAILED'}")
         same = torch.equal(lo, lo2) and all(torch.equal(go[k], go2[k]) for k in go)
         suite.add("correctness", f"DPO deterministic: {label}", "pass" if same else "fail")
+        if label.startswith("default") and dev.type == "cuda":
+            step_syncs, body_syncs = count_syncs(lambda: run(ours)), count_syncs(lambda: body_pass(ours))
+            extra = step_syncs - body_syncs
+            suite.add("correctness", "DPO default route: host syncs per step beyond the bodies'",
+                      "pass" if extra <= 1 else "fail", err=float(extra), bound=1.0,
+                      detail=f"step {step_syncs}, model bodies alone {body_syncs} (torch.cuda sync debug mode)")
         del ours
         _free(dev)
+
+
+def count_syncs(fn) -> int:
+    """Host-device synchronizations ``fn()`` makes, as torch's sync debug mode reports them."""
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def check_peers(suite: Suite) -> None:

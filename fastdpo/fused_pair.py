@@ -176,7 +176,7 @@ def dpo_head_impl(
                 hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
         sums64.index_add_(0, seq, logp.double())
         # The group's loss gradient per sequence, from its scores alone.
-        index = torch.tensor(pairs, device=dev)
+        index = torch.arange(pairs[0], pairs[-1] + 1, device=dev)  # consecutive: no host copy
         both = torch.cat((index, index + b))
         group_sums = sums64.float()[both]
 
