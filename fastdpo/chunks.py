@@ -58,9 +58,7 @@ def group_bytes(device: torch.device) -> int:
     return int(max(GROUP_BYTES, min(CUDA_GROUP_CAP, (free + cached) // 4)))
 
 
-def rows_per_chunk(v: int, elem_bytes: int, budget: int) -> int:
-    """Rows of V logits of ``elem_bytes`` each that fit ``budget`` bytes (at least one)."""
-    return max(1, budget // (elem_bytes * max(v, 1)))
+rows_per_chunk = torch_impl.rows_per_box  # rows of V logits of elem_bytes each within a budget
 
 
 def chunk_slices(m: int, rows: int, start: int = 0) -> list[slice]:
@@ -190,7 +188,11 @@ def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
 
 
 class TorchFold:
-    """The elementwise work in torch ops, on float32 logits, box by box (cache-sized)."""
+    """The elementwise work in ATen's fused softmax, on float32 logits, box by box
+    (cache-sized; :mod:`fastdpo.torch_impl`).  Logits kept for the gradient (the pair
+    fusion's) are turned into probabilities in place while they are scored, so the gradient
+    is then a multiply and a scatter: one exp per element in all, where scoring and then
+    differentiating the logits would take two (exp is what a CPU spends its time on here)."""
 
     name = "torch"
 
@@ -199,29 +201,36 @@ class TorchFold:
         return torch.float32
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """(row stats (2, rows): max and log-sum, see :func:`torch_impl.max_logsum`; target
-        log-probs (rows,)) of float32 logits ``z``."""
-        st = torch.empty(2, z.shape[0], dtype=torch.float32, device=z.device)
-        for r in _boxes(z):
-            st[0, r], st[1, r] = torch_impl.max_logsum(z[r])
-        return st, (z.gather(1, y.unsqueeze(1)).squeeze(1) - st[0]) - st[1]
+    def stats(z: Tensor, y: Tensor, keep: bool = False) -> tuple[Tensor, Tensor]:
+        """(row stats (2, rows): zeros, this fold's gradient reads none; target log-probs
+        (rows,)) of float32 logits ``z``.  With ``keep``, ``z`` becomes ``softmax(z)`` in place,
+        for :meth:`grad_`."""
+        rows = z.shape[0]
+        st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
+        logp = torch.empty(rows, dtype=torch.float32, device=z.device)
+        for r in _cache_rows(z):
+            zr = z[r]
+            logp[r] = torch_impl.row_logprobs_into(zr, zr, y[r]) if keep else torch_impl.row_logprobs(zr, y[r])
+        return st, logp
 
     @staticmethod
-    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None) -> Tensor:
-        """Turn float32 logits into d(sum_m g_m logp_m)/d(h @ W.T) in place."""
-        for r in _boxes(z):
-            zr = z[r]
-            zr.sub_(st[0, r].unsqueeze(1)).sub_(st[1, r].unsqueeze(1))
-            zr.exp_().mul_(g[r].neg().unsqueeze(1))
-            zr.scatter_add_(1, y[r].unsqueeze(1), g[r].unsqueeze(1))
-            if scale is not None:
-                zr.mul_(scale)
+    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False) -> Tensor:
+        """Turn ``z`` into d(sum_m g_m logp_m)/d(h @ W.T) in place (the scale folded into the row
+        weights): from the probabilities :meth:`stats` left there when ``kept``, else from
+        logits (one fused softmax)."""
+        if scale is not None:
+            g = g * scale
+        for r in _cache_rows(z):
+            if kept:
+                gr = g[r].unsqueeze(1)
+                z[r].mul_(gr.neg()).scatter_add_(1, y[r].unsqueeze(1), gr)
+            else:
+                torch_impl.row_grad_into(z[r], z[r], y[r], g[r])
         return z
 
 
-def _boxes(z: Tensor) -> list[slice]:
-    """Row ranges of ``z`` small enough to stay in cache across several elementwise passes
+def _cache_rows(z: Tensor) -> list[slice]:
+    """Row ranges of a chunk ``z`` small enough to stay in cache across the fold's passes
     (the chunk itself is a GEMM output far larger than any cache)."""
     return chunk_slices(z.shape[0], rows_per_chunk(z.shape[1], 4, torch_impl.BOX_BYTES))
 
@@ -229,7 +238,9 @@ def _boxes(z: Tensor) -> list[slice]:
 class TritonFold:
     """The elementwise work in fastdpo's Triton kernels, on logits in the weight's dtype:
     one launch for the row statistics and target log-probs, one that writes the gradient over
-    the logits in place (so the two gradient products read it as they would the model's)."""
+    the logits in place (so the two gradient products read it as they would the model's).  On
+    a GPU the second read of the logits costs less than writing probabilities in the first
+    pass would, so kept logits stay logits."""
 
     name = "triton"
 
@@ -238,14 +249,14 @@ class TritonFold:
         return weight.dtype
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def stats(z: Tensor, y: Tensor, keep: bool = False) -> tuple[Tensor, Tensor]:
         from .kernels.sequence_logprobs import row_logprobs
 
         logp, st = row_logprobs(z, y)
         return st, logp
 
     @staticmethod
-    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None) -> Tensor:
+    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False) -> Tensor:
         from .kernels.sequence_logprobs import row_logprob_grad_
 
         # The scale folds into the row weight: d logp / dz scaled, rounded once to z's dtype.

@@ -81,31 +81,36 @@ def _logprobs_op(
     mask: Tensor,
     impl: str,
     inplace_backward: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(scores (N,), ref_scores (N,) or (0,), row stats (2, N, T): max and log-sum), float32."""
+    keep_probs: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(scores (N,), ref_scores (N,) or (0,), row stats (2, N, T): max and log-sum, softmax
+    (N, T, V) for the backward to finish or (0,)), float32.  ``keep_probs``: torch path,
+    float32 logits that want a gradient (see :func:`fastdpo.torch_impl.forward`)."""
+    probs = None
     if impl == "triton":
         k = _triton_kernels()
         scores, ref_scores, stats = k.sequence_logprobs_forward(logits, targets, mask, ref_logits)
     else:
-        # The kernels never read an out-of-vocab id (they return NaN); torch's gather would.
-        _checks.token_range("targets", targets, logits.shape[-1], where=mask)
-        scores, stats = torch_impl.forward(logits, targets, mask)
+        if keep_probs:
+            probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        scores, stats = torch_impl.forward(logits, targets, mask, probs)
         ref_scores = None
         if ref_logits is not None:
             ref_scores, _ = torch_impl.forward(ref_logits, targets, mask)
     if ref_scores is None:
         ref_scores = scores.new_empty(0)
-    return scores, ref_scores, stats
+    return scores, ref_scores, stats, probs if probs is not None else scores.new_empty(0)
 
 
 @_logprobs_op.register_fake
-def _(logits, ref_logits, targets, mask, impl, inplace_backward):
+def _(logits, ref_logits, targets, mask, impl, inplace_backward, keep_probs):
     n, t, _ = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (
         torch.empty(n, **f32),
         torch.empty(n if ref_logits is not None else 0, **f32),
         torch.empty(2, n, t, **f32),
+        torch.empty(logits.shape if keep_probs and impl == "torch" else (0,), **f32),
     )
 
 
@@ -137,31 +142,65 @@ def _backward(logits, targets, mask, stats, grad_scores, impl, *, inplace):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _, targets, mask, impl, inplace_backward = inputs
-    _, _, stats = output
+    logits, _, targets, mask, impl, inplace_backward, keep_probs = inputs
+    _, _, stats, probs = output
     ctx.save_for_backward(logits, targets, mask, stats)
     ctx.impl, ctx.inplace_backward = impl, inplace_backward
-    ctx.mark_non_differentiable(output[1], stats)
+    # Not a saved tensor: the first backward turns it into the gradient it returns, and a
+    # second one (retain_graph) recomputes from the saved logits instead.
+    ctx.probs = probs if probs.numel() else None
+    ctx.mark_non_differentiable(output[1], stats, probs)
+    # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
+    # tensor the size of the logits, or of the head weight, per step otherwise).
+    ctx.set_materialize_grads(False)
 
 
-def _logprobs_autograd_backward(ctx, grad_scores, _grad_ref, _grad_stats):
+def _logprobs_autograd_backward(ctx, grad_scores, _grad_ref, _grad_stats, _grad_probs):
     logits, targets, mask, stats = ctx.saved_tensors
+    probs, ctx.probs = ctx.probs, None
     grad = None
     if ctx.needs_input_grad[0]:
         if grad_scores is None:
             grad_scores = torch.zeros(logits.shape[0], device=logits.device)
-        if ctx.inplace_backward:
+        if probs is not None:  # eager only (see _keep_probs): no op to dispatch through
+            grad = torch_impl.backward_from_probs(probs, targets, mask, grad_scores.float())
+        elif ctx.inplace_backward:
             _logprobs_backward_inplace_op(logits, targets, mask, stats, grad_scores, ctx.impl)
             grad = logits
         else:
             grad = _logprobs_backward_op(logits, targets, mask, stats, grad_scores, ctx.impl)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 _logprobs_op.register_autograd(_logprobs_autograd_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def _check_range(targets: Tensor, mask: Tensor, v: int, impl: str) -> None:
+    """The torch path's gather would read an out-of-vocab id: check them, as
+    linear_sequence_logprobs does (a ValueError on CPU tensors, an async assert elsewhere).
+    The kernels never read one (they score it NaN), so they need no check and no sync."""
+    if impl == "torch":
+        _checks.token_range("targets", targets, v, where=mask)
+
+
+def _keep_probs(logits: Tensor, impl: str, inplace: bool) -> bool:
+    """Whether the torch path computes the softmax once, in forward, into the buffer that
+    becomes the gradient: float32 logits that will get a gradient, not overwritten in place
+    (that route keeps memory to the logits alone), run eagerly (a compiled graph or a
+    torch.func transform cannot carry the buffer from forward to backward outside the saved
+    tensors, see _setup_context)."""
+    return (
+        impl == "torch"
+        and not inplace
+        and logits.dtype == torch.float32
+        and torch.is_grad_enabled()
+        and logits.requires_grad
+        and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+    )
 
 
 def _can_overwrite(logits: Tensor, impl: str) -> bool:
@@ -178,8 +217,8 @@ def check_logprob_inputs(
 ) -> tuple[Tensor, Tensor]:
     """Validate ``sequence_logprobs`` arguments; return (int64 targets, bool mask).
 
-    Shapes, dtypes and devices only: checks of values (token ranges) happen inside the op,
-    so this stays traceable by ``torch.compile``.
+    Shapes, dtypes and devices only; the token range is checked once the implementation is
+    known (:func:`_check_range`: the kernels need none).
     """
     _checks.tensor("logits", logits, ndim=3)
     _checks.float_dtype("logits", logits)
@@ -227,7 +266,9 @@ def sequence_logprobs(
         inplace_backward: write the gradient into ``logits`` itself instead of a new buffer,
             saving one (N, T, V) tensor.  Only for logits nobody reads afterwards.  Ignored
             (a new buffer is used) where it cannot be done: logits whose elements share memory
-            (an ``expand``), or, for the kernels, a vocabulary stride other than 1.
+            (an ``expand``), or, for the kernels, a vocabulary stride other than 1; and with
+            ``impl="torch"`` for logits of at most :data:`SMALL_ELEMENTS` elements, which take a
+            few plain autograd ops (same contract: at that size a call is dispatch, not work).
 
     Returns:
         float32 (N,) scores.  A sequence with no counted position scores exactly 0.  NaN or
@@ -236,9 +277,36 @@ def sequence_logprobs(
     """
     targets, mask = check_logprob_inputs(logits, targets, mask)
     which = resolve_impl(impl, logits.device)
+    if which == "torch" and logits.numel() <= SMALL_ELEMENTS and not torch.compiler.is_compiling():
+        return _small_logprobs(logits, targets, mask)
+    _check_range(targets, mask, logits.shape[-1], which)
     inplace = inplace_backward and _can_overwrite(logits, which)
-    scores, _, _ = _logprobs_op(logits, None, targets, mask, which, inplace)
+    scores, _, _, _ = _logprobs_op(logits, None, targets, mask, which, inplace, _keep_probs(logits, which, inplace))
     return scores
+
+
+# Logits up to this many elements (256 KiB of float32) take plain autograd ops: at that size a
+# call is dispatch, not arithmetic, and the custom op's machinery (its wrappers, the box plan)
+# would cost several times the work.  The memory the plain ops keep is as small.
+SMALL_ELEMENTS = 1 << 16
+
+
+def _small_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
+    """sequence_logprobs of small logits in a few plain autograd ops, the same contract: masked
+    rows are zeroed before the log-softmax (no non-finite value of theirs reaches a score or a
+    gradient), ids at masked positions are never read, a counted id outside [0, V) raises."""
+    safe = torch.where(mask, targets, 0)
+    # Rows are independent: a masked row only reaches the result through a NaN or inf of its
+    # own (0 * NaN in the gradient), so the masking pass (the dearest op here) runs only then.
+    # (A sum is finite only if every term is: one cheap reduction; an overflow merely masks.)
+    z = logits if bool(logits.sum().isfinite()) else torch.where(mask.unsqueeze(-1), logits, 0.0)
+    lsm = torch.log_softmax(z, -1, dtype=torch.float32)
+    try:
+        picked = lsm.gather(-1, safe.unsqueeze(-1))
+    except RuntimeError:  # gather refuses an out-of-range index: say which, as the op does
+        _checks.token_range("targets", targets, logits.shape[-1], where=mask)
+        raise
+    return torch.where(mask, picked.squeeze(-1), 0.0).sum(-1)
 
 
 def sequence_logprobs_pair(
@@ -272,6 +340,9 @@ def sequence_logprobs_pair(
         )
     _checks.same_device(logits=logits, ref_logits=ref_logits)
     which = resolve_impl(impl, logits.device)
+    _check_range(targets, mask, logits.shape[-1], which)
     inplace = inplace_backward and _can_overwrite(logits, which)
-    scores, ref_scores, _ = _logprobs_op(logits, ref_logits.detach(), targets, mask, which, inplace)
+    scores, ref_scores, _, _ = _logprobs_op(
+        logits, ref_logits.detach(), targets, mask, which, inplace, _keep_probs(logits, which, inplace)
+    )
     return scores, ref_scores

@@ -4,11 +4,22 @@ Dimensions: N sequences, T positions, V vocabulary.
 
 For a row (n, t) with logits z and target y, ``logp = z_y - logsumexp(z)``; a sequence's score
 is ``sum_t m_t * logp_t``.  Its gradient w.r.t. row (n, t) is ``g_n * m_t * (onehot(y) -
-softmax(z))`` (DESIGN.md), so backward needs only the saved row statistics (max and log-sum),
-never a stored softmax.  Both passes walk the logits in boxes of whole rows small enough to stay in cache
-(``_boxes``), in float32 whatever the input dtype: no (N, T, V) log-softmax or softmax is ever
-built, and backward writes the gradient straight into its one (N, T, V) output buffer (or,
-when asked, into the logits themselves).
+softmax(z))`` (DESIGN.md).  The logits are walked in boxes of counted rows small enough to stay
+in cache (:func:`box_plan`: in a DPO batch, each sequence's completion, the prompt and padding
+rows never read), and each box goes through ATen's fused, vectorized softmax: the exp of every
+element is what a CPU spends its time on, so the path is built around computing it as few
+times as possible.
+
+* forward: ``softmax`` of the box, then ``log(p_y)`` (:func:`row_logprobs_into`; an exact
+  max/log-sum form where p_y is tiny).  When the logits will get a gradient (float32, not in
+  place), the softmax is written into the buffer that becomes the gradient;
+* backward: that buffer times ``-g`` plus ``g`` at the targets (:func:`backward_from_probs`, no
+  exp at all), or, for in-place or 16-bit logits, the softmax again into the gradient
+  (:func:`backward`).
+
+A +inf or NaN in a row makes its log-probs and gradient NaN, as in float64.  No (N, T, V)
+log-softmax is ever built, arithmetic is float32 whatever the input dtype, and the gradient
+takes one (N, T, V) buffer (or, when asked, the logits themselves).
 """
 
 from __future__ import annotations
@@ -19,14 +30,20 @@ import torch
 from torch import Tensor
 
 # Rows of a box are chosen so that one float32 copy of the box is about this many bytes:
-# large enough that per-box Python and dispatch overhead (~20 us) is noise, small enough that
-# the box stays in cache between the passes made over it (measured: docs/performance.md).
-# Read at call time, so tests can shrink it to exercise box boundaries.
+# large enough that per-box dispatch (~10 us an op) is noise, small enough that the box's
+# temporary stays in cache (and under glibc's mmap threshold, so it is not faulted in anew
+# at every call).  Measured in docs/performance.md.  Read at call time, so tests can shrink
+# it to exercise box boundaries.
 BOX_BYTES = 4 << 20
 
 
 # What a box holds: no counted row (skipped), only counted rows, or both.
 EMPTY, FULL, MIXED = 0, 1, 2
+
+
+def rows_per_box(v: int, elem_bytes: int, budget: int) -> int:
+    """Rows of V elements of ``elem_bytes`` each that fit ``budget`` bytes (at least one)."""
+    return max(1, budget // (elem_bytes * max(v, 1)))
 
 
 def _boxes(n: int, t: int, v: int, box_bytes: int) -> Iterator[tuple[slice, slice]]:
@@ -35,7 +52,7 @@ def _boxes(n: int, t: int, v: int, box_bytes: int) -> Iterator[tuple[slice, slic
     A box is either some whole sequences or a run of positions of one sequence, so slicing a
     (N, T, ...) tensor with it is always a view, contiguous when the tensor is.
     """
-    rows = max(1, box_bytes // (4 * max(v, 1)))
+    rows = rows_per_box(v, 4, box_bytes)
     if n == 0 or t == 0:
         return
     if t <= rows:
@@ -49,55 +66,141 @@ def _boxes(n: int, t: int, v: int, box_bytes: int) -> Iterator[tuple[slice, slic
 
 
 def box_plan(mask: Tensor, v: int, box_bytes: int) -> list[tuple[slice, slice, int]]:
-    """The boxes of :func:`_boxes`, each tagged EMPTY, FULL or MIXED from ``mask``.
+    """Boxes of :func:`_boxes` cut to the counted rows, each tagged FULL or MIXED.
 
-    Prompt and padding rows are often whole boxes; skipping them saves their exp work (and
-    exp of -inf/subnormal arguments is a slow path on x86).  Reading the mask costs one
-    device-to-host copy of N*T counts (free on CPU, the one sync of this path on CUDA).
+    In a DPO batch each sequence's counted positions are one run (the completion, between the
+    prompt and the padding): a box of one or two sequences then covers just those runs, FULL,
+    so prompt and padding rows cost no exp at all (a third of the rows at the bench's sizes;
+    exp of -inf/subnormal arguments is also a slow path on x86).  A box of many short sequences,
+    or of a sequence whose counted positions have holes, stays whole and MIXED: its masked
+    rows are computed, then dropped (forward) or zeroed (backward).  Boxes with no counted row
+    are left out.  Reading the mask costs one device-to-host copy of 3N integers (free on
+    CPU, the one sync of this path on CUDA).
     """
     n, t = mask.shape
-    counted = torch.cumsum(mask.reshape(-1), 0, dtype=torch.int64).tolist()
+    if n == 0 or t == 0:
+        return []
+    rows = rows_per_box(v, 4, box_bytes)
+    m = mask.to(torch.int8)
+    count = m.sum(-1)
+    first = m.argmax(-1)
+    last = t - 1 - m.flip(-1).argmax(-1)
+    counts, firsts, lasts = torch.stack((count, first, last)).tolist()
+    one_run = [c > 0 and c == b - a + 1 for c, a, b in zip(counts, firsts, lasts)]
     plan = []
-    for bn, bt in _boxes(n, t, v, box_bytes):
-        first = bn.start * t + bt.start
-        last = (bn.stop - 1) * t + bt.stop - 1
-        size = last - first + 1
-        count = counted[last] - (counted[first - 1] if first else 0)
-        plan.append((bn, bt, EMPTY if count == 0 else FULL if count == size else MIXED))
+
+    def runs(i: int, lo: int, hi: int) -> None:
+        """Sequence i's positions [lo, hi) cut into boxes; its counted run alone when it is one."""
+        if one_run[i]:
+            lo, hi, kind = max(lo, firsts[i]), min(hi, lasts[i] + 1), FULL
+        else:
+            kind = MIXED
+        for t0 in range(lo, hi, rows):
+            plan.append((slice(i, i + 1), slice(t0, min(t0 + rows, hi)), kind))
+
+    per = rows // t if t <= rows else 0
+    if per == 0:  # long sequences: boxes within one sequence
+        for i in range(n):
+            if counts[i]:
+                runs(i, 0, t)
+        return plan
+    for n0 in range(0, n, per):
+        n1 = min(n0 + per, n)
+        counted = sum(counts[n0:n1])
+        if counted == 0:
+            continue
+        if counted == (n1 - n0) * t:
+            plan.append((slice(n0, n1), slice(0, t), FULL))
+        elif n1 - n0 <= 2:  # one op per sequence costs little next to the rows it skips
+            for i in range(n0, n1):
+                if counts[i]:
+                    runs(i, 0, t)
+        else:
+            plan.append((slice(n0, n1), slice(0, t), MIXED))
     return plan
 
 
-def max_logsum(z: Tensor) -> tuple[Tensor, Tensor]:
-    """Per row of float32 ``z`` (..., V): the max m and ``log sum exp(z - m)``.
-
-    Kept apart rather than added into a logsumexp: the backward's ``exp((z - m) - log_s)``
-    then errs by ulp(log_s)/2 instead of ulp(|lse|)/2 (about 2e-6 relative at |lse| ~ 50).
-    A +inf or NaN in the row makes log_s NaN (inf - inf), as in float64 log_softmax, where
-    ``torch.logsumexp`` would return +inf.
-    """
-    m = z.amax(dim=-1, keepdim=True)
-    log_s = (z - m).exp_().sum(-1).log_()
-    return m.squeeze(-1), log_s
+def row_logprobs(z: Tensor, y: Tensor) -> Tensor:
+    """float32 log-probs of targets ``y`` (...,) under rows of logits ``z`` (..., V), any float
+    dtype: :func:`row_logprobs_into` a box-sized float32 temporary (the same arithmetic as
+    every other path here, so scores agree bitwise across them)."""
+    return row_logprobs_into(torch.empty(z.shape, dtype=torch.float32, device=z.device), z, y)
 
 
-def forward(logits: Tensor, targets: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def row_grad_into(out: Tensor, z: Tensor, y: Tensor, g: Tensor) -> Tensor:
+    """Write ``g * (onehot(y) - softmax(z))`` per row into float32 ``out`` (may be ``z``
+    itself): one fused softmax written straight into ``out``, one multiply in place (the box
+    is still in cache), one scatter.  ``g`` has z's shape minus V."""
+    if z.dtype == torch.float32:
+        torch._softmax(z, -1, False, out=out)  # in place too: each row is read before written
+    else:
+        out.copy_(torch.softmax(z, -1, dtype=torch.float32))
+    g = g.unsqueeze(-1)
+    out.mul_(g.neg())
+    return out.scatter_add_(-1, y.unsqueeze(-1), g)
+
+
+def forward(
+    logits: Tensor, targets: Tensor, mask: Tensor, probs: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Return (scores float32 (N,), row stats float32 (2, N, T)).
 
-    The stats are each row's max and ``log sum exp(z - max)`` (see :func:`max_logsum`); rows
-    in EMPTY boxes are left at 0 (never used).  ``targets`` is int64 and ``mask`` bool, both
-    (N, T); targets at masked positions are never read (they may hold any value, e.g. -100).
+    The stats are zeros: this path's backward reads none (it recomputes each box's softmax,
+    or finishes ``probs``; the op's other implementation, the kernels, saves each row's max
+    and log-sum there).  ``targets`` is int64 and ``mask`` bool, both (N, T); targets at masked
+    positions are never read (they may hold any value, e.g. -100).
+
+    ``probs``: an optional float32 (N, T, V) buffer (float32 logits only) that receives
+    ``softmax(logits)`` at the boxes' rows, for :func:`backward_from_probs`: the softmax the
+    backward needs, computed once instead of twice (exp is most of the work on a CPU), for
+    the memory of a gradient buffer allocated now rather than in backward.
     """
     n, t, v = logits.shape
     plan = box_plan(mask, v, BOX_BYTES)
-    stats = torch.zeros(2, n, t, dtype=torch.float32, device=logits.device)
-    for bn, bt, kind in plan:
-        if kind != EMPTY:
-            stats[0, bn, bt], stats[1, bn, bt] = max_logsum(logits[bn, bt].float())
+    logp = torch.zeros(n, t, dtype=torch.float32, device=logits.device)
     safe = torch.where(mask, targets, 0)
-    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1).float()
+    for bn, bt, _ in plan:
+        if probs is None:
+            logp[bn, bt] = row_logprobs(logits[bn, bt], safe[bn, bt])
+        else:
+            logp[bn, bt] = row_logprobs_into(probs[bn, bt], logits[bn, bt], safe[bn, bt])
     # where, not multiply: a non-finite value in a masked row must not reach the score.
-    scores = torch.where(mask, (picked - stats[0]) - stats[1], 0.0).sum(-1)
-    return scores, stats
+    scores = torch.where(mask, logp, 0.0).sum(-1)
+    return scores, torch.zeros(2, n, t, dtype=torch.float32, device=logits.device)
+
+
+# Below this probability a float32 softmax entry has lost digits (normal floats end at 1.2e-38):
+# log-probs under log(TINY) = -69 are taken from the row max and log-sum instead.
+TINY = 1e-30
+
+
+def row_logprobs_into(p: Tensor, z: Tensor, y: Tensor) -> Tensor:
+    """float32 log-probs of targets ``y`` under rows of float32 logits ``z``, writing
+    ``softmax(z)`` into ``p`` (which may be ``z`` itself).
+
+    The log-prob is ``log(p_y)`` (within an ulp of p_y: as close as log_softmax gets), except
+    where p_y is under :data:`TINY`, where it is ``(z_y - m) - log_s`` with the row max m and
+    the log-sum read off the softmax (its entry at the row max is exp(0) / s): max and log-sum
+    kept apart, no logsumexp rounded into one number.  On a CPU that second form costs a pass
+    only for boxes that need it."""
+    inplace = p.data_ptr() == z.data_ptr()
+    if inplace:  # the logits are gone once the softmax is written: keep what the exact form needs
+        m = z.amax(-1)
+        z_y = z.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if z.dtype == torch.float32:
+        torch._softmax(z, -1, False, out=p)  # in place too: each row is read before it is written
+    else:
+        p.copy_(torch.softmax(z, -1, dtype=torch.float32))
+    p_y = p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    logp = p_y.log()
+    low = p_y < TINY  # NaN compares False: a NaN row keeps log(NaN) = NaN
+    if p.device.type == "cpu" and not bool(low.any()):
+        return logp
+    if not inplace:
+        m = z.amax(-1).float()
+        z_y = z.gather(-1, y.unsqueeze(-1)).squeeze(-1).float()
+    log_s = p.amax(-1).log_().neg_()
+    return torch.where(low, (z_y - m) - log_s, logp)
 
 
 def backward(
@@ -112,25 +215,53 @@ def backward(
     """Gradient ``g_n * m_t * (onehot(y) - softmax(z))`` in the logits dtype.
 
     With ``inplace=True`` the gradient overwrites ``logits`` (which is returned).  Masked rows
-    get exact zeros whatever their logits hold.
+    get exact zeros whatever their logits hold, without being read when a box could leave them
+    out.  ``stats`` (the forward's) is not read.
     """
     plan = box_plan(mask, logits.shape[-1], BOX_BYTES)
     out = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     g = torch.where(mask, grad_scores.float().unsqueeze(-1), 0.0)  # (N, T)
     safe = torch.where(mask, targets, 0)
     direct = out.dtype == torch.float32
+    covered = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)  # rows a box wrote
     for bn, bt, kind in plan:
         o = out[bn, bt]
-        if kind == EMPTY:
-            o.zero_()
-            continue
-        z, gb = logits[bn, bt], g[bn, bt].unsqueeze(-1)
-        buf = o if direct else torch.empty(z.shape, dtype=torch.float32, device=z.device)
-        torch.sub(z, stats[0, bn, bt].unsqueeze(-1), out=buf)
-        buf.sub_(stats[1, bn, bt].unsqueeze(-1)).exp_().mul_(gb.neg())
-        buf.scatter_add_(-1, safe[bn, bt].unsqueeze(-1), gb)
+        buf = o if direct else torch.empty(o.shape, dtype=torch.float32, device=o.device)
+        # the softmax reads the logits before the multiply writes over them (in place: same box)
+        row_grad_into(buf, logits[bn, bt], safe[bn, bt], g[bn, bt])
         if kind == MIXED:
-            buf.masked_fill_(~mask[bn, bt].unsqueeze(-1), 0.0)
+            _zero_rows(buf, ~mask[bn, bt])
         if not direct:
             o.copy_(buf)
+        covered[bn, bt] = True
+    _zero_rows(out, ~covered)  # prompt, padding: rows no box covered get exact zeros
     return out
+
+
+def _zero_rows(x: Tensor, rows: Tensor) -> None:
+    """Set the V-rows of ``x`` (..., V) where the bool ``rows`` (...) is True to exact zeros: a
+    row fill by index on the CPU (ten times a broadcast masked_fill's speed), masked_fill
+    elsewhere (no host sync)."""
+    if x.device.type == "cpu" and x.is_contiguous():
+        index = rows.reshape(-1).nonzero().squeeze(1)
+        if index.numel():
+            x.view(-1, x.shape[-1]).index_fill_(0, index, 0.0)
+    else:
+        x.masked_fill_(rows.unsqueeze(-1), 0.0)
+
+
+def backward_from_probs(probs: Tensor, targets: Tensor, mask: Tensor, grad_scores: Tensor) -> Tensor:
+    """Turn the ``probs`` buffer :func:`forward` filled into the gradient, in place, and return
+    it: a multiply and a scatter per box (no exp), zeros at every row that does not count."""
+    plan = box_plan(mask, probs.shape[-1], BOX_BYTES)
+    g = torch.where(mask, grad_scores.float().unsqueeze(-1), 0.0)
+    safe = torch.where(mask, targets, 0)
+    covered = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    for bn, bt, kind in plan:
+        p, gb = probs[bn, bt], g[bn, bt].unsqueeze(-1)
+        p.mul_(gb.neg()).scatter_add_(-1, safe[bn, bt].unsqueeze(-1), gb)
+        if kind == MIXED:
+            _zero_rows(p, ~mask[bn, bt])
+        covered[bn, bt] = True
+    _zero_rows(probs, ~covered)
+    return probs

@@ -38,3 +38,20 @@ def reference_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """``sum_t mask * log_softmax(logits)[target]`` with plain torch ops (in logits' dtype)."""
     lp = logits.log_softmax(-1).gather(-1, torch.where(mask, targets, 0).unsqueeze(-1)).squeeze(-1)
     return lp.masked_fill(~mask, 0).sum(-1)
+
+
+# Mantissa bits of each dtype: rounding a value to it errs by at most 2**-(bits + 1) relative.
+MANTISSA = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+
+
+def float32_level(ours: Tensor, truth: Tensor, out_dtype: torch.dtype, what: str = "", ulps: float = 1.0) -> None:
+    """The ops promise float32 arithmetic whatever the input dtype: against float64 on the
+    upcast inputs, each element of ``ours`` (stored in ``out_dtype``) must be within ``ulps``
+    half-ulps of ``out_dtype`` of the truth, plus float32 noise relative to the largest value
+    (sums of float32 terms).  Tighter than torch-in-dtype (:func:`three_way`) for 16-bit."""
+    truth = truth.double()
+    scale = max(1.0, truth.abs().max().item()) if truth.numel() else 1.0
+    bound = ulps * 2.0 ** -(MANTISSA[out_dtype] + 1) * truth.abs() + 4e-6 * scale
+    err = (ours.double() - truth).abs()
+    worst = (err - bound).max().item() if truth.numel() else 0.0
+    assert worst <= 0, f"{what}: an element is {worst:.3g} beyond float32-level rounding into {out_dtype}"

@@ -50,8 +50,12 @@ def test_custom_op_passes_opcheck():
     targets = torch.randint(0, 33, (2, 4))
     mask = torch.rand(2, 4) > 0.2
     op = torch.ops.fastdpo.sequence_logprobs.default
-    torch.library.opcheck(op, (logits, None, targets, mask, "torch", False))
-    torch.library.opcheck(op, (logits, torch.randn(2, 4, 33), targets, mask, "torch", False))
+    torch.library.opcheck(op, (logits, None, targets, mask, "torch", False, False))
+    torch.library.opcheck(op, (logits, torch.randn(2, 4, 33), targets, mask, "torch", False, False))
+    # keep_probs carries the softmax from forward to backward outside the saved tensors, so it
+    # is never set under compile (or a torch.func transform): every check but AOT dispatch.
+    eager = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(op, (logits, None, targets, mask, "torch", False, True), test_utils=eager)
 
 
 # ----------------------------------------------------------------------------- a whole DPO step

@@ -17,12 +17,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastdpo.kernels.sequence_logprobs as kernels
 from fastdpo import linear_sequence_logprobs, sequence_logprobs
 from fastdpo import torch_impl
 
-from helpers import IMPLS, reference_logprobs, three_way
+from helpers import IMPLS, reference_logprobs, rel_err, three_way
 
 # The interpreter evaluates the kernels with numpy, which warns about the very overflows and
 # invalid operations these tests make on purpose.
@@ -211,7 +212,8 @@ def test_plus_inf_gives_nan(impl, dtype, where):
     """Found in this audit: impl='torch' used torch.logsumexp, which returns +inf for a row
     holding +inf (it zeroes an infinite max before shifting), so z_y - lse was -inf, not NaN,
     and the gradient row finite but at the +inf entry.  Fixed by keeping the row max and
-    log-sum apart (torch_impl.max_logsum: inf - inf = NaN)."""
+    log-sum apart (inf - inf = NaN; now ATen's fused log_softmax and softmax, which keep them
+    apart too)."""
     logits, targets, mask, _ = random_inputs(2, 3, 30, dtype, seed=5)
     mask[:] = True
     col = int(targets[0, 1]) if where == "at_target" else (int(targets[0, 1]) + 7) % 30
@@ -412,3 +414,86 @@ def test_linear_nan_in_counted_row_gives_nan(impl):
     mask = torch.ones(1, 3, dtype=torch.bool)
     (s, g), (st, gt) = linear_ours_and_truth(hidden, weight, targets, mask, impl)
     assert s.isnan().all() and st.isnan().all()
+    # the gradient: NaN exactly where float64's is (the NaN row), finite elsewhere
+    assert gt[0, 1].isnan().all() and gt[0, [0, 2]].isfinite().all()
+    assert torch.equal(g.isnan(), gt.isnan()), g
+
+
+# ----------------------------------------------------------------------------- the DPO head op
+
+
+def _head(fold, hidden, weight, targets, mask, upstream_pairs=None):
+    """(loss, policy sums, d hidden, d weight) of dpo_head with every group's logits kept (the
+    torch fold turns them into probabilities in place)."""
+    from fastdpo.fused_pair import HeadOptions, dpo_head
+
+    opts = HeadOptions(fold=fold, scale=None, ref_scale=None, reduction="sum", loss_type=("sigmoid",), beta=0.5,
+                       label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False,
+                       group_bytes=1 << 30)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    count = mask.sum(-1).clamp(min=1e-5).float()
+    loss, sums, _, _ = dpo_head(h, w, targets, mask, count, opts, ref_scores=torch.zeros(hidden.shape[0]))
+    loss.backward()
+    return loss.detach(), sums, h.grad, w.grad
+
+
+def _head_truth(hidden, weight, targets, mask):
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    z = h @ w.T
+    lp = z.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    sums = torch.where(mask, lp, 0.0).sum(-1)
+    b = sums.shape[0] // 2
+    loss = -F.logsigmoid(0.5 * (sums[:b] - sums[b:])).mean()
+    loss.backward()
+    return loss.detach(), sums.detach(), h.grad, w.grad
+
+
+@pytest.mark.parametrize("fold", ["torch", "triton"])
+def test_dpo_head_large_logit_precision(fold):
+    """Logits of magnitude ~100 through the pair fusion: scores and gradients near float64.
+    The torch fold's kept logits become probabilities in place and its log-sum is read off
+    the softmax (exp(0)/s at the row max): no logsumexp rounded into one float32."""
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(4, 5, 8, generator=gen) * 6
+    weight = torch.randn(37, 8, generator=gen) * 6 / 8**0.5  # |z| up to ~100
+    targets = torch.randint(0, 37, (4, 5), generator=gen)
+    mask = torch.rand(4, 5, generator=gen) > 0.2
+    loss, sums, gh, gw = _head(fold, hidden, weight, targets, mask)
+    lt, st, ght, gwt = _head_truth(hidden, weight, targets, mask)
+    assert (hidden @ weight.T).abs().max() > 60
+    torch.testing.assert_close(sums.double(), st, rtol=2e-6, atol=2e-5)
+    assert abs(loss.item() - lt.item()) <= 1e-5 * max(1.0, abs(lt.item()))
+    assert rel_err(gh, ght) <= 1e-5 and rel_err(gw, gwt) <= 1e-5
+
+
+@pytest.mark.parametrize("fold", ["torch", "triton"])
+def test_dpo_head_non_finite_logits(fold):
+    """An overflowing logit in a scored row: that sequence's score is NaN (never a finite wrong
+    number); a -inf target logit scores -inf; masked rows holding them change nothing."""
+    hidden = torch.ones(2, 3, 2)
+    weight = torch.tensor([[1.0, 1.0], [2.0, -1.0], [-3.0, 0.5], [0.0, 0.0]])
+    targets = torch.tensor([[1, 2, 0], [0, 1, 3]])
+    mask = torch.tensor([[True, True, True], [True, False, True]])
+    big = weight.clone()
+    big[2] = float("inf")  # logit +inf in every row
+    _, sums, _, _ = _head(fold, hidden, big, targets, mask)
+    assert sums.isnan().all()
+    neg = weight.clone()
+    neg[3] = float("-inf")  # row 1, position 2's target (id 3) has logit -inf
+    sums = _sums_only(fold, hidden, neg, targets, mask)
+    assert sums[1] == float("-inf") and sums[0].isfinite()
+    masked = mask.clone()
+    masked[1, 2] = False  # the -inf target no longer counts
+    sums = _sums_only(fold, hidden, neg, targets, masked)
+    assert sums.isfinite().all()
+
+
+def _sums_only(fold, hidden, weight, targets, mask):
+    from fastdpo.fused_pair import HeadOptions, dpo_head
+
+    opts = HeadOptions(fold=fold, scale=None, ref_scale=None, reduction="sum", loss_type=("sigmoid",), beta=0.5,
+                       label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False)
+    count = mask.sum(-1).clamp(min=1e-5).float()
+    h = hidden.clone().requires_grad_()  # the gradient path: pass 1 keeps (torch: probabilities)
+    _, sums, _, _ = dpo_head(h, weight, targets, mask, count, opts, ref_scores=torch.zeros(hidden.shape[0]))
+    return sums
