@@ -8,6 +8,9 @@ accelerators it is done with ``torch._assert_async`` so the hot path never waits
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -81,12 +84,21 @@ def token_range(name: str, tokens: Tensor, high: int | None, where: Tensor | Non
         torch._assert_async(~bad.any(), f"{name} holds a token id outside {expected}")
 
 
+def real_number(name: str, value) -> float:
+    """A finite real Python number (no bool, no tensor: a tensor here would need a host sync
+    to check, and these options are constants by design)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real Python number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
 def positive_finite(name: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}") from None
-    if not v > 0 or v == float("inf"):
+    """A finite real Python number > 0 (``beta``)."""
+    v = real_number(name, value)
+    if not v > 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return v
 

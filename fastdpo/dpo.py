@@ -262,12 +262,6 @@ class DPO(nn.Module):
         pair = matmul == "torch" and self._pair_separable()
         return Route("pair" if pair else "scores", impl, matmul, head, "")
 
-    def fused_head(self, model: nn.Module) -> LinearHead | None:
-        """The head the fused route uses for ``model``, or None for the logits route."""
-        if self.head == "logits":
-            return None
-        return find_linear_head(model)[0]
-
     def _pair_separable(self) -> bool:
         """Whether each pair's loss depends on its own scores only (BCO's batch shift does not)."""
         return not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
@@ -443,36 +437,27 @@ class DPO(nn.Module):
             ref_scores = self._reference_scores(src, tgt, mask, count)
 
         hits = None
+        # The policy body, once: hidden states for a fused head, logits otherwise.
+        out = self.policy_model(src, return_embeddings=True) if route.head is not None else self.policy_model(src)
         if route.kind == "pair":
-            hidden = self.policy_model(src, return_embeddings=True)
             delta = self.loss.bco_delta
             loss, policy_sums, ref_scores, hits = call_dpo_head(
-                hidden, route.head.weight, tgt, mask, count, ref_hidden,
+                out, route.head.weight, tgt, mask, count, ref_hidden,
                 ref_head.weight if ref_head is not None else None, ref_scores,
                 delta if isinstance(delta, Tensor) else None,
                 **self._head_options(route, ref_head.scale if ref_head is not None else None, return_metrics),
             )
         else:
             if route.kind == "scores":
-                hidden = self.policy_model(src, return_embeddings=True)
                 policy_sums = linear_sequence_logprobs(
-                    hidden, route.head.weight, tgt, mask, scale=route.head.scale,
-                    impl=route.impl, matmul=route.matmul,
+                    out, route.head.weight, tgt, mask, scale=route.head.scale, impl=route.impl, matmul=route.matmul
                 )
             else:
-                policy_logits = self.policy_model(src)
                 if return_metrics:  # before backward may overwrite the logits
-                    hits = _argmax_hits(policy_logits, tgt, mask)
-                policy_sums = sequence_logprobs(
-                    policy_logits,
-                    tgt,
-                    mask,
-                    impl=route.impl,
-                    # (a compiled graph cannot look at grad_fn: it takes a fresh gradient buffer)
-                    inplace_backward=self.inplace_backward
-                    and not torch.compiler.is_compiling()
-                    and _own_logits(policy_logits),
-                )
+                    hits = _argmax_hits(out, tgt, mask)
+                # (a compiled graph cannot look at grad_fn: it takes a fresh gradient buffer)
+                inplace = self.inplace_backward and not torch.compiler.is_compiling() and _own_logits(out)
+                policy_sums = sequence_logprobs(out, tgt, mask, impl=route.impl, inplace_backward=inplace)
             loss = pair_losses(policy_sums, ref_scores, count, self.loss, self.logprob_reduction).mean()
         if not return_metrics:
             return loss

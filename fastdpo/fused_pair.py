@@ -171,9 +171,9 @@ def dpo_head_impl(
                 spare = spare if spare is not None else torch.empty(rows_per_chunk, v, dtype=zdtype, device=dev)
                 z = spare[: c.stop - c.start]
             chunks.logits_into(z, hg[c], weight, opts.scale)
-            st[:, c], logp[c] = fold.stats(z, yg[c])
-            if opts.count_hits:
+            if opts.count_hits:  # before the fold may turn kept logits into probabilities
                 hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
+            st[:, c], logp[c] = fold.stats(z, yg[c], keep=c.stop <= keep)
         sums64.index_add_(0, seq, logp.double())
         # The group's loss gradient per sequence, from its scores alone.
         index = torch.arange(pairs[0], pairs[-1] + 1, device=dev)  # consecutive: no host copy
@@ -196,7 +196,7 @@ def dpo_head_impl(
         grad_h = torch.empty_like(hg) if need_hidden else None
         if keep:
             for c in chunks.chunk_slices(keep, rows_per_chunk):
-                fold.grad_(kept[c], st[:, c], yg[c], g[c], opts.scale)
+                fold.grad_(kept[c], st[:, c], yg[c], g[c], opts.scale, kept=True)
             dz = kept.to(weight.dtype)
             del kept
             if grad_h is not None:
@@ -293,11 +293,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[4], output[5])
     ctx.need = (need_hidden, need_weight)
     ctx.mark_non_differentiable(*output[1:])
+    # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
+    # tensor the size of the logits, or of the head weight, per step otherwise).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_loss, *_):
     grad_h, grad_w = ctx.saved_tensors
     need_hidden, need_weight = ctx.need
+    if grad_loss is None:  # the loss took no part in what is differentiated
+        return (None,) * 24
     # A new tensor even when grad_loss is 1: autograd may accumulate into what it is given.
     grad_h = grad_h * grad_loss if need_hidden and ctx.needs_input_grad[0] else None
     grad_w = grad_w * grad_loss if need_weight and ctx.needs_input_grad[1] else None

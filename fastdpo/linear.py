@@ -154,6 +154,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(hidden, weight, targets, mask, output[1])
     ctx.options = (scale, impl, matmul)
     ctx.mark_non_differentiable(output[1])
+    # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
+    # tensor the size of the logits, or of the head weight, per step otherwise).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_scores, _grad_stats):
@@ -202,11 +205,6 @@ def check_linear_inputs(
     else:
         _checks.bool_mask("mask", mask, (n, t), "True = the position counts")
     _checks.same_device(hidden=hidden, weight=weight, targets=targets, mask=mask)
-    if hidden.device.type == "meta":
-        raise ValueError(
-            "hidden is on the meta device: linear_sequence_logprobs selects the counted rows "
-            "by value and needs real tensors"
-        )
     if scale is not None:
         scale = float(scale)
         if not scale == scale or scale in (float("inf"), float("-inf")):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -131,16 +130,6 @@ class LossConfig:
         }
 
 
-def _real(name: str, value) -> float:
-    # A tensor here would need a host sync to check (and beta & co. are constants by design).
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real Python number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return v
-
-
 def _interval(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:
     return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
 
@@ -185,11 +174,9 @@ def check_loss_config(
     if len(set(types)) != len(types):
         raise ValueError(f"loss_type lists a name twice ({types}); use loss_weights instead")
 
-    beta = _real("beta", beta)
-    if not beta > 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    beta = _checks.positive_finite("beta", beta)
 
-    eps = _real("label_smoothing", label_smoothing)
+    eps = _checks.real_number("label_smoothing", label_smoothing)
     readers = [t for t in types if t in _SMOOTHING_RANGE]
     if not readers and eps != 0.0:
         raise ValueError(
@@ -217,13 +204,13 @@ def check_loss_config(
                 f"loss_weights must have one weight per loss type ({len(types)}: {types}), "
                 f"got {len(loss_weights)}"
             )
-        weights = tuple(_real("loss_weights", w) for w in loss_weights)
+        weights = tuple(_checks.real_number("loss_weights", w) for w in loss_weights)
         if any(w < 0 for w in weights):
             raise ValueError(f"loss_weights must be >= 0, got {tuple(loss_weights)}")
         if not any(w > 0 for w in weights):
             raise ValueError(f"loss_weights must not all be 0, got {tuple(loss_weights)}")
 
-    gamma = _real("gamma", gamma)
+    gamma = _checks.real_number("gamma", gamma)
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0 (SimPO's target reward margin), got {gamma!r}")
 
@@ -237,7 +224,7 @@ def check_loss_config(
                 f"{tuple(bco_delta.shape)} and dtype {bco_delta.dtype}"
             )
     else:
-        bco_delta = _real("bco_delta", bco_delta)
+        bco_delta = _checks.real_number("bco_delta", bco_delta)
 
     return LossConfig(types, beta, eps, weights, gamma, bco_delta)
 
@@ -594,9 +581,7 @@ def reward_metrics(
         ref_rejected=ref_rejected,
     )
     has_ref = _check_reference(ref_chosen, ref_rejected, "reward_metrics")
-    beta = _real("beta", beta)
-    if not beta > 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    beta = _checks.positive_finite("beta", beta)
 
     dtype = torch.promote_types(policy_chosen.dtype, torch.float32)
     pi_w, pi_l = policy_chosen.detach().to(dtype), policy_rejected.detach().to(dtype)

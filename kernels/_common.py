@@ -40,6 +40,33 @@ def autotune_enabled() -> bool:
     return os.environ.get("FASTDPO_AUTOTUNE", "0") == "1"
 
 
+# Triton's pointer type of each tensor dtype the kernels take.
+POINTER_TYPES = {**TRITON_DTYPE, torch.int64: "i64", torch.bool: "u1"}
+
+
+class Example:
+    """A stand-in for a contiguous tensor in the launch-argument builders (``*_args``), so that
+    the ahead-of-time specs are built by the very function the launchers call: adding a kernel
+    argument is an edit of the kernel and of its builder, not of a third list."""
+
+    def __init__(self, dtype: torch.dtype, *shape: int):
+        self.dtype, self.shape = dtype, shape
+
+    def stride(self, dim: int) -> int:
+        out = 1
+        for size in self.shape[dim + 1 if dim >= 0 else len(self.shape) + dim + 1:]:
+            out *= size
+        return out
+
+
+def aot_example(args: dict[str, object], **constexprs: object) -> dict[str, object]:
+    """A builder's arguments for :func:`specialize`: stand-ins become pointer types, and the
+    constexprs are added as ("constexpr", value)."""
+    out = {k: "*" + POINTER_TYPES[v.dtype] if isinstance(v, Example) else v for k, v in args.items()}
+    out.update({k: ("constexpr", v) for k, v in constexprs.items()})
+    return out
+
+
 def specialize(fn, example: dict[str, object]) -> tuple[dict, dict, dict]:
     """Mirror the JIT's specialization of one launch, for ``triton.compile(ASTSource(...))``:
     ints equal to 1 become constexprs, bools and floats get their scalar types, 16-byte-aligned

@@ -36,7 +36,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, SUPPORTED_DTYPES, TRITON_DTYPE, autotune_enabled, specialize
+from ._common import (
+    LAUNCH_OPTIONS,
+    SUPPORTED_DTYPES,
+    TRITON_DTYPE,
+    Example,
+    aot_example,
+    autotune_enabled,
+    specialize,
+)
 
 __all__ = [
     "linear_logprobs_forward",
@@ -486,6 +494,36 @@ def _check_inputs(hidden, weight, targets, scale) -> tuple[int, int, int]:
 _ALIGN = 16
 
 
+# The kernels' arguments but the constexprs, in their order (the launchers pass them
+# positionally); the ahead-of-time specs are built by the same functions, on stand-ins.
+
+
+def _fwd_args(hidden, weight, targets, parts, stride_hm, stride_wv, M, V, D, scale) -> dict:
+    return dict(hidden_ptr=hidden, weight_ptr=weight, targets_ptr=targets,
+                part_max_ptr=parts[0], part_sum_ptr=parts[1], part_tgt_ptr=parts[2],
+                stride_hm=stride_hm, stride_wv=stride_wv, M=M, V=V, D=D, scale=float(scale))
+
+
+def _combine_args(parts, targets, logp, lse, M, V, n_splits) -> dict:
+    return dict(part_max_ptr=parts[0], part_sum_ptr=parts[1], part_tgt_ptr=parts[2], targets_ptr=targets,
+                logp_ptr=logp, lse_ptr=lse, M=M, V=V, n_splits=n_splits)
+
+
+def _grad_hidden_args(hidden, weight, targets, lse, grad_rows, acc, grad_hidden, stride_hm, stride_wv,
+                      M, V, D, scale, direct) -> dict:
+    return dict(hidden_ptr=hidden, weight_ptr=weight, targets_ptr=targets, lse_ptr=lse, grad_rows_ptr=grad_rows,
+                acc_ptr=acc, grad_hidden_ptr=grad_hidden, stride_hm=stride_hm, stride_wv=stride_wv,
+                stride_as=acc.stride(0), stride_am=acc.stride(1), stride_gm=grad_hidden.stride(0),
+                M=M, V=V, D=D, scale=float(scale), direct=direct)
+
+
+def _grad_weight_args(hidden, weight, targets, lse, grad_rows, acc, grad_weight, stride_hm, stride_wv,
+                      M, V, D, scale) -> dict:
+    return dict(hidden_ptr=hidden, weight_ptr=weight, targets_ptr=targets, lse_ptr=lse, grad_rows_ptr=grad_rows,
+                acc_ptr=acc, grad_weight_ptr=grad_weight, stride_hm=stride_hm, stride_wv=stride_wv,
+                stride_av=acc.stride(0), stride_gv=grad_weight.stride(0), M=M, V=V, D=D, scale=float(scale))
+
+
 def _padded_d(D: int) -> int:
     return triton.cdiv(D, _ALIGN) * _ALIGN
 
@@ -548,8 +586,7 @@ def linear_logprobs_forward(
     # Three allocations, not slices of one: each starts 16-byte aligned whatever splits * M
     # is, as the shipped build is specialized.
     parts = [torch.empty((splits, M), dtype=torch.float32, device=device) for _ in range(3)]
-    args = (hidden, weight, targets, parts[0], parts[1], parts[2],
-            stride_hm, stride_wv, M, V, D_pad, float(scale))
+    args = _fwd_args(hidden, weight, targets, parts, stride_hm, stride_wv, M, V, D_pad, scale).values()
     if autotune_enabled() and not (_block_m or _block_v or _block_d):
         _fwd_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](*args, **LAUNCH_OPTIONS)
     else:
@@ -557,7 +594,7 @@ def linear_logprobs_forward(
             *args, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
     _lse_combine_kernel[(triton.cdiv(M, _COMBINE_BLOCK),)](
-        parts[0], parts[1], parts[2], targets, logp, lse, M, V, splits,
+        *_combine_args(parts, targets, logp, lse, M, V, splits).values(),
         BLOCK=_COMBINE_BLOCK, num_warps=_COMBINE_CONFIG.num_warps, **LAUNCH_OPTIONS)
     return logp, lse
 
@@ -619,9 +656,8 @@ def linear_logprobs_backward(
                 acc = acc.view(1, M, D_pad)
             else:
                 acc = torch.empty((splits, M, D_pad), dtype=torch.float32, device=device)
-            args = (hidden, weight, targets, lse, grad_rows, acc, grad_hidden,
-                    stride_hm, stride_wv, acc.stride(0), acc.stride(1), grad_hidden.stride(0),
-                    M, V, D_pad, scale, direct)
+            args = _grad_hidden_args(hidden, weight, targets, lse, grad_rows, acc, grad_hidden,
+                                     stride_hm, stride_wv, M, V, D_pad, scale, direct).values()
             if tuned:
                 _grad_hidden_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](
                     *args, **LAUNCH_OPTIONS)
@@ -643,9 +679,8 @@ def linear_logprobs_backward(
         grad_weight = torch.empty((V, D_pad), dtype=dtype, device=device)
         cfg = _config("bwd_w", dtype, _block_m, _block_v, _block_d)
         acc = grad_weight if dtype == torch.float32 else torch.empty_like(grad_weight, dtype=torch.float32)
-        args = (hidden, weight, targets, lse, grad_rows, acc, grad_weight,
-                stride_hm, stride_wv, acc.stride(0), grad_weight.stride(0),
-                M, V, D_pad, scale)
+        args = _grad_weight_args(hidden, weight, targets, lse, grad_rows, acc, grad_weight,
+                                 stride_hm, stride_wv, M, V, D_pad, scale).values()
         if tuned:
             _grad_weight_autotuned[lambda meta: (triton.cdiv(V, meta["BLOCK_V"]),)](*args, **LAUNCH_OPTIONS)
         else:
@@ -689,38 +724,37 @@ def aot_specs(shapes: tuple[tuple[int, int], ...] = tuple(AOT_SHAPES), M: int = 
     """The kernels as the launchers start them on contiguous hidden (M, D) and weight (V, D)
     with the shipped configurations, for every supported dtype and each (D, V) in `shapes`:
     the forward, grad_hidden (one binary for one split and several) and grad_weight; and the
-    forward's combine, which reads float32 partials only, once."""
+    forward's combine, which reads float32 partials only, once.  Built by the launchers' own
+    argument builders, on stand-ins."""
+    f32, splits = torch.float32, 3
     specs = []
+    parts = [Example(f32, splits, M)] * 3
+    rows = Example(f32, M)
     fn = _lse_combine_kernel
-    example = dict(part_max_ptr="*fp32", part_sum_ptr="*fp32", part_tgt_ptr="*fp32", targets_ptr="*i64",
-                   logp_ptr="*fp32", lse_ptr="*fp32", M=M, V=shapes[0][1], n_splits=3,
-                   BLOCK=("constexpr", _COMBINE_BLOCK))
+    args = _combine_args(parts, Example(torch.int64, M), rows, rows, M, shapes[0][1], splits)
     specs.append(LinearKernelSpec("lin_combine", "fp32", 0, shapes[0][1], _COMBINE_CONFIG,
-                                  fn, *specialize(fn, example)))
+                                  fn, *specialize(fn, aot_example(args, BLOCK=_COMBINE_BLOCK))))
     for D, V in shapes:
         for torch_dtype, tdt in TRITON_DTYPE.items():
-            common = dict(hidden_ptr="*" + tdt, weight_ptr="*" + tdt, targets_ptr="*i64",
-                          stride_hm=D, stride_wv=D, M=M, V=V, D=D, scale=1.0)
+            hidden, weight, targets = Example(torch_dtype, M, D), Example(torch_dtype, V, D), Example(torch.int64, M)
 
             def blocks(cfg: LinearConfig) -> dict:
-                return dict(BLOCK_M=("constexpr", cfg.block_m), BLOCK_V=("constexpr", cfg.block_v),
-                            BLOCK_D=("constexpr", cfg.block_d))
+                return dict(BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
 
             cfg = _DEFAULT_CONFIGS["fwd", torch_dtype]
             fn = _lse_partials_kernel
-            example = dict(common, part_max_ptr="*fp32", part_sum_ptr="*fp32", part_tgt_ptr="*fp32", **blocks(cfg))
-            specs.append(LinearKernelSpec("lin_fwd", tdt, D, V, cfg, fn, *specialize(fn, example)))
+            args = _fwd_args(hidden, weight, targets, parts, D, D, M, V, D, 1.0)
+            specs.append(LinearKernelSpec("lin_fwd", tdt, D, V, cfg, fn, *specialize(fn, aot_example(args, **blocks(cfg)))))
 
             cfg = _DEFAULT_CONFIGS["bwd_h", torch_dtype]
             fn = _grad_hidden_kernel
-            example = dict(common, lse_ptr="*fp32", grad_rows_ptr="*fp32", acc_ptr="*fp32",
-                           grad_hidden_ptr="*" + tdt, stride_as=M * D, stride_am=D, stride_gm=D,
-                           direct=True, **blocks(cfg))
-            specs.append(LinearKernelSpec("lin_bwd_h", tdt, D, V, cfg, fn, *specialize(fn, example)))
+            args = _grad_hidden_args(hidden, weight, targets, rows, rows, Example(f32, 1, M, D), Example(torch_dtype, M, D),
+                                     D, D, M, V, D, 1.0, True)
+            specs.append(LinearKernelSpec("lin_bwd_h", tdt, D, V, cfg, fn, *specialize(fn, aot_example(args, **blocks(cfg)))))
 
             cfg = _DEFAULT_CONFIGS["bwd_w", torch_dtype]
             fn = _grad_weight_kernel
-            example = dict(common, lse_ptr="*fp32", grad_rows_ptr="*fp32", acc_ptr="*fp32",
-                           grad_weight_ptr="*" + tdt, stride_av=D, stride_gv=D, **blocks(cfg))
-            specs.append(LinearKernelSpec("lin_bwd_w", tdt, D, V, cfg, fn, *specialize(fn, example)))
+            args = _grad_weight_args(hidden, weight, targets, rows, rows, Example(f32, V, D), Example(torch_dtype, V, D),
+                                     D, D, M, V, D, 1.0)
+            specs.append(LinearKernelSpec("lin_bwd_w", tdt, D, V, cfg, fn, *specialize(fn, aot_example(args, **blocks(cfg)))))
     return specs

@@ -20,7 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import LAUNCH_OPTIONS, SUPPORTED_DTYPES, TRITON_DTYPE, autotune_enabled, specialize
+from ._common import (
+    LAUNCH_OPTIONS,
+    SUPPORTED_DTYPES,
+    TRITON_DTYPE,
+    Example,
+    aot_example,
+    autotune_enabled,
+    specialize,
+)
 
 __all__ = [
     "sequence_logprobs_forward",
@@ -223,6 +231,28 @@ _TUNE_ROWS = 2048
 # --------------------------------------------------------------------------------------
 
 
+def _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals, stats, T: int, V: int) -> dict:
+    """The forward kernel's arguments but the constexprs (also the AOT specs' source)."""
+    return dict(
+        logits_ptr=logits, ref_logits_ptr=ref, targets_ptr=targets, mask_ptr=mask,
+        row_vals_ptr=row_vals, ref_row_vals_ptr=ref_row_vals, stats_ptr=stats,
+        stride_ln=logits.stride(0), stride_lt=logits.stride(1), stride_rn=ref.stride(0), stride_rt=ref.stride(1),
+        stride_yn=targets.stride(0), stride_yt=targets.stride(1), stride_mn=mask.stride(0), stride_mt=mask.stride(1),
+        T=T, V=V, NT=logits.shape[0] * T,
+    )
+
+
+def _bwd_args(logits, targets, mask, stats, grad_scores, grad, T: int, V: int) -> dict:
+    """The backward kernel's arguments but the constexprs (also the AOT specs' source)."""
+    return dict(
+        logits_ptr=logits, targets_ptr=targets, mask_ptr=mask, stats_ptr=stats, grad_scores_ptr=grad_scores,
+        grad_ptr=grad,
+        stride_ln=logits.stride(0), stride_lt=logits.stride(1), stride_yn=targets.stride(0), stride_yt=targets.stride(1),
+        stride_mn=mask.stride(0), stride_mt=mask.stride(1), stride_gn=grad.stride(0), stride_gt=grad.stride(1),
+        T=T, V=V, NT=logits.shape[0] * T,
+    )
+
+
 def _check_logits(name: str, x, shape: tuple[int, ...] | None = None) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -300,21 +330,15 @@ def sequence_logprobs_forward(
 
     logits = _unit_stride_v(logits)
     ref = _unit_stride_v(ref_logits) if has_ref else logits
-    args = (
-        logits, ref, targets, mask,
-        row_vals, ref_row_vals if has_ref else row_vals, stats,
-        logits.stride(0), logits.stride(1), ref.stride(0), ref.stride(1),
-        targets.stride(0), targets.stride(1), mask.stride(0), mask.stride(1),
-        T, V, N * T,
-    )
+    args = _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals if has_ref else row_vals, stats, T, V)
     grid = (N * T,)
     if _block_v is None and autotune_enabled():
-        _fwd_autotuned[grid](*args, HAS_REF=has_ref, **LAUNCH_OPTIONS)
+        _fwd_autotuned[grid](*args.values(), HAS_REF=has_ref, **LAUNCH_OPTIONS)
     else:
         block_v, num_warps = _default_config(V, logits.dtype)
         if _block_v is not None:
             block_v = _block_v
-        _sequence_logprobs_fwd_kernel[grid](*args, HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps,
+        _sequence_logprobs_fwd_kernel[grid](*args.values(), HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps,
                                             **LAUNCH_OPTIONS)
 
     # Fixed-order reductions over T: bitwise reproducible, no atomics.
@@ -383,22 +407,17 @@ def sequence_logprobs_backward(
 
     stats = stats.contiguous()
     grad_scores = grad_scores.contiguous()
-    args = (
-        logits, targets, mask, stats, grad_scores, grad,
-        logits.stride(0), logits.stride(1), targets.stride(0), targets.stride(1),
-        mask.stride(0), mask.stride(1), grad.stride(0), grad.stride(1),
-        T, V, N * T,
-    )
+    args = _bwd_args(logits, targets, mask, stats, grad_scores, grad, T, V)
     grid = (N * T,)
     if _block_v is None and autotune_enabled() and not inplace:
-        _bwd_autotuned[grid](*args, **LAUNCH_OPTIONS)
+        _bwd_autotuned[grid](*args.values(), **LAUNCH_OPTIONS)
         return grad
     if _block_v is None and autotune_enabled():
         meta = _tuned_bwd_config(logits, targets, mask, stats, grad_scores)
     else:
         block_v, num_warps = _default_config(V, logits.dtype)
         meta = dict(BLOCK_V=_block_v or block_v, num_warps=num_warps)
-    _sequence_logprobs_bwd_kernel[grid](*args, **meta, **LAUNCH_OPTIONS)
+    _sequence_logprobs_bwd_kernel[grid](*args.values(), **meta, **LAUNCH_OPTIONS)
     return grad
 
 
@@ -410,12 +429,8 @@ def _tuned_bwd_config(logits, targets, mask, stats, grad_scores) -> dict:
     t = min(T, _TUNE_ROWS)
     sub = logits[:n, :t]
     out = torch.empty((n, t, V), dtype=logits.dtype, device=logits.device)
-    _bwd_autotuned[(n * t,)](
-        sub, targets[:n, :t], mask[:n, :t], stats[:, :n, :t].contiguous(), grad_scores[:n], out,
-        sub.stride(0), sub.stride(1), targets.stride(0), targets.stride(1),
-        mask.stride(0), mask.stride(1), out.stride(0), out.stride(1),
-        t, V, n * t, **LAUNCH_OPTIONS,
-    )
+    args = _bwd_args(sub, targets[:n, :t], mask[:n, :t], stats[:, :n, :t].contiguous(), grad_scores[:n], out, t, V)
+    _bwd_autotuned[(n * t,)](*args.values(), **LAUNCH_OPTIONS)
     best = _bwd_autotuned.best_config
     return dict(BLOCK_V=best.kwargs["BLOCK_V"], num_warps=best.num_warps)
 
@@ -511,34 +526,28 @@ AOT_VOCABS: dict[int, str] = {
 }
 
 
-def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048) -> list[KernelSpec]:
+def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048, N: int = 16) -> list[KernelSpec]:
     """The kernels as launched on contiguous (N, T, V) logits with the shipped default
     configuration, for every supported logits dtype, with and without reference logits (of
     the same dtype; a mixed pair compiles the same code with another load type), and for
-    each vocabulary size in `vocabs`."""
+    each vocabulary size in `vocabs`: the launchers' own argument builders on stand-ins."""
     specs = []
+    f32 = torch.float32
     for V in vocabs:
         for torch_dtype, tdt in TRITON_DTYPE.items():
             block_v, num_warps = _default_config(V, torch_dtype)
-            common = dict(
-                targets_ptr="*i64", mask_ptr="*u1",
-                stride_ln=T * V, stride_lt=V, stride_yn=T, stride_yt=1, stride_mn=T, stride_mt=1,
-                T=T, V=V, NT=16 * T, BLOCK_V=("constexpr", block_v), EVEN_V=("constexpr", V % block_v == 0),
-            )
+            logits = Example(torch_dtype, N, T, V)
+            targets, mask = Example(torch.int64, N, T), Example(torch.bool, N, T)
+            rows, stats = Example(f32, N, T), Example(f32, 2, N, T)
+            blocks = dict(BLOCK_V=block_v, EVEN_V=V % block_v == 0)
             for has_ref in (False, True):
                 fn = _sequence_logprobs_fwd_kernel.fn
-                example = dict(
-                    common, logits_ptr="*" + tdt, ref_logits_ptr="*" + tdt,
-                    row_vals_ptr="*fp32", ref_row_vals_ptr="*fp32", stats_ptr="*fp32",
-                    # without ref the launcher passes the policy logits as a dummy
-                    stride_rn=T * V, stride_rt=V, HAS_REF=("constexpr", has_ref),
-                )
+                # without ref the launcher passes the policy logits (and rows) as dummies
+                args = _fwd_args(logits, logits, targets, mask, rows, rows, stats, T, V)
+                example = aot_example(args, HAS_REF=has_ref, **blocks)
                 specs.append(KernelSpec("fwd+ref" if has_ref else "fwd", tdt, V, block_v, num_warps,
                                         fn, *specialize(fn, example)))
             fn = _sequence_logprobs_bwd_kernel.fn
-            example = dict(
-                common, logits_ptr="*" + tdt, stats_ptr="*fp32", grad_scores_ptr="*fp32",
-                grad_ptr="*" + tdt, stride_gn=T * V, stride_gt=V,
-            )
-            specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *specialize(fn, example)))
+            args = _bwd_args(logits, targets, mask, stats, Example(f32, N), Example(torch_dtype, N, T, V), T, V)
+            specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *specialize(fn, aot_example(args, **blocks))))
     return specs

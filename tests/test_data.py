@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -9,6 +11,8 @@ from x_transformers import Decoder, TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
 from fastdpo import DPO, PreferenceDataset
+
+from helpers import rel_err
 
 PAD = 0
 
@@ -100,6 +104,8 @@ def test_bad_pad_id():
 
 
 def test_dataloader_feeds_dpo_like_x_transformers():
+    """Collated batches (padding, prompts) give x-transformers' loss and gradients, with the
+    policy moved away from the reference (else both sides give log 2 whatever the masks)."""
     v = 40
     ds = PreferenceDataset(random_items(10, v=v, seed=3), pad_id=PAD)
     loader = DataLoader(ds, batch_size=4, collate_fn=ds.collate)
@@ -109,12 +115,24 @@ def test_dataloader_feeds_dpo_like_x_transformers():
         return TransformerWrapper(num_tokens=v, max_seq_len=32, attn_layers=Decoder(dim=16, depth=1, heads=2))
 
     ours, ref = DPO(make(), pad_id=PAD), XDPO(make(), pad_id=PAD)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in ref.policy_model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ours.policy_model.load_state_dict(ref.policy_model.state_dict())
     batches = 0
     for pref, unpref, prompt_mask in loader:
+        for m in (ours, ref):
+            m.policy_model.zero_grad(set_to_none=True)
         lo = ours(pref, unpref, prompt_mask=prompt_mask)
         lx = ref(pref, unpref, prompt_mask=prompt_mask)
-        assert torch.isfinite(lo)
+        assert abs(lx.item() - math.log(2)) > 1e-3
         assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item())
         lo.backward()
+        lx.backward()
+        gx = dict(ref.policy_model.named_parameters())
+        for name, p in ours.policy_model.named_parameters():
+            if gx[name].grad is not None:
+                assert rel_err(p.grad, gx[name].grad) <= 1e-5, name
         batches += 1
     assert batches == 3

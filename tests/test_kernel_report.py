@@ -6,12 +6,14 @@ from TRITON_INTERPRET, which the tests' conftest sets on machines without CUDA.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastdpo.kernel_report import SMEM_LIMIT, Row
 from fastdpo.kernels.linear_sequence_logprobs import AOT_SHAPES
@@ -91,3 +93,31 @@ def test_reexecs_itself_out_of_interpret_mode():
     assert rc == 0 and report["ok"]
     assert len(report["kernels"]) == 3 * 3 * 2
     assert all(r["V"] == 2000 and r["vectorized"] for r in report["kernels"])
+
+
+def test_launch_argument_builders_follow_each_kernels_signature():
+    """The launchers pass each builder's values positionally and the AOT specs come from the
+    same builders: their keys must be the kernel's non-constexpr parameters, in order."""
+    from fastdpo.kernels import linear_sequence_logprobs as lin
+    from fastdpo.kernels import sequence_logprobs as seq
+    from fastdpo.kernels._common import Example
+
+    def params(kernel):
+        fn = kernel
+        while hasattr(fn, "fn"):  # heuristics -> JIT (or interpreted) function -> Python function
+            fn = fn.fn
+        sig = inspect.signature(fn)
+        return [n for n, p in sig.parameters.items() if "constexpr" not in str(p.annotation)]
+
+    f32, ex = torch.float32, Example(torch.float32, 2, 3, 4)
+    cases = [
+        (seq._sequence_logprobs_fwd_kernel, seq._fwd_args(ex, ex, ex, ex, ex, ex, ex, 3, 4)),
+        (seq._sequence_logprobs_bwd_kernel, seq._bwd_args(ex, ex, ex, ex, ex, ex, 3, 4)),
+        (lin._lse_partials_kernel, lin._fwd_args(ex, ex, ex, [ex] * 3, 4, 4, 2, 5, 4, 1.0)),
+        (lin._lse_combine_kernel, lin._combine_args([ex] * 3, ex, ex, ex, 2, 5, 3)),
+        (lin._grad_hidden_kernel, lin._grad_hidden_args(ex, ex, ex, ex, ex, ex, ex, 4, 4, 2, 5, 4, 1.0, True)),
+        (lin._grad_weight_kernel, lin._grad_weight_args(ex, ex, ex, ex, ex, ex, ex, 4, 4, 2, 5, 4, 1.0)),
+    ]
+    for kernel, args in cases:
+        assert list(args) == params(kernel), kernel
+    assert Example(f32, 2, 3, 4).stride(0) == 12 and Example(f32, 2, 3, 4).stride(-1) == 1

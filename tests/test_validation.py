@@ -319,12 +319,10 @@ def test_linear_sequence_logprobs_rejects(args, kwargs, exc, match):
 
 
 def test_linear_sequence_logprobs_all_meta():
-    try:
-        out = linear_sequence_logprobs(H.to(META), W.to(META), LY.to(META), LM.to(META))
-    except (TypeError, ValueError) as e:
-        assert "meta" in str(e)
-    else:
-        assert out.shape == (2,) and out.device.type == "meta"
+    """Every tensor on meta: shapes only, from the custom op's fake implementation (as
+    sequence_logprobs; torch.compile and meta-device initialisation need it)."""
+    out = linear_sequence_logprobs(H.to(META), W.to(META), LY.to(META), LM.to(META))
+    assert out.shape == (2,) and out.device.type == "meta" and out.dtype == torch.float32
 
 
 def test_linear_sequence_logprobs_masked_ids_empty_and_narrow_ids():
