@@ -334,7 +334,7 @@ def roofline(suite: Suite) -> None:
     gbps = 2 * s.copy_bytes / ms / 1e6  # read + write
     suite.roof["bandwidth_gbps"] = gbps
     suite.add("roofline", f"device-to-device copy, {s.copy_bytes / 2**30:.2f} GiB", "ok", ms=ms, gbps=gbps)
-    del src, dst
+    src = dst = None  # free the copy buffers before the product
     n = s.mm_n
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     a = torch.randn(n, n, generator=_gen(dev, 1), device=dev).to(dtype)
@@ -567,7 +567,7 @@ def check_dpo(suite: Suite) -> None:
             suite.add("correctness", "DPO default route: host syncs per step beyond the bodies'",
                       "pass" if extra <= 1 else "fail", err=float(extra), bound=1.0,
                       detail=f"step {step_syncs}, model bodies alone {body_syncs} (torch.cuda sync debug mode)")
-        del ours
+        ours = None
         _free(dev)
 
 
@@ -591,7 +591,7 @@ def count_syncs(fn) -> int:
 def check_peers(suite: Suite) -> None:
     import torch
 
-    import gpu_peers
+    from fastdpo.bench import peers as gpu_peers
 
     dev = suite.device
     n, t, d, v = 4, 16, 64, 1031
@@ -698,7 +698,7 @@ def head(suite: Suite) -> None:
     """The fused head at a Llama-3-8B shape, forward+backward, every provider on one input."""
     import torch
 
-    import gpu_peers
+    from fastdpo.bench import peers as gpu_peers
     from fastdpo import cost_model, linear_sequence_logprobs
     from fastdpo.fused_pair import HeadOptions, dpo_head
 
@@ -801,7 +801,7 @@ def step(suite: Suite) -> None:
     from x_transformers import Decoder, TransformerWrapper
     from x_transformers.dpo import DPO as XDPO
 
-    import gpu_peers
+    from fastdpo.bench import peers as gpu_peers
     from fastdpo import DPO
 
     dev = suite.device

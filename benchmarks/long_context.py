@@ -49,19 +49,13 @@ def build(batch, seq_len, vocab, dim, seed=0):
     return model, pref, unpref, prompt
 
 
-def _rss(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
 def worker(which, batch, seq_len, vocab, dim):
-    """One measurement in this (fresh) process; prints a JSON line."""
-    import ctypes
+    """One measurement in this (fresh) process, as the bench's memory workers measure
+    (fastdpo.bench.measure: the same malloc settings and peak meter; no warm-up call here, the
+    step is too long to run twice); prints a JSON line."""
+    from fastdpo.bench.measure import peak_extra_bytes, worker_heap
 
-    ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: big frees go back to the OS
+    worker_heap()
     model, pref, unpref, prompt = build(batch, seq_len, vocab, dim)
     if which == "body":
         from fastdpo.dpo import frozen_copy
@@ -84,14 +78,15 @@ def worker(which, batch, seq_len, vocab, dim):
         def step():
             dpo(pref, unpref, prompt_mask=prompt).backward()
 
-    base = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    t0 = time.perf_counter()
-    step()
-    seconds = time.perf_counter() - t0
-    print(json.dumps(dict(which=which, seq_len=seq_len, seconds=seconds,
-                          peak_extra_mib=(_rss("VmHWM") - base) / 2**20)))
+    seconds = []
+
+    def timed():
+        t0 = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - t0)
+
+    peak = peak_extra_bytes(timed, "cpu", warmup=False)
+    print(json.dumps(dict(which=which, seq_len=seq_len, seconds=seconds[0], peak_extra_mib=peak / 2**20)))
 
 
 def measure(which, batch, seq_len, vocab, dim):

@@ -9,7 +9,7 @@
 #   bash scripts/gpu_wheels.sh --with-datasets  # plus datasets, for TRL's own trainer.utils
 #
 # Without `datasets`, trl/trainer/utils.py (which the backward of TRL's chunked log-prob kernel
-# imports) does not import there; benchmarks/gpu_peers.py then loads the kernel's file on its
+# imports) does not import there; fastdpo/bench/peers.py then loads the kernel's file on its
 # own, with the same code.  datasets 5.2.0 declares pyarrow>=24 and huggingface-hub>=1.31,
 # versions not checked on that image: hence an option.
 set -euo pipefail

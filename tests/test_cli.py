@@ -17,12 +17,28 @@ FAST = ["--size", "tiny", "--repeats", "1", "--no-progress", "--threads", "1"]
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
+def _restore_threads(tmp_path, monkeypatch):
     import torch
 
+    monkeypatch.chdir(tmp_path)  # the bench writes results/ under the working directory
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)  # `--threads` sets it for the whole process
+
+
+def test_bench_writes_rows_and_plot_under_results_and_summarizes(tmp_path, capsys):
+    rc = cli.main(["bench", *FAST, "--workload", "head", "--providers", "torch,fastdpo-torch", "--no-memory"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "summary, B=1 L=32 V=512" in text
+    assert "loss head alone, forward+backward: fastdpo" in text and "x-transformers (" in text
+    assert "the fastest peer, torch" in text
+    (csv_path,) = (tmp_path / "results").glob("bench-tiny-*.csv")
+    (png_path,) = (tmp_path / "results").glob("bench-tiny-*.png")
+    assert f"rows: results/{csv_path.name}" in text and f"plot: results/{png_path.name}" in text
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc = cli.main(["bench", *FAST, "--workload", "head", "--providers", "torch", "--no-memory", "--no-files"])
+    assert rc == 0 and len(list((tmp_path / "results").iterdir())) == 2
 
 # Test-only providers, in a file so that the CPU memory workers import them too
 # (--provider-module).  A worker is a process forked from the memory server, which imported

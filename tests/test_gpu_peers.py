@@ -1,4 +1,4 @@
-"""The GPU suite's peer adapters (benchmarks/gpu_peers.py) against float64.
+"""The peers' adapters (fastdpo/bench/peers.py: the bench's and the GPU suite's) against float64.
 
 TRL's and cut-cross-entropy's heads must give the summed masked log-probs of a float64
 ``log_softmax(hidden @ weight.T)``, and their gradients with respect to ``hidden`` and
@@ -10,8 +10,6 @@ on CUDA where there is one.  A case whose package cannot be imported skips, nami
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import pathlib
 import sys
 
 import pytest
@@ -20,12 +18,7 @@ import torch.nn.functional as F
 
 from helpers import three_way
 
-# benchmarks/ is no package: load the module by path, under the name the GPU suite imports it by
-# (``python benchmarks/gpu_suite.py`` puts benchmarks/ first on sys.path).
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_peers.py"
-_spec = importlib.util.spec_from_file_location("gpu_peers", _PATH)
-gp = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gp)
+from fastdpo.bench import peers as gp
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
 F32 = torch.float32

@@ -1,0 +1,53 @@
+"""The bench's sizes, workloads, modes, dtypes and output columns; :class:`Config`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Presets.  ``small`` is what scripts/bench.sh runs: every provider, both workloads, both
+# modes, under 3 minutes on 2 CPU cores; V = 8192 keeps the head a large share of the step.
+SIZES: dict[str, dict] = {
+    "tiny": dict(batch=1, seq_len=32, vocab=512, dim=32, depth=1, heads=2, repeats=1),
+    "small": dict(batch=2, seq_len=128, vocab=8192, dim=128, depth=2, heads=4, repeats=10),
+    "medium": dict(batch=4, seq_len=512, vocab=32000, dim=256, depth=2, heads=4, repeats=5),
+    # A GPU size: x-transformers' step holds ~5 (2B(L-1), V) float32 buffers, ~9 GiB here.
+    "large": dict(batch=8, seq_len=1024, vocab=32000, dim=512, depth=4, heads=8, repeats=10),
+}
+SIZE_FIELDS = ("batch", "seq_len", "vocab", "dim", "depth", "heads")
+WORKLOADS = ("step", "head")
+MODES = ("forward", "forward+backward")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SWEEPABLE = ("vocab", "seq_len")
+BETA = 0.1
+
+# The ratios' denominators: always measured, whatever --providers says.
+REFERENCES = ("floor", "x-transformers")
+
+COLUMNS = (
+    "provider", "workload", "mode", "status", "reason",
+    "median_ms", "min_ms", "repeats", "vs_xt", "vs_floor",
+    "peak_mib", "body_mib", "head_mib", "mem_vs_xt", "head_mem_vs_xt",
+    *SIZE_FIELDS, "dtype", "device", "device_name",
+    "torch", "triton", "x_transformers", "liger_kernel", "fastdpo", "threads", "date",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Config:
+    """One size point: the model, the batch, the dtype and the device."""
+
+    batch: int
+    seq_len: int
+    vocab: int
+    dim: int
+    depth: int
+    heads: int
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

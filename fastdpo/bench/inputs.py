@@ -1,0 +1,140 @@
+"""What every provider builds from: the models, the batch, the logits, the step callable.
+
+make_models, make_batch, head_logits and make_step are what a provider's builder uses, so
+every provider sees the same weights and tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from copy import deepcopy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import BETA, Config
+from .registry import Step
+
+
+def _model(cfg: Config):
+    """The benchmark's TransformerWrapper, the same weights for every provider (seeded)."""
+    from x_transformers import Decoder, TransformerWrapper
+
+    torch.manual_seed(cfg.seed)
+    model = TransformerWrapper(
+        num_tokens=cfg.vocab,
+        max_seq_len=cfg.seq_len,
+        attn_layers=Decoder(dim=cfg.dim, depth=cfg.depth, heads=cfg.heads),
+    )
+    return model.to(device=cfg.device, dtype=cfg.torch_dtype)
+
+
+def make_models(cfg: Config):
+    """(policy, reference): the reference a frozen copy of the policy, nudged as if the policy
+    had trained a little, so the loss is not log 2 and providers can be checked against each
+    other (tests/test_bench.py)."""
+    policy = _model(cfg)
+    ref = deepcopy(policy)
+    g = torch.Generator().manual_seed(cfg.seed + 4)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.requires_grad = False
+            p.add_(0.1 * torch.randn(p.shape, generator=g).to(p))
+    return policy, ref.eval()
+
+
+def _dpo(cls, cfg: Config, **kwargs):
+    """``cls(policy, beta=BETA, **kwargs)`` (x-transformers' or fastdpo's DPO) with the
+    reference of :func:`make_models`."""
+    policy, ref = make_models(cfg)
+    dpo = cls(policy, beta=BETA, **kwargs)
+    dpo.ref_model.load_state_dict(ref.state_dict())
+    return dpo
+
+
+@dataclass
+class Batch:
+    pref: torch.Tensor  # (B, L) token ids
+    unpref: torch.Tensor  # (B, L)
+    prompt_mask: torch.Tensor  # (B, L) bool, True on the prompt
+    src: torch.Tensor  # (2B, L-1) model inputs
+    tgt: torch.Tensor  # (2B, L-1) targets
+    mask: torch.Tensor  # (2B, L-1) x-transformers' mask: input-aligned, keep[:, :-1]
+    mask_target: torch.Tensor  # (2B, L-1) TRL's mask: target-aligned, keep[:, 1:]
+
+
+def make_batch(cfg: Config) -> Batch:
+    """Seeded token ids with a shared prompt of L/8 to L/2 tokens, no padding, and both masks."""
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    b, l, v = cfg.batch, cfg.seq_len, cfg.vocab
+    pref = torch.randint(0, v, (b, l), generator=g)
+    unpref = torch.randint(0, v, (b, l), generator=g)
+    prompt_lens = torch.randint(max(1, l // 8), max(2, l // 2), (b, 1), generator=g)
+    prompt_mask = torch.arange(l)[None] < prompt_lens
+    unpref[prompt_mask] = pref[prompt_mask]  # a shared prompt
+    seq = torch.cat((pref, unpref))
+    keep = ~prompt_mask.repeat(2, 1)
+    out = Batch(pref, unpref, prompt_mask, seq[:, :-1], seq[:, 1:], keep[:, :-1], keep[:, 1:])
+    for name, x in vars(out).items():
+        setattr(out, name, x.to(cfg.device))
+    return out
+
+
+def _pair_loss(scores: torch.Tensor, ref_scores: torch.Tensor) -> torch.Tensor:
+    """Mean DPO loss from (2B,) policy and reference scores, preferred first."""
+    b = scores.shape[0] // 2
+    logits = (scores[:b] - scores[b:]) - (ref_scores[:b] - ref_scores[b:])
+    return -F.logsigmoid(BETA * logits).mean()
+
+
+def make_step(loss_fn: Callable[[], torch.Tensor], mode: str, params) -> Step:
+    """The step callable.  ``forward``: ``loss_fn()`` under ``torch.no_grad()``, an evaluation
+    step (a training step always runs backward, so a forward recorded for autograd and then
+    dropped measures nothing anyone runs).  ``forward+backward``: ``loss_fn()`` and its
+    backward, a training step; the gradients are dropped after it."""
+    params = list(params)
+    if mode == "forward":
+
+        def step():
+            with torch.no_grad():
+                return loss_fn().detach()
+
+    else:
+
+        def step():
+            loss = loss_fn()
+            loss.backward()
+            for p in params:
+                p.grad = None
+            return loss.detach()
+
+    return step
+
+
+def counted_runs(mask: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(sequence, first, stop) of each sequence's counted positions of a (N, T) bool mask whose
+    counted positions are one run per sequence (the bench's batches: prompt, then completion)."""
+    m = mask.to(torch.int8)
+    t = mask.shape[1]
+    count, first, last = m.sum(-1).tolist(), m.argmax(-1).tolist(), (t - 1 - m.flip(-1).argmax(-1)).tolist()
+    runs = []
+    for i, (c, a, b) in enumerate(zip(count, first, last)):
+        if c:
+            if c != b - a + 1:
+                raise ValueError(f"sequence {i}'s counted positions are not one run")
+            runs.append((i, a, b + 1))
+    return runs
+
+
+def _logprobs_logsoftmax(logits, tgt, mask):
+    """Masked sum of token log-probs the plain way: a full (N, T, V) log-softmax, gather."""
+    lp = logits.log_softmax(-1).gather(-1, tgt.unsqueeze(-1)).squeeze(-1)
+    return (lp * mask).sum(-1)
+
+
+def head_logits(cfg: Config) -> torch.Tensor:
+    """The head workload's input: (2B, L-1, V) logits, a leaf that wants a gradient."""
+    g = torch.Generator(device=cfg.device).manual_seed(cfg.seed + 3)
+    shape = (2 * cfg.batch, cfg.seq_len - 1, cfg.vocab)
+    logits = torch.randn(shape, generator=g, device=cfg.device, dtype=torch.float32)
+    return logits.to(cfg.torch_dtype).requires_grad_()

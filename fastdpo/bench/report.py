@@ -1,0 +1,236 @@
+"""What the bench reports: ratios, the printed table, CSV/JSON rows, the PNG."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+from .config import COLUMNS, SIZE_FIELDS
+
+
+def _ratio(a, b):
+    if a is None or b is None or not b or (isinstance(b, float) and math.isnan(b)):
+        return None
+    return a / b
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Fill vs_xt, vs_floor, body_mib, head_mib, mem_vs_xt, head_mem_vs_xt in place."""
+
+    def key(r):
+        return (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["workload"], r["mode"])
+
+    by = {}
+    for r in rows:
+        by[(key(r), r["provider"])] = r
+    for r in rows:
+        for col in COLUMNS:
+            r.setdefault(col, None)
+    for r in rows:
+        xt = by.get((key(r), "x-transformers"), {})
+        floor = by.get((key(r), "floor"), {})
+        body = by.get((key(r), "body"), {})
+        if r["workload"] == "step":
+            r["body_mib"] = body.get("peak_mib")
+            r["head_mib"] = None if r["peak_mib"] is None or r["body_mib"] is None else r["peak_mib"] - r["body_mib"]
+            xt_head = None if xt.get("peak_mib") is None or r["body_mib"] is None else xt["peak_mib"] - r["body_mib"]
+        else:
+            r["head_mib"] = r["peak_mib"]
+            xt_head = xt.get("peak_mib")
+        r["vs_xt"] = _ratio(r["median_ms"], xt.get("median_ms"))
+        r["vs_floor"] = _ratio(r["median_ms"], floor.get("median_ms"))
+        r["mem_vs_xt"] = _ratio(r["peak_mib"], xt.get("peak_mib"))
+        r["head_mem_vs_xt"] = _ratio(r["head_mib"], xt_head) if xt_head and xt_head > 0 else None
+
+
+def format_table(rows: list[dict]) -> str:
+    """The printed table: one block per size point."""
+
+    def f(x, spec, suffix=""):
+        return "-" if x is None else format(x, spec) + suffix
+
+    cols = [("provider", 19, "<"), ("workload", 8, "<"), ("mode", 16, "<"), ("median ms", 10, ">"),
+            ("vs x-t", 7, ">"), ("vs floor", 8, ">"), ("peak MiB", 9, ">"), ("head MiB", 9, ">"),
+            ("mem vs x-t", 10, ">")]  # fmt: skip
+    head = " ".join(f"{name:{al}{w}}" for name, w, al in cols)
+    out = []
+    points = []
+    for r in rows:
+        p = (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"])
+        if p not in points:
+            points.append(p)
+    for p in points:
+        sizes = dict(zip(SIZE_FIELDS, p[0]))
+        out.append("")
+        out.append(
+            f"B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
+            f"depth={sizes['depth']} heads={sizes['heads']} {p[1]} on {p[2]}"
+        )
+        out += [head, "-" * len(head)]
+        for r in rows:
+            if (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"]) != p:
+                continue
+            cells = [
+                r["provider"], r["workload"], r["mode"], f(r["median_ms"], ".2f"), f(r["vs_xt"], ".2f", "x"),
+                f(r["vs_floor"], ".2f", "x"), f(r["peak_mib"], ".1f"), f(r["head_mib"], ".1f"),
+                f(r["mem_vs_xt"], ".2f", "x"),
+            ]  # fmt: skip
+            line = " ".join(f"{c:{al}{w}}" for c, (_, w, al) in zip(cells, cols))
+            if r["status"] != "ok":
+                line += f"  {r['status']}: {r['reason']}"
+            out.append(line.rstrip())
+    return "\n".join(out[1:])
+
+
+def write_rows(rows: list[dict], path: str) -> None:
+    """Rows to ``path``: JSON (a list of objects) for ``.json``, else CSV with :data:`COLUMNS`."""
+    rows = [{k: r.get(k) for k in COLUMNS} for r in rows]
+    if path.endswith(".json"):
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+            f.write("\n")
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        w.writeheader()
+        w.writerows(rows)
+
+
+# One colour per provider, the same in every panel and every plot; fastdpo's in warm, saturated
+# colours with a heavier line, the others muted, the references grey.
+_COLORS = {
+    "fastdpo-torch": "#d62728", "fastdpo-triton": "#ff7f0e", "fastdpo-logits": "#e377c2",
+    "fastdpo-precomputed": "#8c564b", "x-transformers": "#1f77b4", "torch": "#17becf", "trl": "#9edae5",
+    "trl-fused": "#2ca02c", "cce": "#bcbd22", "liger": "#9467bd", "liger-eager": "#c5b0d5",
+    "torch-lce": "#aec7e8", "floor": "#7f7f7f", "body": "#c7c7c7",
+}
+_SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1"]
+
+
+def _style(provider: str, index: int) -> dict:
+    ours = provider.startswith("fastdpo")
+    color = _COLORS.get(provider) or _SPARE[index % len(_SPARE)]
+    return dict(color=color, linewidth=2.6 if ours else 1.3, zorder=3 if ours else 2,
+                linestyle="--" if provider in ("floor", "body") else "-")
+
+
+def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
+    """A PNG of median time, peak memory and head memory: lines against ``x`` (vocab or
+    seq_len) for a sweep, bars per provider for one size point.  One panel per (workload,
+    mode), one colour per provider throughout, the legend and title inside the canvas."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for r in rows:
+        if (r["workload"], r["mode"]) not in panels:
+            panels.append((r["workload"], r["mode"]))
+    metrics = [("median_ms", "median time (ms)"), ("peak_mib", "peak memory (MiB)"), ("head_mib", "head memory (MiB)")]
+    metrics = [m for m in metrics if any(r[m[0]] is not None for r in rows)] or metrics[:1]  # --no-memory
+    xs = sorted({r[x] for r in rows})
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    style = {p: _style(p, i) for i, p in enumerate(providers)}
+    sweep = len(xs) > 1
+    fig, axes = plt.subplots(len(metrics), len(panels), squeeze=False,
+                             figsize=(4.8 * len(panels), 3.0 * len(metrics) + 2.2))
+    for j, (workload, mode) in enumerate(panels):
+        here = [r for r in rows if (r["workload"], r["mode"]) == (workload, mode)]
+        names = [p for p in providers if any(r["provider"] == p for r in here)]
+        for i, (col, label) in enumerate(metrics):
+            ax = axes[i][j]
+            if sweep:
+                for p in names:
+                    pts = sorted((r[x], r[col]) for r in here if r["provider"] == p and r[col] is not None)
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=p, **style[p])
+                if xs[-1] >= 4 * xs[0]:
+                    ax.set_xscale("log", base=2)
+                ax.set_xticks(xs, [str(v) for v in xs])
+                ax.minorticks_off()
+                if i == len(metrics) - 1:
+                    ax.set_xlabel("vocabulary size" if x == "vocab" else "sequence length")
+            else:
+                vals = [(p, next((r[col] for r in here if r["provider"] == p), None)) for p in names]
+                vals = [(p, v) for p, v in vals if v is not None]
+                for k, (p, v) in enumerate(vals):
+                    ax.bar(k, v, color=style[p]["color"], label=p,
+                           edgecolor="black" if p.startswith("fastdpo") else "none", linewidth=1.2)
+                ax.set_xticks(range(len(vals)), [p for p, _ in vals], rotation=60, ha="right", fontsize=7)
+            if i == 0:
+                ax.set_title(f"{workload}, {mode}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel(label)
+            ax.grid(alpha=0.3, axis="y" if not sweep else "both")
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    r0 = rows[0]
+    swept = x if sweep else None
+    title = (f"fastdpo bench: {r0['device_name']} ({r0['device']}), {r0['dtype']}, B={r0['batch']}, "
+             f"L={'swept' if swept == 'seq_len' else r0['seq_len']}, V={'swept' if swept == 'vocab' else r0['vocab']}, "
+             f"D={r0['dim']}, depth={r0['depth']}; torch {r0['torch']}, {str(r0['date'])[:10]}")
+    fig.suptitle(title, fontsize=9, wrap=True)
+    ncol = min(len(handles), max(2, int(fig.get_figwidth() // 1.6)))
+    rows_of_legend = -(-len(handles) // ncol) if handles else 0
+    if handles and sweep:
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=ncol, frameon=False, fontsize=8)
+    height = fig.get_figheight()
+    bottom = (0.15 + 0.22 * rows_of_legend) / height if sweep else 0.05
+    fig.tight_layout(rect=(0, bottom, 1, 1 - 0.45 / height))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fastdpo_default(device: str) -> str:
+    """The provider that is fastdpo's default route on ``device``."""
+    return "fastdpo-triton" if device.startswith("cuda") else "fastdpo-torch"
+
+
+PEERS = ("torch", "trl", "trl-fused", "cce", "liger", "liger-eager", "torch-lce")
+_MODE_WORDS = {("step", "forward+backward"): "training step", ("step", "forward"): "evaluation step (no_grad)",
+               ("head", "forward+backward"): "loss head alone, forward+backward", ("head", "forward"): "loss head alone, forward"}
+
+
+def summary(rows: list[dict]) -> str:
+    """A few lines a newcomer reads in five seconds: fastdpo's default route against
+    x-transformers and against the fastest peer of the same run, time and the memory the head
+    adds, per size point and (workload, mode)."""
+
+    def ms(r):
+        return f"{r['median_ms']:.3g} ms"
+
+    def faster(a, b):
+        ratio = b["median_ms"] / a["median_ms"]
+        return f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than"
+
+    out = []
+    points = []
+    for r in rows:
+        p = (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"])
+        if p not in points:
+            points.append(p)
+    for p in points:
+        here = [r for r in rows if (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"]) == p]
+        sizes = dict(zip(SIZE_FIELDS, p[0]))
+        out.append(f"summary, B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
+                   f"depth={sizes['depth']}, {p[1]} on {p[2]}:")
+        ours_name = fastdpo_default(p[2])
+        for key, words in _MODE_WORDS.items():
+            by = {r["provider"]: r for r in here if (r["workload"], r["mode"]) == key and r["status"] == "ok"
+                  and r["median_ms"] is not None}
+            ours, xt = by.get(ours_name), by.get("x-transformers")
+            if ours is None or xt is None:
+                continue
+            line = f"  {words}: fastdpo {ms(ours)}, {faster(ours, xt)} x-transformers ({ms(xt)})"
+            peers = [by[n] for n in PEERS if n in by]
+            if peers:
+                best = min(peers, key=lambda r: r["median_ms"])
+                line += f", {faster(ours, best)} the fastest peer, {best['provider']} ({ms(best)})"
+            if ours.get("head_mib") is not None and xt.get("head_mib") is not None and key[0] == "step":
+                line += f"; its head adds {ours['head_mib']:.1f} MiB (x-transformers' {xt['head_mib']:.1f})"
+            out.append(line)
+    return "\n".join(out)
