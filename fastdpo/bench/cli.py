@@ -166,16 +166,6 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
         f"{env['threads']} threads, {repeats} repeats, {env['date']}",
         flush=True,
     )
-    rows = run(
-        cfgs, workloads=args.workload, modes=args.mode, providers=args.providers, repeats=repeats,
-        warmup=args.warmup, memory=args.memory, progress=args.progress, timeout=args.timeout,
-        provider_modules=args.provider_modules,
-    )  # fmt: skip
-    print(format_table(rows))
-    print("ratios: median time and peak memory over x-transformers' and the floor's, same run; "
-          "head MiB (step) = peak - the body-only peak; forward = an evaluation step (no_grad)")  # fmt: skip
-    print()
-    print(summary(rows))
     out, png = args.out, args.plot
     if args.files:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -184,7 +174,18 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
         png = png or os.path.join("results", f"bench-{tag}.png")
     if out:
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        write_rows(rows, out)
+    rows = run(
+        cfgs, workloads=args.workload, modes=args.mode, providers=args.providers, repeats=repeats,
+        warmup=args.warmup, memory=args.memory, progress=args.progress, timeout=args.timeout,
+        provider_modules=args.provider_modules, on_rows=(lambda rows: write_rows(rows, out)) if out else None,
+    )  # fmt: skip
+    print(format_table(rows))
+    print("ratios: median time and peak memory over x-transformers' and the floor's, same run; "
+          "head MiB (step) = peak - the body-only peak; forward = an evaluation step (no_grad)")  # fmt: skip
+    print()
+    print(summary(rows))
+    if out:
+        write_rows(rows, out)  # (also written after each group, as the run went)
         print(f"rows: {out}")
     if png:
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import statistics
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -44,12 +44,14 @@ def run(
     progress: bool = True,
     timeout: float | None = None,
     provider_modules: Iterable[str] = (),
+    on_rows: Callable[[list[dict]], None] | None = None,
 ) -> list[dict]:
     """Measure every (size, workload, mode, provider); returns one row per combination.
 
     ``providers=None`` means every registered one; :data:`REFERENCES` (and ``body`` for the
     step workload) are always added.  ``provider_modules`` are the modules that registered
-    extra providers (imported again by the CPU memory workers).
+    extra providers (imported again by the CPU memory workers).  ``on_rows(rows)`` is called
+    with every row so far after each (size, workload, mode) group.
     """
     names = list(PROVIDERS) if providers is None else [*REFERENCES, *providers]
     names = list(dict.fromkeys(names))
@@ -66,6 +68,9 @@ def run(
             for cfg, workload, mode in groups:
                 names_here = applicable(workload, names)
                 rows += _run_group(cfg, workload, mode, names_here, repeats, warmup, memory, bar, env, server)
+                if on_rows is not None:  # e.g. save as it goes: a long run cut short keeps its rows
+                    add_ratios(rows)
+                    on_rows(rows)
         finally:
             bar.close()
     add_ratios(rows)
