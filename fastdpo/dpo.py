@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from . import _checks, ops
 from .fused_pair import call_dpo_head
 from .heads import LinearHead, find_linear_head
 from .linear import MATMULS, linear_sequence_logprobs, resolve_matmul
@@ -102,6 +102,25 @@ def _argmax_hits(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     """(N,) count of scored positions whose target is the argmax of its logits."""
     with torch.no_grad():
         return ((logits.argmax(-1) == targets) & mask).sum(-1)
+
+
+def _small_head(route: Route, src: Tensor) -> bool:
+    """Whether a fused head's step is small enough that building its logits is cheaper than
+    the fused op's machinery: the torch path, eagerly, at most ``fastdpo.ops.SMALL_ELEMENTS``
+    logits per model (the threshold of sequence_logprobs' small-input path, which then scores
+    them in a few plain autograd ops: at that size a step's head is dispatch, not work)."""
+    return (
+        route.head is not None
+        and route.impl == "torch"
+        and src.numel() * route.head.weight.shape[0] <= ops.SMALL_ELEMENTS
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _head_logits(hidden: Tensor, head: LinearHead) -> Tensor:
+    """The logits the model's own head makes from its hidden states (product, then scale)."""
+    z = torch.nn.functional.linear(hidden, head.weight)
+    return z * head.scale if head.scale is not None else z
 
 
 def _own_logits(logits: Tensor) -> bool:
@@ -349,7 +368,10 @@ class DPO(nn.Module):
             return torch.zeros(src.shape[0], dtype=torch.float32, device=src.device)
         self.ref_model.eval()
         route = self.route(self.ref_model, src.device)
-        if route.head is not None:
+        if _small_head(route, src):
+            logits = _head_logits(self.ref_model(src, return_embeddings=True), route.head)
+            sums = sequence_logprobs(logits, tgt, mask, impl="torch")
+        elif route.head is not None:
             hidden = self.ref_model(src, return_embeddings=True)
             sums = linear_sequence_logprobs(
                 hidden, route.head.weight, tgt, mask, scale=route.head.scale,
@@ -423,10 +445,12 @@ class DPO(nn.Module):
         )
         b = preferred_seq.shape[0]
         route = self.route(self.policy_model, src.device)
+        small = _small_head(route, src)  # then scored as the logits route scores
+        kind = "logits" if small else route.kind
         ref_scores = ref_hidden = ref_head = None
         if ref_preferred_logprob is not None or ref_unpreferred_logprob is not None:
             ref_scores = self._check_ref_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, src)
-        elif self.ref_model is not None and route.kind == "pair":
+        elif self.ref_model is not None and kind == "pair":
             ref_head = self.route(self.ref_model, src.device).head
         if ref_scores is None and ref_head is not None:
             # Scored inside dpo_head, with the policy's rows: one host sync for the step.
@@ -439,7 +463,9 @@ class DPO(nn.Module):
         hits = None
         # The policy body, once: hidden states for a fused head, logits otherwise.
         out = self.policy_model(src, return_embeddings=True) if route.head is not None else self.policy_model(src)
-        if route.kind == "pair":
+        if small:
+            out = _head_logits(out, route.head)
+        if kind == "pair":
             delta = self.loss.bco_delta
             loss, policy_sums, ref_scores, hits = call_dpo_head(
                 out, route.head.weight, tgt, mask, count, ref_hidden,
@@ -448,7 +474,7 @@ class DPO(nn.Module):
                 **self._head_options(route, ref_head.scale if ref_head is not None else None, return_metrics),
             )
         else:
-            if route.kind == "scores":
+            if kind == "scores":
                 policy_sums = linear_sequence_logprobs(
                     out, route.head.weight, tgt, mask, scale=route.head.scale, impl=route.impl, matmul=route.matmul
                 )

@@ -3,6 +3,8 @@ the same contract as the main path, checked the same ways."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -87,3 +89,86 @@ def test_empty_and_int32_ids():
     a = sequence_logprobs(logits, targets.int(), mask, impl="torch")
     b = sequence_logprobs(logits, targets, mask, impl="torch")
     assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- DPO's small steps
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["linear-head", "tied-head"])
+def test_dpo_small_step_builds_tiny_logits_and_matches_x_transformers(tie, monkeypatch):
+    """A fused-head step with at most SMALL_ELEMENTS logits per model skips the fused op
+    (its machinery costs more than the work at that size) and scores the head's logits with
+    the small path: still x-transformers' loss, gradients and metrics."""
+    from x_transformers.dpo import DPO as XDPO
+
+    import fastdpo.dpo as dpo_module
+    from fastdpo import DPO
+    from test_dpo import TIED, loss_and_grads, make_batch, make_model, perturb_
+
+    from helpers import rel_err
+
+    fused = []
+    real = dpo_module.call_dpo_head
+    monkeypatch.setattr(dpo_module, "call_dpo_head", lambda *a, **k: fused.append(1) or real(*a, **k))
+    b, l, v = 2, 12, 97  # 2B x (L-1) x V = 4268 logits per model
+    x = XDPO(make_model(v, tie=tie, seed=3), beta=0.1, pad_id=0)
+    ours = DPO(make_model(v, tie=tie, seed=3), beta=0.1, pad_id=0, impl="torch")
+    assert ours.route(ours.policy_model, "cpu").kind == "pair"
+    perturb_(x.policy_model, seed=5, skip=TIED if tie else ())
+    ours.policy_model.load_state_dict(x.policy_model.state_dict())
+    ours.ref_model.load_state_dict(x.ref_model.state_dict())
+    pref, unpref, pm = make_batch(b, l, v, seed=1, prompt_lens=[3, 5], pad_id=0, pad_lens=[(2, 0), (0, 3)])
+    lx, gx = loss_and_grads(x, pref, unpref, prompt_mask=pm)
+    lo, go = loss_and_grads(ours, pref, unpref, prompt_mask=pm)
+    assert fused == []  # the small path was taken
+    assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item()) and abs(lo.item() - math.log(2)) > 1e-5
+    assert gx.keys() == go.keys()
+    for name in gx:
+        assert rel_err(go[name], gx[name]) <= 1e-5, name
+    # the same step through the fused op (small path off) agrees to float32 rounding
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 0)
+    lf, gf = loss_and_grads(ours, pref, unpref, prompt_mask=pm)
+    assert fused == [1]
+    assert abs(lf.item() - lo.item()) <= 1e-6 * abs(lo.item())
+    for name in gf:
+        assert rel_err(gf[name], go[name]) <= 1e-5, name
+
+
+def test_dpo_small_step_metrics_and_evaluation():
+    from fastdpo import DPO
+    from test_dpo import make_batch, make_model, perturb_
+
+    ours = DPO(make_model(61, seed=4), beta=0.1, impl="torch")
+    perturb_(ours.policy_model, seed=6)
+    pref, unpref, pm = make_batch(2, 10, 61, seed=2, prompt_lens=[2, 4])
+    loss, metrics = ours(pref, unpref, prompt_mask=pm, return_metrics=True)
+    ops.SMALL_ELEMENTS, saved = 0, ops.SMALL_ELEMENTS
+    try:
+        loss_f, metrics_f = ours(pref, unpref, prompt_mask=pm, return_metrics=True)
+    finally:
+        ops.SMALL_ELEMENTS = saved
+    assert torch.allclose(loss, loss_f, rtol=1e-6, atol=0)
+    assert metrics.keys() == metrics_f.keys()
+    for k in metrics:
+        assert torch.allclose(metrics[k], metrics_f[k], rtol=1e-5, atol=1e-7), k
+    with torch.inference_mode():
+        assert torch.allclose(ours(pref, unpref, prompt_mask=pm), loss, rtol=1e-6, atol=0)
+
+
+def test_dpo_small_step_threshold(monkeypatch):
+    import fastdpo.dpo as dpo_module
+    from fastdpo import DPO
+    from test_dpo import make_batch, make_model
+
+    fused = []
+    real = dpo_module.call_dpo_head
+    monkeypatch.setattr(dpo_module, "call_dpo_head", lambda *a, **k: fused.append(1) or real(*a, **k))
+    b, l, v = 1, 9, 61
+    ours = DPO(make_model(v, seed=4), impl="torch")
+    pref, unpref, pm = make_batch(b, l, v, seed=2, prompt_lens=[2])
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 2 * b * (l - 1) * v)  # exactly at it: small
+    ours(pref, unpref, prompt_mask=pm).backward()
+    assert fused == []
+    monkeypatch.setattr(ops, "SMALL_ELEMENTS", 2 * b * (l - 1) * v - 1)  # one over: the fused op
+    ours(pref, unpref, prompt_mask=pm).backward()
+    assert fused == [1]
