@@ -167,7 +167,10 @@ class DPO(nn.Module):
             scores logits otherwise (warning once with the reason); ``"fused"`` insists (a
             ``ValueError`` with the reason, at construction and at any call that cannot fuse);
             ``"logits"`` always scores the model's logits.  A model wrapped or changed after
-            construction is looked at again on its first call on each device.
+            construction is looked at again on its first call on each device.  On the torch
+            path, a fused step with at most ``fastdpo.ops.SMALL_ELEMENTS`` (65536) logits per
+            model builds them from the hidden states (the same product and scale) and scores
+            them with plain ops: at that size the step's head is dispatch, not work.
         impl: "auto" (Triton kernels for CUDA tensors, torch otherwise), "torch" or "triton",
             for every route (see :func:`fastdpo.sequence_logprobs` and
             :func:`fastdpo.linear_sequence_logprobs`).
