@@ -251,8 +251,9 @@ def _grad_hidden_kernel(
     M, V, D,
     # constants; direct: one split, whose last tile writes grad_hidden itself; otherwise
     # each split leaves its unscaled float32 partial in acc and the launcher sums them. A
-    # runtime bool, not a constexpr: one binary serves both (the skipped epilogue is a
-    # predicated store), which halves what the ahead-of-time report has to build.
+    # runtime 0/1 int, not a constexpr: one binary serves both (the skipped epilogue is a
+    # predicated store), which halves what the ahead-of-time report has to build.  (Not a
+    # bool: triton 3.6's interpreter cannot take a bool argument that is not a constexpr.)
     scale, direct,
     # structure
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -291,7 +292,7 @@ def _grad_hidden_kernel(
         # Scalar conditions enter masks through tl.where: Triton 3.9's interpreter turns
         # `block & scalar` of int1 into int32, which tl.load rejects as a mask.
         first = v0 == v_lo
-        to_out = (v0 + BLOCK_V >= v_hi) & direct
+        to_out = (v0 + BLOCK_V >= v_hi) & (direct != 0)
         for d0 in range(0, D, BLOCK_D):
             cols_d = d0 + offs_d
             d_ok = row_ok[:, None] & (cols_d[None, :] < D)
@@ -514,7 +515,7 @@ def _grad_hidden_args(hidden, weight, targets, lse, grad_rows, acc, grad_hidden,
     return dict(hidden_ptr=hidden, weight_ptr=weight, targets_ptr=targets, lse_ptr=lse, grad_rows_ptr=grad_rows,
                 acc_ptr=acc, grad_hidden_ptr=grad_hidden, stride_hm=stride_hm, stride_wv=stride_wv,
                 stride_as=acc.stride(0), stride_am=acc.stride(1), stride_gm=grad_hidden.stride(0),
-                M=M, V=V, D=D, scale=float(scale), direct=direct)
+                M=M, V=V, D=D, scale=float(scale), direct=int(direct))
 
 
 def _grad_weight_args(hidden, weight, targets, lse, grad_rows, acc, grad_weight, stride_hm, stride_wv,

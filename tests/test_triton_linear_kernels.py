@@ -216,7 +216,12 @@ def test_opt_in_autotune(monkeypatch):
     hidden, weight, targets, grad_rows = make_inputs(4, 32, 40, torch.float16, seed=9)
     base = run(hidden, weight, targets, grad_rows)
     monkeypatch.setenv("FASTDPO_AUTOTUNE", "1")
-    tuned = run(hidden, weight, targets, grad_rows)
+    try:
+        tuned = run(hidden, weight, targets, grad_rows)
+    except RuntimeError as e:  # triton 3.6's autotuner asks for a driver even when interpreting
+        if "active drivers" in str(e) and not torch.cuda.is_available():
+            pytest.skip(f"this triton's autotuner needs a GPU driver under the interpreter: {e}")
+        raise
     for a, b, tol in zip(tuned, base, (1e-6, 1e-6, 2**-10, 2**-10)):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
