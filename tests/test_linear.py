@@ -402,3 +402,27 @@ def test_precompute_reference_scores_over_a_dataloader():
         pre = dpo(pref, unpref, prompt_mask=pm, ref_preferred_logprob=ref_w[start : start + b], ref_unpreferred_logprob=ref_l[start : start + b])
         assert torch.equal(live, pre)
         start += b
+
+
+@pytest.mark.parametrize("fold", ["torch", "triton"])
+def test_pair_fusion_multiplies_each_counted_row_once_per_model(fold, monkeypatch):
+    """Within the keep budget a DPO step's head multiplies each counted row once for the
+    reference and once for the policy (the two gradient products reuse the kept logits: no
+    recompute); over the budget the rows that did not fit are multiplied again."""
+    b, l, v = 3, 12, 311
+    torch.manual_seed(0)
+    model = TransformerWrapper(num_tokens=v, max_seq_len=16, attn_layers=Decoder(dim=16, depth=1, heads=2))
+    dpo = DPO(model, impl=fold)
+    g = torch.Generator().manual_seed(3)
+    pref, unpref = torch.randint(0, v, (b, l), generator=g), torch.randint(0, v, (b, l), generator=g)
+    pm = torch.arange(l)[None] < torch.tensor([[3], [5], [2]])
+    m = int(dpo._batch(pref, unpref, pm, None, None)[2].sum())
+    rows = []
+    real = chunks.logits_into
+    monkeypatch.setattr(chunks, "logits_into", lambda out, h, w, s: rows.append(h.shape[0]) or real(out, h, w, s))
+    dpo(pref, unpref, prompt_mask=pm).backward()
+    assert sum(rows) == 2 * m, (rows, m)
+    rows.clear()
+    monkeypatch.setattr(chunks, "GROUP_BYTES", 4 * v * 4)  # 4 rows kept per group: the rest recomputed
+    dpo(pref, unpref, prompt_mask=pm).backward()
+    assert 2 * m < sum(rows) < 3 * m, (rows, m)
