@@ -44,6 +44,14 @@ def add_ratios(rows: list[dict]) -> None:
         r["head_mem_vs_xt"] = _ratio(r["head_mib"], xt_head) if xt_head and xt_head > 0 else None
 
 
+def _by_point(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The rows grouped by size point (sizes, dtype, device), in first-seen order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"]), []).append(r)
+    return groups
+
+
 def format_table(rows: list[dict]) -> str:
     """The printed table: one block per size point."""
 
@@ -55,12 +63,7 @@ def format_table(rows: list[dict]) -> str:
             ("mem vs x-t", 10, ">")]  # fmt: skip
     head = " ".join(f"{name:{al}{w}}" for name, w, al in cols)
     out = []
-    points = []
-    for r in rows:
-        p = (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"])
-        if p not in points:
-            points.append(p)
-    for p in points:
+    for p, here in _by_point(rows).items():
         sizes = dict(zip(SIZE_FIELDS, p[0]))
         out.append("")
         out.append(
@@ -68,9 +71,7 @@ def format_table(rows: list[dict]) -> str:
             f"depth={sizes['depth']} heads={sizes['heads']} {p[1]} on {p[2]}"
         )
         out += [head, "-" * len(head)]
-        for r in rows:
-            if (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"]) != p:
-                continue
+        for r in here:
             cells = [
                 r["provider"], r["workload"], r["mode"], f(r["median_ms"], ".2f"), f(r["vs_xt"], ".2f", "x"),
                 f(r["vs_floor"], ".2f", "x"), f(r["peak_mib"], ".1f"), f(r["head_mib"], ".1f"),
@@ -208,13 +209,7 @@ def summary(rows: list[dict]) -> str:
         return f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than"
 
     out = []
-    points = []
-    for r in rows:
-        p = (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"])
-        if p not in points:
-            points.append(p)
-    for p in points:
-        here = [r for r in rows if (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["device"]) == p]
+    for p, here in _by_point(rows).items():
         sizes = dict(zip(SIZE_FIELDS, p[0]))
         out.append(f"summary, B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
                    f"depth={sizes['depth']}, {p[1]} on {p[2]}:")
