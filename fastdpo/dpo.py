@@ -7,9 +7,9 @@ A :class:`Route` from the model to the scores is decided once per model and devi
 (:meth:`DPO.route`):
 
 * ``"pair"`` -- the fused head (x-transformers ``TransformerWrapper`` with a plain linear or
-  tied head, :mod:`fastdpo.heads`) with a loss that each pair's own scores determine: the
-  models run with ``return_embeddings=True`` and one op, :func:`fastdpo.fused_pair.dpo_head`,
-  scores the reference and makes the policy's loss and head gradients in forward; no
+  tied head, :mod:`fastdpo.heads`; Hugging Face causal LMs, :mod:`fastdpo.hf`) with a loss
+  that each pair's own scores determine: the models run for their hidden states and one op,
+  :func:`fastdpo.fused_pair.dpo_head`, scores the reference and makes the policy's loss and head gradients in forward; no
   (2B, L-1, V) logits ever exist;
 * ``"scores"`` -- the fused head with a loss that couples pairs (BCO's batch shift), or with
   the Triton GEMM kernels (``matmul="triton"``): :func:`fastdpo.linear_sequence_logprobs`
@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from . import _checks, ops
+from . import _checks, hf, ops
 from .fused_pair import call_dpo_head
 from .heads import LinearHead, find_linear_head
 from .linear import MATMULS, linear_sequence_logprobs, resolve_matmul
@@ -123,6 +125,12 @@ def _head_logits(hidden: Tensor, head: LinearHead) -> Tensor:
     return z * head.scale if head.scale is not None else z
 
 
+def _callee(model: nn.Module) -> nn.Module:
+    """What runs ``model`` (not a Hugging Face one): itself, or a peft model's base model (its
+    adapters injected into the layers), whose forward takes x-transformers' arguments."""
+    return hf.inner_model(model) if hf.peft_model(model) is not None else model
+
+
 def _own_logits(logits: Tensor) -> bool:
     fn = logits.grad_fn
     return fn is not None and type(fn).__name__ in _OVERWRITABLE_GRAD_FNS
@@ -133,6 +141,7 @@ class Route:
     """How :class:`DPO` turns one model's outputs into scores on one device."""
 
     kind: str  # "pair", "scores" or "logits" (see the module docstring)
+    family: str  # "hf" (a Hugging Face model, fastdpo.hf) or "module" (any other)
     impl: str  # "torch" or "triton"
     matmul: str  # fused routes: who multiplies, "torch" or "triton"
     head: LinearHead | None  # the fused head, None on the logits route
@@ -147,11 +156,15 @@ class DPO(nn.Module):
     ``TransformerWrapper`` models, without any (2B, L, V) logits.
 
     Args:
-        model: maps token ids (B, L) to logits (B, L, V) (e.g. an x-transformers
-            ``TransformerWrapper``, also inside ``torch.compile``).  It becomes
+        model: maps token ids (B, L) to logits (B, L, V), returned as a tensor or as an output
+            with ``.logits``: an x-transformers ``TransformerWrapper`` (also inside
+            ``torch.compile``), a Hugging Face causal LM or a ``peft`` model around one
+            (:mod:`fastdpo.hf`; right padding only), any such module.  It becomes
             ``policy_model``; ``ref_model`` is a frozen deep copy (see :func:`frozen_copy`:
             unlike x-transformers' copy, it shares no weights with the policy, also when the
-            head is tied to the embedding).
+            head is tied to the embedding) -- except for a ``peft`` model, whose reference is
+            itself with its adapters disabled (``ref_model`` is then None; see
+            :meth:`has_reference`).
         beta: inverse temperature of the DPO loss, > 0.
         pad_id: when given, a missing sequence mask becomes ``seq != pad_id``.
         logprob_reduction: how token log-probs make a sequence score.  ``"mean"`` (default,
@@ -214,6 +227,7 @@ class DPO(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        hf.check_peft(model)
         if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
             raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
         self.pad_id = pad_id
@@ -245,13 +259,18 @@ class DPO(nn.Module):
             )
         self.reference_free = bool(reference_free)
         self.policy_model = model
-        self.ref_model = (
-            frozen_copy(model) if self.loss.needs_reference and not self.reference_free else None
-        )
+        needs_reference = self.loss.needs_reference and not self.reference_free
+        # A peft policy's reference is itself with its adapters off: no copy (as TRL does).
+        self._ref_is_base = needs_reference and hf.peft_model(model) is not None
+        self.ref_model = frozen_copy(model) if needs_reference and not self._ref_is_base else None
+        self._hf = hf.causal_lm(model) is not None
         self._routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
 
     def parameters(self, recurse: bool = True):
-        """The policy's parameters only (the reference model is frozen), as x-transformers."""
+        """The policy's parameters only (the reference model is frozen), as x-transformers;
+        for a ``peft`` policy, its trainable parameters only (the adapters')."""
+        if hf.peft_model(self.policy_model) is not None:
+            return (p for p in self.policy_model.parameters(recurse) if p.requires_grad)
         return self.policy_model.parameters(recurse)
 
     # ------------------------------------------------------------------------- routes
@@ -273,16 +292,48 @@ class DPO(nn.Module):
 
     def _decide_route(self, model: nn.Module, device: torch.device) -> Route:
         impl = resolve_impl(self.impl, device)
+        family = "hf" if hf.causal_lm(model) is not None else "module"
         if self.head == "logits":
-            return Route("logits", impl, "torch", None, "head='logits' was asked for")
+            return Route("logits", family, impl, "torch", None, "head='logits' was asked for")
         head, why = find_linear_head(model)
         if head is None:
             if self.head == "fused":
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
-            return Route("logits", impl, "torch", None, why)
+            return Route("logits", family, impl, "torch", None, why)
         matmul = resolve_matmul(self.matmul, impl, head.weight)
         pair = matmul == "torch" and self._pair_separable()
-        return Route("pair" if pair else "scores", impl, matmul, head, "")
+        return Route("pair" if pair else "scores", family, impl, matmul, head, "")
+
+    # ------------------------------------------------------------------------- model calls
+
+    @staticmethod
+    def _hidden(model: nn.Module, route: Route, src: Tensor) -> Tensor:
+        """What ``model``'s fused head consumes: its (N, T, D) hidden states."""
+        if route.family == "hf":
+            return hf.hidden_states(model, src)
+        return _callee(model)(src, return_embeddings=True)
+
+    @staticmethod
+    def _logits(model: nn.Module, route: Route, src: Tensor) -> Tensor:
+        """``model``'s (N, T, V) logits."""
+        if route.family == "hf":
+            return hf.logits(model, src)
+        return hf.logits_of(_callee(model)(src))
+
+    def has_reference(self) -> bool:
+        """Whether a reference model scores the batches (a frozen copy, or a peft policy with
+        its adapters off), as opposed to a zero reference or a loss that needs none."""
+        return self.ref_model is not None or self._ref_is_base
+
+    @contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        """The reference model, in eval mode, to call under ``no_grad``."""
+        if self.ref_model is not None:
+            self.ref_model.eval()
+            yield self.ref_model
+        else:
+            with hf.adapters_disabled(self.policy_model) as ref:
+                yield ref
 
     def _pair_separable(self) -> bool:
         """Whether each pair's loss depends on its own scores only (BCO's batch shift does not)."""
@@ -315,7 +366,7 @@ class DPO(nn.Module):
             preferred_seq_mask=pref_mask,
             unpreferred_seq_mask=unpref_mask,
         )
-        high = getattr(self.policy_model, "num_tokens", None)
+        high = hf.vocab_rows(self.policy_model) if self._hf else getattr(self.policy_model, "num_tokens", None)
         high = high if isinstance(high, int) else None
         _checks.token_range("preferred_seq", preferred_seq, high)
         _checks.token_range("unpreferred_seq", unpreferred_seq, high)
@@ -328,6 +379,9 @@ class DPO(nn.Module):
                 pref_mask = preferred_seq != self.pad_id
             if unpref_mask is None:
                 unpref_mask = unpreferred_seq != self.pad_id
+        if self._hf:  # it gets no attention mask: padding must come last
+            hf.check_right_padding("preferred_seq_mask", pref_mask)
+            hf.check_right_padding("unpreferred_seq_mask", unpref_mask)
         seq = torch.cat((preferred_seq, unpreferred_seq))
         keep = ~prompt_mask.repeat(2, 1)
         if pref_mask is not None or unpref_mask is not None:
@@ -366,23 +420,21 @@ class DPO(nn.Module):
     @torch.no_grad()
     def _reference_scores(self, src: Tensor, tgt: Tensor, mask: Tensor, count: Tensor) -> Tensor:
         """The reference's scores on their own (when they are not scored inside dpo_head)."""
-        if self.ref_model is None:
+        if not self.has_reference():
             # reference-free: a zero reference (what TRL's reference_free means)
             return torch.zeros(src.shape[0], dtype=torch.float32, device=src.device)
-        self.ref_model.eval()
-        route = self.route(self.ref_model, src.device)
-        if _small_head(route, src):
-            logits = _head_logits(self.ref_model(src, return_embeddings=True), route.head)
-            sums = sequence_logprobs(logits, tgt, mask, impl="torch")
-        elif route.head is not None:
-            hidden = self.ref_model(src, return_embeddings=True)
-            sums = linear_sequence_logprobs(
-                hidden, route.head.weight, tgt, mask, scale=route.head.scale,
-                impl=route.impl, matmul=route.matmul,
-            )
-        else:
-            logits = self.ref_model(src)
-            sums = sequence_logprobs(logits, tgt, mask, impl=route.impl)
+        with self._reference() as ref:
+            route = self.route(ref, src.device)
+            if _small_head(route, src):
+                logits = _head_logits(self._hidden(ref, route, src), route.head)
+                sums = sequence_logprobs(logits, tgt, mask, impl="torch")
+            elif route.head is not None:
+                sums = linear_sequence_logprobs(
+                    self._hidden(ref, route, src), route.head.weight, tgt, mask,
+                    scale=route.head.scale, impl=route.impl, matmul=route.matmul,
+                )
+            else:
+                sums = sequence_logprobs(self._logits(ref, route, src), tgt, mask, impl=route.impl)
         return self._reduce(sums, count)
 
     def _head_options(self, route: Route, ref_scale: float | None, count_hits: bool) -> dict:
@@ -453,19 +505,20 @@ class DPO(nn.Module):
         ref_scores = ref_hidden = ref_head = None
         if ref_preferred_logprob is not None or ref_unpreferred_logprob is not None:
             ref_scores = self._check_ref_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, src)
-        elif self.ref_model is not None and kind == "pair":
-            ref_head = self.route(self.ref_model, src.device).head
-        if ref_scores is None and ref_head is not None:
-            # Scored inside dpo_head, with the policy's rows: one host sync for the step.
-            self.ref_model.eval()
-            with torch.no_grad():
-                ref_hidden = self.ref_model(src, return_embeddings=True)
-        elif ref_scores is None:
+        elif self.has_reference() and kind == "pair":
+            with self._reference() as ref:
+                ref_head = self.route(ref, src.device).head
+                if ref_head is not None:
+                    # Scored inside dpo_head, with the policy's rows: one host sync for the step.
+                    with torch.no_grad():
+                        ref_hidden = self._hidden(ref, self.route(ref, src.device), src)
+        if ref_scores is None and ref_head is None:
             ref_scores = self._reference_scores(src, tgt, mask, count)
 
         hits = None
         # The policy body, once: hidden states for a fused head, logits otherwise.
-        out = self.policy_model(src, return_embeddings=True) if route.head is not None else self.policy_model(src)
+        policy = self.policy_model
+        out = self._hidden(policy, route, src) if route.head is not None else self._logits(policy, route, src)
         if small:
             out = _head_logits(out, route.head)
         if kind == "pair":

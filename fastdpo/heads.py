@@ -1,8 +1,9 @@
 """Finding a model's output head, when fastdpo can reproduce it exactly.
 
 A head that is ``logits = hidden @ weight.T (* scale)`` can be fused into the loss
-(:mod:`fastdpo.fused_pair`, :func:`fastdpo.linear_sequence_logprobs`): the model then runs with
-``return_embeddings=True`` and no (B, L, V) logits are ever built.  Anything else takes the
+(:mod:`fastdpo.fused_pair`, :func:`fastdpo.linear_sequence_logprobs`): the model then runs for
+its hidden states only (x-transformers: ``return_embeddings=True``; Hugging Face: its backbone,
+:mod:`fastdpo.hf`) and no (B, L, V) logits are ever built.  Anything else takes the
 logits route, and :func:`find_linear_head` says why.
 """
 
@@ -26,6 +27,7 @@ class LinearHead:
 # Wrappers fastdpo sees through to find the head; the wrapper itself is still what runs.
 WRAPPERS = {
     "torch.compile": "torch._dynamo.eval_frame.OptimizedModule (its _orig_mod)",
+    "peft": "peft.PeftModel (its get_base_model(), the adapters injected into its layers)",
 }
 
 
@@ -41,20 +43,29 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def find_linear_head(model: nn.Module) -> tuple[LinearHead | None, str]:
-    """The head of an x-transformers ``TransformerWrapper`` when fastdpo can reproduce it exactly.
+    """The head of a model when fastdpo can reproduce it exactly.
 
-    Returns ``(head, "")`` or ``(None, reason)``.  Reproducible heads: a bias-free
-    ``nn.Linear`` ``to_logits`` and the tied embedding ``(t @ emb.weight.t()) * scale``, on a
-    model whose ``return_embeddings=True`` output is exactly what that head consumes.  A
-    ``torch.compile`` wrapper is seen through (see :data:`WRAPPERS`).
+    Returns ``(head, "")`` or ``(None, reason)``.  For a Hugging Face causal LM see
+    :func:`fastdpo.hf.find_head`.  For an x-transformers ``TransformerWrapper``, reproducible
+    heads are a bias-free ``nn.Linear`` ``to_logits`` and the tied embedding
+    ``(t @ emb.weight.t()) * scale``, on a model whose ``return_embeddings=True`` output is
+    exactly what that head consumes.  ``torch.compile`` and ``peft`` wrappers are seen through
+    (see :data:`WRAPPERS`).
     """
+    from . import hf  # (hf imports this module)
+
+    if hf.causal_lm(model) is not None:
+        return hf.find_head(model)
     try:
         from x_transformers.x_transformers import TokenEmbedding, TransformerWrapper
     except ImportError:  # pragma: no cover - x-transformers is a dependency
         return None, "x-transformers is not importable"
-    model = unwrap(model)
+    model = hf.inner_model(model)
     if not isinstance(model, TransformerWrapper):
-        return None, f"the model is a {type(model).__name__}, not a TransformerWrapper"
+        return None, (
+            f"the model is a {type(model).__name__}, not a TransformerWrapper or a Hugging Face "
+            f"causal LM"
+        )
     checks = [
         (getattr(model, "has_multiple_heads", False), "it has multiple output heads"),
         (getattr(model, "to_mixture", None) is not None, "it uses a mixture of softmaxes"),

@@ -11,6 +11,7 @@ is a mean over pairs, so with equal halves the averaged gradient is the full bat
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import time
@@ -24,6 +25,9 @@ import torch.multiprocessing as mp
 WORLD = 2
 B, L, V = 4, 8, 32  # 4 pairs: 2 per rank
 HEADS = ("fused", "logits")
+# DDP runs each head on an x-transformers model and on a Hugging Face Llama (when installed)
+FAMILIES = ("x-transformers", "hf") if importlib.util.find_spec("transformers") else ("x-transformers",)
+DDP_CASES = [f"{family}-{head}" for family in FAMILIES for head in HEADS]
 TIMEOUT_S = 240  # two fresh interpreters importing torch on a shared 2-core machine
 
 pytestmark = pytest.mark.skipif(
@@ -34,18 +38,28 @@ pytestmark = pytest.mark.skipif(
 # ----------------------------------------------------------------------------- shared setup
 
 
-def make_dpo(head: str):
-    """The same DPO on every rank and in the single-process reference: seeded weights, the
-    policy moved away from the reference so the loss has a gradient."""
+def make_model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if family == "hf":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=None,
+            eos_token_id=None,
+        )
+        return LlamaForCausalLM(config)
     from x_transformers import Decoder, TransformerWrapper
 
+    return TransformerWrapper(num_tokens=V, max_seq_len=16, attn_layers=Decoder(dim=16, depth=2, heads=2))
+
+
+def make_dpo(head: str, family: str = "x-transformers"):
+    """The same DPO on every rank and in the single-process reference: seeded weights, the
+    policy moved away from the reference so the loss has a gradient."""
     from fastdpo import DPO
 
-    torch.manual_seed(0)
-    model = TransformerWrapper(
-        num_tokens=V, max_seq_len=16, attn_layers=Decoder(dim=16, depth=2, heads=2)
-    )
-    dpo = DPO(model, pad_id=0, head=head)
+    dpo = DPO(make_model(family), pad_id=0, head=head)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in dpo.policy_model.parameters():
@@ -77,10 +91,11 @@ def policy_grads(dpo) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- the worker
 
 
-def _ddp_scenario(rank: int, head: str, res: dict) -> None:
+def _ddp_scenario(rank: int, case: str, res: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dpo = make_dpo(head)
+    family, head = case.rsplit("-", 1)
+    dpo = make_dpo(head, family)
     pref, unpref, prompt_mask = make_batch()
     half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     mine = (pref[half], unpref[half])
@@ -158,9 +173,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     results: dict = {"ddp": {}, "fsdp": {}}
     try:
-        for head in HEADS:
-            results["ddp"][head] = {}
-            _ddp_scenario(rank, head, results["ddp"][head])
+        for case in DDP_CASES:
+            results["ddp"][case] = {}
+            _ddp_scenario(rank, case, results["ddp"][case])
         try:
             from torch.distributed.fsdp import fully_shard  # noqa: F401
 
@@ -206,9 +221,9 @@ def job(tmp_path_factory):
     return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
 
 
-def full_batch_grads(head: str) -> dict[str, torch.Tensor]:
+def full_batch_grads(head: str, family: str = "x-transformers") -> dict[str, torch.Tensor]:
     """One process, the whole batch: the gradient every rank must end up with."""
-    dpo = make_dpo(head)
+    dpo = make_dpo(head, family)
     pref, unpref, prompt_mask = make_batch()
     dpo(pref, unpref, prompt_mask=prompt_mask).backward()
     return policy_grads(dpo)
@@ -227,50 +242,50 @@ def assert_grads_match(got: dict, want: dict, what: str) -> None:
 # ----------------------------------------------------------------------------- DDP
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_ddp_gradients_match_one_process_on_the_whole_batch(job, head):
-    want = full_batch_grads(head)
+@pytest.mark.parametrize("case", DDP_CASES)
+def test_ddp_gradients_match_one_process_on_the_whole_batch(job, case):
+    want = full_batch_grads(*reversed(case.rsplit("-", 1)))
     for rank, res in enumerate(job):
-        assert_grads_match(res["ddp"][head]["grads"], want, f"rank {rank}")
+        assert_grads_match(res["ddp"][case]["grads"], want, f"rank {rank}")
     # all-reduce leaves the same bits on every rank
-    g0, g1 = job[0]["ddp"][head]["grads"], job[1]["ddp"][head]["grads"]
+    g0, g1 = job[0]["ddp"][case]["grads"], job[1]["ddp"][case]["grads"]
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_ddp_precomputed_reference_scores(job, head):
+@pytest.mark.parametrize("case", DDP_CASES)
+def test_ddp_precomputed_reference_scores(job, case):
     """reference_scores on each rank's half, passed back in: the very same gradients."""
     for res in job:
-        r = res["ddp"][head]
+        r = res["ddp"][case]
         assert all(torch.equal(r["grads_precomputed"][n], r["grads"][n]) for n in r["grads"])
     # and they are the full batch's reference scores, split by rank
-    dpo = make_dpo(head)
+    dpo = make_dpo(*reversed(case.rsplit("-", 1)))
     pref, unpref, prompt_mask = make_batch()
     w, l = dpo.reference_scores(pref, unpref, prompt_mask=prompt_mask)
-    got_w = torch.cat([res["ddp"][head]["ref_scores"][0] for res in job])
-    got_l = torch.cat([res["ddp"][head]["ref_scores"][1] for res in job])
+    got_w = torch.cat([res["ddp"][case]["ref_scores"][0] for res in job])
+    got_l = torch.cat([res["ddp"][case]["ref_scores"][1] for res in job])
     torch.testing.assert_close(got_w, w, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got_l, l, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_ddp_needs_no_find_unused_parameters(job, head):
+@pytest.mark.parametrize("case", DDP_CASES)
+def test_ddp_needs_no_find_unused_parameters(job, case):
     """Every policy parameter gets a gradient on both routes (the fused route reaches the
     head weight through its own autograd Function, not to_logits' forward), so the default
     find_unused_parameters=False runs iteration after iteration, ranks in lockstep."""
-    g0, g1 = job[0]["ddp"][head]["grads_step3"], job[1]["ddp"][head]["grads_step3"]
+    g0, g1 = job[0]["ddp"][case]["grads_step3"], job[1]["ddp"][case]["grads_step3"]
     assert all(g is not None for g in g0.values())
     assert all(torch.equal(g0[n], g1[n]) for n in g0)
 
 
-@pytest.mark.parametrize("head", HEADS)
-def test_ddp_reference_model_frozen_and_not_reduced(job, head):
+@pytest.mark.parametrize("case", DDP_CASES)
+def test_ddp_reference_model_frozen_and_not_reduced(job, case):
     """The reference takes no gradient and is never all-reduced (DDP's reducer only tracks
     parameters with requires_grad), and training leaves it bit-for-bit unchanged.  But DPO
     overrides parameters() only, so named_parameters() -- what DDP reads -- includes it, and
     DDP's construction broadcasts it from rank 0 with the policy (once)."""
     for res in job:
-        r = res["ddp"][head]
+        r = res["ddp"][case]
         assert not any(r["ref_requires_grad"]) and all(g is None for g in r["ref_grads"])
         for k, v in r["ref_after_wrap"].items():
             assert torch.equal(r["ref_after_training"][k], v), k
@@ -280,9 +295,9 @@ def test_ddp_reference_model_frozen_and_not_reduced(job, head):
         # optimizer from dpo.parameters() (DDP(...).module.parameters()).
         assert r["num_ddp_params"] == r["num_named_params"]
     # rank 1's reference was perturbed before wrapping; DDP overwrote it with rank 0's
-    a, b = job[0]["ddp"][head]["ref_after_wrap"], job[1]["ddp"][head]["ref_after_wrap"]
+    a, b = job[0]["ddp"][case]["ref_after_wrap"], job[1]["ddp"][case]["ref_after_wrap"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    untouched = make_dpo(head).ref_model.state_dict()
+    untouched = make_dpo(*reversed(case.rsplit("-", 1))).ref_model.state_dict()
     assert all(torch.equal(a[k], untouched[k]) for k in a)
 
 

@@ -306,7 +306,7 @@ def test_fallback_triggers(name):
     pm = torch.arange(9)[None] < torch.tensor([[2], [4]])
     if name == "multiple heads":
         # a tuple of logits: x-transformers fails with an AttributeError, we say what is wrong
-        with pytest.raises(TypeError, match="logits must be a torch.Tensor, got tuple"):
+        with pytest.raises(TypeError, match="the model must return its logits as a tensor or as an output with a .logits tensor, got tuple"):
             ours(pref, unpref, prompt_mask=pm)
         return
     lx = x(pref, unpref, prompt_mask=pm)
