@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import _checks, hf, ops
 from .fused_pair import call_dpo_head
-from .heads import LinearHead, find_linear_head
+from .heads import LinearHead, find_linear_head, live_weight
 from .linear import MATMULS, linear_sequence_logprobs, resolve_matmul
 from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
 from .ops import IMPLS, resolve_impl, sequence_logprobs
@@ -119,9 +119,9 @@ def _small_head(route: Route, src: Tensor) -> bool:
     )
 
 
-def _head_logits(hidden: Tensor, head: LinearHead) -> Tensor:
+def _head_logits(hidden: Tensor, weight: Tensor, head: LinearHead) -> Tensor:
     """The logits the model's own head makes from its hidden states (product, then scale)."""
-    z = torch.nn.functional.linear(hidden, head.weight)
+    z = torch.nn.functional.linear(hidden, weight)
     return z * head.scale if head.scale is not None else z
 
 
@@ -425,13 +425,14 @@ class DPO(nn.Module):
             return torch.zeros(src.shape[0], dtype=torch.float32, device=src.device)
         with self._reference() as ref:
             route = self.route(ref, src.device)
+            if route.head is not None:
+                hidden = self._hidden(ref, route, src)
+                weight = live_weight(route.head, hidden.dtype)  # (FSDP2: gathered, freed on return)
             if _small_head(route, src):
-                logits = _head_logits(self._hidden(ref, route, src), route.head)
-                sums = sequence_logprobs(logits, tgt, mask, impl="torch")
+                sums = sequence_logprobs(_head_logits(hidden, weight, route.head), tgt, mask, impl="torch")
             elif route.head is not None:
                 sums = linear_sequence_logprobs(
-                    self._hidden(ref, route, src), route.head.weight, tgt, mask,
-                    scale=route.head.scale, impl=route.impl, matmul=route.matmul,
+                    hidden, weight, tgt, mask, scale=route.head.scale, impl=route.impl, matmul=route.matmul,
                 )
             else:
                 sums = sequence_logprobs(self._logits(ref, route, src), tgt, mask, impl=route.impl)
@@ -502,7 +503,7 @@ class DPO(nn.Module):
         route = self.route(self.policy_model, src.device)
         small = _small_head(route, src)  # then scored as the logits route scores
         kind = "logits" if small else route.kind
-        ref_scores = ref_hidden = ref_head = None
+        ref_scores = ref_hidden = ref_head = ref_weight = None
         if ref_preferred_logprob is not None or ref_unpreferred_logprob is not None:
             ref_scores = self._check_ref_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, src)
         elif self.has_reference() and kind == "pair":
@@ -519,20 +520,25 @@ class DPO(nn.Module):
         # The policy body, once: hidden states for a fused head, logits otherwise.
         policy = self.policy_model
         out = self._hidden(policy, route, src) if route.head is not None else self._logits(policy, route, src)
+        # The head weight as it is now (FSDP2: gathered here; the op's outputs do not hold it)
+        weight = live_weight(route.head, out.dtype) if route.head is not None else None
         if small:
-            out = _head_logits(out, route.head)
+            out = _head_logits(out, weight, route.head)
         if kind == "pair":
+            if ref_head is not None:  # gathered (FSDP2) for the op only
+                with torch.no_grad():
+                    ref_weight = live_weight(ref_head, ref_hidden.dtype)
             delta = self.loss.bco_delta
             loss, policy_sums, ref_scores, hits = call_dpo_head(
-                out, route.head.weight, tgt, mask, count, ref_hidden,
-                ref_head.weight if ref_head is not None else None, ref_scores,
+                out, weight, tgt, mask, count, ref_hidden, ref_weight, ref_scores,
                 delta if isinstance(delta, Tensor) else None,
                 **self._head_options(route, ref_head.scale if ref_head is not None else None, return_metrics),
             )
+            ref_hidden = ref_weight = weight = None  # the op's outputs do not hold them
         else:
             if kind == "scores":
                 policy_sums = linear_sequence_logprobs(
-                    out, route.head.weight, tgt, mask, scale=route.head.scale, impl=route.impl, matmul=route.matmul
+                    out, weight, tgt, mask, scale=route.head.scale, impl=route.impl, matmul=route.matmul
                 )
             else:
                 if return_metrics:  # before backward may overwrite the logits

@@ -18,10 +18,61 @@ from torch import Tensor, nn
 
 @dataclass(frozen=True)
 class LinearHead:
-    """A model's output head as ``logits = hidden @ weight.T * scale`` (scale may be None)."""
+    """A model's output head as ``logits = hidden @ weight.T * scale`` (scale may be None).
+
+    ``weight`` is the weight when the head was found; ``owner``, when given, is the module
+    whose ``.weight`` it is, read again at each call by :func:`live_weight` (FSDP2 swaps a
+    sharded parameter for its gathered twin and back around every forward).
+    """
 
     weight: Tensor
     scale: float | None
+    owner: nn.Module | None = None
+
+
+def _is_plain(w: Tensor) -> bool:
+    return type(w) in (torch.Tensor, nn.Parameter)
+
+
+def live_weight(head: LinearHead, dtype: torch.dtype) -> Tensor:
+    """The head weight to multiply hidden states of ``dtype`` by, now.
+
+    A plain tensor is used as it is (also FSDP2's gathered parameter while its group is
+    unsharded: FSDP2 reduce-scatters its gradient itself).  A ``DTensor`` (an FSDP2 shard,
+    outside its group's forward) is gathered whole with ``full_tensor``, its gradient marked
+    ``Partial("avg")`` over every mesh dimension: backward reduce-scatters (and averages, as
+    FSDP2 does) the full gradient back into the shards, through DTensor's own autograd.  It is
+    gathered in its stored dtype (so that reduction runs in it) and cast to ``dtype`` (FSDP2's
+    ``param_dtype`` under a mixed-precision policy) after.  The gathered weight lives as long
+    as the caller holds it.
+    """
+    w = head.owner.weight if head.owner is not None else head.weight
+    if _is_plain(w):
+        return w
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(w, DTensor):  # pragma: no cover - find_linear_head declines these
+        raise TypeError(f"the head weight is a {type(w).__name__}, not a tensor or a DTensor")
+    if w.requires_grad and torch.is_grad_enabled():
+        full = w.full_tensor(grad_placements=[Partial("avg")] * w.device_mesh.ndim)
+    else:
+        full = w.detach().full_tensor()
+    return full.to(dtype)
+
+
+def check_weight(weight) -> str:
+    """Why a head weight cannot be used ("" when it can): a plain tensor, or a DTensor."""
+    if not isinstance(weight, torch.Tensor):
+        return f"its head weight is a {type(weight).__name__}, not a tensor"
+    if _is_plain(weight):
+        return ""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if isinstance(weight, DTensor):
+        return ""  # gathered at each call (live_weight)
+    return f"its head weight is a {type(weight).__name__}, not a plain tensor or a DTensor"
 
 
 # Wrappers fastdpo sees through to find the head; the wrapper itself is still what runs.
@@ -29,6 +80,16 @@ WRAPPERS = {
     "torch.compile": "torch._dynamo.eval_frame.OptimizedModule (its _orig_mod)",
     "peft": "peft.PeftModel (its get_base_model(), the adapters injected into its layers)",
 }
+
+
+def model_class(module: nn.Module) -> type:
+    """``module``'s class, seen through FSDP2's ``fully_shard``, which swaps it for a class
+    ``FSDP<name>(FSDPModule, <class>)`` that adds no forward of its own."""
+    cls = type(module)
+    bases = cls.__bases__
+    if len(bases) == 2 and bases[0].__name__ == "FSDPModule" and cls.__name__ == "FSDP" + bases[1].__name__:
+        return bases[1]
+    return cls
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -81,21 +142,18 @@ def find_linear_head(model: nn.Module) -> tuple[LinearHead | None, str]:
         if bad:
             return None, why
     head = model.to_logits
-    weight = getattr(head, "weight", None) if isinstance(head, nn.Module) else None
-    if weight is None and isinstance(getattr(model, "token_emb", None), TokenEmbedding):
-        weight = model.token_emb.emb.weight
-    if isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, nn.Parameter):
-        # e.g. an FSDP2-sharded DTensor: the chunked products need a plain local weight
-        return None, f"its head weight is a {type(weight).__name__}, not a plain tensor"
-    if type(head) is nn.Linear:
+    if isinstance(head, nn.Module) and model_class(head) is nn.Linear:
         if head.bias is not None:
             return None, "its to_logits has a bias"
-        return LinearHead(head.weight, None), ""
+        why = check_weight(head.weight)
+        return (LinearHead(head.weight, None, head), "") if not why else (None, why)
     if (
         isinstance(head, types.FunctionType)
         and head.__qualname__ == "TransformerWrapper.__init__.<locals>.<lambda>"
         and hasattr(model, "tie_embedding_scale")
         and isinstance(model.token_emb, TokenEmbedding)
     ):
-        return LinearHead(model.token_emb.emb.weight, float(model.tie_embedding_scale)), ""
+        emb = model.token_emb.emb
+        why = check_weight(emb.weight)
+        return (LinearHead(emb.weight, float(model.tie_embedding_scale), emb), "") if not why else (None, why)
     return None, f"its to_logits is a custom {type(head).__name__}"

@@ -5,9 +5,11 @@ when the package is already imported (whoever built the model imported it), so f
 and imports fast, without them.
 
 * **Calls.**  The logits route calls the model as ``model(input_ids=src, use_cache=False)`` and
-  takes ``.logits``.  The fused route calls the backbone the model's own forward calls
-  (``model.base_model``, or ``get_decoder()``) for ``last_hidden_state``, which is exactly what the model feeds its
-  ``lm_head``, and fuses ``lm_head``'s product into the scores.
+  takes ``.logits``.  The fused route calls it the same way with ``logits_to_keep`` set to no
+  position, takes the ``last_hidden_state`` of the backbone its forward runs
+  (``model.base_model``, or ``get_decoder()``), which is exactly what it feeds its ``lm_head``,
+  and fuses ``lm_head``'s product into the scores (:func:`hidden_states`): ``lm_head``'s own
+  forward sees no row.
 * **Heads.**  A causal LM's forward may do more than ``lm_head(hidden)``: scale the logits
   (Cohere, Granite), cap them with a tanh (Gemma 2 and 3), add a bias.  Only the classes in
   :data:`HEAD_RULES`, whose forwards were read and whose fused scores are tested against their
@@ -20,14 +22,16 @@ and imports fast, without them.
 
 from __future__ import annotations
 
+import inspect
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
-from .heads import LinearHead, unwrap
+from .heads import LinearHead, check_weight, model_class, unwrap
 
 # -------------------------------------------------------------------------------- recognizing
 
@@ -121,26 +125,26 @@ def find_head(model: nn.Module) -> tuple[LinearHead | None, str]:
     """The fusable head of a Hugging Face causal LM (``causal_lm(model)`` is not None), or
     ``(None, reason)``."""
     lm = causal_lm(model)
-    name = type(lm).__name__
-    rule = HEAD_RULES.get(name) if type(lm).__module__.startswith("transformers.models.") else None
+    cls = model_class(lm)
+    name = cls.__name__
+    rule = HEAD_RULES.get(name) if cls.__module__.startswith("transformers.models.") else None
     if rule is None:
         return None, (
             f"fastdpo has not checked the head of a {name} (the classes it fuses are "
             f"fastdpo.hf.HEAD_RULES)"
         )
     head = lm.get_output_embeddings()
-    if type(head) is not nn.Linear:
+    if model_class(head) is not nn.Linear:
         return None, f"its output embedding is a {type(head).__name__}, not a plain nn.Linear"
     if head.bias is not None:
         return None, "its output embedding has a bias"
-    weight = head.weight
-    if type(weight) not in (torch.Tensor, nn.Parameter):
-        # e.g. an FSDP2-sharded DTensor: the chunked products need a plain local weight
-        return None, f"its head weight is a {type(weight).__name__}, not a plain tensor"
+    why = check_weight(head.weight)
+    if why:
+        return None, why
     if _backbone(lm) is None:
         return None, "it has no separate backbone (base_model, get_decoder()) to run for its hidden states"
     scale, why = rule(lm)
-    return (LinearHead(weight, scale), "") if not why else (None, why)
+    return (LinearHead(head.weight, scale, head), "") if not why else (None, why)
 
 
 # -------------------------------------------------------------------------------- calls
@@ -174,11 +178,81 @@ def logits(model: nn.Module, src: Tensor) -> Tensor:
     return logits_of(model(input_ids=src, use_cache=False))
 
 
+class _Hooks:
+    """Forward hooks, registered once on a causal LM's backbone and head, that act only while
+    armed: keep the backbone's output; hand the head's (empty) input on as its output, so the
+    forward's "logits" are a zero-width slice of the hidden states and the head's product
+    takes no part in autograd."""
+
+    def __init__(self):
+        self.armed = False
+        self.out = None
+
+    def backbone(self, module, args, output):
+        if self.armed:
+            self.out = output
+
+    def head(self, module, args, output):
+        return args[0] if self.armed else None
+
+
+_hooks: weakref.WeakKeyDictionary[nn.Module, _Hooks] = weakref.WeakKeyDictionary()
+
+
+def _last_hidden(output) -> Tensor:
+    hidden = getattr(output, "last_hidden_state", None)
+    return hidden if isinstance(hidden, Tensor) else output[0]
+
+
+class _Anchor(torch.autograd.Function):
+    """``hidden`` unchanged, made to depend on the model's output ``anchor`` (zero-size): in
+    backward the output gets its (empty) gradient, so hooks that wrappers put on a forward's
+    outputs run -- FSDP2 gathers a root's parameters again there for the backward of the
+    layers it owns (the embedding)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, anchor: Tensor) -> Tensor:
+        ctx.anchor = (anchor.shape, anchor.dtype, anchor.device)
+        return hidden.view_as(hidden)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        shape, dtype, device = ctx.anchor
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
 def hidden_states(model: nn.Module, src: Tensor) -> Tensor:
     """What a Hugging Face causal LM feeds its ``lm_head`` for ``src``: its backbone's
-    ``last_hidden_state`` (the backbone is looked up at every call, so a module swapped in
-    later, by FSDP or peft, is the one that runs)."""
-    return _backbone(causal_lm(model))(input_ids=src, use_cache=False).last_hidden_state
+    ``last_hidden_state``.
+
+    The model's own forward runs (so do the hooks of whatever wraps it: FSDP2's root, peft),
+    asked for the logits of no position (``logits_to_keep`` an empty index tensor); hooks on
+    the backbone and the head (:class:`_Hooks`) keep the hidden states and skip the head's
+    product, and the hidden states stay tied to the forward's output (:class:`_Anchor`).  A
+    class whose forward takes no ``logits_to_keep`` gets its backbone called directly.  The
+    backbone and head are looked up at every call, so modules swapped in later are the ones
+    that run.
+    """
+    lm = causal_lm(model)
+    body = _backbone(lm)
+    if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
+        return _last_hidden(body(input_ids=src, use_cache=False))
+    head = lm.get_output_embeddings()
+    hooks = _hooks.get(lm)
+    if hooks is None:
+        hooks = _hooks[lm] = _Hooks()
+        body.register_forward_hook(hooks.backbone)
+        head.register_forward_hook(hooks.head)
+    hooks.armed, hooks.out = True, None
+    try:
+        out = model(input_ids=src, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=src.device))
+        hidden = hooks.out
+    finally:
+        hooks.armed, hooks.out = False, None
+    if hidden is None:
+        raise RuntimeError(f"the forward of {type(lm).__name__} did not run its backbone {type(body).__name__}")
+    hidden, anchor = _last_hidden(hidden), logits_of(out)
+    return _Anchor.apply(hidden, anchor) if anchor.requires_grad else hidden
 
 
 # -------------------------------------------------------------------------------- padding

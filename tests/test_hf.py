@@ -201,15 +201,17 @@ class _Spy(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("key", ["LlamaForCausalLM", "LlamaForCausalLM-tied", "GPT2LMHeadModel", "lora"])
-def test_fused_route_never_runs_the_head_and_makes_no_logits(key):
+def test_fused_route_runs_the_head_on_no_rows_and_makes_no_logits(key):
+    """The model's own forward runs (its wrappers' hooks with it) with logits_to_keep set to no
+    position: its head multiplies zero rows, and no tensor of a logits' size ever exists."""
     if key == "lora":
         model = lora_llama()
         head_module = model.get_base_model().lm_head
     else:
         model = tiny(key)
         head_module = model.get_output_embeddings()
-    calls = []
-    head_module.register_forward_hook(lambda *a: calls.append(1))
+    calls = []  # positions the head multiplied, per call
+    head_module.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[-2]))
     dpo = DPO(model)  # head="auto"
     perturb(model)
     pref, unpref, pm, pmask, umask = batch()
@@ -217,11 +219,11 @@ def test_fused_route_never_runs_the_head_and_makes_no_logits(key):
     with spy:
         loss = dpo(pref, unpref, prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
         loss.backward()
-    assert calls == [] and spy.big == []
+    assert calls == [0, 0] and spy.big == []  # reference and policy
     # the spy sees logits when they are made: the logits route
     with _Spy(2 * B * (L - 1)) as spy2:
         DPO(model, head="logits")(pref, unpref, prompt_mask=pm).backward()
-    assert spy2.big and calls
+    assert spy2.big and calls[2:] == [L - 1, L - 1]
 
 
 # ----------------------------------------------------------------------------- fallbacks
@@ -452,3 +454,22 @@ def test_hf_example_trains_to_high_reward_accuracy(lora):
     result = example.train(steps=150, seed=0, lora=lora, progress=False)
     assert result["route"] == "pair"
     assert result["rewards/accuracies"] > 0.9, result
+
+
+def test_compiled_hf_model_keeps_the_fused_route():
+    """torch.compile around a Hugging Face model: the head is found through the wrapper and the
+    compiled forward runs (with fastdpo's hooks); the loss is the eager one's."""
+    model = tiny("LlamaForCausalLM")
+    perturb(model)
+    eager = DPO(model)
+    pref, unpref, pm, pmask, umask = batch()
+    kw = dict(prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
+    want = eager(pref, unpref, **kw)
+    compiled = torch.compile(model, backend="aot_eager")
+    dpo = DPO(compiled)
+    dpo.ref_model = eager.ref_model
+    for _ in range(2):
+        got = dpo(pref, unpref, **kw)
+        got.backward()
+    assert dpo.route(compiled, "cpu").kind == "pair"
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
