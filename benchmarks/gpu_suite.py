@@ -849,6 +849,9 @@ def step(suite: Suite) -> None:
         ("fastdpo DPO (default route)", lambda: (dpo_step(DPO(model, beta=0.1)), None)),
         ("x-transformers DPO", lambda: (dpo_step(XDPO(model, beta=0.1)), None)),
         ("Liger LigerFusedLinearDPOLoss on the body's hidden states", liger_provider),
+        # the prompt run once per pair (fastdpo.packing): SDPA with the packed pairs' dense
+        # boolean mask, so masked blocks still cost (no block-sparse FlexAttention in x-t)
+        ("fastdpo DPO, share_prompt=True", lambda: (dpo_step(DPO(model, beta=0.1, share_prompt=True)), None)),
         ("fastdpo DPO, matmul=triton (Triton GEMMs)",
          lambda: (dpo_step(DPO(model, beta=0.1, impl="triton", matmul="triton")), None)),
     )

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import _checks, hf, ops
+from . import _checks, hf, ops, packing
 from .fused_pair import call_dpo_head
 from .heads import LinearHead, find_linear_head, live_weight
 from .linear import MATMULS, linear_sequence_logprobs, resolve_matmul
@@ -203,6 +203,12 @@ class DPO(nn.Module):
             (with mean scores it would be plain ``sigmoid``).
         reference_free: score against a zero reference (TRL's ``reference_free``); no
             reference copy is made.  Reference-free loss types (``simpo``) make none either.
+        share_prompt: run each pair as one packed sequence ``[prompt, chosen completion,
+            rejected completion]`` (:mod:`fastdpo.packing`), so both models run the prompt
+            once; the scores are the unpacked ones to float rounding.  Each pair's prompt must
+            be a prefix, equal in both sequences, with right padding (else ``ValueError``
+            naming the pair); a model that cannot pack raises at construction, or on its first
+            call when packing changes its hidden states (:meth:`_check_packing`).
     """
 
     def __init__(
@@ -223,6 +229,7 @@ class DPO(nn.Module):
         gamma: float = SIMPO_GAMMA,
         bco_delta: float | str | Tensor = 0.0,
         reference_free: bool = False,
+        share_prompt: bool = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -237,6 +244,14 @@ class DPO(nn.Module):
         self.impl = _checks.choice("impl", impl, IMPLS)
         self.matmul = _checks.choice("matmul", matmul, MATMULS)
         self.inplace_backward = bool(inplace_backward)
+        if not isinstance(share_prompt, bool):
+            raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
+        self.share_prompt = share_prompt
+        if share_prompt:
+            why = packing.check_model(model)
+            if why:
+                raise ValueError(f"share_prompt=True but this model cannot share its prompt: {why}")
+        self._packing_checked: set[str] = set()
         if head != "logits":
             found, why = find_linear_head(model)
             if found is None and head == "fused":
@@ -320,6 +335,43 @@ class DPO(nn.Module):
             return hf.logits(model, src)
         return hf.logits_of(_callee(model)(src))
 
+    def _run(self, model: nn.Module, route: Route, src: Tensor, packed: packing.Packed | None,
+             *, hidden: bool) -> Tensor:
+        """``model``'s (2B, L-1, D) hidden states or (2B, L-1, V) logits of the batch, from
+        the packed pairs with ``share_prompt`` (gathered back to the unpacked rows)."""
+        if packed is None:
+            return self._hidden(model, route, src) if hidden else self._logits(model, route, src)
+        out = packing.run_packed(model, packed, embeddings=hidden)
+        return out.reshape(-1, out.shape[-1])[packed.rows]
+
+    def _check_packing(self, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> None:
+        """On the first packed call per device: the policy's hidden states of the first pair,
+        packed and unpacked, in eval mode, must agree (to float rounding); else
+        share_prompt=True raises with what differs."""
+        key = str(preferred.device)
+        if key in self._packing_checked or torch.compiler.is_compiling():
+            return
+        one = slice(0, 1)
+        masks = [m[one] if m is not None else None for m in (pref_mask, unpref_mask)]
+        pk = packing.pack(preferred[one], unpreferred[one], prompt_mask[one], *masks)
+        src = torch.cat((preferred[one], unpreferred[one]))[:, :-1]
+        model = self.policy_model
+        with torch.no_grad(), packing.eval_mode(model):
+            route = self.route(model, preferred.device)
+            flat = packing.run_packed(model, pk, embeddings=True)
+            got = flat.reshape(-1, flat.shape[-1])[pk.rows].float()
+            want = self._hidden(model, route, src).float()
+        real = torch.cat([m if m is not None else torch.ones_like(prompt_mask[one]) for m in masks])[:, :-1]
+        err = ((got - want)[real].abs().max() / want[real].abs().max().clamp(min=1e-30)).item()
+        tol = 1e-3 if want.dtype == torch.float32 and flat.dtype == torch.float32 else 3e-2
+        if not err <= tol:
+            raise ValueError(
+                f"share_prompt=True but this model's hidden states change when a pair is packed "
+                f"(relative difference {err:.3g} > {tol:g} on the first pair): a feature of the "
+                f"model depends on where tokens sit in the sequence beyond their positions"
+            )
+        self._packing_checked.add(key)
+
     def has_reference(self) -> bool:
         """Whether a reference model scores the batches (a frozen copy, or a peft policy with
         its adapters off), as opposed to a zero reference or a loss that needs none."""
@@ -372,7 +424,8 @@ class DPO(nn.Module):
         _checks.token_range("unpreferred_seq", unpreferred_seq, high)
 
     def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask):
-        """(inputs (2B, L-1), targets (2B, L-1), score mask (2B, L-1), token counts (2B,))."""
+        """(inputs (2B, L-1), targets (2B, L-1), score mask (2B, L-1), token counts (2B,),
+        the packed pairs with ``share_prompt``, else None)."""
         self._check_inputs(preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask)
         if self.pad_id is not None:
             if pref_mask is None:
@@ -396,7 +449,14 @@ class DPO(nn.Module):
         mask = keep[:, :-1] if self.mask_alignment == "input" else keep[:, 1:]
         # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
         count = mask.sum(-1).clamp(min=1e-5)
-        return seq[:, :-1], seq[:, 1:], mask, count
+        packed = None
+        if self.share_prompt:
+            packed = packing.pack(
+                preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask,
+                pad_token=self.pad_id if self.pad_id is not None else 0,
+            )
+            self._check_packing(preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask)
+        return seq[:, :-1], seq[:, 1:], mask, count, packed
 
     def _reduce(self, sums: Tensor, count: Tensor) -> Tensor:
         return sums / count if self.logprob_reduction == "mean" else sums
@@ -418,7 +478,8 @@ class DPO(nn.Module):
     # ------------------------------------------------------------------------- scoring
 
     @torch.no_grad()
-    def _reference_scores(self, src: Tensor, tgt: Tensor, mask: Tensor, count: Tensor) -> Tensor:
+    def _reference_scores(self, src: Tensor, tgt: Tensor, mask: Tensor, count: Tensor,
+                          packed: packing.Packed | None) -> Tensor:
         """The reference's scores on their own (when they are not scored inside dpo_head)."""
         if not self.has_reference():
             # reference-free: a zero reference (what TRL's reference_free means)
@@ -426,7 +487,7 @@ class DPO(nn.Module):
         with self._reference() as ref:
             route = self.route(ref, src.device)
             if route.head is not None:
-                hidden = self._hidden(ref, route, src)
+                hidden = self._run(ref, route, src, packed, hidden=True)
                 weight = live_weight(route.head, hidden.dtype)  # (FSDP2: gathered, freed on return)
             if _small_head(route, src):
                 sums = sequence_logprobs(_head_logits(hidden, weight, route.head), tgt, mask, impl="torch")
@@ -435,7 +496,7 @@ class DPO(nn.Module):
                     hidden, weight, tgt, mask, scale=route.head.scale, impl=route.impl, matmul=route.matmul,
                 )
             else:
-                sums = sequence_logprobs(self._logits(ref, route, src), tgt, mask, impl=route.impl)
+                sums = sequence_logprobs(self._run(ref, route, src, packed, hidden=False), tgt, mask, impl=route.impl)
         return self._reduce(sums, count)
 
     def _head_options(self, route: Route, ref_scale: float | None, count_hits: bool) -> dict:
@@ -496,7 +557,7 @@ class DPO(nn.Module):
             ``token_accuracy/chosen``: the fraction of scored chosen tokens whose target is
             the policy's argmax (ties go to the lowest token id, as ``torch.argmax``).
         """
-        src, tgt, mask, count = self._batch(
+        src, tgt, mask, count, packed = self._batch(
             preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask
         )
         b = preferred_seq.shape[0]
@@ -512,14 +573,14 @@ class DPO(nn.Module):
                 if ref_head is not None:
                     # Scored inside dpo_head, with the policy's rows: one host sync for the step.
                     with torch.no_grad():
-                        ref_hidden = self._hidden(ref, self.route(ref, src.device), src)
+                        ref_hidden = self._run(ref, self.route(ref, src.device), src, packed, hidden=True)
         if ref_scores is None and ref_head is None:
-            ref_scores = self._reference_scores(src, tgt, mask, count)
+            ref_scores = self._reference_scores(src, tgt, mask, count, packed)
 
         hits = None
         # The policy body, once: hidden states for a fused head, logits otherwise.
         policy = self.policy_model
-        out = self._hidden(policy, route, src) if route.head is not None else self._logits(policy, route, src)
+        out = self._run(policy, route, src, packed, hidden=route.head is not None)
         # The head weight as it is now (FSDP2: gathered here; the op's outputs do not hold it)
         weight = live_weight(route.head, out.dtype) if route.head is not None else None
         if small:
@@ -578,10 +639,10 @@ class DPO(nn.Module):
         ref_unpreferred_logprob)`` in this module's ``logprob_reduction`` and
         ``mask_alignment``.  See :func:`fastdpo.precompute_reference_scores` for a dataset.
         """
-        src, tgt, mask, count = self._batch(
+        src, tgt, mask, count, packed = self._batch(
             preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask
         )
-        scores = self._reference_scores(src, tgt, mask, count)
+        scores = self._reference_scores(src, tgt, mask, count, packed)
         b = preferred_seq.shape[0]
         return scores[:b], scores[b:]
 

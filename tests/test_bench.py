@@ -17,7 +17,8 @@ TINY = bench.Config(batch=2, seq_len=24, vocab=256, dim=32, depth=1, heads=2, se
 
 
 def test_registry_has_the_documented_providers():
-    step_only = {"body", "liger", "liger-eager", "trl-fused", "cce", "torch-lce", "fastdpo-logits", "fastdpo-precomputed"}
+    step_only = {"body", "liger", "liger-eager", "trl-fused", "cce", "torch-lce", "fastdpo-logits", "fastdpo-precomputed",
+                 "fastdpo-shared"}
     both = {"floor", "x-transformers", "torch", "trl", "fastdpo-torch", "fastdpo-triton"}
     assert set(bench.PROVIDERS) == step_only | both
     for name in step_only | both:

@@ -273,7 +273,8 @@ def test_fallback_reasons():
 
 def test_left_padding_is_an_error_right_padding_changes_nothing():
     model = tiny("LlamaForCausalLM")
-    dpo = DPO(model, pad_id=0)
+    dpo = DPO(model, pad_id=0, **CONVENTIONS["trl"])  # (target alignment reads no padding)
+    perturb(model)  # the policy off its reference: the loss depends on the scores
     pref, unpref, pm, pmask, umask = batch()
     left = pmask.clone()
     left[1] = left[1].flip(0)
@@ -292,6 +293,18 @@ def test_left_padding_is_an_error_right_padding_changes_nothing():
     u2[~umask] = torch.randint(3, V, (int((~umask).sum()),), generator=g)
     b = dpo(p2, u2, prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
     assert torch.equal(a, b)
+    assert a.item() != pytest.approx(0.6931471805599453)
+    # ...and the right padding, hidden from the model by nothing but causality, matters: the
+    # same sequences unpadded (their padding cut off, one pair at a time) score the same
+    for i in range(B):
+        one = dict(prompt_mask=pm[i:i + 1])
+        n_w, n_l = int(pmask[i].sum()), int(umask[i].sum())
+        n = max(n_w, n_l)
+        w = dpo.reference_scores(pref[i:i + 1, :n], unpref[i:i + 1, :n], prompt_mask=pm[i:i + 1, :n],
+                                 preferred_seq_mask=pmask[i:i + 1, :n], unpreferred_seq_mask=umask[i:i + 1, :n])
+        full = dpo.reference_scores(pref[i:i + 1], unpref[i:i + 1], **one, preferred_seq_mask=pmask[i:i + 1],
+                                    unpreferred_seq_mask=umask[i:i + 1])
+        torch.testing.assert_close(w, full, rtol=1e-6, atol=1e-6)
 
 
 def test_token_ids_beyond_the_embedding_are_an_error():

@@ -36,6 +36,17 @@ _positive = _int_at_least(1, "a positive integer")
 _non_negative = _int_at_least(0, "an integer >= 0")
 
 
+def _percent(text: str) -> int:
+    value = _non_negative(text)
+    if value > 95:
+        raise argparse.ArgumentTypeError(f"must be <= 95 (a prompt leaves a completion), got {value}")
+    return value
+
+
+# Each size field's parser (prompt_pct: 0 = the presets' mixed prompt lengths)
+_SIZE_TYPE = {"prompt_pct": _percent}
+
+
 def _provider_list(text: str) -> list[str]:
     # Checked against the registry in main_from_args, once --provider-module ones are in.
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -48,9 +59,11 @@ def _sweep(text: str) -> tuple[str, list[int]]:
     name, sep, values = text.partition("=")
     name = name.strip().replace("-", "_")
     if not sep or name not in SWEEPABLE:
-        raise argparse.ArgumentTypeError(f"expected vocab=V1,V2,... or seq-len=L1,L2,..., got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected vocab=V1,V2,..., seq-len=L1,L2,... or prompt-pct=P1,P2,..., got {text!r}"
+        )
     try:
-        vals = [_positive(v) for v in values.split(",") if v.strip()]
+        vals = [_SIZE_TYPE.get(name, _positive)(v) for v in values.split(",") if v.strip()]
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{name.replace('_', '-')} values: {e}") from None
     if not vals:
@@ -76,8 +89,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=list(SIZES), default="small", help="preset size (default: small)")
     for name in SIZE_FIELDS:
         flag = name.replace("_", "-")
-        p.add_argument(f"--{flag}", dest=name, type=_positive, default=None, metavar="N",
-                       help=f"override the preset's {flag}")  # fmt: skip
+        p.add_argument(f"--{flag}", dest=name, type=_SIZE_TYPE.get(name, _positive), default=None, metavar="N",
+                       help=f"override the preset's {flag}" + (" (percent of L; 0: L/8 to L/2 each)" if name == "prompt_pct" else ""))  # fmt: skip
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model and logits dtype (default float32)")
     p.add_argument("--workload", type=_choice_or_all(WORKLOADS), default=list(WORKLOADS),
                    help="step, head, or all (default; comma-separated also works)")  # fmt: skip
@@ -88,7 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{' and '.join(REFERENCES)} are always measured, for the ratios)")  # fmt: skip
     p.add_argument("--provider-module", dest="provider_modules", action="append", default=[], metavar="MODULE",
                    help="import MODULE first: its fastdpo.bench.register calls add providers (repeatable)")  # fmt: skip
-    p.add_argument("--sweep", type=_sweep, default=None, metavar="vocab=V1,V2|seq-len=L1,L2",
+    p.add_argument("--sweep", type=_sweep, default=None, metavar="vocab=V1,V2|seq-len=L1,L2|prompt-pct=P1,P2",
                    help="run every size point of one swept dimension")  # fmt: skip
     p.add_argument("--repeats", type=_positive, default=None, help="timed calls per provider (default: the preset's)")
     p.add_argument("--warmup", type=_non_negative, default=2,

@@ -8,18 +8,20 @@ import torch
 
 # Presets.  ``small`` is what scripts/bench.sh runs: every provider, both workloads, both
 # modes, under 3 minutes on 2 CPU cores; V = 8192 keeps the head a large share of the step.
+# prompt_pct: each prompt's share of L in percent; 0 (the presets) draws each prompt's length
+# between L/8 and L/2.
 SIZES: dict[str, dict] = {
-    "tiny": dict(batch=1, seq_len=32, vocab=512, dim=32, depth=1, heads=2, repeats=1),
-    "small": dict(batch=2, seq_len=128, vocab=8192, dim=128, depth=2, heads=4, repeats=10),
-    "medium": dict(batch=4, seq_len=512, vocab=32000, dim=256, depth=2, heads=4, repeats=5),
+    "tiny": dict(batch=1, seq_len=32, vocab=512, dim=32, depth=1, heads=2, prompt_pct=0, repeats=1),
+    "small": dict(batch=2, seq_len=128, vocab=8192, dim=128, depth=2, heads=4, prompt_pct=0, repeats=10),
+    "medium": dict(batch=4, seq_len=512, vocab=32000, dim=256, depth=2, heads=4, prompt_pct=0, repeats=5),
     # A GPU size: x-transformers' step holds ~5 (2B(L-1), V) float32 buffers, ~9 GiB here.
-    "large": dict(batch=8, seq_len=1024, vocab=32000, dim=512, depth=4, heads=8, repeats=10),
+    "large": dict(batch=8, seq_len=1024, vocab=32000, dim=512, depth=4, heads=8, prompt_pct=0, repeats=10),
 }
-SIZE_FIELDS = ("batch", "seq_len", "vocab", "dim", "depth", "heads")
+SIZE_FIELDS = ("batch", "seq_len", "vocab", "dim", "depth", "heads", "prompt_pct")
 WORKLOADS = ("step", "head")
 MODES = ("forward", "forward+backward")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SWEEPABLE = ("vocab", "seq_len")
+SWEEPABLE = ("vocab", "seq_len", "prompt_pct")
 BETA = 0.1
 
 # The ratios' denominators: always measured, whatever --providers says.
@@ -44,6 +46,7 @@ class Config:
     dim: int
     depth: int
     heads: int
+    prompt_pct: int = 0
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0

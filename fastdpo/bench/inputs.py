@@ -64,12 +64,15 @@ class Batch:
 
 
 def make_batch(cfg: Config) -> Batch:
-    """Seeded token ids with a shared prompt of L/8 to L/2 tokens, no padding, and both masks."""
+    """Seeded token ids with a shared prompt (``cfg.prompt_pct`` percent of L, at least one
+    token and two short of L; 0: L/8 to L/2 tokens drawn per pair), no padding, both masks."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     b, l, v = cfg.batch, cfg.seq_len, cfg.vocab
     pref = torch.randint(0, v, (b, l), generator=g)
     unpref = torch.randint(0, v, (b, l), generator=g)
     prompt_lens = torch.randint(max(1, l // 8), max(2, l // 2), (b, 1), generator=g)
+    if cfg.prompt_pct:
+        prompt_lens = torch.full((b, 1), min(max(1, round(cfg.prompt_pct * l / 100)), max(1, l - 2)))
     prompt_mask = torch.arange(l)[None] < prompt_lens
     unpref[prompt_mask] = pref[prompt_mask]  # a shared prompt
     seq = torch.cat((pref, unpref))

@@ -348,6 +348,16 @@ def _fastdpo_logits(workload: str, mode: str, cfg: Config) -> Step:
     return make_step(lambda: dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask), mode, dpo.parameters())
 
 
+@register("fastdpo-shared", workloads=("step",), same_loss_as=XT,
+          help="fastdpo.DPO(share_prompt=True): each pair as one packed sequence, the prompt run once")
+def _fastdpo_shared(workload: str, mode: str, cfg: Config) -> Step:
+    from fastdpo import DPO
+
+    bt = make_batch(cfg)
+    dpo = _dpo(DPO, cfg, share_prompt=True)
+    return make_step(lambda: dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask), mode, dpo.parameters())
+
+
 @register("fastdpo-precomputed", workloads=("step",), same_loss_as=XT,
           help="fastdpo.DPO (impl='torch') with precomputed reference scores: no reference model run")
 def _fastdpo_precomputed(workload: str, mode: str, cfg: Config) -> Step:

@@ -9,6 +9,11 @@ import math
 from .config import COLUMNS, SIZE_FIELDS
 
 
+
+def _prompt(sizes: dict) -> str:
+    pct = sizes.get("prompt_pct") or 0
+    return f" prompts={pct}%" if pct else ""
+
 def _ratio(a, b):
     if a is None or b is None or not b or (isinstance(b, float) and math.isnan(b)):
         return None
@@ -68,7 +73,7 @@ def format_table(rows: list[dict]) -> str:
         out.append("")
         out.append(
             f"B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
-            f"depth={sizes['depth']} heads={sizes['heads']} {p[1]} on {p[2]}"
+            f"depth={sizes['depth']} heads={sizes['heads']}{_prompt(sizes)} {p[1]} on {p[2]}"
         )
         out += [head, "-" * len(head)]
         for r in here:
@@ -212,7 +217,7 @@ def summary(rows: list[dict]) -> str:
     for p, here in _by_point(rows).items():
         sizes = dict(zip(SIZE_FIELDS, p[0]))
         out.append(f"summary, B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
-                   f"depth={sizes['depth']}, {p[1]} on {p[2]}:")
+                   f"depth={sizes['depth']}{_prompt(sizes)}, {p[1]} on {p[2]}:")
         ours_name = fastdpo_default(p[2])
         for key, words in _MODE_WORDS.items():
             by = {r["provider"]: r for r in here if (r["workload"], r["mode"]) == key and r["status"] == "ok"
