@@ -18,13 +18,12 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_synthetic import PAD, VOCAB, make_pairs  # noqa: E402
+from train_synthetic import PAD, VOCAB, fit  # noqa: E402
 
-from fastdpo import DPO, PreferenceDataset  # noqa: E402
+from fastdpo import DPO  # noqa: E402
 
 
 def build_llama(seed: int) -> LlamaForCausalLM:
@@ -48,39 +47,9 @@ def train(*, steps: int = 150, seed: int = 0, beta: float = 0.1, lr: float = 3e-
             model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
         )
     dpo = DPO(model, beta=beta, pad_id=PAD)
-    train_ds = PreferenceDataset(make_pairs(2048, seed), pad_id=PAD)
-    test_ds = PreferenceDataset(make_pairs(256, seed + 1), pad_id=PAD)
-    loader = DataLoader(
-        train_ds, batch_size=16, shuffle=True, collate_fn=train_ds.collate,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    opt = torch.optim.Adam(dpo.parameters(), lr=lr)
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
-    bar = tqdm(total=steps, desc="DPO (Llama" + (", LoRA)" if lora else ")"), disable=not progress) if tqdm else None
-    step, loss = 0, None
-    while step < steps:
-        for pref, unpref, prompt_mask in loader:
-            loss, metrics = dpo(pref, unpref, prompt_mask=prompt_mask, return_metrics=True)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            step += 1
-            if bar:
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['rewards/accuracies'].item():.2f}")
-            if step == steps:
-                break
-    if bar:
-        bar.close()
-    dpo.eval()
-    with torch.no_grad():
-        pref, unpref, prompt_mask = test_ds.collate([test_ds[i] for i in range(len(test_ds))])
-        _, held_out = dpo(pref, unpref, prompt_mask=prompt_mask, return_metrics=True)
-    route = dpo.route(dpo.policy_model, pref.device).kind
-    return {"loss": loss.item(), "route": route, **{k: v.item() for k, v in held_out.items()}}
+    result = fit(dpo, steps=steps, seed=seed, lr=lr, desc="DPO (Llama" + (", LoRA)" if lora else ")"),
+                 progress=progress)
+    return {"route": dpo.route(dpo.policy_model, "cpu").kind, **result}
 
 
 def main() -> None:

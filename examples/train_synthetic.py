@@ -33,13 +33,9 @@ def make_pairs(n: int, seed: int) -> list[dict]:
     return items
 
 
-def train(loss_type: str = "sigmoid", *, steps: int = 200, seed: int = 0, beta: float = 0.1, lr: float = 3e-3, progress: bool = True) -> dict:
-    """Train; return the final loss and the held-out metrics (reward accuracy among them)."""
-    torch.manual_seed(seed)
-    model = TransformerWrapper(
-        num_tokens=VOCAB, max_seq_len=32, attn_layers=Decoder(dim=64, depth=2, heads=4)
-    )
-    dpo = DPO(model, beta=beta, pad_id=PAD, loss_type=loss_type)
+def fit(dpo: DPO, *, steps: int, seed: int, lr: float, desc: str, progress: bool = True) -> dict:
+    """Train ``dpo``'s policy on the synthetic pairs with Adam; return the final training loss
+    and the held-out metrics (reward accuracy among them).  examples/train_hf.py uses it too."""
     train_ds = PreferenceDataset(make_pairs(2048, seed), pad_id=PAD)
     test_ds = PreferenceDataset(make_pairs(256, seed + 1), pad_id=PAD)
     loader = DataLoader(
@@ -51,7 +47,7 @@ def train(loss_type: str = "sigmoid", *, steps: int = 200, seed: int = 0, beta: 
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover
         tqdm = None
-    bar = tqdm(total=steps, desc=f"DPO ({loss_type})", disable=not progress) if tqdm else None
+    bar = tqdm(total=steps, desc=desc, disable=not progress) if tqdm else None
     step, loss = 0, None
     while step < steps:
         for pref, unpref, prompt_mask in loader:
@@ -72,6 +68,16 @@ def train(loss_type: str = "sigmoid", *, steps: int = 200, seed: int = 0, beta: 
         pref, unpref, prompt_mask = test_ds.collate([test_ds[i] for i in range(len(test_ds))])
         _, held_out = dpo(pref, unpref, prompt_mask=prompt_mask, return_metrics=True)
     return {"loss": loss.item(), **{k: v.item() for k, v in held_out.items()}}
+
+
+def train(loss_type: str = "sigmoid", *, steps: int = 200, seed: int = 0, beta: float = 0.1, lr: float = 3e-3, progress: bool = True) -> dict:
+    """Train; return the final loss and the held-out metrics (reward accuracy among them)."""
+    torch.manual_seed(seed)
+    model = TransformerWrapper(
+        num_tokens=VOCAB, max_seq_len=32, attn_layers=Decoder(dim=64, depth=2, heads=4)
+    )
+    dpo = DPO(model, beta=beta, pad_id=PAD, loss_type=loss_type)
+    return fit(dpo, steps=steps, seed=seed, lr=lr, desc=f"DPO ({loss_type})", progress=progress)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from x_transformers.dpo import DPO as XDPO
 from fastdpo import DPO
 from fastdpo.packing import pack
 from tests.helpers import rel_err
+from tests.test_dpo import loss_and_grads
 
 V, B, L = 61, 3, 13
 PAD = 0
@@ -65,11 +66,16 @@ def pair(kind="absolute", **dpo_kw):
     return x, ours
 
 
-def loss_and_grads(dpo, *args, **kw):
-    dpo.policy_model.zero_grad(set_to_none=True)
-    loss = dpo(*args, **kw)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in dpo.policy_model.named_parameters() if p.grad is not None}
+def packed_and_plain(kind: str, seed: int, dtype=torch.float32, **kw):
+    """fastdpo's DPO with and without share_prompt, the same weights, policy off reference."""
+    packed = DPO(make_model(kind).to(dtype), pad_id=PAD, share_prompt=True, **kw)
+    plain = DPO(make_model(kind).to(dtype), pad_id=PAD, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a, b in zip(packed.policy_model.parameters(), plain.policy_model.parameters()):
+            a.add_((0.1 * torch.randn(a.shape, generator=g)).to(a.dtype))
+            b.copy_(a)
+    return packed, plain
 
 
 def assert_same(got, want):
@@ -97,13 +103,7 @@ def test_packed_step_equals_unpacked_for_other_losses_and_trl_conventions(loss_t
     if loss_type == "bco_pair":
         kw["bco_delta"] = "batch"  # couples pairs: the "scores" route
     pref, unpref, pm = make_batch(seed=3)
-    packed = DPO(make_model("rotary"), pad_id=PAD, share_prompt=True, **kw)
-    plain = DPO(make_model("rotary"), pad_id=PAD, **kw)
-    g = torch.Generator().manual_seed(8)
-    with torch.no_grad():
-        for a, b in zip(packed.policy_model.parameters(), plain.policy_model.parameters()):
-            a.add_(0.1 * torch.randn(a.shape, generator=g))
-            b.copy_(a)
+    packed, plain = packed_and_plain("rotary", 8, **kw)
     assert_same(loss_and_grads(packed, pref, unpref, prompt_mask=pm), loss_and_grads(plain, pref, unpref, prompt_mask=pm))
     # metrics too
     _, m1 = packed(pref, unpref, prompt_mask=pm, return_metrics=True)
@@ -250,13 +250,7 @@ def test_edge_pairs_empty_completions_one_token_prompts_one_pair():
     unpref[1, 4:] = PAD  # an empty rejected completion
     pref[2, 2:] = PAD  # an empty chosen completion
     for conv in (dict(), dict(logprob_reduction="sum", mask_alignment="target")):
-        packed = DPO(make_model("absolute"), pad_id=PAD, share_prompt=True, **conv)
-        plain = DPO(make_model("absolute"), pad_id=PAD, **conv)
-        g = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            for p_, q_ in zip(packed.policy_model.parameters(), plain.policy_model.parameters()):
-                p_.add_(0.1 * torch.randn(p_.shape, generator=g))
-                q_.copy_(p_)
+        packed, plain = packed_and_plain("absolute", 11, **conv)
         for rows in (slice(None), slice(1, 2)):  # the batch, and one pair alone
             args = (pref[rows], unpref[rows])
             assert_same(loss_and_grads(packed, *args, prompt_mask=pm[rows]),
@@ -269,11 +263,7 @@ def test_bfloat16_packed_is_as_close_to_float32_as_unpacked():
     pref, unpref, pm = make_batch(seed=12)
 
     def build(dtype, share):
-        dpo = DPO(make_model("rotary").to(dtype), pad_id=PAD, share_prompt=share)
-        g = torch.Generator().manual_seed(13)
-        with torch.no_grad():
-            for p_ in dpo.policy_model.parameters():
-                p_.add_((0.1 * torch.randn(p_.shape, generator=g)).to(p_.dtype))
+        dpo = packed_and_plain("rotary", 13, dtype)[0 if share else 1]
         return loss_and_grads(dpo, pref, unpref, prompt_mask=pm)
 
     l32, g32 = build(torch.float32, False)
