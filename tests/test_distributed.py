@@ -143,7 +143,7 @@ def _ddp_scenario(rank: int, case: str, res: dict) -> None:
 
 # FSDP2 cases: "<family>-<head>[-tied][-mp]" (mp: MixedPrecisionPolicy(param_dtype=bf16,
 # reduce_dtype=fp32)).
-FSDP_CASES = ["x-transformers-logits", "x-transformers-auto", "x-transformers-auto-tied",
+FSDP_CASES = ["x-transformers-logits", "x-transformers-auto", "x-transformers-fused", "x-transformers-auto-tied",
               "x-transformers-logits-mp", "x-transformers-auto-mp", "x-transformers-logits-tied-mp",
               "x-transformers-auto-tied-mp", "x-transformers-auto-reshard"]
 if "hf" in FAMILIES:
