@@ -187,6 +187,17 @@ class _Hooks:
     def __init__(self):
         self.armed = False
         self.out = None
+        self.on: tuple[nn.Module, nn.Module] | None = None  # (backbone, head) hooked
+        self.handles: list = []
+
+    def attach(self, body: nn.Module, head: nn.Module) -> None:
+        """Hook ``body`` and ``head`` (again, if other modules were swapped in since)."""
+        if self.on is not None and self.on[0] is body and self.on[1] is head:
+            return
+        for h in self.handles:
+            h.remove()
+        self.handles = [body.register_forward_hook(self.backbone), head.register_forward_hook(self.head)]
+        self.on = (body, head)
 
     def backbone(self, module, args, output):
         if self.armed:
@@ -241,8 +252,7 @@ def hidden_states(model: nn.Module, src: Tensor) -> Tensor:
     hooks = _hooks.get(lm)
     if hooks is None:
         hooks = _hooks[lm] = _Hooks()
-        body.register_forward_hook(hooks.backbone)
-        head.register_forward_hook(hooks.head)
+    hooks.attach(body, head)
     hooks.armed, hooks.out = True, None
     try:
         out = model(input_ids=src, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=src.device))

@@ -486,3 +486,21 @@ def test_compiled_hf_model_keeps_the_fused_route():
         got.backward()
     assert dpo.route(compiled, "cpu").kind == "pair"
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_a_head_swapped_in_after_the_first_call_is_the_one_skipped():
+    model = tiny("LlamaForCausalLM")
+    dpo = DPO(model, head="fused")
+    pref, unpref, pm, pmask, umask = batch()
+    kw = dict(prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
+    dpo(pref, unpref, **kw)
+    new = nn.Linear(32, V, bias=False)
+    with torch.no_grad():
+        new.weight.copy_(model.lm_head.weight * 1.5)
+    model.lm_head = new
+    dpo._routes.clear()  # (the route holds the head it found; a new head is a new route)
+    calls = []
+    new.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[-2]))
+    perturb(model)
+    check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["x-transformers"])
+    assert calls[0] == 0  # the fused call skipped the new head's product
