@@ -173,9 +173,10 @@ def logits_of(out) -> Tensor:
     )
 
 
-def logits(model: nn.Module, src: Tensor) -> Tensor:
-    """A Hugging Face model's (N, T, V) logits of ``src``, without a key/value cache."""
-    return logits_of(model(input_ids=src, use_cache=False))
+def logits(model: nn.Module, src: Tensor, **kwargs) -> Tensor:
+    """A Hugging Face model's (N, T, V) logits of ``src``, without a key/value cache (``kwargs``:
+    more forward arguments, e.g. a packed batch's mask and positions)."""
+    return logits_of(model(input_ids=src, use_cache=False, **kwargs))
 
 
 class _Hooks:
@@ -232,7 +233,7 @@ class _Anchor(torch.autograd.Function):
         return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
-def hidden_states(model: nn.Module, src: Tensor) -> Tensor:
+def hidden_states(model: nn.Module, src: Tensor, **kwargs) -> Tensor:
     """What a Hugging Face causal LM feeds its ``lm_head`` for ``src``: its backbone's
     ``last_hidden_state``.
 
@@ -247,7 +248,7 @@ def hidden_states(model: nn.Module, src: Tensor) -> Tensor:
     lm = causal_lm(model)
     body = _backbone(lm)
     if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
-        return _last_hidden(body(input_ids=src, use_cache=False))
+        return _last_hidden(body(input_ids=src, use_cache=False, **kwargs))
     head = lm.get_output_embeddings()
     hooks = _hooks.get(lm)
     if hooks is None:
@@ -255,7 +256,8 @@ def hidden_states(model: nn.Module, src: Tensor) -> Tensor:
     hooks.attach(body, head)
     hooks.armed, hooks.out = True, None
     try:
-        out = model(input_ids=src, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=src.device))
+        no_rows = torch.empty(0, dtype=torch.long, device=src.device)
+        out = model(input_ids=src, use_cache=False, logits_to_keep=no_rows, **kwargs)
         hidden = hooks.out
     finally:
         hooks.armed, hooks.out = False, None

@@ -8,8 +8,8 @@ causal model whose positions come from the ``pos`` it is given, every token then
 what it sees in its own unpacked sequence, so the hidden states -- and the scores -- are the
 unpacked ones (to float rounding), while the prompt runs once instead of twice.
 
-:func:`pack` builds the layout; :func:`check_model` says which x-transformers models can run
-it; :func:`run_packed` runs one; the hidden states of the unpacked ``(2B, L-1)`` rows are then
+:func:`pack` builds the layout; :func:`check_model` says which models (x-transformers
+``TransformerWrapper``s, Hugging Face causal LMs) can run it; :func:`run_packed` runs one; the hidden states of the unpacked ``(2B, L-1)`` rows are then
 gathered back (:attr:`Packed.rows`) and scored as usual.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -121,8 +122,9 @@ def check_model(model: nn.Module) -> str:
 
     from . import hf
 
-    if hf.causal_lm(model) is not None:
-        return "prompt sharing is implemented for x-transformers' TransformerWrapper only, not Hugging Face models"
+    lm = hf.causal_lm(model)
+    if lm is not None:
+        return _check_hf(lm)
     model = hf.inner_model(model)
     if not isinstance(model, TransformerWrapper):
         return f"the model is a {type(model).__name__}, not a TransformerWrapper"
@@ -167,6 +169,32 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = training
 
 
+def _check_hf(lm: nn.Module) -> str:
+    """Why a Hugging Face causal LM cannot run packed pairs ("" when it can): it takes the mask
+    as a 4-D additive ``attention_mask`` (used as it is, since transformers 4.44) and the
+    positions as ``position_ids``."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    impl = getattr(config, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
+    if impl not in ("eager", "sdpa"):
+        return f"its attention implementation {impl!r} takes no 4-D mask (use 'sdpa' or 'eager')"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return f"it uses sliding-window attention (sliding_window={window}), which a 4-D mask would replace"
+    params = inspect.signature(lm.forward).parameters
+    if "attention_mask" not in params or "position_ids" not in params:
+        return "its forward takes no attention_mask and position_ids"
+    return ""
+
+
+def _additive_mask(packed: Packed, dtype: torch.dtype) -> Tensor:
+    """The packed mask with causality in it, as a (B, 1, T, T) additive bias: 0 where a token
+    may attend, the dtype's lowest value where it may not."""
+    t = packed.length
+    causal = torch.ones(t, t, dtype=torch.bool, device=packed.tokens.device).tril()
+    bias = torch.zeros(packed.attn_mask.shape, dtype=dtype, device=packed.tokens.device)
+    return bias.masked_fill_(~(packed.attn_mask & causal), torch.finfo(dtype).min)
+
+
 def run_packed(model: nn.Module, packed: Packed, *, embeddings: bool = True) -> Tensor:
     """An x-transformers model's (B, T, D) hidden states (``embeddings``) or (B, T, V) logits
     of a packed batch.
@@ -178,6 +206,10 @@ def run_packed(model: nn.Module, packed: Packed, *, embeddings: bool = True) -> 
     """
     from . import hf
 
+    lm = hf.causal_lm(model)
+    if lm is not None:
+        kw = dict(attention_mask=_additive_mask(packed, next(lm.parameters()).dtype), position_ids=packed.pos)
+        return hf.hidden_states(model, packed.tokens, **kw) if embeddings else hf.logits(model, packed.tokens, **kw)
     inner = hf.inner_model(model)
     layers = inner.attn_layers
     uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or getattr(layers, "rel_pos", None) is not None
@@ -192,11 +224,7 @@ def run_packed(model: nn.Module, packed: Packed, *, embeddings: bool = True) -> 
         # the mask as an additive bias with causality in it, the model's own causal mask off:
         # one pass over each layer's scores, as the unpacked model's causal mask makes
         # (x-transformers' boolean attn_mask costs three: two masked_fills and a post-softmax one)
-        t = packed.length
-        causal = torch.ones(t, t, dtype=torch.bool, device=packed.tokens.device).tril()
-        dtype = next(inner.parameters()).dtype
-        bias = torch.zeros(packed.attn_mask.shape, dtype=dtype, device=packed.tokens.device)
-        bias.masked_fill_(~(packed.attn_mask & causal), torch.finfo(dtype).min)
+        bias = _additive_mask(packed, next(inner.parameters()).dtype)
         out = callee(packed.tokens, return_embeddings=embeddings, pos=pos, attn_bias=bias, causal=False)
     else:  # ALiBi makes its own attn_bias: the boolean mask
         out = callee(packed.tokens, return_embeddings=embeddings, pos=pos, attn_mask=packed.attn_mask)

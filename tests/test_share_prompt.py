@@ -214,12 +214,53 @@ def test_a_feature_that_breaks_packing_is_caught_on_the_first_call():
         dpo(pref, unpref, prompt_mask=pm)
 
 
-def test_hugging_face_models_cannot_share_the_prompt():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2)
-    with pytest.raises(ValueError, match="implemented for x-transformers' TransformerWrapper only"):
-        DPO(transformers.LlamaForCausalLM(config), share_prompt=True)
+HF_PACKABLE = ["LlamaForCausalLM", "LlamaForCausalLM-tied", "Qwen2ForCausalLM", "GemmaForCausalLM",
+               "CohereForCausalLM", "GPT2LMHeadModel", "LlamaForCausalLM-eager", "lora"]
+
+
+@pytest.mark.parametrize("key", HF_PACKABLE)
+def test_hugging_face_packed_step_equals_unpacked(key):
+    """Hugging Face models take the packed mask as a 4-D additive attention_mask and the
+    positions as position_ids; with a peft LoRA model the reference (adapters off) packs too."""
+    pytest.importorskip("transformers")
+    from tests.test_hf import lora_llama, perturb, tiny
+
+    hv = 97
+    if key == "lora":
+        model = lora_llama()
+    elif key.endswith("-eager"):
+        model = tiny(key.removesuffix("-eager"), attn_implementation="eager")
+    else:
+        model = tiny(key)
+    packed, plain = DPO(model, pad_id=PAD, share_prompt=True), DPO(model, pad_id=PAD)
+    if plain.ref_model is not None:
+        plain.ref_model.load_state_dict(packed.ref_model.state_dict())
+    perturb(model, seed=3)
+    g = torch.Generator().manual_seed(14)
+    pref, unpref = torch.randint(3, hv, (B, L), generator=g), torch.randint(3, hv, (B, L), generator=g)
+    pm = torch.arange(L)[None] < torch.tensor([[2], [5], [3]])
+    unpref[pm] = pref[pm]
+    pref[1, 9:] = PAD
+    unpref[2, 7:] = PAD
+    for conv in ({}, dict(logprob_reduction="sum", mask_alignment="target")):
+        for dpo in (packed, plain):
+            dpo.logprob_reduction, dpo.mask_alignment = conv.get("logprob_reduction", "mean"), conv.get("mask_alignment", "input")
+        assert_same(loss_and_grads(packed, pref, unpref, prompt_mask=pm), loss_and_grads(plain, pref, unpref, prompt_mask=pm))
+    assert packed.route(model, "cpu").kind == "pair"
+
+
+def test_hugging_face_models_that_cannot_pack_say_why():
+    pytest.importorskip("transformers")
+    from tests.test_hf import tiny
+
+    with pytest.raises(ValueError, match=r"sliding-window attention \(sliding_window=4096\)"):
+        DPO(tiny("MistralForCausalLM"), share_prompt=True)
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        DPO(tiny("Gemma2ForCausalLM"), share_prompt=True)
+    model = tiny("LlamaForCausalLM")
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="attention implementation 'flash_attention_2' takes no 4-D mask"):
+        DPO(model, share_prompt=True)
 
 
 def test_share_prompt_must_be_a_bool():
