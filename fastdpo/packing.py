@@ -196,10 +196,11 @@ def _additive_mask(packed: Packed, dtype: torch.dtype) -> Tensor:
 
 
 def run_packed(model: nn.Module, packed: Packed, *, embeddings: bool = True) -> Tensor:
-    """An x-transformers model's (B, T, D) hidden states (``embeddings``) or (B, T, V) logits
-    of a packed batch.
+    """A model's (B, T, D) hidden states (``embeddings``) or (B, T, V) logits of a packed batch.
 
-    Positions reach the model as ``pos``: long positions where its attention layers use them
+    Hugging Face: the mask as a 4-D additive ``attention_mask``, the positions as
+    ``position_ids`` (:func:`fastdpo.hf.hidden_states` for the hidden states).  x-transformers:
+    positions reach the model as ``pos``: long positions where its attention layers use them
     (rotary, ALiBi); as the absolute positional embedding itself (its own module, applied to
     the positions) where only that uses them, which also lifts its ``max_seq_len`` bound on
     the packed length.
