@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import _checks, hf, ops, packing
 from .fused_pair import call_dpo_head
-from .heads import LinearHead, find_linear_head, live_weight
+from .heads import LinearHead, eval_mode, find_linear_head, live_weight
 from .linear import MATMULS, linear_sequence_logprobs, resolve_matmul
 from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
 from .ops import IMPLS, resolve_impl, sequence_logprobs
@@ -123,12 +123,6 @@ def _head_logits(hidden: Tensor, weight: Tensor, head: LinearHead) -> Tensor:
     """The logits the model's own head makes from its hidden states (product, then scale)."""
     z = torch.nn.functional.linear(hidden, weight)
     return z * head.scale if head.scale is not None else z
-
-
-def _callee(model: nn.Module) -> nn.Module:
-    """What runs ``model`` (not a Hugging Face one): itself, or a peft model's base model (its
-    adapters injected into the layers), whose forward takes x-transformers' arguments."""
-    return hf.inner_model(model) if hf.peft_model(model) is not None else model
 
 
 def _own_logits(logits: Tensor) -> bool:
@@ -326,14 +320,14 @@ class DPO(nn.Module):
         """What ``model``'s fused head consumes: its (N, T, D) hidden states."""
         if route.family == "hf":
             return hf.hidden_states(model, src)
-        return _callee(model)(src, return_embeddings=True)
+        return hf.module_to_call(model)(src, return_embeddings=True)
 
     @staticmethod
     def _logits(model: nn.Module, route: Route, src: Tensor) -> Tensor:
         """``model``'s (N, T, V) logits."""
         if route.family == "hf":
             return hf.logits(model, src)
-        return hf.logits_of(_callee(model)(src))
+        return hf.logits_of(hf.module_to_call(model)(src))
 
     def _run(self, model: nn.Module, route: Route, src: Tensor, packed: packing.Packed | None,
              *, hidden: bool) -> Tensor:
@@ -356,7 +350,7 @@ class DPO(nn.Module):
         pk = packing.pack(preferred[one], unpreferred[one], prompt_mask[one], *masks)
         src = torch.cat((preferred[one], unpreferred[one]))[:, :-1]
         model = self.policy_model
-        with torch.no_grad(), packing.eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             route = self.route(model, preferred.device)
             flat = packing.run_packed(model, pk, embeddings=True)
             got = flat.reshape(-1, flat.shape[-1])[pk.rows].float()

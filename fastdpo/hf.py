@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from .heads import LinearHead, check_weight, model_class, unwrap
+from .heads import LinearHead, check_weight, eval_mode, model_class, unwrap
 
 # -------------------------------------------------------------------------------- recognizing
 
@@ -60,6 +60,13 @@ def inner_model(model: nn.Module) -> nn.Module:
     """The model under ``torch.compile`` and ``peft`` wrappers (where the head lives)."""
     peft = peft_model(model)
     return unwrap(peft.get_base_model()) if peft is not None else unwrap(model)
+
+
+def module_to_call(model: nn.Module) -> nn.Module:
+    """What to call for a model that is not a Hugging Face one: itself, or a peft model's base
+    model (its adapters injected into the layers), whose forward takes the base model's
+    arguments (x-transformers' ``return_embeddings``, ``pos``, ...)."""
+    return inner_model(model) if peft_model(model) is not None else model
 
 
 def causal_lm(model: nn.Module) -> nn.Module | None:
@@ -301,11 +308,5 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """The reference of a ``peft`` policy: the same model, adapters off, in eval mode (every
     module's train/eval flag is restored after)."""
     peft = peft_model(model)
-    modes = [(m, m.training) for m in peft.modules()]
-    peft.eval()
-    try:
-        with peft.disable_adapter():
-            yield model
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(peft), peft.disable_adapter():
+        yield model

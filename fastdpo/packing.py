@@ -15,8 +15,6 @@ gathered back (:attr:`Packed.rows`) and scored as usual.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 import inspect
 from dataclasses import dataclass
 
@@ -157,18 +155,6 @@ def check_model(model: nn.Module) -> str:
     return ""
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in eval mode, every module's train/eval flag restored after."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def _check_hf(lm: nn.Module) -> str:
     """Why a Hugging Face causal LM cannot run packed pairs ("" when it can): it takes the mask
     as a 4-D additive ``attention_mask`` (used as it is, since transformers 4.44) and the
@@ -214,7 +200,7 @@ def run_packed(model: nn.Module, packed: Packed, *, embeddings: bool = True) -> 
     inner = hf.inner_model(model)
     layers = inner.attn_layers
     uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or getattr(layers, "rel_pos", None) is not None
-    callee = inner if hf.peft_model(model) is not None else model
+    callee = hf.module_to_call(model)
     if uses_pos or not isinstance(inner.pos_emb, nn.Module):
         pos = packed.pos
     else:  # the embedding of the positions, by the model's own module (on flat positions:
