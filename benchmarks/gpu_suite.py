@@ -699,7 +699,7 @@ def head(suite: Suite) -> None:
     import torch
 
     from fastdpo.bench import peers as gpu_peers
-    from fastdpo import cost_model, linear_sequence_logprobs
+    from fastdpo import check_loss_config, cost_model, linear_sequence_logprobs
     from fastdpo.fused_pair import HeadOptions, dpo_head
 
     dev = suite.device
@@ -714,8 +714,7 @@ def head(suite: Suite) -> None:
     ref_scores = torch.randn(n, generator=g, device=dev) - 10 * t
     rows = n * t
     flops3 = 3 * 2 * rows * d * v  # forward product, two gradient products
-    opts = HeadOptions(fold="triton", scale=None, ref_scale=None, reduction="sum", loss_type=("sigmoid",), beta=0.1,
-                       label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False)
+    opts = HeadOptions(impl="triton", scale=None, ref_scale=None, reduction="sum", loss=check_loss_config("sigmoid", 0.1))
 
     def clear():
         hidden.grad = weight.grad = None

@@ -22,8 +22,10 @@ gradients (``no_grad``, ``inference_mode``, a frozen policy) it scores forward o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import typing
 from dataclasses import dataclass
-from typing import List
 
 import torch
 from torch import Tensor
@@ -35,29 +37,99 @@ from .losses import LossConfig, pair_losses
 
 @dataclass(frozen=True)
 class HeadOptions:
-    """The op's non-tensor options.  They reach the custom op as its plain arguments (a custom
-    op's schema takes no objects, and ``torch.compile`` passes plain constants through)."""
+    """The op's non-tensor options, declared once: :func:`op_schema` derives the custom op's
+    arguments from these fields (and :class:`~fastdpo.losses.LossConfig`'s, nested as
+    ``loss``), :func:`to_op_args` and :func:`from_op_args` convert, so nothing else lists them."""
 
-    fold: str  # "torch" | "triton": see fastdpo.chunks.FOLDS
+    impl: str  # "torch" | "triton": which fold of fastdpo.chunks.FOLDS does the elementwise work
     scale: float | None  # the policy head's logit scale (tied embedding)
     ref_scale: float | None
     reduction: str  # the DPO module's logprob_reduction: "mean" | "sum"
-    loss_type: tuple[str, ...]
-    beta: float
-    label_smoothing: float
-    loss_weights: tuple[float, ...]
-    gamma: float
-    bco_delta: float  # a tensor delta travels as the op's bco_delta argument
-    count_hits: bool  # count scored positions whose target is the argmax (metrics)
+    loss: LossConfig
+    count_hits: bool = False  # count scored positions whose target is the argmax (metrics)
     chunk_bytes: int = 0  # 0: the device's default, fastdpo.chunks.chunk_bytes
     group_bytes: int = 0  # 0: the device's default, fastdpo.chunks.group_bytes
 
-    def loss_config(self, bco_delta: Tensor | None) -> LossConfig:
-        return LossConfig(
-            loss_type=self.loss_type, beta=self.beta, label_smoothing=self.label_smoothing,
-            loss_weights=self.loss_weights, gamma=self.gamma,
-            bco_delta=bco_delta if bco_delta is not None else self.bco_delta,
-        )
+
+# The op's tensor inputs, then the options' leaves, then who needs a gradient.
+_TENSORS = ("Tensor hidden", "Tensor weight", "Tensor targets", "Tensor mask", "Tensor count",
+            "Tensor? ref_hidden", "Tensor? ref_weight", "Tensor? ref_scores")
+_NEEDS = ("bool need_hidden", "bool need_weight")
+# How each annotation reaches the schema (a custom op's schema takes no objects).  A field that
+# may hold a tensor (bco_delta) becomes two arguments: the tensor, or None, and the number.
+_SCHEMA_TYPES: dict = {
+    str: ("str",), bool: ("bool",), int: ("int",), float: ("float",), float | None: ("float?",),
+    tuple[str, ...]: ("str[]",), tuple[float, ...]: ("float[]",),
+    float | str | Tensor: ("Tensor?", "float"),
+}
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _leaves(cls=HeadOptions, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """(field path, schema types) of every option leaf, in declaration order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        kind = _hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            out += _leaves(kind, prefix + (f.name,))
+        else:
+            out.append((prefix + (f.name,), _SCHEMA_TYPES[kind]))
+    return out
+
+
+_LEAVES = _leaves()
+
+
+def op_schema() -> str:
+    """The ``fastdpo::dpo_head`` schema, from :class:`HeadOptions`' fields."""
+    options = []
+    for path, kinds in _LEAVES:
+        name = path[-1]
+        options += [f"{kinds[0]} {name}"] + [f"{k} {name}_value" for k in kinds[1:]]
+    args = ", ".join(_TENSORS + tuple(options) + _NEEDS)
+    return f"({args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+
+def to_op_args(opts: HeadOptions) -> list:
+    """``opts`` as the op's option arguments, in :func:`op_schema`'s order."""
+    out = []
+    for path, kinds in _LEAVES:
+        value = opts
+        for name in path:
+            value = getattr(value, name)
+        if isinstance(value, tuple):
+            value = list(value)
+        if len(kinds) == 2:  # a tensor, or a number
+            if isinstance(value, str):
+                raise ValueError(f"{path[-1]}={value!r} couples the pairs of a batch: the pair op cannot take it")
+            tensor = isinstance(value, Tensor)
+            out += [value if tensor else None, 0.0 if tensor else float(value)]
+        else:
+            out.append(value)
+    return out
+
+
+def from_op_args(args) -> HeadOptions:
+    """The inverse of :func:`to_op_args`."""
+    values: dict[tuple[str, ...], object] = {}
+    i = 0
+    for path, kinds in _LEAVES:
+        value = args[i] if len(kinds) == 1 or args[i] is not None else args[i + 1]
+        values[path] = tuple(value) if isinstance(value, list) else value
+        i += len(kinds)
+    return _build(HeadOptions, values)
+
+
+def _build(cls, values: dict, prefix: tuple[str, ...] = ()):
+    kw = {}
+    for f in dataclasses.fields(cls):
+        kind, path = _hints(cls)[f.name], prefix + (f.name,)
+        kw[f.name] = _build(kind, values, path) if dataclasses.is_dataclass(kind) else values[path]
+    return cls(**kw)
 
 
 @contextlib.contextmanager
@@ -114,7 +186,6 @@ def dpo_head_impl(
     ref_hidden: Tensor | None,
     ref_weight: Tensor | None,
     ref_scores: Tensor | None,
-    bco_delta: Tensor | None,
     opts: HeadOptions,
     need_hidden: bool,
     need_weight: bool,
@@ -124,7 +195,7 @@ def dpo_head_impl(
     b = n2 // 2
     dev = hidden.device
     plan = chunks.plan_rows(mask)  # the step's one host sync
-    fold = chunks.FOLDS[opts.fold]
+    fold = chunks.FOLDS[opts.impl]
     chunk_bytes = opts.chunk_bytes or chunks.chunk_bytes(dev)
     y = plan.take(targets).long()
     if ref_hidden is not None:
@@ -133,7 +204,7 @@ def dpo_head_impl(
         ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
     elif ref_scores is None:  # reference-free: a zero reference
         ref_scores = torch.zeros(n2, dtype=torch.float32, device=dev)
-    cfg = opts.loss_config(bco_delta)
+    cfg = opts.loss
     h = plan.take(hidden)
     hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
 
@@ -227,43 +298,18 @@ def dpo_head_impl(
 # ----------------------------------------------------------------------------- custom op
 
 
-@torch.library.custom_op("fastdpo::dpo_head", mutates_args=())
-def _dpo_head_op(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    count: Tensor,
-    ref_hidden: Tensor | None,
-    ref_weight: Tensor | None,
-    ref_scores: Tensor | None,
-    bco_delta: Tensor | None,
-    fold: str,
-    scale: float | None,
-    ref_scale: float | None,
-    reduction: str,
-    loss_type: str,
-    beta: float,
-    label_smoothing: float,
-    loss_weights: List[float],  # typing.List: torch < 2.7 takes no builtin list[float] here
-    gamma: float,
-    bco_delta_value: float,
-    count_hits: bool,
-    chunk_bytes: int,
-    group_bytes: int,
-    need_hidden: bool,
-    need_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # loss_type: the names joined by "," (a schema takes no list of strings)
-    opts = HeadOptions(fold, scale, ref_scale, reduction, tuple(loss_type.split(",")), beta, label_smoothing,
-                       tuple(loss_weights), gamma, bco_delta_value, count_hits, chunk_bytes, group_bytes)
+def _dpo_head_body(*args) -> tuple[Tensor, ...]:
+    tensors, options, (need_hidden, need_weight) = args[:8], args[8:-2], args[-2:]
+    hidden, weight, *_, ref_scores = tensors
     loss, sums, ref, hits, grad_h, grad_w = dpo_head_impl(
-        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, opts,
-        need_hidden, need_weight,
+        *tensors, from_op_args(options), need_hidden, need_weight
     )
     if ref_scores is not None and ref is ref_scores:
         ref = ref.clone()  # a custom op's outputs may not alias its inputs or each other
     return loss, sums, ref, hits, _or_empty(grad_h, hidden), _or_empty(grad_w, hidden)
+
+
+_dpo_head_op = torch.library.custom_op("fastdpo::dpo_head", _dpo_head_body, mutates_args=(), schema=op_schema())
 
 
 def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
@@ -271,9 +317,10 @@ def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
 
 
 @_dpo_head_op.register_fake
-def _(hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, fold, scale, ref_scale,
-      reduction, loss_type, beta, label_smoothing, loss_weights, gamma, bco_delta_value, count_hits, chunk_bytes,
-      group_bytes, need_hidden, need_weight):
+def _(*args):
+    hidden, weight = args[:2]
+    count_hits = from_op_args(args[8:-2]).count_hits
+    need_hidden, need_weight = args[-2:]
     n2 = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (
@@ -292,6 +339,7 @@ def _setup_context(ctx, inputs, output):
     # after backward(retain_graph=True) sees them again) and frees them with the graph.
     ctx.save_for_backward(output[4], output[5])
     ctx.need = (need_hidden, need_weight)
+    ctx.inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
     # tensor the size of the logits, or of the head weight, per step otherwise).
@@ -301,12 +349,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *_):
     grad_h, grad_w = ctx.saved_tensors
     need_hidden, need_weight = ctx.need
+    rest = (None,) * (ctx.inputs - 2)
     if grad_loss is None:  # the loss took no part in what is differentiated
-        return (None,) * 24
+        return (None, None) + rest
     # A new tensor even when grad_loss is 1: autograd may accumulate into what it is given.
     grad_h = grad_h * grad_loss if need_hidden and ctx.needs_input_grad[0] else None
     grad_w = grad_w * grad_loss if need_weight and ctx.needs_input_grad[1] else None
-    return (grad_h, grad_w) + (None,) * 22
+    return (grad_h, grad_w) + rest
 
 
 _dpo_head_op.register_autograd(_backward, setup_context=_setup_context)
@@ -323,7 +372,6 @@ def dpo_head(
     ref_hidden: Tensor | None = None,
     ref_weight: Tensor | None = None,
     ref_scores: Tensor | None = None,
-    bco_delta: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mean DPO loss over pairs of the policy's hidden states, with the head's gradients made
     in forward; also the reference's scores when its hidden states are given.
@@ -334,12 +382,12 @@ def dpo_head(
         weight: (V, D) the policy's head weight, hidden's dtype.
         targets: (2B, T) int64 ids, mask: (2B, T) bool (True = the position is scored),
             count: (2B,) float scored-token counts (clamped, as the DPO module makes them).
-        opts: :class:`HeadOptions` (fold, scales, the loss, budgets).
+        opts: :class:`HeadOptions` (impl, scales, the loss -- a tensor ``bco_delta`` in it
+            travels as a tensor --, budgets).
         ref_hidden, ref_weight: the reference model's hidden states and head weight, scored
             with the same row plan (the step's one host sync); or
         ref_scores: (2B,) precomputed reference scores in ``opts.reduction``; with neither, a
             zero reference.
-        bco_delta: a tensor ``bco_delta`` (0-D or (B,)), if the loss has one.
 
     Returns:
         (loss scalar, policy summed log-probs (2B,) float32, reference scores (2B,) float32,
@@ -360,26 +408,20 @@ def dpo_head(
             raise ValueError(f"ref_hidden must be ({n2}, T, D') like hidden, got {tuple(ref_hidden.shape)}")
     if ref_scores is not None and (ref_scores.shape != (n2,) or ref_scores.dtype != torch.float32):
         raise ValueError(f"ref_scores must be a float32 ({n2},) tensor, got {ref_scores.dtype} {tuple(ref_scores.shape)}")
-    _checks.choice("opts.fold", opts.fold, tuple(chunks.FOLDS))
+    _checks.choice("opts.impl", opts.impl, tuple(chunks.FOLDS))
     _checks.choice("opts.reduction", opts.reduction, ("mean", "sum"))
-    return call_dpo_head(
-        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta,
-        fold=opts.fold, scale=opts.scale, ref_scale=opts.ref_scale, reduction=opts.reduction,
-        loss_type=",".join(opts.loss_type), beta=opts.beta, label_smoothing=opts.label_smoothing,
-        loss_weights=opts.loss_weights, gamma=opts.gamma, bco_delta_value=opts.bco_delta,
-        count_hits=opts.count_hits, chunk_bytes=opts.chunk_bytes, group_bytes=opts.group_bytes,
-    )
+    return run_dpo_head(hidden, weight, targets, mask, count, opts, ref_hidden, ref_weight, ref_scores)
 
 
-def call_dpo_head(
-    hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta, **options
+def run_dpo_head(
+    hidden, weight, targets, mask, count, opts: HeadOptions, ref_hidden=None, ref_weight=None, ref_scores=None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The op on checked inputs, with :class:`HeadOptions`' fields as keywords (what
-    :class:`fastdpo.DPO` calls: plain constants, so ``torch.compile`` traces through it)."""
+    """The op on checked inputs (what :class:`fastdpo.DPO` calls; ``torch.compile`` traces
+    through it to the one opaque op)."""
     need_hidden = torch.is_grad_enabled() and hidden.requires_grad
     need_weight = torch.is_grad_enabled() and weight.requires_grad
     loss, sums, ref, hits, _, _ = _dpo_head_op(
-        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores, bco_delta,
-        **options, need_hidden=need_hidden, need_weight=need_weight,
+        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores,
+        *to_op_args(opts), need_hidden, need_weight,
     )
     return loss, sums, ref, hits

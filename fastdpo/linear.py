@@ -251,6 +251,14 @@ def linear_sequence_logprobs(
     """
     targets, mask, scale = check_linear_inputs(hidden, weight, targets, mask, scale)
     which = resolve_impl(impl, hidden.device)
-    who = resolve_matmul(matmul, which, weight)
-    scores, _ = _linear_op(hidden, weight, targets, mask, scale, which, who)
+    return run_linear(hidden, weight, targets, mask, scale, which, resolve_matmul(matmul, which, weight))
+
+
+def run_linear(
+    hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, scale: float | None, impl: str, matmul: str
+) -> Tensor:
+    """The op with ``impl`` and ``matmul`` already resolved, on inputs whose shapes, dtypes and
+    devices (and token range) are already checked: what :class:`fastdpo.scoring.Scorer`
+    calls."""
+    scores, _ = _linear_op(hidden, weight, targets.long(), mask, scale, impl, matmul)
     return scores

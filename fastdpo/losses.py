@@ -95,11 +95,8 @@ def dpo_loss(
 
 @dataclass(frozen=True)
 class LossConfig:
-    """A checked, normalized loss configuration (see :func:`check_loss_config`).
-
-    Field names are :func:`preference_loss`'s keyword arguments, so
-    ``preference_loss(pc, pr, rc, rr, **cfg.kwargs())`` runs the configured loss.
-    """
+    """A checked, normalized loss configuration (see :func:`check_loss_config`); its field
+    names are :func:`preference_loss`'s keyword arguments."""
 
     loss_type: tuple[str, ...]
     beta: float
@@ -117,17 +114,6 @@ class LossConfig:
     def needs_lengths(self) -> bool:
         """True when ``chosen_lengths``/``rejected_lengths`` must be passed (``sigmoid_norm``)."""
         return any(t in _NEEDS_LENGTHS for t in self.loss_type)
-
-    def kwargs(self) -> dict:
-        """The fields as :func:`preference_loss` keyword arguments (a shallow dict)."""
-        return {
-            "loss_type": self.loss_type,
-            "beta": self.beta,
-            "label_smoothing": self.label_smoothing,
-            "loss_weights": self.loss_weights,
-            "gamma": self.gamma,
-            "bco_delta": self.bco_delta,
-        }
 
 
 def _interval(lo: float, lo_in: bool, hi: float, hi_in: bool) -> str:

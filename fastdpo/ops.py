@@ -277,7 +277,7 @@ def sequence_logprobs(
     """
     targets, mask = check_logprob_inputs(logits, targets, mask)
     which = resolve_impl(impl, logits.device)
-    if which == "torch" and logits.numel() <= SMALL_ELEMENTS and not torch.compiler.is_compiling():
+    if which == "torch" and is_small(logits.numel()):
         return _small_logprobs(logits, targets, mask)
     _check_range(targets, mask, logits.shape[-1], which)
     inplace = inplace_backward and _can_overwrite(logits, which)
@@ -289,6 +289,13 @@ def sequence_logprobs(
 # call is dispatch, not arithmetic, and the custom op's machinery (its wrappers, the box plan)
 # would cost several times the work.  The memory the plain ops keep is as small.
 SMALL_ELEMENTS = 1 << 16
+
+
+def is_small(logits_numel: int) -> bool:
+    """Whether logits of this many elements take the plain ops on the torch path (eagerly: a
+    compiled graph keeps the op).  :class:`fastdpo.scoring.Scorer` asks it of a fused head's
+    step too, which then builds its logits and scores them here."""
+    return logits_numel <= SMALL_ELEMENTS and not torch.compiler.is_compiling()
 
 
 def _small_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:

@@ -8,18 +8,20 @@ causal model whose positions come from the ``pos`` it is given, every token then
 what it sees in its own unpacked sequence, so the hidden states -- and the scores -- are the
 unpacked ones (to float rounding), while the prompt runs once instead of twice.
 
-:func:`pack` builds the layout; :func:`check_model` says which models (x-transformers
-``TransformerWrapper``s, Hugging Face causal LMs) can run it; :func:`run_packed` runs one; the hidden states of the unpacked ``(2B, L-1)`` rows are then
-gathered back (:attr:`Packed.rows`) and scored as usual.
+:func:`pack` builds the layout; a model's adapter (:mod:`fastdpo.models`) says whether it can
+run one (``adapter.packing()``) and runs it (its positions and mask as the family's forward
+takes them, :meth:`Packed.additive_mask`); :func:`run` gathers the hidden states of the unpacked
+``(2B, L-1)`` rows back (:attr:`Packed.rows`), which are then scored as usual.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .models import ModelAdapter, eval_mode
 
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
@@ -33,6 +35,14 @@ class Packed:
     attn_mask: Tensor  # (B, 1, T, T) bool, True = may attend (the model adds causality)
     rows: Tensor  # (2B, L-1) index into the (B*T) packed positions of each unpacked input position
     length: int  # T
+
+    def additive_mask(self, dtype: torch.dtype) -> Tensor:
+        """The mask with causality in it, as a (B, 1, T, T) additive bias: 0 where a token may
+        attend, the dtype's lowest value where it may not (how both families take it)."""
+        t, device = self.length, self.tokens.device
+        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        bias = torch.zeros(self.attn_mask.shape, dtype=dtype, device=device)
+        return bias.masked_fill_(~(self.attn_mask & causal), torch.finfo(dtype).min)
 
     @property
     def shared_fraction(self) -> float:
@@ -107,112 +117,34 @@ def pack(
     return Packed(tokens, src_pos, attn_mask, torch.cat((chosen_rows, rejected_rows)), t_len)
 
 
-def check_model(model: nn.Module) -> str:
-    """Why ``model`` (seen through torch.compile and peft) cannot run packed pairs; "" when
-    nothing known stands in the way (:func:`fastdpo.dpo.DPO` then checks the hidden states of
-    one pair, packed against unpacked, on its first call)."""
-    from x_transformers.x_transformers import (
-        AbsolutePositionalEmbedding,
-        AlibiPositionalBias,
-        ScaledSinusoidalEmbedding,
-        TransformerWrapper,
-    )
+def run(adapter: ModelAdapter, packed: Packed, *, hidden: bool) -> Tensor:
+    """The model's (2B, L-1, D) hidden states (``hidden``) or (2B, L-1, V) logits of the
+    unpacked input rows, computed on the packed layout and gathered back."""
+    out = adapter.hidden(packed.tokens, packed) if hidden else adapter.logits(packed.tokens, packed)
+    return out.reshape(-1, out.shape[-1])[packed.rows]
 
-    from . import hf
 
-    lm = hf.causal_lm(model)
-    if lm is not None:
-        return _check_hf(lm)
-    model = hf.inner_model(model)
-    if not isinstance(model, TransformerWrapper):
-        return f"the model is a {type(model).__name__}, not a TransformerWrapper"
-    layers = model.attn_layers
-    checks = [
-        (not getattr(layers, "causal", False), "its attention layers are not causal"),
-        (getattr(model, "num_memory_tokens", 0) > 0, "it has memory tokens"),
-        (getattr(model, "max_mem_len", 0) > 0 or getattr(model, "shift_mem_down", 0), "it is recurrent (memories)"),
-        (getattr(model, "cls_token", None) is not None, "it uses cls tokens"),
-        (getattr(model, "looped", False) or getattr(model, "recycling", False), "it is looped or recycling"),
-        (getattr(layers, "rel_pos", None) is not None and not isinstance(layers.rel_pos, AlibiPositionalBias),
-         f"its {type(getattr(layers, 'rel_pos', None)).__name__} takes no custom positions"),
-        (getattr(layers, "rotary_pos_emb", None) is not None and getattr(layers.rotary_pos_emb, "scale", None) is not None,
-         "its rotary xpos scales with the largest position"),
-        (getattr(layers, "data_dependent_alibi", None) is not None, "its data-dependent ALiBi runs along the sequence"),
-    ]
-    for bad, why in checks:
-        if bad:
-            return why
-    uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or getattr(layers, "rel_pos", None) is not None
-    if uses_pos and isinstance(model.pos_emb, AbsolutePositionalEmbedding):
-        return (
-            f"it adds an absolute positional embedding (max_seq_len {model.pos_emb.max_seq_len}) to its "
-            f"{'rotary' if layers.rotary_pos_emb is not None else 'ALiBi'} positions: both take the same "
-            f"positions, and a packed pair can be longer than max_seq_len"
+@torch.no_grad()
+def check_first_pair(
+    adapter: ModelAdapter, preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
+    pref_mask: Tensor | None, unpref_mask: Tensor | None,
+) -> None:
+    """The model's hidden states of the first pair, packed and unpacked (eval mode), must agree
+    to float rounding; else raise with what differs.  Catches what no rule of the adapter's
+    :meth:`~fastdpo.models.ModelAdapter.packing` names (token shift, say)."""
+    one = slice(0, 1)
+    masks = [m[one] if m is not None else None for m in (pref_mask, unpref_mask)]
+    pk = pack(preferred[one], unpreferred[one], prompt_mask[one], *masks)
+    src = torch.cat((preferred[one], unpreferred[one]))[:, :-1]
+    with eval_mode(adapter.model):
+        got = run(adapter, pk, hidden=True).float()
+        want = adapter.hidden(src).float()
+    real = torch.cat([m if m is not None else torch.ones_like(prompt_mask[one]) for m in masks])[:, :-1]
+    err = ((got - want)[real].abs().max() / want[real].abs().max().clamp(min=1e-30)).item()
+    tol = 1e-3 if want.dtype == torch.float32 and got.dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        raise ValueError(
+            f"share_prompt=True but this model's hidden states change when a pair is packed "
+            f"(relative difference {err:.3g} > {tol:g} on the first pair): a feature of the "
+            f"model depends on where tokens sit in the sequence beyond their positions"
         )
-    if not isinstance(model.pos_emb, (AbsolutePositionalEmbedding, ScaledSinusoidalEmbedding)):
-        if not (callable(model.pos_emb) and not isinstance(model.pos_emb, nn.Module)):  # always(0)
-            return f"its positional embedding is a {type(model.pos_emb).__name__}"
-    return ""
-
-
-def _check_hf(lm: nn.Module) -> str:
-    """Why a Hugging Face causal LM cannot run packed pairs ("" when it can): it takes the mask
-    as a 4-D additive ``attention_mask`` (used as it is, since transformers 4.44) and the
-    positions as ``position_ids``."""
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
-    impl = getattr(config, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
-    if impl not in ("eager", "sdpa"):
-        return f"its attention implementation {impl!r} takes no 4-D mask (use 'sdpa' or 'eager')"
-    window = getattr(config, "sliding_window", None)
-    if window is not None and getattr(config, "use_sliding_window", True):
-        return f"it uses sliding-window attention (sliding_window={window}), which a 4-D mask would replace"
-    params = inspect.signature(lm.forward).parameters
-    if "attention_mask" not in params or "position_ids" not in params:
-        return "its forward takes no attention_mask and position_ids"
-    return ""
-
-
-def _additive_mask(packed: Packed, dtype: torch.dtype) -> Tensor:
-    """The packed mask with causality in it, as a (B, 1, T, T) additive bias: 0 where a token
-    may attend, the dtype's lowest value where it may not."""
-    t = packed.length
-    causal = torch.ones(t, t, dtype=torch.bool, device=packed.tokens.device).tril()
-    bias = torch.zeros(packed.attn_mask.shape, dtype=dtype, device=packed.tokens.device)
-    return bias.masked_fill_(~(packed.attn_mask & causal), torch.finfo(dtype).min)
-
-
-def run_packed(model: nn.Module, packed: Packed, *, embeddings: bool = True) -> Tensor:
-    """A model's (B, T, D) hidden states (``embeddings``) or (B, T, V) logits of a packed batch.
-
-    Hugging Face: the mask as a 4-D additive ``attention_mask``, the positions as
-    ``position_ids`` (:func:`fastdpo.hf.hidden_states` for the hidden states).  x-transformers:
-    positions reach the model as ``pos``: long positions where its attention layers use them
-    (rotary, ALiBi); as the absolute positional embedding itself (its own module, applied to
-    the positions) where only that uses them, which also lifts its ``max_seq_len`` bound on
-    the packed length.
-    """
-    from . import hf
-
-    lm = hf.causal_lm(model)
-    if lm is not None:
-        kw = dict(attention_mask=_additive_mask(packed, next(lm.parameters()).dtype), position_ids=packed.pos)
-        return hf.hidden_states(model, packed.tokens, **kw) if embeddings else hf.logits(model, packed.tokens, **kw)
-    inner = hf.inner_model(model)
-    layers = inner.attn_layers
-    uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or getattr(layers, "rel_pos", None) is not None
-    callee = hf.module_to_call(model)
-    if uses_pos or not isinstance(inner.pos_emb, nn.Module):
-        pos = packed.pos
-    else:  # the embedding of the positions, by the model's own module (on flat positions:
-        # the sinusoidal one takes no batch of them), which also lifts max_seq_len's bound
-        flat = inner.pos_emb(packed.tokens[:, :1], pos=packed.pos.reshape(-1))
-        pos = flat.reshape(*packed.pos.shape, flat.shape[-1])
-    if getattr(layers, "rel_pos", None) is None:
-        # the mask as an additive bias with causality in it, the model's own causal mask off:
-        # one pass over each layer's scores, as the unpacked model's causal mask makes
-        # (x-transformers' boolean attn_mask costs three: two masked_fills and a post-softmax one)
-        bias = _additive_mask(packed, next(inner.parameters()).dtype)
-        out = callee(packed.tokens, return_embeddings=embeddings, pos=pos, attn_bias=bias, causal=False)
-    else:  # ALiBi makes its own attn_bias: the boolean mask
-        out = callee(packed.tokens, return_embeddings=embeddings, pos=pos, attn_mask=packed.attn_mask)
-    return out if embeddings else hf.logits_of(out)

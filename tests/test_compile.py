@@ -127,6 +127,9 @@ def test_linear_custom_op_passes_opcheck():
 
 
 def test_dpo_head_custom_op_passes_opcheck():
+    from fastdpo import check_loss_config
+    from fastdpo.fused_pair import HeadOptions, to_op_args
+
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
     weight = torch.randn(13, 8, generator=g, requires_grad=True)
@@ -135,8 +138,38 @@ def test_dpo_head_custom_op_passes_opcheck():
     count = mask.sum(-1).clamp(min=1e-5).float()
     ref_hidden = torch.randn(4, 5, 8, generator=g)
     op = torch.ops.fastdpo.dpo_head.default
-    options = ("torch", None, None, "mean", "sigmoid", 0.1, 0.0, [1.0], 0.5, 0.0, True, 0, 0)
+    losses = (check_loss_config("sigmoid", 0.1), check_loss_config(["ipo", "bco_pair"], 0.2, bco_delta=torch.randn(2, generator=g)))
     for fold in ("torch", "triton"):
-        opts = (fold, *options[1:])
-        torch.library.opcheck(op, (hidden, weight, targets, mask, count, ref_hidden, weight.detach(), None, None, *opts, True, True))
-        torch.library.opcheck(op, (hidden, weight, targets, mask, count, None, None, torch.randn(4), None, *opts, False, False))
+        for loss in losses:
+            opts = to_op_args(HeadOptions(impl=fold, scale=None, ref_scale=0.5, reduction="mean", loss=loss, count_hits=True))
+            torch.library.opcheck(op, (hidden, weight, targets, mask, count, ref_hidden, weight.detach(), None, *opts, True, True))
+            torch.library.opcheck(op, (hidden, weight, targets, mask, count, None, None, torch.randn(4), *opts, False, False))
+
+
+def test_dpo_head_schema_is_derived_from_head_options():
+    """The op's option arguments are HeadOptions' leaves (LossConfig nested as ``loss``), in
+    declaration order, and convert both ways without loss."""
+    import dataclasses
+
+    from fastdpo import check_loss_config
+    from fastdpo.fused_pair import HeadOptions, from_op_args, to_op_args
+    from fastdpo.losses import LossConfig
+
+    leaves = []
+    for f in dataclasses.fields(HeadOptions):
+        leaves += [g.name for g in dataclasses.fields(LossConfig)] if f.name == "loss" else [f.name]
+    names = [a.name for a in torch.ops.fastdpo.dpo_head.default._schema.arguments]
+    tensors = ["hidden", "weight", "targets", "mask", "count", "ref_hidden", "ref_weight", "ref_scores"]
+    expected = tensors + [x for leaf in leaves for x in ((leaf, leaf + "_value") if leaf == "bco_delta" else (leaf,))]
+    assert names == expected + ["need_hidden", "need_weight"]
+    delta = torch.tensor([0.3, -0.1])
+    for loss in (check_loss_config(["sigmoid", "ipo"], 0.3, 0.1, [1.0, 2.0]), check_loss_config("bco_pair", bco_delta=delta),
+                 check_loss_config("bco_pair", bco_delta=0.25)):
+        opts = HeadOptions(impl="triton", scale=0.5, ref_scale=None, reduction="sum", loss=loss, count_hits=True,
+                           chunk_bytes=123, group_bytes=456)
+        back = from_op_args(to_op_args(opts))
+        assert back.loss.bco_delta is loss.bco_delta or back.loss.bco_delta == loss.bco_delta
+        assert dataclasses.replace(back, loss=dataclasses.replace(back.loss, bco_delta=0)) == dataclasses.replace(
+            opts, loss=dataclasses.replace(loss, bco_delta=0))
+    with pytest.raises(ValueError, match="couples the pairs"):
+        to_op_args(dataclasses.replace(opts, loss=check_loss_config("bco_pair", bco_delta="batch")))

@@ -87,6 +87,7 @@ CONFIGS = [
 def routes(monkeypatch):
     """Counts which route DPO took: the fused head or the logits."""
     import fastdpo.dpo as dpo_module
+    import fastdpo.ops as ops_module
 
     seen = {"fused": 0, "logits": 0}
 
@@ -97,8 +98,8 @@ def routes(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(dpo_module, "call_dpo_head", spy("fused", dpo_module.call_dpo_head))
-    monkeypatch.setattr(dpo_module, "sequence_logprobs", spy("logits", dpo_module.sequence_logprobs))
+    monkeypatch.setattr(dpo_module, "run_dpo_head", spy("fused", dpo_module.run_dpo_head))
+    monkeypatch.setattr(ops_module, "sequence_logprobs", spy("logits", ops_module.sequence_logprobs))
     return seen
 
 

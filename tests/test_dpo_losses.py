@@ -76,7 +76,7 @@ def test_every_loss_through_dpo(case, head):
     else:
         ref = torch.zeros_like(pol)
     lengths = dict(chosen_lengths=count[:B], rejected_lengths=count[B:]) if reduction == "sum" else {}
-    expected = preference_loss(pol[:B], pol[B:], ref[:B], ref[B:], **dpo.loss.kwargs(), **lengths).mean()
+    expected = preference_loss(pol[:B], pol[B:], ref[:B], ref[B:], **{f: getattr(dpo.loss, f) for f in ('loss_type', 'beta', 'label_smoothing', 'loss_weights', 'gamma', 'bco_delta')}, **lengths).mean()
     expected.backward()
     assert abs(loss.item() - expected.item()) <= 2e-6 * max(1.0, abs(expected.item()))
     for (n, a), (_, b) in zip(dpo.policy_model.named_parameters(), twin.policy_model.named_parameters()):

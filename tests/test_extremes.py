@@ -425,10 +425,10 @@ def test_linear_nan_in_counted_row_gives_nan(impl):
 def _head(fold, hidden, weight, targets, mask, upstream_pairs=None):
     """(loss, policy sums, d hidden, d weight) of dpo_head with every group's logits kept (the
     torch fold turns them into probabilities in place)."""
+    from fastdpo import check_loss_config
     from fastdpo.fused_pair import HeadOptions, dpo_head
 
-    opts = HeadOptions(fold=fold, scale=None, ref_scale=None, reduction="sum", loss_type=("sigmoid",), beta=0.5,
-                       label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False,
+    opts = HeadOptions(impl=fold, scale=None, ref_scale=None, reduction="sum", loss=check_loss_config("sigmoid", 0.5),
                        group_bytes=1 << 30)
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     count = mask.sum(-1).clamp(min=1e-5).float()
@@ -489,10 +489,10 @@ def test_dpo_head_non_finite_logits(fold):
 
 
 def _sums_only(fold, hidden, weight, targets, mask):
+    from fastdpo import check_loss_config
     from fastdpo.fused_pair import HeadOptions, dpo_head
 
-    opts = HeadOptions(fold=fold, scale=None, ref_scale=None, reduction="sum", loss_type=("sigmoid",), beta=0.5,
-                       label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False)
+    opts = HeadOptions(impl=fold, scale=None, ref_scale=None, reduction="sum", loss=check_loss_config("sigmoid", 0.5))
     count = mask.sum(-1).clamp(min=1e-5).float()
     h = hidden.clone().requires_grad_()  # the gradient path: pass 1 keeps (torch: probabilities)
     _, sums, _, _ = dpo_head(h, weight, targets, mask, count, opts, ref_scores=torch.zeros(hidden.shape[0]))

@@ -23,7 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from fastdpo import DPO, hf  # noqa: E402
+from fastdpo import DPO  # noqa: E402
+from fastdpo.models import hf  # noqa: E402
 from tests.helpers import rel_err  # noqa: E402
 
 V = 97  # odd, not a multiple of any block
@@ -32,7 +33,7 @@ COMMON = dict(
     vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
-# One tiny config per class of fastdpo.hf.HEAD_RULES (a test checks the two lists agree), plus
+# One tiny config per class of fastdpo.models.hf.HEAD_RULES (a test checks the two lists agree), plus
 # the variants the issue names.  Softcaps off here: the cap is a fallback (tested below).
 CONFIGS = {
     "LlamaForCausalLM": ("LlamaConfig", {}),
@@ -498,7 +499,7 @@ def test_a_head_swapped_in_after_the_first_call_is_the_one_skipped():
     with torch.no_grad():
         new.weight.copy_(model.lm_head.weight * 1.5)
     model.lm_head = new
-    dpo._routes.clear()  # (the route holds the head it found; a new head is a new route)
+    dpo.scorer.routes.clear()  # (the route holds the head it found; a new head is a new route)
     calls = []
     new.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[-2]))
     perturb(model)

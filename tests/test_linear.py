@@ -21,7 +21,8 @@ from x_transformers.dpo import DPO as XDPO
 import fastdpo.chunks as chunks
 from fastdpo import DPO, linear_sequence_logprobs
 from fastdpo.fused_pair import HeadOptions, dpo_head
-from fastdpo.heads import find_linear_head
+from fastdpo.losses import check_loss_config
+from fastdpo.models import adapter_for
 
 from helpers import reference_logprobs, rel_err, three_way
 
@@ -197,8 +198,7 @@ def test_pair_groups_agree(group_bytes, fold):
     ref_hidden = torch.randn(2 * b, t, d, generator=torch.Generator().manual_seed(9))
     ref_weight = weight + 0.1 * torch.randn(v, d, generator=torch.Generator().manual_seed(10))
     budget = {"pair": 4 * v * 2 * t, "all": 1 << 30, "partial": 4 * v * 6, "too_small": 4 * v}[group_bytes]
-    opts = HeadOptions(fold=fold, scale=0.37, ref_scale=0.37, reduction="mean", loss_type=("sigmoid",), beta=0.5,
-                       label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False,
+    opts = HeadOptions(impl=fold, scale=0.37, ref_scale=0.37, reduction="mean", loss=check_loss_config("sigmoid", 0.5),
                        chunk_bytes=4 * v * 4, group_bytes=budget)
     count = mask.sum(-1).clamp(min=1e-5)
 
@@ -275,16 +275,16 @@ FALLBACKS = {
 
 
 def test_fusable_heads_are_found():
-    head, why = find_linear_head(wrapper())
+    head, why = adapter_for(wrapper()).head()
     assert head is not None and head.scale is None and why == ""
-    tied, _ = find_linear_head(wrapper(tie_embedding=True))
+    tied, _ = adapter_for(wrapper(tie_embedding=True)).head()
     assert tied is not None and tied.scale == pytest.approx(16**-0.5)
 
 
 @pytest.mark.parametrize("name", FALLBACKS)
 def test_fallback_triggers(name):
     make, reason = FALLBACKS[name]
-    head, why = find_linear_head(make())
+    head, why = adapter_for(make()).head()
     assert head is None and reason in why
     with pytest.raises(ValueError, match=reason):
         DPO(make(), head="fused")
@@ -416,7 +416,7 @@ def test_pair_fusion_multiplies_each_counted_row_once_per_model(fold, monkeypatc
     g = torch.Generator().manual_seed(3)
     pref, unpref = torch.randint(0, v, (b, l), generator=g), torch.randint(0, v, (b, l), generator=g)
     pm = torch.arange(l)[None] < torch.tensor([[3], [5], [2]])
-    m = int(dpo._batch(pref, unpref, pm, None, None)[2].sum())
+    m = int(dpo._batch(pref, unpref, pm, None, None).mask.sum())
     rows = []
     real = chunks.logits_into
     monkeypatch.setattr(chunks, "logits_into", lambda out, h, w, s: rows.append(h.shape[0]) or real(out, h, w, s))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -374,7 +376,7 @@ def test_config_round_trip():
     assert check_loss_config("ipo").loss_weights == (1.0,)
     assert not check_loss_config("ipo").needs_lengths
     scores, nw, nl, _ = make_inputs(2, lengths=True)
-    a = preference_loss(*scores, **cfg.kwargs(), chosen_lengths=nw, rejected_lengths=nl)
+    a = preference_loss(*scores, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, chosen_lengths=nw, rejected_lengths=nl)
     b = preference_loss(*scores, loss_type=["sigmoid", "sigmoid_norm"], beta=0.2,
                         label_smoothing=0.1, loss_weights=[1, 3], gamma=0.0,
                         chosen_lengths=nw, rejected_lengths=nl)

@@ -108,8 +108,8 @@ def test_dpo_small_step_builds_tiny_logits_and_matches_x_transformers(tie, monke
     from helpers import rel_err
 
     fused = []
-    real = dpo_module.call_dpo_head
-    monkeypatch.setattr(dpo_module, "call_dpo_head", lambda *a, **k: fused.append(1) or real(*a, **k))
+    real = dpo_module.run_dpo_head
+    monkeypatch.setattr(dpo_module, "run_dpo_head", lambda *a, **k: fused.append(1) or real(*a, **k))
     b, l, v = 2, 12, 97  # 2B x (L-1) x V = 4268 logits per model
     x = XDPO(make_model(v, tie=tie, seed=3), beta=0.1, pad_id=0)
     ours = DPO(make_model(v, tie=tie, seed=3), beta=0.1, pad_id=0, impl="torch")
@@ -161,8 +161,8 @@ def test_dpo_small_step_threshold(monkeypatch):
     from test_dpo import make_batch, make_model
 
     fused = []
-    real = dpo_module.call_dpo_head
-    monkeypatch.setattr(dpo_module, "call_dpo_head", lambda *a, **k: fused.append(1) or real(*a, **k))
+    real = dpo_module.run_dpo_head
+    monkeypatch.setattr(dpo_module, "run_dpo_head", lambda *a, **k: fused.append(1) or real(*a, **k))
     b, l, v = 1, 9, 61
     ours = DPO(make_model(v, seed=4), impl="torch")
     pref, unpref, pm = make_batch(b, l, v, seed=2, prompt_lens=[2])

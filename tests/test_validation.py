@@ -20,6 +20,7 @@ from x_transformers import Decoder, TransformerWrapper
 from fastdpo import (
     DPO,
     PreferenceDataset,
+    check_loss_config,
     linear_sequence_logprobs,
     precompute_reference_scores,
     sequence_logprobs,
@@ -356,8 +357,7 @@ def test_linear_sequence_logprobs_strided_and_expanded():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=name)
 
 
-OPTS = HeadOptions(fold="torch", scale=None, ref_scale=None, reduction="mean", loss_type=("sigmoid",), beta=0.1,
-                   label_smoothing=0.0, loss_weights=(1.0,), gamma=0.5, bco_delta=0.0, count_hits=False)
+OPTS = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="mean", loss=check_loss_config("sigmoid", 0.1))
 
 
 def test_dpo_head_rejects():
@@ -366,8 +366,8 @@ def test_dpo_head_rejects():
         dpo_head(H[:1].expand(3, 3, 4), W, LY[:1].expand(3, 3), LM[:1].expand(3, 3), torch.ones(3), OPTS)
     with pytest.raises(ValueError, match="opts.reduction must be one of"):
         dpo_head(H, W, LY, LM, count, dataclasses.replace(OPTS, reduction="max"))
-    with pytest.raises(ValueError, match="opts.fold must be one of"):
-        dpo_head(H, W, LY, LM, count, dataclasses.replace(OPTS, fold="cuda"))
+    with pytest.raises(ValueError, match="opts.impl must be one of"):
+        dpo_head(H, W, LY, LM, count, dataclasses.replace(OPTS, impl="cuda"))
     with pytest.raises(TypeError, match=r"mask must be a torch.bool tensor \(True = the position counts\)"):
         dpo_head(H, W, LY, LM.float(), count, OPTS)
     with pytest.raises(ValueError, match="targets holds token id"):

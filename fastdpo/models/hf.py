@@ -1,4 +1,4 @@
-"""Hugging Face ``transformers`` causal LMs and ``peft`` adapters in :class:`fastdpo.DPO`.
+"""Hugging Face ``transformers`` causal LMs (and ``peft`` models around them): the adapter.
 
 Nothing here imports ``transformers`` or ``peft``: a model is recognized as one of theirs only
 when the package is already imported (whoever built the model imported it), so fastdpo works,
@@ -14,10 +14,12 @@ and imports fast, without them.
   (Cohere, Granite), cap them with a tanh (Gemma 2 and 3), add a bias.  Only the classes in
   :data:`HEAD_RULES`, whose forwards were read and whose fused scores are tested against their
   own logits, are fused; any other class takes the logits route, with the reason.
-* **PEFT.**  A ``peft`` model (LoRA, IA3, ... : adapters injected into the layers) runs as its
-  base model with the adapters active; its reference is the same model with the adapters
-  disabled (``disable_adapter()``) in eval mode, so no copy of the model is made.
-  Prompt-learning adapters (prompt/prefix tuning) change the inputs and are refused.
+* **Padding.**  The model gets no attention mask: only right padding leaves the real tokens'
+  scores unchanged (:func:`check_right_padding`).
+* **Packed pairs** go in as a 4-D additive ``attention_mask`` and ``position_ids``, for
+  ``eager`` and ``sdpa`` attention without a sliding window.
+* **PEFT** models are seen through (:mod:`fastdpo.models.wrappers`): the adapters run inside
+  the layers, the reference is the same model with them disabled.
 """
 
 from __future__ import annotations
@@ -25,48 +27,19 @@ from __future__ import annotations
 import inspect
 import sys
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .heads import LinearHead, check_weight, eval_mode, model_class, unwrap
+from .base import LinearHead, ModelAdapter, check_weight, logits_of
+from .wrappers import inner_model, model_class
+
+if TYPE_CHECKING:
+    from ..packing import Packed
 
 # -------------------------------------------------------------------------------- recognizing
-
-
-def peft_model(model: nn.Module) -> nn.Module | None:
-    """``model`` (seen through ``torch.compile``) when it is a ``peft.PeftModel``, else None."""
-    peft = sys.modules.get("peft")
-    cls = getattr(peft, "PeftModel", None) if peft is not None else None
-    inner = unwrap(model)
-    return inner if cls is not None and isinstance(inner, cls) else None
-
-
-def check_peft(model: nn.Module) -> None:
-    """Raise for the ``peft`` models DPO cannot run: prompt learning prepends virtual tokens."""
-    peft = peft_model(model)
-    if peft is not None and peft.active_peft_config.is_prompt_learning:
-        kind = type(peft.active_peft_config).__name__
-        raise ValueError(
-            f"fastdpo.DPO does not take prompt-learning peft adapters ({kind}): they prepend "
-            f"virtual tokens, so the model's outputs no longer line up with the sequences; "
-            f"use a tuner adapter (LoRA, IA3, ...)"
-        )
-
-
-def inner_model(model: nn.Module) -> nn.Module:
-    """The model under ``torch.compile`` and ``peft`` wrappers (where the head lives)."""
-    peft = peft_model(model)
-    return unwrap(peft.get_base_model()) if peft is not None else unwrap(model)
-
-
-def module_to_call(model: nn.Module) -> nn.Module:
-    """What to call for a model that is not a Hugging Face one: itself, or a peft model's base
-    model (its adapters injected into the layers), whose forward takes the base model's
-    arguments (x-transformers' ``return_embeddings``, ``pos``, ...)."""
-    return inner_model(model) if peft_model(model) is not None else model
 
 
 def causal_lm(model: nn.Module) -> nn.Module | None:
@@ -76,13 +49,6 @@ def causal_lm(model: nn.Module) -> nn.Module | None:
     cls = getattr(transformers, "PreTrainedModel", None) if transformers is not None else None
     inner = inner_model(model)
     return inner if cls is not None and isinstance(inner, cls) else None
-
-
-def vocab_rows(model: nn.Module) -> int | None:
-    """The number of token ids a Hugging Face model's input embedding accepts."""
-    lm = causal_lm(model)
-    emb = lm.get_input_embeddings() if lm is not None else None
-    return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
 
 
 # -------------------------------------------------------------------------------- heads
@@ -128,17 +94,16 @@ HEAD_RULES: dict[str, Callable[[nn.Module], tuple[float | None, str]]] = {
 }
 
 
-def find_head(model: nn.Module) -> tuple[LinearHead | None, str]:
-    """The fusable head of a Hugging Face causal LM (``causal_lm(model)`` is not None), or
+def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
+    """The fusable head of a Hugging Face causal LM ``lm`` (what :func:`causal_lm` found), or
     ``(None, reason)``."""
-    lm = causal_lm(model)
     cls = model_class(lm)
     name = cls.__name__
     rule = HEAD_RULES.get(name) if cls.__module__.startswith("transformers.models.") else None
     if rule is None:
         return None, (
             f"fastdpo has not checked the head of a {name} (the classes it fuses are "
-            f"fastdpo.hf.HEAD_RULES)"
+            f"fastdpo.models.hf.HEAD_RULES)"
         )
     head = lm.get_output_embeddings()
     if model_class(head) is not nn.Linear:
@@ -165,25 +130,6 @@ def _backbone(lm: nn.Module) -> nn.Module | None:
     if body is lm:
         body = lm.get_decoder()
     return None if body is lm else body
-
-
-def logits_of(out) -> Tensor:
-    """A model's logits: its output itself, or the output's ``.logits`` (a ``ModelOutput``)."""
-    if isinstance(out, Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(
-        f"the model must return its logits as a tensor or as an output with a .logits tensor, "
-        f"got {type(out).__name__}"
-    )
-
-
-def logits(model: nn.Module, src: Tensor, **kwargs) -> Tensor:
-    """A Hugging Face model's (N, T, V) logits of ``src``, without a key/value cache (``kwargs``:
-    more forward arguments, e.g. a packed batch's mask and positions)."""
-    return logits_of(model(input_ids=src, use_cache=False, **kwargs))
 
 
 class _Hooks:
@@ -240,9 +186,9 @@ class _Anchor(torch.autograd.Function):
         return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
-def hidden_states(model: nn.Module, src: Tensor, **kwargs) -> Tensor:
-    """What a Hugging Face causal LM feeds its ``lm_head`` for ``src``: its backbone's
-    ``last_hidden_state``.
+def hidden_states(model: nn.Module, lm: nn.Module, src: Tensor, **kwargs) -> Tensor:
+    """What a Hugging Face causal LM ``lm`` (inside ``model``, its wrappers) feeds its
+    ``lm_head`` for ``src``: its backbone's ``last_hidden_state``.
 
     The model's own forward runs (so do the hooks of whatever wraps it: FSDP2's root, peft),
     asked for the logits of no position (``logits_to_keep`` an empty index tensor); hooks on
@@ -252,7 +198,6 @@ def hidden_states(model: nn.Module, src: Tensor, **kwargs) -> Tensor:
     backbone and head are looked up at every call, so modules swapped in later are the ones
     that run.
     """
-    lm = causal_lm(model)
     body = _backbone(lm)
     if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
         return _last_hidden(body(input_ids=src, use_cache=False, **kwargs))
@@ -300,13 +245,65 @@ def check_right_padding(name: str, mask: Tensor | None) -> None:
         torch._assert_async(~hole.any(), f"{name} has padding before a real token; pad at the end")
 
 
-# -------------------------------------------------------------------------------- reference
+# -------------------------------------------------------------------------------- packing
 
 
-@contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """The reference of a ``peft`` policy: the same model, adapters off, in eval mode (every
-    module's train/eval flag is restored after)."""
-    peft = peft_model(model)
-    with eval_mode(peft), peft.disable_adapter():
-        yield model
+def packing_support(lm: nn.Module) -> str:
+    """Why a Hugging Face causal LM cannot run packed pairs ("" when it can): it takes the mask
+    as a 4-D additive ``attention_mask`` (used as it is, since transformers 4.44) and the
+    positions as ``position_ids``."""
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    impl = getattr(config, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
+    if impl not in ("eager", "sdpa"):
+        return f"its attention implementation {impl!r} takes no 4-D mask (use 'sdpa' or 'eager')"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return f"it uses sliding-window attention (sliding_window={window}), which a 4-D mask would replace"
+    params = inspect.signature(lm.forward).parameters
+    if "attention_mask" not in params or "position_ids" not in params:
+        return "its forward takes no attention_mask and position_ids"
+    return ""
+
+
+# -------------------------------------------------------------------------------- the adapter
+
+
+class HFAdapter(ModelAdapter):
+    """A ``transformers`` causal LM, or a ``torch.compile`` / ``peft`` wrapper around one."""
+
+    family = "hf"
+
+    def __init__(self, model: nn.Module, lm: nn.Module):
+        super().__init__(model)
+        self.lm = lm  # the PreTrainedModel under the wrappers
+
+    @classmethod
+    def adapt(cls, model: nn.Module) -> HFAdapter | None:
+        lm = causal_lm(model)
+        return cls(model, lm) if lm is not None else None
+
+    def head(self) -> tuple[LinearHead | None, str]:
+        return find_head(self.lm)
+
+    def vocab_size(self) -> int | None:
+        emb = self.lm.get_input_embeddings()
+        return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
+
+    def check_padding(self, name: str, mask: Tensor | None) -> None:
+        check_right_padding(name, mask)
+
+    def packing(self) -> str:
+        return packing_support(self.lm)
+
+    def _kwargs(self, layout: Packed | None) -> dict:
+        if layout is None:
+            return {}
+        return dict(
+            attention_mask=layout.additive_mask(next(self.lm.parameters()).dtype), position_ids=layout.pos
+        )
+
+    def hidden(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+        return hidden_states(self.model, self.lm, tokens, **self._kwargs(layout))
+
+    def logits(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+        return logits_of(self.model(input_ids=tokens, use_cache=False, **self._kwargs(layout)))

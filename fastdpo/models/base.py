@@ -1,0 +1,152 @@
+"""What :class:`fastdpo.DPO` asks of a model, whatever its family.
+
+A family (x-transformers, Hugging Face, ...) answers a few questions in one adapter class
+(:class:`ModelAdapter`): the head it can fuse (a plain product, :class:`LinearHead`) or why
+not, its hidden states and its logits (of a padded batch, or of a packed layout), its
+vocabulary size, the padding it accepts, whether it can run packed pairs.  ``DPO`` talks to
+adapters only; :func:`fastdpo.models.adapter_for` picks one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from .wrappers import module_to_call
+
+if TYPE_CHECKING:  # (the layout module imports nothing of this package at run time either)
+    from ..packing import Packed
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A model's output head as ``logits = hidden @ weight.T * scale`` (scale may be None).
+
+    ``weight`` is the weight when the head was found; ``owner``, when given, is the module
+    whose ``.weight`` it is, read again at each call by :func:`live_weight` (FSDP2 swaps a
+    sharded parameter for its gathered twin and back around every forward).
+    """
+
+    weight: Tensor
+    scale: float | None
+    owner: nn.Module | None = None
+
+    def logits(self, hidden: Tensor, weight: Tensor) -> Tensor:
+        """The logits the model's own head makes from ``hidden`` (product, then scale)."""
+        z = torch.nn.functional.linear(hidden, weight)
+        return z * self.scale if self.scale is not None else z
+
+
+def _is_plain(w: Tensor) -> bool:
+    return type(w) in (torch.Tensor, nn.Parameter)
+
+
+def live_weight(head: LinearHead, dtype: torch.dtype) -> Tensor:
+    """The head weight to multiply hidden states of ``dtype`` by, now.
+
+    A plain tensor is used as it is (also FSDP2's gathered parameter while its group is
+    unsharded: FSDP2 reduce-scatters its gradient itself).  A ``DTensor`` (an FSDP2 shard,
+    outside its group's forward) is gathered whole with ``full_tensor``, its gradient marked
+    ``Partial("avg")`` over every mesh dimension: backward reduce-scatters (and averages, as
+    FSDP2 does) the full gradient back into the shards, through DTensor's own autograd.  It is
+    gathered in its stored dtype (so that reduction runs in it) and cast to ``dtype`` (FSDP2's
+    ``param_dtype`` under a mixed-precision policy) after.  The gathered weight lives as long
+    as the caller holds it.
+    """
+    w = head.owner.weight if head.owner is not None else head.weight
+    if _is_plain(w):
+        return w
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(w, DTensor):  # pragma: no cover - check_weight declines these
+        raise TypeError(f"the head weight is a {type(w).__name__}, not a tensor or a DTensor")
+    if w.requires_grad and torch.is_grad_enabled():
+        full = w.full_tensor(grad_placements=[Partial("avg")] * w.device_mesh.ndim)
+    else:
+        full = w.detach().full_tensor()
+    return full.to(dtype)
+
+
+def check_weight(weight) -> str:
+    """Why a head weight cannot be used ("" when it can): a plain tensor, or a DTensor."""
+    if not isinstance(weight, torch.Tensor):
+        return f"its head weight is a {type(weight).__name__}, not a tensor"
+    if _is_plain(weight):
+        return ""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if isinstance(weight, DTensor):
+        return ""  # gathered at each call (live_weight)
+    return f"its head weight is a {type(weight).__name__}, not a plain tensor or a DTensor"
+
+
+def logits_of(out) -> Tensor:
+    """A model's logits: its output itself, or the output's ``.logits`` (a ``ModelOutput``)."""
+    if isinstance(out, Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    raise TypeError(
+        f"the model must return its logits as a tensor or as an output with a .logits tensor, "
+        f"got {type(out).__name__}"
+    )
+
+
+class ModelAdapter:
+    """One model seen by one family: the answers ``DPO`` needs.
+
+    This base class is the family of last resort: any module that maps token ids ``(N, T)``
+    to logits ``(N, T, V)`` (a tensor, or an output with ``.logits``).  It has no fusable
+    head and cannot run packed pairs.  A family subclasses it, overrides what it knows better,
+    and is listed in :data:`fastdpo.models.FAMILIES`.
+    """
+
+    family = "module"
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @classmethod
+    def adapt(cls, model: nn.Module) -> ModelAdapter | None:
+        """This family's adapter of ``model`` (seen through its wrappers), or None when the
+        family does not know it."""
+        return cls(model)
+
+    def head(self) -> tuple[LinearHead | None, str]:
+        """``(head, "")`` when the model's logits are ``hidden @ head.weight.T * head.scale``
+        and :meth:`hidden` gives that ``hidden``; else ``(None, why not)``."""
+        return None, (
+            f"the model is a {type(self.model).__name__}, not a TransformerWrapper or a Hugging "
+            f"Face causal LM"
+        )
+
+    def hidden(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+        """(N, T, D): what the head consumes, for ``tokens`` (N, T) -- a padded batch, or the
+        rows of a packed ``layout`` (``tokens`` is then ``layout.tokens``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no fusable head")
+
+    def logits(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+        """(N, T, V): the model's logits for ``tokens`` (as :meth:`hidden`)."""
+        if layout is not None:
+            raise NotImplementedError(f"{type(self).__name__} cannot run a packed layout")
+        return logits_of(module_to_call(self.model)(tokens))
+
+    def vocab_size(self) -> int | None:
+        """The number of token ids the model accepts (None when unknown: not checked)."""
+        n = getattr(self.model, "num_tokens", None)
+        return n if isinstance(n, int) else None
+
+    def check_padding(self, name: str, mask: Tensor | None) -> None:
+        """Raise when the padding in ``mask`` (True = a real token) would change the scores of
+        the real tokens.  The base family gets no attention mask and takes any padding."""
+
+    def packing(self) -> str:
+        """Why the model cannot run packed pairs (:mod:`fastdpo.packing`); "" when nothing
+        known stands in the way (the first packed call then checks one pair)."""
+        return f"fastdpo does not know how to run a {type(self.model).__name__} on packed pairs"

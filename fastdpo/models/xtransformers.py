@@ -1,0 +1,157 @@
+"""x-transformers' ``TransformerWrapper`` (2.31.x): its head, hidden states and packed runs.
+
+* **Head.**  Fusable heads are a bias-free ``nn.Linear`` ``to_logits`` and the tied embedding
+  ``(t @ token_emb.emb.weight.t()) * tie_embedding_scale`` (the lambda x-transformers' own
+  ``__init__`` makes, recognized by its code object and its closure over this model), on a
+  model whose ``return_embeddings=True`` output is exactly what that head consumes.
+* **Hidden states** are ``model(src, return_embeddings=True)``; logits ``model(src)``.
+* **Padding** is x-transformers' own: no attention mask, no check (as its DPO).
+* **Packed pairs** reach the model as ``pos`` (positions restarting after the prompt) and an
+  attention bias (:meth:`fastdpo.packing.Packed.additive_mask`), for causal models whose positions come
+  from the ``pos`` they are given.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from .base import LinearHead, ModelAdapter, check_weight, logits_of
+from .wrappers import inner_model, model_class, module_to_call
+
+if TYPE_CHECKING:
+    from ..packing import Packed
+
+
+def _classes():
+    from x_transformers import x_transformers as xt
+
+    return xt
+
+
+def _tied_lambda(model: nn.Module) -> bool:
+    """Whether ``model.to_logits`` is the tied-embedding head x-transformers' ``__init__``
+    builds for this very model (its code object, closing over ``model``)."""
+    head = model.to_logits
+    code = getattr(head, "__code__", None)
+    init = type(model).__init__
+    init = getattr(init, "__wrapped__", init)  # (beartype-style decorators)
+    if code is None or code not in getattr(getattr(init, "__code__", None), "co_consts", ()):
+        return False
+    cells = [c.cell_contents for c in (head.__closure__ or ()) if c.cell_contents is not None]
+    return any(c is model for c in cells)
+
+
+class XTransformersAdapter(ModelAdapter):
+    family = "x-transformers"
+
+    def __init__(self, model: nn.Module, inner: nn.Module):
+        super().__init__(model)
+        self.inner = inner  # the TransformerWrapper under the wrappers
+
+    @classmethod
+    def adapt(cls, model: nn.Module) -> XTransformersAdapter | None:
+        try:
+            xt = _classes()
+        except ImportError:  # pragma: no cover - x-transformers is a dependency
+            return None
+        inner = inner_model(model)
+        return cls(model, inner) if isinstance(inner, xt.TransformerWrapper) else None
+
+    def head(self) -> tuple[LinearHead | None, str]:
+        model = self.inner
+        checks = [
+            (getattr(model, "has_multiple_heads", False), "it has multiple output heads"),
+            (getattr(model, "to_mixture", None) is not None, "it uses a mixture of softmaxes"),
+            (getattr(model, "sigsoftmax_logits", False), "it uses sigsoftmax logits"),
+            (getattr(model, "squeeze_out_last_dim", False), "it squeezes its output"),
+            (getattr(model, "looped", False), "it is a looped model"),
+            (getattr(model, "attn_pool", None) is not None, "it pools with attention"),
+            (getattr(model, "cls_token", None) is not None, "it uses cls tokens"),
+            (getattr(model, "average_pool_embed", False), "it average-pools its output"),
+            (model.to_logits is None, "it has no head"),
+        ]
+        for bad, why in checks:
+            if bad:
+                return None, why
+        head = model.to_logits
+        if isinstance(head, nn.Module) and model_class(head) is nn.Linear:
+            if head.bias is not None:
+                return None, "its to_logits has a bias"
+            why = check_weight(head.weight)
+            return (LinearHead(head.weight, None, head), "") if not why else (None, why)
+        if _tied_lambda(model) and isinstance(model.token_emb, _classes().TokenEmbedding):
+            emb = model.token_emb.emb
+            why = check_weight(emb.weight)
+            return (LinearHead(emb.weight, float(model.tie_embedding_scale), emb), "") if not why else (None, why)
+        return None, f"its to_logits is a custom {type(head).__name__}"
+
+    def vocab_size(self) -> int | None:
+        n = getattr(self.inner, "num_tokens", None)
+        return n if isinstance(n, int) else None
+
+    def hidden(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+        return self._call(tokens, layout, embeddings=True)
+
+    def logits(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+        return logits_of(self._call(tokens, layout, embeddings=False))
+
+    def _call(self, tokens: Tensor, layout: Packed | None, *, embeddings: bool):
+        callee = module_to_call(self.model)
+        if layout is None:
+            return callee(tokens, return_embeddings=True) if embeddings else callee(tokens)
+        return callee(tokens, return_embeddings=embeddings, **self._packed_kwargs(layout))
+
+    def _packed_kwargs(self, layout: Packed) -> dict:
+        """The packed layout as x-transformers' forward arguments.  Positions reach the model as
+        ``pos``: long positions where its attention layers use them (rotary, ALiBi); as the
+        absolute positional embedding itself (its own module applied to the positions) where
+        only that uses them, which also lifts its ``max_seq_len`` bound on the packed length."""
+        inner = self.inner
+        layers = inner.attn_layers
+        uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or getattr(layers, "rel_pos", None) is not None
+        if uses_pos or not isinstance(inner.pos_emb, nn.Module):
+            pos = layout.pos
+        else:  # (on flat positions: the sinusoidal embedding takes no batch of them)
+            flat = inner.pos_emb(layout.tokens[:, :1], pos=layout.pos.reshape(-1))
+            pos = flat.reshape(*layout.pos.shape, flat.shape[-1])
+        if getattr(layers, "rel_pos", None) is None:
+            # The mask as an additive bias with causality in it, the model's own causal mask
+            # off: one pass over each layer's scores, as the unpacked model's causal mask makes
+            # (x-transformers' boolean attn_mask costs three: two masked_fills and a
+            # post-softmax one).
+            bias = layout.additive_mask(next(inner.parameters()).dtype)
+            return dict(pos=pos, attn_bias=bias, causal=False)
+        return dict(pos=pos, attn_mask=layout.attn_mask)  # ALiBi makes its own attn_bias
+
+    def packing(self) -> str:
+        xt = _classes()
+        model, layers = self.inner, self.inner.attn_layers
+        rel_pos = getattr(layers, "rel_pos", None)
+        checks = [
+            (not getattr(layers, "causal", False), "its attention layers are not causal"),
+            (getattr(model, "num_memory_tokens", 0) > 0, "it has memory tokens"),
+            (getattr(model, "max_mem_len", 0) > 0 or getattr(model, "shift_mem_down", 0), "it is recurrent (memories)"),
+            (getattr(model, "cls_token", None) is not None, "it uses cls tokens"),
+            (getattr(model, "looped", False) or getattr(model, "recycling", False), "it is looped or recycling"),
+            (rel_pos is not None and not isinstance(rel_pos, xt.AlibiPositionalBias),
+             f"its {type(rel_pos).__name__} takes no custom positions"),
+            (getattr(layers, "rotary_pos_emb", None) is not None and getattr(layers.rotary_pos_emb, "scale", None) is not None,
+             "its rotary xpos scales with the largest position"),
+            (getattr(layers, "data_dependent_alibi", None) is not None, "its data-dependent ALiBi runs along the sequence"),
+        ]
+        for bad, why in checks:
+            if bad:
+                return why
+        uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or rel_pos is not None
+        if uses_pos and isinstance(model.pos_emb, xt.AbsolutePositionalEmbedding):
+            return (
+                f"it adds an absolute positional embedding (max_seq_len {model.pos_emb.max_seq_len}) to its "
+                f"{'rotary' if layers.rotary_pos_emb is not None else 'ALiBi'} positions: both take the same "
+                f"positions, and a packed pair can be longer than max_seq_len"
+            )
+        if not isinstance(model.pos_emb, (xt.AbsolutePositionalEmbedding, xt.ScaledSinusoidalEmbedding)):
+            if not (callable(model.pos_emb) and not isinstance(model.pos_emb, nn.Module)):  # always(0)
+                return f"its positional embedding is a {type(model.pos_emb).__name__}"
+        return ""

@@ -1,0 +1,281 @@
+"""Scoring sequences with a model: one path for the policy and the reference.
+
+Dimensions: N sequences (2B for B pairs), L tokens, T = L - 1 input positions, D hidden size,
+V vocabulary.
+
+A preference module (:class:`fastdpo.DPO`) turns token ids into a :class:`Batch` (inputs,
+targets, the positions that count, their counts, a packed layout when prompts are shared),
+then asks a :class:`Scorer` for each model's :class:`Body` -- its hidden states and head
+weight when the head is fused, else its logits -- and for the per-sequence sums of target
+log-probs of a body.  The route from a model to its body is decided once per model and device
+(:meth:`Scorer.route`):
+
+* ``"pair"`` -- the fused head with a loss that each pair's own scores determine: the DPO
+  module hands both bodies to one op, :func:`fastdpo.fused_pair.run_dpo_head`, which scores
+  the reference and makes the policy's loss and head gradients in forward;
+* ``"scores"`` -- the fused head where the pair op does not apply (a loss that couples pairs,
+  the Triton GEMM kernels): :func:`fastdpo.linear_sequence_logprobs` scores each body;
+* ``"logits"`` -- a model whose head cannot be fused: :func:`fastdpo.sequence_logprobs`
+  scores its logits without a log-softmax tensor.
+
+A fused step small enough (:func:`fastdpo.ops.is_small`) builds its logits from the hidden
+states and scores them as the logits route does: at that size the fused machinery costs more
+than the work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks, ops, packing
+from .linear import MATMULS, resolve_matmul, run_linear
+from .models import LinearHead, ModelAdapter, adapter_for, live_weight
+from .ops import IMPLS, resolve_impl
+
+REDUCTIONS = ("mean", "sum")
+ALIGNMENTS = ("input", "target")
+HEADS = ("auto", "fused", "logits")
+
+# Autograd nodes that do not keep their output for their own backward: logits produced by one
+# of these (a linear head, a scale) can take the gradient in place.  Anything else (a softcap's
+# tanh, say) might, so a separate gradient buffer is allocated then.
+_OVERWRITABLE_GRAD_FNS = frozenset(
+    {
+        "UnsafeViewBackward0",
+        "ViewBackward0",
+        "ReshapeAliasBackward0",
+        "MmBackward0",
+        "BmmBackward0",
+        "AddmmBackward0",
+        "MulBackward0",
+        "DivBackward0",
+        "AddBackward0",
+        "ToCopyBackward0",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Route:
+    """How one model's outputs become scores on one device."""
+
+    kind: str  # "pair", "scores" or "logits" (see the module docstring)
+    adapter: ModelAdapter  # the model's family (fastdpo.models)
+    impl: str  # "torch" or "triton"
+    matmul: str  # fused routes: who multiplies, "torch" or "triton"
+    head: LinearHead | None  # the fused head, None on the logits route
+    reason: str  # why the head is not fused ("" when it is)
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+
+@dataclass(frozen=True)
+class Batch:
+    """N sequences as the models see them."""
+
+    src: Tensor  # (N, T) input ids
+    tgt: Tensor  # (N, T) target ids
+    mask: Tensor  # (N, T) bool, True where the target's log-prob counts
+    count: Tensor  # (N,) float, scored positions per sequence clamped at 1e-5 (x-transformers)
+    packed: packing.Packed | None  # the layout the models run on when prompts are shared
+
+
+@dataclass(frozen=True)
+class Body:
+    """What a model's body gives its head for a batch."""
+
+    route: Route
+    out: Tensor  # (N, T, D) hidden states when ``weight`` is set, else (N, T, V) logits
+    weight: Tensor | None  # the fused head's weight as it is now (FSDP2: gathered)
+
+    @property
+    def pair(self) -> bool:
+        """Whether the pair op scores this body (a fused head on the "pair" route)."""
+        return self.weight is not None and self.route.kind == "pair"
+
+
+def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None) -> Batch:
+    """A :class:`Batch` of ``seq`` (N, L) whose positions ``keep`` (N, L) may be scored:
+    inputs ``seq[:, :-1]`` score targets ``seq[:, 1:]``; with ``alignment="input"``
+    (x-transformers) the mask at the input position decides, with ``"target"`` (TRL) the mask
+    at the target position."""
+    mask = keep[:, :-1] if alignment == "input" else keep[:, 1:]
+    # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
+    count = mask.sum(-1).clamp(min=1e-5)
+    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed)
+
+
+def _own_logits(logits: Tensor) -> bool:
+    fn = logits.grad_fn
+    return fn is not None and type(fn).__name__ in _OVERWRITABLE_GRAD_FNS
+
+
+class Scorer:
+    """Routes (cached per model and device), bodies and sums, for every model of a module.
+
+    Args: ``head``, ``impl``, ``matmul``, ``inplace_backward`` as :class:`fastdpo.DPO` takes
+    them; ``pair_ok``: whether the module's loss lets the pair op run (each pair's loss depends
+    on its own scores only).
+    """
+
+    def __init__(self, *, head: str, impl: str, matmul: str, inplace_backward: bool, pair_ok: bool):
+        self.head = _checks.choice("head", head, HEADS)
+        self.impl = _checks.choice("impl", impl, IMPLS)
+        self.matmul = _checks.choice("matmul", matmul, MATMULS)
+        self.inplace_backward = bool(inplace_backward)
+        self.pair_ok = pair_ok
+        self.routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
+
+    def route(self, model: nn.Module, device: torch.device | str) -> Route:
+        """``model``'s :class:`Route` on ``device``, decided on the first call there and kept
+        (``head="fused"`` raises on any call whose model cannot be fused)."""
+        device = torch.device(device)
+        if torch.compiler.is_compiling():  # traced: decided again, folded into the graph
+            return self._decide(model, device)
+        key = (id(model), str(device))
+        cached = self.routes.get(key)
+        if cached is not None and cached[0] is model:
+            return cached[1]
+        decided = self._decide(model, device)
+        self.routes[key] = (model, decided)
+        return decided
+
+    def _decide(self, model: nn.Module, device: torch.device) -> Route:
+        impl = resolve_impl(self.impl, device)
+        adapter = adapter_for(model)
+        if self.head == "logits":
+            return Route("logits", adapter, impl, "torch", None, "head='logits' was asked for")
+        head, why = adapter.head()
+        if head is None:
+            if self.head == "fused":
+                raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+            return Route("logits", adapter, impl, "torch", None, why)
+        matmul = resolve_matmul(self.matmul, impl, head.weight)
+        kind = "pair" if matmul == "torch" and self.pair_ok else "scores"
+        return Route(kind, adapter, impl, matmul, head, "")
+
+    @staticmethod
+    def small(route: Route, batch: Batch) -> bool:
+        """Whether a fused head's step is small enough to build its logits and score them as
+        the logits route does (:func:`fastdpo.ops.is_small`, on the torch path)."""
+        return route.impl == "torch" and ops.is_small(batch.src.numel() * route.head.weight.shape[0])
+
+    def pair(self, route: Route, batch: Batch) -> bool:
+        """Whether the pair op scores this route's bodies of ``batch`` (:attr:`Body.pair`)."""
+        return route.kind == "pair" and not self.small(route, batch)
+
+    def body(self, model: nn.Module, batch: Batch) -> Body:
+        """``model``'s :class:`Body` of ``batch`` (on the packed layout when it has one)."""
+        route = self.route(model, batch.src.device)
+        adapter, head = route.adapter, route.head
+        fused = head is not None
+        if batch.packed is not None:
+            out = packing.run(adapter, batch.packed, hidden=fused)
+        else:
+            out = adapter.hidden(batch.src) if fused else adapter.logits(batch.src)
+        if not fused:
+            return Body(route, out, None)
+        weight = live_weight(head, out.dtype)
+        if self.small(route, batch):
+            return Body(route, head.logits(out, weight), None)
+        return Body(route, out, weight)
+
+    def sums(self, body: Body, batch: Batch, *, count_hits: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(N,) float32 sums of target log-probs of a body that the pair op does not score,
+        and, with ``count_hits``, the (N,) number of scored targets that are the argmax of
+        their logits (not on the Triton GEMM route, whose logits never leave the kernels)."""
+        route = body.route
+        if body.weight is not None:
+            scale = route.head.scale
+            sums = run_linear(body.out, body.weight, batch.tgt, batch.mask, scale, route.impl, route.matmul)
+            return sums, None
+        hits = None
+        if count_hits:  # before backward may overwrite the logits
+            with torch.no_grad():
+                hits = ((body.out.argmax(-1) == batch.tgt) & batch.mask).sum(-1)
+        # (a compiled graph cannot look at grad_fn: it takes a fresh gradient buffer)
+        inplace = self.inplace_backward and not torch.compiler.is_compiling() and _own_logits(body.out)
+        return ops.sequence_logprobs(body.out, batch.tgt, batch.mask, impl=route.impl, inplace_backward=inplace), hits
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def pair_batch(
+    adapter_on: Callable[[torch.device], ModelAdapter], preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
+    pref_mask: Tensor | None, unpref_mask: Tensor | None, *, pad_id: int | None, alignment: str,
+    share_prompt: bool, check_first_pair: bool = False,
+) -> Batch:
+    """The :class:`Batch` of B pairs: 2B sequences, the B preferred then the B unpreferred, each
+    scored on its completion (``~prompt_mask``) where it is real (its sequence mask, default
+    ``seq != pad_id`` when ``pad_id`` is given).  Every argument is checked (against the
+    vocabulary and padding rules of ``adapter_on(device)``, the policy's adapter on the batch's
+    device); with ``share_prompt`` the pairs are packed (:func:`fastdpo.packing.pack`, which
+    checks the layout), and with ``check_first_pair`` the model's hidden states of the first
+    pair must be the same packed and unpacked (:func:`fastdpo.packing.check_first_pair`)."""
+    adapter = _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
+    if pad_id is not None:
+        pref_mask = preferred != pad_id if pref_mask is None else pref_mask
+        unpref_mask = unpreferred != pad_id if unpref_mask is None else unpref_mask
+    adapter.check_padding("preferred_seq_mask", pref_mask)
+    adapter.check_padding("unpreferred_seq_mask", unpref_mask)
+    keep = ~prompt_mask.repeat(2, 1)
+    if pref_mask is not None or unpref_mask is not None:
+        ones = torch.ones_like(prompt_mask)
+        keep = keep & torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
+    packed = None
+    if share_prompt:
+        pad = pad_id if pad_id is not None else 0
+        packed = packing.pack(preferred, unpreferred, prompt_mask, pref_mask, unpref_mask, pad_token=pad)
+        if check_first_pair:
+            packing.check_first_pair(adapter, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
+    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed)
+
+
+def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:
+    _checks.integer_tokens("preferred_seq", preferred, ndim=2)
+    _checks.integer_tokens("unpreferred_seq", unpreferred, ndim=2)
+    shape = tuple(preferred.shape)
+    if tuple(unpreferred.shape) != shape:
+        raise ValueError(
+            f"unpreferred_seq must have the shape of preferred_seq {shape}, got {tuple(unpreferred.shape)}"
+        )
+    if shape[0] < 1 or shape[1] < 2:
+        raise ValueError(
+            f"sequences must be (B, L) with B >= 1 and L >= 2 (one input and one target token), got {shape}"
+        )
+    _checks.bool_mask("prompt_mask", prompt_mask, shape, "True = a prompt position, not scored")
+    for name, m in (("preferred_seq_mask", pref_mask), ("unpreferred_seq_mask", unpref_mask)):
+        if m is not None:
+            _checks.bool_mask(name, m, shape, "True = a real token, False = padding")
+    _checks.same_device(
+        preferred_seq=preferred, unpreferred_seq=unpreferred, prompt_mask=prompt_mask,
+        preferred_seq_mask=pref_mask, unpreferred_seq_mask=unpref_mask,
+    )
+    adapter = adapter_on(preferred.device)
+    high = adapter.vocab_size()
+    _checks.token_range("preferred_seq", preferred, high)
+    _checks.token_range("unpreferred_seq", unpreferred, high)
+    return adapter
+
+
+def given_reference_scores(pref: Tensor | None, unpref: Tensor | None, b: int, like: Tensor) -> Tensor | None:
+    """Precomputed reference scores as one checked (2B,) float32 tensor, or None if not given."""
+    if pref is None and unpref is None:
+        return None
+    if (pref is None) != (unpref is None):
+        raise ValueError("give both ref_preferred_logprob and ref_unpreferred_logprob, or neither")
+    for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):
+        _checks.tensor(name, x, ndim=1)
+        if x.shape[0] != b:
+            raise ValueError(f"{name} must have shape ({b},), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+        _checks.same_device(preferred_seq=like, **{name: x})
+    return torch.cat((pref, unpref)).detach().float()
