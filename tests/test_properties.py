@@ -921,8 +921,10 @@ def check_dpo_probabilities(case: DPOCase, data, route: str):
     first = data.draw(st.integers(1, v - 1)) if v > 1 else 0
     seqs = torch.stack((torch.full((v,), first), torch.arange(v)), 1)
     dpo.pad_id = None  # token 0 is a real token here
-    every, again = reference_scores(dpo, seqs, seqs, torch.zeros(v, 2, dtype=torch.bool))
-    assert torch.equal(every, again)
+    # The rejected side holds the same sequences one row later (a roll by one, not an
+    # involution): a swap of the two sides, or one side scored twice, breaks the equality.
+    every, rolled = reference_scores(dpo, seqs, seqs.roll(1, 0), torch.zeros(v, 2, dtype=torch.bool))
+    assert torch.equal(rolled, every.roll(1, 0)), (every, rolled)
     assert (every <= 0).all(), every
     if v == case.v:
         with torch.no_grad():
