@@ -460,8 +460,10 @@ def forward_cases():
 @pytest.mark.parametrize(
     "args, kwargs, exc, match", [pytest.param(*c[1:], id=c[0]) for c in forward_cases()]
 )
-def test_dpo_forward_and_reference_scores_reject(dpo, head, method, args, kwargs, exc, match):
-    dpo.head = head
+def test_dpo_forward_and_reference_scores_reject(head, method, args, kwargs, exc, match):
+    # built with this head (not a shared module's attribute changed after its routes were
+    # decided): each case meets the DPO a user of that head gets
+    dpo = DPO(make_model(), pad_id=0, head=head)
     fn = dpo if method == "forward" else dpo.reference_scores
     with pytest.raises(exc, match=match):
         fn(*args, **kwargs)
