@@ -439,6 +439,7 @@ def forward_cases():
         ("float_seq", (p.float(), u), dict(prompt_mask=m), TypeError, "preferred_seq must hold integer"),
         ("bool_seq", (p, u.bool()), dict(prompt_mask=m), TypeError, "unpreferred_seq must hold integer"),
         ("seq_1d", (p[0], u[0]), dict(prompt_mask=m[0]), ValueError, "preferred_seq must be 2-D"),
+        ("seq_not_tensor", (p.tolist(), u), dict(prompt_mask=m), TypeError, "preferred_seq must be a torch.Tensor"),
         ("seq_3d", (p[None], u[None]), dict(prompt_mask=m), ValueError, "preferred_seq must be 2-D"),
         ("shape_mismatch", (p, u[:, :5]), dict(prompt_mask=m), ValueError, "unpreferred_seq must have the shape"),
         ("empty_batch", (p[:0], u[:0]), dict(prompt_mask=m[:0]), ValueError, "B >= 1 and L >= 2"),
