@@ -1115,13 +1115,41 @@ def test_dpo_against_float64_logits_triton(case, data):
     check_dpo_against_float64(case, data, "logits_triton")
 
 
+# The fused head on the Triton GEMM kernels: every property, at the sizes of the other
+# interpreted routes.
+
+
 @scaled(0.3)
 @given(case=dpo_cases("fused_triton_gemm"), data=st.data())
-def test_dpo_against_float64_fused_triton_gemm(case, data):
-    check_dpo_against_float64(case, data, "fused_triton_gemm")
+def test_dpo_shift_invariance_fused_triton_gemm(case, data):
+    check_dpo_shift_invariance(case, data, "fused_triton_gemm")
+
+
+@scaled(0.3)
+@given(case=dpo_cases("fused_triton_gemm"), data=st.data())
+def test_dpo_pair_permutation_fused_triton_gemm(case, data):
+    check_dpo_pair_permutation(case, data, "fused_triton_gemm")
+
+
+@scaled(0.3)
+@given(case=dpo_cases("fused_triton_gemm", max_rows=8), data=st.data())
+def test_dpo_padding_fused_triton_gemm(case, data):
+    check_dpo_padding(case, data, "fused_triton_gemm")
 
 
 @scaled(0.3)
 @given(case=dpo_cases("fused_triton_gemm"), data=st.data())
 def test_dpo_all_false_mask_fused_triton_gemm(case, data):
     check_dpo_all_false_mask(case, data, "fused_triton_gemm")
+
+
+@scaled(0.3)
+@given(case=dpo_cases("fused_triton_gemm", max_v=6), data=st.data())
+def test_dpo_probabilities_fused_triton_gemm(case, data):
+    check_dpo_probabilities(case, data, "fused_triton_gemm")
+
+
+@scaled(0.3)
+@given(case=dpo_cases("fused_triton_gemm"), data=st.data())
+def test_dpo_against_float64_fused_triton_gemm(case, data):
+    check_dpo_against_float64(case, data, "fused_triton_gemm")
