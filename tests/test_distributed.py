@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import tiny_transformer
+
 WORLD = 2
 B, L, V = 4, 8, 32  # 4 pairs: 2 per rank
 HEADS = ("fused", "logits")
@@ -50,11 +52,7 @@ def make_model(family: str, tied: bool = False) -> torch.nn.Module:
             eos_token_id=None, tie_word_embeddings=tied,
         )
         return LlamaForCausalLM(config)
-    from x_transformers import Decoder, TransformerWrapper
-
-    return TransformerWrapper(
-        num_tokens=V, max_seq_len=16, attn_layers=Decoder(dim=16, depth=2, heads=2), tie_embedding=tied
-    )
+    return tiny_transformer(V, max_seq_len=16, dim=16, depth=2, heads=2, seed=0, tie=tied)
 
 
 def make_dpo(head: str, family: str = "x-transformers", tied: bool = False):

@@ -5,23 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from x_transformers import Decoder, TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
 from fastdpo import DPO
 from fastdpo.dpo import deepcopy_module
 
-from helpers import rel_err
+from helpers import rel_err, tiny_transformer
 
 
 def make_model(num_tokens, *, dim=32, depth=1, tie=False, seed=0, max_seq_len=64):
-    torch.manual_seed(seed)
-    return TransformerWrapper(
-        num_tokens=num_tokens,
-        max_seq_len=max_seq_len,
-        tie_embedding=tie,
-        attn_layers=Decoder(dim=dim, depth=depth, heads=2),
-    )
+    return tiny_transformer(num_tokens, max_seq_len=max_seq_len, dim=dim, depth=depth, heads=2, seed=seed, tie=tie)
 
 
 def perturb_(module, seed, skip=()):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import Tensor, nn
-from x_transformers import Decoder, TransformerWrapper
+from x_transformers import TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
 import fastdpo.chunks as chunks
@@ -48,7 +48,7 @@ from fastdpo import DPO, linear_sequence_logprobs, sequence_logprobs
 from fastdpo import torch_impl
 from fastdpo.dpo import deepcopy_module
 
-from helpers import TOL, reference_logprobs, three_way
+from helpers import TOL, reference_logprobs, three_way, tiny_transformer
 from hypothesis_profiles import scaled
 
 # The interpreter evaluates kernels with numpy, which warns about overflow in lanes past the
@@ -685,12 +685,7 @@ def test_linear_against_float64_triton(case):
 
 
 def make_model(v: int, *, tie: bool, seed: int, dtype=torch.float32) -> TransformerWrapper:
-    torch.manual_seed(seed)
-    model = TransformerWrapper(
-        num_tokens=v, max_seq_len=16, tie_embedding=tie,
-        attn_layers=Decoder(dim=16, depth=1, heads=2),
-    )
-    return model.to(dtype)
+    return tiny_transformer(v, max_seq_len=16, dim=16, depth=1, heads=2, seed=seed, tie=tie, dtype=dtype)
 
 
 def perturb_(module: nn.Module, seed: int, skip=()):

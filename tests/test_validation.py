@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from x_transformers import Decoder, TransformerWrapper
 
 from fastdpo import (
     DPO,
@@ -27,7 +26,7 @@ from fastdpo import (
 )
 from fastdpo.fused_pair import HeadOptions, dpo_head
 
-from helpers import IMPLS
+from helpers import IMPLS, tiny_transformer
 
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V = 20
@@ -387,10 +386,7 @@ def test_dpo_head_empty_batch():
 
 
 def make_model(v=V, seed=0):
-    torch.manual_seed(seed)
-    return TransformerWrapper(
-        num_tokens=v, max_seq_len=16, attn_layers=Decoder(dim=8, depth=1, heads=2)
-    )
+    return tiny_transformer(v, max_seq_len=16, dim=8, depth=1, heads=2, seed=seed)
 
 
 def batch(b=2, l=6, seed=0):
