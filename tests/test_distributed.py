@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import time
 import traceback
 import warnings
@@ -23,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks.fsdp_memory import _free_port
 from helpers import tiny_transformer
 
 WORLD = 2
@@ -232,12 +232,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the job
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
