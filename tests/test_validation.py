@@ -1,10 +1,10 @@
 """Argument checks of every public entry point: one test per row of docs/validation.md.
 
-Bad input must get a ``TypeError`` or ``ValueError`` naming the argument (STYLE.md), never a
-bare ``AssertionError`` nor an ``IndexError``/``RuntimeError`` from deep inside torch.  Valid
-but unusual input (non-contiguous, expanded stride-0, int32 ids, empty batches) must work and
-give the values of its contiguous twin.  The rows that once fell short (found by these
-tests, then fixed) stay as regression tests.
+Bad input must get a ``TypeError`` or ``ValueError`` that names the argument and says what
+was expected and what came (the project's rule for every public function: ``assert`` is for
+internal invariants only), never a bare ``AssertionError`` nor an ``IndexError``/
+``RuntimeError`` from deep inside torch.  Valid but unusual input (non-contiguous, expanded
+stride-0, int32 ids, empty batches) must work and give the values of its contiguous twin.
 """
 
 from __future__ import annotations
