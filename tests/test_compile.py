@@ -10,6 +10,8 @@ import torch
 
 from fastdpo import sequence_logprobs
 
+from helpers import reference_logprobs, three_way
+
 
 class Head(torch.nn.Module):
     """A tiny LM head followed by the masked mean of sequence log-probs."""
@@ -120,10 +122,29 @@ def test_linear_custom_op_passes_opcheck():
     weight = torch.randn(13, 8, generator=g, requires_grad=True)
     targets = torch.randint(0, 13, (2, 5), generator=g)
     mask = torch.rand(2, 5, generator=g) > 0.3
+    assert mask.any() and not mask.all()
+    upstream = torch.randn(2, generator=g)
     op = torch.ops.fastdpo.linear_sequence_logprobs.default
     for args in ((None, "torch", "torch"), (0.5, "torch", "torch"), (None, "triton", "torch"), (None, "triton", "triton")):
         torch.library.opcheck(op, (hidden, weight, targets, mask, *args))
-    assert linear_sequence_logprobs(hidden, weight, targets, mask).shape == (2,)
+        # and its values: scores and gradients against float64 (the row stats, the second
+        # output, are each route's own business: the torch fold keeps none)
+        s = 1.0 if args[0] is None else args[0]
+        h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+        logits64 = s * h64 @ w64.T
+        truth = reference_logprobs(logits64, targets, mask)
+        h32, w32 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        ref = reference_logprobs(s * h32 @ w32.T, targets, mask)
+        scores, _ = op(hidden, weight, targets, mask, *args)
+        three_way(scores, ref, truth, torch.float32, f"scores {args}")
+        grads = torch.autograd.grad(scores, (hidden, weight), upstream)
+        truths = torch.autograd.grad(truth, (h64, w64), upstream.double())
+        refs = torch.autograd.grad(ref, (h32, w32), upstream)
+        for name, ours_g, ref_g, truth_g in zip(("hidden", "weight"), grads, refs, truths):
+            three_way(ours_g, ref_g, truth_g, torch.float32, f"d scores / d {name} {args}")
+    h, w = hidden.detach(), weight.detach()
+    ref, truth = reference_logprobs(h @ w.T, targets, mask), reference_logprobs(h.double() @ w.double().T, targets, mask)
+    three_way(linear_sequence_logprobs(hidden, weight, targets, mask), ref, truth, torch.float32, "public function")
 
 
 def test_dpo_head_custom_op_passes_opcheck():

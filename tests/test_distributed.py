@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import time
 import traceback
 import warnings
@@ -22,6 +21,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from benchmarks.fsdp_memory import _free_port
+from helpers import tiny_transformer
 
 WORLD = 2
 B, L, V = 4, 8, 32  # 4 pairs: 2 per rank
@@ -50,11 +52,7 @@ def make_model(family: str, tied: bool = False) -> torch.nn.Module:
             eos_token_id=None, tie_word_embeddings=tied,
         )
         return LlamaForCausalLM(config)
-    from x_transformers import Decoder, TransformerWrapper
-
-    return TransformerWrapper(
-        num_tokens=V, max_seq_len=16, attn_layers=Decoder(dim=16, depth=2, heads=2), tie_embedding=tied
-    )
+    return tiny_transformer(V, max_seq_len=16, dim=16, depth=2, heads=2, seed=0, tie=tied)
 
 
 def make_dpo(head: str, family: str = "x-transformers", tied: bool = False):
@@ -234,12 +232,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 # ----------------------------------------------------------------------------- the job
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from x_transformers import Decoder, TransformerWrapper
 
 from fastdpo import DPO
 from fastdpo.dpo import deepcopy_module
-from fastdpo.losses import LOSS_TYPES, preference_loss
+from fastdpo.losses import LOSS_TYPES
 
 from helpers import reference_logprobs, rel_err
+from test_losses import truth
 
 V, B, L = 61, 3, 12
 
@@ -66,7 +67,8 @@ def test_every_loss_through_dpo(case, head):
     loss = dpo(pref, unpref, prompt_mask=pm)
     loss.backward()
 
-    # the same loss, by hand: full log_softmax scores, then fastdpo.losses.preference_loss
+    # the same loss, by hand: full log_softmax scores, then the papers' formulas in float64
+    # (test_losses.truth, written independently of fastdpo.losses), from the case itself
     twin = deepcopy_module(dpo)
     twin.policy_model.zero_grad(set_to_none=True)
     pol, count = hand_scores(twin.policy_model, pref, unpref, pm, reduction)
@@ -75,8 +77,15 @@ def test_every_loss_through_dpo(case, head):
             ref, _ = hand_scores(twin.ref_model.eval(), pref, unpref, pm, reduction)
     else:
         ref = torch.zeros_like(pol)
-    lengths = dict(chosen_lengths=count[:B], rejected_lengths=count[B:]) if reduction == "sum" else {}
-    expected = preference_loss(pol[:B], pol[B:], ref[:B], ref[B:], **{f: getattr(dpo.loss, f) for f in ('loss_type', 'beta', 'label_smoothing', 'loss_weights', 'gamma', 'bco_delta')}, **lengths).mean()
+    lengths = dict(nw=count[:B], nl=count[B:]) if reduction == "sum" else {}
+    types = kw.get("loss_type", "sigmoid")
+    types, weights = ([types], [1.0]) if isinstance(types, str) else (types, kw["loss_weights"])
+    pol, ref = pol.double(), ref.double()
+    expected = sum(
+        w * truth(t, pol[:B], pol[B:], ref[:B], ref[B:], beta=beta, eps=kw.get("label_smoothing", 0.0),
+                  delta=kw.get("bco_delta", 0.0), **lengths)
+        for t, w in zip(types, weights)
+    ).mean()
     expected.backward()
     assert abs(loss.item() - expected.item()) <= 2e-6 * max(1.0, abs(expected.item()))
     for (n, a), (_, b) in zip(dpo.policy_model.named_parameters(), twin.policy_model.named_parameters()):

@@ -209,11 +209,11 @@ def test_masked_target_at_minus_inf_has_no_effect(impl, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("where", ["off_target", "at_target"])
 def test_plus_inf_gives_nan(impl, dtype, where):
-    """Found in this audit: impl='torch' used torch.logsumexp, which returns +inf for a row
-    holding +inf (it zeroes an infinite max before shifting), so z_y - lse was -inf, not NaN,
-    and the gradient row finite but at the +inf entry.  Fixed by keeping the row max and
-    log-sum apart (inf - inf = NaN; now ATen's fused log_softmax and softmax, which keep them
-    apart too)."""
+    """A +inf logit in a counted row gives a NaN score and a NaN gradient row, as float64
+    log_softmax does.  Guards the row max and log-sum kept apart (inf - inf = NaN; ATen's fused
+    log_softmax and softmax keep them apart too): torch.logsumexp returns +inf for a row holding
+    +inf (it zeroes an infinite max before shifting), which would score z_y - lse = -inf, not
+    NaN, and leave the gradient row finite but at the +inf entry."""
     logits, targets, mask, _ = random_inputs(2, 3, 30, dtype, seed=5)
     mask[:] = True
     col = int(targets[0, 1]) if where == "at_target" else (int(targets[0, 1]) + 7) % 30
@@ -319,10 +319,10 @@ def test_fp16_max_in_a_sequence(impl):
 def test_large_logit_gradient_precision(impl):
     """float32 logits of magnitude ~100: d logits within the three-way rule.
 
-    Found in this audit: both paths formed softmax as exp(z - lse) from a float32 lse, whose
-    rounding (ulp(|lse|)/2) scales every probability: 5.1e-6 from float64 here, where float32
-    log_softmax is 5.4e-8 off (slack 2.9e-6).  Fixed by saving the row max m and
-    log(sum exp(z - m)) apart and using exp((z - m) - log_s) in backward."""
+    Guards backward's softmax as exp((z - m) - log_s), from the row max m and
+    log(sum exp(z - m)) saved apart: exp(z - lse) from one float32 lse would scale every
+    probability by lse's rounding (ulp(|lse|)/2), 5.1e-6 from float64 here, where float32
+    log_softmax is 5.4e-8 off (slack 2.9e-6)."""
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(4, 3, 40, generator=gen) * 30  # max |z| ~ 100
     targets = torch.randint(0, 40, (4, 3), generator=gen)
@@ -363,7 +363,8 @@ def linear_ours_and_truth(hidden, weight, targets, mask, impl="torch"):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_linear_overflowing_logit_gives_nan(impl):
-    """Found in this audit (impl='torch' scored -inf, via torch.logsumexp); fixed since."""
+    """A product that overflows to +inf scores NaN, not -inf (which torch.logsumexp would give:
+    see test_plus_inf_gives_nan)."""
     hidden, weight, targets = linear_case()
     weight[3] = 3e38  # h @ W.T overflows to +inf at vocabulary entry 3, in every row
     mask = torch.tensor([[True, False, False]])

@@ -2,9 +2,10 @@
 
 TRL's and cut-cross-entropy's heads must give the summed masked log-probs of a float64
 ``log_softmax(hidden @ weight.T)``, and their gradients with respect to ``hidden`` and
-``weight``, no further from it than plain float32 torch is (STYLE.md's three-way rule); Liger's
-DPO loss must be the float64 DPO loss in TRL's conventions.  Every case runs on the CPU here and
-on CUDA where there is one.  A case whose package cannot be imported skips, naming it.
+``weight``, no further from it than plain float32 torch is, plus a small per-dtype slack (the
+three-way rule of helpers.py); Liger's DPO loss must be the float64 DPO loss in TRL's
+conventions.  Every case runs on the CPU here and on CUDA where there is one.  A case whose
+package cannot be imported skips, naming it.
 """
 
 from __future__ import annotations

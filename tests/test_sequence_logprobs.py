@@ -250,10 +250,26 @@ def test_bad_input(call, err, match):
         call(logits, targets, mask)
 
 
-def test_out_of_range_targets_are_fine_where_masked():
-    logits, targets, mask = make_inputs(2, 3, 50, torch.float32, seed=0)
-    targets[~mask] = 10_000
-    sequence_logprobs(logits, targets, mask, impl="torch")  # no error
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_targets_are_fine_where_masked(impl):
+    """Ids at masked positions are never read: out-of-vocabulary ones there (10_000, -100)
+    neither raise nor change the scores or the gradient (bit for bit)."""
+    logits, targets, mask = make_inputs(3, 5, 50, torch.float32, seed=0)
+    assert (~mask).any() and mask.any()
+    wild = targets.clone()
+    wild[~mask] = torch.where(torch.arange(int((~mask).sum())) % 2 == 0, 10_000, -100)
+    upstream = torch.randn(3, generator=torch.Generator().manual_seed(1))
+    a = logits.clone().requires_grad_()
+    b = logits.clone().requires_grad_()
+    scores = sequence_logprobs(a, wild, mask, impl=impl)
+    clean = sequence_logprobs(b, targets, mask, impl=impl)
+    assert scores.isfinite().all()
+    torch.testing.assert_close(scores, clean, rtol=0, atol=0)
+    scores.backward(upstream)
+    clean.backward(upstream)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    truth = reference_logprobs(logits.double(), targets, mask)
+    torch.testing.assert_close(scores.double(), truth, rtol=0, atol=1e-5)
 
 
 def test_empty_inputs():

@@ -15,7 +15,7 @@ from x_transformers.dpo import DPO as XDPO
 
 from fastdpo import DPO
 from fastdpo.packing import pack
-from tests.helpers import rel_err
+from tests.helpers import rel_err, tiny_transformer
 from tests.test_dpo import loss_and_grads
 
 V, B, L = 61, 3, 13
@@ -30,14 +30,11 @@ POSITIONS = {
 
 
 def make_model(kind: str = "absolute", seed: int = 0, **layer_kw) -> TransformerWrapper:
-    torch.manual_seed(seed)
     spec = POSITIONS[kind]
     wrapper_kw = {}
     if spec == "scaled":
         spec, wrapper_kw = {}, dict(scaled_sinu_pos_emb=True)
-    return TransformerWrapper(
-        num_tokens=V, max_seq_len=L, attn_layers=Decoder(dim=32, depth=2, heads=4, **spec, **layer_kw), **wrapper_kw
-    )
+    return tiny_transformer(V, max_seq_len=L, dim=32, depth=2, heads=4, seed=seed, wrapper_kw=wrapper_kw, **spec, **layer_kw)
 
 
 def make_batch(seed: int = 1):

@@ -28,14 +28,18 @@ def inputs(n, t, v, dtype, seed):
 
 def test_the_path_is_taken(monkeypatch):
     taken = []
-    real = ops._small_logprobs
-    monkeypatch.setattr(ops, "_small_logprobs", lambda *a: taken.append(1) or real(*a))
+    real_small, real_main = ops._small_logprobs, ops._logprobs_op
+    monkeypatch.setattr(ops, "_small_logprobs", lambda *a: taken.append("small") or real_small(*a))
+    monkeypatch.setattr(ops, "_logprobs_op", lambda *a: taken.append("main") or real_main(*a))
     logits, targets, mask = inputs(2, 3, 7, torch.float32, 0)
     sequence_logprobs(logits, targets, mask, impl="torch")
-    assert taken == [1]
-    big = torch.randn(1, 2, ops.SMALL_ELEMENTS)  # just over the threshold: the main path
-    sequence_logprobs(big, torch.zeros(1, 2, dtype=torch.long), impl="torch")
-    assert taken == [1]
+    assert taken == ["small"]
+    for v, path in ((ops.SMALL_ELEMENTS, "small"), (ops.SMALL_ELEMENTS + 1, "main")):
+        # exactly at the threshold: still small; one element over it: the main path
+        logits, targets, _ = inputs(1, 1, v, torch.float32, seed=v)
+        taken.clear()
+        sequence_logprobs(logits, targets, impl="torch")
+        assert taken == [path], v
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
