@@ -4,11 +4,11 @@ Dimensions: N sequences, T positions, V vocabulary.
 
 For a row (n, t) with logits z and target y, ``logp = z_y - logsumexp(z)``; a sequence's score
 is ``sum_t m_t * logp_t``.  Its gradient w.r.t. row (n, t) is ``g_n * m_t * (onehot(y) -
-softmax(z))`` (DESIGN.md).  The logits are walked in boxes of counted rows small enough to stay
-in cache (:func:`box_plan`: in a DPO batch, each sequence's completion, the prompt and padding
-rows never read), and each box goes through ATen's fused, vectorized softmax: the exp of every
-element is what a CPU spends its time on, so the path is built around computing it as few
-times as possible.
+softmax(z))``, since ``d logsumexp(z) / dz = softmax(z)``.  The logits are walked in boxes of
+counted rows small enough to stay in cache (:func:`box_plan`: in a DPO batch, each sequence's
+completion, the prompt and padding rows never read), and each box goes through ATen's fused,
+vectorized softmax: the exp of every element is what a CPU spends its time on, so the path is
+built around computing it as few times as possible.
 
 * forward: ``softmax`` of the box, then ``log(p_y)`` (:func:`row_logprobs_into`; an exact
   max/log-sum form where p_y is tiny).  When the logits will get a gradient (float32, not in
