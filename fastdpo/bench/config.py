@@ -32,7 +32,8 @@ COLUMNS = (
     "median_ms", "min_ms", "repeats", "vs_xt", "vs_floor",
     "peak_mib", "body_mib", "head_mib", "mem_vs_xt", "head_mem_vs_xt",
     *SIZE_FIELDS, "dtype", "device", "device_name",
-    "torch", "triton", "x_transformers", "liger_kernel", "fastdpo", "threads", "date",
+    "torch", "triton", "x_transformers", "liger_kernel", "trl", "cut_cross_entropy", "fastdpo", "fastdpo_commit",
+    "threads", "date",
 )  # fmt: skip
 
 

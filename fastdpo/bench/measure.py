@@ -302,19 +302,61 @@ def _cpu_model() -> str | None:
     return None
 
 
-def environment(device: str) -> dict:
-    """What the rows are tagged with: machine, versions, date."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
+def _driver() -> str | None:
+    """The NVIDIA driver version (nvidia-smi), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit when fastdpo runs from one (not from an installed copy)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str | torch.device) -> dict:
+    """What results are tagged with: the machine, the versions, the date (the bench's rows and
+    benchmarks/gpu_suite.py's report)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        name = torch.cuda.get_device_name(device)
     else:
         name = f"{_cpu_model() or platform.machine()}, {os.cpu_count()} cores"
-    return dict(
+    env = dict(
         device_name=name,
+        driver=_driver() if cuda else None,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
         torch=torch.__version__,
         triton=_version("triton"),
+        triton_interpret=os.environ.get("TRITON_INTERPRET", ""),
         x_transformers=_version("x-transformers"),
         liger_kernel=_version("liger-kernel"),
+        trl=_version("trl"),
+        cut_cross_entropy=_version("cut-cross-entropy"),
         fastdpo=_version("fastdpo"),
+        fastdpo_commit=_git_commit(),
         threads=torch.get_num_threads(),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        env.update(sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    return env
