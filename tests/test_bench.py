@@ -158,6 +158,48 @@ def test_ratios_and_head_memory():
     assert line.split()[3:] == ["20.00", "0.50x", "2.00x", "30.0", "10.0", "0.50x"]
 
 
+def test_every_provider_drawn_has_its_own_colour(tmp_path, monkeypatch):
+    """One colour per provider in the PNG, fastdpo's warm, nobody else's: every registered
+    provider has its colour in the table, two more from a --provider-module get spare ones,
+    and the bars (one size point) and lines (a sweep) drawn use them, no colour twice."""
+    import colorsys
+
+    import matplotlib
+    from matplotlib.axes import Axes
+    from matplotlib.colors import to_rgb
+
+    from fastdpo.bench import report
+
+    matplotlib.use("Agg")
+    assert set(bench.PROVIDERS) <= set(report.PROVIDER_COLORS)
+    for name, color in report.PROVIDER_COLORS.items():
+        hue, light, sat = colorsys.rgb_to_hls(*to_rgb(color))
+        warm = sat > 0.3 and (hue < 0.15 or hue > 0.85)
+        assert warm == name.startswith("fastdpo"), (name, color)
+
+    names = [*bench.PROVIDERS, "mine-b", "mine-a"]
+    drawn: dict[str, set] = {}
+
+    def spy(draw):
+        def wrapped(self, *args, **kwargs):
+            drawn.setdefault(kwargs["label"], set()).add(to_rgb(kwargs["color"]))
+            return draw(self, *args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(Axes, "bar", spy(Axes.bar))
+    monkeypatch.setattr(Axes, "plot", spy(Axes.plot))
+    for vocabs in ([TINY.vocab], [256, 512]):
+        drawn.clear()
+        rows = [_row(p, median=1.0 + i, peak=2.0, vocab=v) for i, p in enumerate(names) for v in vocabs]
+        bench.add_ratios(rows)
+        bench.plot(rows, str(tmp_path / "p.png"))
+        assert set(drawn) == set(names)
+        assert all(len(c) == 1 for c in drawn.values()), drawn  # the same colour in every panel
+        colors = [next(iter(c)) for c in drawn.values()]
+        assert len(set(colors)) == len(colors), drawn
+
+
 def test_write_rows_csv_and_json(tmp_path):
     rows = [_row("x-transformers", median=1.0, peak=2.0, extra="dropped")]
     bench.add_ratios(rows)

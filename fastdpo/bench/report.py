@@ -103,22 +103,41 @@ def write_rows(rows: list[dict], path: str) -> None:
         w.writerows(rows)
 
 
-# One colour per provider, the same in every panel and every plot; fastdpo's in warm, saturated
-# colours with a heavier line, the others muted, the references grey.
-_COLORS = {
+# Every provider's colour, the same in every panel and every plot, each colour used once.
+# Families: fastdpo's routes in warm colours (reds, oranges, pink, brown, amber) with a heavier
+# line and a black bar edge; x-transformers blue; the plain-torch peers cyan; the fused-head
+# peers green (TRL, cut-cross-entropy, torch) and purple (Liger); the floor and the bodies grey
+# and dashed.  tests/test_bench.py checks that every registered provider has a colour here and
+# that no two providers drawn share one.
+PROVIDER_COLORS = {
     "fastdpo-torch": "#d62728", "fastdpo-triton": "#ff7f0e", "fastdpo-logits": "#e377c2",
-    "fastdpo-precomputed": "#8c564b", "x-transformers": "#1f77b4", "torch": "#17becf", "trl": "#9edae5",
-    "trl-fused": "#2ca02c", "cce": "#bcbd22", "liger": "#9467bd", "liger-eager": "#c5b0d5",
-    "torch-lce": "#aec7e8", "floor": "#7f7f7f", "body": "#c7c7c7",
-}
-_SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1"]
+    "fastdpo-precomputed": "#8c564b", "fastdpo-shared": "#e6ab02",
+    "x-transformers": "#1f77b4",
+    "torch": "#17becf", "trl": "#9edae5",
+    "trl-fused": "#2ca02c", "cce": "#98df8a", "torch-lce": "#637939",
+    "liger": "#9467bd", "liger-eager": "#c5b0d5",
+    "floor": "#7f7f7f", "body": "#c7c7c7",
+}  # fmt: skip
+# Providers registered elsewhere (--provider-module) take these in name order, then again dotted.
+SPARE_COLORS = ("#393b79", "#843c39", "#7b4173", "#8c6d31", "#5254a3", "#ad494a", "#a55194", "#bd9e39")
+_DASHED = ("floor", "body")
 
 
-def _style(provider: str, index: int) -> dict:
-    ours = provider.startswith("fastdpo")
-    color = _COLORS.get(provider) or _SPARE[index % len(_SPARE)]
-    return dict(color=color, linewidth=2.6 if ours else 1.3, zorder=3 if ours else 2,
-                linestyle="--" if provider in ("floor", "body") else "-")
+def provider_styles(providers: list[str]) -> dict[str, dict]:
+    """Line/bar style (matplotlib keyword arguments) of each provider: its colour from
+    :data:`PROVIDER_COLORS`, or a spare one for a provider not in it (assigned in name order,
+    so the same set of providers gets the same colours in every plot)."""
+    spare = sorted(p for p in dict.fromkeys(providers) if p not in PROVIDER_COLORS)
+    out = {}
+    for p in dict.fromkeys(providers):
+        ours = p.startswith("fastdpo")
+        if p in PROVIDER_COLORS:
+            color, linestyle = PROVIDER_COLORS[p], "--" if p in _DASHED else "-"
+        else:
+            k = spare.index(p)
+            color, linestyle = SPARE_COLORS[k % len(SPARE_COLORS)], "-" if k < len(SPARE_COLORS) else ":"
+        out[p] = dict(color=color, linestyle=linestyle, linewidth=2.6 if ours else 1.3, zorder=3 if ours else 2)
+    return out
 
 
 def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
@@ -138,7 +157,7 @@ def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
     metrics = [m for m in metrics if any(r[m[0]] is not None for r in rows)] or metrics[:1]  # --no-memory
     xs = sorted({r[x] for r in rows})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    style = {p: _style(p, i) for i, p in enumerate(providers)}
+    style = provider_styles(providers)
     sweep = len(xs) > 1
     fig, axes = plt.subplots(len(metrics), len(panels), squeeze=False,
                              figsize=(4.8 * len(panels), 3.0 * len(metrics) + 2.2))
