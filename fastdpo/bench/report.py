@@ -89,6 +89,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out[1:])
 
 
+def isolation_note(rows: list[dict]) -> str:
+    """One line: how the providers were kept from each other, and the seed of the orders."""
+    isolation = {r.get("isolation") for r in rows} - {None}
+    seeds = {r.get("seed") for r in rows} - {None}
+    seed = f"seed {', '.join(map(str, sorted(seeds)))}" if seeds else "no seed"
+    if isolation == {"process"}:
+        return (f"isolation: each provider timed in a fresh process of its own, the repeats interleaved in "
+                f"rounds of shuffled order ({seed}; --isolation process)")
+    if isolation == {"shuffle"}:
+        return (f"isolation: every provider timed in one process, one after another in a shuffled order "
+                f"({seed}; --isolation shuffle): a provider's time may depend on the ones before it")
+    return f"isolation: {', '.join(sorted(isolation)) or 'not recorded'} ({seed})"
+
+
 def write_rows(rows: list[dict], path: str) -> None:
     """Rows to ``path``: JSON (a list of objects) for ``.json``, else CSV with :data:`COLUMNS`."""
     rows = [{k: r.get(k) for k in COLUMNS} for r in rows]
@@ -198,6 +212,8 @@ def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
     title = (f"fastdpo bench: {r0['device_name']} ({r0['device']}), {r0['dtype']}, B={r0['batch']}, "
              f"L={'swept' if swept == 'seq_len' else r0['seq_len']}, V={'swept' if swept == 'vocab' else r0['vocab']}, "
              f"D={r0['dim']}, depth={r0['depth']}; torch {r0['torch']}, {str(r0['date'])[:10]}")
+    if r0.get("isolation"):
+        title += f"; --isolation {r0['isolation']} --seed {r0['seed']}"
     fig.suptitle(title, fontsize=9, wrap=True)
     ncol = min(len(handles), max(2, int(fig.get_figwidth() // 1.6)))
     rows_of_legend = -(-len(handles) // ncol) if handles else 0
