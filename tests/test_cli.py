@@ -41,9 +41,9 @@ def test_bench_writes_rows_and_plot_under_results_and_summarizes(tmp_path, capsy
     rc = cli.main(["bench", *FAST, "--workload", "head", "--providers", "torch", "--no-memory", "--no-files"])
     assert rc == 0 and len(list((tmp_path / "results").iterdir())) == 2
 
-# Test-only providers, in a file so that the CPU memory workers import them too
-# (--provider-module).  A worker is a process forked from the memory server, which imported
-# the file: a pid other than the importer's means "in the worker".
+# Test-only providers, in a file so that the worker processes import them too
+# (--provider-module).  A worker is a process forked from the worker server, which imported
+# the file: a pid other than the importer's means "in a worker" (timing or memory).
 PLUGIN = textwrap.dedent(
     """
     import os, signal, time
