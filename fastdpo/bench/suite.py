@@ -7,6 +7,7 @@ import os
 import random
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable
 
 import torch
@@ -17,6 +18,12 @@ from .registry import PROVIDERS, Step, Unavailable, applicable
 from .report import add_ratios
 
 ISOLATIONS = ("process", "shuffle")
+
+# Seconds between two visits of the interleaved rounds: after a call, libgomp's idle threads spin
+# (GOMP_SPINCOUNT, 300000 turns: milliseconds) before they sleep, and on 2 cores a spinning thread
+# of the previous worker slowed the next one's short calls (the small head's, 2-4 ms, read up to
+# 2x) even after its untimed call.
+VISIT_GAP_S = 0.02
 
 
 def default_isolation(device: str) -> str:
@@ -139,7 +146,8 @@ def _run_in_processes(cfg, workload, mode, rows, repeats, warmup, memory, bar, s
     memory worker (CPU) or by its timing worker (CUDA).
 
     The ``repeats`` timed calls are interleaved in rounds: each round visits every provider
-    once, in a freshly shuffled order, and a visit is one untimed call then one timed call.
+    once, in a freshly shuffled order, and a visit is one untimed call then one timed call,
+    :data:`VISIT_GAP_S` after the previous visit ended.
     The rounds spread whatever the machine does during the run over every provider alike (what
     makes ratios from one run comparable on a shared machine); the untimed call lets each timed
     call follow one of its own in its own process, as a training loop's step does, rather than
@@ -167,6 +175,7 @@ def _run_in_processes(cfg, workload, mode, rows, repeats, warmup, memory, bar, s
         seconds = {n: [] for n in pids}
         for _ in range(repeats):
             for n in rng.sample(list(pids), len(pids)):
+                time.sleep(VISIT_GAP_S)
                 got = server.call(pids[n], do="time", untimed=1, timed=1)
                 if "seconds" in got:
                     seconds[n] += got["seconds"]
