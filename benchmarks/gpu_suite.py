@@ -38,15 +38,12 @@ passed, 1 otherwise, 2 when modules are missing.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -144,57 +141,6 @@ def check_imports(need_peers: bool) -> list[str]:
         except Exception as e:  # noqa: BLE001 -- any failure means the suite cannot use it
             missing.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return missing
-
-
-def _driver() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device) -> dict:
-    import torch
-    import triton
-
-    def version(name):
-        from importlib.metadata import PackageNotFoundError, version as v
-
-        try:
-            return v(name)
-        except PackageNotFoundError:
-            return None
-
-    env = dict(
-        device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        driver=_driver() if device.type == "cuda" else None,
-        cuda=torch.version.cuda,
-        python=platform.python_version(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        triton_interpret=os.environ.get("TRITON_INTERPRET", ""),
-        x_transformers=version("x-transformers"),
-        liger_kernel=version("liger-kernel"),
-        trl=version("trl"),
-        cut_cross_entropy=version("cut-cross-entropy"),
-        fastdpo_commit=_git_commit(),
-        date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-    )
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env.update(sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
-    return env
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ----------------------------------------------------------------------------- the run
@@ -990,7 +936,9 @@ def main(argv=None) -> int:
     torch.backends.cudnn.allow_tf32 = False
     suite = Suite(device=device, sizes=sizes, budget_s=budget, dry_run=args.dry_run)
     suite.start = t0
-    env = environment(device)
+    from fastdpo.bench.measure import environment  # after check_imports put this tree on sys.path
+
+    env = dict(device=str(device), **environment(device))
     print(f"gpu_suite on {env['device_name']} (torch {env['torch']}, triton {env['triton']}), "
           f"budget {budget:.0f} s, imports took {time.perf_counter() - t0:.1f} s", flush=True)
     sections = {"roofline": (roofline, 5), "correctness": (correctness, 30), "kernels": (kernels, 20),

@@ -36,13 +36,11 @@ CHUNK_BYTES = 64 << 20
 CUDA_CHUNK_BYTES = 1 << 30
 # Logits bytes the pair fusion may keep from one group of whole pairs between its two passes
 # (logits beyond it are recomputed).  CPU: at 128 MiB one pair of 2 x 512 tokens over a 32k
-# vocabulary fits whole.  (256 MiB was measured on 2 cores, 2026-11-27: at B=8, L=1024,
-# V=32000, D=512 it spared recomputing a quarter of the policy's rows, 8.8 s of head work
-# against 9.6 s in a 43 s step, but at B=4, L=512 it grouped two pairs and added 82 MiB to the
-# step's peak for no time: memory won.)  CUDA: a quarter of the memory free for tensors (cudaMemGetInfo plus
-# what torch's caching allocator holds unused), at most CUDA_GROUP_CAP: 4 GiB holds 16k rows of
-# bf16 logits at V = 128256 (B = 8 pairs of 2 x 1000 completion tokens), so recomputing is
-# the exception.
+# vocabulary fits whole; a larger budget groups more pairs, which adds their logits to the
+# step's peak for little time saved on a few cores (docs/performance.md, "pair-fusion
+# budget").  CUDA: a quarter of the memory free for tensors (cudaMemGetInfo plus what torch's
+# caching allocator holds unused), at most CUDA_GROUP_CAP: 4 GiB holds 16k rows of bf16 logits
+# at V = 128256 (B = 8 pairs of 2 x 1000 completion tokens), so recomputing is the exception.
 GROUP_BYTES = 128 << 20
 CUDA_GROUP_CAP = 4 << 30
 

@@ -21,15 +21,15 @@ what differs is who multiplies and which rows:
   1 TB per kernel at M_all = 32768, D = 4096, V = 128256, counted here as HBM traffic (at D = 4096 a wave of programs holds ~130 MiB of accumulators, against 50 MiB of
   L2 on an H100).  Reference: one product.
 
-Rates (:data:`H100`): the bf16 product rate and copy bandwidth measured on an H100 lent to
-this project (KINDS.md, 2026-11-13: 798 TFLOP/s on an 8192^3 bf16 product, ~3.0 TB/s
-device-to-device), float32 products at 51 TFLOP/s (IEEE, no TF32: 75% of the H100's 67
-TFLOP/s), and a Triton GEMM efficiency of 50% of those rates.  That efficiency is an
-assumption, not a measurement: Triton's own Hopper matmul reaches 70-80% of cuBLAS on large
-square products, and these kernels run an exp/max/sum epilogue on every tile, split the
-vocabulary, and use 128 x 128 x 32 tiles with 3 stages; ``benchmarks/gpu_suite.py`` times both
-routes and prints which one the rule should pick.  Until a GPU run replaces these figures, the
-rule follows the model.
+Rates (:data:`H100`): the bf16 product rate and copy bandwidth of the H100 machines lent to
+this project, from their spec sheet (measured there on 2026-11-13: 798 TFLOP/s on an 8192^3
+bf16 ``torch.mm``, ~3.0 TB/s device-to-device copy; docs/performance.md), float32 products at
+51 TFLOP/s (IEEE, no TF32: 75% of the H100's 67 TFLOP/s), and a Triton GEMM efficiency of 50%
+of those rates.  That efficiency is an assumption, not a measurement: Triton's own Hopper
+matmul reaches 70-80% of cuBLAS on large square products, and these kernels run an exp/max/sum
+epilogue on every tile, split the vocabulary, and use 128 x 128 x 32 tiles with 3 stages;
+``benchmarks/gpu_suite.py`` times both routes and prints which one the rule should pick.  Until
+a GPU run replaces these figures, the rule follows the model.
 """
 
 from __future__ import annotations

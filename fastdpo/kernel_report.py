@@ -213,7 +213,7 @@ def build_report(vocabs: tuple[int, ...] | None = None, workers: int | None = No
     else:
         with concurrent.futures.ProcessPoolExecutor(workers) as pool:
             rows = list(pool.map(_compile_one, jobs))
-    # Reported sequence kernels first, as before the linear ones existed.
+    # A stable order for the report: the sequence kernels, then the linear ones.
     return [r for r in rows if r.family == "sequence"] + [r for r in rows if r.family == "linear"]
 
 

@@ -4,11 +4,11 @@ Dimensions: N sequences, T positions, V vocabulary.
 
 For a row (n, t) with logits z and target y, ``logp = z_y - logsumexp(z)``; a sequence's score
 is ``sum_t m_t * logp_t``.  Its gradient w.r.t. row (n, t) is ``g_n * m_t * (onehot(y) -
-softmax(z))`` (DESIGN.md).  The logits are walked in boxes of counted rows small enough to stay
-in cache (:func:`box_plan`: in a DPO batch, each sequence's completion, the prompt and padding
-rows never read), and each box goes through ATen's fused, vectorized softmax: the exp of every
-element is what a CPU spends its time on, so the path is built around computing it as few
-times as possible.
+softmax(z))``, since ``d logsumexp(z) / dz = softmax(z)``.  The logits are walked in boxes of
+counted rows small enough to stay in cache (:func:`box_plan`: in a DPO batch, each sequence's
+completion, the prompt and padding rows never read), and each box goes through ATen's fused,
+vectorized softmax: the exp of every element is what a CPU spends its time on, so the path is
+built around computing it as few times as possible.
 
 * forward: ``softmax`` of the box, then ``log(p_y)`` (:func:`row_logprobs_into`; an exact
   max/log-sum form where p_y is tiny).  When the logits will get a gradient (float32, not in
@@ -23,8 +23,6 @@ takes one (N, T, V) buffer (or, when asked, the logits themselves).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -46,27 +44,10 @@ def rows_per_box(v: int, elem_bytes: int, budget: int) -> int:
     return max(1, budget // (elem_bytes * max(v, 1)))
 
 
-def _boxes(n: int, t: int, v: int, box_bytes: int) -> Iterator[tuple[slice, slice]]:
-    """Cover the (n, t) grid in row-major boxes of at most ``box_bytes // (4 v)`` rows.
-
-    A box is either some whole sequences or a run of positions of one sequence, so slicing a
-    (N, T, ...) tensor with it is always a view, contiguous when the tensor is.
-    """
-    rows = rows_per_box(v, 4, box_bytes)
-    if n == 0 or t == 0:
-        return
-    if t <= rows:
-        per = rows // t
-        for n0 in range(0, n, per):
-            yield slice(n0, min(n0 + per, n)), slice(0, t)
-    else:
-        for i in range(n):
-            for t0 in range(0, t, rows):
-                yield slice(i, i + 1), slice(t0, min(t0 + rows, t))
-
-
 def box_plan(mask: Tensor, v: int, box_bytes: int) -> list[tuple[slice, slice, int]]:
-    """Boxes of :func:`_boxes` cut to the counted rows, each tagged FULL or MIXED.
+    """The (N, T) grid cut into boxes of at most ``rows_per_box(v, 4, box_bytes)`` rows, each
+    tagged FULL or MIXED: whole sequences when a sequence fits a box, else runs of positions
+    of one sequence, so slicing a (N, T, ...) tensor with a box is always a view.
 
     In a DPO batch each sequence's counted positions are one run (the completion, between the
     prompt and the padding): a box of one or two sequences then covers just those runs, FULL,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -40,9 +41,9 @@ def test_bench_writes_rows_and_plot_under_results_and_summarizes(tmp_path, capsy
     rc = cli.main(["bench", *FAST, "--workload", "head", "--providers", "torch", "--no-memory", "--no-files"])
     assert rc == 0 and len(list((tmp_path / "results").iterdir())) == 2
 
-# Test-only providers, in a file so that the CPU memory workers import them too
-# (--provider-module).  A worker is a process forked from the memory server, which imported
-# the file: a pid other than the importer's means "in the worker".
+# Test-only providers, in a file so that the worker processes import them too
+# (--provider-module).  A worker is a process forked from the worker server, which imported
+# the file: a pid other than the importer's means "in a worker" (timing or memory).
 PLUGIN = textwrap.dedent(
     """
     import os, signal, time
@@ -111,6 +112,9 @@ def test_bench_tiny_end_to_end(tmp_path, capsys):
         assert r["vocab"] == 512 and r["dtype"] == "float32" and r["device"] == "cpu"
         assert r["torch"] and r["x_transformers"] and r["date"] and r["threads"] == 1
         assert f"{r['provider']:19} {r['workload']:8} {r['mode']:16}" in text
+    # each (provider, workload, mode) timed in a fresh process of its own (the CPU default)
+    assert all(r["isolation"] == "process" for r in rows)
+    assert len({r["pid"] for r in rows}) == len(rows) and os.getpid() not in {r["pid"] for r in rows}
     xt = [r for r in rows if r["provider"] == "x-transformers"]
     assert all(r["vs_xt"] == 1.0 and r["mem_vs_xt"] == 1.0 for r in xt)
     assert all(r["vs_floor"] == 1.0 for r in rows if r["provider"] == "floor")
@@ -144,26 +148,36 @@ def test_bench_csv_and_sweep(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_failing_providers_are_reported_and_the_rest_runs(plugin, tmp_path, capsys):
+@pytest.mark.parametrize("isolation", ["process", "shuffle"])
+def test_failing_providers_are_reported_and_the_rest_runs(isolation, plugin, tmp_path, capsys):
     out = tmp_path / "rows.json"
     rc = cli.main(["bench", *FAST, "--workload", "head", "--mode", "forward", "--provider-module", plugin,
-                   "--providers", "boom-build,boom-step,killed,slow", "--timeout", "8", "--out", str(out)])  # fmt: skip
+                   "--providers", "boom-build,boom-step,killed,slow", "--timeout", "8", "--out", str(out),
+                   "--isolation", isolation, "--seed", "7"])  # fmt: skip
     assert rc == 0
     text = capsys.readouterr().out
+    assert f"--isolation {isolation} --seed 7" in text.splitlines()[0]
+    assert f"(seed 7; --isolation {isolation})" in text
     rows = {r["provider"]: r for r in json.loads(out.read_text())}
+    assert all(r["isolation"] == isolation and r["seed"] == 7 for r in rows.values())
     assert rows["boom-build"]["status"] == "failed"
     assert rows["boom-build"]["reason"] == "RuntimeError: cannot build"
     assert rows["boom-step"]["status"] == "failed"
     assert rows["boom-step"]["reason"] == "ValueError: step failed"
     assert rows["killed"]["status"] == "failed"
     assert "killed by SIGKILL" in rows["killed"]["reason"]
-    assert rows["killed"]["median_ms"] is not None  # timed fine; its memory worker died
+    if isolation == "process":  # killed while timed in its own process
+        assert rows["killed"]["median_ms"] is None
+        assert rows["slow"]["reason"] == "worker timed out after 8 s"
+    else:  # timed fine here; its memory worker died
+        assert rows["killed"]["median_ms"] is not None and rows["killed"]["reason"].startswith("peak memory: ")
+        assert rows["slow"]["reason"] == "peak memory: worker timed out after 8 s"
     for name in ("x-transformers", "floor"):
         assert rows[name]["status"] == "ok" and rows[name]["peak_mib"] is not None, rows[name]
     for name in ("boom-build", "boom-step", "killed"):
         line = next(ln for ln in text.splitlines() if ln.startswith(name))
         assert f"failed: {rows[name]['reason']}" in line
-    assert rows["slow"]["status"] == "failed" and "timed out" in rows["slow"]["reason"]
+    assert rows["slow"]["status"] == "failed"
 
 
 def test_unavailable_provider_is_a_row():

@@ -12,27 +12,14 @@ workloads
 modes
     ``forward`` (the loss under ``no_grad``: evaluation) and ``forward+backward`` (the loss and
     its ``backward``: training).
-providers (the :data:`PROVIDERS` registry)
-    ``floor``           the work no implementation avoids.  step: the model bodies
-                        (``return_embeddings=True``) plus the four head products
-                        (2B(L-1), D) x (D, V) -- reference forward, policy forward, two
-                        policy backward -- as plain ``torch.mm``; head: one ``logsumexp`` over
-                        the logits, plus writing the softmax-sized gradient once.
-    ``body``            step only: the model bodies alone, no head.  Its peak memory is what
-                        the ``head MiB`` column subtracts.
-    ``x-transformers``  ``x_transformers.dpo.DPO`` (step), its ``log_softmax`` + ``einx``
-                        gather + ``masked_mean`` (head).
-    ``torch``           plain torch with x-transformers' numbers: one batch of 2B,
-                        ``log_softmax`` + ``gather`` + masked sum / count.
-    ``trl``             TRL's convention, written here (no trl dependency): one batch of 2B,
-                        ``log_softmax`` + ``gather``, the mask aligned with the *target*
-                        (``mask[:, 1:]``), the *sum* of token log-probs.
-    ``liger``           step only: Liger-Kernel's ``LigerFusedLinearDPOLoss`` on the body's
-                        hidden states and the head weight (Liger never builds logits, so it has
-                        no head-workload form).  Liger's chunked loss computes the gradient
-                        inside its forward, so its ``forward`` mode already pays for it.
-    ``fastdpo-torch``   ``fastdpo.DPO`` / ``sequence_logprobs`` with ``impl="torch"``.
-    ``fastdpo-triton``  the same with ``impl="triton"``: CUDA only (a row says so elsewhere).
+providers (the :data:`PROVIDERS` registry; ``fastdpo bench --help`` and ``benchmarks/README.md``
+    list them)
+    ``floor`` (the work no exact implementation avoids) and ``body`` (step only: the model
+    bodies alone, the baseline of the ``head MiB`` column); the reference ``x-transformers``;
+    the peers (plain torch in x-transformers' and TRL's conventions, TRL's fused head,
+    cut-cross-entropy, Liger-Kernel, torch's chunked ``linear_cross_entropy``); fastdpo's routes
+    (``fastdpo-torch``, ``fastdpo-triton``: CUDA only, ``fastdpo-logits``, ``fastdpo-shared``,
+    ``fastdpo-precomputed``).
 
 A provider is a builder ``(workload, mode, cfg) -> step`` registered with :func:`register`;
 ``step()`` runs one iteration and returns the loss (or ``None``).  A builder that cannot run
@@ -41,25 +28,30 @@ builder, a step or the memory measurement, is reported as ``failed`` with a one-
 and the suite goes on.
 
 Time: the median over ``--repeats`` calls after ``--warmup`` calls (CUDA events on a GPU,
-``time.perf_counter`` on the CPU), each provider's calls back to back, as a training loop
-repeats its step (:func:`fastdpo.bench.measure.time_steps` says why not interleaved); ratios
-to ``x-transformers`` and to ``floor`` come from the same run.
+``time.perf_counter`` on the CPU); ratios to ``x-transformers`` and to ``floor`` come from the
+same run.  Isolation (``--isolation``, :func:`fastdpo.bench.suite.run`): ``process`` (the CPU
+default) builds and times each provider in a fresh process of its own, forked from a server
+that has only imported the modules (:class:`fastdpo.bench.measure.WorkerServer`), so nothing one
+provider leaves in a process (a compiled peer's state, the heap it freed, caches) reaches
+another's time; the timed calls are interleaved in rounds, each round in a shuffled order, each
+timed call right after an untimed one of the same step.  ``shuffle`` (the CUDA default) times
+every provider in the running process, one after another in a shuffled order, each one's calls
+back to back.  The seed of the orders is printed and written in every row.
 
 Modes: ``forward`` is an evaluation step, the loss under ``torch.no_grad()``;
 ``forward+backward`` a training step.
 
 Peak memory.  CUDA: ``torch.cuda.max_memory_allocated`` during one call, above what was
-allocated before it (after the warm-up), in the timing process.  CPU: one fresh process per
-provider, workload, mode and size (forked from a server that has only imported the modules,
-to skip a 4 s import per measurement); it builds the step, calls it once (compilation, lazy
-caches), returns freed heap to the kernel (``malloc_trim``), resets the peak-RSS watermark
-(``/proc/self/clear_refs``), calls it again and reports ``VmHWM`` minus the resident size
-before that call.  glibc's default malloc keeps large freed blocks for reuse, so a peak would
-carry whatever the previous call freed (on the step workload, the model body's activations);
-the worker fixes the mmap threshold (``mallopt(M_MMAP_THRESHOLD)``) so every tensor above it
-is returned to the kernel when freed, and the RSS tracks live tensors.  For the step workload
-the ``head MiB`` column is a provider's peak minus the ``body`` peak (same mode): the memory
-its loss head adds to the model.  For the head workload it is the whole peak.
+allocated before it (after the warm-up), in the timing process.  CPU: one fresh memory worker
+per provider, workload, mode and size (forked from the same server); it builds the step, calls
+it once (compilation, lazy caches), returns freed heap to the kernel (``malloc_trim``), resets
+the peak-RSS watermark (``/proc/self/clear_refs``), calls it again and reports ``VmHWM`` minus
+the resident size before that call.  glibc's default malloc keeps large freed blocks for reuse,
+so a peak would carry whatever the previous call freed (on the step workload, the model body's
+activations); the worker fixes the mmap threshold (``mallopt(M_MMAP_THRESHOLD)``) so every
+tensor above it is returned to the kernel when freed, and the RSS tracks live tensors.  For the
+step workload the ``head MiB`` column is a provider's peak minus the ``body`` peak (same mode):
+the memory its loss head adds to the model.  For the head workload it is the whole peak.
 
 Output columns (the CSV header and the JSON keys, :data:`COLUMNS`): see
 ``benchmarks/README.md``.
@@ -71,15 +63,16 @@ from . import providers as _providers  # noqa: F401 -- registers the built-in pr
 from .cli import _sweep, add_arguments, configs_from_args, main_from_args  # noqa: F401 -- _sweep: tests
 from .config import BETA, COLUMNS, DTYPES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config
 from .inputs import Batch, head_logits, make_batch, make_models, make_step
-from .measure import MemoryServer, environment, measure_memory_cuda, peak_extra_bytes, time_steps
+from .measure import WorkerServer, environment, measure_memory_cuda, peak_extra_bytes, time_steps
 from .registry import PROVIDERS, Builder, Provider, Step, Unavailable, applicable, load_provider_modules, register
 from .report import add_ratios, format_table, plot, write_rows
-from .suite import run
+from .suite import ISOLATIONS, default_isolation, run
 
 __all__ = [
-    "BETA", "Batch", "Builder", "COLUMNS", "Config", "DTYPES", "MODES", "MemoryServer", "PROVIDERS",
+    "BETA", "Batch", "Builder", "COLUMNS", "Config", "DTYPES", "ISOLATIONS", "MODES", "PROVIDERS",
     "Provider", "REFERENCES", "SIZES", "SIZE_FIELDS", "SWEEPABLE", "Step", "Unavailable", "WORKLOADS",
-    "add_arguments", "add_ratios", "applicable", "configs_from_args", "environment", "format_table",
-    "head_logits", "load_provider_modules", "main_from_args", "make_batch", "make_models", "make_step",
-    "measure_memory_cuda", "peak_extra_bytes", "plot", "register", "run", "time_steps", "write_rows",
+    "WorkerServer", "add_arguments", "add_ratios", "applicable", "configs_from_args", "default_isolation",
+    "environment", "format_table", "head_logits", "load_provider_modules", "main_from_args", "make_batch",
+    "make_models", "make_step", "measure_memory_cuda", "peak_extra_bytes", "plot", "register", "run",
+    "time_steps", "write_rows",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import random
 import sys
 from collections.abc import Callable
 
@@ -13,8 +14,8 @@ import torch
 from .config import DTYPES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config
 from .measure import _one_line, environment
 from .registry import PROVIDERS, load_provider_modules
-from .report import format_table, plot, summary, write_rows
-from .suite import run
+from .report import format_table, isolation_note, plot, summary, write_rows
+from .suite import ISOLATIONS, default_isolation, run
 
 
 def _int_at_least(minimum: int, what: str):
@@ -109,10 +110,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=_positive, default=None, metavar="N",
                    help="torch CPU threads (default: torch's, one per core); 1 is steadier on a busy machine")  # fmt: skip
+    p.add_argument("--isolation", choices=list(ISOLATIONS), default=None,
+                   help="process: each provider timed in a fresh process of its own, the repeats interleaved "
+                        "in rounds of shuffled order (default on the CPU); shuffle: all in this process, one "
+                        "provider after another in a shuffled order (default on CUDA)")  # fmt: skip
+    p.add_argument("--seed", type=_non_negative, default=None, metavar="N",
+                   help="seed of the shuffled orders (default: drawn at random; the report prints it)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory measurements")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--timeout", type=_positive, default=None, metavar="S",
-                   help="seconds before a CPU memory worker is killed (default: none)")  # fmt: skip
+                   help="seconds a worker process may take for one build, warm-up, call or measurement "
+                        "before it is killed (default: none)")  # fmt: skip
     p.add_argument("--out", default=None, metavar="PATH",
                    help="write the rows to PATH (.csv or .json; default results/bench-<size>-<time>.csv)")
     p.add_argument("--plot", default=None, metavar="PATH",
@@ -172,11 +180,13 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
     if args.threads:
         torch.set_num_threads(args.threads)
     _warn_if_busy(cfgs[0].device)
+    isolation = args.isolation or default_isolation(cfgs[0].device)
+    seed = random.randrange(2**31) if args.seed is None else args.seed
     env = environment(cfgs[0].device)
     print(
         f"fastdpo bench --size {args.size}: {env['device_name']}, {cfgs[0].dtype}, torch {env['torch']}, "
         f"triton {env['triton']}, x-transformers {env['x_transformers']}, liger-kernel {env['liger_kernel']}, "
-        f"{env['threads']} threads, {repeats} repeats, {env['date']}",
+        f"{env['threads']} threads, {repeats} repeats, --isolation {isolation} --seed {seed}, {env['date']}",
         flush=True,
     )
     out, png = args.out, args.plot
@@ -190,11 +200,13 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
     rows = run(
         cfgs, workloads=args.workload, modes=args.mode, providers=args.providers, repeats=repeats,
         warmup=args.warmup, memory=args.memory, progress=args.progress, timeout=args.timeout,
-        provider_modules=args.provider_modules, on_rows=(lambda rows: write_rows(rows, out)) if out else None,
+        provider_modules=args.provider_modules, isolation=isolation, seed=seed,
+        on_rows=(lambda rows: write_rows(rows, out)) if out else None,
     )  # fmt: skip
     print(format_table(rows))
     print("ratios: median time and peak memory over x-transformers' and the floor's, same run; "
           "head MiB (step) = peak - the body-only peak; forward = an evaluation step (no_grad)")  # fmt: skip
+    print(isolation_note(rows))
     print()
     print(summary(rows))
     if out:

@@ -29,10 +29,11 @@ REFERENCES = ("floor", "x-transformers")
 
 COLUMNS = (
     "provider", "workload", "mode", "status", "reason",
-    "median_ms", "min_ms", "repeats", "vs_xt", "vs_floor",
+    "median_ms", "min_ms", "repeats", "vs_xt", "vs_floor", "isolation", "seed", "order", "pid",
     "peak_mib", "body_mib", "head_mib", "mem_vs_xt", "head_mem_vs_xt",
     *SIZE_FIELDS, "dtype", "device", "device_name",
-    "torch", "triton", "x_transformers", "liger_kernel", "fastdpo", "threads", "date",
+    "torch", "triton", "x_transformers", "liger_kernel", "trl", "cut_cross_entropy", "fastdpo", "fastdpo_commit",
+    "threads", "date",
 )  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""How the bench measures: time (CUDA events, perf_counter), peak memory (CUDA allocator;
-on the CPU a fresh forked process per measurement, see :mod:`fastdpo.bench`), the machine."""
+"""How the bench measures: time (CUDA events, perf_counter), peak memory (the CUDA allocator;
+on the CPU the peak RSS of a fresh process), the fresh processes each provider runs in, and
+the machine.  :mod:`fastdpo.bench` says how they fit together."""
 
 from __future__ import annotations
 
@@ -41,21 +42,26 @@ def _timed_call(fn: Step, device: str) -> float:
     return time.perf_counter() - t0
 
 
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def time_steps(
     steps: dict[str, Step], device: str, repeats: int, warmup: int = 2
 ) -> tuple[dict[str, list[float]], dict[str, str]]:
-    """Seconds per call of each step: each provider in turn runs ``warmup`` untimed calls,
-    then ``repeats`` timed ones back to back, as a training loop repeats its step.
+    """Seconds per call of each step, all in this process: each provider in turn (the order of
+    ``steps``) runs ``warmup`` untimed calls, then ``repeats`` timed ones back to back, as a
+    training loop repeats its step.  (``isolation="shuffle"``; the default on the CPU times
+    each provider in a process of its own, :class:`WorkerServer`.)
 
-    Back to back, not interleaved across providers: on the CPU, glibc maps every block above
-    a threshold on its own and returns it to the kernel when freed, so a call faults its large
-    buffers in afresh (a 16 MB buffer: ~4000 page faults) unless the previous call left blocks
-    of the same sizes behind.  Interleaving providers charged each one for the heap the
-    previous provider left: x-transformers' medium head read 886 ms in the suite against 459
-    ms in a loop of its own, and its small head 7 or 14 ms from one turn to the next
-    (docs/performance.md).  A loop of one step is what training runs, so that is what is
-    timed; the faults it still takes (x-transformers' logit-sized buffers are mapped afresh at
-    every step, as in any default CPU training loop) stay in its time.
+    Back to back, not interleaved across providers in one process: on the CPU, glibc maps every
+    block above a threshold on its own and returns it to the kernel when freed, so a call
+    faults its large buffers in afresh (a 16 MB buffer: ~4000 page faults) unless the previous
+    call left blocks of the same sizes behind; interleaved, each provider would pay for the
+    heap its neighbour left.  The faults a loop of one step still takes (x-transformers'
+    logit-sized buffers are mapped afresh at every step, as in any default CPU training loop)
+    stay in its time.
 
     Returns (times, errors): a step that raises is dropped and its one-line reason recorded
     in ``errors``.
@@ -72,11 +78,6 @@ def time_steps(
         except Exception as e:  # noqa: BLE001 -- a failing provider is a result
             errors[name] = _one_line(e)
     return times, errors
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _rss_bytes(field: str) -> int:
@@ -133,76 +134,182 @@ def worker_heap() -> None:
         libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
 
 
-def _measure_request(req: dict) -> dict:
-    """In a fresh process: build one provider and measure its CPU peak (see the module doc)."""
-    worker_heap()
-    provider = req["provider"]
-    if provider not in PROVIDERS:
-        raise KeyError(f"provider {provider!r} is not registered in a fresh process")
-    cfg = Config(**req["cfg"])
-    torch.set_num_threads(req.get("threads") or torch.get_num_threads())
+def measure_memory_cuda(fn: Step) -> dict:
     try:
+        return dict(peak_extra_bytes=peak_extra_bytes(fn, "cuda"))
+    except Exception as e:  # noqa: BLE001 -- an OOM is a result
+        return dict(error=_one_line(e))
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- fresh processes
+
+
+def _worker(req: dict, cmd_fd: int, res_fd: int) -> None:
+    """One provider's process: build its step, then answer commands (JSON lines on ``cmd_fd``,
+    one JSON line back on ``res_fd`` each) until the command pipe closes.
+
+    ``req["heap"] == "fixed"``: a memory worker (:func:`worker_heap` before anything else).
+    Commands: ``{"do": "warmup", "n": n}`` (n untimed calls), ``{"do": "time", "untimed": u,
+    "timed": n}`` (u untimed calls, then the seconds of n timed ones, back to back),
+    ``{"do": "memory"}`` (:func:`peak_extra_bytes`, its warm-up call included).
+    """
+    if req.get("heap") == "fixed":
+        worker_heap()
+    res = os.fdopen(res_fd, "w")
+
+    def send(obj: dict) -> None:
+        res.write(json.dumps(obj) + "\n")
+        res.flush()
+
+    cfg = Config(**req["cfg"])
+    device = cfg.device
+    torch.set_num_threads(req.get("threads") or torch.get_num_threads())
+    provider = req["provider"]
+    try:
+        if provider not in PROVIDERS:
+            raise KeyError(f"provider {provider!r} is not registered in a fresh process")
         fn = PROVIDERS[provider].build(req["workload"], req["mode"], cfg)
     except Unavailable as e:
-        return dict(unavailable=str(e))
-    return dict(peak_extra_bytes=peak_extra_bytes(fn, cfg.device))
+        return send(dict(unavailable=str(e)))
+    except Exception as e:  # noqa: BLE001 -- reported, not raised
+        return send(dict(error=_one_line(e)))
+    send(dict(ok=True))
+    for line in os.fdopen(cmd_fd, "r"):
+        cmd = json.loads(line)
+        try:
+            if cmd["do"] == "warmup":
+                for _ in range(cmd["n"]):
+                    fn()
+                    _sync(device)
+                send(dict(ok=True))
+            elif cmd["do"] == "time":
+                for _ in range(cmd.get("untimed", 0)):
+                    fn()
+                    _sync(device)
+                send(dict(seconds=[_timed_call(fn, device) for _ in range(cmd["timed"])]))
+            elif cmd["do"] == "memory":
+                if device.startswith("cuda"):
+                    send(measure_memory_cuda(fn))
+                else:
+                    send(dict(peak_extra_bytes=peak_extra_bytes(fn, device)))
+            else:
+                raise ValueError(f"unknown command {cmd['do']!r}")
+        except Exception as e:  # noqa: BLE001 -- a failing step is a result
+            send(dict(error=_one_line(e)))
 
 
-# What the memory server imports once, before it forks its first worker.
-_PRELOAD = ("torch", "x_transformers", "einx", "fastdpo", "liger_kernel.chunked_loss")
+def _death(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        why = " (out of memory?)" if sig == signal.SIGKILL else ""
+        return f"worker killed by {signal.Signals(sig).name}{why}"
+    return f"worker exited with code {os.waitstatus_to_exitcode(status)} and no result"
 
 
-def _memory_server(provider_modules: list[str]) -> None:
-    """Serve measurement requests (JSON lines on stdin), each in a process forked afresh.
+# What the server imports once, before it forks its first worker (not trl.trainer.utils: it
+# starts another thread, and a lock that thread holds when the server forks stays held in the
+# worker).
+_PRELOAD = ("torch", "x_transformers", "einx", "fastdpo", "liger_kernel.chunked_loss", "cut_cross_entropy",
+            "trl.kernels.chunked_logprob")  # fmt: skip
 
-    Started by :class:`MemoryServer`.  This process imports the modules (and the modules
+
+def _server(provider_modules: list[str]) -> None:
+    """Fork workers (:func:`_worker`) and relay to them; requests are JSON lines on stdin.
+
+    Started by :class:`WorkerServer`.  This process imports the modules (and the modules
     registering extra providers) and never runs a tensor op, so every forked worker starts
     from an untouched heap and a single thread, and pays no import (4 s with torch and
-    x-transformers).  Per request it prints the worker's pid, then the result (or how the
-    worker died), one JSON line each.
+    x-transformers).  ``{"op": "start", "req": ...}`` forks a worker and answers two lines: its
+    pid, then its build result; ``{"op": "call", "pid": p, "cmd": ...}`` answers the worker's
+    reply, or how it died; ``{"op": "stop", "pid": p}`` closes its command pipe and reaps it.
     """
     import importlib
 
     for name in _PRELOAD:
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception:  # noqa: BLE001 -- a worker that needs it says why
             pass
     load_provider_modules(provider_modules)
     out = sys.stdout
-    for line in sys.stdin:
-        req = json.loads(line)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the worker
-            os.close(r)
-            os.dup2(2, 1)  # keep stray prints off the protocol pipe
+    workers: dict[int, tuple] = {}  # pid: (command file, result file)
+
+    def reply(obj: dict) -> None:
+        out.write(json.dumps(obj) + "\n")
+        out.flush()
+
+    def reap(pid: int) -> int:
+        cmd, res = workers.pop(pid)
+        for f in (cmd, res):
             try:
-                result = _measure_request(req)
-            except BaseException as e:  # noqa: BLE001 -- reported, not raised
-                result = dict(error=_one_line(e))
-            os.write(w, json.dumps(result).encode())
-            os._exit(0)
-        os.close(w)
-        out.write(json.dumps(dict(pid=pid)) + "\n")
-        out.flush()
-        with os.fdopen(r, "rb") as f:
-            data = f.read()
-        _, status = os.waitpid(pid, 0)
-        if data:
-            result = json.loads(data)
-        elif os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            why = " (out of memory?)" if sig == signal.SIGKILL else ""
-            result = dict(error=f"memory worker killed by {signal.Signals(sig).name}{why}")
-        else:
-            result = dict(error=f"memory worker exited with code {os.waitstatus_to_exitcode(status)} and no result")
-        out.write(json.dumps(result) + "\n")
-        out.flush()
+                f.close()
+            except OSError:
+                pass
+        return os.waitpid(pid, 0)[1]
+
+    def relay(pid: int) -> dict:
+        line = workers[pid][1].readline()
+        return json.loads(line) if line else dict(error=_death(reap(pid)))
+
+    for line in sys.stdin:
+        msg = json.loads(line)
+        pid = msg.get("pid")
+        if msg["op"] == "start":
+            if msg["req"]["cfg"]["device"].startswith("cuda") and torch.cuda.is_initialized():
+                reply(dict(pid=None))
+                reply(dict(error="cannot fork a CUDA worker: CUDA was initialized in the worker server"))
+                continue
+            cmd_r, cmd_w = os.pipe()
+            res_r, res_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the worker
+                os.close(cmd_w)
+                os.close(res_r)
+                for cmd, res in workers.values():  # others' pipes: their EOF must not wait on us
+                    cmd.close()
+                    res.close()
+                os.dup2(2, 1)  # keep stray prints off the protocol pipe
+                code = 0
+                try:
+                    _worker(msg["req"], cmd_r, res_w)
+                except BaseException:  # noqa: BLE001 -- the server reports a worker without a result
+                    code = 1
+                os._exit(code)
+            os.close(cmd_r)
+            os.close(res_w)
+            workers[pid] = (os.fdopen(cmd_w, "w"), os.fdopen(res_r, "rb"))
+            reply(dict(pid=pid))
+            reply(relay(pid))
+        elif msg["op"] == "call":
+            if pid not in workers:
+                reply(dict(error=f"no worker {pid}"))
+                continue
+            try:
+                workers[pid][0].write(json.dumps(msg["cmd"]) + "\n")
+                workers[pid][0].flush()
+            except OSError:
+                pass  # it died: relay reads the end of its pipe and says how
+            reply(relay(pid))
+        elif msg["op"] == "stop":
+            if pid in workers:
+                reap(pid)
+            reply({})
+    for pid in list(workers):
+        reap(pid)
 
 
-class MemoryServer:
-    """Measures CPU peaks in fresh processes forked by one :func:`_memory_server`."""
+class WorkerServer:
+    """Fresh processes, one per provider, workload, mode and size, forked by one
+    :func:`_server` (a subprocess that has only imported the modules).
+
+    :meth:`start` forks a worker that builds one provider's step; :meth:`call` asks it to warm
+    up, time or measure; :meth:`stop` ends it; :meth:`measure` is a memory worker's whole life
+    (the CPU peak of one call, :func:`peak_extra_bytes`).  A worker that runs past ``timeout``
+    seconds in one request is killed, and the request answers ``{"error": ...}``.
+    """
 
     def __init__(self, timeout: float | None = None, provider_modules: Iterable[str] = ()):
         self.timeout = timeout
@@ -212,14 +319,20 @@ class MemoryServer:
     def _start(self):
         import subprocess
 
+        # No CUDA query at import in the server (liger asks torch.cuda.is_available()): a
+        # process that has initialized CUDA cannot fork a worker that uses it.
+        env = {**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+        # The server imports the fastdpo this process runs, whatever the working directory.
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        code = ("import sys; sys.path.insert(0, sys.argv[1]); import fastdpo.bench; "
+                "from fastdpo.bench.measure import _server; _server(sys.argv[2:])")  # fmt: skip
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "import sys; import fastdpo.bench; from fastdpo.bench.measure import _memory_server; _memory_server(sys.argv[1:])",
-             *self.provider_modules],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [sys.executable, "-c", code, root, *self.provider_modules],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )  # fmt: skip
         self._buf = b""
 
-    def _readline(self, timeout: float | None) -> str:
+    def _readline(self, timeout: float | None) -> dict:
         # Reads the pipe's fd directly: a buffered reader could hold the next line where
         # select() cannot see it.
         import select
@@ -232,35 +345,77 @@ class MemoryServer:
                 raise TimeoutError
             chunk = os.read(fd, 65536)
             if not chunk:
-                raise EOFError("the memory server died")
+                raise EOFError("the worker server died")
             self._buf += chunk
         line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode()
+        return json.loads(line)
 
-    def measure(self, workload: str, provider: str, mode: str, cfg: Config) -> dict:
-        """``{"peak_extra_bytes": n}``, ``{"error": one line}`` or ``{"unavailable": reason}``."""
+    def _send(self, msg: dict) -> None:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
-        req = dict(workload=workload, provider=provider, mode=mode, cfg=asdict(cfg), threads=torch.get_num_threads())
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+
+    def _answer(self, pid: int) -> dict:
+        """The worker's answer, or after ``timeout`` seconds the worker killed and an error."""
         try:
-            self.proc.stdin.write(json.dumps(req) + "\n")
-            self.proc.stdin.flush()
-            pid = json.loads(self._readline(None))["pid"]
+            return self._readline(self.timeout)
+        except TimeoutError:
             try:
-                return json.loads(self._readline(self.timeout))
-            except TimeoutError:
                 os.kill(pid, signal.SIGKILL)
-                self._readline(None)
-                return dict(error=f"memory worker timed out after {self.timeout} s")
+            except ProcessLookupError:  # it ended just now: its answer is on the way
+                pass
+            self._readline(None)  # the server's word that it died
+            return dict(error=f"worker timed out after {self.timeout:g} s")
+
+    def start(
+        self, provider: str, workload: str, mode: str, cfg: Config, heap: str = "default"
+    ) -> tuple[int | None, dict]:
+        """Fork a worker that builds ``provider``'s step: (pid, ``{"ok": True}``,
+        ``{"unavailable": reason}`` or ``{"error": one line}``).  ``heap="fixed"``: a memory
+        worker (:func:`worker_heap`)."""
+        req = dict(provider=provider, workload=workload, mode=mode, cfg=asdict(cfg), heap=heap,
+                   threads=torch.get_num_threads())  # fmt: skip
+        try:
+            self._send(dict(op="start", req=req))
+            pid = self._readline(None)["pid"]
+            return pid, (self._readline(None) if pid is None else self._answer(pid))
         except (OSError, EOFError, ValueError) as e:
             self.close()
-            return dict(error=f"memory server: {_one_line(e)}")
+            return None, dict(error=f"worker server: {_one_line(e)}")
+
+    def call(self, pid: int, **cmd) -> dict:
+        """One command to worker ``pid`` (see :func:`_worker`); its answer or ``{"error": ...}``."""
+        try:
+            self._send(dict(op="call", pid=pid, cmd=cmd))
+            return self._answer(pid)
+        except (OSError, EOFError, ValueError) as e:
+            self.close()
+            return dict(error=f"worker server: {_one_line(e)}")
+
+    def stop(self, pid: int | None) -> None:
+        if pid is None or self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            self._send(dict(op="stop", pid=pid))
+            self._readline(None)
+        except (OSError, EOFError, ValueError):
+            self.close()
+
+    def measure(self, workload: str, provider: str, mode: str, cfg: Config) -> dict:
+        """The peak memory of one call in a fresh memory worker: ``{"peak_extra_bytes": n}``,
+        ``{"error": one line}`` or ``{"unavailable": reason}``."""
+        pid, built = self.start(provider, workload, mode, cfg, heap="fixed")
+        try:
+            return self.call(pid, do="memory") if built.get("ok") else built
+        finally:
+            self.stop(pid)
 
     def close(self) -> None:
         if self.proc is not None:
             try:
                 self.proc.stdin.close()
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=30)
             except Exception:  # noqa: BLE001
                 self.proc.kill()
             self.proc = None
@@ -270,16 +425,6 @@ class MemoryServer:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def measure_memory_cuda(fn: Step) -> dict:
-    try:
-        return dict(peak_extra_bytes=peak_extra_bytes(fn, "cuda"))
-    except Exception as e:  # noqa: BLE001 -- an OOM is a result
-        return dict(error=_one_line(e))
-    finally:
-        gc.collect()
-        torch.cuda.empty_cache()
 
 
 def _version(name: str) -> str | None:
@@ -302,19 +447,61 @@ def _cpu_model() -> str | None:
     return None
 
 
-def environment(device: str) -> dict:
-    """What the rows are tagged with: machine, versions, date."""
-    if device.startswith("cuda"):
-        name = torch.cuda.get_device_name(torch.device(device))
+def _driver() -> str | None:
+    """The NVIDIA driver version (nvidia-smi), or None."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)  # fmt: skip
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _git_commit() -> str | None:
+    """The checkout's commit when fastdpo runs from one (not from an installed copy)."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: str | torch.device) -> dict:
+    """What results are tagged with: the machine, the versions, the date (the bench's rows and
+    benchmarks/gpu_suite.py's report)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        name = torch.cuda.get_device_name(device)
     else:
         name = f"{_cpu_model() or platform.machine()}, {os.cpu_count()} cores"
-    return dict(
+    env = dict(
         device_name=name,
+        driver=_driver() if cuda else None,
+        cuda=torch.version.cuda,
+        python=platform.python_version(),
         torch=torch.__version__,
         triton=_version("triton"),
+        triton_interpret=os.environ.get("TRITON_INTERPRET", ""),
         x_transformers=_version("x-transformers"),
         liger_kernel=_version("liger-kernel"),
+        trl=_version("trl"),
+        cut_cross_entropy=_version("cut-cross-entropy"),
         fastdpo=_version("fastdpo"),
+        fastdpo_commit=_git_commit(),
         threads=torch.get_num_threads(),
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     )
+    if cuda:
+        props = torch.cuda.get_device_properties(device)
+        env.update(sms=props.multi_processor_count, memory_gib=round(props.total_memory / 2**30, 1))
+    return env

@@ -80,10 +80,9 @@ def _floor(workload: str, mode: str, cfg: Config) -> Step:
     hidden = torch.randn(m, cfg.dim, generator=g, device=dev, dtype=dt)
     weight = torch.randn(cfg.vocab, cfg.dim, generator=g, device=dev, dtype=dt)
     # Each product over all M counted rows at once, into one (M, V) buffer allocated here,
-    # outside the timed call: the cheapest way to do the work, whatever it costs in memory.  (On
-    # 2 CPU cores at the medium size the head's products took 1.29 s so against 1.49 s in 64 MiB
-    # chunks through a reused buffer; fastdpo's step, whose backward products take a whole
-    # pair's rows at once, read 0.94x of that chunked floor.)
+    # outside the timed call: the cheapest way to do the work, whatever it costs in memory.  A
+    # floor in chunks through a reused buffer is not a floor: fastdpo's backward products take
+    # a whole pair's rows at once and beat it (docs/performance.md, "Floors").
     buf = torch.empty(max(m, 1), cfg.vocab, device=dev, dtype=dt)
 
     def head(grad: bool) -> None:

@@ -56,7 +56,7 @@ def register(name: str, *, workloads: Iterable[str] = WORKLOADS, help: str = "",
 
 def load_provider_modules(modules: Iterable[str]) -> None:
     """Import modules that call :func:`register` (``--provider-module``): dotted names or
-    ``.py`` paths.  The CPU memory workers import them too, so their providers are measured
+    ``.py`` paths.  The worker processes import them too, so their providers are measured
     like the built-in ones."""
     import importlib
     import importlib.util

@@ -89,6 +89,20 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out[1:])
 
 
+def isolation_note(rows: list[dict]) -> str:
+    """One line: how the providers were kept from each other, and the seed of the orders."""
+    isolation = {r.get("isolation") for r in rows} - {None}
+    seeds = {r.get("seed") for r in rows} - {None}
+    seed = f"seed {', '.join(map(str, sorted(seeds)))}" if seeds else "no seed"
+    if isolation == {"process"}:
+        return (f"isolation: each provider timed in a fresh process of its own, the repeats interleaved in "
+                f"rounds of shuffled order ({seed}; --isolation process)")
+    if isolation == {"shuffle"}:
+        return (f"isolation: every provider timed in one process, one after another in a shuffled order "
+                f"({seed}; --isolation shuffle): a provider's time may depend on the ones before it")
+    return f"isolation: {', '.join(sorted(isolation)) or 'not recorded'} ({seed})"
+
+
 def write_rows(rows: list[dict], path: str) -> None:
     """Rows to ``path``: JSON (a list of objects) for ``.json``, else CSV with :data:`COLUMNS`."""
     rows = [{k: r.get(k) for k in COLUMNS} for r in rows]
@@ -103,22 +117,41 @@ def write_rows(rows: list[dict], path: str) -> None:
         w.writerows(rows)
 
 
-# One colour per provider, the same in every panel and every plot; fastdpo's in warm, saturated
-# colours with a heavier line, the others muted, the references grey.
-_COLORS = {
+# Every provider's colour, the same in every panel and every plot, each colour used once.
+# Families: fastdpo's routes in warm colours (reds, oranges, pink, brown, amber) with a heavier
+# line and a black bar edge; x-transformers blue; the plain-torch peers cyan; the fused-head
+# peers green (TRL, cut-cross-entropy, torch) and purple (Liger); the floor and the bodies grey
+# and dashed.  tests/test_bench.py checks that every registered provider has a colour here and
+# that no two providers drawn share one.
+PROVIDER_COLORS = {
     "fastdpo-torch": "#d62728", "fastdpo-triton": "#ff7f0e", "fastdpo-logits": "#e377c2",
-    "fastdpo-precomputed": "#8c564b", "x-transformers": "#1f77b4", "torch": "#17becf", "trl": "#9edae5",
-    "trl-fused": "#2ca02c", "cce": "#bcbd22", "liger": "#9467bd", "liger-eager": "#c5b0d5",
-    "torch-lce": "#aec7e8", "floor": "#7f7f7f", "body": "#c7c7c7",
-}
-_SPARE = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#31a354", "#756bb1"]
+    "fastdpo-precomputed": "#8c564b", "fastdpo-shared": "#e6ab02",
+    "x-transformers": "#1f77b4",
+    "torch": "#17becf", "trl": "#9edae5",
+    "trl-fused": "#2ca02c", "cce": "#98df8a", "torch-lce": "#637939",
+    "liger": "#9467bd", "liger-eager": "#c5b0d5",
+    "floor": "#7f7f7f", "body": "#c7c7c7",
+}  # fmt: skip
+# Providers registered elsewhere (--provider-module) take these in name order, then again dotted.
+SPARE_COLORS = ("#393b79", "#843c39", "#7b4173", "#8c6d31", "#5254a3", "#ad494a", "#a55194", "#bd9e39")
+_DASHED = ("floor", "body")
 
 
-def _style(provider: str, index: int) -> dict:
-    ours = provider.startswith("fastdpo")
-    color = _COLORS.get(provider) or _SPARE[index % len(_SPARE)]
-    return dict(color=color, linewidth=2.6 if ours else 1.3, zorder=3 if ours else 2,
-                linestyle="--" if provider in ("floor", "body") else "-")
+def provider_styles(providers: list[str]) -> dict[str, dict]:
+    """Line/bar style (matplotlib keyword arguments) of each provider: its colour from
+    :data:`PROVIDER_COLORS`, or a spare one for a provider not in it (assigned in name order,
+    so the same set of providers gets the same colours in every plot)."""
+    spare = sorted(p for p in dict.fromkeys(providers) if p not in PROVIDER_COLORS)
+    out = {}
+    for p in dict.fromkeys(providers):
+        ours = p.startswith("fastdpo")
+        if p in PROVIDER_COLORS:
+            color, linestyle = PROVIDER_COLORS[p], "--" if p in _DASHED else "-"
+        else:
+            k = spare.index(p)
+            color, linestyle = SPARE_COLORS[k % len(SPARE_COLORS)], "-" if k < len(SPARE_COLORS) else ":"
+        out[p] = dict(color=color, linestyle=linestyle, linewidth=2.6 if ours else 1.3, zorder=3 if ours else 2)
+    return out
 
 
 def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
@@ -138,7 +171,7 @@ def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
     metrics = [m for m in metrics if any(r[m[0]] is not None for r in rows)] or metrics[:1]  # --no-memory
     xs = sorted({r[x] for r in rows})
     providers = list(dict.fromkeys(r["provider"] for r in rows))
-    style = {p: _style(p, i) for i, p in enumerate(providers)}
+    style = provider_styles(providers)
     sweep = len(xs) > 1
     fig, axes = plt.subplots(len(metrics), len(panels), squeeze=False,
                              figsize=(4.8 * len(panels), 3.0 * len(metrics) + 2.2))
@@ -179,6 +212,8 @@ def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
     title = (f"fastdpo bench: {r0['device_name']} ({r0['device']}), {r0['dtype']}, B={r0['batch']}, "
              f"L={'swept' if swept == 'seq_len' else r0['seq_len']}, V={'swept' if swept == 'vocab' else r0['vocab']}, "
              f"D={r0['dim']}, depth={r0['depth']}; torch {r0['torch']}, {str(r0['date'])[:10]}")
+    if r0.get("isolation"):
+        title += f"; --isolation {r0['isolation']} --seed {r0['seed']}"
     fig.suptitle(title, fontsize=9, wrap=True)
     ncol = min(len(handles), max(2, int(fig.get_figwidth() // 1.6)))
     rows_of_legend = -(-len(handles) // ncol) if handles else 0
