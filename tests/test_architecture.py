@@ -109,7 +109,7 @@ def test_no_module_over_the_line_budget():
 
 
 def test_cited_documents_exist():
-    """Every ``NAME.md`` a tracked file names is in the repository (by path or by name)."""
+    """Every markdown file a tracked file names is in the repository (by path or by name)."""
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     names = {Path(f).name for f in files}
     paths = set(files)
