@@ -23,7 +23,8 @@ from . import _checks
 from .fused_pair import HeadOptions, run_dpo_head
 from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
 from .models import adapter_for, adapters_disabled, check_wrappers, peft_model
-from .scoring import ALIGNMENTS, REDUCTIONS, Batch, Body, Route, Scorer, given_reference_scores, pair_batch
+from .batches import Batch, given_reference_scores, pair_batch, plan_packing
+from .scoring import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
 
 
 def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
@@ -121,12 +122,24 @@ class DPO(nn.Module):
             (with mean scores it would be plain ``sigmoid``).
         reference_free: score against a zero reference (TRL's ``reference_free``); no
             reference copy is made.  Reference-free loss types (``simpo``) make none either.
-        share_prompt: run each pair as one packed sequence ``[prompt, chosen completion,
-            rejected completion]`` (:mod:`fastdpo.packing`), so both models run the prompt
-            once; the scores are the unpacked ones to float rounding.  Each pair's prompt must
-            be a prefix, equal in both sequences, with right padding (else ``ValueError``
-            naming the pair); a model that cannot pack raises at construction, or on its first
-            call when packing changes its hidden states (:func:`fastdpo.packing.check_first_pair`).
+        packing: how the models run a batch of pairs.  ``"none"`` (default): padded rows of
+            2B sequences, as x-transformers.  ``"pair"``: each pair as one packed sequence
+            ``[prompt, chosen completion, rejected completion]`` (:mod:`fastdpo.packing`), so
+            the prompt runs once.  ``"batch"``: whole pairs packed first-fit into as few rows
+            as fit (of ``pack_length`` slots, default the longest packed pair), so no padding
+            runs either.  ``"auto"``: ``"batch"`` for the batches where the cost model says it
+            pays (:func:`fastdpo.cost_model.choose_layout`), else ``"none"``.  Packed scores are
+            the unpacked ones to float rounding.  Each pair's prompt must be a prefix, equal in
+            both sequences, with right padding (else ``ValueError`` naming the pair; ``"auto"``
+            runs such a batch unpacked); a model that cannot pack raises at construction, or
+            on its first packed call when packing changes its hidden states
+            (:func:`fastdpo.batches.check_first_pairs`).
+        pack_length: with ``packing="batch"`` or ``"auto"``, the slots of a packed row.
+        pack_attention: how packed rows attend.  ``"auto"`` (default): by parts where the
+            model's adapter can (:mod:`fastdpo.attention`: no masked block is computed), else
+            the dense mask, with a warning saying why; ``"segments"`` insists (``ValueError``);
+            ``"dense"``: the dense (rows, 1, T, T) mask.
+        share_prompt: ``True`` is ``packing="pair"`` (its earlier name).
     """
 
     def __init__(
@@ -147,6 +160,9 @@ class DPO(nn.Module):
         gamma: float = SIMPO_GAMMA,
         bco_delta: float | str | Tensor = 0.0,
         reference_free: bool = False,
+        packing: str = "none",
+        pack_length: int | None = None,
+        pack_attention: str = "auto",
         share_prompt: bool = False,
     ):
         super().__init__()
@@ -175,10 +191,11 @@ class DPO(nn.Module):
         self.inplace_backward = self.scorer.inplace_backward
         if not isinstance(share_prompt, bool):
             raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
-        self.share_prompt = share_prompt
+        if share_prompt and packing not in ("none", "pair"):
+            raise ValueError(f"share_prompt=True is packing='pair'; it contradicts packing={packing!r}")
         adapter = adapter_for(model)
-        if share_prompt and adapter.packing():
-            raise ValueError(f"share_prompt=True but this model cannot share its prompt: {adapter.packing()}")
+        self.packing = plan_packing(adapter, "pair" if share_prompt else packing, pack_attention, pack_length)
+        self.share_prompt = self.packing.layout == "pair"
         self._packing_checked: set[str] = set()
         if head != "logits":
             found, why = adapter.head()
@@ -228,16 +245,16 @@ class DPO(nn.Module):
     # ------------------------------------------------------------------------- the step
 
     def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask) -> Batch:
-        """The checked batch of 2B sequences (packed with ``share_prompt``; on the first packed
-        call per device, one pair is also run packed and unpacked, which must agree)."""
+        """The checked batch of 2B sequences (packed as ``packing`` says; on the first packed
+        call per device, two pairs are also run packed and unpacked, which must agree)."""
         device = str(preferred_seq.device) if isinstance(preferred_seq, Tensor) else None
-        check = self.share_prompt and device not in self._packing_checked and not torch.compiler.is_compiling()
+        verify = device not in self._packing_checked and not torch.compiler.is_compiling()
         batch = pair_batch(
             lambda dev: self.route(self.policy_model, dev).adapter,
             preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask, pad_id=self.pad_id,
-            alignment=self.mask_alignment, share_prompt=self.share_prompt, check_first_pair=check,
+            alignment=self.mask_alignment, packing_plan=self.packing, verify=verify,
         )
-        if check:
+        if batch.packed is not None:
             self._packing_checked.add(device)
         return batch
 

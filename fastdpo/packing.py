@@ -1,69 +1,121 @@
-"""Prompt sharing: a preference pair as one packed sequence (Wang & Hegde 2024, "Accelerating
-Direct Preference Optimization with Prefix Sharing").
+"""Packed preference batches: the layout (Wang & Hegde 2024, "Accelerating Direct Preference
+Optimization with Prefix Sharing"; padding-free packing as in ms-swift).
 
 A pair ``(prompt + chosen, prompt + rejected)`` runs through a model as one sequence
 ``[prompt, chosen completion, rejected completion]``: the rejected completion's positions
-restart after the prompt, and an attention mask hides the chosen completion from it.  With a
-causal model whose positions come from the ``pos`` it is given, every token then sees exactly
-what it sees in its own unpacked sequence, so the hidden states -- and the scores -- are the
-unpacked ones (to float rounding), while the prompt runs once instead of twice.
+restart after the prompt, and the attention hides the chosen completion from it.  With a
+causal model whose positions come from the positions it is given, every token then sees
+exactly what it sees in its own unpacked sequence, so the hidden states -- and the scores --
+are the unpacked ones (to float rounding), while the prompt runs once instead of twice.
+Layouts (:data:`LAYOUTS`): ``"pair"`` puts each pair in a row of its own; ``"batch"`` places
+whole pairs first-fit (longest first) into as few rows as fit, so no padding runs either.
 
-:func:`pack` builds the layout; a model's adapter (:mod:`fastdpo.models`) says whether it can
-run one (``adapter.packing()``) and runs it (its positions and mask as the family's forward
-takes them, :meth:`Packed.additive_mask`); :func:`run` gathers the hidden states of the unpacked
-``(2B, L-1)`` rows back (:attr:`Packed.rows`), which are then scored as usual.
+This module only builds the layout (:func:`pack`; tensors, no model): a model's adapter
+(:mod:`fastdpo.models`) runs it, attending by parts (:mod:`fastdpo.attention`) or through the
+dense mask (:meth:`Packed.additive_mask`), and :mod:`fastdpo.scoring` gathers the hidden states
+of the unpacked rows back (:attr:`Packed.rows`), which are then scored as usual.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .models import ModelAdapter, eval_mode
-
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+LAYOUTS = ("pair", "batch")  # one pair a row; whole pairs first-fit into rows
+ATTENTIONS = ("segments", "dense")
 
 
 @dataclass(frozen=True)
-class Packed:
-    """One batch of B pairs packed into B sequences of length T."""
+class Span:
+    """Where one pair sits in the packed rows: ``[prompt, chosen, rejected]`` from ``start``."""
 
-    tokens: Tensor  # (B, T) token ids
-    pos: Tensor  # (B, T) each token's position in its unpacked sequence
-    attn_mask: Tensor  # (B, 1, T, T) bool, True = may attend (the model adds causality)
-    rows: Tensor  # (2B, L-1) index into the (B*T) packed positions of each unpacked input position
-    length: int  # T
+    pair: int
+    row: int
+    start: int
+    prompt: int
+    chosen: int  # completion tokens of the chosen sequence (its real tokens past the prompt)
+    rejected: int
+
+    @property
+    def length(self) -> int:
+        return self.prompt + self.chosen + self.rejected
+
+
+@dataclass(frozen=True, eq=False)
+class Packed:
+    """B pairs packed into R rows of T slots, each pair as ``[prompt, chosen completion,
+    rejected completion]``; the slots after a row's last pair are padding."""
+
+    tokens: Tensor  # (R, T) token ids
+    pos: Tensor  # (R, T) each token's position in its unpacked sequence (0 at padding)
+    seg: Tensor  # (R, T) PROMPT, CHOSEN, REJECTED or PAD
+    pair: Tensor  # (R, T) the pair a slot belongs to, -1 at padding
+    rows: Tensor  # (2B, L-1) index into the (R*T) slots of each unpacked input position
+    spans: tuple[Span, ...]  # every pair's place, by row then start (host ints)
+    attention: str = "dense"  # how the models attend within it: ATTENTIONS
+    # What attention derives from the layout once, for every layer of both models (fastdpo.attention)
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def length(self) -> int:
+        """T, the slots per row."""
+        return self.tokens.shape[1]
+
+    @property
+    def real_tokens(self) -> int:
+        """The slots that hold a token of some pair (every prompt once)."""
+        return sum(s.length for s in self.spans)
+
+    @property
+    def attn_mask(self) -> Tensor:
+        """(R, 1, T, T) bool, True where a token may attend (causality not in it): its own
+        pair's prompt and its own part; a padding slot may attend anything (its output is never
+        read, and no row of the mask is empty)."""
+        same = self.pair[:, :, None] == self.pair[:, None, :]
+        seg_i, seg_j = self.seg[:, :, None], self.seg[:, None, :]
+        return ((same & ((seg_j == PROMPT) | (seg_j == seg_i))) | (seg_i == PAD))[:, None]
 
     def additive_mask(self, dtype: torch.dtype) -> Tensor:
-        """The mask with causality in it, as a (B, 1, T, T) additive bias: 0 where a token may
+        """The mask with causality in it, as a (R, 1, T, T) additive bias: 0 where a token may
         attend, the dtype's lowest value where it may not (how both families take it)."""
         t, device = self.length, self.tokens.device
         causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-        bias = torch.zeros(self.attn_mask.shape, dtype=dtype, device=device)
+        bias = torch.zeros((self.tokens.shape[0], 1, t, t), dtype=dtype, device=device)
         return bias.masked_fill_(~(self.attn_mask & causal), torch.finfo(dtype).min)
 
-    @property
-    def shared_fraction(self) -> float:
-        """Tokens saved: 1 - packed tokens / unpacked tokens (padding included in both)."""
-        b, t = self.tokens.shape
-        return 1.0 - (b * t) / (2 * b * (self.rows.shape[1] + 1))
+
+def _place(lengths: list[int], layout: str, capacity: int | None) -> tuple[list[tuple[int, int]], int]:
+    """(row, start) of each pair and the row length T: one pair a row in order ("pair"), or
+    whole pairs first-fit in decreasing length into rows of ``capacity`` slots ("batch";
+    default: the longest pair, so no row is longer than the longest pair; a pair longer than
+    ``capacity`` gets a row of its own, as long as the pair)."""
+    if layout == "pair":
+        return [(i, 0) for i in range(len(lengths))], max(lengths)
+    capacity = max(lengths) if capacity is None else capacity
+    fill: list[int] = []
+    where = [(0, 0)] * len(lengths)
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, used in enumerate(fill) if used and used + lengths[i] <= capacity), len(fill))
+        if row == len(fill):
+            fill.append(0)
+        where[i] = (row, fill[row])
+        fill[row] += lengths[i]
+    return where, max(fill)
 
 
-def pack(
+def pair_lengths(
     preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor, pref_mask: Tensor | None,
-    unpref_mask: Tensor | None, pad_token: int = 0,
-) -> Packed:
-    """Pack B pairs (each (B, L), right padded, prompt first).
-
-    Checks, with one host sync for the whole batch (the layout's lengths): each row's prompt
-    is a prefix (True then False), of real tokens, equal in both sequences of the pair; the
-    sequence masks are right padding.  Raises ``ValueError`` naming the first bad row.
-    """
+    unpref_mask: Tensor | None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Each pair's prompt length and its two sequences' real lengths, on the host (the one host
+    sync of a packed step), after checking that the pairs can pack: each row's prompt is a
+    prefix (True then False), of real tokens, equal in both sequences of the pair; the sequence
+    masks are right padding.  Raises ``ValueError`` naming the first bad pair."""
     b, n = preferred.shape
-    device = preferred.device
-    ar = torch.arange(n, device=device)
+    ar = torch.arange(n, device=preferred.device)
     ones = torch.ones_like(prompt_mask)
     wm = pref_mask if pref_mask is not None else ones
     lm = unpref_mask if unpref_mask is not None else ones
@@ -76,7 +128,7 @@ def pack(
         (p > torch.minimum(wlen, llen)),  # a prompt position is padding
         ((preferred != unpreferred) & prefix).any(1),  # the prompts differ
     ))
-    stats = torch.cat((bad.any(1), p, wlen, llen)).tolist()  # the one host sync
+    stats = torch.cat((bad.any(1), p, wlen, llen)).tolist()
     reasons = (
         "its prompt_mask is not a prefix (True on the first positions, then False)",
         "its sequence masks are not right padding",
@@ -86,65 +138,63 @@ def pack(
     for k, why in enumerate(reasons):
         if stats[k]:
             row = int(bad[k].nonzero()[0])
-            raise ValueError(f"share_prompt=True cannot pack pair {row}: {why}")
-    p_h, w_h, l_h = stats[4:4 + b], stats[4 + b:4 + 2 * b], stats[4 + 2 * b:]
-    t_len = max(w + l - q for q, w, l in zip(p_h, w_h, l_h))
+            raise ValueError(f"packing cannot pack pair {row}: {why}")
+    return stats[4:4 + b], stats[4 + b:4 + 2 * b], stats[4 + 2 * b:]
 
-    t = torch.arange(t_len, device=device)[None]  # (1, T)
-    pc, wc, lc = p[:, None], wlen[:, None], llen[:, None]
-    rej_end = wc + lc - pc
-    seg = torch.full((b, t_len), PAD, dtype=torch.long, device=device)
-    seg = torch.where(t < rej_end, REJECTED, seg)
-    seg = torch.where(t < wc, CHOSEN, seg)
-    seg = torch.where(t < pc, PROMPT, seg)
-    # token and position of each packed slot: its own index in the chosen part, shifted back by
-    # the chosen completion's length in the rejected part
-    src_pos = torch.where(seg == REJECTED, t - wc + pc, torch.where(seg == PAD, 0, t))
-    from_chosen = torch.gather(preferred, 1, torch.where(seg == REJECTED, 0, src_pos).clamp(max=n - 1))
-    from_rejected = torch.gather(unpreferred, 1, src_pos.clamp(max=n - 1))
-    tokens = torch.where(seg == REJECTED, from_rejected, from_chosen)
-    tokens = torch.where(seg == PAD, torch.full_like(tokens, pad_token), tokens)
-    seg_i, seg_j = seg[:, :, None], seg[:, None, :]
-    attn_mask = ((seg_j == PROMPT) | (seg_j == seg_i) | (seg_i == PAD))[:, None]
+
+def pack(
+    preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor, pref_mask: Tensor | None,
+    unpref_mask: Tensor | None, pad_token: int = 0, *, layout: str = "pair", pack_length: int | None = None,
+    attention: str = "dense", lengths: tuple[list[int], list[int], list[int]] | None = None,
+) -> Packed:
+    """Pack B pairs (each (B, L), right padded, prompt first) in ``layout`` (:data:`LAYOUTS`),
+    for models to attend within it as ``attention`` says (:data:`ATTENTIONS`).
+
+    ``lengths``: what :func:`pair_lengths` returned for these pairs (it checks them; computed
+    here when not given).
+    """
+    b, n = preferred.shape
+    device = preferred.device
+    p_h, w_h, l_h = lengths if lengths is not None else pair_lengths(preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
+    lengths = [w + l - q for q, w, l in zip(p_h, w_h, l_h)]
+    where, t_len = _place(lengths, layout, pack_length)
+    n_rows = max(r for r, _ in where) + 1
+    spans = tuple(sorted(
+        (Span(i, r, o, p_h[i], w_h[i] - p_h[i], l_h[i] - p_h[i]) for i, (r, o) in enumerate(where)),
+        key=lambda s: (s.row, s.start),
+    ))
+
+    # Every real slot, pair by pair: its pair, its index k within the pair's [prompt, chosen,
+    # rejected], and where it goes in the flat (R*T) rows.
+    start = torch.tensor([r * t_len + o for r, o in where], device=device)
+    size = torch.tensor(lengths, device=device)
+    p, wlen = torch.tensor(p_h, device=device), torch.tensor(w_h, device=device)
+    llen = torch.tensor(l_h, device=device)
+    total = sum(lengths)
+    owner = torch.repeat_interleave(torch.arange(b, device=device), size, output_size=total)
+    k = torch.arange(total, device=device) - (torch.cumsum(size, 0) - size)[owner]
+    pk, wk = p[owner], wlen[owner]
+    rejected = k >= wk
+    seg = torch.where(rejected, REJECTED, torch.where(k >= pk, CHOSEN, PROMPT))
+    # position in its unpacked sequence: its index in the chosen part, shifted back by the chosen
+    # completion's length in the rejected part
+    pos = torch.where(rejected, k - wk + pk, k)
+    token = torch.where(rejected, unpreferred[owner, pos.clamp(max=n - 1)], preferred[owner, k.clamp(max=n - 1)])
+    dest = start[owner] + k
+    slots = n_rows * t_len
+
+    def scatter(values: Tensor, fill: int) -> Tensor:
+        out = torch.full((slots,), fill, dtype=values.dtype, device=device)
+        return out.index_copy_(0, dest, values).view(n_rows, t_len)
 
     # rows: where each unpacked input position j (0..L-2) of each sequence lives in the pack;
-    # positions past a sequence's end (never scored) point at slot 0
+    # positions past a sequence's end (never scored) point at its pair's first slot
     j = torch.arange(n - 1, device=device)[None]
-    base = torch.arange(b, device=device)[:, None] * t_len
+    base = start[:, None]
+    pc, wc, lc = p[:, None], wlen[:, None], llen[:, None]
     chosen_rows = torch.where(j < wc, j, 0) + base
-    rejected_slot = torch.where(j < pc, j, j - pc + wc)
-    rejected_rows = torch.where(j < lc, rejected_slot, 0) + base
-    return Packed(tokens, src_pos, attn_mask, torch.cat((chosen_rows, rejected_rows)), t_len)
-
-
-def run(adapter: ModelAdapter, packed: Packed, *, hidden: bool) -> Tensor:
-    """The model's (2B, L-1, D) hidden states (``hidden``) or (2B, L-1, V) logits of the
-    unpacked input rows, computed on the packed layout and gathered back."""
-    out = adapter.hidden(packed.tokens, packed) if hidden else adapter.logits(packed.tokens, packed)
-    return out.reshape(-1, out.shape[-1])[packed.rows]
-
-
-@torch.no_grad()
-def check_first_pair(
-    adapter: ModelAdapter, preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
-    pref_mask: Tensor | None, unpref_mask: Tensor | None,
-) -> None:
-    """The model's hidden states of the first pair, packed and unpacked (eval mode), must agree
-    to float rounding; else raise with what differs.  Catches what no rule of the adapter's
-    :meth:`~fastdpo.models.ModelAdapter.packing` names (token shift, say)."""
-    one = slice(0, 1)
-    masks = [m[one] if m is not None else None for m in (pref_mask, unpref_mask)]
-    pk = pack(preferred[one], unpreferred[one], prompt_mask[one], *masks)
-    src = torch.cat((preferred[one], unpreferred[one]))[:, :-1]
-    with eval_mode(adapter.model):
-        got = run(adapter, pk, hidden=True).float()
-        want = adapter.hidden(src).float()
-    real = torch.cat([m if m is not None else torch.ones_like(prompt_mask[one]) for m in masks])[:, :-1]
-    err = ((got - want)[real].abs().max() / want[real].abs().max().clamp(min=1e-30)).item()
-    tol = 1e-3 if want.dtype == torch.float32 and got.dtype == torch.float32 else 3e-2
-    if not err <= tol:
-        raise ValueError(
-            f"share_prompt=True but this model's hidden states change when a pair is packed "
-            f"(relative difference {err:.3g} > {tol:g} on the first pair): a feature of the "
-            f"model depends on where tokens sit in the sequence beyond their positions"
-        )
+    rejected_rows = torch.where(j < lc, torch.where(j < pc, j, j - pc + wc), 0) + base
+    return Packed(
+        scatter(token, pad_token), scatter(pos, 0), scatter(seg, PAD), scatter(owner, -1),
+        torch.cat((chosen_rows, rejected_rows)), spans, attention,
+    )

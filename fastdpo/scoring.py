@@ -25,13 +25,13 @@ than the work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from . import _checks, ops, packing
+from . import _checks, ops
+from .batches import Batch
 from .linear import MATMULS, resolve_matmul, run_linear
 from .models import LinearHead, ModelAdapter, adapter_for, live_weight
 from .ops import IMPLS, resolve_impl
@@ -76,17 +76,6 @@ class Route:
 
 
 @dataclass(frozen=True)
-class Batch:
-    """N sequences as the models see them."""
-
-    src: Tensor  # (N, T) input ids
-    tgt: Tensor  # (N, T) target ids
-    mask: Tensor  # (N, T) bool, True where the target's log-prob counts
-    count: Tensor  # (N,) float, scored positions per sequence clamped at 1e-5 (x-transformers)
-    packed: packing.Packed | None  # the layout the models run on when prompts are shared
-
-
-@dataclass(frozen=True)
 class Body:
     """What a model's body gives its head for a batch."""
 
@@ -98,17 +87,6 @@ class Body:
     def pair(self) -> bool:
         """Whether the pair op scores this body (a fused head on the "pair" route)."""
         return self.weight is not None and self.route.kind == "pair"
-
-
-def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None) -> Batch:
-    """A :class:`Batch` of ``seq`` (N, L) whose positions ``keep`` (N, L) may be scored:
-    inputs ``seq[:, :-1]`` score targets ``seq[:, 1:]``; with ``alignment="input"``
-    (x-transformers) the mask at the input position decides, with ``"target"`` (TRL) the mask
-    at the target position."""
-    mask = keep[:, :-1] if alignment == "input" else keep[:, 1:]
-    # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
-    count = mask.sum(-1).clamp(min=1e-5)
-    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed)
 
 
 def _own_logits(logits: Tensor) -> bool:
@@ -175,8 +153,9 @@ class Scorer:
         route = self.route(model, batch.src.device)
         adapter, head = route.adapter, route.head
         fused = head is not None
-        if batch.packed is not None:
-            out = packing.run(adapter, batch.packed, hidden=fused)
+        if batch.packed is not None:  # run on the packed rows, gathered back to the unpacked ones
+            out = adapter.hidden(batch.packed.tokens, batch.packed) if fused else adapter.logits(batch.packed.tokens, batch.packed)
+            out = out.reshape(-1, out.shape[-1])[batch.packed.rows]
         else:
             out = adapter.hidden(batch.src) if fused else adapter.logits(batch.src)
         if not fused:
@@ -202,80 +181,3 @@ class Scorer:
         # (a compiled graph cannot look at grad_fn: it takes a fresh gradient buffer)
         inplace = self.inplace_backward and not torch.compiler.is_compiling() and _own_logits(body.out)
         return ops.sequence_logprobs(body.out, batch.tgt, batch.mask, impl=route.impl, inplace_backward=inplace), hits
-
-
-# ----------------------------------------------------------------------------- pairs
-
-
-def pair_batch(
-    adapter_on: Callable[[torch.device], ModelAdapter], preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
-    pref_mask: Tensor | None, unpref_mask: Tensor | None, *, pad_id: int | None, alignment: str,
-    share_prompt: bool, check_first_pair: bool = False,
-) -> Batch:
-    """The :class:`Batch` of B pairs: 2B sequences, the B preferred then the B unpreferred, each
-    scored on its completion (``~prompt_mask``) where it is real (its sequence mask, default
-    ``seq != pad_id`` when ``pad_id`` is given).  Every argument is checked (against the
-    vocabulary and padding rules of ``adapter_on(device)``, the policy's adapter on the batch's
-    device); with ``share_prompt`` the pairs are packed (:func:`fastdpo.packing.pack`, which
-    checks the layout), and with ``check_first_pair`` the model's hidden states of the first
-    pair must be the same packed and unpacked (:func:`fastdpo.packing.check_first_pair`)."""
-    adapter = _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
-    if pad_id is not None:
-        pref_mask = preferred != pad_id if pref_mask is None else pref_mask
-        unpref_mask = unpreferred != pad_id if unpref_mask is None else unpref_mask
-    adapter.check_padding("preferred_seq_mask", pref_mask)
-    adapter.check_padding("unpreferred_seq_mask", unpref_mask)
-    keep = ~prompt_mask.repeat(2, 1)
-    if pref_mask is not None or unpref_mask is not None:
-        ones = torch.ones_like(prompt_mask)
-        keep = keep & torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
-    packed = None
-    if share_prompt:
-        pad = pad_id if pad_id is not None else 0
-        packed = packing.pack(preferred, unpreferred, prompt_mask, pref_mask, unpref_mask, pad_token=pad)
-        if check_first_pair:
-            packing.check_first_pair(adapter, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
-    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed)
-
-
-def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:
-    _checks.integer_tokens("preferred_seq", preferred, ndim=2)
-    _checks.integer_tokens("unpreferred_seq", unpreferred, ndim=2)
-    shape = tuple(preferred.shape)
-    if tuple(unpreferred.shape) != shape:
-        raise ValueError(
-            f"unpreferred_seq must have the shape of preferred_seq {shape}, got {tuple(unpreferred.shape)}"
-        )
-    if shape[0] < 1 or shape[1] < 2:
-        raise ValueError(
-            f"sequences must be (B, L) with B >= 1 and L >= 2 (one input and one target token), got {shape}"
-        )
-    _checks.bool_mask("prompt_mask", prompt_mask, shape, "True = a prompt position, not scored")
-    for name, m in (("preferred_seq_mask", pref_mask), ("unpreferred_seq_mask", unpref_mask)):
-        if m is not None:
-            _checks.bool_mask(name, m, shape, "True = a real token, False = padding")
-    _checks.same_device(
-        preferred_seq=preferred, unpreferred_seq=unpreferred, prompt_mask=prompt_mask,
-        preferred_seq_mask=pref_mask, unpreferred_seq_mask=unpref_mask,
-    )
-    adapter = adapter_on(preferred.device)
-    high = adapter.vocab_size()
-    _checks.token_range("preferred_seq", preferred, high)
-    _checks.token_range("unpreferred_seq", unpreferred, high)
-    return adapter
-
-
-def given_reference_scores(pref: Tensor | None, unpref: Tensor | None, b: int, like: Tensor) -> Tensor | None:
-    """Precomputed reference scores as one checked (2B,) float32 tensor, or None if not given."""
-    if pref is None and unpref is None:
-        return None
-    if (pref is None) != (unpref is None):
-        raise ValueError("give both ref_preferred_logprob and ref_unpreferred_logprob, or neither")
-    for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):
-        _checks.tensor(name, x, ndim=1)
-        if x.shape[0] != b:
-            raise ValueError(f"{name} must have shape ({b},), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
-        _checks.same_device(preferred_seq=like, **{name: x})
-    return torch.cat((pref, unpref)).detach().float()

@@ -27,7 +27,7 @@ from helpers import tiny_transformer
 
 WORLD = 2
 B, L, V = 4, 8, 32  # 4 pairs: 2 per rank
-HEADS = ("fused", "logits")
+HEADS = ("fused", "logits", "packed")  # packed: the default head, pairs packed (packing="batch")
 # DDP runs each head on an x-transformers model and on a Hugging Face Llama (when installed)
 FAMILIES = ("x-transformers", "hf") if importlib.util.find_spec("transformers") else ("x-transformers",)
 DDP_CASES = [f"{family}-{head}" for family in FAMILIES for head in HEADS]
@@ -60,7 +60,8 @@ def make_dpo(head: str, family: str = "x-transformers", tied: bool = False):
     policy moved away from the reference so the loss has a gradient."""
     from fastdpo import DPO
 
-    dpo = DPO(make_model(family, tied), pad_id=0, head=head)
+    packing = "batch" if head == "packed" else "none"
+    dpo = DPO(make_model(family, tied), pad_id=0, head="auto" if head == "packed" else head, packing=packing)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in dpo.policy_model.parameters():
@@ -143,9 +144,9 @@ def _ddp_scenario(rank: int, case: str, res: dict) -> None:
 # reduce_dtype=fp32)).
 FSDP_CASES = ["x-transformers-logits", "x-transformers-auto", "x-transformers-fused", "x-transformers-auto-tied",
               "x-transformers-logits-mp", "x-transformers-auto-mp", "x-transformers-logits-tied-mp",
-              "x-transformers-auto-tied-mp", "x-transformers-auto-reshard"]
+              "x-transformers-auto-tied-mp", "x-transformers-auto-reshard", "x-transformers-packed"]
 if "hf" in FAMILIES:
-    FSDP_CASES += ["hf-auto", "hf-auto-tied", "hf-auto-reshard", "hf-logits-mp", "hf-auto-mp"]
+    FSDP_CASES += ["hf-auto", "hf-auto-tied", "hf-auto-reshard", "hf-logits-mp", "hf-auto-mp", "hf-packed"]
 
 
 def parse_case(case: str) -> tuple[str, str, bool, bool]:
@@ -255,8 +256,8 @@ def job(tmp_path_factory):
 
 
 def full_batch_grads(head: str, family: str = "x-transformers", tied: bool = False) -> dict[str, torch.Tensor]:
-    """One process, the whole batch: the gradient every rank must end up with."""
-    dpo = make_dpo(head, family, tied)
+    """One process, the whole batch, unpacked: the gradient every rank must end up with."""
+    dpo = make_dpo("fused" if head == "packed" else head, family, tied)
     pref, unpref, prompt_mask = make_batch()
     dpo(pref, unpref, prompt_mask=prompt_mask).backward()
     return policy_grads(dpo)

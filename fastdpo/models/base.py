@@ -146,7 +146,17 @@ class ModelAdapter:
         """Raise when the padding in ``mask`` (True = a real token) would change the scores of
         the real tokens.  The base family gets no attention mask and takes any padding."""
 
+    def segments(self) -> str:
+        """Why attention by parts (:mod:`fastdpo.attention`) cannot run this model's packed
+        pairs ("" when it can); they then attend through the dense mask (:meth:`dense`)."""
+        return f"fastdpo does not know the attention of a {type(self.model).__name__}"
+
     def packing(self) -> str:
-        """Why the model cannot run packed pairs (:mod:`fastdpo.packing`); "" when nothing
-        known stands in the way (the first packed call then checks one pair)."""
+        """Why the model cannot run packed pairs at all (:mod:`fastdpo.packing`); "" when
+        nothing known stands in the way (the first packed call then checks two pairs)."""
         return f"fastdpo does not know how to run a {type(self.model).__name__} on packed pairs"
+
+    def dense(self) -> str:
+        """Why the dense mask (:meth:`fastdpo.packing.Packed.additive_mask`) cannot carry the
+        model's packed pairs ("" when it can)."""
+        return ""

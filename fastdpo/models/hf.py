@@ -16,23 +16,28 @@ and imports fast, without them.
   own logits, are fused; any other class takes the logits route, with the reason.
 * **Padding.**  The model gets no attention mask: only right padding leaves the real tokens'
   scores unchanged (:func:`check_right_padding`).
-* **Packed pairs** go in as a 4-D additive ``attention_mask`` and ``position_ids``, for
-  ``eager`` and ``sdpa`` attention without a sliding window.
+* **Packed pairs** go in as ``position_ids``; the model attends by parts of the layout
+  (:mod:`fastdpo.attention`, registered as an attention implementation with transformers'
+  ``AttentionInterface`` for the packed call; sliding windows too), or, as the fallback, through
+  a 4-D additive ``attention_mask`` (``eager`` and ``sdpa`` attention without a sliding window).
 * **PEFT** models are seen through (:mod:`fastdpo.models.wrappers`): the adapters run inside
   the layers, the reference is the same model with them disabled.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from ..attention import SegmentAttention
 from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class
 
@@ -248,21 +253,84 @@ def check_right_padding(name: str, mask: Tensor | None) -> None:
 # -------------------------------------------------------------------------------- packing
 
 
+def _text_config(lm: nn.Module):
+    return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+
+
 def packing_support(lm: nn.Module) -> str:
-    """Why a Hugging Face causal LM cannot run packed pairs ("" when it can): it takes the mask
-    as a 4-D additive ``attention_mask`` (used as it is, since transformers 4.44) and the
-    positions as ``position_ids``."""
-    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    """Why a Hugging Face causal LM cannot run packed pairs at all ("" when it can): their
+    positions go in as ``position_ids``."""
+    params = inspect.signature(lm.forward).parameters
+    if "attention_mask" not in params or "position_ids" not in params:
+        return "its forward takes no attention_mask and position_ids"
+    return ""
+
+
+def dense_support(lm: nn.Module) -> str:
+    """Why the dense mask cannot carry packed pairs ("" when it can): it goes in as a 4-D
+    additive ``attention_mask`` (used as it is since transformers 4.44) by eager or SDPA
+    attention, which a sliding window would replace."""
+    config = _text_config(lm)
     impl = getattr(config, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
     if impl not in ("eager", "sdpa"):
         return f"its attention implementation {impl!r} takes no 4-D mask (use 'sdpa' or 'eager')"
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):
         return f"it uses sliding-window attention (sliding_window={window}), which a 4-D mask would replace"
-    params = inspect.signature(lm.forward).parameters
-    if "attention_mask" not in params or "position_ids" not in params:
-        return "its forward takes no attention_mask and position_ids"
     return ""
+
+
+def segments_support(lm: nn.Module) -> str:
+    """Why attention by parts cannot stand in for the model's attention ("" when it can): it
+    computes softmax attention with a scale, grouped or not, causal, optionally within a
+    sliding window; a tanh cap on the scores or attention sinks it does not reproduce."""
+    config = _text_config(lm)
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return f"it caps its attention scores with a tanh (attn_logit_softcapping={config.attn_logit_softcapping})"
+    if any("sink" in name for name, _ in lm.named_parameters()):
+        return "its attention has learned sinks"
+    return ""
+
+
+# The attention implementation a packed call runs under (transformers' AttentionInterface), and
+# the layout it attends by parts: set for the duration of the call (_attending_by_parts).
+ATTENTION_NAME = "fastdpo_parts"
+_by_parts: contextvars.ContextVar = contextvars.ContextVar("fastdpo_parts", default=None)
+
+
+def _attention_by_parts(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                        sliding_window=None, softcap=None, **kwargs):
+    """An ``AttentionInterface`` function: (out (R, T, H, d), None) as SDPA's returns them."""
+    by_parts = _by_parts.get()
+    if by_parts is None:
+        raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside fastdpo's packed calls")
+    if softcap is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention by parts reproduces no score cap and no attention sinks")
+    heads = query.shape[1]
+    if key.shape[1] != heads:  # grouped queries: transformers repeats each kv head in place
+        key, value = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (key, value))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = by_parts(query, key, value, scale=scale, dropout_p=dropout, window=sliding_window)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def _attending_by_parts(lm: nn.Module, layout: Packed) -> Iterator[None]:
+    """``lm`` attends by parts of ``layout`` for the duration: its attention implementation
+    switched to :data:`ATTENTION_NAME` (registered with transformers once) and back."""
+    from transformers import AttentionInterface
+
+    if ATTENTION_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, _attention_by_parts)
+    config = lm.config
+    before = config._attn_implementation
+    token = _by_parts.set(SegmentAttention(layout))
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+        _by_parts.reset(token)
 
 
 # -------------------------------------------------------------------------------- the adapter
@@ -295,15 +363,23 @@ class HFAdapter(ModelAdapter):
     def packing(self) -> str:
         return packing_support(self.lm)
 
-    def _kwargs(self, layout: Packed | None) -> dict:
+    def dense(self) -> str:
+        return dense_support(self.lm)
+
+    def segments(self) -> str:
+        return segments_support(self.lm)
+
+    def _run(self, call, tokens: Tensor, layout: Packed | None) -> Tensor:
         if layout is None:
-            return {}
-        return dict(
-            attention_mask=layout.additive_mask(next(self.lm.parameters()).dtype), position_ids=layout.pos
-        )
+            return call(tokens)
+        if layout.attention == "segments":
+            with _attending_by_parts(self.lm, layout):
+                return call(tokens, position_ids=layout.pos)
+        mask = layout.additive_mask(next(self.lm.parameters()).dtype)
+        return call(tokens, attention_mask=mask, position_ids=layout.pos)
 
     def hidden(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
-        return hidden_states(self.model, self.lm, tokens, **self._kwargs(layout))
+        return self._run(lambda t, **kw: hidden_states(self.model, self.lm, t, **kw), tokens, layout)
 
     def logits(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
-        return logits_of(self.model(input_ids=tokens, use_cache=False, **self._kwargs(layout)))
+        return self._run(lambda t, **kw: logits_of(self.model(input_ids=t, use_cache=False, **kw)), tokens, layout)

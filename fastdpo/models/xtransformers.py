@@ -6,17 +6,24 @@
   model whose ``return_embeddings=True`` output is exactly what that head consumes.
 * **Hidden states** are ``model(src, return_embeddings=True)``; logits ``model(src)``.
 * **Padding** is x-transformers' own: no attention mask, no check (as its DPO).
-* **Packed pairs** reach the model as ``pos`` (positions restarting after the prompt) and an
-  attention bias (:meth:`fastdpo.packing.Packed.additive_mask`), for causal models whose positions come
-  from the ``pos`` they are given.
+* **Packed pairs** reach the model as ``pos`` (positions restarting after the prompt), for
+  causal models whose positions come from the ``pos`` they are given.  Attention by parts
+  (:mod:`fastdpo.attention`) takes over the ``forward`` of every ``Attend`` module for the
+  packed call (:meth:`XTransformersAdapter.segments` says which attentions it reproduces);
+  otherwise the mask goes in as an additive bias (:meth:`fastdpo.packing.Packed.additive_mask`).
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..attention import SegmentAttention
 from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class, module_to_call
 
@@ -101,29 +108,64 @@ class XTransformersAdapter(ModelAdapter):
         callee = module_to_call(self.model)
         if layout is None:
             return callee(tokens, return_embeddings=True) if embeddings else callee(tokens)
-        return callee(tokens, return_embeddings=embeddings, **self._packed_kwargs(layout))
+        with self._positions(layout):
+            if layout.attention == "segments":
+                with _attend_by_parts(self.inner, layout):
+                    return callee(tokens, return_embeddings=embeddings, pos=layout.pos)
+            return callee(tokens, return_embeddings=embeddings, pos=layout.pos, **self._mask_kwargs(layout))
 
-    def _packed_kwargs(self, layout: Packed) -> dict:
-        """The packed layout as x-transformers' forward arguments.  Positions reach the model as
-        ``pos``: long positions where its attention layers use them (rotary, ALiBi); as the
-        absolute positional embedding itself (its own module applied to the positions) where
-        only that uses them, which also lifts its ``max_seq_len`` bound on the packed length."""
+    @contextmanager
+    def _positions(self, layout: Packed) -> Iterator[None]:
+        """The packed positions reach the model as ``pos``: as they are where its attention
+        layers use them (rotary, ALiBi); where only an absolute positional embedding does, a
+        pre-hook on the wrapper (inside its forward, after FSDP2 gathered its parameters) turns
+        them into that embedding, applied by the model's own module to the flat positions, which
+        also lifts its ``max_seq_len`` bound on the packed length."""
         inner = self.inner
         layers = inner.attn_layers
         uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or getattr(layers, "rel_pos", None) is not None
         if uses_pos or not isinstance(inner.pos_emb, nn.Module):
-            pos = layout.pos
-        else:  # (on flat positions: the sinusoidal embedding takes no batch of them)
-            flat = inner.pos_emb(layout.tokens[:, :1], pos=layout.pos.reshape(-1))
-            pos = flat.reshape(*layout.pos.shape, flat.shape[-1])
-        if getattr(layers, "rel_pos", None) is None:
+            yield
+            return
+
+        def embed(module, args, kwargs):
+            pos = kwargs["pos"]
+            flat = module.pos_emb(args[0][:, :1], pos=pos.reshape(-1))  # (takes no batch of positions)
+            return args, {**kwargs, "pos": flat.reshape(*pos.shape, flat.shape[-1])}
+
+        handle = inner.register_forward_pre_hook(embed, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def segments(self) -> str:
+        """Why attention by parts cannot stand in for this model's attention ("" when it can):
+        plain softmax attention (flash or not, grouped or not, with qk-norm) whose only mask is
+        causal."""
+        layers = self.inner.attn_layers
+        if getattr(layers, "rel_pos", None) is not None:
+            return f"its {type(layers.rel_pos).__name__} adds a bias to the attention scores"
+        if getattr(layers, "residual_attn", False):
+            return "it uses residual attention (each layer adds the previous layer's scores)"
+        for module in self.inner.modules():
+            why = _attention_why(module) if type(module).__name__ == "Attention" else ""
+            why = why or (_attend_why(module) if type(module).__name__ == "Attend" else "")
+            if why:
+                return why
+        return ""
+
+    def _mask_kwargs(self, layout: Packed) -> dict:
+        """The dense packed mask as x-transformers' forward arguments."""
+        inner = self.inner
+        if getattr(inner.attn_layers, "rel_pos", None) is None:
             # The mask as an additive bias with causality in it, the model's own causal mask
             # off: one pass over each layer's scores, as the unpacked model's causal mask makes
             # (x-transformers' boolean attn_mask costs three: two masked_fills and a
             # post-softmax one).
             bias = layout.additive_mask(next(inner.parameters()).dtype)
-            return dict(pos=pos, attn_bias=bias, causal=False)
-        return dict(pos=pos, attn_mask=layout.attn_mask)  # ALiBi makes its own attn_bias
+            return dict(attn_bias=bias, causal=False)
+        return dict(attn_mask=layout.attn_mask)  # ALiBi makes its own attn_bias
 
     def packing(self) -> str:
         xt = _classes()
@@ -140,6 +182,8 @@ class XTransformersAdapter(ModelAdapter):
             (getattr(layers, "rotary_pos_emb", None) is not None and getattr(layers.rotary_pos_emb, "scale", None) is not None,
              "its rotary xpos scales with the largest position"),
             (getattr(layers, "data_dependent_alibi", None) is not None, "its data-dependent ALiBi runs along the sequence"),
+            (any(getattr(m, "max_attend_past", None) is not None for m in model.modules()),
+             "its attention's max_attend_past is measured along the sequence, not from positions"),
         ]
         for bad, why in checks:
             if bad:
@@ -155,3 +199,69 @@ class XTransformersAdapter(ModelAdapter):
             if not (callable(model.pos_emb) and not isinstance(model.pos_emb, nn.Module)):  # always(0)
                 return f"its positional embedding is a {type(model.pos_emb).__name__}"
         return ""
+
+
+# ----------------------------------------------------------------------------- attention by parts
+
+# Attend's options that change what attention computes, and their plain values.
+_ATTEND_PLAIN = dict(
+    pre_softmax_talking_heads=None, post_softmax_talking_heads=None, pre_scale_post_talking_heads=None,
+    selective=False, cog_signed=False, l2_distance=False, add_zero_kv=False, head_learned_sink=False,
+    softclamp_logits=False, cope=None, inverted_attention=False,
+)
+
+
+def _is_softmax(fn) -> bool:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return fn is F.softmax
+
+
+def _attend_why(attend: nn.Module) -> str:
+    for name, plain in _ATTEND_PLAIN.items():
+        value = getattr(attend, name, plain)
+        if (value is not None) if plain is None else (value != plain):
+            return f"its attention uses {name}"
+    if not _is_softmax(getattr(attend, "attn_fn", None)):
+        return "its attention normalizes with something other than a softmax"
+    return ""
+
+
+def _attention_why(attention: nn.Module) -> str:
+    if getattr(attention, "num_mem_kv", 0):
+        return "its attention has memory key/values"
+    if getattr(attention, "hybrid_module", None) is not None:
+        return "its attention runs a hybrid (recurrent) module along the sequence"
+    if getattr(attention, "rel_proj_pos_bias", None) is not None:
+        return "its attention adds a relative projection bias"
+    return ""
+
+
+@contextmanager
+def _attend_by_parts(model: nn.Module, layout: Packed) -> Iterator[None]:
+    """Every ``Attend`` of ``model`` computes attention by parts of ``layout`` for the duration
+    (its instance ``forward``; removed after, so the class's own runs again)."""
+    by_parts = SegmentAttention(layout)
+    attends = [m for m in model.modules() if type(m).__name__ == "Attend"]
+    for attend in attends:
+        attend.forward = functools.partial(_attend_forward, attend, by_parts)
+    try:
+        yield
+    finally:
+        for attend in attends:
+            del attend.forward
+
+
+def _attend_forward(attend, by_parts, q, k, v, mask=None, attn_bias=None, prev_attn=None, attn_delta=None,
+                    row_mask=None, flash_pack_seq_kwargs=None, causal=None):
+    """``Attend.forward`` by parts: (out, Intermediates()) as the flash path returns them."""
+    from x_transformers.attend import Intermediates
+
+    if mask is not None or attn_bias is not None or prev_attn is not None or attn_delta is not None:
+        raise RuntimeError("attention by parts got a mask, a bias or residual scores it cannot apply")
+    heads = q.shape[1]
+    if k.shape[1] != heads:  # grouped queries: x-transformers repeats the kv heads whole
+        k, v = (t.repeat(1, heads // t.shape[1], 1, 1) for t in (k, v))
+    scale = attend.scale if attend.scale is not None else q.shape[-1] ** -0.5
+    dropout = attend.dropout if attend.training else 0.0
+    return by_parts(q, k, v, scale=scale, dropout_p=dropout), Intermediates()

@@ -1,0 +1,222 @@
+"""From token ids to the batch the models run: checks, scored positions, packed layouts.
+
+Dimensions: B pairs, N = 2B sequences (the B preferred, then the B unpreferred), L tokens,
+T = L - 1 input positions.
+
+:func:`pair_batch` checks a pair batch and returns a :class:`Batch`: the inputs, targets,
+scored positions and their counts of the 2B unpacked sequences -- what every route scores --
+and, when the module packs (:class:`Packing`), the packed layout the models run on instead
+(:mod:`fastdpo.packing`), whose hidden states are gathered back to the unpacked rows.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _checks, cost_model, packing
+from .models import ModelAdapter, eval_mode
+
+PACKINGS = ("none", "pair", "batch", "auto")
+PACK_ATTENTIONS = ("auto", "segments", "dense")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """N sequences as the models see them."""
+
+    src: Tensor  # (N, T) input ids
+    tgt: Tensor  # (N, T) target ids
+    mask: Tensor  # (N, T) bool, True where the target's log-prob counts
+    count: Tensor  # (N,) float, scored positions per sequence clamped at 1e-5 (x-transformers)
+    packed: packing.Packed | None = None  # the layout the models run on, when the batch is packed
+
+
+def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None) -> Batch:
+    """A :class:`Batch` of ``seq`` (N, L) whose positions ``keep`` (N, L) may be scored:
+    inputs ``seq[:, :-1]`` score targets ``seq[:, 1:]``; with ``alignment="input"``
+    (x-transformers) the mask at the input position decides, with ``"target"`` (TRL) the mask
+    at the target position."""
+    mask = keep[:, :-1] if alignment == "input" else keep[:, 1:]
+    # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
+    count = mask.sum(-1).clamp(min=1e-5)
+    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How a module packs its pair batches (decided once, at construction: :func:`plan_packing`)."""
+
+    layout: str  # PACKINGS: "none", "pair", "batch", or "auto" (per batch: cost_model.choose_layout)
+    attention: str = "dense"  # fastdpo.packing.ATTENTIONS: how the models attend in a packed row
+    length: int | None = None  # "batch": the slots a row holds (None: the longest packed pair)
+
+
+def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int | None) -> Packing:
+    """The :class:`Packing` a module with the policy ``adapter`` takes for the asked ``layout``
+    (:data:`PACKINGS`), ``attention`` (:data:`PACK_ATTENTIONS`) and ``length``.
+
+    A model that cannot pack raises ``ValueError`` naming why (``"auto"`` then never packs);
+    ``attention="auto"`` attends by parts where the adapter can (:meth:`segments`), else through
+    the dense mask, with a warning saying why (``"segments"`` raises instead)."""
+    _checks.choice("packing", layout, PACKINGS)
+    _checks.choice("pack_attention", attention, PACK_ATTENTIONS)
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
+        raise ValueError(f"pack_length must be an int >= 2 or None, got {length!r}")
+    if length is not None and layout not in ("batch", "auto"):
+        raise ValueError(f"pack_length is for packing='batch' or 'auto', got packing={layout!r}")
+    if layout == "none":
+        return Packing("none")
+    why = adapter.packing()
+    if not why:
+        segments, dense = adapter.segments(), adapter.dense()
+        if attention != "dense" and not segments:
+            return Packing(layout, "segments", length)
+        if attention == "segments":
+            why = f"attention by parts (pack_attention='segments') cannot stand in for its attention: {segments}"
+        elif dense and attention == "dense":
+            why = f"the dense mask cannot carry its packed pairs ({dense})"
+        elif dense:
+            why = f"neither attention by parts ({segments}) nor the dense mask ({dense}) fits its attention"
+    if why:
+        if layout == "auto":
+            return Packing("none")
+        raise ValueError(f"packing={layout!r} but this model cannot run packed pairs: {why}")
+    if attention == "auto":
+        warnings.warn(
+            f"fastdpo packs this model's pairs with a dense (rows, T, T) attention mask, which pays "
+            f"for the blocks it hides: attention by parts cannot stand in for its attention "
+            f"({segments}); pass pack_attention='dense' to silence this",
+            stacklevel=3,
+        )
+    return Packing(layout, "dense", length)
+
+
+@torch.no_grad()
+def check_first_pairs(adapter: ModelAdapter, layout: str, attention: str, preferred: Tensor, unpreferred: Tensor,
+                      prompt_mask: Tensor, pref_mask: Tensor | None, unpref_mask: Tensor | None) -> None:
+    """The model's hidden states of the first two pairs (one pair with B = 1), packed into one
+    row in ``layout`` and unpacked, in eval mode, must agree to float rounding; else raise
+    with what differs.  Catches what no rule of the adapter names (token shift, say), and any
+    leak between the pairs of a row."""
+    two = slice(0, 2)
+    masks = [m[two] if m is not None else None for m in (pref_mask, unpref_mask)]
+    args = (preferred[two], unpreferred[two], prompt_mask[two], *masks)
+    lengths = packing.pair_lengths(*args)
+    row = sum(w + l - p for p, w, l in zip(*lengths))
+    pk = packing.pack(*args, layout=layout, pack_length=row if layout == "batch" else None, attention=attention,
+                      lengths=lengths)
+    src = torch.cat(args[:2])[:, :-1]
+    with eval_mode(adapter.model):
+        got = adapter.hidden(pk.tokens, pk)
+        dtype = got.dtype
+        got = got.reshape(-1, got.shape[-1])[pk.rows].float()
+        want = adapter.hidden(src).float()
+    real = torch.cat([m if m is not None else torch.ones_like(args[2]) for m in masks])[:, :-1]
+    err = ((got - want)[real].abs().max() / want[real].abs().max().clamp(min=1e-30)).item()
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        raise ValueError(
+            f"packing={layout!r} (attention {attention!r}) but this model's hidden states change when "
+            f"pairs are packed (relative difference {err:.3g} > {tol:g} on the first pairs): a feature "
+            f"of the model depends on where tokens sit in the sequence beyond their positions"
+        )
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def pair_batch(
+    adapter_on: Callable[[torch.device], ModelAdapter], preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
+    pref_mask: Tensor | None, unpref_mask: Tensor | None, *, pad_id: int | None, alignment: str,
+    packing_plan: Packing = Packing("none"), verify: bool = False,
+) -> Batch:
+    """The :class:`Batch` of B pairs: 2B sequences, the B preferred then the B unpreferred, each
+    scored on its completion (``~prompt_mask``) where it is real (its sequence mask, default
+    ``seq != pad_id`` when ``pad_id`` is given).
+
+    Every argument is checked (against the vocabulary and padding rules of
+    ``adapter_on(device)``, the policy's adapter on the batch's device).  With a packing plan
+    the pairs are packed (:func:`fastdpo.packing.pack` checks they can; ``"auto"`` packs in the
+    layout :func:`fastdpo.cost_model.choose_layout` picks from the lengths, and leaves a batch
+    that cannot pack unpacked); with ``verify``, the model is checked on the first packed pairs
+    (:func:`check_first_pairs`).
+    """
+    adapter = _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
+    if pad_id is not None:
+        pref_mask = preferred != pad_id if pref_mask is None else pref_mask
+        unpref_mask = unpreferred != pad_id if unpref_mask is None else unpref_mask
+    adapter.check_padding("preferred_seq_mask", pref_mask)
+    adapter.check_padding("unpreferred_seq_mask", unpref_mask)
+    keep = ~prompt_mask.repeat(2, 1)
+    if pref_mask is not None or unpref_mask is not None:
+        ones = torch.ones_like(prompt_mask)
+        keep = keep & torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
+    packed = None
+    if packing_plan.layout != "none":
+        args = (preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
+        layout, lengths = packing_plan.layout, None
+        try:
+            lengths = packing.pair_lengths(*args)
+        except ValueError:
+            if layout != "auto":
+                raise
+        if layout == "auto":
+            layout = cost_model.choose_layout(preferred.shape, lengths, packing_plan.attention, preferred.device)
+        if layout != "none":
+            pad = pad_id if pad_id is not None else 0
+            packed = packing.pack(*args, pad_token=pad, layout=layout, pack_length=packing_plan.length,
+                                  attention=packing_plan.attention, lengths=lengths)
+            if verify:
+                check_first_pairs(adapter, layout, packing_plan.attention, *args)
+    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed)
+
+
+def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:
+    _checks.integer_tokens("preferred_seq", preferred, ndim=2)
+    _checks.integer_tokens("unpreferred_seq", unpreferred, ndim=2)
+    shape = tuple(preferred.shape)
+    if tuple(unpreferred.shape) != shape:
+        raise ValueError(
+            f"unpreferred_seq must have the shape of preferred_seq {shape}, got {tuple(unpreferred.shape)}"
+        )
+    if shape[0] < 1 or shape[1] < 2:
+        raise ValueError(
+            f"sequences must be (B, L) with B >= 1 and L >= 2 (one input and one target token), got {shape}"
+        )
+    _checks.bool_mask("prompt_mask", prompt_mask, shape, "True = a prompt position, not scored")
+    for name, m in (("preferred_seq_mask", pref_mask), ("unpreferred_seq_mask", unpref_mask)):
+        if m is not None:
+            _checks.bool_mask(name, m, shape, "True = a real token, False = padding")
+    _checks.same_device(
+        preferred_seq=preferred, unpreferred_seq=unpreferred, prompt_mask=prompt_mask,
+        preferred_seq_mask=pref_mask, unpreferred_seq_mask=unpref_mask,
+    )
+    adapter = adapter_on(preferred.device)
+    high = adapter.vocab_size()
+    _checks.token_range("preferred_seq", preferred, high)
+    _checks.token_range("unpreferred_seq", unpreferred, high)
+    return adapter
+
+
+def given_reference_scores(pref: Tensor | None, unpref: Tensor | None, b: int, like: Tensor) -> Tensor | None:
+    """Precomputed reference scores as one checked (2B,) float32 tensor, or None if not given."""
+    if pref is None and unpref is None:
+        return None
+    if (pref is None) != (unpref is None):
+        raise ValueError("give both ref_preferred_logprob and ref_unpreferred_logprob, or neither")
+    for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):
+        _checks.tensor(name, x, ndim=1)
+        if x.shape[0] != b:
+            raise ValueError(f"{name} must have shape ({b},), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+        _checks.same_device(preferred_seq=like, **{name: x})
+    return torch.cat((pref, unpref)).detach().float()
