@@ -760,14 +760,26 @@ def step(suite: Suite) -> None:
     params = sum(p.numel() for p in model.parameters())
     v = cfg["num_tokens"]
     g = _gen(dev, 41)
-    pref = torch.randint(0, v, (b, l), generator=g, device=dev)
-    unpref = torch.randint(0, v, (b, l), generator=g, device=dev)
-    prompt_mask = torch.arange(l, device=dev)[None] < torch.randint(l // 8, l // 2, (b, 1), generator=g, device=dev)
+    pref = torch.randint(1, v, (b, l), generator=g, device=dev)
+    unpref = torch.randint(1, v, (b, l), generator=g, device=dev)
+    # A ragged batch, as preference data comes (fastdpo.bench.inputs.ragged_lengths: long-tailed
+    # prompts and completions, right padding), so packing='batch' has padding and repeated
+    # prompts to skip.
+    from fastdpo.bench.inputs import ragged_lengths
+
+    lens = ragged_lengths(b, l, torch.Generator().manual_seed(42))
+    ar = torch.arange(l, device=dev)[None]
+    prompt_mask = ar < torch.tensor(lens[0], device=dev)[:, None]
+    pref_mask = ar < torch.tensor([p + c for p, c in zip(lens[0], lens[1])], device=dev)[:, None]
+    unpref_mask = ar < torch.tensor([p + r for p, r in zip(lens[0], lens[2])], device=dev)[:, None]
     unpref[prompt_mask] = pref[prompt_mask]
+    pref, unpref = pref.masked_fill(~pref_mask, 0), unpref.masked_fill(~unpref_mask, 0)
+    masks = dict(prompt_mask=prompt_mask, preferred_seq_mask=pref_mask, unpreferred_seq_mask=unpref_mask)
+    tokens = f"{int(pref_mask.sum() + unpref_mask.sum() - prompt_mask.sum())} of {2 * b * l} padded tokens real"
 
     def dpo_step(dpo):
         def run():
-            dpo(pref, unpref, prompt_mask=prompt_mask).backward()
+            dpo(pref, unpref, **masks).backward()
             for p in dpo.policy_model.parameters():
                 p.grad = None
         return run
@@ -776,7 +788,7 @@ def step(suite: Suite) -> None:
         ref = copy.deepcopy(model).eval().requires_grad_(False)
         seq = torch.cat((pref, unpref))
         src, tgt = seq[:, :-1], seq[:, 1:]
-        keep = (~prompt_mask.repeat(2, 1))[:, :-1]
+        keep = (~prompt_mask.repeat(2, 1) & torch.cat((pref_mask, unpref_mask)))[:, :-1]
 
         def run():
             with torch.no_grad():
@@ -794,9 +806,10 @@ def step(suite: Suite) -> None:
         ("fastdpo DPO (default route)", lambda: (dpo_step(DPO(model, beta=0.1)), None)),
         ("x-transformers DPO", lambda: (dpo_step(XDPO(model, beta=0.1)), None)),
         ("Liger LigerFusedLinearDPOLoss on the body's hidden states", liger_provider),
-        # the prompt run once per pair (fastdpo.packing): SDPA with the packed pairs' dense
-        # boolean mask, so masked blocks still cost (no block-sparse FlexAttention in x-t)
-        ("fastdpo DPO, share_prompt=True", lambda: (dpo_step(DPO(model, beta=0.1, share_prompt=True)), None)),
+        # packed (fastdpo.packing): whole pairs first-fit into rows, each prompt once, no
+        # padding, attention by parts through FlexAttention block masks (fastdpo.attention)
+        ("fastdpo DPO, packing='batch'", lambda: (dpo_step(DPO(model, beta=0.1, packing="batch")), None)),
+        ("fastdpo DPO, packing='pair'", lambda: (dpo_step(DPO(model, beta=0.1, packing="pair")), None)),
         ("fastdpo DPO, matmul=triton (Triton GEMMs)",
          lambda: (dpo_step(DPO(model, beta=0.1, impl="triton", matmul="triton")), None)),
     )
@@ -820,7 +833,8 @@ def step(suite: Suite) -> None:
             peak = peak_mib(suite, fn)
             times[name] = ms
             suite.add("step", name, "ok", ms=ms, peak_mib=peak,
-                      detail=f"{params / 1e9:.2f}B params, B={b} pairs, L={l}, V={v}, {str(dtype).removeprefix('torch.')}")
+                      detail=f"{params / 1e9:.2f}B params, B={b} pairs, L={l} ({tokens}), V={v}, "
+                             f"{str(dtype).removeprefix('torch.')}")
         except torch.OutOfMemoryError as e:
             suite.add("step", name, "failed", detail=f"out of memory: {_one_line(e)[:120]}")
         except Exception as e:  # noqa: BLE001

@@ -3,6 +3,8 @@ benchmark compares like with like), the CPU peak-memory measurement, ratios and 
 
 from __future__ import annotations
 
+import dataclasses
+
 import argparse
 import csv
 import json
@@ -17,11 +19,12 @@ from fastdpo import DPO, bench
 from helpers import TOL, three_way
 
 TINY = bench.Config(batch=2, seq_len=24, vocab=256, dim=32, depth=1, heads=2, seed=3)
+RAGGED = bench.Config(batch=4, seq_len=48, vocab=256, dim=32, depth=1, heads=2, seed=3, lengths="ragged")
 
 
 def test_registry_has_the_documented_providers():
     step_only = {"body", "liger", "liger-eager", "trl-fused", "cce", "torch-lce", "fastdpo-logits", "fastdpo-precomputed",
-                 "fastdpo-shared"}
+                 "fastdpo-shared", "fastdpo-packed"}
     both = {"floor", "x-transformers", "torch", "trl", "fastdpo-torch", "fastdpo-triton"}
     assert set(bench.PROVIDERS) == step_only | both
     for name in step_only | both:
@@ -57,15 +60,16 @@ def _fastdpo_loss(cfg: bench.Config, **conventions) -> float:
     dpo.ref_model.load_state_dict(ref.state_dict())
     bt = bench.make_batch(cfg)
     with torch.no_grad():
-        return dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask).item()
+        return dpo(bt.pref, bt.unpref, **bt.dpo_kwargs).item()
 
 
 LOSS_PROVIDERS = [n for n, p in bench.PROVIDERS.items() if p.same_loss_as is not None and "step" in p.workloads]
 
 
+@pytest.mark.parametrize("cfg", [TINY, RAGGED], ids=["full", "ragged"])
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("provider", LOSS_PROVIDERS)
-def test_every_provider_computes_the_loss_it_claims(provider, mode, monkeypatch):
+def test_every_provider_computes_the_loss_it_claims(provider, mode, cfg, monkeypatch):
     """Each provider's step returns fastdpo's loss in the conventions it names (x-transformers':
     mean over an input-aligned mask; TRL's: sum over a target-aligned mask), on the same model
     and batch: a provider that computed something else would be compared unfairly."""
@@ -73,14 +77,14 @@ def test_every_provider_computes_the_loss_it_claims(provider, mode, monkeypatch)
 
     monkeypatch.setattr(providers, "LIGER_COMPILED", False)  # the same math, without 15 s of compiling
     try:
-        got = _loss(provider, "step", mode)
+        got = _loss(provider, "step", mode, cfg)
     except bench.Unavailable as e:
         if provider == "fastdpo-triton" and not torch.cuda.is_available():
             pytest.skip(f"needs CUDA: {e}")
         if provider == "torch-lce" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
             pytest.skip(f"needs torch >= 2.13: {e}")
         raise  # a peer that should run here (the test command installs them) but does not
-    want = _fastdpo_loss(TINY, **bench.PROVIDERS[provider].same_loss_as)
+    want = _fastdpo_loss(cfg, **bench.PROVIDERS[provider].same_loss_as)
     assert abs(want - math.log(2)) > 1e-3  # the reference is not the policy: a loss that says something
     assert got == pytest.approx(want, rel=1e-5), provider
 
@@ -375,3 +379,19 @@ def test_shuffled_order_is_seeded_and_reported(neighbours):
         assert (rows["sees-state"]["status"] == "failed") == after, (seed, rows["sees-state"])
         seen.add(after)
     assert seen == {True, False}  # both orders came up: the test shows what the processes prevent
+
+
+def test_ragged_batches():
+    """--lengths ragged: long-tailed prompt and completion lengths, right padding to the
+    longest sequence, prompts shared, token counts as the summary uses them."""
+    bt = bench.make_batch(dataclasses.replace(RAGGED, batch=16, seq_len=256))
+    prompts = bt.prompt_mask.sum(1)
+    assert bt.pref.shape[1] <= 256 and bool((bt.pref_mask | bt.unpref_mask)[:, -1].any())  # padded to the longest
+    assert len(set(prompts.tolist())) > 8 and len(set(bt.pref_mask.sum(1).tolist())) > 8  # ragged
+    assert torch.equal(bt.pref[bt.prompt_mask], bt.unpref[bt.prompt_mask])
+    assert not bt.pref[~bt.pref_mask].any() and bool(bt.pref[bt.pref_mask].all())  # pad id 0 exactly at padding
+    for m in (bt.pref_mask, bt.unpref_mask):  # right padding
+        assert torch.equal(m, torch.arange(m.shape[1])[None] < m.sum(1, keepdim=True))
+    padded, packed = bt.tokens
+    assert padded == 32 * bt.pref.shape[1]
+    assert packed == int(bt.pref_mask.sum() + bt.unpref_mask.sum() - prompts.sum()) < padded

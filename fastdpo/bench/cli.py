@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import DTYPES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config
+from .config import DTYPES, LENGTHS, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config
 from .measure import _one_line, environment
 from .registry import PROVIDERS, load_provider_modules
 from .report import format_table, isolation_note, plot, summary, write_rows
@@ -44,8 +44,16 @@ def _percent(text: str) -> int:
     return value
 
 
+def _lengths(text: str) -> str:
+    if text not in LENGTHS:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(LENGTHS)}, got {text!r}")
+    return text
+
+
 # Each size field's parser (prompt_pct: 0 = the presets' mixed prompt lengths)
-_SIZE_TYPE = {"prompt_pct": _percent}
+_SIZE_TYPE = {"prompt_pct": _percent, "lengths": _lengths}
+_SIZE_HELP = {"prompt_pct": " (percent of L; 0: L/8 to L/2 each)",
+              "lengths": ": full (every sequence L tokens) or ragged (long-tailed lengths, right padding)"}
 
 
 def _provider_list(text: str) -> list[str]:
@@ -90,8 +98,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", choices=list(SIZES), default="small", help="preset size (default: small)")
     for name in SIZE_FIELDS:
         flag = name.replace("_", "-")
-        p.add_argument(f"--{flag}", dest=name, type=_SIZE_TYPE.get(name, _positive), default=None, metavar="N",
-                       help=f"override the preset's {flag}" + (" (percent of L; 0: L/8 to L/2 each)" if name == "prompt_pct" else ""))  # fmt: skip
+        p.add_argument(f"--{flag}", dest=name, type=_SIZE_TYPE.get(name, _positive), default=None,
+                       metavar="KIND" if name == "lengths" else "N", help=f"override the preset's {flag}" + _SIZE_HELP.get(name, ""))  # fmt: skip
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model and logits dtype (default float32)")
     p.add_argument("--workload", type=_choice_or_all(WORKLOADS), default=list(WORKLOADS),
                    help="step, head, or all (default; comma-separated also works)")  # fmt: skip

@@ -5,6 +5,7 @@ every provider sees the same weights and tokens."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from copy import deepcopy
 from dataclasses import dataclass
@@ -57,27 +58,74 @@ class Batch:
     pref: torch.Tensor  # (B, L) token ids
     unpref: torch.Tensor  # (B, L)
     prompt_mask: torch.Tensor  # (B, L) bool, True on the prompt
+    pref_mask: torch.Tensor  # (B, L) bool, True on real tokens (right padding after them)
+    unpref_mask: torch.Tensor  # (B, L)
     src: torch.Tensor  # (2B, L-1) model inputs
     tgt: torch.Tensor  # (2B, L-1) targets
     mask: torch.Tensor  # (2B, L-1) x-transformers' mask: input-aligned, keep[:, :-1]
     mask_target: torch.Tensor  # (2B, L-1) TRL's mask: target-aligned, keep[:, 1:]
 
+    @property
+    def dpo_kwargs(self) -> dict:
+        """The masks as a DPO module's ``forward`` takes them."""
+        return dict(prompt_mask=self.prompt_mask, preferred_seq_mask=self.pref_mask, unpreferred_seq_mask=self.unpref_mask)
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        """(padded, packed): the tokens of the 2B padded rows, and the real tokens with each
+        prompt once (what a packed layout runs)."""
+        real = int(self.pref_mask.sum() + self.unpref_mask.sum() - self.prompt_mask.sum())
+        return self.src.numel() + self.src.shape[0], real
+
+
+# Ragged lengths: log-normal prompt and completion lengths (medians L/8 and L/5, log-sd 0.8 and
+# 0.7), clipped to fit L.  Long-tailed like chat preference data (most prompts short, a few long;
+# completions of a few hundred tokens at L = 1024), not fitted to a dataset.
+RAGGED_PROMPT = (1 / 8, 0.8)
+RAGGED_COMPLETION = (1 / 5, 0.7)
+
+
+def ragged_lengths(b: int, l: int, g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) lengths in tokens of B pairs, each sequence at most L."""
+    def draw(share, sd, n):
+        return (torch.randn(n, generator=g, dtype=torch.float64) * sd + math.log(share * l)).exp().round().long().tolist()
+
+    prompts = [min(max(1, p), l - 2) for p in draw(*RAGGED_PROMPT, b)]
+    comps = draw(*RAGGED_COMPLETION, 2 * b)
+    chosen = [min(max(1, c), l - p) for c, p in zip(comps[:b], prompts)]
+    rejected = [min(max(1, c), l - p) for c, p in zip(comps[b:], prompts)]
+    return prompts, chosen, rejected
+
 
 def make_batch(cfg: Config) -> Batch:
-    """Seeded token ids with a shared prompt (``cfg.prompt_pct`` percent of L, at least one
-    token and two short of L; 0: L/8 to L/2 tokens drawn per pair), no padding, both masks."""
+    """Seeded token ids with a shared prompt, both masks.  ``cfg.lengths="full"``: every sequence
+    L tokens, no padding; the prompt ``cfg.prompt_pct`` percent of L (at least one token and two
+    short of L; 0: L/8 to L/2 tokens drawn per pair).  ``"ragged"``: :func:`ragged_lengths`,
+    right padding (token 0) to the batch's longest sequence."""
     g = torch.Generator().manual_seed(cfg.seed + 1)
     b, l, v = cfg.batch, cfg.seq_len, cfg.vocab
-    pref = torch.randint(0, v, (b, l), generator=g)
-    unpref = torch.randint(0, v, (b, l), generator=g)
-    prompt_lens = torch.randint(max(1, l // 8), max(2, l // 2), (b, 1), generator=g)
-    if cfg.prompt_pct:
-        prompt_lens = torch.full((b, 1), min(max(1, round(cfg.prompt_pct * l / 100)), max(1, l - 2)))
-    prompt_mask = torch.arange(l)[None] < prompt_lens
+    pref = torch.randint(1, v, (b, l), generator=g)
+    unpref = torch.randint(1, v, (b, l), generator=g)
+    if cfg.lengths == "ragged":
+        p, c, r = ragged_lengths(b, l, g)
+        n = max(max(pi + ci, pi + ri) for pi, ci, ri in zip(p, c, r))
+        pref, unpref = pref[:, :n], unpref[:, :n]
+        ar = torch.arange(n)[None]
+        prompt_lens = torch.tensor(p)[:, None]
+        pref_mask = ar < prompt_lens + torch.tensor(c)[:, None]
+        unpref_mask = ar < prompt_lens + torch.tensor(r)[:, None]
+        pref, unpref = pref.masked_fill(~pref_mask, 0), unpref.masked_fill(~unpref_mask, 0)
+    else:
+        prompt_lens = torch.randint(max(1, l // 8), max(2, l // 2), (b, 1), generator=g)
+        if cfg.prompt_pct:
+            prompt_lens = torch.full((b, 1), min(max(1, round(cfg.prompt_pct * l / 100)), max(1, l - 2)))
+        pref_mask = unpref_mask = torch.ones(b, l, dtype=torch.bool)
+        n = l
+    prompt_mask = torch.arange(n)[None] < prompt_lens
     unpref[prompt_mask] = pref[prompt_mask]  # a shared prompt
     seq = torch.cat((pref, unpref))
-    keep = ~prompt_mask.repeat(2, 1)
-    out = Batch(pref, unpref, prompt_mask, seq[:, :-1], seq[:, 1:], keep[:, :-1], keep[:, 1:])
+    keep = ~prompt_mask.repeat(2, 1) & torch.cat((pref_mask, unpref_mask))
+    out = Batch(pref, unpref, prompt_mask, pref_mask, unpref_mask, seq[:, :-1], seq[:, 1:], keep[:, :-1], keep[:, 1:])
     for name, x in vars(out).items():
         setattr(out, name, x.to(cfg.device))
     return out

@@ -142,7 +142,7 @@ def _xtransformers(workload: str, mode: str, cfg: Config) -> Step:
         from x_transformers.dpo import DPO
 
         dpo = _dpo(DPO, cfg)
-        return make_step(lambda: dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask), mode, dpo.parameters())
+        return make_step(lambda: dpo(bt.pref, bt.unpref, **bt.dpo_kwargs), mode, dpo.parameters())
 
     import einx
     from x_transformers.dpo import masked_mean
@@ -324,7 +324,7 @@ def _fastdpo(impl: str) -> Builder:
         if workload == "step":
             bt = make_batch(cfg)
             dpo = _dpo(DPO, cfg, impl=impl)
-            return make_step(lambda: dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask), mode, dpo.parameters())
+            return make_step(lambda: dpo(bt.pref, bt.unpref, **bt.dpo_kwargs), mode, dpo.parameters())
         return _scores_provider(
             workload, mode, cfg, lambda lg, t, m: sequence_logprobs(lg, t, m, impl=impl), "mask", mean=True
         )
@@ -344,17 +344,24 @@ def _fastdpo_logits(workload: str, mode: str, cfg: Config) -> Step:
 
     bt = make_batch(cfg)
     dpo = _dpo(DPO, cfg, impl="torch", head="logits")
-    return make_step(lambda: dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask), mode, dpo.parameters())
+    return make_step(lambda: dpo(bt.pref, bt.unpref, **bt.dpo_kwargs), mode, dpo.parameters())
 
 
-@register("fastdpo-shared", workloads=("step",), same_loss_as=XT,
-          help="fastdpo.DPO(share_prompt=True): each pair as one packed sequence, the prompt run once")
-def _fastdpo_shared(workload: str, mode: str, cfg: Config) -> Step:
-    from fastdpo import DPO
+def _fastdpo_packing(packing: str) -> Builder:
+    def build(workload: str, mode: str, cfg: Config) -> Step:
+        from fastdpo import DPO
 
-    bt = make_batch(cfg)
-    dpo = _dpo(DPO, cfg, share_prompt=True)
-    return make_step(lambda: dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask), mode, dpo.parameters())
+        bt = make_batch(cfg)
+        dpo = _dpo(DPO, cfg, packing=packing)
+        return make_step(lambda: dpo(bt.pref, bt.unpref, **bt.dpo_kwargs), mode, dpo.parameters())
+
+    return build
+
+
+register("fastdpo-shared", workloads=("step",), same_loss_as=XT,
+         help="fastdpo.DPO(packing='pair'): each pair as one packed sequence, the prompt run once")(_fastdpo_packing("pair"))
+register("fastdpo-packed", workloads=("step",), same_loss_as=XT,
+         help="fastdpo.DPO(packing='batch'): whole pairs packed into rows, each prompt once, no padding")(_fastdpo_packing("batch"))
 
 
 @register("fastdpo-precomputed", workloads=("step",), same_loss_as=XT,
@@ -364,11 +371,11 @@ def _fastdpo_precomputed(workload: str, mode: str, cfg: Config) -> Step:
 
     bt = make_batch(cfg)
     dpo = _dpo(DPO, cfg, impl="torch")
-    ref_w, ref_l = dpo.reference_scores(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask)
+    ref_w, ref_l = dpo.reference_scores(bt.pref, bt.unpref, **bt.dpo_kwargs)
     dpo.ref_model = None  # a run with precomputed scores can drop it
 
     def loss():
-        return dpo(bt.pref, bt.unpref, prompt_mask=bt.prompt_mask,
+        return dpo(bt.pref, bt.unpref, **bt.dpo_kwargs,
                    ref_preferred_logprob=ref_w, ref_unpreferred_logprob=ref_l)
 
     return make_step(loss, mode, dpo.parameters())

@@ -12,7 +12,8 @@ from .config import COLUMNS, SIZE_FIELDS
 
 def _prompt(sizes: dict) -> str:
     pct = sizes.get("prompt_pct") or 0
-    return f" prompts={pct}%" if pct else ""
+    ragged = " lengths=ragged" if sizes.get("lengths") == "ragged" else ""
+    return (f" prompts={pct}%" if pct else "") + ragged
 
 def _ratio(a, b):
     if a is None or b is None or not b or (isinstance(b, float) and math.isnan(b)):
@@ -125,7 +126,7 @@ def write_rows(rows: list[dict], path: str) -> None:
 # that no two providers drawn share one.
 PROVIDER_COLORS = {
     "fastdpo-torch": "#d62728", "fastdpo-triton": "#ff7f0e", "fastdpo-logits": "#e377c2",
-    "fastdpo-precomputed": "#8c564b", "fastdpo-shared": "#e6ab02",
+    "fastdpo-precomputed": "#8c564b", "fastdpo-shared": "#e6ab02", "fastdpo-packed": "#b15928",
     "x-transformers": "#1f77b4",
     "torch": "#17becf", "trl": "#9edae5",
     "trl-fused": "#2ca02c", "cce": "#98df8a", "torch-lce": "#637939",
@@ -268,4 +269,11 @@ def summary(rows: list[dict]) -> str:
             if ours.get("head_mib") is not None and xt.get("head_mib") is not None and key[0] == "step":
                 line += f"; its head adds {ours['head_mib']:.1f} MiB (x-transformers' {xt['head_mib']:.1f})"
             out.append(line)
+            packed = by.get("fastdpo-packed")
+            if packed is not None and key[0] == "step" and packed.get("tokens_packed"):
+                share = packed["tokens_packed"] / packed["tokens_padded"]
+                ideal = ours["median_ms"] * share
+                out.append(f"  {words}, packed (packing='batch', {packed['tokens_packed']} of {packed['tokens_padded']} "
+                           f"padded tokens): {ms(packed)}, {faster(packed, xt)} x-transformers, "
+                           f"{packed['median_ms'] / ideal:.2f}x the token-proportional ideal ({ideal:.3g} ms)")
     return "\n".join(out)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .config import MODES, REFERENCES, SIZE_FIELDS, WORKLOADS, Config
+from .inputs import make_batch
 from .measure import WorkerServer, _one_line, environment, measure_memory_cuda, time_steps
 from .registry import PROVIDERS, Step, Unavailable, applicable
 from .report import add_ratios
@@ -112,9 +113,11 @@ def run(
 
 
 def _new_row(n, cfg, workload, mode, repeats, env, isolation, seed) -> dict:
+    padded, packed = make_batch(cfg).tokens
     return dict(provider=n, workload=workload, mode=mode, status="ok", reason="", repeats=repeats,
                 **{k: getattr(cfg, k) for k in SIZE_FIELDS}, dtype=cfg.dtype, device=cfg.device, **env,
-                isolation=isolation, seed=seed, pid=None, order=None)  # fmt: skip
+                isolation=isolation, seed=seed, pid=None, order=None, tokens_padded=padded,
+                tokens_packed=packed)  # fmt: skip
 
 
 def _fail(row: dict, status: str, reason: str) -> None:
