@@ -80,14 +80,15 @@ class SegmentAttention:
                 if e > a:
                     parts.append((range(a, e), [*range(o, o + s.prompt), *range(a, e)]))
             parts.sort(key=lambda p: -len(p[1]))
-            groups, current, area = [], [], 0
+            groups, current, area, lq = [], [], 0, 0
             for part in parts:
                 size = len(part[0]) * len(part[1])
-                if current and (len(current) + 1) * len(current[0][0]) * len(current[0][1]) > 1.3 * (area + size):
+                longest_q = max(lq, len(part[0]))  # keys come longest first: current[0]'s are the longest
+                if current and (len(current) + 1) * longest_q * len(current[0][1]) > 1.3 * (area + size):
                     groups.append(current)
-                    current, area = [], 0
+                    current, area, longest_q = [], 0, len(part[0])
                 current.append(part)
-                area += size
+                area, lq = area + size, longest_q
             if current:
                 groups.append(current)
             plan = self.layout.cache["parts"] = [_Group(g, self.layout.tokens.device) for g in groups]
