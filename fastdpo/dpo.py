@@ -21,7 +21,9 @@ from torch import Tensor, nn
 
 from . import _checks
 from .fused_pair import HeadOptions, run_dpo_head
-from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
+from .losses import (
+    DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics,
+)
 from .models import adapter_for, adapters_disabled, check_wrappers, peft_model
 from .batches import Batch, given_reference_scores, pair_batch, plan_packing
 from .scoring import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
@@ -114,12 +116,18 @@ class DPO(nn.Module):
         inplace_backward: on the logits route, let the policy's logits (created by this
             module's own call to the model) take their gradient in place, so the loss adds no
             (2B, L-1, V) buffer to them.  Used only when they come straight from a linear head.
-        loss_type, label_smoothing, loss_weights, gamma, bco_delta: the pair loss, see
+        loss_type, label_smoothing, loss_weights, gamma, bco_delta, discopop_tau,
+        f_divergence_type, f_alpha_divergence_coef: the pair loss, see
             :func:`fastdpo.losses.preference_loss` (default ``"sigmoid"`` with no smoothing:
             x-transformers' loss, bitwise).  With ``logprob_reduction="sum"`` the types
             defined on per-token averages (``ipo``, ``simpo``, ``sigmoid_norm``) get the token
             counts and normalize as their authors define them; ``sigmoid_norm`` needs that
-            (with mean scores it would be plain ``sigmoid``).
+            (with mean scores it would be plain ``sigmoid``).  ``"sft"`` is the chosen
+            completions' NLL: with ``"sum"`` (TRL's conventions) TRL's batch-level mean over
+            every scored chosen token; with ``"mean"`` the mean over pairs of each chosen
+            completion's per-token mean NLL.  ``"aot"``/``"aot_unpaired"`` sort the batch's
+            margins, so they (like ``bco_delta="batch"``) take the ``"scores"`` route: the
+            policy is scored whole, then the loss; no ``token_accuracy/chosen`` metric.
         reference_free: score against a zero reference (TRL's ``reference_free``); no
             reference copy is made.  Reference-free loss types (``simpo``) make none either.
         packing: how the models run a batch of pairs.  ``"none"`` (default): padded rows of
@@ -159,6 +167,9 @@ class DPO(nn.Module):
         loss_weights: list[float] | None = None,
         gamma: float = SIMPO_GAMMA,
         bco_delta: float | str | Tensor = 0.0,
+        discopop_tau: float = DISCOPOP_TAU,
+        f_divergence_type: str = "reverse_kl",
+        f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
         reference_free: bool = False,
         packing: str = "none",
         pack_length: int | None = None,
@@ -176,7 +187,9 @@ class DPO(nn.Module):
         self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
         # Checks beta too (the one place it is checked).
         self.loss = check_loss_config(
-            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
+            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
+            discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
         )
         self.beta = self.loss.beta
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
@@ -184,8 +197,8 @@ class DPO(nn.Module):
                 "loss_type 'sigmoid_norm' length-normalizes summed log-probs: it needs "
                 "logprob_reduction='sum' (with the default 'mean' it would be plain 'sigmoid')"
             )
-        # A pair's loss depends on its own scores only, except with BCO's batch shift.
-        pair_ok = not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
+        # A pair's loss depends on its own scores only, except with BCO's batch shift and AOT.
+        pair_ok = not self.loss.couples_pairs
         self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok)
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward

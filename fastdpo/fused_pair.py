@@ -96,6 +96,11 @@ def op_schema() -> str:
 
 def to_op_args(opts: HeadOptions) -> list:
     """``opts`` as the op's option arguments, in :func:`op_schema`'s order."""
+    if opts.loss.couples_pairs:
+        raise ValueError(
+            f"loss_type {opts.loss.loss_type} (bco_delta={opts.loss.bco_delta!r}) couples the pairs "
+            f"of a batch: the pair op, which takes groups of pairs, cannot run it"
+        )
     out = []
     for path, kinds in _LEAVES:
         value = opts
@@ -104,8 +109,8 @@ def to_op_args(opts: HeadOptions) -> list:
         if isinstance(value, tuple):
             value = list(value)
         if len(kinds) == 2:  # a tensor, or a number
-            if isinstance(value, str):
-                raise ValueError(f"{path[-1]}={value!r} couples the pairs of a batch: the pair op cannot take it")
+            if isinstance(value, str):  # bco_delta="batch" without bco_pair: not read
+                value = 0.0
             tensor = isinstance(value, Tensor)
             out += [value if tensor else None, 0.0 if tensor else float(value)]
         else:
@@ -252,7 +257,7 @@ def dpo_head_impl(
         group_sums = sums64.float()[both]
 
         def group_loss(s: Tensor) -> Tensor:
-            return pair_losses(s, ref_scores[both], count[both], cfg, opts.reduction, pairs=index)
+            return pair_losses(s, ref_scores[both], count[both], cfg, opts.reduction, pairs=index, batch_count=count)
 
         with _autograd_inside_op():
             leaf = group_sums.detach().requires_grad_()

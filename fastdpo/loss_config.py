@@ -29,6 +29,10 @@ LOSS_TYPES: tuple[str, ...] = (
     "apo_down",
     "sigmoid_norm",
     "simpo",
+    "aot",
+    "aot_unpaired",
+    "discopop",
+    "sft",
 )
 
 # Types that read ``label_smoothing`` and the interval it must lie in, as
@@ -39,11 +43,26 @@ _SMOOTHING_RANGE: dict[str, tuple[float, bool, float, bool]] = {
     "sigmoid_norm": (0.0, True, 0.5, False),
     "simpo": (0.0, True, 0.5, False),
     "exo_pair": (0.0, False, 0.5, False),
+    "aot": (0.0, True, 0.5, False),
+    "aot_unpaired": (0.0, True, 0.5, False),
 }
-_REFERENCE_FREE = frozenset({"simpo"})
+_REFERENCE_FREE = frozenset({"simpo", "sft"})
 _NEEDS_LENGTHS = frozenset({"sigmoid_norm"})
 # Types defined on per-token averages: given lengths, they divide (sum) scores by them.
 _USES_LENGTHS = frozenset({"sigmoid_norm", "ipo", "simpo"})
+# Types whose pair losses depend on the other pairs of the batch (sorted batch log-ratios).
+_COUPLED = frozenset({"aot", "aot_unpaired"})
+
+# f-DPO (Wang et al. 2023, arXiv 2309.16240): the regularizers, and the types that may use one
+# other than reverse KL -- TRL's list: the types built on the chosen-minus-rejected difference,
+# where the partition function cancels (sft reads token log-probs, so any f leaves it alone).
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_F_DIVERGENCE_TYPES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+# TRL 1.16's DPOConfig defaults.
+DISCOPOP_TAU = 0.05
+F_ALPHA_DIVERGENCE_COEF = 0.5
 
 # SimPO's target reward margin: the official trainer's defaults are beta = 2.0 and
 # gamma / beta = 0.25, i.e. gamma = 0.5 (TRL's CPOConfig.simpo_gamma default is 0.5 too).
@@ -61,11 +80,23 @@ class LossConfig:
     loss_weights: tuple[float, ...]
     gamma: float
     bco_delta: float | str | Tensor
+    discopop_tau: float = DISCOPOP_TAU
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF
 
     @property
     def needs_reference(self) -> bool:
-        """False when every type is reference-free (``simpo``): no reference model needed."""
+        """False when every type is reference-free (``simpo``, ``sft``): no reference model
+        needed."""
         return any(t not in _REFERENCE_FREE for t in self.loss_type)
+
+    @property
+    def couples_pairs(self) -> bool:
+        """True when a pair's loss depends on other pairs of the batch (``aot``,
+        ``aot_unpaired``, ``bco_pair`` with ``bco_delta="batch"``): the loss must see the whole
+        batch at once, so the fused pair op (which takes groups of pairs) cannot run it."""
+        batch_shift = "bco_pair" in self.loss_type and isinstance(self.bco_delta, str)
+        return batch_shift or any(t in _COUPLED for t in self.loss_type)
 
     @property
     def needs_lengths(self) -> bool:
@@ -85,6 +116,9 @@ def check_loss_config(
     *,
     gamma: float = SIMPO_GAMMA,
     bco_delta: float | str | Tensor = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
 ) -> LossConfig:
     """Check the non-tensor loss options once (e.g. in a module's ``__init__``).
 
@@ -95,11 +129,16 @@ def check_loss_config(
     - ``loss_type``: a name in :data:`LOSS_TYPES` or a non-empty sequence of distinct names.
     - ``beta``: finite, > 0.
     - ``label_smoothing``: finite; in [0, 0.5) for ``sigmoid``, ``robust``, ``sigmoid_norm``,
-      ``simpo``; in (0, 0.5) for ``exo_pair``; must lie in every range of the chosen types that
+      ``simpo``, ``aot``, ``aot_unpaired``; in (0, 0.5) for ``exo_pair``; must lie in every range of the chosen types that
       read it (one value is shared, as in TRL), and be 0 when none of them does.
     - ``loss_weights``: ``None`` (all 1) or one finite weight >= 0 per type, not all 0.
     - ``gamma``: finite, >= 0 (SimPO's target margin).
     - ``bco_delta``: a finite float, ``"batch"``, or a 0-D/1-D floating tensor.
+    - ``discopop_tau``: finite, > 0 (DiscoPOP's temperature).
+    - ``f_divergence_type``: one of :data:`F_DIVERGENCES`; other than ``"reverse_kl"`` only
+      with types among ``sigmoid``, ``sigmoid_norm``, ``hinge``, ``ipo``, ``exo_pair``,
+      ``robust``, ``discopop``, ``sft`` (TRL's list: the others have no f-DPO form).
+    - ``f_alpha_divergence_coef``: finite.
     """
     if isinstance(loss_type, str):
         types = (loss_type,)
@@ -169,4 +208,15 @@ def check_loss_config(
     else:
         bco_delta = _checks.real_number("bco_delta", bco_delta)
 
-    return LossConfig(types, beta, eps, weights, gamma, bco_delta)
+    tau = _checks.positive_finite("discopop_tau", discopop_tau)
+    f = _checks.choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    if f != "reverse_kl" and not set(types) <= _F_DIVERGENCE_TYPES:
+        bad = tuple(t for t in types if t not in _F_DIVERGENCE_TYPES)
+        raise ValueError(
+            f"f_divergence_type={f!r} is only defined for loss_type in "
+            f"{tuple(sorted(_F_DIVERGENCE_TYPES))}, got {bad}: use f_divergence_type='reverse_kl' "
+            f"with them"
+        )
+    alpha = _checks.real_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+
+    return LossConfig(types, beta, eps, weights, gamma, bco_delta, tau, f, alpha)

@@ -15,6 +15,9 @@ Notation used in every docstring below::
     eps = label_smoothing
     logsig(t) = log(sigmoid(t)),  sig(t) = sigmoid(t)
 
+With ``f_divergence_type`` other than reverse KL, z is ``f'(r_w) - f'(r_l)`` instead
+(:func:`f_divergence_score`) for every type that reads z.
+
 The math lives in :func:`_per_type_loss`, one branch per loss type; everything else is argument
 checking.  All forms are written with ``logsigmoid``/``sigmoid`` of a single argument, never
 ``log(sigmoid(.))`` or ``1 - sigmoid(.)``, so they stay finite (value and gradient) for any
@@ -33,8 +36,8 @@ from torch import Tensor
 
 from . import _checks
 from .loss_config import (  # noqa: F401  (re-exported: their historical home)
-    _NEEDS_LENGTHS, _REFERENCE_FREE, _SMOOTHING_RANGE, _USES_LENGTHS, LOSS_TYPES, SIMPO_GAMMA,
-    LossConfig, check_loss_config,
+    _NEEDS_LENGTHS, _REFERENCE_FREE, _SMOOTHING_RANGE, _USES_LENGTHS, DISCOPOP_TAU,
+    F_ALPHA_DIVERGENCE_COEF, F_DIVERGENCES, LOSS_TYPES, SIMPO_GAMMA, LossConfig, check_loss_config,
 )
 
 
@@ -111,6 +114,37 @@ def _check_lengths(b: int, chosen_lengths: Tensor | None, rejected_lengths: Tens
 # --------------------------------------------------------------------------------------------
 
 
+# Where TRL clamps (alpha - 1) * log-ratio before exp, per score dtype, so exp stays finite in
+# that dtype; float64 (absent from TRL's table) clamps as float32 does, so a float64 reference
+# of a float32 run has the same kink.
+_ALPHA_CLAMP = {torch.float16: 11.0}
+
+
+def f_divergence_score(logratio: Tensor, kind: str, alpha: float) -> Tensor:
+    """f'(u) of f-DPO (Wang et al. 2023, arXiv 2309.16240, Table 1) at u = pi/ref, from the
+    log-ratio r = log u, in r's dtype; the DPO margin becomes f'(u_w) - f'(u_l)::
+
+        reverse_kl        r                                        (DPO)
+        forward_kl        1 - exp(-r)
+        js_divergence     log 2 + logsig(r)                        (= log(2u / (1 + u)))
+        alpha_divergence  (exp((alpha - 1) r) - 1) / (alpha - 1)   (u^(alpha-1) - 1)/(alpha-1)
+                          r itself when |alpha - 1| < 1e-6 (the limit); (alpha - 1) r is
+                          clamped at 11 for float16 scores, 80 otherwise, and exp runs in
+                          float32 at least (TRL 1.16's clamping).
+    """
+    if kind == "reverse_kl":
+        return logratio
+    if kind == "forward_kl":
+        return -torch.expm1(-logratio)
+    if kind == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratio)
+    if abs(alpha - 1.0) < 1e-6:
+        return logratio
+    dtype = logratio.dtype
+    t = ((alpha - 1.0) * logratio).to(torch.promote_types(dtype, torch.float32))
+    return torch.expm1(t.clamp(max=_ALPHA_CLAMP.get(dtype, 80.0))).to(dtype) * (1.0 / (alpha - 1.0))
+
+
 def _smoothed_sigmoid(u: Tensor, eps: float) -> Tensor:
     """``-(1 - eps) logsig(u) - eps logsig(-u)``; exactly ``-logsig(u)`` when eps == 0."""
     if eps == 0.0:
@@ -127,20 +161,37 @@ def _per_type_loss(
     n_w: Tensor | None,
     n_l: Tensor | None,
     cfg: LossConfig,
+    sft_scale: Tensor | None,
 ) -> Tensor:
     beta, eps = cfg.beta, cfg.label_smoothing
 
-    if t in _USES_LENGTHS and n_w is not None:
-        # Sum scores -> per-token averages.  Keep the order (a - b) - (c - d) of dpo_loss.
-        pi_w, pi_l = pi_w / n_w, pi_l / n_l
-        if ref_w is not None:
-            ref_w, ref_l = ref_w / n_w, ref_l / n_l
+    if t == "sft":
+        return -pi_w if sft_scale is None else -pi_w * sft_scale
+    if t == "aot":  # sorted margins: the i-th smallest policy margin against the reference's
+        z = torch.sort(pi_w - pi_l).values - torch.sort(ref_w - ref_l).values
+        return _smoothed_sigmoid(beta * z, eps)
+    if t == "aot_unpaired":  # sorted log-ratios: the i-th smallest chosen against rejected
+        z = torch.sort(pi_w - ref_w).values - torch.sort(pi_l - ref_l).values
+        return _smoothed_sigmoid(beta * z, eps)
 
-    if t == "simpo":
-        return _smoothed_sigmoid(beta * (pi_w - pi_l) - cfg.gamma, eps)
-
-    # Same order of operations as dpo_loss (bitwise parity for "sigmoid" with eps == 0).
-    z = (pi_w - pi_l) - (ref_w - ref_l)
+    if cfg.f_divergence_type != "reverse_kl":
+        # f-DPO: z = f'(pi_w / ref_w) - f'(pi_l / ref_l) on the log-ratios (then per token).
+        alpha = cfg.f_alpha_divergence_coef
+        s_w = f_divergence_score(pi_w - ref_w, cfg.f_divergence_type, alpha)
+        s_l = f_divergence_score(pi_l - ref_l, cfg.f_divergence_type, alpha)
+        if t in _USES_LENGTHS and n_w is not None:
+            s_w, s_l = s_w / n_w, s_l / n_l
+        z = s_w - s_l
+    else:
+        if t in _USES_LENGTHS and n_w is not None:
+            # Sum scores -> per-token averages.  Keep the order (a - b) - (c - d) of dpo_loss.
+            pi_w, pi_l = pi_w / n_w, pi_l / n_l
+            if ref_w is not None:
+                ref_w, ref_l = ref_w / n_w, ref_l / n_l
+        if t == "simpo":
+            return _smoothed_sigmoid(beta * (pi_w - pi_l) - cfg.gamma, eps)
+        # Same order of operations as dpo_loss (bitwise parity for "sigmoid" with eps == 0).
+        z = (pi_w - pi_l) - (ref_w - ref_l)
 
     if t in ("sigmoid", "sigmoid_norm"):
         return _smoothed_sigmoid(beta * z, eps)
@@ -158,6 +209,11 @@ def _per_type_loss(
         return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
             F.logsigmoid(-x) - math.log(eps)
         )
+    if t == "discopop":
+        # (1 - sig(x/tau)) logistic(x) + sig(x/tau) exp(-x); the second product as one exp,
+        # finite where exp(-x) alone would overflow (x << 0: the product tends to 0, tau < 1).
+        x, tau = beta * z, cfg.discopop_tau
+        return -F.logsigmoid(x) * torch.sigmoid(-x / tau) + torch.exp(F.logsigmoid(x / tau) - x)
 
     rw = beta * (pi_w - ref_w)
     rl = beta * (pi_l - ref_l)
@@ -191,6 +247,9 @@ def preference_loss(
     gamma: float = SIMPO_GAMMA,
     loss_weights: Sequence[float] | None = None,
     bco_delta: float | str | Tensor = 0.0,
+    discopop_tau: float = DISCOPOP_TAU,
+    f_divergence_type: str = "reverse_kl",
+    f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
     chosen_lengths: Tensor | None = None,
     rejected_lengths: Tensor | None = None,
 ) -> Tensor:
@@ -200,7 +259,7 @@ def preference_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected: (B,) floating score vectors
             (sequence log-probs), one shape, one device; mixed float dtypes promote as torch
             does.  ``ref_*`` may be ``None`` (both) when every type is reference-free
-            (``simpo``); otherwise a ``ValueError`` names ``ref_chosen``.  For TRL's
+            (``simpo``, ``sft``); otherwise a ``ValueError`` names ``ref_chosen``.  For TRL's
             ``reference_free=True`` behaviour pass zeros.
         loss_type: a name from :data:`LOSS_TYPES`, or a sequence of distinct names: the result
             is then ``sum_k loss_weights[k] * loss_k`` (per pair).
@@ -213,12 +272,24 @@ def preference_loss(
         loss_weights: one weight >= 0 per type; ``None`` means all 1.
         bco_delta: BCO's reward shift delta (``bco_pair`` only): a float, a detached 0-D or
             (B,) tensor (e.g. a running mean the caller keeps), or ``"batch"``.  See below.
+        discopop_tau: DiscoPOP's temperature tau, > 0 (default 0.05, the paper's and TRL's).
+        f_divergence_type: the f-DPO regularizer (see :func:`f_divergence_score`):
+            ``"reverse_kl"`` (default: DPO), ``"forward_kl"``, ``"js_divergence"``,
+            ``"alpha_divergence"``.  Other than reverse KL, only with ``sigmoid``,
+            ``sigmoid_norm``, ``hinge``, ``ipo``, ``exo_pair``, ``robust``, ``discopop``,
+            ``sft`` (TRL's list; else ``ValueError``): each of them then reads
+            ``z = f'(r_w) - f'(r_l)`` in place of ``r_w - r_l`` (``ipo``/``sigmoid_norm``
+            with lengths: ``f'(r_w)/n_w - f'(r_l)/n_l``, as TRL); ``sft`` is unchanged.
+            With mean scores, r is the log-ratio of the per-token means.
+        f_alpha_divergence_coef: alpha of ``"alpha_divergence"`` (default 0.5, TRL 1.16's
+            ``DPOConfig`` default; alpha = 1 is reverse KL).
         chosen_lengths, rejected_lengths: (B,) completion token counts (int or float), both or
             neither.  Required by ``sigmoid_norm``.  When given, the scores are taken to be
             SUMS and the types defined on per-token averages -- ``sigmoid_norm``, ``ipo``,
             ``simpo`` -- divide each score by its count clamped at 1 (an empty completion's
-            sum, 0, stays 0); every other type ignores them.  With fastdpo's default MEAN
-            scores, leave them out: the scores already are the averages.
+            sum, 0, stays 0); ``sft`` divides by the batch's chosen token total; every other
+            type ignores them.  With fastdpo's default MEAN scores, leave them out: the scores
+            already are the averages.
 
     Formulas (notation in the module docstring; ``r_w, r_l`` are log-ratios)::
 
@@ -270,6 +341,30 @@ def preference_loss(
                      label smoothing).  Reference-free: ref_* are ignored and may be
                      None.  Scores must be average log-probs (the default, or sums + lengths).
                      The paper's beta is 2-10, not DPO's 0.1: set beta for simpo.
+        aot          -(1-eps) logsig(beta d) - eps logsig(-beta d),       eps in [0, 0.5)
+                     d = sort(pi_w - pi_l)_i - sort(ref_w - ref_l)_i  (ascending over the batch)
+                     AOT, Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via
+                     Optimal Transport" (arXiv 2406.05882), paired form: first-order stochastic
+                     dominance of the policy's margins over the reference's, by the 1-D optimal
+                     transport plan (sorting), with the logistic loss.  Entry i is the loss of
+                     the i-th smallest margins, not of pair i: the entries depend on the whole
+                     call (under data parallelism: on the rank's batch); B = 1 is ``sigmoid``.
+        aot_unpaired the same on d = sort(r_w)_i - sort(r_l)_i: the unpaired form (chosen
+                     log-ratios dominate the rejected ones as distributions).
+        discopop     (1 - sig(x/tau)) (-logsig(x)) + sig(x/tau) exp(-x)
+                     DiscoPOP's log-ratio modulated loss, Chan Lu et al. 2024, "Discovering
+                     Preference Optimization Algorithms with and for LLMs" (arXiv 2406.08414)
+                     eq. 5: the logistic loss for x < 0 blending into the exponential loss
+                     for x > 0; tau = ``discopop_tau``.
+        sft          -pi_w, the chosen completion's negative log-likelihood; its mean over the
+                     pairs is the SFT (NLL) term of RPO, Pang et al. 2024 (arXiv 2404.19733)
+                     and TRL's MPO recipe.  With MEAN scores (no lengths): -mean_i pi_w_i,
+                     each chosen completion's per-token mean NLL averaged over the pairs (RPO's
+                     length-normalized NLL).  With SUM scores and lengths: entry i is
+                     -pi_w_i * B / sum_j n_w_j, so the mean over the pairs is TRL 1.16's
+                     "sft": the NLL per chosen token over the whole batch (the total clamped
+                     at 1: a batch without chosen tokens gives 0 where TRL gives NaN).
+                     Reference-free, and unaffected by f_divergence_type.
 
     BCO's reward shift.  TRL's DPOTrainer used to keep a running mean of the batch rewards
     across steps (hidden trainer state; recent versions use delta = 0).  Here it is stateless
@@ -283,7 +378,9 @@ def preference_loss(
     division promotes to float32 at least, so bf16/fp16 counts do not round.
     """
     cfg = check_loss_config(
-        loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
+        loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
+        discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
+        f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
     b = _check_scores(
         policy_chosen=policy_chosen,
@@ -296,7 +393,7 @@ def preference_loss(
         need = tuple(t for t in cfg.loss_type if t not in _REFERENCE_FREE)
         raise ValueError(
             f"ref_chosen and ref_rejected are None, but loss_type {need} needs the reference "
-            f"scores (only {tuple(sorted(_REFERENCE_FREE))} is reference-free)"
+            f"scores (only {tuple(sorted(_REFERENCE_FREE))} are reference-free)"
         )
     _check_lengths(b, chosen_lengths, rejected_lengths)
     per_pair_delta = isinstance(cfg.bco_delta, Tensor) and cfg.bco_delta.ndim == 1
@@ -318,25 +415,35 @@ def preference_loss(
             )
 
     return _combined_loss(
-        cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths
+        cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+        chosen_lengths,
     )
 
 
-def _combined_loss(cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths):
-    """:func:`preference_loss` on arguments already checked (``cfg`` from check_loss_config)."""
+def _combined_loss(
+    cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+    batch_chosen_lengths=None,
+):
+    """:func:`preference_loss` on arguments already checked (``cfg`` from check_loss_config);
+    ``batch_chosen_lengths``: every chosen completion's token count in the batch these pairs
+    belong to (sum scores: ``sft``'s token mean is over the batch), None for mean scores."""
+    dtype = torch.float32
+    for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected):
+        if x is not None:
+            dtype = torch.promote_types(dtype, x.dtype)
     n_w = n_l = None
     if chosen_lengths is not None and any(t in _USES_LENGTHS for t in cfg.loss_type):
-        dtype = torch.float32
-        for x in (policy_chosen, policy_rejected, ref_chosen, ref_rejected):
-            if x is not None:
-                dtype = torch.promote_types(dtype, x.dtype)
         n_w = chosen_lengths.to(dtype).clamp(min=1)
         n_l = rejected_lengths.to(dtype).clamp(min=1)
+    sft_scale = None
+    if batch_chosen_lengths is not None and "sft" in cfg.loss_type:
+        n = batch_chosen_lengths.to(dtype)
+        sft_scale = n.shape[0] / n.sum().clamp(min=1)
 
     total = None
     for t, w in zip(cfg.loss_type, cfg.loss_weights):
         loss = _per_type_loss(
-            t, policy_chosen, policy_rejected, ref_chosen, ref_rejected, n_w, n_l, cfg
+            t, policy_chosen, policy_rejected, ref_chosen, ref_rejected, n_w, n_l, cfg, sft_scale
         )
         if len(cfg.loss_type) > 1:
             loss = w * loss
@@ -351,6 +458,7 @@ def pair_losses(
     cfg: LossConfig,
     reduction: str,
     pairs: Tensor | None = None,
+    batch_count: Tensor | None = None,
 ) -> Tensor:
     """Per-pair losses (k,) of some pairs of a DPO batch, from their sequences' summed log-probs.
 
@@ -358,17 +466,23 @@ def pair_losses(
     rejected ones (summed policy log-probs; reference scores already in ``reduction``; scored
     token counts).  ``reduction`` is the DPO module's ``logprob_reduction``: ``"mean"`` divides
     the sums by the counts, ``"sum"`` passes the counts as lengths (for the types defined on
-    per-token averages).  ``pairs`` (k,) names the pairs, to select a per-pair ``bco_delta``.
+    per-token averages).  ``pairs`` (k,) names the pairs, to select a per-pair ``bco_delta``;
+    ``batch_count`` is the whole batch's (2B,) counts when these are some of its pairs (``sft``
+    with sums is a token mean over the batch; counts of empty sequences, clamped at 1e-5, count
+    as 0).
     The configuration was checked once (:func:`check_loss_config`), so nothing is checked here.
     """
     k = sums.shape[0] // 2
     scores = sums / count if reduction == "mean" else sums
-    n_w = n_l = None
+    n_w = n_l = batch_w = None
     if reduction == "sum":
         n_w, n_l = count[:k], count[k:]
+        if "sft" in cfg.loss_type:
+            full = count if batch_count is None else batch_count
+            batch_w = full[: full.shape[0] // 2].floor()
     if pairs is not None and isinstance(cfg.bco_delta, Tensor) and cfg.bco_delta.ndim == 1:
         cfg = dataclasses.replace(cfg, bco_delta=cfg.bco_delta[pairs])
-    return _combined_loss(cfg, scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], n_w, n_l)
+    return _combined_loss(cfg, scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], n_w, n_l, batch_w)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,7 +43,38 @@ def sig(t):
     return torch.exp(logsig(t))
 
 
-def truth(kind, pw, pl, rw, rl, *, beta, eps=0.0, gamma=0.5, delta=0.0, nw=None, nl=None):
+def f_prime(r, f, alpha):
+    """f'(u) at u = pi/ref = exp(r), f-DPO (Wang et al. 2023, arXiv 2309.16240) Table 1, in
+    log space; additive constants as TRL keeps them (they cancel in f'(u_w) - f'(u_l))."""
+    if f == "reverse_kl":  # f(u) = u log u: f'(u) = log u + 1
+        return r
+    if f == "forward_kl":  # f(u) = -log u: f'(u) = -1/u
+        return 1 - torch.exp(-r)
+    if f == "js_divergence":  # f'(u) = log(2u / (1 + u))
+        return math.log(2) - torch.log1p(torch.exp(-r))
+    # alpha-divergence, paper's a = 1 - alpha: f'(u) = (1 - u^-a) / a; TRL clamps -a r at 80
+    a = 1 - alpha
+    if abs(a) < 1e-6:  # the limit a -> 0: log u, reverse KL
+        return r
+    return (1 - torch.exp(torch.clamp(-a * r, max=80.0))) / a
+
+
+def truth(kind, pw, pl, rw, rl, *, beta, eps=0.0, gamma=0.5, delta=0.0, nw=None, nl=None,
+          f="reverse_kl", alpha=0.5, tau=0.05):
+    if kind == "sft":  # the chosen NLL: per token over the batch given counts, else per pair
+        return -pw if nw is None else -pw * len(pw) / nw.sum().clamp(min=1)
+    if kind == "aot":  # sorted policy margins against sorted reference margins
+        d = torch.sort(pw - pl).values - torch.sort(rw - rl).values
+        return -(1 - eps) * logsig(beta * d) - eps * logsig(-beta * d)
+    if kind == "aot_unpaired":  # sorted chosen log-ratios against sorted rejected ones
+        d = torch.sort(pw - rw).values - torch.sort(pl - rl).values
+        return -(1 - eps) * logsig(beta * d) - eps * logsig(-beta * d)
+    if f != "reverse_kl":
+        fw, fl = f_prime(pw - rw, f, alpha), f_prime(pl - rl, f, alpha)
+        if nw is not None and kind in ("sigmoid_norm", "ipo"):  # TRL: f' of sums, per token
+            fw, fl = fw / nw.clamp(min=1), fl / nl.clamp(min=1)
+        # every type allowed with an f reads its margin only: stand in r_w = f'_w, r_l = f'_l
+        pw, pl, rw, rl, nw = fw, fl, torch.zeros_like(fw), torch.zeros_like(fl), None
     if nw is not None and kind in ("sigmoid_norm", "ipo", "simpo"):
         nw, nl = nw.clamp(min=1).to(pw.dtype), nl.clamp(min=1).to(pw.dtype)
         pw, pl = pw / nw, pl / nl
@@ -54,6 +85,10 @@ def truth(kind, pw, pl, rw, rl, *, beta, eps=0.0, gamma=0.5, delta=0.0, nw=None,
         return -(1 - eps) * logsig(u) - eps * logsig(-u)
     cw, cl = pw - rw, pl - rl  # log pi/ref of chosen and rejected
     m = beta * (cw - cl)
+    if kind == "discopop":
+        # DiscoPOP (arXiv 2406.08414) eq. 5: (1 - sig(m/tau)) * logistic + sig(m/tau) * exp(-m),
+        # the second product as one exp (exp(-m) alone overflows where the product is ~0)
+        return -logsig(m) * (1 - sig(m / tau)) + torch.exp(logsig(m / tau) - m)
     if kind in ("sigmoid", "sigmoid_norm"):
         return -(1 - eps) * logsig(m) - eps * logsig(-m)
     if kind == "robust":
@@ -105,8 +140,37 @@ CASES = [
     ("sigmoid_norm", {"lengths": True, "label_smoothing": 0.05}),
     ("simpo", {"beta": 2.0}),
     ("simpo", {"beta": 2.5, "gamma": 1.4, "label_smoothing": 0.1, "lengths": True}),
+    ("aot", {}),
+    ("aot", {"label_smoothing": 0.2, "lengths": True}),
+    ("aot_unpaired", {}),
+    ("aot_unpaired", {"label_smoothing": 0.1}),
+    ("discopop", {}),
+    ("discopop", {"discopop_tau": 0.5, "beta": 2.0}),
+    ("sft", {}),
+    ("sft", {"lengths": True}),
+    # f-DPO: every type TRL allows an f for, each f, with and without lengths
+    ("sigmoid", {"f_divergence_type": "forward_kl"}),
+    ("sigmoid", {"f_divergence_type": "js_divergence", "label_smoothing": 0.1}),
+    ("sigmoid", {"f_divergence_type": "alpha_divergence"}),
+    ("sigmoid", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.0}),
+    ("hinge", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3}),
+    ("ipo", {"f_divergence_type": "forward_kl", "lengths": True}),
+    ("ipo", {"f_divergence_type": "js_divergence"}),
+    ("sigmoid_norm", {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 1.7,
+                      "lengths": True}),
+    ("exo_pair", {"f_divergence_type": "js_divergence", "label_smoothing": 0.01}),
+    ("robust", {"f_divergence_type": "forward_kl", "label_smoothing": 0.2}),
+    ("discopop", {"f_divergence_type": "forward_kl"}),
+    ("sft", {"f_divergence_type": "js_divergence", "lengths": True}),
 ]
 assert {c[0] for c in CASES} == set(LOSS_TYPES)
+
+
+def truth_options(opts):
+    """The options of a case as :func:`truth` names them."""
+    return dict(eps=opts.get("label_smoothing", 0.0), gamma=opts.get("gamma", 0.5),
+                f=opts.get("f_divergence_type", "reverse_kl"),
+                alpha=opts.get("f_alpha_divergence_coef", 0.5), tau=opts.get("discopop_tau", 0.05))
 
 
 def make_inputs(seed, *, lengths=False, b=B):
@@ -147,16 +211,7 @@ def run_both(kind, opts, scores, nw, nl, beta, dtype):
         kw["bco_delta"] = delta.to(dtype)
         delta = kw["bco_delta"].double()
     ours = preference_loss(*xs, loss_type=kind, beta=beta, **kw)
-    ref = truth(
-        kind,
-        *x64,
-        beta=beta,
-        eps=opts.get("label_smoothing", 0.0),
-        gamma=opts.get("gamma", 0.5),
-        delta=delta,
-        nw=nw,
-        nl=nl,
-    )
+    ref = truth(kind, *x64, beta=beta, delta=delta, nw=nw, nl=nl, **truth_options(opts))
     return xs, x64, ours, ref
 
 
@@ -189,9 +244,7 @@ def test_low_precision_three_way(kind, opts, dtype):
     delta = opts.get("bco_delta", 0.0)
     if isinstance(delta, torch.Tensor):
         delta = delta.to(dtype)
-    eps = opts.get("label_smoothing", 0.0)
-    naive = truth(kind, *xr, beta=beta, eps=eps, gamma=opts.get("gamma", 0.5), delta=delta,
-                  nw=nw, nl=nl)
+    naive = truth(kind, *xr, beta=beta, delta=delta, nw=nw, nl=nl, **truth_options(opts))
     three_way(ours, naive, truth64, dtype, f"{kind} value")
     up = torch.randn(B, generator=g, dtype=torch.float64).to(dtype)
     for name, go, gn, gt in zip(SCORES, grads(ours, xs, up), grads(naive, xr, up),
@@ -222,6 +275,10 @@ def equal_value(kind, beta, eps, gamma):
         "apo_down": 1.0,
         "sigmoid_norm": ln2,
         "simpo": math.log1p(math.exp(gamma)),  # -logsig(-gamma)
+        "aot": ln2,
+        "aot_unpaired": ln2,
+        "discopop": ln2 / 2 + 1 / 2,  # sig(0) = 1/2 of each of -logsig(0) and exp(0)
+        "sft": 1.3 * B / sum(range(B)),  # -pi_w * B / total: scores -1.3, counts 0..B-1
     }[kind]
 
 
@@ -297,7 +354,9 @@ def test_finite_for_finite_inputs(vals, beta, counts):
                                label_smoothing=SMOOTH.get(kind, 0.0),
                                chosen_lengths=n[0], rejected_lengths=n[1])
         assert torch.isfinite(loss).all(), kind
-        if kind != "robust":  # the unbiased robust loss is not bounded below
+        # the unbiased robust loss is not bounded below; sft is an NLL of scores that are not
+        # log-probs here (some > 0)
+        if kind not in ("robust", "sft"):
             assert (loss >= 0).all(), kind
         for name, g_ in zip(SCORES, grads(loss.sum(), xs, torch.tensor(1.0))):
             assert torch.isfinite(g_).all(), (kind, name)
@@ -359,7 +418,7 @@ def test_simpo_is_reference_free():
     assert not check_loss_config("simpo").needs_reference
 
 
-@pytest.mark.parametrize("kind", [t for t in LOSS_TYPES if t != "simpo"] + [["simpo", "ipo"]])
+@pytest.mark.parametrize("kind", [t for t in LOSS_TYPES if t not in ("simpo", "sft")] + [["simpo", "ipo"]])
 def test_reference_required(kind):
     scores, nw, nl, _ = make_inputs(1, lengths=True)
     with pytest.raises(ValueError, match="ref_chosen"):
@@ -432,6 +491,17 @@ CONFIG_ERRORS = [
     (dict(bco_delta="running"), ValueError, "bco_delta"),
     (dict(bco_delta=torch.zeros(3, 1)), TypeError, "bco_delta"),
     (dict(bco_delta=torch.zeros(3, dtype=torch.long)), TypeError, "bco_delta"),
+    (dict(loss_type="aot", label_smoothing=0.5), ValueError, r"label_smoothing must be in \[0, 0.5\).*'aot'"),
+    (dict(discopop_tau=0.0), ValueError, "discopop_tau"),
+    (dict(discopop_tau=float("inf")), ValueError, "discopop_tau"),
+    (dict(f_divergence_type="kl"), ValueError, r"f_divergence_type must be one of \('reverse_kl'"),
+    (dict(f_alpha_divergence_coef=float("nan")), ValueError, "f_alpha_divergence_coef"),
+    (dict(f_alpha_divergence_coef="0.5"), TypeError, "f_alpha_divergence_coef"),
+] + [  # f-DPO only where TRL allows it: the error names the types it refuses
+    (dict(loss_type=["sigmoid", t], f_divergence_type=f), ValueError,
+     rf"f_divergence_type='{f}' is only defined for loss_type in .*got \('{t}',\)")
+    for t in ("aot", "aot_unpaired", "bco_pair", "nca_pair", "sppo_hard", "apo_zero", "apo_down", "simpo")
+    for f in ("forward_kl", "alpha_divergence")
 ]
 
 
@@ -439,7 +509,8 @@ CONFIG_ERRORS = [
 def test_config_errors(over, exc, match):
     with pytest.raises(exc, match=match):
         _call(**over)
-    cfg_keys = {"loss_type", "beta", "label_smoothing", "loss_weights", "gamma", "bco_delta"}
+    cfg_keys = {"loss_type", "beta", "label_smoothing", "loss_weights", "gamma", "bco_delta", "discopop_tau",
+                "f_divergence_type", "f_alpha_divergence_coef"}
     with pytest.raises(exc, match=match):  # the same from the construction-time check
         check_loss_config(**{k: v for k, v in over.items() if k in cfg_keys})
 

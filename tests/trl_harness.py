@@ -13,6 +13,9 @@ stub models return those same fields, computed in float64 from real logits you g
     entropy, log_sum_sq_probs (log sum_v p_v^2, detached), mean_logits (detached), is_top1
                             the same positions, the same zeros; shape (2B, L - 1)
 
+(``compute_dtype=torch.float32`` computes them in float32 instead, as TRL's kernel does: the
+reference "in the input dtype" of a three-way comparison.)
+
 So TRL's code itself does everything after the head: the sums, the reference, the
 f-divergence, each loss type, the weights, the mean.  Its gradients flow back through the
 float64 log-probs into whatever made the policy's logits (pass a function of the token ids,
@@ -85,9 +88,11 @@ class _FusedHeadStub(nn.Module):
 
     is_gradient_checkpointing = False
 
-    def __init__(self, logits: Logits, dtype: torch.dtype, aux_loss: Tensor | None):
+    def __init__(self, logits: Logits, dtype: torch.dtype, aux_loss: Tensor | None,
+                 compute_dtype: torch.dtype = torch.float64):
         super().__init__()
         self.logits, self.dtype, self.aux_loss = logits, dtype, aux_loss
+        self.compute_dtype = compute_dtype
         self.calls: list[dict] = []
 
     def forward(self, *, input_ids, attention_mask=None, labels=None, fused_lm_head=False, **kwargs):
@@ -96,7 +101,7 @@ class _FusedHeadStub(nn.Module):
         z = self.logits(input_ids, attention_mask) if callable(self.logits) else self.logits
         if z.shape[:2] != input_ids.shape:
             raise ValueError(f"logits must be (N, L, V) for input_ids {tuple(input_ids.shape)}, got {tuple(z.shape)}")
-        z = z[:, :-1].double()  # the model's own shift: position j predicts label j + 1
+        z = z[:, :-1].to(self.compute_dtype)  # the model's own shift: position j predicts label j + 1
         y = labels[:, 1:]
         mask = y != -100
         logp = z.log_softmax(-1)
@@ -170,6 +175,7 @@ def trl_dpo_loss(
     ref_chosen_logps: Tensor | None = None,
     ref_rejected_logps: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
+    compute_dtype: torch.dtype = torch.float64,
     aux_loss: Tensor | None = None,
     router_aux_loss_coef: float = 0.0,
     training: bool = True,
@@ -190,6 +196,8 @@ def trl_dpo_loss(
         dtype: the dtype of the per-token fields the stub head returns (computed in float64,
             then cast): TRL's alpha-divergence clamp table has no float64 entry, so it needs
             float32 here.
+        compute_dtype: the dtype the stub head computes its fields in (float64 by default;
+            float32 is what TRL's own fused head does with float32 logits).
         aux_loss: an MoE load-balancing loss the policy's output carries when asked
             (``output_router_logits``), added with weight ``router_aux_loss_coef`` (non-zero
             turns TRL's ``aux_loss_enabled`` on).
@@ -210,8 +218,8 @@ def trl_dpo_loss(
         raise ValueError("pass both ref_chosen_logps and ref_rejected_logps, or neither")
     if reference is None and not precompute:
         raise ValueError("reference is None: pass its logits, or precomputed reference log-probs")
-    pol = _FusedHeadStub(policy, dtype, aux_loss)
-    ref = _FusedHeadStub(reference, dtype, None).eval() if reference is not None else None
+    pol = _FusedHeadStub(policy, dtype, aux_loss, compute_dtype)
+    ref = _FusedHeadStub(reference, dtype, None, compute_dtype).eval() if reference is not None else None
     trainer = trl_trainer(pol, ref, precompute=precompute, training=training,
                           aux_loss_coef=router_aux_loss_coef, device=input_ids.device, **config)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
