@@ -126,8 +126,8 @@ class DPO(nn.Module):
             completions' NLL: with ``"sum"`` (TRL's conventions) TRL's batch-level mean over
             every scored chosen token; with ``"mean"`` the mean over pairs of each chosen
             completion's per-token mean NLL.  ``"aot"``/``"aot_unpaired"`` sort the batch's
-            margins, so they (like ``bco_delta="batch"``) take the ``"scores"`` route: the
-            policy is scored whole, then the loss; no ``token_accuracy/chosen`` metric.
+            margins: the fused pair op then takes the batch as one group of pairs (logits
+            beyond its keep budget are recomputed, as for one pair too large for it).
         reference_free: score against a zero reference (TRL's ``reference_free``); no
             reference copy is made.  Reference-free loss types (``simpo``) make none either.
         packing: how the models run a batch of pairs.  ``"none"`` (default): padded rows of
@@ -197,8 +197,8 @@ class DPO(nn.Module):
                 "loss_type 'sigmoid_norm' length-normalizes summed log-probs: it needs "
                 "logprob_reduction='sum' (with the default 'mean' it would be plain 'sigmoid')"
             )
-        # A pair's loss depends on its own scores only, except with BCO's batch shift and AOT.
-        pair_ok = not self.loss.couples_pairs
+        # A pair's loss depends on its own scores only, except with BCO's batch shift.
+        pair_ok = not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
         self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok)
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward

@@ -4,7 +4,8 @@ Dimensions: B pairs; 2B sequences (B chosen, then their B rejected); T positions
 size; V vocabulary; M counted rows.
 
 A pair's loss depends on its own four scores only, so once a group of whole pairs is scored
-the loss gradient of each of its sequences is known, while the group's logits are still in
+the loss gradient of each of its sequences is known (a loss that couples the pairs, ``aot``,
+makes the whole batch one group), while the group's logits are still in
 memory: they turn into the gradient in place and meet ``weight`` and ``hidden`` right away.
 The policy's head then costs one product forward and two backward (the floor); backward
 merely scales the gradients made in forward.  A group whose logits exceed the keep budget
@@ -96,11 +97,6 @@ def op_schema() -> str:
 
 def to_op_args(opts: HeadOptions) -> list:
     """``opts`` as the op's option arguments, in :func:`op_schema`'s order."""
-    if opts.loss.couples_pairs:
-        raise ValueError(
-            f"loss_type {opts.loss.loss_type} (bco_delta={opts.loss.bco_delta!r}) couples the pairs "
-            f"of a batch: the pair op, which takes groups of pairs, cannot run it"
-        )
     out = []
     for path, kinds in _LEAVES:
         value = opts
@@ -109,7 +105,9 @@ def to_op_args(opts: HeadOptions) -> list:
         if isinstance(value, tuple):
             value = list(value)
         if len(kinds) == 2:  # a tensor, or a number
-            if isinstance(value, str):  # bco_delta="batch" without bco_pair: not read
+            if isinstance(value, str) and "bco_pair" in opts.loss.loss_type:
+                raise ValueError(f"{path[-1]}={value!r} couples the pairs of a batch: the pair op cannot take it")
+            if isinstance(value, str):  # bco_delta="batch" without bco_pair: never read
                 value = 0.0
             tensor = isinstance(value, Tensor)
             out += [value if tensor else None, 0.0 if tensor else float(value)]
@@ -229,7 +227,10 @@ def dpo_head_impl(
     grad_w = chunks.WeightGrad(weight) if need_weight else None
     sums64 = torch.zeros(n2, dtype=torch.float64, device=dev)  # see RowPlan.sequence_sums
     losses = torch.empty(b, dtype=torch.float32, device=dev)
-    for pairs, spans in pair_groups(plan.bounds, b, v * zdtype.itemsize, group_bytes):
+    # A loss that couples the pairs (aot sorts the batch's margins) needs every pair's scores
+    # for any gradient: the batch is one group, logits beyond the keep budget recomputed.
+    budget = group_bytes if not cfg.couples_pairs else float("inf")
+    for pairs, spans in pair_groups(plan.bounds, b, v * zdtype.itemsize, budget):
         hg, yg, seq = _cat_rows(h, spans), _cat_rows(y, spans), _cat_rows(plan.seq, spans)
         m = hg.shape[0]
         # The first `keep` rows keep their logits between the passes; the rest are recomputed.

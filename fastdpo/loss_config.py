@@ -93,8 +93,8 @@ class LossConfig:
     @property
     def couples_pairs(self) -> bool:
         """True when a pair's loss depends on other pairs of the batch (``aot``,
-        ``aot_unpaired``, ``bco_pair`` with ``bco_delta="batch"``): the loss must see the whole
-        batch at once, so the fused pair op (which takes groups of pairs) cannot run it."""
+        ``aot_unpaired``, ``bco_pair`` with ``bco_delta="batch"``): the loss must see the
+        whole batch at once (the fused pair op takes it as one group)."""
         batch_shift = "bco_pair" in self.loss_type and isinstance(self.bco_delta, str)
         return batch_shift or any(t in _COUPLED for t in self.loss_type)
 

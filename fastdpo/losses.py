@@ -130,7 +130,12 @@ def f_divergence_score(logratio: Tensor, kind: str, alpha: float) -> Tensor:
         alpha_divergence  (exp((alpha - 1) r) - 1) / (alpha - 1)   (u^(alpha-1) - 1)/(alpha-1)
                           r itself when |alpha - 1| < 1e-6 (the limit); (alpha - 1) r is
                           clamped at 11 for float16 scores, 80 otherwise, and exp runs in
-                          float32 at least (TRL 1.16's clamping).
+                          float32 at least (TRL 1.16's clamping).  alpha is TRL's
+                          coefficient: the paper's (1 - u^-a) / a with a = 1 - alpha (the
+                          same at TRL's default 0.5).
+
+    forward_kl is the paper's -1/u plus 1 (TRL's form): the constant cancels in the margin
+    except where each side is divided by its own length (``ipo``, ``sigmoid_norm`` with sums).
     """
     if kind == "reverse_kl":
         return logratio

@@ -229,17 +229,39 @@ def test_aot_with_one_pair_is_sigmoid(kind):
     torch.testing.assert_close(loss, sig_loss, rtol=1e-6, atol=0)
 
 
-def test_aot_couples_the_pairs_so_it_takes_the_scores_route():
+@pytest.mark.parametrize("kind", ["aot", "aot_unpaired"])
+def test_aot_on_the_pair_op_takes_the_batch_as_one_group(kind):
+    """aot's gradient needs every pair's scores: the pair op takes the whole batch as one group
+    whatever its keep budget (1 byte here: every row recomputed), the same loss and gradients as
+    with the batch's logits all kept, and the batch formula's loss (sorting within groups of
+    one pair would make it sigmoid)."""
     model = make("hf")
-    assert DPO(model, loss_type="aot", head="fused").route(model, "cpu").kind == "scores"
-    assert DPO(model, loss_type=["sigmoid", "aot_unpaired"], head="fused").route(model, "cpu").kind == "scores"
-    assert DPO(model, loss_type=["sigmoid", "sft"], head="fused").route(model, "cpu").kind == "pair"
-    # the pair op itself refuses a coupled loss (it would sort within groups of pairs)
-    h = torch.randn(2, 3, 8)
-    opts = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="sum", loss=check_loss_config("aot"))
-    with pytest.raises(ValueError, match=r"loss_type \('aot',\).*couples the pairs"):
-        dpo_head(h, torch.randn(V, 8), torch.randint(0, V, (2, 3)), torch.ones(2, 3, dtype=torch.bool),
-                 torch.full((2,), 3.0), opts)
+    assert DPO(model, loss_type=kind, head="fused").route(model, "cpu").kind == "pair"
+    g = torch.Generator().manual_seed(6)
+    n2, t, d = 8, 6, 8
+    hidden = torch.randn(n2, t, d, generator=g, requires_grad=True)
+    weight = torch.randn(V, d, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (n2, t), generator=g)
+    mask = torch.rand(n2, t, generator=g) < 0.7
+    count = mask.sum(-1).float().clamp(min=1e-5)
+    lp = (hidden.double() @ weight.double().T).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    s = (lp * mask).sum(-1)
+    # reference margins in the reverse order of the policy's: sorting pairs them differently
+    ref = (-0.5 * s + 0.1 * torch.randn(n2, generator=g, dtype=torch.float64)).float().detach()
+    cfg = check_loss_config(kind, 0.5, 0.1)
+
+    def run(group_bytes):
+        opts = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="sum", loss=cfg, group_bytes=group_bytes)
+        loss, *_ = dpo_head(hidden, weight, targets, mask, count, opts, ref_scores=ref)
+        return (loss, *torch.autograd.grad(loss, (hidden, weight)))
+
+    tight, kept = run(1), run(1 << 30)
+    for a, b in zip(tight, kept):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    r = ref.double()
+    want = truth(kind, s[:4], s[4:], r[:4], r[4:], beta=0.5, eps=0.1).mean()
+    torch.testing.assert_close(kept[0].double(), want, rtol=2e-6, atol=0)
+    assert abs(want - truth("sigmoid", s[:4], s[4:], r[:4], r[4:], beta=0.5, eps=0.1).mean()) > 1e-4
 
 
 def test_bco_batch_shift_given_without_bco_pair_runs_on_the_pair_op():
@@ -358,3 +380,50 @@ def test_defaults_are_trls():
     assert cfg.discopop_tau == trl["discopop_tau"]
     assert cfg.f_divergence_type == trl["f_divergence_type"]
     assert cfg.f_alpha_divergence_coef == trl["f_alpha_divergence_coef"]
+
+
+# ----------------------------------------------------------------------------- the op and torch.compile
+
+
+def test_dpo_head_op_carries_the_new_options():
+    """opcheck of the pair op with the new LossConfig fields (they travel in its schema), and
+    the loss it returns is pair_losses' on its sums."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(13, 8, generator=g, requires_grad=True)
+    targets = torch.randint(0, 13, (4, 5), generator=g)
+    mask = torch.rand(4, 5, generator=g) > 0.3
+    count = mask.sum(-1).clamp(min=1e-5).float()
+    ref = torch.randn(4, generator=g)
+    cfg = check_loss_config(["discopop", "sft"], 0.3, discopop_tau=0.2, f_divergence_type="alpha_divergence",
+                            f_alpha_divergence_coef=0.25)
+    from fastdpo.fused_pair import from_op_args, to_op_args
+
+    opts = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="sum", loss=cfg)
+    assert from_op_args(to_op_args(opts)) == opts
+    op = torch.ops.fastdpo.dpo_head.default
+    torch.library.opcheck(op, (hidden, weight, targets, mask, count, None, None, ref, *to_op_args(opts), True, True))
+    loss, sums, _, _ = dpo_head(hidden, weight, targets, mask, count, opts, ref_scores=ref)
+    torch.testing.assert_close(loss, pair_losses(sums, ref, count, cfg, "sum").mean(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", [dict(loss_type=["sigmoid", "sft"], logprob_reduction="sum", mask_alignment="target"),
+                                  dict(loss_type="aot"),
+                                  dict(loss_type="discopop", f_divergence_type="js_divergence")], ids=case_id)
+def test_dpo_step_compiles_fullgraph(case):
+    model = make("xt")
+    dpo = DPO(model, **case)
+    perturb(model)
+    pref, unpref, pm, pmask, umask = batch()
+    kw = dict(prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
+    eager = dpo(pref, unpref, **kw)
+    eager.backward()
+    want = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    step = torch.compile(lambda a, b: dpo(a, b, **kw), fullgraph=True, backend="aot_eager")
+    loss = step(pref, unpref)
+    loss.backward()
+    torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
+    for n, grad in grads_of(model).items():
+        torch.testing.assert_close(grad, want[n], rtol=1e-5, atol=1e-7, msg=n)
