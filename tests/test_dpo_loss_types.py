@@ -427,3 +427,14 @@ def test_dpo_step_compiles_fullgraph(case):
     torch.testing.assert_close(loss, eager, rtol=1e-6, atol=0)
     for n, grad in grads_of(model).items():
         torch.testing.assert_close(grad, want[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("matmul", ["torch", "triton"])
+def test_triton_routes_agree_with_torch(matmul):
+    """impl='triton' (interpreted on CPU tensors): the pair op's Triton fold (matmul='torch') and
+    the Triton GEMM kernels (matmul='triton', the scores route) give the torch route's numbers."""
+    case = dict(loss_type=["aot", "discopop", "sft"], loss_weights=[1.0, 0.5, 0.3])
+    _, want, want_g, _ = dpo_step("hf", case, "fused", "trl")
+    dpo, loss, got, _ = dpo_step("hf", dict(case, impl="triton", matmul=matmul), "fused", "trl")
+    assert dpo.route(dpo.policy_model, "cpu").kind == ("pair" if matmul == "torch" else "scores")
+    assert_same(loss, got, want, want_g)
