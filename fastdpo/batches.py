@@ -94,7 +94,7 @@ def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int
             f"fastdpo packs this model's pairs with a dense (rows, T, T) attention mask, which pays "
             f"for the blocks it hides: attention by parts cannot stand in for its attention "
             f"({segments}); pass pack_attention='dense' to silence this",
-            stacklevel=3,
+            stacklevel=4,  # here <- PreferenceModule.__init__ <- a family's __init__ <- the user's call
         )
     return Packing(layout, "dense", length)
 
@@ -150,9 +150,7 @@ def pair_batch(
     (:func:`check_first_pairs`).
     """
     adapter = _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
-    if pad_id is not None:
-        pref_mask = preferred != pad_id if pref_mask is None else pref_mask
-        unpref_mask = unpreferred != pad_id if unpref_mask is None else unpref_mask
+    pref_mask, unpref_mask = real_tokens(preferred, pref_mask, pad_id), real_tokens(unpreferred, unpref_mask, pad_id)
     adapter.check_padding("preferred_seq_mask", pref_mask)
     adapter.check_padding("unpreferred_seq_mask", unpref_mask)
     keep = ~prompt_mask.repeat(2, 1)
@@ -177,6 +175,14 @@ def pair_batch(
             if verify:
                 check_first_pairs(adapter, layout, packing_plan.attention, *args)
     return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed)
+
+
+def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor | None:
+    """A sequence mask as the modules read it: the given ``mask``, else ``seq != pad_id`` when
+    ``pad_id`` is set, else None (every token is real)."""
+    if mask is None and pad_id is not None:
+        return seq != pad_id
+    return mask
 
 
 def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:

@@ -1,7 +1,7 @@
-"""The drop-in ``DPO`` module.
+"""The drop-in ``DPO`` module: the DPO loss family on :class:`fastdpo.preference.PreferenceModule`.
 
 Data flows one way: (preferred, unpreferred, masks) -> one batch of 2B sequences
-(:func:`fastdpo.scoring.pair_batch`) -> each model's body, the reference's under ``no_grad``
+(:func:`fastdpo.batches.pair_batch`) -> each model's body, the reference's under ``no_grad``
 first (:class:`fastdpo.scoring.Scorer`, which asks the model's adapter, :mod:`fastdpo.models`)
 -> the head: on the fused "pair" route one op scores both bodies and makes the policy's loss
 and head gradients (:mod:`fastdpo.fused_pair`); otherwise each body's sums
@@ -10,66 +10,21 @@ and head gradients (:mod:`fastdpo.fused_pair`); otherwise each body's sums
 
 from __future__ import annotations
 
-import types
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from copy import deepcopy
-
 import torch
 from torch import Tensor, nn
 
-from . import _checks
+from .batches import Batch, given_reference_scores
 from .fused_pair import HeadOptions, run_dpo_head
 from .losses import (
     DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics,
 )
-from .models import adapter_for, adapters_disabled, check_wrappers, peft_model
-from .batches import Batch, given_reference_scores, pair_batch, plan_packing
-from .scoring import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
+from .preference import PreferenceModule, deepcopy_module, frozen_copy
+from .scoring import Body
+
+__all__ = ["DPO", "deepcopy_module", "frozen_copy", "precompute_reference_scores"]
 
 
-def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
-    try:
-        value = cell.cell_contents
-    except ValueError:  # an empty cell
-        return types.CellType()
-    return types.CellType(memo.get(id(value), value))
-
-
-def deepcopy_module(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that also re-points closures over the original at the copy.
-
-    ``copy.deepcopy`` copies a function attribute by reference, so a head stored as a closure
-    over the original module (x-transformers' ``tie_embedding=True`` head is
-    ``lambda t: t @ self.token_emb.emb.weight.t() * scale``) would keep reading the
-    *original's* live weights from inside the copy: x-transformers' own DPO has that flaw,
-    and its reference model drifts with the policy's embedding during training.  Function
-    attributes of the copy's submodules are rebuilt over the copied objects.
-    """
-    memo: dict[int, object] = {}
-    copy = deepcopy(model, memo)
-    for module in copy.modules():
-        for name, fn in list(vars(module).items()):
-            if isinstance(fn, types.FunctionType) and fn.__closure__:
-                cells = tuple(_remap_cell(c, memo) for c in fn.__closure__)
-                rebuilt = types.FunctionType(
-                    fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells
-                )
-                rebuilt.__kwdefaults__ = fn.__kwdefaults__
-                setattr(module, name, rebuilt)
-    return copy
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` sharing nothing with it (:func:`deepcopy_module`), frozen."""
-    copy = deepcopy_module(model)
-    for p in copy.parameters():
-        p.requires_grad = False
-    return copy
-
-
-class DPO(nn.Module):
+class DPO(PreferenceModule):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) around a model.
 
     A drop-in for ``x_transformers.dpo.DPO``: same constructor, attributes and ``forward``,
@@ -176,114 +131,29 @@ class DPO(nn.Module):
         pack_attention: str = "auto",
         share_prompt: bool = False,
     ):
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        check_wrappers(model)
-        if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
-            raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
-        self.pad_id = pad_id
-        self.logprob_reduction = _checks.choice("logprob_reduction", logprob_reduction, REDUCTIONS)
-        self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
         # Checks beta too (the one place it is checked).
-        self.loss = check_loss_config(
+        loss = check_loss_config(
             loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
             f_alpha_divergence_coef=f_alpha_divergence_coef,
         )
-        self.beta = self.loss.beta
+        reference_free = bool(reference_free)
+        # A pair's loss depends on its own scores only, except with BCO's batch shift.
+        pair_ok = not ("bco_pair" in loss.loss_type and isinstance(loss.bco_delta, str))
+        super().__init__(
+            model, reference=loss.needs_reference and not reference_free, pair_ok=pair_ok, pad_id=pad_id,
+            logprob_reduction=logprob_reduction, mask_alignment=mask_alignment, head=head, impl=impl,
+            matmul=matmul, inplace_backward=inplace_backward, packing=packing, pack_length=pack_length,
+            pack_attention=pack_attention, share_prompt=share_prompt,
+        )
+        self.loss, self.beta, self.reference_free = loss, loss.beta, reference_free
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
             raise ValueError(
                 "loss_type 'sigmoid_norm' length-normalizes summed log-probs: it needs "
                 "logprob_reduction='sum' (with the default 'mean' it would be plain 'sigmoid')"
             )
-        # A pair's loss depends on its own scores only, except with BCO's batch shift.
-        pair_ok = not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
-        self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok)
-        self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
-        self.inplace_backward = self.scorer.inplace_backward
-        if not isinstance(share_prompt, bool):
-            raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
-        if share_prompt and packing not in ("none", "pair"):
-            raise ValueError(f"share_prompt=True is packing='pair'; it contradicts packing={packing!r}")
-        adapter = adapter_for(model)
-        self.packing = plan_packing(adapter, "pair" if share_prompt else packing, pack_attention, pack_length)
-        self.share_prompt = self.packing.layout == "pair"
-        self._packing_checked: set[str] = set()
-        if head != "logits":
-            found, why = adapter.head()
-            if found is None and head == "fused":
-                raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
-            if found is None:  # said once, here, not at every step
-                warnings.warn(
-                    f"fastdpo.DPO will score this model's logits (no fused head, so (2B, L-1, V) "
-                    f"logits are built): {why}; pass head='logits' to silence this",
-                    stacklevel=2,
-                )
-        self.reference_free = bool(reference_free)
-        self.policy_model = model
-        needs_reference = self.loss.needs_reference and not self.reference_free
-        # A peft policy's reference is itself with its adapters off: no copy (as TRL does).
-        self._ref_is_base = needs_reference and peft_model(model) is not None
-        self.ref_model = frozen_copy(model) if needs_reference and not self._ref_is_base else None
-
-    def parameters(self, recurse: bool = True):
-        """The policy's parameters only (the reference model is frozen), as x-transformers;
-        for a ``peft`` policy, its trainable parameters only (the adapters')."""
-        if peft_model(self.policy_model) is not None:
-            return (p for p in self.policy_model.parameters(recurse) if p.requires_grad)
-        return self.policy_model.parameters(recurse)
-
-    def route(self, model: nn.Module, device: torch.device | str) -> Route:
-        """The :class:`~fastdpo.scoring.Route` this module takes for ``model`` (its policy or
-        reference) on ``device``: decided on the first call there and kept (``head="fused"``
-        raises on any call whose model cannot be fused)."""
-        return self.scorer.route(model, device)
-
-    def has_reference(self) -> bool:
-        """Whether a reference model scores the batches (a frozen copy, or a peft policy with
-        its adapters off), as opposed to a zero reference or a loss that needs none."""
-        return self.ref_model is not None or self._ref_is_base
-
-    @contextmanager
-    def _reference(self) -> Iterator[nn.Module]:
-        """The reference model, in eval mode, to call under ``no_grad``."""
-        if self.ref_model is not None:
-            self.ref_model.eval()
-            yield self.ref_model
-        else:
-            with adapters_disabled(self.policy_model) as ref:
-                yield ref
 
     # ------------------------------------------------------------------------- the step
-
-    def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask) -> Batch:
-        """The checked batch of 2B sequences (packed as ``packing`` says; on the first packed
-        call per device, two pairs are also run packed and unpacked, which must agree)."""
-        device = str(preferred_seq.device) if isinstance(preferred_seq, Tensor) else None
-        verify = device not in self._packing_checked and not torch.compiler.is_compiling()
-        batch = pair_batch(
-            lambda dev: self.route(self.policy_model, dev).adapter,
-            preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask, pad_id=self.pad_id,
-            alignment=self.mask_alignment, packing_plan=self.packing, verify=verify,
-        )
-        if batch.packed is not None:
-            self._packing_checked.add(device)
-        return batch
-
-    def _reference_body(self, batch: Batch) -> Body | None:
-        """The reference model's body of ``batch`` (None without a reference model)."""
-        if not self.has_reference():
-            return None
-        with torch.no_grad(), self._reference() as ref:
-            return self.scorer.body(ref, batch)
-
-    def _scores(self, body: Body | None, batch: Batch) -> Tensor:
-        """(2B,) scores in ``logprob_reduction`` of a body (a zero reference for None)."""
-        if body is None:
-            return torch.zeros(batch.src.shape[0], dtype=torch.float32, device=batch.src.device)
-        sums = self.scorer.sums(body, batch)[0]
-        return sums / batch.count if self.logprob_reduction == "mean" else sums
 
     def forward(
         self,
@@ -333,35 +203,36 @@ class DPO(nn.Module):
         if ref_scores is None and not (joint and ref is not None and ref.weight is not None):
             # Scored (and its logits freed) before the policy runs; else the pair op scores it.
             ref_scores, ref = self._scores(ref, batch), None
-        policy = self.scorer.body(self.policy_model, batch)
-        if policy.pair:
-            opts = HeadOptions(
-                impl=policy.route.impl, scale=policy.route.head.scale,
-                ref_scale=ref.route.head.scale if ref is not None else None,
-                reduction=self.logprob_reduction, loss=self.loss, count_hits=return_metrics,
-            )
-            loss, sums, ref_scores, hits = run_dpo_head(
-                policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,
-                ref_hidden=ref.out if ref is not None else None,
-                ref_weight=ref.weight if ref is not None else None, ref_scores=ref_scores,
-            )
+        if joint:
+            loss, sums, ref_scores, hits = self._pair_op(batch, ref, ref_scores, return_metrics)
         else:
-            sums, hits = self.scorer.sums(policy, batch, count_hits=return_metrics)
+            sums, hits, _ = self._policy_sums(batch, count_hits=return_metrics)
             loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction).mean()
         if not return_metrics:
             return loss
         return loss, self._metrics(sums.detach(), ref_scores, batch, hits, b)
 
+    def _pair_op(self, batch: Batch, ref: Body | None, ref_scores: Tensor | None, count_hits: bool):
+        """The policy's body and the fused pair op (:func:`fastdpo.fused_pair.run_dpo_head`):
+        (loss, policy sums, reference scores, hits); the op scores the reference's body when
+        it is given, else takes ``ref_scores``."""
+        policy = self.scorer.body(self.policy_model, batch)
+        opts = HeadOptions(
+            impl=policy.route.impl, scale=policy.route.head.scale,
+            ref_scale=ref.route.head.scale if ref is not None else None,
+            reduction=self.logprob_reduction, loss=self.loss, count_hits=count_hits,
+        )
+        return run_dpo_head(
+            policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,
+            ref_hidden=ref.out if ref is not None else None,
+            ref_weight=ref.weight if ref is not None else None, ref_scores=ref_scores,
+        )
+
     def _metrics(self, sums: Tensor, ref_scores: Tensor, batch: Batch, hits: Tensor | None, b: int) -> dict[str, Tensor]:
         scores = sums / batch.count if self.logprob_reduction == "mean" else sums
         # Without a reference model the reference scores are zeros: rewards are beta * scores.
         metrics = reward_metrics(scores[:b], scores[b:], ref_scores[:b], ref_scores[b:], self.loss.beta)
-        tokens = batch.mask.sum(-1).float()
-        metrics["tokens/chosen"] = tokens[:b].mean()
-        metrics["tokens/rejected"] = tokens[b:].mean()
-        if hits is not None:
-            metrics["token_accuracy/chosen"] = hits[:b].sum().float() / tokens[:b].sum().clamp(min=1)
-        return metrics
+        return metrics | self._token_metrics(batch, hits, b)
 
     @torch.no_grad()
     def reference_scores(

@@ -165,10 +165,14 @@ class Scorer:
             return Body(route, head.logits(out, weight), None)
         return Body(route, out, weight)
 
-    def sums(self, body: Body, batch: Batch, *, count_hits: bool = False) -> tuple[Tensor, Tensor | None]:
+    def sums(
+        self, body: Body, batch: Batch, *, count_hits: bool = False, inplace: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
         """(N,) float32 sums of target log-probs of a body that the pair op does not score,
         and, with ``count_hits``, the (N,) number of scored targets that are the argmax of
-        their logits (not on the Triton GEMM route, whose logits never leave the kernels)."""
+        their logits (not on the Triton GEMM route, whose logits never leave the kernels).
+        ``inplace=False`` keeps the logits intact in backward (for logits another op reads),
+        whatever ``inplace_backward`` says."""
         route = body.route
         if body.weight is not None:
             scale = route.head.scale
@@ -179,5 +183,5 @@ class Scorer:
             with torch.no_grad():
                 hits = ((body.out.argmax(-1) == batch.tgt) & batch.mask).sum(-1)
         # (a compiled graph cannot look at grad_fn: it takes a fresh gradient buffer)
-        inplace = self.inplace_backward and not torch.compiler.is_compiling() and _own_logits(body.out)
+        inplace = inplace and self.inplace_backward and not torch.compiler.is_compiling() and _own_logits(body.out)
         return ops.sequence_logprobs(body.out, batch.tgt, batch.mask, impl=route.impl, inplace_backward=inplace), hits

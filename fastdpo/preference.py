@@ -1,0 +1,234 @@
+"""What every preference-loss module shares: :class:`PreferenceModule`.
+
+A loss family (:class:`fastdpo.DPO`, :class:`fastdpo.ORPO`, :class:`fastdpo.CPO`) is a small
+subclass: it checks its loss options, says whether it needs a reference model and whether its
+loss lets the pair op run (:class:`fastdpo.scoring.Scorer`'s ``pair_ok``), and writes
+``forward``: batch (:meth:`PreferenceModule._batch`) -> bodies and sums (the reference's
+first, :meth:`PreferenceModule._reference_body`, then the policy's,
+:meth:`PreferenceModule._policy_sums`) -> its loss function -> scalar (and metrics).  Here
+lives everything else: the policy, the frozen reference copy (or a ``peft`` policy's adapters
+switched off), the routes, the checked and possibly packed batch, ``parameters()``.
+
+What is pair-specific here says so (:meth:`PreferenceModule._batch`,
+:meth:`PreferenceModule._token_metrics`); the rest works on any N sequences, so a family on
+unpaired data (KTO: N labelled sequences, plus a KL batch of mismatched prompts and
+completions, a second batch through the same bodies and sums) needs only its own batch builder.
+
+Dimensions: B pairs, N sequences (2B for a pair batch: the B chosen, then the B rejected), T
+positions.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from copy import deepcopy
+
+import torch
+from torch import Tensor, nn
+
+from . import _checks
+from .batches import Batch, pair_batch, plan_packing
+from .models import adapter_for, adapters_disabled, check_wrappers, peft_model
+from .scoring import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
+
+
+def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
+    try:
+        value = cell.cell_contents
+    except ValueError:  # an empty cell
+        return types.CellType()
+    return types.CellType(memo.get(id(value), value))
+
+
+def deepcopy_module(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also re-points closures over the original at the copy.
+
+    ``copy.deepcopy`` copies a function attribute by reference, so a head stored as a closure
+    over the original module (x-transformers' ``tie_embedding=True`` head is
+    ``lambda t: t @ self.token_emb.emb.weight.t() * scale``) would keep reading the
+    *original's* live weights from inside the copy: x-transformers' own DPO has that flaw,
+    and its reference model drifts with the policy's embedding during training.  Function
+    attributes of the copy's submodules are rebuilt over the copied objects.
+    """
+    memo: dict[int, object] = {}
+    copy = deepcopy(model, memo)
+    for module in copy.modules():
+        for name, fn in list(vars(module).items()):
+            if isinstance(fn, types.FunctionType) and fn.__closure__:
+                cells = tuple(_remap_cell(c, memo) for c in fn.__closure__)
+                rebuilt = types.FunctionType(
+                    fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells
+                )
+                rebuilt.__kwdefaults__ = fn.__kwdefaults__
+                setattr(module, name, rebuilt)
+    return copy
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` sharing nothing with it (:func:`deepcopy_module`), frozen."""
+    copy = deepcopy_module(model)
+    for p in copy.parameters():
+        p.requires_grad = False
+    return copy
+
+
+class PreferenceModule(nn.Module):
+    """The shared part of a preference-loss module around a model (see the module docstring).
+
+    Args:
+        model: the policy (``policy_model``); see :class:`fastdpo.DPO`.
+        reference: whether the loss reads a reference model's scores.  Then ``ref_model`` is a
+            frozen deep copy (:func:`frozen_copy`), or None for a ``peft`` policy, whose
+            reference is itself with its adapters disabled; without, ``ref_model`` is None and
+            :meth:`has_reference` False.
+        pair_ok: whether each pair's loss depends on its own scores only, so that the fused
+            "pair" op (:mod:`fastdpo.fused_pair`, DPO's) may score it; False sends the fused
+            head to the "scores" route.
+        pad_id, logprob_reduction, mask_alignment, head, impl, matmul, inplace_backward,
+        packing, pack_length, pack_attention, share_prompt: as :class:`fastdpo.DPO` documents
+            them (each family's docstring says what ``logprob_reduction`` means for its loss).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        reference: bool,
+        pair_ok: bool,
+        pad_id: int | None = None,
+        logprob_reduction: str = "mean",
+        mask_alignment: str = "input",
+        head: str = "auto",
+        impl: str = "auto",
+        matmul: str = "auto",
+        inplace_backward: bool = True,
+        packing: str = "none",
+        pack_length: int | None = None,
+        pack_attention: str = "auto",
+        share_prompt: bool = False,
+    ):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_wrappers(model)
+        if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
+            raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
+        self.pad_id = pad_id
+        self.logprob_reduction = _checks.choice("logprob_reduction", logprob_reduction, REDUCTIONS)
+        self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
+        self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok)
+        self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
+        self.inplace_backward = self.scorer.inplace_backward
+        if not isinstance(share_prompt, bool):
+            raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
+        if share_prompt and packing not in ("none", "pair"):
+            raise ValueError(f"share_prompt=True is packing='pair'; it contradicts packing={packing!r}")
+        adapter = adapter_for(model)
+        self.packing = plan_packing(adapter, "pair" if share_prompt else packing, pack_attention, pack_length)
+        self.share_prompt = self.packing.layout == "pair"
+        self._packing_checked: set[str] = set()
+        if head != "logits":
+            found, why = adapter.head()
+            if found is None and head == "fused":
+                raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+            if found is None:  # said once, here, not at every step
+                name = type(self).__name__
+                warnings.warn(
+                    f"fastdpo.{name} will score this model's logits (no fused head, so (2B, L-1, V) "
+                    f"logits are built): {why}; pass head='logits' to silence this",
+                    stacklevel=3,
+                )
+        self.policy_model = model
+        # A peft policy's reference is itself with its adapters off: no copy (as TRL does).
+        self._ref_is_base = reference and peft_model(model) is not None
+        self.ref_model = frozen_copy(model) if reference and not self._ref_is_base else None
+
+    def parameters(self, recurse: bool = True):
+        """The policy's parameters only (the reference model is frozen), as x-transformers;
+        for a ``peft`` policy, its trainable parameters only (the adapters')."""
+        if peft_model(self.policy_model) is not None:
+            return (p for p in self.policy_model.parameters(recurse) if p.requires_grad)
+        return self.policy_model.parameters(recurse)
+
+    def route(self, model: nn.Module, device: torch.device | str) -> Route:
+        """The :class:`~fastdpo.scoring.Route` this module takes for ``model`` (its policy or
+        reference) on ``device``: decided on the first call there and kept (``head="fused"``
+        raises on any call whose model cannot be fused)."""
+        return self.scorer.route(model, device)
+
+    def has_reference(self) -> bool:
+        """Whether a reference model scores the batches (a frozen copy, or a peft policy with
+        its adapters off), as opposed to a zero reference or a loss that needs none."""
+        return self.ref_model is not None or self._ref_is_base
+
+    @contextmanager
+    def _reference(self) -> Iterator[nn.Module]:
+        """The reference model, in eval mode, to call under ``no_grad``."""
+        if self.ref_model is not None:
+            self.ref_model.eval()
+            yield self.ref_model
+        else:
+            with adapters_disabled(self.policy_model) as ref:
+                yield ref
+
+    # ------------------------------------------------------------------------- the step
+
+    def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask) -> Batch:
+        """The checked batch of 2B sequences (packed as ``packing`` says; on the first packed
+        call per device, two pairs are also run packed and unpacked, which must agree)."""
+        device = str(preferred_seq.device) if isinstance(preferred_seq, Tensor) else None
+        verify = device not in self._packing_checked and not torch.compiler.is_compiling()
+        batch = pair_batch(
+            lambda dev: self.route(self.policy_model, dev).adapter,
+            preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask, pad_id=self.pad_id,
+            alignment=self.mask_alignment, packing_plan=self.packing, verify=verify,
+        )
+        if batch.packed is not None:
+            self._packing_checked.add(device)
+        return batch
+
+    def _reference_body(self, batch: Batch) -> Body | None:
+        """The reference model's body of ``batch`` (None without a reference model)."""
+        if not self.has_reference():
+            return None
+        with torch.no_grad(), self._reference() as ref:
+            return self.scorer.body(ref, batch)
+
+    def _scores(self, body: Body | None, batch: Batch) -> Tensor:
+        """(N,) scores in ``logprob_reduction`` of a body (a zero reference for None)."""
+        if body is None:
+            return torch.zeros(batch.src.shape[0], dtype=torch.float32, device=batch.src.device)
+        sums = self.scorer.sums(body, batch)[0]
+        return sums / batch.count if self.logprob_reduction == "mean" else sums
+
+    def _policy_sums(
+        self, batch: Batch, *, count_hits: bool = False, more: Batch | None = None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The policy's (N,) float32 summed log-probs of ``batch`` on the "scores" or "logits"
+        route (a module whose fused head takes the pair op calls it itself), the (N,) argmax
+        hits with ``count_hits`` (:meth:`~fastdpo.scoring.Scorer.sums`), and, given ``more``
+        -- a batch of the first K of these sequences scored at other positions (its ``tgt``
+        and ``mask``; its ``src`` is not run) --, its (K,) sums from the same body: the model
+        runs once."""
+        policy = self.scorer.body(self.policy_model, batch)
+        if more is None:
+            sums, hits = self.scorer.sums(policy, batch, count_hits=count_hits)
+            return sums, hits, None
+        # Two ops read the same body: neither may write its gradient over shared logits.
+        sums, hits = self.scorer.sums(policy, batch, count_hits=count_hits, inplace=False)
+        part = Body(policy.route, policy.out[: more.tgt.shape[0]], policy.weight)
+        return sums, hits, self.scorer.sums(part, more, inplace=False)[0]
+
+    @staticmethod
+    def _token_metrics(batch: Batch, hits: Tensor | None, b: int) -> dict[str, Tensor]:
+        """``tokens/chosen``, ``tokens/rejected`` (mean scored tokens per sequence) and, when
+        ``hits`` were counted, ``token_accuracy/chosen`` (the fraction of scored chosen tokens
+        whose target is the policy's argmax) of a pair batch."""
+        tokens = batch.mask.sum(-1).float()
+        metrics = {"tokens/chosen": tokens[:b].mean(), "tokens/rejected": tokens[b:].mean()}
+        if hits is not None:
+            metrics["token_accuracy/chosen"] = hits[:b].sum().float() / tokens[:b].sum().clamp(min=1)
+        return metrics
