@@ -25,6 +25,7 @@ from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
 from .models import adapter_for, adapters_disabled, check_wrappers, peft_model
 from .batches import Batch, given_reference_scores, pair_batch, plan_packing
 from .scoring import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
+from .weighting import ld_weighted, wpo_weights
 
 
 def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
@@ -122,6 +123,17 @@ class DPO(nn.Module):
             (with mean scores it would be plain ``sigmoid``).
         reference_free: score against a zero reference (TRL's ``reference_free``); no
             reference copy is made.  Reference-free loss types (``simpo``) make none either.
+        ld_alpha: LD-DPO (arXiv 2409.06411), ``None`` (off) or in [0, 1]: in each pair, the
+            scored tokens of both sequences beyond the shorter completion's count (ranked as
+            TRL ranks them) weigh ``ld_alpha`` in the policy's and the reference's scores
+            (reference scores precomputed by this module too).  With ``"mean"`` the score is
+            the weighted mean, ``sum_t w_t log p_t / max(sum_t w_t, 1e-5)``; with ``"sum"``,
+            TRL's weighted sum.  See :mod:`fastdpo.weighting`.
+        use_weighting: WPO (arXiv 2406.11827), as TRL 1.16: each pair's loss times
+            ``exp(a_w) * exp(a_l)``, ``a`` the policy's mean over the scored tokens of ``log
+            p_t - log sum_v p_v^2``, detached (the fused head folds ``log sum_v p_v^2`` with
+            the log-probs; ``matmul="triton"`` cannot, and is refused).  Not with ``aot`` or
+            ``aot_unpaired`` (``NotImplementedError``, as TRL).
         packing: how the models run a batch of pairs.  ``"none"`` (default): padded rows of
             2B sequences, as x-transformers.  ``"pair"``: each pair as one packed sequence
             ``[prompt, chosen completion, rejected completion]`` (:mod:`fastdpo.packing`), so
@@ -159,6 +171,8 @@ class DPO(nn.Module):
         loss_weights: list[float] | None = None,
         gamma: float = SIMPO_GAMMA,
         bco_delta: float | str | Tensor = 0.0,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
         reference_free: bool = False,
         packing: str = "none",
         pack_length: int | None = None,
@@ -176,7 +190,8 @@ class DPO(nn.Module):
         self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
         # Checks beta too (the one place it is checked).
         self.loss = check_loss_config(
-            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
+            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
+            ld_alpha=ld_alpha, use_weighting=use_weighting,
         )
         self.beta = self.loss.beta
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
@@ -186,7 +201,8 @@ class DPO(nn.Module):
             )
         # A pair's loss depends on its own scores only, except with BCO's batch shift.
         pair_ok = not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
-        self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok)
+        self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok,
+                             sq=self.loss.use_weighting)
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward
         if not isinstance(share_prompt, bool):
@@ -256,7 +272,7 @@ class DPO(nn.Module):
         )
         if batch.packed is not None:
             self._packing_checked.add(device)
-        return batch
+        return ld_weighted(batch, self.loss.ld_alpha, self.logprob_reduction)
 
     def _reference_body(self, batch: Batch) -> Body | None:
         """The reference model's body of ``batch`` (None without a reference model)."""
@@ -331,10 +347,14 @@ class DPO(nn.Module):
                 policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,
                 ref_hidden=ref.out if ref is not None else None,
                 ref_weight=ref.weight if ref is not None else None, ref_scores=ref_scores,
+                token_weights=batch.token_weights,
             )
         else:
-            sums, hits = self.scorer.sums(policy, batch, count_hits=return_metrics)
-            loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction).mean()
+            sq = self.loss.use_weighting
+            sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, sq=sq)
+            # WPO from the scores themselves when unweighted (wpo_weights detaches them)
+            pair_w = wpo_weights(sums if batch.token_weights is None else wpo[1], wpo[0], batch.mask.sum(-1)) if sq else None
+            loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction, weights=pair_w).mean()
         if not return_metrics:
             return loss
         return loss, self._metrics(sums.detach(), ref_scores, batch, hits, b)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
+from . import _checks, weighting
 
 # Order is documentation order; the names are TRL's ``DPOConfig.loss_type`` names (plus
 # ``simpo``, which TRL keeps in its CPO trainer).
@@ -104,6 +104,10 @@ class LossConfig:
     loss_weights: tuple[float, ...]
     gamma: float
     bco_delta: float | str | Tensor
+    # Read by the scoring, not by the loss of four scores (fastdpo.weighting): LD-DPO's tail
+    # weight, and whether WPO weighs the pairs (the fused head then folds log sum_v p_v^2 too).
+    ld_alpha: float | None = None
+    use_weighting: bool = False
 
     @property
     def needs_reference(self) -> bool:
@@ -128,6 +132,8 @@ def check_loss_config(
     *,
     gamma: float = SIMPO_GAMMA,
     bco_delta: float | str | Tensor = 0.0,
+    ld_alpha: float | None = None,
+    use_weighting: bool = False,
 ) -> LossConfig:
     """Check the non-tensor loss options once (e.g. in a module's ``__init__``).
 
@@ -143,6 +149,8 @@ def check_loss_config(
     - ``loss_weights``: ``None`` (all 1) or one finite weight >= 0 per type, not all 0.
     - ``gamma``: finite, >= 0 (SimPO's target margin).
     - ``bco_delta``: a finite float, ``"batch"``, or a 0-D/1-D floating tensor.
+    - ``ld_alpha``: ``None`` or in [0, 1]; ``use_weighting``: a bool, not with the types that
+      sort a batch (``NotImplementedError``, as TRL).  See :mod:`fastdpo.weighting`.
     """
     if isinstance(loss_type, str):
         types = (loss_type,)
@@ -212,7 +220,9 @@ def check_loss_config(
     else:
         bco_delta = _checks.real_number("bco_delta", bco_delta)
 
-    return LossConfig(types, beta, eps, weights, gamma, bco_delta)
+    ld_alpha = weighting.check_ld_alpha(ld_alpha)
+    use_weighting = weighting.check_use_weighting(use_weighting, types)
+    return LossConfig(types, beta, eps, weights, gamma, bco_delta, ld_alpha, use_weighting)
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,6 +520,7 @@ def pair_losses(
     cfg: LossConfig,
     reduction: str,
     pairs: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Per-pair losses (k,) of some pairs of a DPO batch, from their sequences' summed log-probs.
 
@@ -518,6 +529,7 @@ def pair_losses(
     token counts).  ``reduction`` is the DPO module's ``logprob_reduction``: ``"mean"`` divides
     the sums by the counts, ``"sum"`` passes the counts as lengths (for the types defined on
     per-token averages).  ``pairs`` (k,) names the pairs, to select a per-pair ``bco_delta``.
+    ``weights`` (k,) multiply the pairs' losses (WPO's, :func:`fastdpo.weighting.wpo_weights`).
     The configuration was checked once (:func:`check_loss_config`), so nothing is checked here.
     """
     k = sums.shape[0] // 2
@@ -527,7 +539,8 @@ def pair_losses(
         n_w, n_l = count[:k], count[k:]
     if pairs is not None and isinstance(cfg.bco_delta, Tensor) and cfg.bco_delta.ndim == 1:
         cfg = dataclasses.replace(cfg, bco_delta=cfg.bco_delta[pairs])
-    return _combined_loss(cfg, scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], n_w, n_l)
+    losses = _combined_loss(cfg, scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], n_w, n_l)
+    return losses if weights is None else losses * weights
 
 
 # --------------------------------------------------------------------------------------------
