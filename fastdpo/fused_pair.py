@@ -12,6 +12,11 @@ merely scales the gradients made in forward.  A group whose logits exceed the ke
 it.  Only counted rows are multiplied.  The elementwise work is a fold of
 :mod:`fastdpo.chunks` (torch on CPU, Triton kernels on CUDA), the products are ``torch.mm``.
 
+LD-DPO's token weights (a tensor input) weigh each row's log-prob in its sequence's sum and its
+gradient; with WPO (``opts.loss.use_weighting``) the fold also returns each policy row's ``log
+sum_v p_v^2``, and each group's pair weights (:func:`fastdpo.weighting.wpo_weights`) multiply
+its losses before their gradient is taken (:mod:`fastdpo.weighting`).
+
 Everything runs inside one ``torch.library`` custom op, ``fastdpo::dpo_head``, so that
 ``torch.compile`` sees one opaque node (with a fake implementation) instead of the
 data-dependent row gathering, and so that the step's one host sync (the counted rows, see
@@ -276,7 +281,7 @@ def dpo_head_impl(
         def group_loss(s: Tensor) -> Tensor:
             pair_w = None
             if sq:  # from the scores themselves when unweighted: wpo_weights detaches them
-                plain = s if wg is None else wpo64[1][both]
+                plain = s if wg is None else wpo64[1].float()[both]  # rounded as s is
                 pair_w = wpo_weights(plain, wpo64[0][both], tokens[both])
             return pair_losses(s, ref_scores[both], count[both], cfg, opts.reduction, pairs=index, weights=pair_w)
 

@@ -9,7 +9,10 @@ its V logits, its target id and its mask bit.
 (the sequence log-likelihood of DPO, Rafailov et al. 2023, arXiv 2305.18290). The forward
 reads every counted row of the policy logits (and of the reference logits) once with an
 online logsumexp; the backward reads it once more and writes the gradient once, in place if
-asked. Rows whose mask is false are never read.
+asked. Rows whose mask is false are never read. A variant of the forward (``HAS_SQ``, for WPO,
+arXiv 2406.11827) also folds ``log sum_v softmax(logits)_v^2 = log sum exp(2 (z - m)) - 2 log s``
+from the same exps; the backward takes a weight per row (LD-DPO's token weights, or the
+sequence's upstream gradient through a stride-0 view).
 """
 
 from __future__ import annotations
