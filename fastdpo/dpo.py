@@ -352,8 +352,9 @@ class DPO(nn.Module):
         else:
             sq = self.loss.use_weighting
             sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, sq=sq)
-            # WPO from the scores themselves when unweighted (wpo_weights detaches them)
-            pair_w = wpo_weights(sums if batch.token_weights is None else wpo[1], wpo[0], batch.mask.sum(-1)) if sq else None
+            pair_w = None
+            if sq:  # WPO, from the scores themselves when unweighted (wpo_weights detaches them)
+                pair_w = wpo_weights(sums if batch.token_weights is None else wpo[1], wpo[0], batch.mask.sum(-1))
             loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction, weights=pair_w).mean()
         if not return_metrics:
             return loss
