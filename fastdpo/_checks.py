@@ -103,6 +103,20 @@ def positive_finite(name: str, value) -> float:
     return v
 
 
+def token_weights(w, mask: Tensor, name: str = "token_weights") -> Tensor | None:
+    """None, or a floating tensor of ``mask``'s shape and device (a weight per position's
+    log-prob, a constant): returned as detached float32."""
+    if w is None:
+        return None
+    tensor(name, w, ndim=mask.ndim)
+    if not w.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {w.dtype}")
+    if w.shape != mask.shape:
+        raise ValueError(f"{name} must have the mask's shape {tuple(mask.shape)}, got {tuple(w.shape)}")
+    same_device(mask=mask, **{name: w})
+    return w.detach().float()
+
+
 def choice(name: str, value, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")

@@ -32,8 +32,10 @@ class Batch:
     src: Tensor  # (N, T) input ids
     tgt: Tensor  # (N, T) target ids
     mask: Tensor  # (N, T) bool, True where the target's log-prob counts
-    count: Tensor  # (N,) float, scored positions per sequence clamped at 1e-5 (x-transformers)
+    count: Tensor  # (N,) float, scored positions per sequence clamped at 1e-5 (x-transformers; see token_weights)
     packed: packing.Packed | None = None  # the layout the models run on, when the batch is packed
+    # (N, T) float32 weight of each scored log-prob (LD-DPO, fastdpo.weighting.ld_weighted); None: all 1
+    token_weights: Tensor | None = None
 
 
 def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None) -> Batch:

@@ -202,16 +202,20 @@ class TorchFold:
         return torch.float32
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, keep: bool = False) -> tuple[Tensor, Tensor]:
+    def stats(z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(row stats (2, rows): zeros, this fold's gradient reads none; target log-probs
         (rows,)) of float32 logits ``z``.  With ``keep``, ``z`` becomes ``softmax(z)`` in place,
-        for :meth:`grad_`."""
+        for :meth:`grad_`.  ``sq_out`` (rows,), if given, receives each row's ``log sum_v
+        p_v^2`` (:func:`fastdpo.torch_impl.log_sum_sq`, from the same softmax)."""
         rows = z.shape[0]
         st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
         logp = torch.empty(rows, dtype=torch.float32, device=z.device)
         for r in _cache_rows(z):
-            zr = z[r]
-            logp[r] = torch_impl.row_logprobs_into(zr, zr, y[r]) if keep else torch_impl.row_logprobs(zr, y[r])
+            zr, sq = z[r], (sq_out[r] if sq_out is not None else None)
+            if keep:
+                logp[r] = torch_impl.row_logprobs_into(zr, zr, y[r], sq)
+            else:
+                logp[r] = torch_impl.row_logprobs(zr, y[r], sq)
         return st, logp
 
     @staticmethod
@@ -250,10 +254,10 @@ class TritonFold:
         return weight.dtype
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, keep: bool = False) -> tuple[Tensor, Tensor]:
+    def stats(z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
         from .kernels.sequence_logprobs import row_logprobs
 
-        logp, st = row_logprobs(z, y)
+        logp, st = row_logprobs(z, y, sq_out)
         return st, logp
 
     @staticmethod
@@ -279,22 +283,25 @@ def score_rows(
     budget: int,
     *,
     hits: bool = False,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(row stats (2, M), target log-probs (M,), argmax hits (M,) bool or None) of every row of
-    ``h`` (M, D), chunk by chunk through one reused buffer; no logits kept."""
+    sq: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(row stats (2, M), target log-probs (M,), argmax hits (M,) bool or None, with ``sq`` the
+    rows' ``log sum_v p_v^2`` (M,) or None) of every row of ``h`` (M, D), chunk by chunk
+    through one reused buffer; no logits kept."""
     m, v = h.shape[0], weight.shape[0]
     dtype = fold.dtype(weight)
     st = torch.empty(2, m, dtype=torch.float32, device=h.device)
     logp = torch.empty(m, dtype=torch.float32, device=h.device)
     hit = torch.empty(m, dtype=torch.bool, device=h.device) if hits else None
+    lsq = torch.empty(m, dtype=torch.float32, device=h.device) if sq else None
     rows = max(1, min(m, rows_per_chunk(v, dtype.itemsize, budget)))
     buf = torch.empty(rows, v, dtype=dtype, device=h.device) if m else None
     for c in chunk_slices(m, rows):
         z = logits_into(buf[: c.stop - c.start], h[c], weight, scale)
-        st[:, c], logp[c] = fold.stats(z, y[c])
+        st[:, c], logp[c] = fold.stats(z, y[c], sq_out=lsq[c] if sq else None)
         if hit is not None:
             hit[c] = z.argmax(-1) == y[c]
-    return st, logp, hit
+    return st, logp, hit, lsq
 
 
 def row_grads(

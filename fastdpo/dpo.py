@@ -20,6 +20,7 @@ from .losses import (
 )
 from .preference import PreferenceModule, deepcopy_module, frozen_copy
 from .scoring import Body
+from .weighting import ld_weighted, wpo_weights
 
 __all__ = ["DPO", "deepcopy_module", "frozen_copy", "precompute_reference_scores"]
 
@@ -85,6 +86,17 @@ class DPO(PreferenceModule):
             beyond its keep budget are recomputed, as for one pair too large for it).
         reference_free: score against a zero reference (TRL's ``reference_free``); no
             reference copy is made.  Reference-free loss types (``simpo``) make none either.
+        ld_alpha: LD-DPO (arXiv 2409.06411), ``None`` (off) or in [0, 1]: in each pair, the
+            scored tokens of both sequences beyond the shorter completion's count (ranked as
+            TRL ranks them) weigh ``ld_alpha`` in the policy's and the reference's scores
+            (reference scores precomputed by this module too).  With ``"mean"`` the score is
+            the weighted mean, ``sum_t w_t log p_t / max(sum_t w_t, 1e-5)``; with ``"sum"``,
+            TRL's weighted sum.  See :mod:`fastdpo.weighting`.
+        use_weighting: WPO (arXiv 2406.11827), as TRL 1.16: each pair's loss times
+            ``exp(a_w) * exp(a_l)``, ``a`` the policy's mean over the scored tokens of ``log
+            p_t - log sum_v p_v^2``, detached (the fused head folds ``log sum_v p_v^2`` with
+            the log-probs; ``matmul="triton"`` cannot, and is refused).  Not with ``aot`` or
+            ``aot_unpaired`` (``NotImplementedError``, as TRL).
         packing: how the models run a batch of pairs.  ``"none"`` (default): padded rows of
             2B sequences, as x-transformers.  ``"pair"``: each pair as one packed sequence
             ``[prompt, chosen completion, rejected completion]`` (:mod:`fastdpo.packing`), so
@@ -125,6 +137,8 @@ class DPO(PreferenceModule):
         discopop_tau: float = DISCOPOP_TAU,
         f_divergence_type: str = "reverse_kl",
         f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
+        ld_alpha: float | None = None,
+        use_weighting: bool = False,
         reference_free: bool = False,
         packing: str = "none",
         pack_length: int | None = None,
@@ -135,7 +149,7 @@ class DPO(PreferenceModule):
         loss = check_loss_config(
             loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef,
+            f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
         )
         reference_free = bool(reference_free)
         # A pair's loss depends on its own scores only, except with BCO's batch shift.
@@ -144,7 +158,7 @@ class DPO(PreferenceModule):
             model, reference=loss.needs_reference and not reference_free, pair_ok=pair_ok, pad_id=pad_id,
             logprob_reduction=logprob_reduction, mask_alignment=mask_alignment, head=head, impl=impl,
             matmul=matmul, inplace_backward=inplace_backward, packing=packing, pack_length=pack_length,
-            pack_attention=pack_attention, share_prompt=share_prompt,
+            pack_attention=pack_attention, share_prompt=share_prompt, sq=loss.use_weighting,
         )
         self.loss, self.beta, self.reference_free = loss, loss.beta, reference_free
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
@@ -154,6 +168,12 @@ class DPO(PreferenceModule):
             )
 
     # ------------------------------------------------------------------------- the step
+
+    def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask) -> Batch:
+        """The checked pair batch (:meth:`PreferenceModule._batch`) with LD-DPO's token weights
+        when ``ld_alpha`` is set (:func:`fastdpo.weighting.ld_weighted`)."""
+        batch = super()._batch(preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask)
+        return ld_weighted(batch, self.loss.ld_alpha, self.logprob_reduction)
 
     def forward(
         self,
@@ -206,8 +226,13 @@ class DPO(PreferenceModule):
         if joint:
             loss, sums, ref_scores, hits = self._pair_op(batch, ref, ref_scores, return_metrics)
         else:
-            sums, hits, _ = self._policy_sums(batch, count_hits=return_metrics)
-            loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction).mean()
+            sq = self.loss.use_weighting
+            policy = self.scorer.body(self.policy_model, batch)
+            sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, sq=sq)
+            pair_w = None
+            if sq:  # WPO, from the scores themselves when unweighted (wpo_weights detaches them)
+                pair_w = wpo_weights(sums if batch.token_weights is None else wpo[1], wpo[0], batch.mask.sum(-1))
+            loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction, weights=pair_w).mean()
         if not return_metrics:
             return loss
         return loss, self._metrics(sums.detach(), ref_scores, batch, hits, b)
@@ -226,6 +251,7 @@ class DPO(PreferenceModule):
             policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,
             ref_hidden=ref.out if ref is not None else None,
             ref_weight=ref.weight if ref is not None else None, ref_scores=ref_scores,
+            token_weights=batch.token_weights,
         )
 
     def _metrics(self, sums: Tensor, ref_scores: Tensor, batch: Batch, hits: Tensor | None, b: int) -> dict[str, Tensor]:

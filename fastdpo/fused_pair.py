@@ -13,6 +13,11 @@ merely scales the gradients made in forward.  A group whose logits exceed the ke
 it.  Only counted rows are multiplied.  The elementwise work is a fold of
 :mod:`fastdpo.chunks` (torch on CPU, Triton kernels on CUDA), the products are ``torch.mm``.
 
+LD-DPO's token weights (a tensor input) weigh each row's log-prob in its sequence's sum and its
+gradient; with WPO (``opts.loss.use_weighting``) the fold also returns each policy row's ``log
+sum_v p_v^2``, and each group's pair weights (:func:`fastdpo.weighting.wpo_weights`) multiply
+its losses before their gradient is taken (:mod:`fastdpo.weighting`).
+
 Everything runs inside one ``torch.library`` custom op, ``fastdpo::dpo_head``, so that
 ``torch.compile`` sees one opaque node (with a fake implementation) instead of the
 data-dependent row gathering, and so that the step's one host sync (the counted rows, see
@@ -34,6 +39,7 @@ from torch import Tensor
 from . import _checks, chunks
 from .linear import check_linear_inputs
 from .losses import LossConfig, pair_losses
+from .weighting import wpo_weights
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,8 @@ class HeadOptions:
 
 # The op's tensor inputs, then the options' leaves, then who needs a gradient.
 _TENSORS = ("Tensor hidden", "Tensor weight", "Tensor targets", "Tensor mask", "Tensor count",
-            "Tensor? ref_hidden", "Tensor? ref_weight", "Tensor? ref_scores")
+            "Tensor? token_weights", "Tensor? ref_hidden", "Tensor? ref_weight", "Tensor? ref_scores")
+_N_TENSORS = len(_TENSORS)
 _NEEDS = ("bool need_hidden", "bool need_weight")
 # How each annotation reaches the schema (a custom op's schema takes no objects).  A field that
 # may hold a tensor (bco_delta) becomes two arguments: the tensor, or None, and the number.
@@ -186,6 +193,7 @@ def dpo_head_impl(
     targets: Tensor,
     mask: Tensor,
     count: Tensor,
+    token_weights: Tensor | None,
     ref_hidden: Tensor | None,
     ref_weight: Tensor | None,
     ref_scores: Tensor | None,
@@ -201,22 +209,33 @@ def dpo_head_impl(
     fold = chunks.FOLDS[opts.impl]
     chunk_bytes = opts.chunk_bytes or chunks.chunk_bytes(dev)
     y = plan.take(targets).long()
+    w = plan.take(token_weights) if token_weights is not None else None  # (M,) LD-DPO weights
+
+    def weighted(logp: Tensor) -> Tensor:
+        return logp if w is None else logp * w
+
     if ref_hidden is not None:
-        _, ref_logp, _ = chunks.score_rows(plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes)
-        ref_sums = plan.sequence_sums(ref_logp)
+        _, ref_logp, _, _ = chunks.score_rows(plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes)
+        ref_sums = plan.sequence_sums(weighted(ref_logp))
         ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
     elif ref_scores is None:  # reference-free: a zero reference
         ref_scores = torch.zeros(n2, dtype=torch.float32, device=dev)
     cfg = opts.loss
+    sq = cfg.use_weighting  # WPO: the policy's log sum_v p_v^2 per row, folded with its log-probs
+    tokens = mask.sum(-1) if sq else None
     h = plan.take(hidden)
     hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
 
     if not (need_hidden or need_weight):
-        _, logp, hit = chunks.score_rows(h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits)
-        sums = plan.sequence_sums(logp)
+        _, logp, hit, lsq = chunks.score_rows(h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq)
+        sums = plan.sequence_sums(weighted(logp))
         if hit is not None:
             hits.index_add_(0, plan.seq, hit.long())
-        loss = pair_losses(sums, ref_scores, count, cfg, opts.reduction).mean()
+        pair_w = None
+        if sq:
+            plain = sums if w is None else plan.sequence_sums(logp)
+            pair_w = wpo_weights(plain, plan.sequence_sums(lsq), tokens)
+        loss = pair_losses(sums, ref_scores, count, cfg, opts.reduction, weights=pair_w).mean()
         return loss, sums, ref_scores, hits, None, None
 
     v = weight.shape[0]
@@ -226,12 +245,15 @@ def dpo_head_impl(
     grad_rows = torch.empty_like(h) if need_hidden else None
     grad_w = chunks.WeightGrad(weight) if need_weight else None
     sums64 = torch.zeros(n2, dtype=torch.float64, device=dev)  # see RowPlan.sequence_sums
+    # WPO: per sequence, sum_t log sum_v p_v^2 and (with LD weights) the unweighted sum_t log p_t
+    wpo64 = torch.zeros(2, n2, dtype=torch.float64, device=dev) if sq else None
     losses = torch.empty(b, dtype=torch.float32, device=dev)
     # A loss that couples the pairs (aot sorts the batch's margins) needs every pair's scores
     # for any gradient: the batch is one group, logits beyond the keep budget recomputed.
     budget = group_bytes if not cfg.couples_pairs else float("inf")
     for pairs, spans in pair_groups(plan.bounds, b, v * zdtype.itemsize, budget):
         hg, yg, seq = _cat_rows(h, spans), _cat_rows(y, spans), _cat_rows(plan.seq, spans)
+        wg = _cat_rows(w, spans) if w is not None else None
         m = hg.shape[0]
         # The first `keep` rows keep their logits between the passes; the rest are recomputed.
         keep = min(m, group_bytes // (v * zdtype.itemsize))
@@ -240,6 +262,7 @@ def dpo_head_impl(
         spare = None
         st = torch.empty(2, m, dtype=torch.float32, device=dev)
         logp = torch.empty(m, dtype=torch.float32, device=dev)
+        lsq = torch.empty(m, dtype=torch.float32, device=dev) if sq else None
         # Pass 1: score the group's rows.
         for c in parts:
             if c.stop <= keep:
@@ -250,15 +273,25 @@ def dpo_head_impl(
             chunks.logits_into(z, hg[c], weight, opts.scale)
             if opts.count_hits:  # before the fold may turn kept logits into probabilities
                 hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
-            st[:, c], logp[c] = fold.stats(z, yg[c], keep=c.stop <= keep)
-        sums64.index_add_(0, seq, logp.double())
+            st[:, c], logp[c] = fold.stats(z, yg[c], keep=c.stop <= keep, sq_out=lsq[c] if sq else None)
+        sums64.index_add_(0, seq, (logp if wg is None else logp * wg).double())
+        if sq:
+            wpo64[0].index_add_(0, seq, lsq.double())
+            if wg is not None:
+                wpo64[1].index_add_(0, seq, logp.double())
         # The group's loss gradient per sequence, from its scores alone.
         index = torch.arange(pairs[0], pairs[-1] + 1, device=dev)  # consecutive: no host copy
         both = torch.cat((index, index + b))
         group_sums = sums64.float()[both]
 
         def group_loss(s: Tensor) -> Tensor:
-            return pair_losses(s, ref_scores[both], count[both], cfg, opts.reduction, pairs=index, batch_count=count)
+            pair_w = None
+            if sq:  # from the scores themselves when unweighted: wpo_weights detaches them
+                plain = s if wg is None else wpo64[1].float()[both]  # rounded as s is
+                pair_w = wpo_weights(plain, wpo64[0][both], tokens[both])
+            return pair_losses(
+                s, ref_scores[both], count[both], cfg, opts.reduction, pairs=index, batch_count=count, weights=pair_w
+            )
 
         with _autograd_inside_op():
             leaf = group_sums.detach().requires_grad_()
@@ -268,6 +301,8 @@ def dpo_head_impl(
         g_of_seq = torch.zeros(n2, dtype=torch.float32, device=dev)
         g_of_seq[both] = dsums.float()
         g = g_of_seq.index_select(0, seq)
+        if wg is not None:
+            g = g * wg
         # Pass 2: the kept logits become the gradient in place, then two products over all of
         # them; the rest are recomputed chunk by chunk.
         grad_h = torch.empty_like(hg) if need_hidden else None
@@ -305,7 +340,7 @@ def dpo_head_impl(
 
 
 def _dpo_head_body(*args) -> tuple[Tensor, ...]:
-    tensors, options, (need_hidden, need_weight) = args[:8], args[8:-2], args[-2:]
+    tensors, options, (need_hidden, need_weight) = args[:_N_TENSORS], args[_N_TENSORS:-2], args[-2:]
     hidden, weight, *_, ref_scores = tensors
     loss, sums, ref, hits, grad_h, grad_w = dpo_head_impl(
         *tensors, from_op_args(options), need_hidden, need_weight
@@ -325,7 +360,7 @@ def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
 @_dpo_head_op.register_fake
 def _(*args):
     hidden, weight = args[:2]
-    count_hits = from_op_args(args[8:-2]).count_hits
+    count_hits = from_op_args(args[_N_TENSORS:-2]).count_hits
     need_hidden, need_weight = args[-2:]
     n2 = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
@@ -378,6 +413,7 @@ def dpo_head(
     ref_hidden: Tensor | None = None,
     ref_weight: Tensor | None = None,
     ref_scores: Tensor | None = None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mean DPO loss over pairs of the policy's hidden states, with the head's gradients made
     in forward; also the reference's scores when its hidden states are given.
@@ -389,11 +425,16 @@ def dpo_head(
         targets: (2B, T) int64 ids, mask: (2B, T) bool (True = the position is scored),
             count: (2B,) float scored-token counts (clamped, as the DPO module makes them).
         opts: :class:`HeadOptions` (impl, scales, the loss -- a tensor ``bco_delta`` in it
-            travels as a tensor --, budgets).
+            travels as a tensor --, budgets).  With ``opts.loss.use_weighting`` each pair's loss
+            is weighted by WPO (:func:`fastdpo.weighting.wpo_weights`), the policy's ``log
+            sum_v p_v^2`` folded with its log-probs.
         ref_hidden, ref_weight: the reference model's hidden states and head weight, scored
             with the same row plan (the step's one host sync); or
         ref_scores: (2B,) precomputed reference scores in ``opts.reduction``; with neither, a
             zero reference.
+        token_weights: (2B, T) floating weights of each position's log-prob in the policy's
+            and the reference's sums (LD-DPO, :mod:`fastdpo.weighting`); ``count`` is then the
+            divisor of a mean score.
 
     Returns:
         (loss scalar, policy summed log-probs (2B,) float32, reference scores (2B,) float32,
@@ -416,18 +457,20 @@ def dpo_head(
         raise ValueError(f"ref_scores must be a float32 ({n2},) tensor, got {ref_scores.dtype} {tuple(ref_scores.shape)}")
     _checks.choice("opts.impl", opts.impl, tuple(chunks.FOLDS))
     _checks.choice("opts.reduction", opts.reduction, ("mean", "sum"))
-    return run_dpo_head(hidden, weight, targets, mask, count, opts, ref_hidden, ref_weight, ref_scores)
+    token_weights = _checks.token_weights(token_weights, mask)
+    return run_dpo_head(hidden, weight, targets, mask, count, opts, ref_hidden, ref_weight, ref_scores, token_weights)
 
 
 def run_dpo_head(
-    hidden, weight, targets, mask, count, opts: HeadOptions, ref_hidden=None, ref_weight=None, ref_scores=None
+    hidden, weight, targets, mask, count, opts: HeadOptions, ref_hidden=None, ref_weight=None, ref_scores=None,
+    token_weights=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op on checked inputs (what :class:`fastdpo.DPO` calls; ``torch.compile`` traces
     through it to the one opaque op)."""
     need_hidden = torch.is_grad_enabled() and hidden.requires_grad
     need_weight = torch.is_grad_enabled() and weight.requires_grad
     loss, sums, ref, hits, _, _ = _dpo_head_op(
-        hidden, weight, targets, mask, count, ref_hidden, ref_weight, ref_scores,
+        hidden, weight, targets, mask, count, token_weights, ref_hidden, ref_weight, ref_scores,
         *to_op_args(opts), need_hidden, need_weight,
     )
     return loss, sums, ref, hits

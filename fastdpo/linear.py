@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, chunks, cost_model
+from . import _checks, chunks, cost_model, torch_impl
 from .ops import resolve_impl
 
 MATMULS = ("auto", "torch", "triton")
@@ -65,14 +65,19 @@ def _linear_op(
     weight: Tensor,
     targets: Tensor,
     mask: Tensor,
+    token_weights: Tensor | None,
     scale: float | None,
     impl: str,
     matmul: str,
-) -> tuple[Tensor, Tensor]:
+    sq: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(scores (N,), row stats (2, N, T): max and log-sum, whose sum is the row logsumexp; 0
-    at rows that do not count), float32."""
+    at rows that do not count, WPO's sums (2, N) with ``sq``, else (0,): per sequence
+    ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``), float32."""
     n, t, d = hidden.shape
     if matmul == "triton":
+        if sq:
+            raise ValueError("the Triton GEMM kernels (matmul='triton') do not compute log sum_v p_v^2 (WPO)")
         k = _linear_kernels()
         # Every row goes to the kernels: gathering the counted rows would need their count on
         # the host.  Masked rows enter with zero hidden states (so a NaN in padding cannot turn
@@ -81,21 +86,26 @@ def _linear_op(
         y = torch.where(mask, targets, 0).reshape(-1)
         logp, lse = k.linear_logprobs_forward(h, weight, y, 1.0 if scale is None else scale)
         stats = torch.stack((lse, torch.zeros_like(lse))).view(2, n, t)
-        return torch.where(mask, logp.view(n, t), 0.0).sum(-1), stats
+        logp = logp.view(n, t) if token_weights is None else logp.view(n, t) * token_weights
+        return torch.where(mask, logp, 0.0).sum(-1), stats, hidden.new_empty(0, dtype=torch.float32)
     plan = chunks.plan_rows(mask)
     fold = chunks.FOLDS[impl]
-    st, logp, _ = chunks.score_rows(
-        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device)
+    st, logp, _, lsq = chunks.score_rows(
+        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device), sq=sq
     )
     stats = torch.zeros(2, n * t, dtype=torch.float32, device=hidden.device)
     stats.index_copy_(1, plan.index, st)
-    return plan.sequence_sums(logp), stats.view(2, n, t)
+    w = plan.take(token_weights) if token_weights is not None else None
+    scores = plan.sequence_sums(logp if w is None else logp * w)
+    wpo = torch.stack((plan.sequence_sums(lsq), plan.sequence_sums(logp))) if sq else scores.new_empty(0)
+    return scores, stats.view(2, n, t), wpo
 
 
 @_linear_op.register_fake
-def _(hidden, weight, targets, mask, scale, impl, matmul):
+def _(hidden, weight, targets, mask, token_weights, scale, impl, matmul, sq):
     n, t, _ = hidden.shape
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(2, n, t, dtype=torch.float32)
+    f32 = dict(dtype=torch.float32)
+    return hidden.new_empty(n, **f32), hidden.new_empty(2, n, t, **f32), hidden.new_empty((2, n) if sq else (0,), **f32)
 
 
 @torch.library.custom_op("fastdpo::linear_sequence_logprobs_backward", mutates_args=())
@@ -104,6 +114,7 @@ def _linear_backward_op(
     weight: Tensor,
     targets: Tensor,
     mask: Tensor,
+    token_weights: Tensor | None,
     stats: Tensor,
     grad_scores: Tensor,
     scale: float | None,
@@ -119,7 +130,7 @@ def _linear_backward_op(
         k = _linear_kernels()
         h = hidden.masked_fill(~mask.unsqueeze(-1), 0).reshape(-1, d)
         y = torch.where(mask, targets, 0).reshape(-1)
-        g = torch.where(mask, grad_scores.unsqueeze(-1), 0.0).reshape(-1)
+        g = torch_impl.row_weights(grad_scores, mask, token_weights).reshape(-1)
         grad_h, grad_w = k.linear_logprobs_backward(
             h, weight, y, stats[0].reshape(-1).contiguous(), g, 1.0 if scale is None else scale,
             need_hidden_grad=need_hidden, need_weight_grad=need_weight,
@@ -128,9 +139,12 @@ def _linear_backward_op(
     else:
         plan = chunks.plan_rows(mask)
         grad_w = chunks.WeightGrad(weight) if need_weight else None
+        g = grad_scores.index_select(0, plan.seq)
+        if token_weights is not None:
+            g = g * plan.take(token_weights)
         rows = chunks.row_grads(
             plan.take(hidden), plan.take(targets), weight, scale, chunks.FOLDS[impl],
-            stats.reshape(2, n * t).index_select(1, plan.index), grad_scores.index_select(0, plan.seq),
+            stats.reshape(2, n * t).index_select(1, plan.index), g,
             chunks.chunk_bytes(hidden.device), grad_w, need_hidden,
         )
         grad_h = plan.put(rows) if need_hidden else None
@@ -143,33 +157,33 @@ def _linear_backward_op(
 
 
 @_linear_backward_op.register_fake
-def _(hidden, weight, targets, mask, stats, grad_scores, scale, impl, matmul, need_hidden, need_weight):
+def _(hidden, weight, targets, mask, token_weights, stats, grad_scores, scale, impl, matmul, need_hidden, need_weight):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)), (
         torch.empty_like(weight) if need_weight else hidden.new_empty(0)
     )
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, mask, scale, impl, matmul = inputs
-    ctx.save_for_backward(hidden, weight, targets, mask, output[1])
+    hidden, weight, targets, mask, token_weights, scale, impl, matmul, _ = inputs
+    ctx.save_for_backward(hidden, weight, targets, mask, token_weights, output[1])
     ctx.options = (scale, impl, matmul)
-    ctx.mark_non_differentiable(output[1])
+    ctx.mark_non_differentiable(output[1], output[2])
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
     # tensor the size of the logits, or of the head weight, per step otherwise).
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_scores, _grad_stats):
-    hidden, weight, targets, mask, stats = ctx.saved_tensors
+def _backward(ctx, grad_scores, _grad_stats, _grad_wpo):
+    hidden, weight, targets, mask, token_weights, stats = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[:2]
     if not (need_h or need_w):
-        return (None,) * 7
+        return (None,) * 9
     if grad_scores is None:
         grad_scores = torch.zeros(hidden.shape[0], device=hidden.device)
     grad_h, grad_w = _linear_backward_op(
-        hidden, weight, targets, mask, stats, grad_scores, *ctx.options, need_h, need_w
+        hidden, weight, targets, mask, token_weights, stats, grad_scores, *ctx.options, need_h, need_w
     )
-    return (grad_h if need_h else None), (grad_w if need_w else None), None, None, None, None, None
+    return (grad_h if need_h else None), (grad_w if need_w else None), *(None,) * 7
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -222,6 +236,7 @@ def linear_sequence_logprobs(
     scale: float | None = None,
     impl: str = "auto",
     matmul: str = "auto",
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Masked per-sequence sums of target log-probs of ``hidden @ weight.T * scale``.
 
@@ -245,20 +260,27 @@ def linear_sequence_logprobs(
             rows), "triton" (the Triton GEMM kernels, every row, no sync) or "auto"
             (:func:`fastdpo.cost_model.choose_matmul`).  With ``impl="torch"``: "auto" or
             "torch".
+        token_weights: optional (N, T) floating weight of each position's log-prob (a constant,
+            not differentiated; e.g. LD-DPO's, :mod:`fastdpo.weighting`), as in
+            :func:`fastdpo.sequence_logprobs`.
 
     Returns:
         float32 (N,) scores, as :func:`fastdpo.sequence_logprobs`.
     """
     targets, mask, scale = check_linear_inputs(hidden, weight, targets, mask, scale)
+    token_weights = _checks.token_weights(token_weights, mask)
     which = resolve_impl(impl, hidden.device)
-    return run_linear(hidden, weight, targets, mask, scale, which, resolve_matmul(matmul, which, weight))
+    matmul = resolve_matmul(matmul, which, weight)
+    return run_linear(hidden, weight, targets, mask, scale, which, matmul, token_weights)[0]
 
 
 def run_linear(
-    hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, scale: float | None, impl: str, matmul: str
-) -> Tensor:
+    hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, scale: float | None, impl: str, matmul: str,
+    token_weights: Tensor | None = None, sq: bool = False,
+) -> tuple[Tensor, Tensor | None]:
     """The op with ``impl`` and ``matmul`` already resolved, on inputs whose shapes, dtypes and
-    devices (and token range) are already checked: what :class:`fastdpo.scoring.Scorer`
-    calls."""
-    scores, _ = _linear_op(hidden, weight, targets.long(), mask, scale, impl, matmul)
-    return scores
+    devices (and token range, and float32 ``token_weights``) are already checked: what
+    :class:`fastdpo.scoring.Scorer` calls.  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
+    per sequence ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``, else None)."""
+    scores, _, wpo = _linear_op(hidden, weight, targets.long(), mask, token_weights, scale, impl, matmul, sq)
+    return scores, (wpo if sq else None)

@@ -464,6 +464,7 @@ def pair_losses(
     reduction: str,
     pairs: Tensor | None = None,
     batch_count: Tensor | None = None,
+    weights: Tensor | None = None,
 ) -> Tensor:
     """Per-pair losses (k,) of some pairs of a DPO batch, from their sequences' summed log-probs.
 
@@ -474,7 +475,8 @@ def pair_losses(
     per-token averages).  ``pairs`` (k,) names the pairs, to select a per-pair ``bco_delta``;
     ``batch_count`` is the whole batch's (2B,) counts when these are some of its pairs (``sft``
     with sums is a token mean over the batch; counts of empty sequences, clamped at 1e-5, count
-    as 0).
+    as 0).  ``weights`` (k,) multiply the pairs' losses (WPO's,
+    :func:`fastdpo.weighting.wpo_weights`).
     The configuration was checked once (:func:`check_loss_config`), so nothing is checked here.
     """
     k = sums.shape[0] // 2
@@ -487,7 +489,8 @@ def pair_losses(
             batch_w = full[: full.shape[0] // 2].floor()
     if pairs is not None and isinstance(cfg.bco_delta, Tensor) and cfg.bco_delta.ndim == 1:
         cfg = dataclasses.replace(cfg, bco_delta=cfg.bco_delta[pairs])
-    return _combined_loss(cfg, scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], n_w, n_l, batch_w)
+    losses = _combined_loss(cfg, scores[:k], scores[k:], ref_scores[:k], ref_scores[k:], n_w, n_l, batch_w)
+    return losses if weights is None else losses * weights
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,31 +79,39 @@ def _logprobs_op(
     ref_logits: Tensor | None,
     targets: Tensor,
     mask: Tensor,
+    weights: Tensor | None,
     impl: str,
     inplace_backward: bool,
     keep_probs: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    sq: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(scores (N,), ref_scores (N,) or (0,), row stats (2, N, T): max and log-sum, softmax
-    (N, T, V) for the backward to finish or (0,)), float32.  ``keep_probs``: torch path,
-    float32 logits that want a gradient (see :func:`fastdpo.torch_impl.forward`)."""
+    (N, T, V) for the backward to finish or (0,), WPO's sums (2, N) of the policy logits with
+    ``sq`` or (0,)), float32.  ``weights``: (N, T) float32 weights of the rows' log-probs in
+    both scores, or None.  ``keep_probs``: torch path, float32 logits that want a gradient (see
+    :func:`fastdpo.torch_impl.forward`)."""
     probs = None
+    wpo = torch.empty(2, logits.shape[0], dtype=torch.float32, device=logits.device) if sq else None
     if impl == "triton":
         k = _triton_kernels()
-        scores, ref_scores, stats = k.sequence_logprobs_forward(logits, targets, mask, ref_logits)
+        scores, ref_scores, stats = k.sequence_logprobs_forward(
+            logits, targets, mask, ref_logits, weights=weights, wpo_sums=wpo
+        )
     else:
         if keep_probs:
             probs = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-        scores, stats = torch_impl.forward(logits, targets, mask, probs)
+        scores, stats = torch_impl.forward(logits, targets, mask, probs, weights, wpo)
         ref_scores = None
         if ref_logits is not None:
-            ref_scores, _ = torch_impl.forward(ref_logits, targets, mask)
+            ref_scores, _ = torch_impl.forward(ref_logits, targets, mask, weights=weights)
     if ref_scores is None:
         ref_scores = scores.new_empty(0)
-    return scores, ref_scores, stats, probs if probs is not None else scores.new_empty(0)
+    empty = scores.new_empty(0)
+    return scores, ref_scores, stats, probs if probs is not None else empty, wpo if wpo is not None else empty.clone()
 
 
 @_logprobs_op.register_fake
-def _(logits, ref_logits, targets, mask, impl, inplace_backward, keep_probs):
+def _(logits, ref_logits, targets, mask, weights, impl, inplace_backward, keep_probs, sq):
     n, t, _ = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (
@@ -111,65 +119,68 @@ def _(logits, ref_logits, targets, mask, impl, inplace_backward, keep_probs):
         torch.empty(n if ref_logits is not None else 0, **f32),
         torch.empty(2, n, t, **f32),
         torch.empty(logits.shape if keep_probs and impl == "torch" else (0,), **f32),
+        torch.empty((2, n) if sq else (0,), **f32),
     )
 
 
 @torch.library.custom_op("fastdpo::sequence_logprobs_backward", mutates_args=())
 def _logprobs_backward_op(
-    logits: Tensor, targets: Tensor, mask: Tensor, stats: Tensor, grad_scores: Tensor, impl: str
+    logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor | None, stats: Tensor, grad_scores: Tensor,
+    impl: str,
 ) -> Tensor:
-    return _backward(logits, targets, mask, stats, grad_scores, impl, inplace=False)
+    return _backward(logits, targets, mask, weights, stats, grad_scores, impl, inplace=False)
 
 
 @_logprobs_backward_op.register_fake
-def _(logits, targets, mask, stats, grad_scores, impl):
+def _(logits, targets, mask, weights, stats, grad_scores, impl):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("fastdpo::sequence_logprobs_backward_", mutates_args=("logits",))
 def _logprobs_backward_inplace_op(
-    logits: Tensor, targets: Tensor, mask: Tensor, stats: Tensor, grad_scores: Tensor, impl: str
+    logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor | None, stats: Tensor, grad_scores: Tensor,
+    impl: str,
 ) -> None:
-    _backward(logits, targets, mask, stats, grad_scores, impl, inplace=True)
+    _backward(logits, targets, mask, weights, stats, grad_scores, impl, inplace=True)
 
 
-def _backward(logits, targets, mask, stats, grad_scores, impl, *, inplace):
+def _backward(logits, targets, mask, weights, stats, grad_scores, impl, *, inplace):
     grad_scores = grad_scores.float().contiguous()
     if impl == "triton":
         k = _triton_kernels()
-        return k.sequence_logprobs_backward(logits, targets, mask, stats, grad_scores, inplace=inplace)
-    return torch_impl.backward(logits, targets, mask, stats, grad_scores, inplace=inplace)
+        return k.sequence_logprobs_backward(logits, targets, mask, stats, grad_scores, inplace=inplace, weights=weights)
+    return torch_impl.backward(logits, targets, mask, stats, grad_scores, inplace=inplace, weights=weights)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, _, targets, mask, impl, inplace_backward, keep_probs = inputs
-    _, _, stats, probs = output
-    ctx.save_for_backward(logits, targets, mask, stats)
+    logits, _, targets, mask, weights, impl, inplace_backward, keep_probs, _ = inputs
+    _, _, stats, probs, wpo = output
+    ctx.save_for_backward(logits, targets, mask, weights, stats)
     ctx.impl, ctx.inplace_backward = impl, inplace_backward
     # Not a saved tensor: the first backward turns it into the gradient it returns, and a
     # second one (retain_graph) recomputes from the saved logits instead.
     ctx.probs = probs if probs.numel() else None
-    ctx.mark_non_differentiable(output[1], stats, probs)
+    ctx.mark_non_differentiable(output[1], stats, probs, wpo)
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
     # tensor the size of the logits, or of the head weight, per step otherwise).
     ctx.set_materialize_grads(False)
 
 
-def _logprobs_autograd_backward(ctx, grad_scores, _grad_ref, _grad_stats, _grad_probs):
-    logits, targets, mask, stats = ctx.saved_tensors
+def _logprobs_autograd_backward(ctx, grad_scores, _grad_ref, _grad_stats, _grad_probs, _grad_wpo):
+    logits, targets, mask, weights, stats = ctx.saved_tensors
     probs, ctx.probs = ctx.probs, None
     grad = None
     if ctx.needs_input_grad[0]:
         if grad_scores is None:
             grad_scores = torch.zeros(logits.shape[0], device=logits.device)
         if probs is not None:  # eager only (see _keep_probs): no op to dispatch through
-            grad = torch_impl.backward_from_probs(probs, targets, mask, grad_scores.float())
+            grad = torch_impl.backward_from_probs(probs, targets, mask, grad_scores.float(), weights)
         elif ctx.inplace_backward:
-            _logprobs_backward_inplace_op(logits, targets, mask, stats, grad_scores, ctx.impl)
+            _logprobs_backward_inplace_op(logits, targets, mask, weights, stats, grad_scores, ctx.impl)
             grad = logits
         else:
-            grad = _logprobs_backward_op(logits, targets, mask, stats, grad_scores, ctx.impl)
-    return grad, None, None, None, None, None, None
+            grad = _logprobs_backward_op(logits, targets, mask, weights, stats, grad_scores, ctx.impl)
+    return grad, *(None,) * 8
 
 
 _logprobs_op.register_autograd(_logprobs_autograd_backward, setup_context=_setup_context)
@@ -246,6 +257,7 @@ def sequence_logprobs(
     *,
     impl: str = "auto",
     inplace_backward: bool = False,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Masked sum of target-token log-probabilities per sequence.
 
@@ -269,6 +281,10 @@ def sequence_logprobs(
             (an ``expand``), or, for the kernels, a vocabulary stride other than 1; and with
             ``impl="torch"`` for logits of at most :data:`SMALL_ELEMENTS` elements, which take a
             few plain autograd ops (same contract: at that size a call is dispatch, not work).
+        token_weights: optional (N, T) floating weights: ``out[n] = sum_t mask * w[n, t] *
+            log_softmax(...)``, and each row's gradient is weighted alike (a constant, not
+            differentiated; e.g. LD-DPO's, :mod:`fastdpo.weighting`).  Values at masked
+            positions are never read.
 
     Returns:
         float32 (N,) scores.  A sequence with no counted position scores exactly 0.  NaN or
@@ -276,13 +292,25 @@ def sequence_logprobs(
         scores -inf; masked rows never affect the scores and get an exactly zero gradient.
     """
     targets, mask = check_logprob_inputs(logits, targets, mask)
-    which = resolve_impl(impl, logits.device)
-    if which == "torch" and is_small(logits.numel()):
-        return _small_logprobs(logits, targets, mask)
-    _check_range(targets, mask, logits.shape[-1], which)
-    inplace = inplace_backward and _can_overwrite(logits, which)
-    scores, _, _, _ = _logprobs_op(logits, None, targets, mask, which, inplace, _keep_probs(logits, which, inplace))
-    return scores
+    token_weights = _checks.token_weights(token_weights, mask)
+    return run_logprobs(logits, targets, mask, resolve_impl(impl, logits.device), inplace_backward, token_weights)[0]
+
+
+def run_logprobs(
+    logits: Tensor, targets: Tensor, mask: Tensor, impl: str, inplace_backward: bool,
+    token_weights: Tensor | None = None, sq: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`sequence_logprobs` on checked arguments (``impl`` resolved, ``token_weights``
+    float32 or None): what :class:`fastdpo.scoring.Scorer` calls.  Returns (scores (N,), with
+    ``sq`` WPO's sums (2, N), detached: per sequence ``sum_t log sum_v p_v^2`` and the
+    unweighted ``sum_t log p_t``; else None)."""
+    if impl == "torch" and is_small(logits.numel()):
+        return _small_logprobs(logits, targets, mask, token_weights, sq)
+    _check_range(targets, mask, logits.shape[-1], impl)
+    inplace = inplace_backward and _can_overwrite(logits, impl)
+    keep = _keep_probs(logits, impl, inplace)
+    scores, _, _, _, wpo = _logprobs_op(logits, None, targets, mask, token_weights, impl, inplace, keep, sq)
+    return scores, (wpo if sq else None)
 
 
 # Logits up to this many elements (256 KiB of float32) take plain autograd ops: at that size a
@@ -298,8 +326,10 @@ def is_small(logits_numel: int) -> bool:
     return logits_numel <= SMALL_ELEMENTS and not torch.compiler.is_compiling()
 
 
-def _small_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
-    """sequence_logprobs of small logits in a few plain autograd ops, the same contract: masked
+def _small_logprobs(
+    logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor | None = None, sq: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """run_logprobs of small logits in a few plain autograd ops, the same contract: masked
     rows are zeroed before the log-softmax (no non-finite value of theirs reaches a score or a
     gradient), ids at masked positions are never read, a counted id outside [0, V) raises."""
     safe = torch.where(mask, targets, 0)
@@ -313,7 +343,14 @@ def _small_logprobs(logits: Tensor, targets: Tensor, mask: Tensor) -> Tensor:
     except RuntimeError:  # gather refuses an out-of-range index: say which, as the op does
         _checks.token_range("targets", targets, logits.shape[-1], where=mask)
         raise
-    return torch.where(mask, picked.squeeze(-1), 0.0).sum(-1)
+    picked = picked.squeeze(-1)
+    scores = torch.where(mask, picked if weights is None else picked * weights, 0.0).sum(-1)
+    if not sq:
+        return scores, None
+    with torch.no_grad():
+        log_sq = torch_impl.log_sum_sq(lsm.exp())
+        wpo = torch.stack([torch.where(mask, x, 0.0).sum(-1, dtype=torch.float64) for x in (log_sq, picked)]).float()
+    return scores, wpo
 
 
 def sequence_logprobs_pair(
@@ -324,6 +361,7 @@ def sequence_logprobs_pair(
     *,
     impl: str = "auto",
     inplace_backward: bool = False,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Policy and reference scores in one pass: ``(sequence_logprobs(logits, ...),
     sequence_logprobs(ref_logits, ...).detach())``.
@@ -335,9 +373,10 @@ def sequence_logprobs_pair(
 
     Args:
         logits, ref_logits: (N, T, V) float32, bfloat16 or float16 (dtypes may differ).
-        targets, mask, impl, inplace_backward: as in :func:`sequence_logprobs`.
+        targets, mask, impl, inplace_backward, token_weights: as in :func:`sequence_logprobs`.
     """
     targets, mask = check_logprob_inputs(logits, targets, mask)
+    token_weights = _checks.token_weights(token_weights, mask)
     _checks.tensor("ref_logits", ref_logits, ndim=3)
     _checks.float_dtype("ref_logits", ref_logits)
     if ref_logits.shape != logits.shape:
@@ -349,7 +388,8 @@ def sequence_logprobs_pair(
     which = resolve_impl(impl, logits.device)
     _check_range(targets, mask, logits.shape[-1], which)
     inplace = inplace_backward and _can_overwrite(logits, which)
-    scores, ref_scores, _, _ = _logprobs_op(
-        logits, ref_logits.detach(), targets, mask, which, inplace, _keep_probs(logits, which, inplace)
+    scores, ref_scores, _, _, _ = _logprobs_op(
+        logits, ref_logits.detach(), targets, mask, token_weights, which, inplace,
+        _keep_probs(logits, which, inplace), False,
     )
     return scores, ref_scores

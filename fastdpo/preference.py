@@ -90,6 +90,7 @@ class PreferenceModule(nn.Module):
         pad_id, logprob_reduction, mask_alignment, head, impl, matmul, inplace_backward,
         packing, pack_length, pack_attention, share_prompt: as :class:`fastdpo.DPO` documents
             them (each family's docstring says what ``logprob_reduction`` means for its loss).
+        sq: whether the policy's ``log sum_v p_v^2`` is needed (WPO; :class:`~fastdpo.scoring.Scorer`).
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class PreferenceModule(nn.Module):
         pack_length: int | None = None,
         pack_attention: str = "auto",
         share_prompt: bool = False,
+        sq: bool = False,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -119,7 +121,9 @@ class PreferenceModule(nn.Module):
         self.pad_id = pad_id
         self.logprob_reduction = _checks.choice("logprob_reduction", logprob_reduction, REDUCTIONS)
         self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
-        self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok)
+        self.scorer = Scorer(
+            head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok, sq=sq
+        )
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward
         if not isinstance(share_prompt, bool):
@@ -215,10 +219,10 @@ class PreferenceModule(nn.Module):
         runs once."""
         policy = self.scorer.body(self.policy_model, batch)
         if more is None:
-            sums, hits = self.scorer.sums(policy, batch, count_hits=count_hits)
+            sums, hits, _ = self.scorer.sums(policy, batch, count_hits=count_hits)
             return sums, hits, None
         # Two ops read the same body: neither may write its gradient over shared logits.
-        sums, hits = self.scorer.sums(policy, batch, count_hits=count_hits, inplace=False)
+        sums, hits, _ = self.scorer.sums(policy, batch, count_hits=count_hits, inplace=False)
         part = Body(policy.route, policy.out[: more.tgt.shape[0]], policy.weight)
         return sums, hits, self.scorer.sums(part, more, inplace=False)[0]
 

@@ -99,15 +99,24 @@ class Scorer:
 
     Args: ``head``, ``impl``, ``matmul``, ``inplace_backward`` as :class:`fastdpo.DPO` takes
     them; ``pair_ok``: whether the module's loss lets the pair op run (each pair's loss depends
-    on its own scores only).
+    on its own scores only); ``sq``: whether the policy's ``log sum_v p_v^2`` is needed (WPO),
+    which the Triton GEMM kernels do not compute: ``matmul="auto"`` then multiplies with torch,
+    ``matmul="triton"`` is a ``ValueError``.
     """
 
-    def __init__(self, *, head: str, impl: str, matmul: str, inplace_backward: bool, pair_ok: bool):
+    def __init__(self, *, head: str, impl: str, matmul: str, inplace_backward: bool, pair_ok: bool,
+                 sq: bool = False):
         self.head = _checks.choice("head", head, HEADS)
         self.impl = _checks.choice("impl", impl, IMPLS)
         self.matmul = _checks.choice("matmul", matmul, MATMULS)
+        if sq and matmul == "triton":
+            raise ValueError(
+                "matmul='triton' (the Triton GEMM kernels) cannot compute log sum_v p_v^2, which "
+                "use_weighting=True (WPO) needs: use matmul='auto' or 'torch'"
+            )
         self.inplace_backward = bool(inplace_backward)
         self.pair_ok = pair_ok
+        self.sq = sq
         self.routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
 
     def route(self, model: nn.Module, device: torch.device | str) -> Route:
@@ -134,7 +143,7 @@ class Scorer:
             if self.head == "fused":
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
             return Route("logits", adapter, impl, "torch", None, why)
-        matmul = resolve_matmul(self.matmul, impl, head.weight)
+        matmul = "torch" if self.sq else resolve_matmul(self.matmul, impl, head.weight)
         kind = "pair" if matmul == "torch" and self.pair_ok else "scores"
         return Route(kind, adapter, impl, matmul, head, "")
 
@@ -166,22 +175,26 @@ class Scorer:
         return Body(route, out, weight)
 
     def sums(
-        self, body: Body, batch: Batch, *, count_hits: bool = False, inplace: bool = True
-    ) -> tuple[Tensor, Tensor | None]:
-        """(N,) float32 sums of target log-probs of a body that the pair op does not score,
-        and, with ``count_hits``, the (N,) number of scored targets that are the argmax of
-        their logits (not on the Triton GEMM route, whose logits never leave the kernels).
-        ``inplace=False`` keeps the logits intact in backward (for logits another op reads),
-        whatever ``inplace_backward`` says."""
+        self, body: Body, batch: Batch, *, count_hits: bool = False, inplace: bool = True, sq: bool = False
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(N,) float32 sums of target log-probs (weighted by ``batch.token_weights``) of a body
+        that the pair op does not score; with ``count_hits``, the (N,) number of scored targets
+        that are the argmax of their logits (not on the Triton GEMM route, whose logits never
+        leave the kernels); with ``sq``, WPO's (2, N) detached sums (``sum_t log sum_v p_v^2``,
+        the unweighted ``sum_t log p_t``).  ``inplace=False`` keeps the logits intact in
+        backward (for logits another op reads), whatever ``inplace_backward`` says."""
         route = body.route
+        w = batch.token_weights
         if body.weight is not None:
             scale = route.head.scale
-            sums = run_linear(body.out, body.weight, batch.tgt, batch.mask, scale, route.impl, route.matmul)
-            return sums, None
+            sums, wpo = run_linear(body.out, body.weight, batch.tgt, batch.mask, scale, route.impl, route.matmul, w, sq)
+            return sums, None, wpo
         hits = None
         if count_hits:  # before backward may overwrite the logits
             with torch.no_grad():
                 hits = ((body.out.argmax(-1) == batch.tgt) & batch.mask).sum(-1)
         # (a compiled graph cannot look at grad_fn: it takes a fresh gradient buffer)
         inplace = inplace and self.inplace_backward and not torch.compiler.is_compiling() and _own_logits(body.out)
-        return ops.sequence_logprobs(body.out, batch.tgt, batch.mask, impl=route.impl, inplace_backward=inplace), hits
+        targets, mask = ops.check_logprob_inputs(body.out, batch.tgt, batch.mask)
+        sums, wpo = ops.run_logprobs(body.out, targets, mask, route.impl, inplace, w, sq)
+        return sums, hits, wpo

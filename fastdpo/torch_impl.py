@@ -101,11 +101,11 @@ def box_plan(mask: Tensor, v: int, box_bytes: int) -> list[tuple[slice, slice, i
     return plan
 
 
-def row_logprobs(z: Tensor, y: Tensor) -> Tensor:
+def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
     """float32 log-probs of targets ``y`` (...,) under rows of logits ``z`` (..., V), any float
     dtype: :func:`row_logprobs_into` a box-sized float32 temporary (the same arithmetic as
     every other path here, so scores agree bitwise across them)."""
-    return row_logprobs_into(torch.empty(z.shape, dtype=torch.float32, device=z.device), z, y)
+    return row_logprobs_into(torch.empty(z.shape, dtype=torch.float32, device=z.device), z, y, sq_out)
 
 
 def row_grad_into(out: Tensor, z: Tensor, y: Tensor, g: Tensor) -> Tensor:
@@ -122,7 +122,12 @@ def row_grad_into(out: Tensor, z: Tensor, y: Tensor, g: Tensor) -> Tensor:
 
 
 def forward(
-    logits: Tensor, targets: Tensor, mask: Tensor, probs: Tensor | None = None
+    logits: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    probs: Tensor | None = None,
+    weights: Tensor | None = None,
+    wpo_sums: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Return (scores float32 (N,), row stats float32 (2, N, T)).
 
@@ -135,19 +140,44 @@ def forward(
     ``softmax(logits)`` at the boxes' rows, for :func:`backward_from_probs`: the softmax the
     backward needs, computed once instead of twice (exp is most of the work on a CPU), for
     the memory of a gradient buffer allocated now rather than in backward.
+
+    ``weights``: optional float32 (N, T) weight of each log-prob in its score (LD-DPO,
+    :mod:`fastdpo.weighting`).  ``wpo_sums``: an optional float32 (2, N) buffer that receives
+    per sequence ``sum_t m_t log sum_v p_v^2`` (:func:`log_sum_sq`) and the unweighted
+    ``sum_t m_t log p_t`` (WPO's).
     """
     n, t, v = logits.shape
     plan = box_plan(mask, v, BOX_BYTES)
     logp = torch.zeros(n, t, dtype=torch.float32, device=logits.device)
+    sq = torch.zeros(n, t, dtype=torch.float32, device=logits.device) if wpo_sums is not None else None
     safe = torch.where(mask, targets, 0)
     for bn, bt, _ in plan:
+        sq_box = sq[bn, bt] if sq is not None else None
         if probs is None:
-            logp[bn, bt] = row_logprobs(logits[bn, bt], safe[bn, bt])
+            logp[bn, bt] = row_logprobs(logits[bn, bt], safe[bn, bt], sq_box)
         else:
-            logp[bn, bt] = row_logprobs_into(probs[bn, bt], logits[bn, bt], safe[bn, bt])
+            logp[bn, bt] = row_logprobs_into(probs[bn, bt], logits[bn, bt], safe[bn, bt], sq_box)
     # where, not multiply: a non-finite value in a masked row must not reach the score.
-    scores = torch.where(mask, logp, 0.0).sum(-1)
+    scores = torch.where(mask, logp if weights is None else logp * weights, 0.0).sum(-1)
+    if wpo_sums is not None:
+        # float64 sums: WPO exponentiates their means (as RowPlan.sequence_sums, for the same bits)
+        wpo_sums[0] = torch.where(mask, sq, 0.0).sum(-1, dtype=torch.float64)
+        wpo_sums[1] = torch.where(mask, logp, 0.0).sum(-1, dtype=torch.float64)
     return scores, torch.zeros(2, n, t, dtype=torch.float32, device=logits.device)
+
+
+def log_sum_sq(p: Tensor) -> Tensor:
+    """``log sum_v p_v^2`` per row of probabilities ``p`` (..., V) (TRL's ``log_sum_sq_probs``,
+    WPO's normalizer), as twice the log of the row's 2-norm: one reduction, no exp.  Safe where
+    probabilities underflow: the largest is at least 1/V, so the sum is never 0."""
+    return torch.linalg.vector_norm(p, dim=-1).log_().mul_(2.0)
+
+
+def row_weights(grad_scores: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:
+    """(N, T) float32 weight of each row's log-prob gradient: ``grad_scores[n] * weights[n, t]``
+    where the row counts, 0 elsewhere (whatever ``weights`` holds there)."""
+    g = grad_scores.float().unsqueeze(-1)
+    return torch.where(mask, g if weights is None else g * weights, 0.0)
 
 
 # Below this probability a float32 softmax entry has lost digits (normal floats end at 1.2e-38):
@@ -155,9 +185,10 @@ def forward(
 TINY = 1e-30
 
 
-def row_logprobs_into(p: Tensor, z: Tensor, y: Tensor) -> Tensor:
+def row_logprobs_into(p: Tensor, z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
     """float32 log-probs of targets ``y`` under rows of float32 logits ``z``, writing
-    ``softmax(z)`` into ``p`` (which may be ``z`` itself).
+    ``softmax(z)`` into ``p`` (which may be ``z`` itself), and, given ``sq_out`` (z's shape
+    minus V), each row's :func:`log_sum_sq` into it.
 
     The log-prob is ``log(p_y)`` (within an ulp of p_y: as close as log_softmax gets), except
     where p_y is under :data:`TINY`, where it is ``(z_y - m) - log_s`` with the row max m and
@@ -172,6 +203,8 @@ def row_logprobs_into(p: Tensor, z: Tensor, y: Tensor) -> Tensor:
         torch._softmax(z, -1, False, out=p)  # in place too: each row is read before it is written
     else:
         p.copy_(torch.softmax(z, -1, dtype=torch.float32))
+    if sq_out is not None:
+        sq_out.copy_(log_sum_sq(p))
     p_y = p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     logp = p_y.log()
     low = p_y < TINY  # NaN compares False: a NaN row keeps log(NaN) = NaN
@@ -192,8 +225,10 @@ def backward(
     grad_scores: Tensor,
     *,
     inplace: bool = False,
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """Gradient ``g_n * m_t * (onehot(y) - softmax(z))`` in the logits dtype.
+    """Gradient ``g_n * w_nt * m_t * (onehot(y) - softmax(z))`` in the logits dtype (``w``:
+    ``weights``, 1 without them).
 
     With ``inplace=True`` the gradient overwrites ``logits`` (which is returned).  Masked rows
     get exact zeros whatever their logits hold, without being read when a box could leave them
@@ -201,7 +236,7 @@ def backward(
     """
     plan = box_plan(mask, logits.shape[-1], BOX_BYTES)
     out = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
-    g = torch.where(mask, grad_scores.float().unsqueeze(-1), 0.0)  # (N, T)
+    g = row_weights(grad_scores, mask, weights)  # (N, T)
     safe = torch.where(mask, targets, 0)
     direct = out.dtype == torch.float32
     covered = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)  # rows a box wrote
@@ -231,11 +266,13 @@ def _zero_rows(x: Tensor, rows: Tensor) -> None:
         x.masked_fill_(rows.unsqueeze(-1), 0.0)
 
 
-def backward_from_probs(probs: Tensor, targets: Tensor, mask: Tensor, grad_scores: Tensor) -> Tensor:
+def backward_from_probs(
+    probs: Tensor, targets: Tensor, mask: Tensor, grad_scores: Tensor, weights: Tensor | None = None
+) -> Tensor:
     """Turn the ``probs`` buffer :func:`forward` filled into the gradient, in place, and return
     it: a multiply and a scatter per box (no exp), zeros at every row that does not count."""
     plan = box_plan(mask, probs.shape[-1], BOX_BYTES)
-    g = torch.where(mask, grad_scores.float().unsqueeze(-1), 0.0)
+    g = row_weights(grad_scores, mask, weights)
     safe = torch.where(mask, targets, 0)
     covered = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
     for bn, bt, kind in plan:

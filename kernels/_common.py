@@ -45,14 +45,17 @@ POINTER_TYPES = {**TRITON_DTYPE, torch.int64: "i64", torch.bool: "u1"}
 
 
 class Example:
-    """A stand-in for a contiguous tensor in the launch-argument builders (``*_args``), so that
-    the ahead-of-time specs are built by the very function the launchers call: adding a kernel
-    argument is an edit of the kernel and of its builder, not of a third list."""
+    """A stand-in for a tensor (contiguous unless ``strides`` says otherwise) in the
+    launch-argument builders (``*_args``), so that the ahead-of-time specs are built by the
+    very function the launchers call: adding a kernel argument is an edit of the kernel and of
+    its builder, not of a third list."""
 
-    def __init__(self, dtype: torch.dtype, *shape: int):
-        self.dtype, self.shape = dtype, shape
+    def __init__(self, dtype: torch.dtype, *shape: int, strides: tuple[int, ...] | None = None):
+        self.dtype, self.shape, self.strides = dtype, shape, strides
 
     def stride(self, dim: int) -> int:
+        if self.strides is not None:  # a view the launcher makes (an expanded vector, say)
+            return self.strides[dim]
         out = 1
         for size in self.shape[dim + 1 if dim >= 0 else len(self.shape) + dim + 1:]:
             out *= size

@@ -9,7 +9,10 @@ its V logits, its target id and its mask bit.
 (the sequence log-likelihood of DPO, Rafailov et al. 2023, arXiv 2305.18290). The forward
 reads every counted row of the policy logits (and of the reference logits) once with an
 online logsumexp; the backward reads it once more and writes the gradient once, in place if
-asked. Rows whose mask is false are never read.
+asked. Rows whose mask is false are never read. A variant of the forward (``HAS_SQ``, for WPO,
+arXiv 2406.11827) also folds ``log sum_v softmax(logits)_v^2 = log sum exp(2 (z - m)) - 2 log s``
+from the same exps; the backward takes a weight per row (LD-DPO's token weights, or the
+sequence's upstream gradient through a stride-0 view).
 """
 
 from __future__ import annotations
@@ -69,14 +72,16 @@ def _default_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 @triton.jit
-def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
-    """(max m, log sum exp(z - m)) of one row of V logits in float32, one pass, running max +
-    rescaled sum.  The two are kept apart, not added into a logsumexp: rounding m + log s to
-    float32 would cost ulp(|lse|)/2 of relative error in every exp(z - lse) of the backward
-    (about 2e-6 at |lse| ~ 50), where exp((z - m) - log s) keeps it to ulp(log s)/2."""
+def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, HAS_SQ: tl.constexpr):
+    """(max m, log sum exp(z - m), and with HAS_SQ log sum_v p_v^2) of one row of V logits in
+    float32, one pass, running max + rescaled sums.  m and log s are kept apart, not added into
+    a logsumexp: rounding m + log s to float32 would cost ulp(|lse|)/2 of relative error in
+    every exp(z - lse) of the backward (about 2e-6 at |lse| ~ 50), where exp((z - m) - log s)
+    keeps it to ulp(log s)/2."""
     offs = tl.arange(0, BLOCK_V)
     m = float("-inf")
     s = 0.0
+    q = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         if EVEN_V:
@@ -88,11 +93,22 @@ def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
         # While the row has been all -inf so far, m_new is -inf and shifting by it would
         # give exp(-inf - -inf) = NaN; shifting by 0 gives the right exp(-inf) = 0 terms.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        e = tl.exp(z - shift)
+        rescale = tl.exp(m - shift)
+        s = s * rescale + tl.sum(e, axis=0)
+        if HAS_SQ:
+            # sum exp(2 (z - m)) from the same exps: one multiply-add more per logit, no exp.
+            q = q * (rescale * rescale) + tl.sum(e * e, axis=0)
         m = m_new
     # NaN anywhere in the row makes s NaN (exp(NaN) = NaN), whether or not max kept it; so
     # does +inf (exp(inf - inf)), as in float64 log_softmax.
-    return m, tl.log(s)
+    log_s = tl.log(s)
+    # log sum_v p_v^2 = log q - 2 log s: the max's term makes q >= 1, so it never underflows
+    # to log 0, however small the other probabilities are.
+    log_sq = 0.0
+    if HAS_SQ:
+        log_sq = tl.log(q) - 2.0 * log_s
+    return m, log_s, log_sq
 
 
 @triton.heuristics({"EVEN_V": lambda args: args["V"] % args["BLOCK_V"] == 0})
@@ -100,13 +116,13 @@ def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr):
 def _sequence_logprobs_fwd_kernel(
     # pointers: inputs, then (N, T) float32 outputs (contiguous)
     logits_ptr, ref_logits_ptr, targets_ptr, mask_ptr,
-    row_vals_ptr, ref_row_vals_ptr, stats_ptr,
+    row_vals_ptr, ref_row_vals_ptr, stats_ptr, sq_ptr,
     # strides, in elements, of the N and T dims (the V stride is 1)
     stride_ln, stride_lt, stride_rn, stride_rt, stride_yn, stride_yt, stride_mn, stride_mt,
     # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats)
     T, V, NT,
     # structure
-    HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_SQ: tl.constexpr, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
 ):
     # int64 from the start: n * stride_ln exceeds 2^31 once N*T*V does.
     row = tl.program_id(0).to(tl.int64)
@@ -120,14 +136,16 @@ def _sequence_logprobs_fwd_kernel(
         y_safe = tl.where(in_vocab, y, 0)
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
         z_y = tl.load(row_ptr + y_safe).to(tl.float32)
-        m, log_s = _row_max_logsum(row_ptr, V, BLOCK_V, EVEN_V)
+        m, log_s, log_sq = _row_max_logsum(row_ptr, V, BLOCK_V, EVEN_V, HAS_SQ)
         tl.store(row_vals_ptr + row, tl.where(in_vocab, (z_y - m) - log_s, float("nan")))
         tl.store(stats_ptr + row, m)
         tl.store(stats_ptr + NT + row, log_s)
+        if HAS_SQ:
+            tl.store(sq_ptr + row, log_sq)
         if HAS_REF:
             ref_row_ptr = ref_logits_ptr + n * stride_rn + t * stride_rt
             ref_z_y = tl.load(ref_row_ptr + y_safe).to(tl.float32)
-            ref_m, ref_log_s = _row_max_logsum(ref_row_ptr, V, BLOCK_V, EVEN_V)
+            ref_m, ref_log_s, _ = _row_max_logsum(ref_row_ptr, V, BLOCK_V, EVEN_V, False)
             ref_val = (ref_z_y - ref_m) - ref_log_s
             tl.store(ref_row_vals_ptr + row, tl.where(in_vocab, ref_val, float("nan")))
     else:
@@ -136,6 +154,8 @@ def _sequence_logprobs_fwd_kernel(
         tl.store(row_vals_ptr + row, 0.0)
         tl.store(stats_ptr + row, 0.0)
         tl.store(stats_ptr + NT + row, 0.0)
+        if HAS_SQ:
+            tl.store(sq_ptr + row, 0.0)
         if HAS_REF:
             tl.store(ref_row_vals_ptr + row, 0.0)
 
@@ -144,10 +164,11 @@ def _sequence_logprobs_fwd_kernel(
 @triton.jit
 def _sequence_logprobs_bwd_kernel(
     # pointers: inputs, then the gradient (may alias logits_ptr: in-place backward)
-    logits_ptr, targets_ptr, mask_ptr, stats_ptr, grad_scores_ptr,
+    logits_ptr, targets_ptr, mask_ptr, stats_ptr, grad_rows_ptr,
     grad_ptr,
-    # strides, in elements, of the N and T dims (the V stride is 1); stats are contiguous
-    stride_ln, stride_lt, stride_yn, stride_yt, stride_mn, stride_mt, stride_gn, stride_gt,
+    # strides, in elements, of the N and T dims (the V stride is 1); stats are contiguous;
+    # the rows' weights (N, T) are usually the (N,) upstream gradient expanded (stride_st = 0)
+    stride_ln, stride_lt, stride_yn, stride_yt, stride_mn, stride_mt, stride_sn, stride_st, stride_gn, stride_gt,
     # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats)
     T, V, NT,
     # structure
@@ -163,7 +184,7 @@ def _sequence_logprobs_bwd_kernel(
         y = tl.load(targets_ptr + n * stride_yn + t * stride_yt)
         in_vocab = (y >= 0) & (y < V)
         # The forward score of an out-of-vocab target is NaN; so is its gradient row.
-        g = tl.where(in_vocab, tl.load(grad_scores_ptr + n), float("nan"))
+        g = tl.where(in_vocab, tl.load(grad_rows_ptr + n * stride_sn + t * stride_st), float("nan"))
         m = tl.load(stats_ptr + row)
         log_s = tl.load(stats_ptr + NT + row)
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
@@ -212,7 +233,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 _fwd_autotuned = triton.autotune(
-    _autotune_configs(), key=["V", "HAS_REF"], prune_configs_by={"early_config_prune": _prune_configs}
+    _autotune_configs(), key=["V", "HAS_REF", "HAS_SQ"], prune_configs_by={"early_config_prune": _prune_configs}
 )(_sequence_logprobs_fwd_kernel)
 # Tuned out of place only: tuning an in-place launch would have to restore the logits before
 # every configuration it tries (a clone of the whole tensor, exactly where in place was chosen
@@ -231,24 +252,25 @@ _TUNE_ROWS = 2048
 # --------------------------------------------------------------------------------------
 
 
-def _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals, stats, T: int, V: int) -> dict:
+def _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals, stats, sq, T: int, V: int) -> dict:
     """The forward kernel's arguments but the constexprs (also the AOT specs' source)."""
     return dict(
         logits_ptr=logits, ref_logits_ptr=ref, targets_ptr=targets, mask_ptr=mask,
-        row_vals_ptr=row_vals, ref_row_vals_ptr=ref_row_vals, stats_ptr=stats,
+        row_vals_ptr=row_vals, ref_row_vals_ptr=ref_row_vals, stats_ptr=stats, sq_ptr=sq,
         stride_ln=logits.stride(0), stride_lt=logits.stride(1), stride_rn=ref.stride(0), stride_rt=ref.stride(1),
         stride_yn=targets.stride(0), stride_yt=targets.stride(1), stride_mn=mask.stride(0), stride_mt=mask.stride(1),
         T=T, V=V, NT=logits.shape[0] * T,
     )
 
 
-def _bwd_args(logits, targets, mask, stats, grad_scores, grad, T: int, V: int) -> dict:
+def _bwd_args(logits, targets, mask, stats, grad_rows, grad, T: int, V: int) -> dict:
     """The backward kernel's arguments but the constexprs (also the AOT specs' source)."""
     return dict(
-        logits_ptr=logits, targets_ptr=targets, mask_ptr=mask, stats_ptr=stats, grad_scores_ptr=grad_scores,
+        logits_ptr=logits, targets_ptr=targets, mask_ptr=mask, stats_ptr=stats, grad_rows_ptr=grad_rows,
         grad_ptr=grad,
         stride_ln=logits.stride(0), stride_lt=logits.stride(1), stride_yn=targets.stride(0), stride_yt=targets.stride(1),
-        stride_mn=mask.stride(0), stride_mt=mask.stride(1), stride_gn=grad.stride(0), stride_gt=grad.stride(1),
+        stride_mn=mask.stride(0), stride_mt=mask.stride(1), stride_sn=grad_rows.stride(0), stride_st=grad_rows.stride(1),
+        stride_gn=grad.stride(0), stride_gt=grad.stride(1),
         T=T, V=V, NT=logits.shape[0] * T,
     )
 
@@ -289,9 +311,11 @@ def sequence_logprobs_forward(
     mask: torch.Tensor,
     ref_logits: torch.Tensor | None = None,
     *,
+    weights: torch.Tensor | None = None,
+    wpo_sums: torch.Tensor | None = None,
     _block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Masked per-sequence sums of target log-probabilities (DPO, arXiv 2305.18290).
+    """Masked (weighted) per-sequence sums of target log-probabilities (DPO, arXiv 2305.18290).
 
     Args:
         logits: (N, T, V) float32, bfloat16 or float16, any N/T strides.
@@ -300,10 +324,15 @@ def sequence_logprobs_forward(
         mask: (N, T) bool; False rows are not read and contribute exactly 0.
         ref_logits: None, or (N, T, V) reference-model logits (any supported dtype, own
             strides) scored against the same targets and mask in the same pass.
+        weights: None, or (N, T) float32 weights of the rows' log-probs in both scores (LD-DPO).
+        wpo_sums: None, or a float32 (2, N) buffer that receives, per sequence of ``logits``,
+            ``sum_t mask * log sum_v softmax(logits[n,t])_v^2`` (one more reduction of the
+            row's pass, no exp; a kernel variant compiled only for it) and the unweighted
+            ``sum_t mask * logp`` (WPO, arXiv 2406.11827).
         _block_v: test-only override of BLOCK_V (a power of two).
 
     Returns:
-        scores: (N,) float32, ``sum_t where(mask, logits[n,t,y] - logsumexp(logits[n,t]), 0)``;
+        scores: (N,) float32, ``sum_t where(mask, w * (logits[n,t,y] - logsumexp(logits[n,t])), 0)``;
         ref_scores: (N,) float32 for ``ref_logits`` or None;
         stats: (2, N, T) float32, the backward's input: per row the max of ``logits`` and
             ``log sum exp(logits - max)`` (their sum is the row logsumexp), 0 at masked rows.
@@ -320,30 +349,46 @@ def sequence_logprobs_forward(
     if N * T >= 2**31:
         raise ValueError(f"logits must have fewer than 2**31 rows N*T, got N={N}, T={T}")
 
+    if weights is not None:
+        _check_nt("weights", weights, (N, T), torch.float32, logits.device)
+    has_sq = wpo_sums is not None
+    if has_sq:
+        _check_nt("wpo_sums", wpo_sums, (2, N), torch.float32, logits.device)
+
     device = logits.device
     row_vals = torch.empty((N, T), dtype=torch.float32, device=device)
     stats = torch.empty((2, N, T), dtype=torch.float32, device=device)
     ref_row_vals = torch.empty((N, T), dtype=torch.float32, device=device) if has_ref else None
+    sq = torch.empty((N, T), dtype=torch.float32, device=device) if has_sq else None
     if N * T == 0:
         scores = torch.zeros((N,), dtype=torch.float32, device=device)
+        if has_sq:
+            wpo_sums.zero_()
         return scores, (scores.clone() if has_ref else None), stats
 
     logits = _unit_stride_v(logits)
     ref = _unit_stride_v(ref_logits) if has_ref else logits
-    args = _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals if has_ref else row_vals, stats, T, V)
+    args = _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals if has_ref else row_vals, stats,
+                     sq if has_sq else row_vals, T, V)
     grid = (N * T,)
     if _block_v is None and autotune_enabled():
-        _fwd_autotuned[grid](*args.values(), HAS_REF=has_ref, **LAUNCH_OPTIONS)
+        _fwd_autotuned[grid](*args.values(), HAS_REF=has_ref, HAS_SQ=has_sq, **LAUNCH_OPTIONS)
     else:
         block_v, num_warps = _default_config(V, logits.dtype)
         if _block_v is not None:
             block_v = _block_v
-        _sequence_logprobs_fwd_kernel[grid](*args.values(), HAS_REF=has_ref, BLOCK_V=block_v, num_warps=num_warps,
-                                            **LAUNCH_OPTIONS)
+        _sequence_logprobs_fwd_kernel[grid](*args.values(), HAS_REF=has_ref, HAS_SQ=has_sq, BLOCK_V=block_v,
+                                            num_warps=num_warps, **LAUNCH_OPTIONS)
 
-    # Fixed-order reductions over T: bitwise reproducible, no atomics.
-    scores = row_vals.sum(-1)
-    ref_scores = ref_row_vals.sum(-1) if has_ref else None
+    # Fixed-order reductions over T: bitwise reproducible, no atomics.  Masked rows hold 0.
+    if has_sq:  # in float64: WPO exponentiates their means
+        wpo_sums[0] = sq.sum(-1, dtype=torch.float64)
+        wpo_sums[1] = row_vals.sum(-1, dtype=torch.float64)
+    if weights is None:
+        return row_vals.sum(-1), (ref_row_vals.sum(-1) if has_ref else None), stats
+    # where: a weight at a masked row (0 * its stored 0, or a NaN weight there) reaches no score
+    scores = torch.where(mask, row_vals * weights, 0.0).sum(-1)
+    ref_scores = torch.where(mask, ref_row_vals * weights, 0.0).sum(-1) if has_ref else None
     return scores, ref_scores, stats
 
 
@@ -355,6 +400,7 @@ def sequence_logprobs_backward(
     grad_scores: torch.Tensor,
     *,
     inplace: bool = False,
+    weights: torch.Tensor | None = None,
     _block_v: int | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum_n grad_scores[n] * scores[n]`` with respect to ``logits``.
@@ -365,11 +411,12 @@ def sequence_logprobs_backward(
         grad_scores: (N,) float32 upstream gradient per sequence (fold any 1/count into it).
         inplace: write the gradient over ``logits`` (which must then have unit V stride;
             any N/T strides) and return it.
+        weights: None, or the (N, T) float32 row weights the forward's scores used.
         _block_v: test-only override of BLOCK_V (a power of two).
 
     Returns:
-        (N, T, V) tensor of ``logits.dtype``:
-        ``grad[n, t] = grad_scores[n] * mask[n, t] * (onehot(targets[n, t]) - softmax(logits[n, t]))``,
+        (N, T, V) tensor of ``logits.dtype``: ``grad[n, t] = grad_scores[n] * weights[n, t] *
+        mask[n, t] * (onehot(targets[n, t]) - softmax(logits[n, t]))`` (weights 1 without them),
         a NaN row where a counted target is outside [0, V); a new contiguous tensor, or
         ``logits`` itself when ``inplace``.
     """
@@ -392,6 +439,8 @@ def sequence_logprobs_backward(
         raise ValueError(f"grad_scores must have shape {(N,)}, got {tuple(grad_scores.shape)}")
     if grad_scores.device != logits.device:
         raise ValueError(f"grad_scores must be on {logits.device} like logits, got {grad_scores.device}")
+    if weights is not None:
+        _check_nt("weights", weights, (N, T), torch.float32, logits.device)
     if inplace and logits.stride(-1) != 1 and V != 1:
         raise ValueError(f"inplace backward needs logits with unit stride in V, got strides {logits.stride()}")
     if N * T >= 2**31:
@@ -406,14 +455,17 @@ def sequence_logprobs_backward(
         return grad
 
     stats = stats.contiguous()
-    grad_scores = grad_scores.contiguous()
-    args = _bwd_args(logits, targets, mask, stats, grad_scores, grad, T, V)
+    # Each row's weight: the sequence's upstream gradient, read through a stride-0 view (no
+    # (N, T) copy), or times the row's own weight.
+    grad_rows = grad_scores.unsqueeze(1)
+    grad_rows = grad_rows * weights if weights is not None else grad_rows.expand(N, T)
+    args = _bwd_args(logits, targets, mask, stats, grad_rows, grad, T, V)
     grid = (N * T,)
     if _block_v is None and autotune_enabled() and not inplace:
         _bwd_autotuned[grid](*args.values(), **LAUNCH_OPTIONS)
         return grad
     if _block_v is None and autotune_enabled():
-        meta = _tuned_bwd_config(logits, targets, mask, stats, grad_scores)
+        meta = _tuned_bwd_config(logits, targets, mask, stats, grad_rows)
     else:
         block_v, num_warps = _default_config(V, logits.dtype)
         meta = dict(BLOCK_V=_block_v or block_v, num_warps=num_warps)
@@ -421,7 +473,7 @@ def sequence_logprobs_backward(
     return grad
 
 
-def _tuned_bwd_config(logits, targets, mask, stats, grad_scores) -> dict:
+def _tuned_bwd_config(logits, targets, mask, stats, grad_rows) -> dict:
     """The autotuned backward's choice for these logits' V and dtype, tuned out of place on
     their first rows (at most _TUNE_ROWS): {"BLOCK_V": ..., "num_warps": ...}."""
     N, T, V = logits.shape
@@ -429,7 +481,7 @@ def _tuned_bwd_config(logits, targets, mask, stats, grad_scores) -> dict:
     t = min(T, _TUNE_ROWS)
     sub = logits[:n, :t]
     out = torch.empty((n, t, V), dtype=logits.dtype, device=logits.device)
-    args = _bwd_args(sub, targets[:n, :t], mask[:n, :t], stats[:, :n, :t].contiguous(), grad_scores[:n], out, t, V)
+    args = _bwd_args(sub, targets[:n, :t], mask[:n, :t], stats[:, :n, :t].contiguous(), grad_rows[:n, :t], out, t, V)
     _bwd_autotuned[(n * t,)](*args.values(), **LAUNCH_OPTIONS)
     best = _bwd_autotuned.best_config
     return dict(BLOCK_V=best.kwargs["BLOCK_V"], num_warps=best.num_warps)
@@ -440,22 +492,30 @@ def _tuned_bwd_config(logits, targets, mask, stats, grad_scores) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def row_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def row_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, sq_out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row target log-probs of (M, V) logits whose rows all count (the fused head's
     chunks of gathered rows, after the library's matrix product).
 
     Args:
         logits: (M, V) float32, bfloat16 or float16, unit V stride.
         targets: (M,) int64 ids; one outside [0, V) gives a NaN log-prob.
+        sq_out: None, or an (M,) float32 buffer that receives each row's
+            ``log sum_v softmax(logits[m])_v^2`` (WPO's normalizer, TRL's ``log_sum_sq_probs``).
 
     Returns:
         logp: (M,) float32, ``logits[m, y] - logsumexp(logits[m])``;
         stats: (2, M) float32 row max and ``log sum exp(logits - max)`` (the backward's input).
     """
     M, V = _check_rows_of_logits(logits, targets)
+    # With one position per "sequence", the per-sequence sums are the rows' own values.
+    sums = torch.empty((2, M), dtype=torch.float32, device=logits.device) if sq_out is not None else None
     scores, _, stats = sequence_logprobs_forward(
-        logits.view(M, 1, V), targets.reshape(M, 1), _all_rows(M, logits.device)
+        logits.view(M, 1, V), targets.reshape(M, 1), _all_rows(M, logits.device), wpo_sums=sums
     )
+    if sq_out is not None:
+        sq_out.copy_(sums[0])
     return scores, stats.view(2, M)
 
 
@@ -506,7 +566,7 @@ def _all_rows(M: int, device: torch.device) -> torch.Tensor:
 class KernelSpec:
     """One shipped kernel specialization, ready for ``triton.compile(ASTSource(...))``."""
 
-    name: str                   # kernel and variant: "fwd", "fwd+ref" or "bwd"
+    name: str                   # kernel and variant: "fwd", "fwd+ref", "fwd+sq" or "bwd"
     dtype: str                  # logits dtype: "fp32", "bf16" or "fp16"
     V: int                      # the vocabulary size it was specialized for
     block_v: int
@@ -529,8 +589,9 @@ AOT_VOCABS: dict[int, str] = {
 def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048, N: int = 16) -> list[KernelSpec]:
     """The kernels as launched on contiguous (N, T, V) logits with the shipped default
     configuration, for every supported logits dtype, with and without reference logits (of
-    the same dtype; a mixed pair compiles the same code with another load type), and for
-    each vocabulary size in `vocabs`: the launchers' own argument builders on stand-ins."""
+    the same dtype; a mixed pair compiles the same code with another load type), with the
+    ``log sum p^2`` reduction (WPO; policy logits only), and for each vocabulary size in
+    `vocabs`: the launchers' own argument builders on stand-ins."""
     specs = []
     f32 = torch.float32
     for V in vocabs:
@@ -540,14 +601,14 @@ def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048, N: int
             targets, mask = Example(torch.int64, N, T), Example(torch.bool, N, T)
             rows, stats = Example(f32, N, T), Example(f32, 2, N, T)
             blocks = dict(BLOCK_V=block_v, EVEN_V=V % block_v == 0)
-            for has_ref in (False, True):
+            for name, has_ref, has_sq in (("fwd", False, False), ("fwd+ref", True, False), ("fwd+sq", False, True)):
                 fn = _sequence_logprobs_fwd_kernel.fn
-                # without ref the launcher passes the policy logits (and rows) as dummies
-                args = _fwd_args(logits, logits, targets, mask, rows, rows, stats, T, V)
-                example = aot_example(args, HAS_REF=has_ref, **blocks)
-                specs.append(KernelSpec("fwd+ref" if has_ref else "fwd", tdt, V, block_v, num_warps,
-                                        fn, *specialize(fn, example)))
+                # without ref (sq) the launcher passes the policy logits (and rows) as dummies
+                args = _fwd_args(logits, logits, targets, mask, rows, rows, stats, rows, T, V)
+                example = aot_example(args, HAS_REF=has_ref, HAS_SQ=has_sq, **blocks)
+                specs.append(KernelSpec(name, tdt, V, block_v, num_warps, fn, *specialize(fn, example)))
             fn = _sequence_logprobs_bwd_kernel.fn
-            args = _bwd_args(logits, targets, mask, stats, Example(f32, N), Example(torch_dtype, N, T, V), T, V)
+            grad_rows = Example(f32, N, T, strides=(1, 0))  # the (N,) upstream gradient, expanded
+            args = _bwd_args(logits, targets, mask, stats, grad_rows, Example(torch_dtype, N, T, V), T, V)
             specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *specialize(fn, aot_example(args, **blocks))))
     return specs

@@ -52,12 +52,15 @@ def test_custom_op_passes_opcheck():
     targets = torch.randint(0, 33, (2, 4))
     mask = torch.rand(2, 4) > 0.2
     op = torch.ops.fastdpo.sequence_logprobs.default
-    torch.library.opcheck(op, (logits, None, targets, mask, "torch", False, False))
-    torch.library.opcheck(op, (logits, torch.randn(2, 4, 33), targets, mask, "torch", False, False))
+    weights = torch.rand(2, 4)  # LD-DPO's token weights; sq: WPO's log sum p^2 sums
+    for impl in ("torch", "triton"):
+        torch.library.opcheck(op, (logits, None, targets, mask, None, impl, False, False, False))
+        torch.library.opcheck(op, (logits, torch.randn(2, 4, 33), targets, mask, weights, impl, False, False, False))
+        torch.library.opcheck(op, (logits, None, targets, mask, weights, impl, False, False, True))
     # keep_probs carries the softmax from forward to backward outside the saved tensors, so it
     # is never set under compile (or a torch.func transform): every check but AOT dispatch.
     eager = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(op, (logits, None, targets, mask, "torch", False, True), test_utils=eager)
+    torch.library.opcheck(op, (logits, None, targets, mask, None, "torch", False, True, False), test_utils=eager)
 
 
 # ----------------------------------------------------------------------------- a whole DPO step
@@ -126,7 +129,9 @@ def test_linear_custom_op_passes_opcheck():
     upstream = torch.randn(2, generator=g)
     op = torch.ops.fastdpo.linear_sequence_logprobs.default
     for args in ((None, "torch", "torch"), (0.5, "torch", "torch"), (None, "triton", "torch"), (None, "triton", "triton")):
-        torch.library.opcheck(op, (hidden, weight, targets, mask, *args))
+        torch.library.opcheck(op, (hidden, weight, targets, mask, None, *args, False))
+        # with LD-DPO's token weights, and (but on the Triton GEMM route) WPO's log sum p^2 sums
+        torch.library.opcheck(op, (hidden, weight, targets, mask, torch.rand(2, 5, generator=g), *args, args[2] == "torch"))
         # and its values: scores and gradients against float64 (the row stats, the second
         # output, are each route's own business: the torch fold keeps none)
         s = 1.0 if args[0] is None else args[0]
@@ -135,7 +140,7 @@ def test_linear_custom_op_passes_opcheck():
         truth = reference_logprobs(logits64, targets, mask)
         h32, w32 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
         ref = reference_logprobs(s * h32 @ w32.T, targets, mask)
-        scores, _ = op(hidden, weight, targets, mask, *args)
+        scores, _, _ = op(hidden, weight, targets, mask, None, *args, False)
         three_way(scores, ref, truth, torch.float32, f"scores {args}")
         grads = torch.autograd.grad(scores, (hidden, weight), upstream)
         truths = torch.autograd.grad(truth, (h64, w64), upstream.double())
@@ -159,12 +164,14 @@ def test_dpo_head_custom_op_passes_opcheck():
     count = mask.sum(-1).clamp(min=1e-5).float()
     ref_hidden = torch.randn(4, 5, 8, generator=g)
     op = torch.ops.fastdpo.dpo_head.default
-    losses = (check_loss_config("sigmoid", 0.1), check_loss_config(["ipo", "bco_pair"], 0.2, bco_delta=torch.randn(2, generator=g)))
+    losses = (check_loss_config("sigmoid", 0.1), check_loss_config(["ipo", "bco_pair"], 0.2, bco_delta=torch.randn(2, generator=g)),
+              check_loss_config("sigmoid", 0.1, ld_alpha=0.5, use_weighting=True))
     for fold in ("torch", "triton"):
         for loss in losses:
             opts = to_op_args(HeadOptions(impl=fold, scale=None, ref_scale=0.5, reduction="mean", loss=loss, count_hits=True))
-            torch.library.opcheck(op, (hidden, weight, targets, mask, count, ref_hidden, weight.detach(), None, *opts, True, True))
-            torch.library.opcheck(op, (hidden, weight, targets, mask, count, None, None, torch.randn(4), *opts, False, False))
+            w = torch.rand(4, 5, generator=g) if loss.ld_alpha is not None else None  # LD-DPO's token weights
+            torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, ref_hidden, weight.detach(), None, *opts, True, True))
+            torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, None, None, torch.randn(4), *opts, False, False))
 
 
 def test_dpo_head_schema_is_derived_from_head_options():
@@ -180,12 +187,12 @@ def test_dpo_head_schema_is_derived_from_head_options():
     for f in dataclasses.fields(HeadOptions):
         leaves += [g.name for g in dataclasses.fields(LossConfig)] if f.name == "loss" else [f.name]
     names = [a.name for a in torch.ops.fastdpo.dpo_head.default._schema.arguments]
-    tensors = ["hidden", "weight", "targets", "mask", "count", "ref_hidden", "ref_weight", "ref_scores"]
+    tensors = ["hidden", "weight", "targets", "mask", "count", "token_weights", "ref_hidden", "ref_weight", "ref_scores"]
     expected = tensors + [x for leaf in leaves for x in ((leaf, leaf + "_value") if leaf == "bco_delta" else (leaf,))]
     assert names == expected + ["need_hidden", "need_weight"]
     delta = torch.tensor([0.3, -0.1])
     for loss in (check_loss_config(["sigmoid", "ipo"], 0.3, 0.1, [1.0, 2.0]), check_loss_config("bco_pair", bco_delta=delta),
-                 check_loss_config("bco_pair", bco_delta=0.25)):
+                 check_loss_config("bco_pair", bco_delta=0.25), check_loss_config(ld_alpha=0.25, use_weighting=True)):
         opts = HeadOptions(impl="triton", scale=0.5, ref_scale=None, reduction="sum", loss=loss, count_hits=True,
                            chunk_bytes=123, group_bytes=456)
         back = from_op_args(to_op_args(opts))

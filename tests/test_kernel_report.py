@@ -43,7 +43,7 @@ def test_every_shipped_kernel_compiles_without_spills():
     linear = [r for r in rows if r["family"] == "linear"]
     assert len(sequence) + len(linear) == len(rows)
     built = {(r["kernel"], r["dtype"], r["V"], r["target"]) for r in sequence}
-    expected = {(k, d, V, t) for k in ("fwd", "fwd+ref", "bwd") for d in ("fp32", "bf16", "fp16")
+    expected = {(k, d, V, t) for k in ("fwd", "fwd+ref", "fwd+sq", "bwd") for d in ("fp32", "bf16", "fp16")
                 for V in AOT_VOCABS for t in ("sm_80", "sm_90")}
     assert built == expected
     for r in sequence:
@@ -111,7 +111,7 @@ def test_launch_argument_builders_follow_each_kernels_signature():
 
     f32, ex = torch.float32, Example(torch.float32, 2, 3, 4)
     cases = [
-        (seq._sequence_logprobs_fwd_kernel, seq._fwd_args(ex, ex, ex, ex, ex, ex, ex, 3, 4)),
+        (seq._sequence_logprobs_fwd_kernel, seq._fwd_args(ex, ex, ex, ex, ex, ex, ex, ex, 3, 4)),
         (seq._sequence_logprobs_bwd_kernel, seq._bwd_args(ex, ex, ex, ex, ex, ex, 3, 4)),
         (lin._lse_partials_kernel, lin._fwd_args(ex, ex, ex, [ex] * 3, 4, 4, 2, 5, 4, 1.0)),
         (lin._lse_combine_kernel, lin._combine_args([ex] * 3, ex, ex, ex, 2, 5, 3)),
@@ -121,3 +121,4 @@ def test_launch_argument_builders_follow_each_kernels_signature():
     for kernel, args in cases:
         assert list(args) == params(kernel), kernel
     assert Example(f32, 2, 3, 4).stride(0) == 12 and Example(f32, 2, 3, 4).stride(-1) == 1
+    assert Example(f32, 2, 3, strides=(1, 0)).stride(1) == 0
