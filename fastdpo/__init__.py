@@ -1,7 +1,8 @@
 """fastdpo: fused, exact DPO losses for PyTorch.
 
 ``from fastdpo import DPO`` is a drop-in for ``from x_transformers.dpo import DPO``; ``ORPO`` and
-``CPO`` (with SimPO and AlphaPO) are the reference-free families, on the same fused head.
+``CPO`` (with SimPO and AlphaPO) are the reference-free families, ``KTO`` the unpaired one, on
+the same fused head.
 """
 
 import os as _os
@@ -17,9 +18,10 @@ if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile
 del _root
 
 from .cpo import CPO
-from .data import PreferenceDataset
+from .data import KTODataset, PreferenceDataset
 from .dpo import DPO, precompute_reference_scores
 from .family_losses import CPO_LOSS_TYPES
+from .kto import KTO, KTO_LOSS_TYPES
 from .linear import linear_sequence_logprobs
 from .losses import LOSS_TYPES, check_loss_config, dpo_loss, preference_loss, reward_metrics
 from .ops import sequence_logprobs, sequence_logprobs_pair
@@ -31,12 +33,15 @@ __all__ = [
     "ORPO",
     "CPO",
     "CPO_LOSS_TYPES",
+    "KTO",
+    "KTO_LOSS_TYPES",
     "PreferenceModule",
     "LOSS_TYPES",
     "check_loss_config",
     "preference_loss",
     "reward_metrics",
     "PreferenceDataset",
+    "KTODataset",
     "dpo_loss",
     "linear_sequence_logprobs",
     "precompute_reference_scores",

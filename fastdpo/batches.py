@@ -7,6 +7,7 @@ T = L - 1 input positions.
 scored positions and their counts of the 2B unpacked sequences -- what every route scores --
 and, when the module packs (:class:`Packing`), the packed layout the models run on instead
 (:mod:`fastdpo.packing`), whose hidden states are gathered back to the unpacked rows.
+:func:`unpaired_batch` does the same for N sequences that are not pairs (KTO's), unpacked.
 """
 
 from __future__ import annotations
@@ -185,6 +186,31 @@ def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor 
     if mask is None and pad_id is not None:
         return seq != pad_id
     return mask
+
+
+def unpaired_batch(
+    adapter_on: Callable[[torch.device], ModelAdapter], seq: Tensor, prompt_mask: Tensor, seq_mask: Tensor | None,
+    *, pad_id: int | None, alignment: str, names: tuple[str, str, str] = ("seq", "prompt_mask", "seq_mask"),
+) -> Batch:
+    """The :class:`Batch` of N unpaired sequences ``seq`` (N, L), each scored on its completion
+    (``~prompt_mask``) where it is real (``seq_mask``, default ``seq != pad_id`` when ``pad_id``
+    is given), checked as :func:`pair_batch` checks a pair batch; errors name the arguments
+    ``names`` (the sequences, their prompt mask, their sequence mask).  Never packed."""
+    seq_name, prompt_name, mask_name = names
+    _checks.integer_tokens(seq_name, seq, ndim=2)
+    shape = tuple(seq.shape)
+    if shape[0] < 1 or shape[1] < 2:
+        raise ValueError(f"{seq_name} must be (N, L) with N >= 1 and L >= 2 (one input and one target token), got {shape}")
+    _checks.bool_mask(prompt_name, prompt_mask, shape, "True = a prompt position, not scored")
+    if seq_mask is not None:
+        _checks.bool_mask(mask_name, seq_mask, shape, "True = a real token, False = padding")
+    _checks.same_device(**{seq_name: seq, prompt_name: prompt_mask, mask_name: seq_mask})
+    adapter = adapter_on(seq.device)
+    _checks.token_range(seq_name, seq, adapter.vocab_size())
+    seq_mask = real_tokens(seq, seq_mask, pad_id)
+    adapter.check_padding(mask_name, seq_mask)
+    keep = ~prompt_mask if seq_mask is None else ~prompt_mask & seq_mask
+    return make_batch(seq, keep, alignment)
 
 
 def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:

@@ -1,4 +1,6 @@
-"""Preference-pair dataset and its collate function, shaped for :class:`fastdpo.DPO`."""
+"""Preference datasets and their collate functions: pairs for :class:`fastdpo.DPO`
+(:class:`PreferenceDataset`), unpaired labelled completions for :class:`fastdpo.KTO`
+(:class:`KTODataset`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,21 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import _checks
+
+
+def _tokens(index: int, key: str, item: Mapping, *, empty_ok: bool = False) -> Tensor:
+    """``item[key]`` as checked 1-D int64 token ids (``data[index]`` in the messages)."""
+    if key not in item:
+        raise ValueError(f"data[{index}] has no {key!r} entry")
+    x = item[key]
+    if not isinstance(x, Tensor):
+        x = torch.as_tensor(x, dtype=torch.long) if empty_ok and len(x) == 0 else torch.as_tensor(x)
+    name = f"data[{index}][{key!r}]"
+    _checks.tensor(name, x, ndim=1)
+    if x.numel() == 0 and not empty_ok:
+        raise ValueError(f"{name} must hold at least one token, got an empty sequence")
+    _checks.integer_tokens(name, x, ndim=1)
+    return x.long()
 
 
 class PreferenceDataset(Dataset):
@@ -41,17 +58,7 @@ class PreferenceDataset(Dataset):
         return len(self.data)
 
     def _tokens(self, index: int, key: str, item: Mapping) -> Tensor:
-        if key not in item:
-            raise ValueError(f"data[{index}] has no {key!r} entry")
-        x = item[key]
-        if not isinstance(x, Tensor):
-            x = torch.as_tensor(x)
-        name = f"data[{index}][{key!r}]"
-        _checks.tensor(name, x, ndim=1)
-        if x.numel() == 0:
-            raise ValueError(f"{name} must hold at least one token, got an empty sequence")
-        _checks.integer_tokens(name, x, ndim=1)
-        return x.long()
+        return _tokens(index, key, item)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
         item = self.data[index]
@@ -115,3 +122,94 @@ class PreferenceDataset(Dataset):
             unpreferred.append(self._pad(u, length, f"batch item {i}"))
             prompt.append(torch.cat((m, m.new_zeros(length - len(m)))))
         return torch.stack(preferred), torch.stack(unpreferred), torch.stack(prompt)
+
+
+class KTODataset(Dataset):
+    """Unpaired completions ``(prompt, completion, label)`` for :class:`fastdpo.KTO`.
+
+    Each item of ``data`` is a mapping with ``prompt`` (1-D integer token ids, may be empty),
+    ``completion`` (1-D integer token ids, at least one) and ``label`` (a bool: True for a
+    desirable completion).  ``ds[i]`` returns ``(prompt, completion, label)``: two 1-D int64
+    tensors and a 0-d bool tensor.
+
+    :meth:`collate` makes the mapping ``KTO.forward`` takes (``kto(**batch)``), as TRL 1.16's
+    ``DataCollatorForUnpairedPreference`` does with the KL completions of its
+    ``_prepare_dataset``: ``seq`` (N, L), each prompt followed by its completion, right padded
+    with ``pad_id``; ``prompt_mask`` and ``seq_mask`` (N, L) bool (True on the prompt; True on
+    real tokens); ``label`` (N,) bool; and, with ``kl=True`` (default), the KL sequences
+    ``kl_seq``, ``kl_prompt_mask``, ``kl_seq_mask`` (N, L'): prompt ``i`` followed by
+    completion ``i - 1`` (the completions rotated by +1 within the batch, ``(x_1, y_N), (x_2,
+    y_1), ..., (x_N, y_{N-1})``), padded on their own.  So ``DataLoader(ds, batch_size=B,
+    collate_fn=ds.collate)`` without shuffling makes TRL's KL pairs (TRL rotates within each
+    run of ``per_device_train_batch_size`` examples of its sequential sampler).  A batch of one
+    is its own KL pair (TRL refuses a batch size of 1 for KTO: the KL term then equals the
+    reward).  ``kl=False`` for ``loss_type="apo_zero_unpaired"``, which has no KL term.
+
+    ``max_length``, when set, cuts each prompt + completion (and each KL sequence) to its first
+    ``max_length`` tokens, as TRL's collator.  ``pad_id`` is needed when lengths differ in a
+    batch (a ``ValueError`` otherwise).
+    """
+
+    def __init__(self, data: Sequence[Mapping], *, pad_id: int | None = None, kl: bool = True,
+                 max_length: int | None = None):
+        if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
+            raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
+        if not isinstance(kl, bool):
+            raise TypeError(f"kl must be a bool, got {type(kl).__name__}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 2):
+            raise ValueError(f"max_length must be an int >= 2 or None, got {max_length!r}")
+        self.data, self.pad_id, self.kl, self.max_length = data, pad_id, kl, max_length
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        item = self.data[index]
+        if not isinstance(item, Mapping):
+            raise TypeError(f"data[{index}] must be a mapping, got {type(item).__name__}")
+        prompt = _tokens(index, "prompt", item, empty_ok=True)
+        completion = _tokens(index, "completion", item)
+        if "label" not in item:
+            raise ValueError(f"data[{index}] has no 'label' entry (True for a desirable completion)")
+        label = item["label"]
+        if isinstance(label, Tensor) and label.numel() == 1 and label.dtype == torch.bool:
+            label = bool(label)
+        if not isinstance(label, bool) and type(label).__name__ != "bool_":  # Python's or numpy's bool
+            raise TypeError(f"data[{index}]['label'] must be a bool (True = desirable), got {type(label).__name__}")
+        return prompt, completion, torch.tensor(bool(label))
+
+    def _rows(self, prompts: list[Tensor], completions: list[Tensor], what: str) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, L) ids, prompt mask and sequence mask of prompt + completion rows, right padded."""
+        rows = [torch.cat((p, c))[: self.max_length] for p, c in zip(prompts, completions)]
+        length = max(len(r) for r in rows)
+        if self.pad_id is None and any(len(r) != length for r in rows):
+            raise ValueError(f"{what} of different lengths need padding, but pad_id is None; pass "
+                             "KTODataset(..., pad_id=...)")
+        pad = 0 if self.pad_id is None else self.pad_id
+        seq = torch.full((len(rows), length), pad, dtype=torch.long)
+        prompt_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        seq_mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, (p, r) in enumerate(zip(prompts, rows)):
+            seq[i, : len(r)] = r
+            prompt_mask[i, : min(len(p), len(r))] = True
+            seq_mask[i, : len(r)] = True
+        return seq, prompt_mask, seq_mask
+
+    def collate(self, batch: Sequence[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+        """The mapping ``KTO.forward`` takes, of a list of items (see the class docstring)."""
+        if len(batch) == 0:
+            raise ValueError("collate got an empty batch")
+        for i, entry in enumerate(batch):
+            if not (isinstance(entry, Sequence) and len(entry) == 3 and all(isinstance(x, Tensor) for x in entry)
+                    and entry[0].ndim == 1 and entry[1].ndim == 1 and entry[2].dtype == torch.bool):
+                raise TypeError(f"batch item {i} must be a dataset item (prompt, completion, label) as ds[i] "
+                                f"returns; got {type(entry).__name__}")
+        prompts, completions, labels = zip(*batch)
+        out = dict(zip(("seq", "prompt_mask", "seq_mask"), self._rows(prompts, completions, "sequences")))
+        out["label"] = torch.stack([x.reshape(()) for x in labels])
+        if self.kl:
+            rotated = completions[-1:] + completions[:-1]
+            kl = self._rows(prompts, rotated, "KL sequences")
+            out.update(zip(("kl_seq", "kl_prompt_mask", "kl_seq_mask"), kl))
+        return out

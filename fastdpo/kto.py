@@ -1,0 +1,380 @@
+"""The ``KTO`` module: Kahneman-Tversky optimization on unpaired completions.
+
+A loss family on :class:`fastdpo.preference.PreferenceModule` (the policy, the frozen or
+``peft`` reference, the routes and the fused head's sums come from there); what is KTO's is
+here: its options (:func:`check_kto_config`), its loss (:func:`kto_losses`), its KL baseline
+(:func:`kl_baseline`), its metrics (:func:`kto_metrics`) and the module.  Every route calls
+these functions, so each formula exists once.
+
+Dimensions: N sequences (unpaired: each a prompt and a completion, labelled desirable or
+undesirable), L tokens.
+
+Notation: ``r`` a completion's log-ratio, the policy's score minus the reference's; ``z0`` the
+KL baseline, an estimate of KL(policy || reference) from mismatched (prompt, completion)
+pairs, detached and clamped at 0; ``lambda_D``, ``lambda_U`` the desirable and undesirable
+weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import _checks
+from .batches import Batch, unpaired_batch
+from .preference import PreferenceModule
+
+# TRL 1.16's KTOConfig.loss_type values.
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+__all__ = ["KTO", "KTO_LOSS_TYPES", "KTOConfig", "check_kto_config", "kl_baseline", "kto_losses", "kto_metrics"]
+
+
+@dataclass(frozen=True)
+class KTOConfig:
+    """A checked KTO configuration (:func:`check_kto_config`)."""
+
+    loss_type: str  # one of KTO_LOSS_TYPES
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
+
+    @property
+    def uses_kl(self) -> bool:
+        """Whether the loss has a KL baseline (TRL's ``calculate_KL``: every type but
+        ``apo_zero_unpaired``)."""
+        return self.loss_type != "apo_zero_unpaired"
+
+
+def check_kto_config(
+    loss_type: str = "kto", beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> KTOConfig:
+    """Check KTO's options once; ``TypeError``/``ValueError`` naming the argument.
+
+    ``loss_type``: one of :data:`KTO_LOSS_TYPES`.  ``beta``: finite, > 0.  ``desirable_weight``,
+    ``undesirable_weight``: finite, >= 0 (the paper's lambda_D and lambda_U).
+    """
+    if not isinstance(loss_type, str):
+        raise TypeError(f"loss_type must be a str, one of {KTO_LOSS_TYPES}, got {type(loss_type).__name__}")
+    _checks.choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    beta = _checks.positive_finite("beta", beta)
+    weights = []
+    for name, w in (("desirable_weight", desirable_weight), ("undesirable_weight", undesirable_weight)):
+        w = _checks.real_number(name, w)
+        if w < 0:
+            raise ValueError(f"{name} must be >= 0, got {w!r}")
+        weights.append(w)
+    return KTOConfig(loss_type, beta, *weights)
+
+
+def kto_losses(scores: Tensor, ref_scores: Tensor, label: Tensor, kl: Tensor, cfg: KTOConfig) -> Tensor:
+    """The (N,) weighted per-completion losses (their ``nanmean`` is the loss), as TRL 1.16's
+    ``KTOTrainer`` computes them.
+
+    ``kto`` (Ethayarajh et al. 2024, arXiv 2402.01306, eq. 7, with the constant lambda_y
+    dropped): ``lambda_D * (1 - sigmoid(beta (r - z0)))`` for a desirable completion,
+    ``lambda_U * (1 - sigmoid(beta (z0 - r)))`` for an undesirable one.
+    ``apo_zero_unpaired`` (the unpaired APO-zero of D'Oosterlinck et al. 2024, arXiv
+    2408.06266): ``lambda_D * (1 - sigmoid(beta r))`` and ``lambda_U * sigmoid(beta r)``, no
+    baseline.  ``1 - sigmoid(x)`` is computed as ``sigmoid(-x)`` (exact where the difference
+    would round to 0).
+
+    Args: ``scores``, ``ref_scores`` (N,) the policy's and reference's scores; ``label`` (N,)
+    bool, True for desirable; ``kl`` the 0-d baseline ``z0`` (ignored by
+    ``apo_zero_unpaired``).
+    """
+    r = scores - ref_scores
+    d = cfg.beta * (r - kl) if cfg.uses_kl else cfg.beta * r
+    # Desirable: 1 - sigmoid(d) = sigmoid(-d); undesirable: 1 - sigmoid(-d) = sigmoid(d).
+    losses = torch.sigmoid(torch.where(label, -d, d))
+    weights = torch.where(label, cfg.desirable_weight, cfg.undesirable_weight).to(losses.dtype)
+    return weights * losses
+
+
+def _rank_mean(x: Tensor) -> Tensor:
+    """``x`` averaged over the ranks of the default process group (itself in one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / dist.get_world_size()
+
+
+def kl_baseline(policy_kl: Tensor, ref_kl: Tensor, *, sync: bool = True) -> Tensor:
+    """KTO's baseline ``z0``, detached: ``max(0, mean_n(policy_kl - ref_kl))`` over the (N,)
+    scores of the mismatched KL sequences (the paper's estimate of KL(policy || reference),
+    arXiv 2402.01306 sec. 3.2, as TRL 1.16 computes it).  With ``sync`` and
+    ``torch.distributed`` initialized with several processes, the per-rank means are averaged
+    over the ranks before the clamp (an all-reduce: TRL's ``gather_for_metrics(kl).mean()``)."""
+    kl = (policy_kl.detach().float() - ref_kl.detach().float()).mean()
+    if sync:
+        kl = _rank_mean(kl)
+    return kl.clamp(min=0)
+
+
+def kto_metrics(scores: Tensor, ref_scores: Tensor, label: Tensor, kl: Tensor, beta: float) -> dict[str, Tensor]:
+    """What TRL 1.16's ``KTOTrainer`` logs, detached, but ``logits/*`` (means over logits the
+    fused head never builds) and ``entropy``: ``kl`` (``z0``), ``rewards/chosen`` and
+    ``logps/chosen`` (the sum over the desirable completions of ``beta r`` and of the scores,
+    NaNs skipped, divided by their number), ``rewards/rejected``, ``logps/rejected`` (the same
+    over the undesirable ones), ``rewards/margins`` (chosen minus rejected).  Where TRL logs
+    nothing (no completion of a kind in the batch) the value is NaN.  Per process: TRL divides
+    sums gathered over the ranks by counts gathered over the ranks."""
+    scores, ref_scores = scores.detach().float(), ref_scores.detach().float()
+    rewards = beta * (scores - ref_scores)
+    n_chosen, n_rejected = label.sum(), (~label).sum()
+
+    def average(x: Tensor, keep: Tensor, n: Tensor) -> Tensor:
+        return torch.where(keep, x, 0.0).nansum() / n
+
+    metrics = {
+        "kl": kl.detach().float().reshape(()),
+        "rewards/chosen": average(rewards, label, n_chosen),
+        "rewards/rejected": average(rewards, ~label, n_rejected),
+        "logps/chosen": average(scores, label, n_chosen),
+        "logps/rejected": average(scores, ~label, n_rejected),
+    }
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return metrics
+
+
+def _given_scores(name: str, x: Tensor | None, n: int, like: Tensor) -> Tensor | None:
+    """A precomputed (N,) score vector, checked, as detached float32; None if not given."""
+    if x is None:
+        return None
+    _checks.tensor(name, x, ndim=1)
+    if x.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+    _checks.same_device(seq=like, **{name: x})
+    return x.detach().float()
+
+
+def _check_label(label, n: int, like: Tensor) -> Tensor:
+    if label is None:
+        raise ValueError(
+            "label is required: an (N,) torch.bool tensor, True for a desirable completion and False for an "
+            "undesirable one (KTO's data is unpaired; fastdpo.KTODataset's collate makes it)"
+        )
+    _checks.tensor("label", label, ndim=1)
+    if label.dtype != torch.bool:
+        raise TypeError(f"label must be a torch.bool tensor (True = desirable), got dtype {label.dtype}")
+    if label.shape[0] != n:
+        raise ValueError(f"label must have shape ({n},) (one per sequence of seq), got {tuple(label.shape)}")
+    _checks.same_device(seq=like, label=label)
+    return label
+
+
+def _given_kl(kl, like: Tensor) -> Tensor:
+    """A precomputed KL estimate (a real number or a one-element float tensor) as a detached
+    0-d float32 tensor on ``like``'s device, clamped at 0 as the estimate is."""
+    if isinstance(kl, Tensor):
+        if kl.numel() != 1 or not kl.is_floating_point():
+            raise ValueError(f"kl must be a number or a one-element float tensor, got shape {tuple(kl.shape)} "
+                             f"and dtype {kl.dtype}")
+        value = kl.detach().to(device=like.device, dtype=torch.float32).reshape(())
+    else:
+        value = torch.tensor(_checks.real_number("kl", kl), dtype=torch.float32, device=like.device)
+    return value.clamp(min=0)
+
+
+class KTO(PreferenceModule):
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
+    arXiv 2402.01306) around a model, as TRL 1.16's ``KTOTrainer`` computes it, with its
+    ``apo_zero_unpaired`` variant.
+
+    The data is unpaired: N sequences, each a prompt and a completion labelled desirable or
+    undesirable.  ``loss = nanmean_n(loss_n)`` (:func:`kto_losses`): with ``r_n`` the policy's
+    score minus the reference's, a desirable completion's loss is ``desirable_weight * (1 -
+    sigmoid(beta (r_n - z0)))``, an undesirable one's ``undesirable_weight * (1 -
+    sigmoid(beta (z0 - r_n)))``.  The baseline ``z0`` (:func:`kl_baseline`) estimates
+    KL(policy || reference) from *mismatched* pairs: sequences ``kl_seq`` of each prompt with
+    another example's completion (TRL: the completions rotated by one within the batch, as
+    :meth:`fastdpo.KTODataset.collate` builds them), ``z0 = max(0, mean_n(policy_n -
+    reference_n))`` over their scores, detached; the policy scores them under ``no_grad``.  Or
+    pass ``kl=`` a precomputed estimate.  ``loss_type="apo_zero_unpaired"`` has no baseline.
+
+    Args:
+        model: the policy, as :class:`fastdpo.DPO` takes it (x-transformers, Hugging Face,
+            ``peft``; compiled).  ``ref_model`` is a frozen deep copy, or, for a ``peft``
+            policy, the policy with its adapters disabled (``ref_model`` None), as DPO.
+        beta: > 0, the inverse temperature.
+        desirable_weight, undesirable_weight: >= 0, the paper's lambda_D and lambda_U (eq. 8
+            suggests ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3]).
+        loss_type: ``"kto"`` (default) or ``"apo_zero_unpaired"`` (``1 - sigmoid(beta r)`` for
+            desirable, ``sigmoid(beta r)`` for undesirable completions: no KL sequences, as TRL
+            computes none for it).
+        sync_kl: under ``torch.distributed`` with several processes (DDP), average the per-rank
+            KL estimates over the ranks before the clamp, as TRL does (one all-reduce of a
+            scalar in each ``forward`` that estimates it: every rank must call ``forward`` the
+            same number of times, as DDP requires anyway).  False keeps each rank's estimate.
+        logprob_reduction, mask_alignment: how a sequence's score is made, as
+            :class:`fastdpo.DPO` documents them.  With TRL's ``"sum"`` and ``"target"`` every
+            number is TRL's (its ``completion_mask[:, 1:]`` and summed token log-probs).  With
+            x-transformers' ``"mean"`` and ``"input"`` (the defaults) every score -- of the
+            completions and of the KL sequences, the policy's and the reference's -- is the masked
+            per-token mean with the mask at the input position, and the formulas above are
+            unchanged on those scores (so ``z0`` is a per-token KL estimate).
+        pad_id, head, impl, matmul, inplace_backward: as :class:`fastdpo.DPO`.  The fused head
+            takes the ``"scores"`` route (:func:`fastdpo.linear_sequence_logprobs`): no (N,
+            L-1, V) logits for any of the four scorings.
+        packing: ``"none"`` only (packing is for pair batches).
+
+    Options are checked once, here (:func:`check_kto_config`; the checked configuration is
+    ``self.config``).  Where TRL differs: a batch with no desirable (or no undesirable)
+    completion gives NaN for that kind's metrics where TRL logs none.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        beta: float = 0.1,
+        desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0,
+        loss_type: str = "kto",
+        sync_kl: bool = True,
+        **options,
+    ):
+        config = check_kto_config(loss_type, beta, desirable_weight, undesirable_weight)
+        if not isinstance(sync_kl, bool):
+            raise TypeError(f"sync_kl must be a bool, got {type(sync_kl).__name__}")
+        if options.get("packing", "none") != "none" or options.get("share_prompt", False):
+            raise ValueError(
+                f"packing must be 'none' for KTO (packing lays out pairs; KTO's sequences are unpaired), got "
+                f"packing={options.get('packing', 'none')!r}, share_prompt={options.get('share_prompt', False)!r}"
+            )
+        super().__init__(model, reference=True, pair_ok=False, **options)
+        self.config, self.sync_kl = config, sync_kl
+        self.beta, self.loss_type = config.beta, config.loss_type
+        self.desirable_weight, self.undesirable_weight = config.desirable_weight, config.undesirable_weight
+
+    def _unpaired(self, seq, prompt_mask, seq_mask, prefix: str = "") -> Batch:
+        names = (f"{prefix}seq", f"{prefix}prompt_mask", f"{prefix}seq_mask")
+        return unpaired_batch(
+            lambda dev: self.route(self.policy_model, dev).adapter, seq, prompt_mask, seq_mask,
+            pad_id=self.pad_id, alignment=self.mask_alignment, names=names,
+        )
+
+    def _batches(self, seq, prompt_mask, seq_mask, kl_seq, kl_prompt_mask, kl_seq_mask) -> tuple[Batch, Batch | None]:
+        """The checked batch of ``seq`` and, when ``kl_seq`` is given, of the KL sequences."""
+        batch = self._unpaired(seq, prompt_mask, seq_mask)
+        if kl_seq is None:
+            if kl_prompt_mask is not None or kl_seq_mask is not None:
+                raise ValueError("kl_prompt_mask and kl_seq_mask go with kl_seq, which is not given")
+            return batch, None
+        if kl_prompt_mask is None:
+            raise ValueError("kl_seq needs its kl_prompt_mask (True on the prompt positions of kl_seq)")
+        kl_batch = self._unpaired(kl_seq, kl_prompt_mask, kl_seq_mask, "kl_")
+        if kl_seq.shape[0] != seq.shape[0]:
+            raise ValueError(f"kl_seq must hold one sequence per sequence of seq ({seq.shape[0]}), got {kl_seq.shape[0]}")
+        return batch, kl_batch
+
+    def _reference_scores(self, batch: Batch, kl_batch: Batch | None) -> tuple[Tensor, Tensor | None]:
+        """The reference's (N,) scores of ``batch`` and of ``kl_batch`` (each body scored, and
+        its logits freed, before the next runs)."""
+        scores = self._scores(self._reference_body(batch), batch)
+        kl = self._scores(self._reference_body(kl_batch), kl_batch) if kl_batch is not None else None
+        return scores, kl
+
+    def forward(
+        self,
+        seq: Tensor,
+        *,
+        prompt_mask: Tensor,
+        label: Tensor | None = None,
+        seq_mask: Tensor | None = None,
+        kl_seq: Tensor | None = None,
+        kl_prompt_mask: Tensor | None = None,
+        kl_seq_mask: Tensor | None = None,
+        ref_logprob: Tensor | None = None,
+        ref_kl_logprob: Tensor | None = None,
+        kl: float | Tensor | None = None,
+        return_metrics: bool = False,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """The KTO loss of N unpaired completions.
+
+        Args:
+            seq: (N, L) token ids, prompt followed by completion, right padded.
+            prompt_mask: (N, L) bool, True on prompt positions (not scored).
+            label: (N,) bool, True for a desirable completion (required; batches may be all
+                desirable or all undesirable).
+            seq_mask: (N, L) bool, True on real tokens; default ``seq != pad_id`` when
+                ``pad_id`` was given, else all True.
+            kl_seq, kl_prompt_mask, kl_seq_mask: the KL sequences (N, L') and their masks:
+                each prompt with a mismatched completion (:meth:`fastdpo.KTODataset.collate`
+                rotates the completions by one, as TRL).  For ``loss_type="kto"`` give these or
+                ``kl``; ``apo_zero_unpaired`` takes neither.
+            ref_logprob, ref_kl_logprob: precomputed (N,) reference scores of ``seq`` and of
+                ``kl_seq`` (:meth:`reference_scores`, in this module's conventions); given
+                (both, when ``kl_seq`` is), the reference model is not run.
+            kl: a precomputed KL baseline instead of ``kl_seq``: a real number or a
+                one-element float tensor, used detached and clamped at 0 (not averaged over
+                ranks).  ``kl=0.0`` is KTO without a baseline.
+            return_metrics: also return the detached metrics of :func:`kto_metrics` (``kl``,
+                ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``, ``logps/chosen``,
+                ``logps/rejected``; ``kl`` is 0 for ``apo_zero_unpaired``).
+
+        Without gradients (``torch.no_grad()``, ``torch.inference_mode()``) every scoring is
+        forward only.  The policy keeps its train/eval mode for both of its passes; the
+        reference runs in eval mode.
+        """
+        batch, kl_batch = self._batches(seq, prompt_mask, seq_mask, kl_seq, kl_prompt_mask, kl_seq_mask)
+        n = seq.shape[0]
+        label = _check_label(label, n, seq)
+        if not self.config.uses_kl and (kl_batch is not None or kl is not None or ref_kl_logprob is not None):
+            raise ValueError(
+                f"loss_type={self.loss_type!r} has no KL baseline: pass no kl_seq, kl or ref_kl_logprob "
+                f"(KTODataset(..., kl=False) makes no KL sequences)"
+            )
+        if self.config.uses_kl and (kl_batch is None) == (kl is None):
+            raise ValueError(
+                "loss_type='kto' needs its KL baseline from exactly one of kl_seq (with kl_prompt_mask: the "
+                "mismatched sequences KTODataset's collate builds) or kl (a precomputed estimate; kl=0.0 for none)"
+                + ("; both were given" if kl is not None else "")
+            )
+        ref_scores = _given_scores("ref_logprob", ref_logprob, n, seq)
+        ref_kl = _given_scores("ref_kl_logprob", ref_kl_logprob, n, seq)
+        if ref_kl is not None and (ref_scores is None or kl_batch is None):
+            raise ValueError("ref_kl_logprob goes with ref_logprob and kl_seq")
+        if ref_scores is not None and kl_batch is not None and ref_kl is None:
+            raise ValueError("with ref_logprob and kl_seq, give ref_kl_logprob too (reference_scores returns both)")
+        if ref_scores is None:
+            ref_scores, ref_kl = self._reference_scores(batch, kl_batch)
+        if kl_batch is not None:
+            with torch.no_grad():
+                policy_kl = self._scores(self.scorer.body(self.policy_model, kl_batch), kl_batch)
+            z0 = kl_baseline(policy_kl, ref_kl, sync=self.sync_kl)
+        elif kl is not None:
+            z0 = _given_kl(kl, seq)
+        else:
+            z0 = torch.zeros((), dtype=torch.float32, device=seq.device)
+        sums = self._policy_sums(batch)[0]
+        scores = sums / batch.count if self.logprob_reduction == "mean" else sums
+        loss = kto_losses(scores, ref_scores, label, z0, self.config).nanmean()
+        if not return_metrics:
+            return loss
+        return loss, kto_metrics(scores, ref_scores, label, z0, self.beta)
+
+    @torch.no_grad()
+    def reference_scores(
+        self,
+        seq: Tensor,
+        *,
+        prompt_mask: Tensor,
+        seq_mask: Tensor | None = None,
+        kl_seq: Tensor | None = None,
+        kl_prompt_mask: Tensor | None = None,
+        kl_seq_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The reference model's (N,) scores of ``seq`` and of ``kl_seq`` (None without it),
+        to pass back to :meth:`forward` as ``ref_logprob`` and ``ref_kl_logprob``; arguments as
+        :meth:`forward`, scores in this module's ``logprob_reduction`` and ``mask_alignment``.
+        The KL sequences' scores belong to their batch (each pairs a prompt with a neighbour's
+        completion): precompute them over the batches training will see, in the same order."""
+        batch, kl_batch = self._batches(seq, prompt_mask, seq_mask, kl_seq, kl_prompt_mask, kl_seq_mask)
+        return self._reference_scores(batch, kl_batch)
