@@ -250,14 +250,18 @@ def test_aot_on_the_pair_op_takes_the_batch_as_one_group(kind):
     ref = (-0.5 * s + 0.1 * torch.randn(n2, generator=g, dtype=torch.float64)).float().detach()
     cfg = check_loss_config(kind, 0.5, 0.1)
 
-    def run(group_bytes):
-        opts = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="sum", loss=cfg, group_bytes=group_bytes)
+    def run(group_bytes, chunk_bytes=0):
+        opts = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="sum", loss=cfg,
+                           group_bytes=group_bytes, chunk_bytes=chunk_bytes)
         loss, *_ = dpo_head(hidden, weight, targets, mask, count, opts, ref_scores=ref)
         return (loss, *torch.autograd.grad(loss, (hidden, weight)))
 
-    tight, kept = run(1), run(1 << 30)
-    for a, b in zip(tight, kept):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    kept = run(1 << 30)
+    assert mask.sum() > 20
+    # every row recomputed; 16 rows kept (20 rows' budget less a 4-row chunk), the rest recomputed
+    for other in (run(1), run(20 * V * 4, 4 * V * 4)):
+        for a, b in zip(other, kept):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     r = ref.double()
     want = truth(kind, s[:4], s[4:], r[:4], r[4:], beta=0.5, eps=0.1).mean()
     torch.testing.assert_close(kept[0].double(), want, rtol=2e-6, atol=0)
