@@ -9,6 +9,11 @@ first, :meth:`PreferenceModule._reference_body`, then the policy's,
 lives everything else: the policy, the frozen reference copy (or a ``peft`` policy's adapters
 switched off), the routes, the checked and possibly packed batch, ``parameters()``.
 
+What is pair-specific here says so (:meth:`PreferenceModule._batch`,
+:meth:`PreferenceModule._token_metrics`); the rest works on any N sequences, so a family on
+unpaired data (KTO: N labelled sequences, plus a KL batch of mismatched prompts and
+completions, a second batch through the same bodies and sums) needs only its own batch builder.
+
 Dimensions: B pairs, N sequences (2B for a pair batch: the B chosen, then the B rejected), T
 positions.
 """

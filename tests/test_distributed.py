@@ -207,6 +207,43 @@ def _fsdp_scenario(rank: int, case: str, res: dict) -> None:
         res["where"] = traceback.format_exc(limit=-3)
 
 
+# The reference-free families on DPO's machinery: x-transformers, fused head ("scores" route).
+FAMILY_CASES = ("orpo", "cpo-simpo")
+
+
+def make_family(case: str):
+    """The same ORPO or CPO on every rank and in the single-process reference (seeded weights,
+    moved off their init as make_dpo does)."""
+    from fastdpo import CPO, ORPO
+
+    model = make_model("x-transformers")
+    module = ORPO(model, pad_id=0) if case == "orpo" else CPO(model, pad_id=0, loss_type="simpo", beta=2.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.policy_model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return module
+
+
+def _family_scenario(rank: int, case: str, res: dict, fsdp: bool) -> None:
+    """One step under DDP, then (when FSDP2 imports) one under fully_shard, on this rank's half."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    pref, unpref, prompt_mask = make_batch()
+    half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+    module = make_family(case)
+    DDP(module)(pref[half], unpref[half], prompt_mask=prompt_mask[half]).backward()
+    res["ddp_grads"] = policy_grads(module)
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        module = make_family(case)
+        shard(module.policy_model, "x-transformers", init_device_mesh("cpu", (WORLD,)), frozen=False, mp=False)
+        module(pref[half], unpref[half], prompt_mask=prompt_mask[half]).backward()
+        res["fsdp_grads"] = policy_grads(module)
+        res["fsdp_route"] = module.route(module.policy_model, "cpu").kind
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
@@ -227,6 +264,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             for case in FSDP_CASES:
                 results["fsdp"][case] = {}
                 _fsdp_scenario(rank, case, results["fsdp"][case])
+        results["families"] = {}
+        for case in FAMILY_CASES:
+            results["families"][case] = {}
+            _family_scenario(rank, case, results["families"][case], fsdp=results["fsdp_import"] == "ok")
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -383,3 +424,28 @@ def test_fsdp2_ranks_agree(job):
     for case in FSDP_CASES:
         g0, g1 = job[0]["fsdp"][case]["grads"], job[1]["fsdp"][case]["grads"]
         assert all(torch.equal(g0[n], g1[n]) for n in g0), case
+
+
+# ----------------------------------------------------------------------------- ORPO, CPO
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES)
+def test_families_under_ddp_and_fsdp2(job, case):
+    """ORPO and CPO reuse DPO's machinery under data parallelism: each rank's loss is its own
+    half's (the NLL a token mean over that half, as TRL's per-process loss), and DDP and
+    FSDP2 average the gradients: the mean of one process's gradients on each half, on every
+    rank, bit-for-bit the same on both."""
+    pref, unpref, prompt_mask = make_batch()
+    want = {}
+    for rank in range(WORLD):
+        half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+        module = make_family(case)
+        module(pref[half], unpref[half], prompt_mask=prompt_mask[half]).backward()
+        for name, g in policy_grads(module).items():
+            want[name] = want.get(name, 0) + g / WORLD
+    for key in ("ddp_grads", "fsdp_grads"):
+        for rank, res in enumerate(job):
+            assert_grads_match(res["families"][case][key], want, f"{key} {case} rank {rank}")
+        g0, g1 = (res["families"][case][key] for res in job)
+        assert all(torch.equal(g0[n], g1[n]) for n in g0), key
+    assert all(res["families"][case]["fsdp_route"] == "scores" for res in job)
