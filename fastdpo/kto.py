@@ -200,7 +200,7 @@ class KTO(PreferenceModule):
 
     Args:
         model: the policy, as :class:`fastdpo.DPO` takes it (x-transformers, Hugging Face,
-            ``peft``; compiled).  ``ref_model`` is a frozen deep copy, or, for a ``peft``
+            ``peft``).  ``ref_model`` is a frozen deep copy, or, for a ``peft``
             policy, the policy with its adapters disabled (``ref_model`` None), as DPO.
         beta: > 0, the inverse temperature.
         desirable_weight, undesirable_weight: >= 0, the paper's lambda_D and lambda_U (eq. 8
