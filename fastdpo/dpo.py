@@ -25,7 +25,7 @@ from .losses import SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics
 from .models import adapter_for, adapters_disabled, check_wrappers, peft_model
 from .batches import Batch, given_reference_scores, pair_batch, plan_packing
 from .scoring import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
-from .weighting import ld_weighted, wpo_weights
+from .weighting import check_ld_alpha, check_use_weighting, ld_weighted, wpo_weights
 
 
 def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
@@ -190,10 +190,12 @@ class DPO(nn.Module):
         self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
         # Checks beta too (the one place it is checked).
         self.loss = check_loss_config(
-            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
-            ld_alpha=ld_alpha, use_weighting=use_weighting,
+            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta
         )
         self.beta = self.loss.beta
+        # Read by the scoring, not by the loss of a pair's four scores (fastdpo.weighting).
+        self.ld_alpha = check_ld_alpha(ld_alpha)
+        self.use_weighting = check_use_weighting(use_weighting, self.loss.loss_type)
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
             raise ValueError(
                 "loss_type 'sigmoid_norm' length-normalizes summed log-probs: it needs "
@@ -202,7 +204,7 @@ class DPO(nn.Module):
         # A pair's loss depends on its own scores only, except with BCO's batch shift.
         pair_ok = not ("bco_pair" in self.loss.loss_type and isinstance(self.loss.bco_delta, str))
         self.scorer = Scorer(head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok,
-                             sq=self.loss.use_weighting)
+                             sq=self.use_weighting)
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward
         if not isinstance(share_prompt, bool):
@@ -272,7 +274,7 @@ class DPO(nn.Module):
         )
         if batch.packed is not None:
             self._packing_checked.add(device)
-        return ld_weighted(batch, self.loss.ld_alpha, self.logprob_reduction)
+        return ld_weighted(batch, self.ld_alpha, self.logprob_reduction)
 
     def _reference_body(self, batch: Batch) -> Body | None:
         """The reference model's body of ``batch`` (None without a reference model)."""
@@ -342,6 +344,7 @@ class DPO(nn.Module):
                 impl=policy.route.impl, scale=policy.route.head.scale,
                 ref_scale=ref.route.head.scale if ref is not None else None,
                 reduction=self.logprob_reduction, loss=self.loss, count_hits=return_metrics,
+                use_weighting=self.use_weighting,
             )
             loss, sums, ref_scores, hits = run_dpo_head(
                 policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,
@@ -350,7 +353,7 @@ class DPO(nn.Module):
                 token_weights=batch.token_weights,
             )
         else:
-            sq = self.loss.use_weighting
+            sq = self.use_weighting
             sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, sq=sq)
             pair_w = None
             if sq:  # WPO, from the scores themselves when unweighted (wpo_weights detaches them)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from . import _checks, weighting
+from . import _checks
 
 # Order is documentation order; the names are TRL's ``DPOConfig.loss_type`` names (plus
 # ``simpo``, which TRL keeps in its CPO trainer).
@@ -61,10 +61,6 @@ class LossConfig:
     loss_weights: tuple[float, ...]
     gamma: float
     bco_delta: float | str | Tensor
-    # Read by the scoring, not by the loss of four scores (fastdpo.weighting): LD-DPO's tail
-    # weight, and whether WPO weighs the pairs (the fused head then folds log sum_v p_v^2 too).
-    ld_alpha: float | None = None
-    use_weighting: bool = False
 
     @property
     def needs_reference(self) -> bool:
@@ -89,8 +85,6 @@ def check_loss_config(
     *,
     gamma: float = SIMPO_GAMMA,
     bco_delta: float | str | Tensor = 0.0,
-    ld_alpha: float | None = None,
-    use_weighting: bool = False,
 ) -> LossConfig:
     """Check the non-tensor loss options once (e.g. in a module's ``__init__``).
 
@@ -106,8 +100,6 @@ def check_loss_config(
     - ``loss_weights``: ``None`` (all 1) or one finite weight >= 0 per type, not all 0.
     - ``gamma``: finite, >= 0 (SimPO's target margin).
     - ``bco_delta``: a finite float, ``"batch"``, or a 0-D/1-D floating tensor.
-    - ``ld_alpha``: ``None`` or in [0, 1]; ``use_weighting``: a bool, not with the types that
-      sort a batch (``NotImplementedError``, as TRL).  See :mod:`fastdpo.weighting`.
     """
     if isinstance(loss_type, str):
         types = (loss_type,)
@@ -177,6 +169,4 @@ def check_loss_config(
     else:
         bco_delta = _checks.real_number("bco_delta", bco_delta)
 
-    ld_alpha = weighting.check_ld_alpha(ld_alpha)
-    use_weighting = weighting.check_use_weighting(use_weighting, types)
-    return LossConfig(types, beta, eps, weights, gamma, bco_delta, ld_alpha, use_weighting)
+    return LossConfig(types, beta, eps, weights, gamma, bco_delta)
