@@ -20,7 +20,7 @@ from .losses import (
 )
 from .preference import PreferenceModule, deepcopy_module, frozen_copy
 from .scoring import Body
-from .weighting import ld_weighted, wpo_weights
+from .weighting import check_ld_alpha, check_use_weighting, ld_weighted, wpo_weights
 
 __all__ = ["DPO", "deepcopy_module", "frozen_copy", "precompute_reference_scores"]
 
@@ -149,8 +149,20 @@ class DPO(PreferenceModule):
         loss = check_loss_config(
             loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef, ld_alpha=ld_alpha, use_weighting=use_weighting,
+            f_alpha_divergence_coef=f_alpha_divergence_coef,
         )
+        # Read by the scoring, not by the loss of a pair's four scores (fastdpo.weighting).
+        ld_alpha = check_ld_alpha(ld_alpha)
+        use_weighting = check_use_weighting(use_weighting, loss.loss_type)
+        if "sft" in loss.loss_type and (use_weighting or ld_alpha is not None):
+            # TRL's SFT term is the mean of the chosen tokens' plain log-probs, and WPO multiplies
+            # that one batch-level number by every pair's weight: neither is a function of the
+            # LD-weighted per-pair sums the other types read.
+            raise NotImplementedError(
+                "loss_type 'sft' with ld_alpha or use_weighting=True is not supported: TRL's SFT term "
+                "reads the unweighted token log-probs (and WPO scales it by the mean pair weight); "
+                "drop 'sft' or those options"
+            )
         reference_free = bool(reference_free)
         # A pair's loss depends on its own scores only, except with BCO's batch shift.
         pair_ok = not ("bco_pair" in loss.loss_type and isinstance(loss.bco_delta, str))
@@ -158,9 +170,10 @@ class DPO(PreferenceModule):
             model, reference=loss.needs_reference and not reference_free, pair_ok=pair_ok, pad_id=pad_id,
             logprob_reduction=logprob_reduction, mask_alignment=mask_alignment, head=head, impl=impl,
             matmul=matmul, inplace_backward=inplace_backward, packing=packing, pack_length=pack_length,
-            pack_attention=pack_attention, share_prompt=share_prompt, sq=loss.use_weighting,
+            pack_attention=pack_attention, share_prompt=share_prompt, sq=use_weighting,
         )
         self.loss, self.beta, self.reference_free = loss, loss.beta, reference_free
+        self.ld_alpha, self.use_weighting = ld_alpha, use_weighting
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
             raise ValueError(
                 "loss_type 'sigmoid_norm' length-normalizes summed log-probs: it needs "
@@ -173,7 +186,7 @@ class DPO(PreferenceModule):
         """The checked pair batch (:meth:`PreferenceModule._batch`) with LD-DPO's token weights
         when ``ld_alpha`` is set (:func:`fastdpo.weighting.ld_weighted`)."""
         batch = super()._batch(preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask)
-        return ld_weighted(batch, self.loss.ld_alpha, self.logprob_reduction)
+        return ld_weighted(batch, self.ld_alpha, self.logprob_reduction)
 
     def forward(
         self,
@@ -226,7 +239,7 @@ class DPO(PreferenceModule):
         if joint:
             loss, sums, ref_scores, hits = self._pair_op(batch, ref, ref_scores, return_metrics)
         else:
-            sq = self.loss.use_weighting
+            sq = self.use_weighting
             policy = self.scorer.body(self.policy_model, batch)
             sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, sq=sq)
             pair_w = None
@@ -246,6 +259,7 @@ class DPO(PreferenceModule):
             impl=policy.route.impl, scale=policy.route.head.scale,
             ref_scale=ref.route.head.scale if ref is not None else None,
             reduction=self.logprob_reduction, loss=self.loss, count_hits=count_hits,
+            use_weighting=self.use_weighting,
         )
         return run_dpo_head(
             policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,

@@ -14,7 +14,7 @@ it.  Only counted rows are multiplied.  The elementwise work is a fold of
 :mod:`fastdpo.chunks` (torch on CPU, Triton kernels on CUDA), the products are ``torch.mm``.
 
 LD-DPO's token weights (a tensor input) weigh each row's log-prob in its sequence's sum and its
-gradient; with WPO (``opts.loss.use_weighting``) the fold also returns each policy row's ``log
+gradient; with WPO (``opts.use_weighting``) the fold also returns each policy row's ``log
 sum_v p_v^2``, and each group's pair weights (:func:`fastdpo.weighting.wpo_weights`) multiply
 its losses before their gradient is taken (:mod:`fastdpo.weighting`).
 
@@ -54,6 +54,7 @@ class HeadOptions:
     reduction: str  # the DPO module's logprob_reduction: "mean" | "sum"
     loss: LossConfig
     count_hits: bool = False  # count scored positions whose target is the argmax (metrics)
+    use_weighting: bool = False  # WPO: fold the policy's log sum_v p_v^2, weight each pair's loss
     chunk_bytes: int = 0  # 0: the device's default, fastdpo.chunks.chunk_bytes
     group_bytes: int = 0  # 0: the device's default, fastdpo.chunks.group_bytes
 
@@ -221,7 +222,7 @@ def dpo_head_impl(
     elif ref_scores is None:  # reference-free: a zero reference
         ref_scores = torch.zeros(n2, dtype=torch.float32, device=dev)
     cfg = opts.loss
-    sq = cfg.use_weighting  # WPO: the policy's log sum_v p_v^2 per row, folded with its log-probs
+    sq = opts.use_weighting  # WPO: the policy's log sum_v p_v^2 per row, folded with its log-probs
     tokens = mask.sum(-1) if sq else None
     h = plan.take(hidden)
     hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
@@ -431,7 +432,7 @@ def dpo_head(
         targets: (2B, T) int64 ids, mask: (2B, T) bool (True = the position is scored),
             count: (2B,) float scored-token counts (clamped, as the DPO module makes them).
         opts: :class:`HeadOptions` (impl, scales, the loss -- a tensor ``bco_delta`` in it
-            travels as a tensor --, budgets).  With ``opts.loss.use_weighting`` each pair's loss
+            travels as a tensor --, budgets).  With ``opts.use_weighting`` each pair's loss
             is weighted by WPO (:func:`fastdpo.weighting.wpo_weights`), the policy's ``log
             sum_v p_v^2`` folded with its log-probs.
         ref_hidden, ref_weight: the reference model's hidden states and head weight, scored

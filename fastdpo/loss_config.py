@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from . import _checks, weighting
+from . import _checks
 
 # Order is documentation order; the names are TRL's ``DPOConfig.loss_type`` names (plus
 # ``simpo``, which TRL keeps in its CPO trainer).
@@ -83,10 +83,6 @@ class LossConfig:
     discopop_tau: float = DISCOPOP_TAU
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF
-    # Read by the scoring, not by the loss of four scores (fastdpo.weighting): LD-DPO's tail
-    # weight, and whether WPO weighs the pairs (the fused head then folds log sum_v p_v^2 too).
-    ld_alpha: float | None = None
-    use_weighting: bool = False
 
     @property
     def needs_reference(self) -> bool:
@@ -123,8 +119,6 @@ def check_loss_config(
     discopop_tau: float = DISCOPOP_TAU,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
-    ld_alpha: float | None = None,
-    use_weighting: bool = False,
 ) -> LossConfig:
     """Check the non-tensor loss options once (e.g. in a module's ``__init__``).
 
@@ -145,9 +139,6 @@ def check_loss_config(
       with types among ``sigmoid``, ``sigmoid_norm``, ``hinge``, ``ipo``, ``exo_pair``,
       ``robust``, ``discopop``, ``sft`` (TRL's list: the others have no f-DPO form).
     - ``f_alpha_divergence_coef``: finite.
-    - ``ld_alpha``: ``None`` or in [0, 1]; ``use_weighting``: a bool, not with the types that
-      sort a batch (``NotImplementedError``, as TRL); neither with ``sft``
-      (``NotImplementedError``: TRL's SFT term reads the unweighted log-probs).  See :mod:`fastdpo.weighting`.
     """
     if isinstance(loss_type, str):
         types = (loss_type,)
@@ -227,15 +218,4 @@ def check_loss_config(
             f"with them"
         )
     alpha = _checks.real_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    ld_alpha = weighting.check_ld_alpha(ld_alpha)
-    use_weighting = weighting.check_use_weighting(use_weighting, types)
-    if "sft" in types and (use_weighting or ld_alpha is not None):
-        # TRL's SFT term is the mean of the chosen tokens' plain log-probs, and WPO multiplies
-        # that one batch-level number by every pair's weight: neither is a function of the
-        # LD-weighted per-pair sums the other types read.
-        raise NotImplementedError(
-            "loss_type 'sft' with ld_alpha or use_weighting=True is not supported: TRL's SFT term "
-            "reads the unweighted token log-probs (and WPO scales it by the mean pair weight); "
-            "drop 'sft' or those options"
-        )
-    return LossConfig(types, beta, eps, weights, gamma, bco_delta, tau, f, alpha, ld_alpha, use_weighting)
+    return LossConfig(types, beta, eps, weights, gamma, bco_delta, tau, f, alpha)

@@ -164,14 +164,15 @@ def test_dpo_head_custom_op_passes_opcheck():
     count = mask.sum(-1).clamp(min=1e-5).float()
     ref_hidden = torch.randn(4, 5, 8, generator=g)
     op = torch.ops.fastdpo.dpo_head.default
-    losses = (check_loss_config("sigmoid", 0.1), check_loss_config(["ipo", "bco_pair"], 0.2, bco_delta=torch.randn(2, generator=g)),
-              check_loss_config("sigmoid", 0.1, ld_alpha=0.5, use_weighting=True))
+    losses = (check_loss_config("sigmoid", 0.1), check_loss_config(["ipo", "bco_pair"], 0.2, bco_delta=torch.randn(2, generator=g)))
     for fold in ("torch", "triton"):
         for loss in losses:
-            opts = to_op_args(HeadOptions(impl=fold, scale=None, ref_scale=0.5, reduction="mean", loss=loss, count_hits=True))
-            w = torch.rand(4, 5, generator=g) if loss.ld_alpha is not None else None  # LD-DPO's token weights
-            torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, ref_hidden, weight.detach(), None, *opts, True, True))
-            torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, None, None, torch.randn(4), *opts, False, False))
+            for weighted in (False, True):  # with LD-DPO's token weights and WPO's pair weights, or neither
+                opts = to_op_args(HeadOptions(impl=fold, scale=None, ref_scale=0.5, reduction="mean", loss=loss,
+                                              count_hits=True, use_weighting=weighted))
+                w = torch.rand(4, 5, generator=g) if weighted else None
+                torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, ref_hidden, weight.detach(), None, *opts, True, True))
+                torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, None, None, torch.randn(4), *opts, False, False))
 
 
 def test_dpo_head_schema_is_derived_from_head_options():
@@ -192,9 +193,9 @@ def test_dpo_head_schema_is_derived_from_head_options():
     assert names == expected + ["need_hidden", "need_weight"]
     delta = torch.tensor([0.3, -0.1])
     for loss in (check_loss_config(["sigmoid", "ipo"], 0.3, 0.1, [1.0, 2.0]), check_loss_config("bco_pair", bco_delta=delta),
-                 check_loss_config("bco_pair", bco_delta=0.25), check_loss_config(ld_alpha=0.25, use_weighting=True)):
+                 check_loss_config("bco_pair", bco_delta=0.25)):
         opts = HeadOptions(impl="triton", scale=0.5, ref_scale=None, reduction="sum", loss=loss, count_hits=True,
-                           chunk_bytes=123, group_bytes=456)
+                           use_weighting=True, chunk_bytes=123, group_bytes=456)
         back = from_op_args(to_op_args(opts))
         assert back.loss.bco_delta is loss.bco_delta or back.loss.bco_delta == loss.bco_delta
         assert dataclasses.replace(back, loss=dataclasses.replace(back.loss, bco_delta=0)) == dataclasses.replace(

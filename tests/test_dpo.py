@@ -92,7 +92,7 @@ def routes(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(dpo_module, "run_dpo_head", spy("fused", dpo_module.run_dpo_head))
-    monkeypatch.setattr(ops_module, "sequence_logprobs", spy("logits", ops_module.sequence_logprobs))
+    monkeypatch.setattr(ops_module, "run_logprobs", spy("logits", ops_module.run_logprobs))
     return seen
 
 

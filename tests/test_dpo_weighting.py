@@ -324,6 +324,19 @@ def test_mean_edge_lengths(lengths, alpha):
         assert torch.equal(got[0], want[0]) and all(torch.equal(got[1][k], want[1][k]) for k in want[1])
 
 
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_evaluation_gives_the_training_loss(head):
+    """Without gradients the pair op scores forward only (its other branch): same loss."""
+    opts = dict(ld_alpha=0.4, use_weighting=True)
+    dpo = make_dpo("llama", head=head, **TRL, **opts)
+    batch = make_batch()
+    pref, unpref, pm, pmask, umask = batch
+    with torch.no_grad():
+        loss = dpo(pref, unpref, prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
+    want = trl_reference(dpo, batch, **opts)[0]
+    assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
+
+
 def test_bfloat16_model():
     opts = dict(ld_alpha=0.4, use_weighting=True)
     dpo = DPO(xt().to(torch.bfloat16), head="fused", **TRL, **opts)
@@ -434,7 +447,7 @@ def test_wpo_weight_of_an_underflowing_completion_is_zero_not_nan(impl):
     with torch.no_grad():
         for i, (r, m) in enumerate(zip(dpo.ref_model.table[bt.src], bt.mask)):
             ref_scores[i] = (r.log_softmax(-1).gather(-1, bt.tgt[i, :, None]).squeeze(-1) * m).sum()
-    opts_op = HeadOptions(impl=impl, scale=None, ref_scale=None, reduction="sum", loss=dpo.loss)
+    opts_op = HeadOptions(impl=impl, scale=None, ref_scale=None, reduction="sum", loss=dpo.loss, use_weighting=True)
     op_loss, *_ = dpo_head(hidden, weight, bt.tgt, bt.mask, bt.count, opts_op, ref_scores=ref_scores)
     op_loss.backward()
     assert abs(op_loss.item() - want[0].item()) <= 1e-6 * want[0].item()
@@ -589,8 +602,8 @@ def test_option_types_are_named():
         DPO(model_for_checks(), ld_alpha=True)
     with pytest.raises(TypeError, match="use_weighting"):
         DPO(model_for_checks(), use_weighting=1)
-    assert DPO(model_for_checks(), ld_alpha=0).loss.ld_alpha == 0.0
-    assert DPO(model_for_checks(), ld_alpha=1).loss.ld_alpha == 1.0
+    assert DPO(model_for_checks(), ld_alpha=0).ld_alpha == 0.0
+    assert DPO(model_for_checks(), ld_alpha=1).ld_alpha == 1.0
 
 
 def test_wpo_with_sorting_losses_is_refused_as_trl_refuses_it():

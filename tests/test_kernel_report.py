@@ -91,7 +91,7 @@ def test_row_failure_rules():
 def test_reexecs_itself_out_of_interpret_mode():
     rc, report = run_report("--vocab", "2000", interpret=True)
     assert rc == 0 and report["ok"]
-    assert len(report["kernels"]) == 3 * 3 * 2
+    assert len(report["kernels"]) == 4 * 3 * 2  # fwd, fwd+ref, fwd+sq, bwd; 3 dtypes; 2 targets
     assert all(r["V"] == 2000 and r["vectorized"] for r in report["kernels"])
 
 
