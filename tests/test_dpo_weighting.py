@@ -618,6 +618,17 @@ def test_wpo_with_sorting_losses_is_refused_as_trl_refuses_it():
                 DPO(model_for_checks(), loss_type=t, use_weighting=True)
 
 
+def test_sft_with_ld_alpha_or_wpo_is_refused_by_name():
+    """TRL's 'sft' term is the batch mean of the chosen tokens' plain log-probs, and WPO scales
+    that one number by every pair's weight: neither follows from the LD-weighted per-pair sums
+    the other types read, so the combinations are refused rather than computed differently."""
+    for kwargs in (dict(use_weighting=True), dict(ld_alpha=0.5), dict(ld_alpha=1.0)):
+        with pytest.raises(NotImplementedError, match="'sft' with ld_alpha or use_weighting"):
+            DPO(model_for_checks(), loss_type=["sigmoid", "sft"], **kwargs)
+    DPO(model_for_checks(), loss_type=["sigmoid", "sft"])  # each alone is fine
+    DPO(model_for_checks(), loss_type="sigmoid", use_weighting=True, ld_alpha=0.5)
+
+
 def test_wpo_refuses_the_triton_gemm_and_auto_routes_around_it():
     with pytest.raises(ValueError, match="matmul='triton'.*use_weighting"):
         DPO(model_for_checks(), use_weighting=True, impl="triton", matmul="triton")
