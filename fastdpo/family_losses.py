@@ -10,8 +10,8 @@ reward metrics, and the reference-free shape of the loss (a pair term on the pol
 plus a weighted NLL), which is also where a third such family would go.
 
 Notation: ``x_w``, ``x_l`` the policy's scores of the chosen and rejected completions (ORPO:
-per-token mean log-probs; CPO: see :func:`check_cpo_config`), ``S_w`` a chosen sequence's summed
-log-probs over the tokens the NLL counts and ``n_w`` their number.
+per-token mean log-probs; CPO: means or sums, see :class:`fastdpo.CPO`), ``S_w`` a chosen
+sequence's summed log-probs over the tokens the NLL counts and ``n_w`` their number.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def orpo_metrics(chosen: Tensor, rejected: Tensor, nll: Tensor, ratio: Tensor, l
 
 
 @dataclass(frozen=True)
-class CPOConfig:
+class CPOLossConfig:
     """A checked CPO configuration (:func:`check_cpo_config`)."""
 
     loss_type: str  # as asked, one of CPO_LOSS_TYPES
@@ -109,7 +109,7 @@ class CPOConfig:
 def check_cpo_config(
     loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0, cpo_alpha: float = 1.0,
     simpo_gamma: float = SIMPO_GAMMA, alpha: float = 0.0,
-) -> CPOConfig:
+) -> CPOLossConfig:
     """Check CPO's options once; ``TypeError``/``ValueError`` naming the argument.
 
     - ``loss_type``: one of :data:`CPO_LOSS_TYPES`.  ``"alphapo"`` is TRL's shorthand for
@@ -138,7 +138,7 @@ def check_cpo_config(
     alpha = _checks.real_number("alpha", alpha)
     pair = "simpo" if loss_type == "alphapo" else loss_type
     loss = check_loss_config(pair, beta, label_smoothing, gamma=simpo_gamma)
-    return CPOConfig(loss_type, loss, cpo_alpha, alpha, pair in _CPO_AVERAGED)
+    return CPOLossConfig(loss_type, loss, cpo_alpha, alpha, pair in _CPO_AVERAGED)
 
 
 def alphapo_reward(x: Tensor, alpha: float) -> Tensor:
@@ -151,7 +151,7 @@ def alphapo_reward(x: Tensor, alpha: float) -> Tensor:
     return -torch.expm1(-alpha * x) / alpha
 
 
-def cpo_pair_losses(chosen: Tensor, rejected: Tensor, cfg: CPOConfig) -> tuple[Tensor, Tensor, Tensor]:
+def cpo_pair_losses(chosen: Tensor, rejected: Tensor, cfg: CPOLossConfig) -> tuple[Tensor, Tensor, Tensor]:
     """CPO's per-pair losses (B,) and the rewards ``r_w``, ``r_l`` (the scores after
     :func:`alphapo_reward`) they are taken on, as TRL 1.16's ``CPOTrainer.cpo_loss``: the DPO
     loss of the type (:func:`fastdpo.losses.preference_loss`) with a zero reference --
@@ -168,7 +168,9 @@ def cpo_pair_losses(chosen: Tensor, rejected: Tensor, cfg: CPOConfig) -> tuple[T
     return losses, rw, rl
 
 
-def cpo_metrics(chosen: Tensor, rejected: Tensor, rw: Tensor, rl: Tensor, nll: Tensor, beta: float) -> dict[str, Tensor]:
+def cpo_metrics(
+    chosen: Tensor, rejected: Tensor, rw: Tensor, rl: Tensor, nll: Tensor, beta: float
+) -> dict[str, Tensor]:
     """What TRL's CPOTrainer logs (detached), but ``logits/*``: ``rewards/*`` on ``beta * r``
     (the AlphaPO rewards), ``logps/*`` on the scores before the transform, ``nll_loss``."""
     metrics = reward_metrics(rw, rl, None, None, beta)

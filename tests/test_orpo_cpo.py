@@ -230,11 +230,11 @@ def _stub_self(cls, methods, **attrs):
     return ns
 
 
-def trl_orpo(model, data, *, beta):
+def trl_orpo(model, data, *, beta, float64: bool = True):
     from trl.experimental.orpo.orpo_trainer import ORPOTrainer
 
     self = _stub_self(ORPOTrainer, ("concatenated_forward", "odds_ratio_loss"), beta=beta, padding_value=0)
-    return ORPOTrainer.get_batch_loss_metrics(self, StubModel(model), trl_batch(data))
+    return ORPOTrainer.get_batch_loss_metrics(self, StubModel(model, float64), trl_batch(data))
 
 
 def trl_cpo(model, data, float64: bool = True, **options):
@@ -301,15 +301,44 @@ def test_orpo_matches_the_paper_and_trl(family, head, conv, linear_calls):
 
 
 @pytest.mark.small_path
-def test_orpo_small_path_matches_trl(linear_calls):
+@pytest.mark.parametrize("family", ["orpo", "cpo"])
+def test_small_path_matches_trl(family, linear_calls):
     model = xt_model()
-    orpo = ORPO(model, beta=0.5, mask_alignment="target", impl="torch")
     data = make_batch()
-    ours = ours_step(orpo, data)
+    if family == "orpo":
+        module = ORPO(model, beta=0.5, mask_alignment="target", impl="torch")
+        trl = reference_step(model, lambda: trl_orpo(model, data, beta=0.5))
+    else:
+        module = CPO(model, loss_type="ipo", beta=0.5, logprob_reduction="sum", mask_alignment="target", impl="torch")
+        trl = reference_step(model, lambda: trl_cpo(model, data, loss_type="ipo", beta=0.5))
+    ours = ours_step(module, data)
     assert linear_calls == []  # the small path builds the (few) logits and scores them
-    trl = reference_step(model, lambda: trl_orpo(model, data, beta=0.5))
     assert_same(ours, trl, metric_keys=_common_metric_keys(ours[2], trl[2]), what="TRL")
     assert "token_accuracy/chosen" in ours[2]
+
+
+@pytest.mark.parametrize("family", ["orpo", "cpo"])
+def test_bfloat16_model_is_as_accurate_as_trl_in_bfloat16(family):
+    """A bf16 model, fused head: against TRL's float64 numbers from the same bf16 logits,
+    ours is no further off than TRL's own code run in bf16 (the three-way rule), loss and
+    every gradient."""
+    model = tiny_transformer(V, max_seq_len=32, dim=16, depth=2, heads=2, seed=0)
+    perturb(model)
+    model = model.to(torch.bfloat16)
+    data = make_batch()
+    if family == "orpo":
+        module = ORPO(model, mask_alignment="target")
+        truth = reference_step(model, lambda: trl_orpo(model, data, beta=0.1))
+        low = reference_step(model, lambda: trl_orpo(model, data, beta=0.1, float64=False))
+    else:
+        module = CPO(model, logprob_reduction="sum", mask_alignment="target")
+        truth = reference_step(model, lambda: trl_cpo(model, data))
+        low = reference_step(model, lambda: trl_cpo(model, data, float64=False))
+    ours = ours_step(module, data)
+    assert module.route(model, "cpu").kind == "scores"
+    three_way(ours[0], low[0], truth[0], torch.bfloat16, "loss")
+    for name in truth[1]:
+        three_way(ours[1][name], low[1][name], truth[1][name], torch.bfloat16, name)
 
 
 def test_orpo_without_its_nll_term_fails_the_comparison(monkeypatch):
