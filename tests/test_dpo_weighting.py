@@ -468,6 +468,12 @@ def test_log_sum_sq_of_extreme_rows(fold):
     want = torch.logsumexp(2 * z.double().log_softmax(-1), -1)
     assert sq.isfinite().all()
     torch.testing.assert_close(sq.double(), want, rtol=0, atol=2e-6)
+    # rows of a Llama-sized vocabulary: float32 rounding of the sum, not a drift of its accumulation
+    big = torch.randn(4, 32000, generator=g) * 3
+    big_sq = torch.empty(4)
+    fold.stats(big.clone(), torch.zeros(4, dtype=torch.long), sq_out=big_sq)
+    want = torch.logsumexp(2 * big.double().log_softmax(-1), -1)
+    torch.testing.assert_close(big_sq.double(), want, rtol=1e-6, atol=0)
     torch.testing.assert_close(logp.double(), z.double().log_softmax(-1).gather(-1, y[:, None]).squeeze(-1), rtol=1e-6,
                                atol=2e-6)
 
