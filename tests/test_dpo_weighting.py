@@ -337,6 +337,23 @@ def test_evaluation_gives_the_training_loss(head):
     assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
 
 
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_compiled_step(head):
+    """torch.compile(fullgraph=True) over a step with both options: no graph break, the eager
+    numbers (the token weights are built in the graph, the ops' new arguments traced)."""
+    opts = dict(ld_alpha=0.4, use_weighting=True)
+    dpo = make_dpo("xt", head=head, **TRL, **opts)
+    batch = make_batch()
+    want = loss_and_grads(dpo, batch)
+    torch._dynamo.reset()
+    dpo.policy_model.zero_grad(set_to_none=True)
+    step = torch.compile(lambda p, u, m, a, b: dpo(p, u, prompt_mask=m, preferred_seq_mask=a, unpreferred_seq_mask=b),
+                         fullgraph=True, backend="aot_eager")
+    loss = step(*batch)
+    loss.backward()
+    assert_close(loss.detach(), twin_grads(dpo.policy_model), *want, grad_tol=1e-6)
+
+
 def test_bfloat16_model():
     opts = dict(ld_alpha=0.4, use_weighting=True)
     dpo = DPO(xt().to(torch.bfloat16), head="fused", **TRL, **opts)
