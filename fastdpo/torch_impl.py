@@ -168,9 +168,11 @@ def forward(
 
 def log_sum_sq(p: Tensor) -> Tensor:
     """``log sum_v p_v^2`` per row of probabilities ``p`` (..., V) (TRL's ``log_sum_sq_probs``,
-    WPO's normalizer), as twice the log of the row's 2-norm: one reduction, no exp.  Safe where
-    probabilities underflow: the largest is at least 1/V, so the sum is never 0."""
-    return torch.linalg.vector_norm(p, dim=-1).log_().mul_(2.0)
+    WPO's normalizer): one dot product per row, no exp, no temporary (``vecdot`` sums as
+    accurately as a pairwise sum; ``vector_norm``, a little faster, errs by ~4e-6 relative at
+    V = 32000).  Safe where probabilities underflow: the largest is at least 1/V, so the sum
+    is never 0."""
+    return torch.linalg.vecdot(p, p).log_()
 
 
 def row_weights(grad_scores: Tensor, mask: Tensor, weights: Tensor | None) -> Tensor:

@@ -337,6 +337,23 @@ def test_evaluation_gives_the_training_loss(head):
     assert abs(loss.item() - want.item()) <= 1e-6 * want.item()
 
 
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_compiled_step(head):
+    """torch.compile(fullgraph=True) over a step with both options: no graph break, the eager
+    numbers (the token weights are built in the graph, the ops' new arguments traced)."""
+    opts = dict(ld_alpha=0.4, use_weighting=True)
+    dpo = make_dpo("xt", head=head, **TRL, **opts)
+    batch = make_batch()
+    want = loss_and_grads(dpo, batch)
+    torch._dynamo.reset()
+    dpo.policy_model.zero_grad(set_to_none=True)
+    step = torch.compile(lambda p, u, m, a, b: dpo(p, u, prompt_mask=m, preferred_seq_mask=a, unpreferred_seq_mask=b),
+                         fullgraph=True, backend="aot_eager")
+    loss = step(*batch)
+    loss.backward()
+    assert_close(loss.detach(), twin_grads(dpo.policy_model), *want, grad_tol=1e-6)
+
+
 def test_bfloat16_model():
     opts = dict(ld_alpha=0.4, use_weighting=True)
     dpo = DPO(xt().to(torch.bfloat16), head="fused", **TRL, **opts)
@@ -468,6 +485,12 @@ def test_log_sum_sq_of_extreme_rows(fold):
     want = torch.logsumexp(2 * z.double().log_softmax(-1), -1)
     assert sq.isfinite().all()
     torch.testing.assert_close(sq.double(), want, rtol=0, atol=2e-6)
+    # rows of a Llama-sized vocabulary: float32 rounding of the sum, not a drift of its accumulation
+    big = torch.randn(4, 32000, generator=g) * 3
+    big_sq = torch.empty(4)
+    fold.stats(big.clone(), torch.zeros(4, dtype=torch.long), sq_out=big_sq)
+    want = torch.logsumexp(2 * big.double().log_softmax(-1), -1)
+    torch.testing.assert_close(big_sq.double(), want, rtol=1e-6, atol=0)
     torch.testing.assert_close(logp.double(), z.double().log_softmax(-1).gather(-1, y[:, None]).squeeze(-1), rtol=1e-6,
                                atol=2e-6)
 
