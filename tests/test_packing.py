@@ -262,15 +262,21 @@ def _rejected_sees_chosen(self):
     return (same | (self.seg[:, :, None] == 3))[:, None]
 
 
+def _leak(attention: str, monkeypatch) -> None:
+    """Make the packed attention leak: by parts, causal over the whole row; dense, the
+    rejected part seeing the chosen one."""
+    if attention == "segments":
+        monkeypatch.setattr(fastdpo.attention.SegmentAttention, "_parts", _leaky_parts)
+    else:
+        monkeypatch.setattr(Packed, "attn_mask", property(_rejected_sees_chosen))
+
+
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_a_leaking_attention_fails_the_parity_check(mode, monkeypatch):
     """The parity check above fails when the packed attention leaks: by parts, causal over the
     whole row; dense, the rejected part seeing the chosen one."""
     layout, attention = mode
-    if attention == "segments":
-        monkeypatch.setattr(fastdpo.attention.SegmentAttention, "_parts", _leaky_parts)
-    else:
-        monkeypatch.setattr(Packed, "attn_mask", property(_rejected_sees_chosen))
+    _leak(attention, monkeypatch)
     x, ours = perturbed_pair("rotary", packing=layout, pack_attention=attention)
     ours._packing_checked.add("cpu")  # (the first-call check would refuse the leak first)
     pref, unpref, pm = make_batch()
@@ -281,10 +287,7 @@ def test_a_leaking_attention_fails_the_parity_check(mode, monkeypatch):
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
 def test_the_first_call_refuses_a_leaking_attention(mode, monkeypatch):
     layout, attention = mode
-    if attention == "segments":
-        monkeypatch.setattr(fastdpo.attention.SegmentAttention, "_parts", _leaky_parts)
-    else:
-        monkeypatch.setattr(Packed, "attn_mask", property(_rejected_sees_chosen))
+    _leak(attention, monkeypatch)
     _, ours = perturbed_pair("rotary", packing=layout, pack_attention=attention)
     pref, unpref, pm = make_batch()
     with pytest.raises(ValueError, match="hidden states change when pairs are packed"):
