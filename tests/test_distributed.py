@@ -232,7 +232,8 @@ def _family_scenario(rank: int, case: str, res: dict, fsdp: bool) -> None:
     pref, unpref, prompt_mask = make_batch()
     half = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
     module = make_family(case)
-    DDP(module)(pref[half], unpref[half], prompt_mask=prompt_mask[half]).backward()
+    ddp = DDP(module)  # kept alive through backward: the reducer's all-reduce hooks die with it
+    ddp(pref[half], unpref[half], prompt_mask=prompt_mask[half]).backward()
     res["ddp_grads"] = policy_grads(module)
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
