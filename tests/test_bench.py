@@ -269,9 +269,10 @@ def test_bfloat16_step_matches_float64_within_bfloat16_rounding(monkeypatch):
 
 
 def test_floor_is_a_lower_bound():
-    """The floors do no more than the providers must: the step floor's head products cover the
-    counted rows only (fastdpo's are the same products, so its matmul FLOPs are never fewer),
-    and at the tiny size no provider beats its floor by more than timing noise."""
+    """The step floor does no more than the providers must: its head products cover the counted
+    rows only, and fastdpo's are the same products, so its matmul FLOPs are never fewer.
+    (A count, not a timing: timings belong to the bench, and providers that skip work the floor
+    counts -- precomputed reference scores, a shared prompt, packed rows -- may rightly beat it.)"""
     flops = {}
     real_mm = torch.mm
 
@@ -289,20 +290,6 @@ def test_floor_is_a_lower_bound():
         finally:
             torch.mm = real_mm
     assert 0 < flops["floor"] <= flops["fastdpo-torch"], flops
-
-    # One thread per worker: with one OpenMP thread per core, a call waits for its slowest
-    # thread whenever another process takes a core, and minima of tiny steps vary 10-fold.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the workers take this process's count
-    try:
-        rows = bench.run([TINY], repeats=7, memory=False, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    floor = {(r["workload"], r["mode"]): r["min_ms"] for r in rows if r["provider"] == "floor"}
-    for r in rows:
-        # every exact implementation, not the body-only baseline (it does less than the floor)
-        if r["status"] == "ok" and bench.PROVIDERS[r["provider"]].same_loss_as is not None:
-            assert r["min_ms"] >= 0.5 * floor[r["workload"], r["mode"]], (r["provider"], r["workload"], r["mode"])
 
 
 def vars_of(cfg: bench.Config) -> dict:
