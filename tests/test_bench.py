@@ -22,9 +22,17 @@ TINY = bench.Config(batch=2, seq_len=24, vocab=256, dim=32, depth=1, heads=2, se
 RAGGED = bench.Config(batch=4, seq_len=48, vocab=256, dim=32, depth=1, heads=2, seed=3, lengths="ragged")
 
 
+FAMILY_PROVIDERS = {
+    "orpo": {"fastdpo-orpo", "liger-orpo", "liger-orpo-eager", "trl-orpo"},
+    "cpo": {"fastdpo-cpo", "liger-cpo", "liger-cpo-eager", "trl-cpo"},
+    "simpo": {"fastdpo-simpo", "liger-simpo", "liger-simpo-eager", "trl-simpo"},
+    "kto": {"fastdpo-kto", "fastdpo-kto-given-kl", "liger-kto", "liger-kto-eager", "trl-kto"},
+}
+
+
 def test_registry_has_the_documented_providers():
     step_only = {"body", "liger", "liger-eager", "trl-fused", "cce", "torch-lce", "fastdpo-logits", "fastdpo-precomputed",
-                 "fastdpo-shared", "fastdpo-packed"}
+                 "fastdpo-shared", "fastdpo-packed", *set().union(*FAMILY_PROVIDERS.values())}
     both = {"floor", "x-transformers", "torch", "trl", "fastdpo-torch", "fastdpo-triton"}
     assert set(bench.PROVIDERS) == step_only | both
     for name in step_only | both:
@@ -32,6 +40,11 @@ def test_registry_has_the_documented_providers():
         assert bench.PROVIDERS[name].workloads == want, name
         assert (bench.PROVIDERS[name].same_loss_as is None) == (name in ("floor", "body")), name
     assert bench.applicable("head", ["liger", "torch", "body"]) == ["torch"]
+    # each --loss measures its own providers, the floor, the body and fastdpo's DPO step
+    for loss, names in FAMILY_PROVIDERS.items():
+        assert set(bench.applicable("step", bench.PROVIDERS, loss)) == names | {"floor", "body", "fastdpo-torch"}, loss
+        assert all(bench.PROVIDERS[n].loss == loss for n in names)
+    assert not set(bench.applicable("step", bench.PROVIDERS)) & set().union(*FAMILY_PROVIDERS.values())
 
 
 def test_register_adds_a_provider_and_checks_workloads():
@@ -63,7 +76,8 @@ def _fastdpo_loss(cfg: bench.Config, **conventions) -> float:
         return dpo(bt.pref, bt.unpref, **bt.dpo_kwargs).item()
 
 
-LOSS_PROVIDERS = [n for n, p in bench.PROVIDERS.items() if p.same_loss_as is not None and "step" in p.workloads]
+LOSS_PROVIDERS = [n for n, p in bench.PROVIDERS.items()
+                  if p.same_loss_as is not None and "step" in p.workloads and p.loss == "dpo"]
 
 
 @pytest.mark.parametrize("cfg", [TINY, RAGGED], ids=["full", "ragged"])
@@ -87,6 +101,112 @@ def test_every_provider_computes_the_loss_it_claims(provider, mode, cfg, monkeyp
     want = _fastdpo_loss(cfg, **bench.PROVIDERS[provider].same_loss_as)
     assert abs(want - math.log(2)) > 1e-3  # the reference is not the policy: a loss that says something
     assert got == pytest.approx(want, rel=1e-5), provider
+
+
+def _family_loss(cfg: bench.Config, loss: str, options: dict) -> float:
+    """fastdpo's module of ``loss`` with ``options`` on the logits route (an independent route),
+    the bench's models and sequences; ``kl`` in ``options`` is KTO's forward argument."""
+    from fastdpo import CPO, KTO, ORPO
+
+    options = dict(options)
+    kl = options.pop("kl", None)
+    policy, ref = bench.make_models(cfg)
+    with torch.no_grad():
+        if loss == "kto":
+            kto = KTO(policy, head="logits", **options)
+            kto.ref_model.load_state_dict(ref.state_dict())
+            extra = {} if kl is None else {"kl": kl}
+            return kto(**bench.inputs.kto_batch(cfg, kl=kl is None), **extra).item()
+        module = (ORPO if loss == "orpo" else CPO)(policy, head="logits", **options)
+        bt = bench.make_batch(cfg)
+        return module(bt.pref, bt.unpref, **bt.dpo_kwargs).item()
+
+
+FAMILY_CASES = [(loss, n) for loss, names in FAMILY_PROVIDERS.items() for n in sorted(names)]
+
+
+@pytest.mark.parametrize("cfg", [TINY, RAGGED], ids=["full", "ragged"])
+@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("loss,provider", FAMILY_CASES, ids=[n for _, n in FAMILY_CASES])
+def test_every_family_provider_computes_the_loss_it_claims(loss, provider, mode, cfg, monkeypatch):
+    """--loss orpo|cpo|simpo|kto: fastdpo's module, Liger's fused module (eager here: the same
+    math as its compiled chunks) and TRL's trainer code each return the loss of fastdpo's
+    module under the options the provider names, on the same models and sequences."""
+    import fastdpo.bench.providers as providers
+
+    monkeypatch.setattr(providers, "LIGER_COMPILED", False)
+    cfg = dataclasses.replace(cfg, loss=loss)
+    got = _loss(provider, "step", mode, cfg)
+    spec = bench.PROVIDERS[provider]
+    want = _family_loss(cfg, loss, spec.same_loss_as)
+    assert got == pytest.approx(want, rel=1e-5), provider
+
+
+def test_family_providers_differ_where_their_losses_do():
+    """The check above can fail: the families' losses are different numbers on these
+    sequences (ORPO and CPO, CPO and SimPO), so a provider wired to the wrong loss fails it.  (Not KTO's KL: in a batch of as many desirable as undesirable
+    sequences its effect cancels to first order, 3e-5 relative at this size.)"""
+    from fastdpo.bench import families
+
+    cfg = dataclasses.replace(TINY, loss="orpo")
+    assert _family_loss(cfg, "orpo", families.ORPO_TRL) != pytest.approx(_loss("fastdpo-cpo", "step", "forward", cfg), rel=1e-3)
+    assert _family_loss(cfg, "cpo", families.CPO_TRL) != pytest.approx(_family_loss(cfg, "simpo", families.SIMPO_TRL), rel=1e-3)
+
+
+@pytest.mark.parametrize("loss", bench.LOSSES)
+def test_body_plan_runs_what_each_loss_cannot_avoid(loss):
+    """The floor and the body of each --loss: DPO's reference and policy; ORPO, CPO and SimPO
+    the policy alone (ORPO's rows add the chosen prompts); KTO the reference, both models on
+    the KL sequences without gradient, then the policy.  Forward mode differentiates nothing."""
+    from fastdpo.bench.inputs import body_plan
+
+    cfg = dataclasses.replace(TINY, loss=loss)
+    bt = bench.make_batch(cfg)
+    plan = body_plan(cfg, "forward+backward")
+    grads = [g for *_, g in plan]
+    assert grads[-1] and not any(grads[:-1])
+    assert not any(g for *_, g in body_plan(cfg, "forward"))
+    runs = {"dpo": 2, "orpo": 1, "cpo": 1, "simpo": 1, "kto": 4}[loss]
+    assert len(plan) == runs
+    completion_rows = int(bt.mask_target.sum())
+    if loss == "orpo":
+        assert plan[0][2] == completion_rows + int((bt.prompt_mask[:, 1:]).sum())  # full lengths: every prompt
+    elif loss == "dpo":
+        assert plan[-1][2] == int(bt.mask.sum())  # x-transformers' input-aligned mask
+    elif loss != "kto":
+        assert plan[-1][2] == completion_rows
+    step = bench.PROVIDERS["floor"].build("step", "forward+backward", cfg)
+    assert step() is None
+
+
+def test_loss_option_of_the_cli(capsys):
+    """--loss picks the loss's providers (its floor, its body and fastdpo's DPO step always),
+    the step workload only, and names a provider of another loss or the head workload as errors."""
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+
+    def fails(*argv):
+        args = parser.parse_args(list(argv))
+        with pytest.raises(SystemExit) as e:
+            bench.main_from_args(args, error=lambda msg: (_ for _ in ()).throw(SystemExit(msg)))
+        return str(e.value)
+
+    assert "not measured with --loss orpo" in fails("--loss", "orpo", "--providers", "liger")
+    assert "step workload only" in fails("--loss", "kto", "--workload", "head")
+    with pytest.raises(ValueError, match="step workload only"):
+        bench.run([dataclasses.replace(TINY, loss="orpo")], workloads=["head"], memory=False, progress=False)
+    rows = bench.run([dataclasses.replace(TINY, loss="simpo")], workloads=["step"], modes=["forward"],
+                     providers=["fastdpo-simpo"], repeats=1, warmup=0, memory=False, progress=False,
+                     isolation="shuffle")
+    assert {r["provider"] for r in rows} == {"floor", "body", "fastdpo-torch", "fastdpo-simpo"}
+    assert {r["loss"] for r in rows} == {"simpo"} and all(r["status"] == "ok" for r in rows), rows
+    ours = next(r for r in rows if r["provider"] == "fastdpo-simpo")
+    dpo = next(r for r in rows if r["provider"] == "fastdpo-torch")
+    assert ours["vs_dpo"] == pytest.approx(ours["median_ms"] / dpo["median_ms"]) and ours["vs_xt"] is None
+    table = bench.format_table(rows)
+    assert "loss simpo" in table and "vs DPO" in table and "mem vs x-t" not in table
+    assert "simpo training step" not in bench.summary(rows)  # forward only here
+    assert "simpo evaluation step (no_grad): fastdpo-simpo" in bench.summary(rows)
 
 
 def test_head_providers_agree():

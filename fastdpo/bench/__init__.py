@@ -20,6 +20,10 @@ providers (the :data:`PROVIDERS` registry; ``fastdpo bench --help`` and ``benchm
     cut-cross-entropy, Liger-Kernel, torch's chunked ``linear_cross_entropy``); fastdpo's routes
     (``fastdpo-torch``, ``fastdpo-triton``: CUDA only, ``fastdpo-logits``, ``fastdpo-shared``,
     ``fastdpo-precomputed``).
+losses (``--loss``, :data:`LOSSES`)
+    ``dpo`` (the above); ``orpo``, ``cpo``, ``simpo``, ``kto``: fastdpo's module of that loss
+    against Liger-Kernel's fused module and TRL's trainer code (:mod:`fastdpo.bench.families`),
+    with the loss's own floor and body and fastdpo's DPO step (``vs_dpo``) for the ratios.
 
 A provider is a builder ``(workload, mode, cfg) -> step`` registered with :func:`register`;
 ``step()`` runs one iteration and returns the loss (or ``None``).  A builder that cannot run
@@ -60,19 +64,20 @@ Output columns (the CSV header and the JSON keys, :data:`COLUMNS`): see
 from __future__ import annotations
 
 from . import providers as _providers  # noqa: F401 -- registers the built-in providers
+from . import families as _families  # noqa: F401 -- and the loss families' (--loss)
 from .cli import _sweep, add_arguments, configs_from_args, main_from_args  # noqa: F401 -- _sweep: tests
-from .config import BETA, COLUMNS, DTYPES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config
+from .config import BETA, COLUMNS, DTYPES, LOSSES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config
 from .inputs import Batch, head_logits, make_batch, make_models, make_step
 from .measure import WorkerServer, environment, measure_memory_cuda, peak_extra_bytes, time_steps
 from .registry import PROVIDERS, Builder, Provider, Step, Unavailable, applicable, load_provider_modules, register
-from .report import add_ratios, format_table, plot, write_rows
+from .report import add_ratios, format_table, plot, summary, write_rows
 from .suite import ISOLATIONS, default_isolation, run
 
 __all__ = [
-    "BETA", "Batch", "Builder", "COLUMNS", "Config", "DTYPES", "ISOLATIONS", "MODES", "PROVIDERS",
+    "BETA", "Batch", "Builder", "COLUMNS", "Config", "DTYPES", "ISOLATIONS", "LOSSES", "MODES", "PROVIDERS",
     "Provider", "REFERENCES", "SIZES", "SIZE_FIELDS", "SWEEPABLE", "Step", "Unavailable", "WORKLOADS",
     "WorkerServer", "add_arguments", "add_ratios", "applicable", "configs_from_args", "default_isolation",
     "environment", "format_table", "head_logits", "load_provider_modules", "main_from_args", "make_batch",
-    "make_models", "make_step", "measure_memory_cuda", "peak_extra_bytes", "plot", "register", "run",
+    "make_models", "make_step", "measure_memory_cuda", "peak_extra_bytes", "plot", "register", "run", "summary",
     "time_steps", "write_rows",
 ]

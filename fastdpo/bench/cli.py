@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from .config import DTYPES, LENGTHS, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config
+from .config import DTYPES, LENGTHS, LOSSES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config, references
 from .measure import _one_line, environment
 from .registry import PROVIDERS, load_provider_modules
 from .report import format_table, isolation_note, plot, summary, write_rows
@@ -101,13 +101,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{flag}", dest=name, type=_SIZE_TYPE.get(name, _positive), default=None,
                        metavar="KIND" if name == "lengths" else "N", help=f"override the preset's {flag}" + _SIZE_HELP.get(name, ""))  # fmt: skip
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="model and logits dtype (default float32)")
-    p.add_argument("--workload", type=_choice_or_all(WORKLOADS), default=list(WORKLOADS),
-                   help="step, head, or all (default; comma-separated also works)")  # fmt: skip
+    p.add_argument("--loss", choices=list(LOSSES), default="dpo",
+                   help="the loss measured (default dpo); orpo, cpo, simpo, kto: fastdpo's module of that loss "
+                        "against Liger-Kernel's fused module and TRL's trainer code, on the step workload, "
+                        "with its floor and fastdpo's DPO step (fastdpo-torch) for the ratios")  # fmt: skip
+    p.add_argument("--workload", type=_choice_or_all(WORKLOADS), default=None,
+                   help="step, head, or all (default; comma-separated also works); --loss other than dpo: "
+                        "step only")  # fmt: skip
     p.add_argument("--mode", type=_choice_or_all(MODES), default=list(MODES),
                    help="forward, forward+backward, or all (default)")  # fmt: skip
     p.add_argument("--providers", type=_provider_list, default=None, metavar="A,B,...",
-                   help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default: all; "
-                        f"{' and '.join(REFERENCES)} are always measured, for the ratios)")  # fmt: skip
+                   help=f"comma-separated subset of: {', '.join(PROVIDERS)} (default: all of the --loss; "
+                        f"{' and '.join(REFERENCES)} are always measured, for the ratios; with another "
+                        f"--loss, {' and '.join(references('orpo'))})")  # fmt: skip
     p.add_argument("--provider-module", dest="provider_modules", action="append", default=[], metavar="MODULE",
                    help="import MODULE first: its fastdpo.bench.register calls add providers (repeatable)")  # fmt: skip
     p.add_argument("--sweep", type=_sweep, default=None, metavar="vocab=V1,V2|seq-len=L1,L2|prompt-pct=P1,P2",
@@ -154,7 +160,7 @@ def configs_from_args(args: argparse.Namespace, error: Callable[[str], None]) ->
     for s in points:
         if s["seq_len"] < 2:
             error(f"--seq-len must be >= 2 (one input and one target token), got {s['seq_len']}")
-    return [Config(**s, dtype=args.dtype, device=device) for s in points]
+    return [Config(**s, dtype=args.dtype, device=device, loss=args.loss) for s in points]
 
 
 def _warn_if_busy(device: str) -> None:
@@ -179,6 +185,15 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
     unknown = [n for n in args.providers or () if n not in PROVIDERS]
     if unknown:
         error(f"argument --providers: unknown provider {', '.join(map(repr, unknown))} (known: {', '.join(PROVIDERS)})")
+    other = [n for n in args.providers or () if args.loss not in PROVIDERS[n].losses]
+    if other:
+        mine = [n for n, p in PROVIDERS.items() if args.loss in p.losses]
+        error(f"argument --providers: {', '.join(map(repr, other))} not measured with --loss {args.loss} "
+              f"(its providers: {', '.join(mine)})")
+    if args.workload is None:
+        args.workload = list(WORKLOADS) if args.loss == "dpo" else ["step"]
+    elif args.loss != "dpo" and args.workload != ["step"]:
+        error(f"--loss {args.loss} has the step workload only, got --workload {','.join(args.workload)}")
     if args.out and not args.out.endswith((".csv", ".json")):
         error(f"--out must end in .csv or .json, got {args.out!r}")
     if args.plot and not args.plot.endswith(".png"):
@@ -192,7 +207,7 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
     seed = random.randrange(2**31) if args.seed is None else args.seed
     env = environment(cfgs[0].device)
     print(
-        f"fastdpo bench --size {args.size}: {env['device_name']}, {cfgs[0].dtype}, torch {env['torch']}, "
+        f"fastdpo bench --size {args.size}{'' if args.loss == 'dpo' else ' --loss ' + args.loss}: {env['device_name']}, {cfgs[0].dtype}, torch {env['torch']}, "
         f"triton {env['triton']}, x-transformers {env['x_transformers']}, liger-kernel {env['liger_kernel']}, "
         f"{env['threads']} threads, {repeats} repeats, --isolation {isolation} --seed {seed}, {env['date']}",
         flush=True,
@@ -200,7 +215,7 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
     out, png = args.out, args.plot
     if args.files:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        tag = f"{args.size}{'-' + args.sweep[0] if args.sweep else ''}-{stamp}"
+        tag = f"{args.size}{'' if args.loss == 'dpo' else '-' + args.loss}{'-' + args.sweep[0] if args.sweep else ''}-{stamp}"
         out = out or os.path.join("results", f"bench-{tag}.csv")
         png = png or os.path.join("results", f"bench-{tag}.png")
     if out:
@@ -212,8 +227,9 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
         on_rows=(lambda rows: write_rows(rows, out)) if out else None,
     )  # fmt: skip
     print(format_table(rows))
-    print("ratios: median time and peak memory over x-transformers' and the floor's, same run; "
-          "head MiB (step) = peak - the body-only peak; forward = an evaluation step (no_grad)")  # fmt: skip
+    base = "x-transformers'" if args.loss == "dpo" else "fastdpo's DPO step's (fastdpo-torch)"
+    print(f"ratios: median time and peak memory over {base} and the floor's, same run; "
+          f"head MiB (step) = peak - the body-only peak; forward = an evaluation step (no_grad)")  # fmt: skip
     print(isolation_note(rows))
     print()
     print(summary(rows))

@@ -27,12 +27,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SWEEPABLE = ("vocab", "seq_len", "prompt_pct")
 BETA = 0.1
 
-# The ratios' denominators: always measured, whatever --providers says.
+# The losses the bench measures (--loss): DPO, and the families of fastdpo.ORPO, fastdpo.CPO
+# (sigmoid, and SimPO) and fastdpo.KTO, each on the same models and sequences.
+LOSSES = ("dpo", "orpo", "cpo", "simpo", "kto")
+
+# The ratios' denominators: always measured, whatever --providers says.  DPO: the floor and
+# x-transformers.  Another loss: its own floor (the bodies and head products that loss cannot
+# avoid) and fastdpo's DPO step on the same sequences (the "vs DPO" column), since
+# x-transformers has no such loss.
 REFERENCES = ("floor", "x-transformers")
+FAMILY_REFERENCES = ("floor", "fastdpo-torch")
+
+
+def references(loss: str) -> tuple[str, ...]:
+    """The providers every run of ``loss`` measures, for the ratios."""
+    return REFERENCES if loss == "dpo" else FAMILY_REFERENCES
 
 COLUMNS = (
-    "provider", "workload", "mode", "status", "reason",
-    "median_ms", "min_ms", "repeats", "vs_xt", "vs_floor", "isolation", "seed", "order", "pid",
+    "provider", "loss", "workload", "mode", "status", "reason",
+    "median_ms", "min_ms", "repeats", "vs_xt", "vs_dpo", "vs_floor", "isolation", "seed", "order", "pid",
     "peak_mib", "body_mib", "head_mib", "mem_vs_xt", "head_mem_vs_xt", "tokens_padded", "tokens_packed",
     *SIZE_FIELDS, "dtype", "device", "device_name",
     "torch", "triton", "x_transformers", "liger_kernel", "trl", "cut_cross_entropy", "fastdpo", "fastdpo_commit",
@@ -42,7 +55,8 @@ COLUMNS = (
 
 @dataclass(frozen=True)
 class Config:
-    """One size point: the model, the batch, the dtype and the device."""
+    """One size point: the model, the batch, the dtype and the device; ``loss`` (one of
+    :data:`LOSSES`) says which loss's providers, floor and body run on it."""
 
     batch: int
     seq_len: int
@@ -55,6 +69,7 @@ class Config:
     dtype: str = "float32"
     device: str = "cpu"
     seed: int = 0
+    loss: str = "dpo"
 
     @property
     def torch_dtype(self) -> torch.dtype:

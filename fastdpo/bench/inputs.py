@@ -131,6 +131,61 @@ def make_batch(cfg: Config) -> Batch:
     return out
 
 
+def kto_batch(cfg: Config, kl: bool = True) -> dict:
+    """The bench batch as KTO's unpaired batch: the B preferred sequences desirable, then the B
+    unpreferred ones undesirable (the 2B sequences a DPO step scores), collated by
+    :class:`fastdpo.KTODataset` (TRL's KL sequences with ``kl``, cut at L tokens as TRL's
+    ``max_length``): :meth:`fastdpo.KTO.forward`'s keyword arguments."""
+    from fastdpo import KTODataset
+
+    bt = make_batch(cfg)
+    items = []
+    for seqs, masks, label in ((bt.pref, bt.pref_mask, True), (bt.unpref, bt.unpref_mask, False)):
+        for seq, real, prompt in zip(seqs.cpu(), masks.cpu(), bt.prompt_mask.cpu()):
+            p = int(prompt.sum())
+            items.append({"prompt": seq[:p], "completion": seq[p:][real[p:]], "label": label})
+    ds = KTODataset(items, pad_id=0, kl=kl, max_length=cfg.seq_len)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    return {k: v.to(cfg.device) for k, v in batch.items()}
+
+
+def _counted(seq_mask: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """Rows a head scores for (N, L) masks: the positions whose next token is a completion token."""
+    return int((seq_mask & ~prompt_mask)[:, 1:].sum())
+
+
+def body_plan(cfg: Config, mode: str) -> list[tuple[torch.nn.Module, torch.Tensor, int, bool]]:
+    """The model runs a step of ``cfg.loss`` cannot avoid, in order, as ``(model, inputs, rows,
+    grad)``: ``rows`` the positions whose log-prob the loss needs (the head products the floor
+    counts), ``grad`` whether the run is differentiated (never in ``forward`` mode).
+
+    * dpo: the reference (no_grad), then the policy, on the 2B sequences; the completions' rows.
+    * orpo, cpo, simpo: the policy alone (no reference); orpo's rows add the chosen prompts'
+      (its NLL term counts them, as TRL's ORPO).
+    * kto: the reference on the 2B sequences, the reference and the policy (no_grad) on the
+      2B KL sequences (:func:`kto_batch`), then the policy on the 2B sequences.
+    """
+    bt = make_batch(cfg)
+    policy, ref = make_models(cfg)
+    train = mode != "forward"
+    rows = int(bt.mask.sum())
+    if cfg.loss == "dpo":
+        return [(ref, bt.src, rows, False), (policy, bt.src, rows, train)]
+    if cfg.loss in ("cpo", "simpo"):
+        return [(policy, bt.src, int(bt.mask_target.sum()), train)]
+    if cfg.loss == "orpo":
+        b = cfg.batch
+        return [(policy, bt.src, int(bt.pref_mask[:, 1:].sum() + bt.mask_target[b:].sum()), train)]
+    if cfg.loss == "kto":
+        kb = kto_batch(cfg)
+        kl_src, kl_rows = kb["kl_seq"][:, :-1], _counted(kb["kl_seq_mask"], kb["kl_prompt_mask"])
+        rows = _counted(kb["seq_mask"], kb["prompt_mask"])
+        src = kb["seq"][:, :-1]
+        return [(ref, src, rows, False), (ref, kl_src, kl_rows, False), (policy, kl_src, kl_rows, False),
+                (policy, src, rows, train)]
+    raise ValueError(f"unknown loss {cfg.loss!r}")
+
+
 def _pair_loss(scores: torch.Tensor, ref_scores: torch.Tensor) -> torch.Tensor:
     """Mean DPO loss from (2B,) policy and reference scores, preferred first."""
     b = scores.shape[0] // 2

@@ -193,14 +193,32 @@ def trl_head(
     temperature: float = 1.0,
     chunk_size: int = TRL_VOCAB_CHUNK,
 ) -> Tensor:
-    """Per-sequence summed log-probs through TRL's ``ChunkedLogProbFunction``, float32 (N,).
+    """Per-sequence summed log-probs through TRL's ``ChunkedLogProbFunction``, float32 (N,):
+    :func:`trl_token_outputs`'s log-probs summed over each sequence."""
+    return trl_token_outputs(hidden, weight, targets, mask, temperature=temperature, chunk_size=chunk_size)[0].sum(-1)
+
+
+def trl_token_outputs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    mask: Tensor,
+    *,
+    outputs: tuple[str, ...] = (),
+    temperature: float = 1.0,
+    chunk_size: int = TRL_VOCAB_CHUNK,
+) -> tuple[Tensor | None, ...]:
+    """TRL's per-token fields through its ``ChunkedLogProbFunction``, each (N, T) and zero
+    where ``mask`` is False: ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``,
+    the optional ones None unless named in ``outputs`` (TRL's ``FusedCausalLMOutput`` fields;
+    its KTO trainer asks for ``("entropy", "mean_logits")``).
 
     As ``add_fused_lm_head`` calls it (``trl/trainer/utils.py``, TRL 1.16): no bias, no logit
-    softcap, ``logit_scale=1``, no optional outputs, the logits divided by ``temperature``, tiles
-    ``chunk_size`` wide.  On CUDA (where TRL's Triton fold runs) only the masked-in rows are
-    scored, then scattered back; elsewhere every row is scored with its target clamped to a valid
-    id and masked afterwards -- TRL's own two routes.  TRL takes no ignore index: the mask is
-    applied by this selection.
+    softcap, ``logit_scale=1``, the logits divided by ``temperature``, tiles ``chunk_size``
+    wide.  On CUDA (where TRL's Triton fold runs) only the masked-in rows are scored, then
+    scattered back; elsewhere every row is scored with its target clamped to a valid id and
+    masked afterwards -- TRL's own two routes.  TRL takes no ignore index: the mask is applied
+    by this selection.
     """
     _check_head_args(hidden, weight, targets, mask)
     module, _ = _trl_module()
@@ -208,14 +226,12 @@ def trl_head(
     # ChunkedLogProbFunction.forward(hidden, weight, bias, targets, temperature, chunk_size,
     #                                final_logit_softcapping, logit_scale, outputs)
     if module._use_triton(hidden.device):
-        per_row = fn.apply(hidden[mask], weight, None, targets[mask], temperature, chunk_size, None, 1.0, ())[0]
-        per_token = per_row.new_zeros(mask.shape).masked_scatter(mask, per_row)
-    else:
-        safe = torch.where(mask, targets, 0).reshape(-1)
-        per_row = fn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, None, safe, temperature, chunk_size,
-                           None, 1.0, ())[0]
-        per_token = per_row.view(mask.shape).masked_fill(~mask, 0)
-    return per_token.sum(-1)
+        per_row = fn.apply(hidden[mask], weight, None, targets[mask], temperature, chunk_size, None, 1.0, outputs)
+        return tuple(None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_row)
+    safe = torch.where(mask, targets, 0).reshape(-1)
+    per_row = fn.apply(hidden.reshape(-1, hidden.shape[-1]), weight, None, safe, temperature, chunk_size,
+                       None, 1.0, outputs)
+    return tuple(None if x is None else x.view(mask.shape).masked_fill(~mask, 0) for x in per_row)
 
 
 # --- cut-cross-entropy ----------------------------------------------------------------------

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .config import BETA, Config
+from .config import BETA, LOSSES, Config
 from .inputs import (
     _dpo,
     _logprobs_logsoftmax,
     _pair_loss,
     counted_runs,
+    body_plan,
     head_logits,
     make_batch,
     make_models,
@@ -32,10 +33,10 @@ TRL = {"logprob_reduction": "sum", "mask_alignment": "target"}
 
 
 @register(
-    "floor",
+    "floor", losses=LOSSES,
     help="the work every exact implementation does: the bodies + the head products over counted rows "
-    "+ one pass over those logits (step); one read of the counted rows' logits, + a read and the "
-    "gradient write (head)",
+    "+ one pass over those logits (step; per loss: inputs.body_plan); one read of the counted rows' "
+    "logits, + a read and the gradient write (head)",
 )
 def _floor(workload: str, mode: str, cfg: Config) -> Step:
     """The cheapest torch ops that do exactly the unavoidable work, so that "vs floor" says how
@@ -47,11 +48,11 @@ def _floor(workload: str, mode: str, cfg: Config) -> Step:
     gradient written once in full (counted rows computed, the others zeroed): the logits'
     gradient buffer is what every implementation hands autograd.
 
-    step: the model bodies (reference forward, policy forward and, with backward, its backward)
-    plus the head's products over the counted rows -- reference and policy forward, and with
-    backward the two gradient products -- plus one pass over each model's counted logits (a
-    max over the rows; with backward, the policy's is an in-place pass that writes the
-    gradient operand)."""
+    step: the model bodies the loss runs (:func:`~fastdpo.bench.inputs.body_plan`; DPO: the
+    reference forward, the policy forward and, with backward, its backward) plus, after each,
+    the head's products over its counted rows -- forward, and with backward the two gradient
+    products -- plus one pass over those logits (a max over the rows; with backward, the
+    policy's is an in-place pass that writes the gradient operand)."""
     bt = make_batch(cfg)
     dt, dev = cfg.torch_dtype, cfg.device
     g = torch.Generator(device=dev).manual_seed(cfg.seed + 2)
@@ -75,60 +76,55 @@ def _floor(workload: str, mode: str, cfg: Config) -> Step:
 
         return step
 
-    model, ref = make_models(cfg)
-    m = int(bt.mask.sum())
-    hidden = torch.randn(m, cfg.dim, generator=g, device=dev, dtype=dt)
+    # Each body run of the loss (inputs.body_plan), its head products over its counted rows at
+    # once, into one (M, V) buffer allocated here, outside the timed call: the cheapest way to do
+    # the work, whatever it costs in memory.  A floor in chunks through a reused buffer is not a
+    # floor: fastdpo's backward products take a whole pair's rows at once and beat it
+    # (docs/performance.md, "Floors").
+    plan = body_plan(cfg, mode)
+    top = max([1] + [m for _, _, m, _ in plan])
+    hidden = torch.randn(top, cfg.dim, generator=g, device=dev, dtype=dt)
     weight = torch.randn(cfg.vocab, cfg.dim, generator=g, device=dev, dtype=dt)
-    # Each product over all M counted rows at once, into one (M, V) buffer allocated here,
-    # outside the timed call: the cheapest way to do the work, whatever it costs in memory.  A
-    # floor in chunks through a reused buffer is not a floor: fastdpo's backward products take
-    # a whole pair's rows at once and beat it (docs/performance.md, "Floors").
-    buf = torch.empty(max(m, 1), cfg.vocab, device=dev, dtype=dt)
+    buf = torch.empty(top, cfg.vocab, device=dev, dtype=dt)
 
-    def head(grad: bool) -> None:
-        z = torch.mm(hidden, weight.T, out=buf[:m])
+    def head(m: int, grad: bool) -> None:
+        z = torch.mm(hidden[:m], weight.T, out=buf[:m])
         if not grad:
             z.amax(-1)  # the one read
             return
         z.mul_(0.5)  # the one pass: the logits become the gradient operand in place
         torch.mm(z, weight)  # d hidden
-        z.T.mm(hidden)  # d weight
+        z.T.mm(hidden[:m])  # d weight
+
+    return _plan_step(plan, head)
+
+
+def _plan_step(plan, head=None) -> Step:
+    """The step running ``plan``'s bodies in order (and after each, ``head(rows, grad)``): the
+    runs without gradient under ``no_grad``, the differentiated one followed by its backward."""
 
     def step():
-        with torch.no_grad():
-            ref(bt.src, return_embeddings=True)
-            head(grad=False)  # the reference's head
-        if mode == "forward":
-            with torch.no_grad():
-                model(bt.src, return_embeddings=True)
-                head(grad=False)  # the policy's head
-            return None
-        emb = model(bt.src, return_embeddings=True)
-        head(grad=True)  # the policy's: one product forward, two backward
-        emb.backward(torch.ones_like(emb))
-        model.zero_grad(set_to_none=True)
+        for model, src, m, grad in plan:
+            if not grad:
+                with torch.no_grad():
+                    model(src, return_embeddings=True)
+                    if head is not None:
+                        head(m, False)
+                continue
+            emb = model(src, return_embeddings=True)
+            if head is not None:
+                head(m, True)  # one product forward, two backward
+            emb.backward(torch.ones_like(emb))
+            model.zero_grad(set_to_none=True)
         return None
 
     return step
 
 
-@register("body", workloads=("step",), help="the model bodies alone, no head (the head-memory baseline)")
+@register("body", workloads=("step",), losses=LOSSES,
+          help="the model bodies alone, no head (the head-memory baseline): the loss's body runs (inputs.body_plan)")
 def _body(workload: str, mode: str, cfg: Config) -> Step:
-    bt = make_batch(cfg)
-    model, ref = make_models(cfg)
-
-    def step():
-        with torch.no_grad():
-            ref(bt.src, return_embeddings=True)
-            if mode == "forward":
-                model(bt.src, return_embeddings=True)
-                return None
-        emb = model(bt.src, return_embeddings=True)
-        emb.backward(torch.ones_like(emb))
-        model.zero_grad(set_to_none=True)
-        return None
-
-    return step
+    return _plan_step(body_plan(cfg, mode))
 
 
 # ----------------------------------------------------------------------------- the reference
@@ -333,7 +329,7 @@ def _fastdpo(impl: str) -> Builder:
 
 
 for _impl in ("torch", "triton"):
-    register(f"fastdpo-{_impl}", same_loss_as=XT,
+    register(f"fastdpo-{_impl}", same_loss_as=XT, losses=LOSSES if _impl == "torch" else ("dpo",),
              help=f"fastdpo.DPO (default head='auto': fused for this model) / sequence_logprobs, impl={_impl!r}")(_fastdpo(_impl))
 
 

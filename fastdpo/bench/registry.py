@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from .config import WORKLOADS, Config
+from .config import LOSSES, WORKLOADS, Config
 
 
 class Unavailable(Exception):
@@ -27,12 +27,18 @@ class Provider:
     # The fastdpo.DPO options whose loss this provider's step returns (the same model, batch
     # and beta): tests/test_bench.py checks every provider against it.  None: no loss (floor, body).
     same_loss_as: dict | None = None
+    # The loss its step computes (one of LOSSES; same_loss_as are options of that loss's
+    # fastdpo module), and the bench's --loss values under which it is measured: its own, or
+    # every one for the floor, the body and the DPO step every other loss is compared with.
+    loss: str = "dpo"
+    losses: tuple[str, ...] = ("dpo",)
 
 
 PROVIDERS: dict[str, Provider] = {}
 
 
-def register(name: str, *, workloads: Iterable[str] = WORKLOADS, help: str = "", same_loss_as: dict | None = None):
+def register(name: str, *, workloads: Iterable[str] = WORKLOADS, help: str = "", same_loss_as: dict | None = None,
+             loss: str = "dpo", losses: Iterable[str] | None = None):
     """Decorator adding ``builder(workload, mode, cfg) -> step`` to :data:`PROVIDERS`.
 
     ``step()`` runs one iteration of ``mode`` (``forward`` or ``forward+backward``) and
@@ -40,15 +46,22 @@ def register(name: str, *, workloads: Iterable[str] = WORKLOADS, help: str = "",
     inputs) so that only the iteration is timed, and raises :class:`Unavailable` when the
     provider cannot run with ``cfg`` (e.g. on this device).  ``same_loss_as``: the
     ``fastdpo.DPO`` options (conventions) under which fastdpo computes the loss ``step()``
-    returns, for the test that checks every provider computes what it claims.
+    returns, for the test that checks every provider computes what it claims.  ``loss``: the
+    loss ``step()`` computes (``same_loss_as`` then holds options of that loss's module:
+    ``fastdpo.ORPO``, ``CPO``, ``KTO``); ``losses``: the ``--loss`` runs that measure it
+    (default: ``(loss,)``).
     """
     workloads = tuple(workloads)
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
         raise ValueError(f"workloads must be among {WORKLOADS}, got {sorted(unknown)}")
+    losses = (loss,) if losses is None else tuple(losses)
+    bad = {loss, *losses} - set(LOSSES)
+    if bad:
+        raise ValueError(f"losses must be among {LOSSES}, got {sorted(bad)}")
 
     def deco(builder: Builder) -> Builder:
-        PROVIDERS[name] = Provider(name, builder, workloads, help, same_loss_as)
+        PROVIDERS[name] = Provider(name, builder, workloads, help, same_loss_as, loss, losses)
         return builder
 
     return deco
@@ -81,7 +94,8 @@ def load_provider_modules(modules: Iterable[str]) -> None:
             raise
 
 
-def applicable(workload: str, names: Iterable[str]) -> list[str]:
-    """The providers among ``names`` that have a form for ``workload``, in registry order."""
+def applicable(workload: str, names: Iterable[str], loss: str = "dpo") -> list[str]:
+    """The providers among ``names`` that have a form for ``workload`` and are measured under
+    ``--loss loss``, in registry order."""
     names = set(names)
-    return [n for n, p in PROVIDERS.items() if n in names and workload in p.workloads]
+    return [n for n, p in PROVIDERS.items() if n in names and workload in p.workloads and loss in p.losses]

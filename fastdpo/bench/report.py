@@ -22,10 +22,13 @@ def _ratio(a, b):
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Fill vs_xt, vs_floor, body_mib, head_mib, mem_vs_xt, head_mem_vs_xt in place."""
+    """Fill vs_xt, vs_dpo, vs_floor, body_mib, head_mib, mem_vs_xt, head_mem_vs_xt in place.
+
+    A row's ``loss`` is the run's (``--loss``): its floor and body are that loss's, and
+    ``vs_dpo`` divides by fastdpo's DPO step (``fastdpo-torch``) on the same point."""
 
     def key(r):
-        return (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r["workload"], r["mode"])
+        return (tuple(r[k] for k in SIZE_FIELDS), r["dtype"], r.get("loss") or "dpo", r["workload"], r["mode"])
 
     by = {}
     for r in rows:
@@ -45,6 +48,7 @@ def add_ratios(rows: list[dict]) -> None:
             r["head_mib"] = r["peak_mib"]
             xt_head = xt.get("peak_mib")
         r["vs_xt"] = _ratio(r["median_ms"], xt.get("median_ms"))
+        r["vs_dpo"] = _ratio(r["median_ms"], by.get((key(r), "fastdpo-torch"), {}).get("median_ms"))
         r["vs_floor"] = _ratio(r["median_ms"], floor.get("median_ms"))
         r["mem_vs_xt"] = _ratio(r["peak_mib"], xt.get("peak_mib"))
         r["head_mem_vs_xt"] = _ratio(r["head_mib"], xt_head) if xt_head and xt_head > 0 else None
@@ -64,25 +68,31 @@ def format_table(rows: list[dict]) -> str:
     def f(x, spec, suffix=""):
         return "-" if x is None else format(x, spec) + suffix
 
-    cols = [("provider", 19, "<"), ("workload", 8, "<"), ("mode", 16, "<"), ("median ms", 10, ">"),
-            ("vs x-t", 7, ">"), ("vs floor", 8, ">"), ("peak MiB", 9, ">"), ("head MiB", 9, ">"),
-            ("mem vs x-t", 10, ">")]  # fmt: skip
-    head = " ".join(f"{name:{al}{w}}" for name, w, al in cols)
     out = []
     for p, here in _by_point(rows).items():
         sizes = dict(zip(SIZE_FIELDS, p[0]))
+        loss = here[0].get("loss") or "dpo"
+        # DPO: ratios over x-transformers; another loss: over fastdpo's DPO step (x-t has none)
+        base, base_col = ("x-t", "vs_xt") if loss == "dpo" else ("DPO", "vs_dpo")
+        cols = [("provider", 19, "<"), ("workload", 8, "<"), ("mode", 16, "<"), ("median ms", 10, ">"),
+                (f"vs {base}", 7, ">"), ("vs floor", 8, ">"), ("peak MiB", 9, ">"), ("head MiB", 9, ">"),
+                ("mem vs x-t", 10, ">")]  # fmt: skip
+        if loss != "dpo":
+            cols.pop()
+        head = " ".join(f"{name:{al}{w}}" for name, w, al in cols)
         out.append("")
         out.append(
             f"B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
             f"depth={sizes['depth']} heads={sizes['heads']}{_prompt(sizes)} {p[1]} on {p[2]}"
+            + ("" if loss == "dpo" else f", loss {loss}")
         )
         out += [head, "-" * len(head)]
         for r in here:
             cells = [
-                r["provider"], r["workload"], r["mode"], f(r["median_ms"], ".2f"), f(r["vs_xt"], ".2f", "x"),
+                r["provider"], r["workload"], r["mode"], f(r["median_ms"], ".2f"), f(r[base_col], ".2f", "x"),
                 f(r["vs_floor"], ".2f", "x"), f(r["peak_mib"], ".1f"), f(r["head_mib"], ".1f"),
                 f(r["mem_vs_xt"], ".2f", "x"),
-            ]  # fmt: skip
+            ][: len(cols)]  # fmt: skip
             line = " ".join(f"{c:{al}{w}}" for c, (_, w, al) in zip(cells, cols))
             if r["status"] != "ok":
                 line += f"  {r['status']}: {r['reason']}"
@@ -132,6 +142,12 @@ PROVIDER_COLORS = {
     "trl-fused": "#2ca02c", "cce": "#98df8a", "torch-lce": "#637939",
     "liger": "#9467bd", "liger-eager": "#c5b0d5",
     "floor": "#7f7f7f", "body": "#c7c7c7",
+    # --loss orpo|cpo|simpo|kto (fastdpo.bench.families)
+    "fastdpo-orpo": "#a50f15", "fastdpo-cpo": "#fb6a4a", "fastdpo-simpo": "#fd8d3c", "fastdpo-kto": "#cc4c02",
+    "fastdpo-kto-given-kl": "#f768a1",
+    "liger-orpo": "#54278f", "liger-orpo-eager": "#bcbddc", "liger-cpo": "#756bb1", "liger-cpo-eager": "#dadaeb",
+    "liger-simpo": "#6a51a3", "liger-simpo-eager": "#9e9ac8", "liger-kto": "#3f007d", "liger-kto-eager": "#807dba",
+    "trl-orpo": "#006d2c", "trl-cpo": "#41ab5d", "trl-simpo": "#74c476", "trl-kto": "#a1d99b",
 }  # fmt: skip
 # Providers registered elsewhere (--provider-module) take these in name order, then again dotted.
 SPARE_COLORS = ("#393b79", "#843c39", "#7b4173", "#8c6d31", "#5254a3", "#ad494a", "#a55194", "#bd9e39")
@@ -213,6 +229,8 @@ def plot(rows: list[dict], path: str, x: str = "vocab") -> None:
     title = (f"fastdpo bench: {r0['device_name']} ({r0['device']}), {r0['dtype']}, B={r0['batch']}, "
              f"L={'swept' if swept == 'seq_len' else r0['seq_len']}, V={'swept' if swept == 'vocab' else r0['vocab']}, "
              f"D={r0['dim']}, depth={r0['depth']}; torch {r0['torch']}, {str(r0['date'])[:10]}")
+    if r0.get("loss") not in (None, "dpo"):
+        title += f"; --loss {r0['loss']}"
     if r0.get("isolation"):
         title += f"; --isolation {r0['isolation']} --seed {r0['seed']}"
     fig.suptitle(title, fontsize=9, wrap=True)
@@ -254,6 +272,10 @@ def summary(rows: list[dict]) -> str:
         sizes = dict(zip(SIZE_FIELDS, p[0]))
         out.append(f"summary, B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
                    f"depth={sizes['depth']}{_prompt(sizes)}, {p[1]} on {p[2]}:")
+        loss = here[0].get("loss") or "dpo"
+        if loss != "dpo":
+            out += _family_summary(loss, here)
+            continue
         ours_name = fastdpo_default(p[2])
         for key, words in _MODE_WORDS.items():
             by = {r["provider"]: r for r in here if (r["workload"], r["mode"]) == key and r["status"] == "ok"
@@ -277,3 +299,33 @@ def summary(rows: list[dict]) -> str:
                            f"padded tokens): {ms(packed)}, {faster(packed, xt)} x-transformers, "
                            f"{packed['median_ms'] / ideal:.2f}x the token-proportional ideal ({ideal:.3g} ms)")
     return "\n".join(out)
+
+
+def _family_summary(loss: str, here: list[dict]) -> list[str]:
+    """A loss family's lines: fastdpo's module against fastdpo's DPO step on the same sequences
+    (time, and the memory each head adds), and against each peer of the same loss."""
+
+    def ms(r):
+        return f"{r['median_ms']:.3g} ms"
+
+    out = []
+    for key, words in _MODE_WORDS.items():
+        by = {r["provider"]: r for r in here if (r["workload"], r["mode"]) == key and r["status"] == "ok"
+              and r["median_ms"] is not None}
+        ours, dpo = by.get(f"fastdpo-{loss}"), by.get("fastdpo-torch")
+        if ours is None:
+            continue
+        line = f"  {loss} {words}: fastdpo-{loss} {ms(ours)}"
+        if dpo is not None:
+            line += f", {ours['median_ms'] / dpo['median_ms']:.2f}x fastdpo's DPO step ({ms(dpo)})"
+            if ours.get("head_mib") is not None and dpo.get("head_mib") is not None:
+                line += f"; its head adds {ours['head_mib']:.1f} MiB (DPO's {dpo['head_mib']:.1f})"
+        out.append(line)
+        for name, r in by.items():
+            if name.startswith(("liger-", "trl-")):
+                mem = "" if r.get("peak_mib") is None or ours.get("peak_mib") is None else (
+                    f", peak {ours['peak_mib']:.1f} MiB against {r['peak_mib']:.1f}")
+                ratio = r["median_ms"] / ours["median_ms"]
+                than = f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than"
+                out.append(f"    {than} {name} ({ms(r)}){mem}")
+    return out

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .config import MODES, REFERENCES, SIZE_FIELDS, WORKLOADS, Config
+from .config import LOSSES, MODES, SIZE_FIELDS, WORKLOADS, Config, references
 from .inputs import make_batch
 from .measure import WorkerServer, _one_line, environment, measure_memory_cuda, time_steps
 from .registry import PROVIDERS, Step, Unavailable, applicable
@@ -68,8 +68,9 @@ def run(
 ) -> list[dict]:
     """Measure every (size, workload, mode, provider); returns one row per combination.
 
-    ``providers=None`` means every registered one; :data:`REFERENCES` (and ``body`` for the
-    step workload) are always added.  ``provider_modules`` are the modules that registered
+    ``providers=None`` means every registered one measured under the configs' ``loss``;
+    :func:`~fastdpo.bench.config.references` of that loss (and ``body`` for the step workload)
+    are always added.  A loss other than ``"dpo"`` has the step workload only.  ``provider_modules`` are the modules that registered
     extra providers (imported again by the worker processes).
 
     ``isolation`` (default :func:`default_isolation`): ``"process"`` times each provider in a
@@ -80,9 +81,14 @@ def run(
     ``pid`` and (shuffle) the provider's place in the ``order``.  ``on_rows(rows)`` is called
     with every row so far after each (size, workload, mode) group.
     """
-    names = list(PROVIDERS) if providers is None else [*REFERENCES, *providers]
+    loss = cfgs[0].loss
+    if loss not in LOSSES or any(c.loss != loss for c in cfgs):
+        raise ValueError(f"every config must have the same loss, one of {LOSSES}; got {sorted({c.loss for c in cfgs})}")
+    names = list(PROVIDERS) if providers is None else [*references(loss), *providers]
     names = list(dict.fromkeys(names))
     workloads, modes = list(workloads), list(modes)
+    if loss != "dpo" and workloads != ["step"]:
+        raise ValueError(f"loss {loss!r} has the step workload only, got workloads {workloads}")
     isolation = isolation or default_isolation(cfgs[0].device)
     if isolation not in ISOLATIONS:
         raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
@@ -90,7 +96,7 @@ def run(
     if any(w == "step" for w in workloads):
         names.append("body")  # the head-memory column needs it
     groups = [(c, w, m) for c in cfgs for w in workloads for m in modes]
-    total = sum(len(applicable(w, names)) * (2 if memory else 1) for _, w, _ in groups)
+    total = sum(len(applicable(w, names, loss)) * (2 if memory else 1) for _, w, _ in groups)
     bar = _progress(total, progress)
     rows: list[dict] = []
     env = environment(cfgs[0].device)
@@ -98,7 +104,7 @@ def run(
         try:
             for i, (cfg, workload, mode) in enumerate(groups):
                 here = [_new_row(n, cfg, workload, mode, repeats, env, isolation, seed)
-                        for n in applicable(workload, names)]  # fmt: skip
+                        for n in applicable(workload, names, loss)]  # fmt: skip
                 rng = random.Random(f"{seed}/{i}")  # a group's order does not depend on the groups before it
                 group = _run_in_processes if isolation == "process" else _run_in_order
                 group(cfg, workload, mode, {r["provider"]: r for r in here}, repeats, warmup, memory, bar, server, rng)
@@ -114,7 +120,7 @@ def run(
 
 def _new_row(n, cfg, workload, mode, repeats, env, isolation, seed) -> dict:
     padded, packed = make_batch(cfg).tokens
-    return dict(provider=n, workload=workload, mode=mode, status="ok", reason="", repeats=repeats,
+    return dict(provider=n, loss=cfg.loss, workload=workload, mode=mode, status="ok", reason="", repeats=repeats,
                 **{k: getattr(cfg, k) for k in SIZE_FIELDS}, dtype=cfg.dtype, device=cfg.device, **env,
                 isolation=isolation, seed=seed, pid=None, order=None, tokens_padded=padded,
                 tokens_packed=packed)  # fmt: skip
