@@ -302,30 +302,37 @@ def summary(rows: list[dict]) -> str:
 
 
 def _family_summary(loss: str, here: list[dict]) -> list[str]:
-    """A loss family's lines: fastdpo's module against fastdpo's DPO step on the same sequences
-    (time, and the memory each head adds), and against each peer of the same loss."""
+    """A loss family's lines: each of fastdpo's providers of the loss against fastdpo's DPO
+    step on the same sequences (time, and the memory each head adds), then against each peer
+    that computes the same loss (the same ``same_loss_as``: ``liger-kto`` is set against
+    ``fastdpo-kto-given-kl``, not against ``fastdpo-kto``, which also scores KL sequences)."""
+    from .registry import PROVIDERS
 
     def ms(r):
         return f"{r['median_ms']:.3g} ms"
+
+    def same(a, b):
+        return a in PROVIDERS and b in PROVIDERS and PROVIDERS[a].same_loss_as == PROVIDERS[b].same_loss_as
 
     out = []
     for key, words in _MODE_WORDS.items():
         by = {r["provider"]: r for r in here if (r["workload"], r["mode"]) == key and r["status"] == "ok"
               and r["median_ms"] is not None}
-        ours, dpo = by.get(f"fastdpo-{loss}"), by.get("fastdpo-torch")
-        if ours is None:
-            continue
-        line = f"  {loss} {words}: fastdpo-{loss} {ms(ours)}"
-        if dpo is not None:
-            line += f", {ours['median_ms'] / dpo['median_ms']:.2f}x fastdpo's DPO step ({ms(dpo)})"
-            if ours.get("head_mib") is not None and dpo.get("head_mib") is not None:
-                line += f"; its head adds {ours['head_mib']:.1f} MiB (DPO's {dpo['head_mib']:.1f})"
-        out.append(line)
-        for name, r in by.items():
-            if name.startswith(("liger-", "trl-")):
-                mem = "" if r.get("peak_mib") is None or ours.get("peak_mib") is None else (
-                    f", peak {ours['peak_mib']:.1f} MiB against {r['peak_mib']:.1f}")
-                ratio = r["median_ms"] / ours["median_ms"]
-                than = f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than"
-                out.append(f"    {than} {name} ({ms(r)}){mem}")
+        dpo = by.get("fastdpo-torch")
+        for name, ours in by.items():
+            if not name.startswith(f"fastdpo-{loss}"):
+                continue
+            line = f"  {loss} {words}: {name} {ms(ours)}"
+            if dpo is not None:
+                line += f", {ours['median_ms'] / dpo['median_ms']:.2f}x fastdpo's DPO step ({ms(dpo)})"
+                if ours.get("head_mib") is not None and dpo.get("head_mib") is not None:
+                    line += f"; its head adds {ours['head_mib']:.1f} MiB (DPO's {dpo['head_mib']:.1f})"
+            out.append(line)
+            for peer, r in by.items():
+                if peer.startswith(("liger-", "trl-")) and same(peer, name):
+                    mem = "" if r.get("peak_mib") is None or ours.get("peak_mib") is None else (
+                        f", peak {ours['peak_mib']:.1f} MiB against {r['peak_mib']:.1f}")
+                    ratio = r["median_ms"] / ours["median_ms"]
+                    than = f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than"
+                    out.append(f"    {than} {peer} ({ms(r)}){mem}")
     return out
