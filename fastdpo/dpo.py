@@ -232,7 +232,7 @@ class DPO(PreferenceModule):
         b = preferred_seq.shape[0]
         ref_scores = given_reference_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, batch.src)
         ref = self._reference_body(batch) if ref_scores is None else None
-        joint = self.scorer.pair(self.route(self.policy_model, batch.src.device), batch)
+        joint = self.scorer.pair(self.scorer.checked_route(self.policy_model, batch), batch)
         if ref_scores is None and not (joint and ref is not None and ref.weight is not None):
             # Scored (and its logits freed) before the policy runs; else the pair op scores it.
             ref_scores, ref = self._scores(ref, batch), None

@@ -25,7 +25,8 @@ than the work.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from . import _checks, ops
 from .batches import Batch
 from .linear import MATMULS, resolve_matmul, run_linear
-from .models import LinearHead, ModelAdapter, adapter_for, live_weight
+from .models import LinearHead, ModelAdapter, adapter_for, eval_mode, live_weight
 from .ops import IMPLS, resolve_impl
 
 REDUCTIONS = ("mean", "sum")
@@ -89,6 +90,36 @@ class Body:
         return self.weight is not None and self.route.kind == "pair"
 
 
+# The first-call check of an inferred head (check_head): a slice of the batch's first sequence,
+# and how far the fused logits may be from the model's own, relative to the largest of them.
+CHECK_TOKENS = 16
+CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
+CHECK_TOL_LOW = 2e-2  # bfloat16, float16: a few ulps of the largest logit
+
+
+def check_head(adapter: ModelAdapter, head: LinearHead, src: Tensor) -> str:
+    """Why ``head`` does not make ``adapter``'s model's own logits ("" when it does, to rounding).
+
+    The model's own forward and the fused computation run on the first :data:`CHECK_TOKENS`
+    positions of the first sequence of ``src``, in eval mode (every module's mode restored
+    after), under ``no_grad``: the model's ``logits``, and ``head.logits`` of its hidden states.
+    What it cannot see: a forward whose transform depends on the batch's content or length, on
+    training mode, or on positions past the slice; ``head="logits"`` opts out of fusing."""
+    tokens = src[:1, :CHECK_TOKENS]
+    with torch.no_grad(), eval_mode(adapter.model):
+        own = adapter.logits(tokens).float()
+        hidden = adapter.hidden(tokens)
+        fused = head.logits(hidden, live_weight(head, hidden.dtype)).float()
+    if fused.shape != own.shape:
+        return f"the fused head's logits have shape {tuple(fused.shape)}, the model's {tuple(own.shape)}"
+    tol = CHECK_TOL.get(hidden.dtype, CHECK_TOL_LOW)
+    err = float((fused - own).abs().max() / own.abs().max().clamp(min=1e-6))
+    if not err <= tol:  # NaN too
+        return (f"its first call's own logits differ from {head.claim} by {err:.2g} of the largest "
+                f"logit (more than {tol:g}): its forward does something else to them")
+    return ""
+
+
 def _own_logits(logits: Tensor) -> bool:
     fn = logits.grad_fn
     return fn is not None and type(fn).__name__ in _OVERWRITABLE_GRAD_FNS
@@ -118,6 +149,8 @@ class Scorer:
         self.pair_ok = pair_ok
         self.sq = sq
         self.routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
+        # inferred heads checked on a first call: (id(model), device, dtype) -> (model, why)
+        self.checked: dict[tuple[int, str, torch.dtype], tuple[nn.Module, str]] = {}
 
     def route(self, model: nn.Module, device: torch.device | str) -> Route:
         """``model``'s :class:`Route` on ``device``, decided on the first call there and kept
@@ -157,9 +190,45 @@ class Scorer:
         """Whether the pair op scores this route's bodies of ``batch`` (:attr:`Body.pair`)."""
         return route.kind == "pair" and not self.small(route, batch)
 
+    def checked_route(self, model: nn.Module, batch: Batch) -> Route:
+        """``model``'s :meth:`route` for ``batch``, an inferred head (``head.claim``) checked
+        first (:meth:`_checked`): what :meth:`body` runs, and what decides whether the pair op
+        can take the policy."""
+        route = self.route(model, batch.src.device)
+        if route.head is not None and route.head.claim:
+            route = self._checked(model, route, batch)
+        return route
+
+    def _checked(self, model: nn.Module, route: Route, batch: Batch) -> Route:
+        """``route`` once its inferred head (``head.claim``) has passed :func:`check_head` on
+        this model, device and dtype (checked here on the first call, outside a compiled
+        graph); the logits route when it failed, or when a compiled graph meets it unchecked
+        (``head="fused"``: a ``ValueError``)."""
+        head = route.head
+        key = (id(model), str(batch.src.device), head.weight.dtype)
+        done = self.checked.get(key)
+        if done is not None and done[0] is model:
+            why = done[1]
+        elif torch.compiler.is_compiling():
+            why = "its inferred head is checked on an eager first call, and this one is compiled"
+        else:
+            why = check_head(route.adapter, head, batch.src)
+            self.checked[key] = (model, why)
+            if why and self.head != "fused":
+                warnings.warn(f"fastdpo will score this model's logits: {why}; pass head='logits' to "
+                              f"silence this", stacklevel=4)
+        if not why:
+            return route
+        if self.head == "fused":
+            raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
+        fallback = replace(route, kind="logits", matmul="torch", head=None, reason=why)
+        if not torch.compiler.is_compiling():
+            self.routes[(id(model), str(batch.src.device))] = (model, fallback)
+        return fallback
+
     def body(self, model: nn.Module, batch: Batch) -> Body:
         """``model``'s :class:`Body` of ``batch`` (on the packed layout when it has one)."""
-        route = self.route(model, batch.src.device)
+        route = self.checked_route(model, batch)
         adapter, head = route.adapter, route.head
         fused = head is not None
         if batch.packed is not None:  # run on the packed rows, gathered back to the unpacked ones

@@ -255,11 +255,8 @@ def test_fallback_reasons():
     custom.lm_head = nn.Sequential(nn.Linear(32, V, bias=False))
     assert "not a plain nn.Linear" in _reason(custom)
 
-    class MyLlama(transformers.LlamaForCausalLM):  # a subclass may change the forward
-        pass
-
-    mine = MyLlama(tiny("LlamaForCausalLM").config)
-    assert "has not checked the head of a MyLlama" in _reason(mine)
+    # (a subclass, which may change the forward, is checked on its first call:
+    # tests/test_hf_inferred.py)
 
     # a head with a LoRA adapter on it
     lora_head = lora_llama(target_modules=["q_proj", "lm_head"])

@@ -27,12 +27,16 @@ class LinearHead:
 
     ``weight`` is the weight when the head was found; ``owner``, when given, is the module
     whose ``.weight`` it is, read again at each call by :func:`live_weight` (FSDP2 swaps a
-    sharded parameter for its gathered twin and back around every forward).
+    sharded parameter for its gathered twin and back around every forward).  ``claim``: empty
+    for a head whose model's forward was read (and is tested); else what was inferred about an
+    unread one (``"logits = lm_head(hidden) * 0.5 (logit_scale)"``), which the first call checks
+    against the model's own logits (:meth:`fastdpo.scoring.Scorer.body`) before it is trusted.
     """
 
     weight: Tensor
     scale: float | None
     owner: nn.Module | None = None
+    claim: str = ""
 
     def logits(self, hidden: Tensor, weight: Tensor) -> Tensor:
         """The logits the model's own head makes from ``hidden`` (product, then scale)."""

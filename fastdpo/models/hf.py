@@ -11,9 +11,13 @@ and imports fast, without them.
   and fuses ``lm_head``'s product into the scores (:func:`hidden_states`): ``lm_head``'s own
   forward sees no row.
 * **Heads.**  A causal LM's forward may do more than ``lm_head(hidden)``: scale the logits
-  (Cohere, Granite), cap them with a tanh (Gemma 2 and 3), add a bias.  Only the classes in
-  :data:`HEAD_RULES`, whose forwards were read and whose fused scores are tested against their
-  own logits, are fused; any other class takes the logits route, with the reason.
+  (Cohere, Granite), cap them with a tanh (Gemma 2 and 3), add a bias.  The classes in
+  :data:`HEAD_RULES` had their forwards read and their fused scores are tested against their
+  own logits.  Any other causal LM whose output embedding is a plain bias-free linear layer
+  gets a head inferred from its config (:func:`inferred_head`: ``logit_scale``,
+  ``logits_scaling``), which its first call checks against the model's own logits on a slice
+  of the real batch (:func:`fastdpo.scoring.check_head`): equal to rounding, it is fused from
+  then on; different, the logits route, with the reason.
 * **Padding.**  The model gets no attention mask: only right padding leaves the real tokens'
   scores unchanged (:func:`check_right_padding`).
 * **Packed pairs** go in as ``position_ids``; the model attends by parts of the layout
@@ -99,17 +103,39 @@ HEAD_RULES: dict[str, Callable[[nn.Module], tuple[float | None, str]]] = {
 }
 
 
+def _number(x) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def inferred_head(lm: nn.Module) -> tuple[float | None, str, str]:
+    """``(scale, claim, "")`` for a causal LM whose forward fastdpo has not read: the logits
+    transform its config names, as transformers' classes use the keys (``logit_scale``: a
+    product, Cohere's, read from the model or its config; ``logits_scaling``: a division,
+    Granite's), or ``(None, "", why)`` when it names one fastdpo does not fuse
+    (``final_logit_softcapping``).  A claim only: the first call checks it
+    (:func:`fastdpo.scoring.check_head`)."""
+    config = _text_config(lm)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        return None, "", f"it caps its logits with a tanh (final_logit_softcapping={cap}), which fastdpo does not fuse"
+    scale, claim = None, "logits = lm_head(hidden)"
+    times = _number(getattr(lm, "logit_scale", None))
+    times = times if times is not None else _number(getattr(config, "logit_scale", None))
+    if times is not None:
+        scale, claim = times, f"{claim} * {times:g} (logit_scale)"
+    over = _number(getattr(config, "logits_scaling", None))
+    if over is not None:
+        scale, claim = (scale or 1.0) / over, f"{claim} / {over:g} (logits_scaling)"
+    return scale, claim, ""
+
+
 def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
     """The fusable head of a Hugging Face causal LM ``lm`` (what :func:`causal_lm` found), or
-    ``(None, reason)``."""
+    ``(None, reason)``: a class of :data:`HEAD_RULES` as its rule says; any other with the
+    head :func:`inferred_head` claims, to be checked on its first call."""
     cls = model_class(lm)
     name = cls.__name__
     rule = HEAD_RULES.get(name) if cls.__module__.startswith("transformers.models.") else None
-    if rule is None:
-        return None, (
-            f"fastdpo has not checked the head of a {name} (the classes it fuses are "
-            f"fastdpo.models.hf.HEAD_RULES)"
-        )
     head = lm.get_output_embeddings()
     if model_class(head) is not nn.Linear:
         return None, f"its output embedding is a {type(head).__name__}, not a plain nn.Linear"
@@ -120,8 +146,13 @@ def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
         return None, why
     if _backbone(lm) is None:
         return None, "it has no separate backbone (base_model, get_decoder()) to run for its hidden states"
-    scale, why = rule(lm)
-    return (LinearHead(head.weight, scale, head), "") if not why else (None, why)
+    if rule is not None:
+        scale, why = rule(lm)
+        return (LinearHead(head.weight, scale, head), "") if not why else (None, why)
+    scale, claim, why = inferred_head(lm)
+    if why:
+        return None, why
+    return LinearHead(head.weight, scale, head, claim=f"{claim}, inferred for a {name} (not in HEAD_RULES)"), ""
 
 
 # -------------------------------------------------------------------------------- calls

@@ -1,0 +1,191 @@
+"""Hugging Face causal LMs outside ``fastdpo.models.hf.HEAD_RULES``: the head inferred from the
+config and checked on the first call against the model's own logits (``scoring.check_head``).
+
+Each class below takes the fused head after the check passes and equals a float64
+computation from its own logits; a forward that does something else to the logits (a bias, a
+temperature) is caught by the check and scored on the logits route, exactly, with the reason.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+import fastdpo.scoring  # noqa: E402
+from fastdpo import DPO  # noqa: E402
+from fastdpo.models import hf  # noqa: E402
+
+from test_hf import COMMON, CONVENTIONS, batch, check_against_own_logits, perturb, tiny  # noqa: E402
+
+# Tiny configs of popular classes fastdpo's HEAD_RULES do not list (transformers 5.24).
+INFERRED = {
+    "MixtralForCausalLM": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                   head_dim=8)),
+    "OlmoeForCausalLM": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2)),
+    "GraniteMoeForCausalLM": ("GraniteMoeConfig", dict(num_local_experts=4, num_experts_per_tok=2, logits_scaling=3.0)),
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", dict()),
+    "StableLmForCausalLM": ("StableLmConfig", dict()),
+    "OlmoForCausalLM": ("OlmoConfig", dict()),
+    "SmolLM3ForCausalLM": ("SmolLM3Config", dict()),
+}
+
+
+def inferred(name: str, seed: int = 0) -> nn.Module:
+    config_name, kw = INFERRED[name]
+    torch.manual_seed(seed)
+    return getattr(transformers, name)(getattr(transformers, config_name)(**{**COMMON, **kw}))
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """Counts the first-call checks."""
+    calls = []
+    real = fastdpo.scoring.check_head
+
+    def spy(*args, **kwargs):
+        calls.append(args[1].claim)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastdpo.scoring, "check_head", spy)
+    return calls
+
+
+def test_the_classes_are_not_in_head_rules():
+    assert not set(INFERRED) & set(hf.HEAD_RULES)
+
+
+@pytest.mark.parametrize("conv", list(CONVENTIONS))
+@pytest.mark.parametrize("name", list(INFERRED))
+def test_inferred_head_is_checked_once_then_fused_and_exact(name, conv, checks):
+    model = inferred(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the head is fused
+        dpo = DPO(model, pad_id=0, **CONVENTIONS[conv])
+        perturb(model)
+        check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS[conv])
+        check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS[conv])
+    route = dpo.route(model, "cpu")
+    assert route.kind == "pair" and route.head.claim, route
+    assert len(checks) == 2, checks  # the policy and the reference, once each
+    if name == "GraniteMoeForCausalLM":
+        assert route.head.scale == pytest.approx(1 / 3) and "/ 3 (logits_scaling)" in route.head.claim
+
+
+def test_listed_classes_are_not_checked(checks):
+    model = tiny("LlamaForCausalLM")
+    dpo = DPO(model, **CONVENTIONS["trl"])
+    perturb(model)
+    check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
+    assert checks == []
+    assert dpo.route(dpo.policy_model, "cpu").head.claim == ""
+
+
+class BiasedLlama(transformers.LlamaForCausalLM):
+    """A forward that adds a bias to the logits: the head fastdpo infers cannot see it."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        g = torch.Generator().manual_seed(7)
+        bias = torch.randn(out.logits.shape[-1], generator=g) * 0.5
+        out.logits = out.logits + bias
+        return out
+
+
+class HotLlama(transformers.LlamaForCausalLM):
+    """A forward that divides the logits by a temperature no config key names."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits / 0.7
+        return out
+
+
+@pytest.mark.parametrize("cls", [BiasedLlama, HotLlama])
+def test_a_forward_the_head_cannot_reproduce_is_caught_and_stays_exact(cls, checks):
+    model = cls(tiny("LlamaForCausalLM").config)
+    dpo = DPO(model)  # no warning yet: the claim is checked on the first call
+    assert dpo.route(model, "cpu").head.claim
+    perturb(model)
+    with pytest.warns(UserWarning, match="own logits differ from logits = lm_head"):
+        check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["x-transformers"])
+    route = dpo.route(model, "cpu")
+    assert route.kind == "logits" and "differ" in route.reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["x-transformers"])
+    assert len(checks) == 2
+
+    strict = DPO(cls(tiny("LlamaForCausalLM").config), head="fused")
+    pref, unpref, pm, pmask, umask = batch()
+    with pytest.raises(ValueError, match="head='fused' but the model's head cannot be fused: its first call"):
+        strict(pref, unpref, prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
+
+
+def test_a_subclass_with_the_same_forward_is_fused():
+    class MyLlama(transformers.LlamaForCausalLM):
+        pass
+
+    model = MyLlama(tiny("LlamaForCausalLM").config)
+    dpo = DPO(model, head="fused", **CONVENTIONS["trl"])
+    perturb(model)
+    check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
+    assert dpo.route(model, "cpu").kind == "pair"
+
+
+def test_bfloat16_inferred_head_passes_its_check():
+    model = inferred("GPTNeoXForCausalLM").to(torch.bfloat16)
+    dpo = DPO(model, head="fused")
+    pref, unpref, pm, pmask, umask = batch()
+    loss = dpo(pref, unpref, prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
+    assert torch.isfinite(loss) and dpo.route(model, "cpu").kind == "pair"
+
+
+def test_softcap_and_bias_still_fall_back_with_their_reasons():
+    model = inferred("OlmoForCausalLM")
+    model.config.final_logit_softcapping = 30.0
+    assert "final_logit_softcapping=30.0" in hf.find_head(model)[1]
+    phi = transformers.PhiForCausalLM(transformers.PhiConfig(**COMMON))
+    assert "has a bias" in hf.find_head(phi)[1]
+
+
+def test_a_compiled_first_call_scores_the_logits_exactly():
+    """Inside a compiled graph the check cannot run: that graph takes the logits route, with
+    the eager (checked, fused) step's loss."""
+    model = inferred("OlmoForCausalLM")
+    perturb(model)
+    dpo = DPO(model, **CONVENTIONS["trl"])
+    pref, unpref, pm, pmask, umask = batch()
+    kw = dict(prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
+    with torch.no_grad():
+        want = dpo(pref, unpref, **kw)  # eager: checked, fused
+    torch._dynamo.reset()
+    fresh = DPO(model, **CONVENTIONS["trl"])
+    fresh.ref_model = dpo.ref_model
+    step = torch.compile(lambda: fresh(pref, unpref, **kw), backend="aot_eager")
+    with torch.no_grad():
+        got = step()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert fresh.scorer.checked == {}  # nothing was checked inside the graph
+
+    # an eager call checks the head; a graph traced after it fuses
+    with torch.no_grad():
+        fresh(pref, unpref, **kw)
+    assert [why for _, why in fresh.scorer.checked.values()] == ["", ""]
+    torch._dynamo.reset()
+    traced = []
+    real = hf.hidden_states
+    try:
+        hf.hidden_states = lambda *a, **k: traced.append(1) or real(*a, **k)
+        step = torch.compile(lambda: fresh(pref, unpref, **kw), backend="aot_eager")
+        with torch.no_grad():
+            got = step()
+    finally:
+        hf.hidden_states = real
+    assert traced  # the fused route's hidden states, not the logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
