@@ -138,12 +138,24 @@ def test_a_subclass_with_the_same_forward_is_fused():
     assert dpo.route(model, "cpu").kind == "pair"
 
 
-def test_bfloat16_inferred_head_passes_its_check():
-    model = inferred("GPTNeoXForCausalLM").to(torch.bfloat16)
-    dpo = DPO(model, head="fused")
-    pref, unpref, pm, pmask, umask = batch()
-    loss = dpo(pref, unpref, prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
-    assert torch.isfinite(loss) and dpo.route(model, "cpu").kind == "pair"
+@pytest.mark.parametrize("name", ["GPTNeoXForCausalLM", "GraniteMoeForCausalLM"])
+def test_bfloat16_inferred_head_passes_its_check_and_is_within_bf16(name):
+    model = inferred(name).to(torch.bfloat16)
+    dpo = DPO(model, head="fused", **CONVENTIONS["trl"])
+    perturb(model)
+    # as tests/test_hf.py's bf16 Llama: the model's own logits are rounded to bf16 first
+    check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"], loss_tol=2e-2, grad_tol=2e-2)
+    assert dpo.route(model, "cpu").kind == "pair"
+
+
+@pytest.mark.parametrize("matmul", ["torch", "triton"])
+def test_triton_route_with_an_inferred_scale(matmul):
+    """impl="triton" (the CUDA code, interpreted on CPU tensors) on an inferred head with a scale."""
+    model = inferred("GraniteMoeForCausalLM")
+    dpo = DPO(model, head="fused", impl="triton", matmul=matmul)
+    perturb(model)
+    check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["x-transformers"])
+    assert dpo.route(model, "cpu").head.scale == pytest.approx(1 / 3)
 
 
 def test_softcap_and_bias_still_fall_back_with_their_reasons():
