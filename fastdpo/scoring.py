@@ -21,6 +21,11 @@ log-probs of a body.  The route from a model to its body is decided once per mod
 A fused step small enough (:func:`fastdpo.ops.is_small`) builds its logits from the hidden
 states and scores them as the logits route does: at that size the fused machinery costs more
 than the work.
+
+A head inferred for a model whose forward fastdpo has not read (``LinearHead.claim``: a Hugging
+Face class outside ``HEAD_RULES``) is checked against the model's own logits on its first call
+(:func:`check_head`, :meth:`Scorer.checked_route`) before a fused route is trusted; a failed
+check turns the route into ``"logits"``.
 """
 
 from __future__ import annotations
