@@ -73,10 +73,12 @@ def _linear_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(scores (N,), row stats (2, N, T), WPO's sums), float32.
 
-    The row stats' two planes sum to each row's logsumexp, for the backward: the fold's row max
-    and log-sum, 0 at rows that do not count (``matmul="torch"``); the logsumexp and 0 at every
-    row, masked ones included (``matmul="triton"``: the GEMM kernels score every row, masked
-    rows with zero hidden states).  WPO's sums: (2, N) with ``sq``, per sequence
+    The row stats are what the backward reads.  ``matmul="torch"``: the fold's, 0 at rows that
+    do not count; the Triton fold's (``impl="triton"``) are each row's max and log-sum, whose
+    sum is its logsumexp; the torch fold's are zeros (its backward recomputes the softmax from
+    the logits and reads none).  ``matmul="triton"``: each row's logsumexp and 0, at every row,
+    masked ones included (the GEMM kernels score every row, masked rows with zero hidden
+    states).  WPO's sums: (2, N) with ``sq``, per sequence
     ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``; else (0,)."""
     n, t, d = hidden.shape
     if matmul == "triton":
