@@ -42,9 +42,14 @@ pytestmark = pytest.mark.skipif(
 
 
 def make_model(family: str, tied: bool = False) -> torch.nn.Module:
+    """``"hf"``: a Llama (a class fastdpo's HEAD_RULES list); ``"hfsub"``: the same weights in a
+    subclass, whose head fastdpo infers and checks on the first call (under FSDP2 here)."""
     torch.manual_seed(0)
-    if family == "hf":
+    if family in ("hf", "hfsub"):
         from transformers import LlamaConfig, LlamaForCausalLM
+
+        if family == "hfsub":
+            LlamaForCausalLM = type("InferredLlama", (LlamaForCausalLM,), {})  # noqa: N806
 
         config = LlamaConfig(
             vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -146,13 +151,14 @@ FSDP_CASES = ["x-transformers-logits", "x-transformers-auto", "x-transformers-fu
               "x-transformers-logits-mp", "x-transformers-auto-mp", "x-transformers-logits-tied-mp",
               "x-transformers-auto-tied-mp", "x-transformers-auto-reshard", "x-transformers-packed"]
 if "hf" in FAMILIES:
+    FSDP_CASES += ["hfsub-auto"]  # an inferred head, checked on its first call, under FSDP2
     FSDP_CASES += ["hf-auto", "hf-auto-tied", "hf-auto-reshard", "hf-logits-mp", "hf-auto-mp", "hf-packed"]
 
 
 def parse_case(case: str) -> tuple[str, str, bool, bool]:
     """(family, head, tied, mixed precision) of an FSDP case (reshard: the policy's root
     reshards after forward too, so its head weight is a DTensor when the head runs)."""
-    family = "hf" if case.startswith("hf-") else "x-transformers"
+    family = next((f for f in ("hfsub", "hf") if case.startswith(f + "-")), "x-transformers")
     rest = case[len(family) + 1:].split("-")
     return family, rest[0], "tied" in rest, "mp" in rest
 
@@ -164,7 +170,7 @@ def shard(model: torch.nn.Module, family: str, mesh, *, frozen: bool, mp: bool, 
     kw = dict(mesh=mesh)
     if mp:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    if family == "hf":
+    if family in ("hf", "hfsub"):
         for layer in model.model.layers:
             fully_shard(layer, **kw)
     else:
@@ -199,6 +205,7 @@ def _fsdp_scenario(rank: int, case: str, res: dict) -> None:
         res["loss"] = loss.detach().float()
         res["route"] = dpo.route(dpo.policy_model, "cpu").kind
         res["ref_route"] = dpo.route(dpo.ref_model, "cpu").kind
+        res["checked"] = sorted(why for _, why in dpo.scorer.checked.values())  # inferred heads' checks
         res["grads"] = policy_grads(dpo)
         res["ref_is_sharded"] = all(hasattr(p, "full_tensor") for p in dpo.ref_model.parameters())
         res["policy_is_sharded"] = all(hasattr(p, "full_tensor") for p in dpo.policy_model.parameters())
@@ -408,6 +415,7 @@ def test_fsdp2_matches_one_process(job, case):
         r = res["fsdp"][case]
         assert r["outcome"] == "ok", r.get("where", r["outcome"])
         assert r["route"] == r["ref_route"] == ("logits" if head == "logits" else "pair")
+        assert r["checked"] == (["", ""] if family == "hfsub" else [])  # policy and reference, passed
         assert not [w for w in r["warnings"] if "logits" in w]  # no fallback warning
         assert r["ref_is_sharded"] and r["policy_is_sharded"]  # after the step: nothing left gathered
         if not mp:
