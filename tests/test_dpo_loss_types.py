@@ -50,6 +50,17 @@ CASES = [
 ]
 
 
+def head_inputs(seed: int, n: int, t: int, d: int, v: int, keep: float):
+    """Seeded random inputs of the pair op: hidden (n, t, d) and weight (v, d) wanting
+    gradients, targets, a mask keeping about ``keep`` of the positions, its per-row counts."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, t, d, generator=g, requires_grad=True)
+    weight = torch.randn(v, d, generator=g, requires_grad=True)
+    targets = torch.randint(0, v, (n, t), generator=g)
+    mask = torch.rand(n, t, generator=g) < keep
+    return g, hidden, weight, targets, mask
+
+
 def case_id(c):
     return "-".join(f"{k}={v}" for k, v in c.items())
 
@@ -237,12 +248,8 @@ def test_aot_on_the_pair_op_takes_the_batch_as_one_group(kind):
     one pair would make it sigmoid)."""
     model = make("hf")
     assert DPO(model, loss_type=kind, head="fused").route(model, "cpu").kind == "pair"
-    g = torch.Generator().manual_seed(6)
     n2, t, d = 8, 6, 8
-    hidden = torch.randn(n2, t, d, generator=g, requires_grad=True)
-    weight = torch.randn(V, d, generator=g, requires_grad=True)
-    targets = torch.randint(0, V, (n2, t), generator=g)
-    mask = torch.rand(n2, t, generator=g) < 0.7
+    g, hidden, weight, targets, mask = head_inputs(6, n2, t, d, V, keep=0.7)
     count = mask.sum(-1).float().clamp(min=1e-5)
     lp = (hidden.double() @ weight.double().T).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     s = (lp * mask).sum(-1)
@@ -286,12 +293,8 @@ def test_sft_on_groups_of_pairs_is_the_batch_mean(reduction):
     """The pair op takes the loss group by group (one pair per group here): with sums, sft's
     per-pair share is scaled by the whole batch's chosen token count, so the groups add up to
     the batch-level token mean; loss and gradients as one group (the whole batch)."""
-    g = torch.Generator().manual_seed(2)
     n2, t, d = 6, 7, 8
-    hidden = torch.randn(n2, t, d, generator=g, requires_grad=True)
-    weight = torch.randn(V, d, generator=g, requires_grad=True)
-    targets = torch.randint(0, V, (n2, t), generator=g)
-    mask = torch.rand(n2, t, generator=g) < 0.6
+    g, hidden, weight, targets, mask = head_inputs(2, n2, t, d, V, keep=0.6)
     mask[1] = False  # an empty chosen completion: counts nothing
     count = mask.sum(-1).float().clamp(min=1e-5)
     cfg = check_loss_config(["sigmoid", "sft"], 0.3, loss_weights=[1.0, 2.0])
@@ -392,11 +395,7 @@ def test_defaults_are_trls():
 def test_dpo_head_op_carries_the_new_options():
     """opcheck of the pair op with the new LossConfig fields (they travel in its schema), and
     the loss it returns is pair_losses' on its sums."""
-    g = torch.Generator().manual_seed(5)
-    hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
-    weight = torch.randn(13, 8, generator=g, requires_grad=True)
-    targets = torch.randint(0, 13, (4, 5), generator=g)
-    mask = torch.rand(4, 5, generator=g) > 0.3
+    g, hidden, weight, targets, mask = head_inputs(5, 4, 5, 8, 13, keep=0.7)
     count = mask.sum(-1).clamp(min=1e-5).float()
     ref = torch.randn(4, generator=g)
     cfg = check_loss_config(["discopop", "sft"], 0.3, discopop_tau=0.2, f_divergence_type="alpha_divergence",
