@@ -2,12 +2,13 @@
 
 Dimensions: N sequences, T positions, D hidden size, V vocabulary; M counted rows.
 
-``logits = hidden @ weight.T (* scale)`` is never built whole.  The counted rows (mask True)
+``logits = hidden @ weight.T (* scale)`` (then, for Gemma 2, ``softcap * tanh(logits /
+softcap)``) is never built whole.  The counted rows (mask True)
 are gathered once (prompt and padding rows need no head product at all), then walked in
 chunks whose logits fit a byte budget.  Each chunk's logits come from the library's matrix
 product (``torch.mm``: cuBLAS on CUDA), rounded as the model's own head rounds them (the
 product in the weight's dtype, then the scale); a *fold* then does the elementwise work on
-them:
+them, the softcap included (in float32, and its derivative in the gradient):
 
 * :class:`TorchFold` -- torch ops over cache-sized boxes, on float32 copies (the CPU path);
 * :class:`TritonFold` -- fastdpo's Triton kernels (:func:`fastdpo.kernels.sequence_logprobs.
@@ -202,36 +203,60 @@ class TorchFold:
         return torch.float32
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def stats(
+        z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None, softcap: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         """(row stats (2, rows): zeros, this fold's gradient reads none; target log-probs
         (rows,)) of float32 logits ``z``.  With ``keep``, ``z`` becomes ``softmax(z)`` in place,
         for :meth:`grad_`.  ``sq_out`` (rows,), if given, receives each row's ``log sum_v
-        p_v^2`` (:func:`fastdpo.torch_impl.log_sum_sq`, from the same softmax)."""
+        p_v^2`` (:func:`fastdpo.torch_impl.log_sum_sq`, from the same softmax).  With a
+        ``softcap`` the rows are capped in place first, and kept as capped logits: the
+        gradient needs them for the cap's derivative."""
         rows = z.shape[0]
         st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
         logp = torch.empty(rows, dtype=torch.float32, device=z.device)
         for r in _cache_rows(z):
             zr, sq = z[r], (sq_out[r] if sq_out is not None else None)
-            if keep:
+            if softcap is not None:
+                _cap_(zr, softcap)
+            if keep and softcap is None:
                 logp[r] = torch_impl.row_logprobs_into(zr, zr, y[r], sq)
             else:
                 logp[r] = torch_impl.row_logprobs(zr, y[r], sq)
         return st, logp
 
     @staticmethod
-    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False) -> Tensor:
+    def grad_(
+        z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
+        softcap: float | None = None,
+    ) -> Tensor:
         """Turn ``z`` into d(sum_m g_m logp_m)/d(h @ W.T) in place (the scale folded into the row
         weights): from the probabilities :meth:`stats` left there when ``kept``, else from
-        logits (one fused softmax)."""
+        logits (one fused softmax).  With a ``softcap``: from the capped logits :meth:`stats`
+        left when ``kept`` (else the logits are capped here), times the cap's derivative
+        ``1 - (z / softcap)^2`` (as torch's own tanh backward forms it)."""
         if scale is not None:
             g = g * scale
         for r in _cache_rows(z):
-            if kept:
+            zr = z[r]
+            if softcap is None and kept:
                 gr = g[r].unsqueeze(1)
-                z[r].mul_(gr.neg()).scatter_add_(1, y[r].unsqueeze(1), gr)
-            else:
-                torch_impl.row_grad_into(z[r], z[r], y[r], g[r])
+                zr.mul_(gr.neg()).scatter_add_(1, y[r].unsqueeze(1), gr)
+                continue
+            if softcap is None:
+                torch_impl.row_grad_into(zr, zr, y[r], g[r])
+                continue
+            if not kept:
+                _cap_(zr, softcap)
+            slope = torch.div(zr, softcap).square_().neg_().add_(1.0)  # a cache-sized box
+            torch_impl.row_grad_into(zr, zr, y[r], g[r]).mul_(slope)
         return z
+
+
+def _cap_(z: Tensor, softcap: float) -> Tensor:
+    """``z`` (float32) replaced by ``softcap * tanh(z / softcap)``, as Gemma 2's forward caps
+    its logits (there in the model's dtype, here in float32)."""
+    return z.div_(softcap).tanh_().mul_(softcap)
 
 
 def _cache_rows(z: Tensor) -> list[slice]:
@@ -254,18 +279,24 @@ class TritonFold:
         return weight.dtype
 
     @staticmethod
-    def stats(z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def stats(
+        z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None, softcap: float | None = None
+    ) -> tuple[Tensor, Tensor]:
         from .kernels.sequence_logprobs import row_logprobs
 
-        logp, st = row_logprobs(z, y, sq_out)
+        # A softcap is applied in float32 as the kernel reads the logits; z stays uncapped.
+        logp, st = row_logprobs(z, y, sq_out, softcap)
         return st, logp
 
     @staticmethod
-    def grad_(z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False) -> Tensor:
+    def grad_(
+        z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
+        softcap: float | None = None,
+    ) -> Tensor:
         from .kernels.sequence_logprobs import row_logprob_grad_
 
         # The scale folds into the row weight: d logp / dz scaled, rounded once to z's dtype.
-        return row_logprob_grad_(z, y, st, g if scale is None else g * scale)
+        return row_logprob_grad_(z, y, st, g if scale is None else g * scale, softcap)
 
 
 FOLDS = {"torch": TorchFold, "triton": TritonFold}
@@ -284,10 +315,13 @@ def score_rows(
     *,
     hits: bool = False,
     sq: bool = False,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(row stats (2, M), target log-probs (M,), argmax hits (M,) bool or None, with ``sq`` the
     rows' ``log sum_v p_v^2`` (M,) or None) of every row of ``h`` (M, D), chunk by chunk
-    through one reused buffer; no logits kept."""
+    through one reused buffer, the logits capped by ``softcap`` when given; no logits kept.
+    (The argmax: the torch fold's of capped logits, the Triton fold's of uncapped ones; the
+    cap is increasing, so the two agree but where tanh saturates float32 into a tie.)"""
     m, v = h.shape[0], weight.shape[0]
     dtype = fold.dtype(weight)
     st = torch.empty(2, m, dtype=torch.float32, device=h.device)
@@ -298,7 +332,7 @@ def score_rows(
     buf = torch.empty(rows, v, dtype=dtype, device=h.device) if m else None
     for c in chunk_slices(m, rows):
         z = logits_into(buf[: c.stop - c.start], h[c], weight, scale)
-        st[:, c], logp[c] = fold.stats(z, y[c], sq_out=lsq[c] if sq else None)
+        st[:, c], logp[c] = fold.stats(z, y[c], sq_out=lsq[c] if sq else None, softcap=softcap)
         if hit is not None:
             hit[c] = z.argmax(-1) == y[c]
     return st, logp, hit, lsq
@@ -315,9 +349,11 @@ def row_grads(
     budget: int,
     grad_weight: WeightGrad | None,
     need_hidden: bool = True,
+    softcap: float | None = None,
 ) -> Tensor | None:
     """d hidden rows (M, D) of ``sum_m g_m logp_m`` (recomputing each chunk's logits from the
-    row stats); adds the weight's gradient into ``grad_weight``."""
+    row stats; through the ``softcap`` when given); adds the weight's gradient into
+    ``grad_weight``."""
     m, v = h.shape[0], weight.shape[0]
     dtype = fold.dtype(weight)
     grad_h = torch.empty_like(h) if need_hidden else None
@@ -325,7 +361,7 @@ def row_grads(
     buf = torch.empty(rows, v, dtype=dtype, device=h.device) if m else None
     for c in chunk_slices(m, rows):
         z = logits_into(buf[: c.stop - c.start], h[c], weight, scale)
-        dz = fold.grad_(z, st[:, c], y[c], g[c], scale).to(weight.dtype)
+        dz = fold.grad_(z, st[:, c], y[c], g[c], scale, softcap=softcap).to(weight.dtype)
         if grad_h is not None:
             torch.mm(dz, weight, out=grad_h[c])
         if grad_weight is not None:

@@ -258,6 +258,7 @@ class DPO(PreferenceModule):
         opts = HeadOptions(
             impl=policy.route.impl, scale=policy.route.head.scale,
             ref_scale=ref.route.head.scale if ref is not None else None,
+            softcap=policy.route.head.softcap, ref_softcap=ref.route.head.softcap if ref is not None else None,
             reduction=self.logprob_reduction, loss=self.loss, count_hits=count_hits,
             use_weighting=self.use_weighting,
         )

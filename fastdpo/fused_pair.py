@@ -55,6 +55,8 @@ class HeadOptions:
     loss: LossConfig
     count_hits: bool = False  # count scored positions whose target is the argmax (metrics)
     use_weighting: bool = False  # WPO: fold the policy's log sum_v p_v^2, weight each pair's loss
+    softcap: float | None = None  # the policy head's tanh cap of its logits (Gemma 2)
+    ref_softcap: float | None = None
     chunk_bytes: int = 0  # 0: the device's default, fastdpo.chunks.chunk_bytes
     group_bytes: int = 0  # 0: the device's default, fastdpo.chunks.group_bytes
 
@@ -216,7 +218,9 @@ def dpo_head_impl(
         return logp if w is None else logp * w
 
     if ref_hidden is not None:
-        _, ref_logp, _, _ = chunks.score_rows(plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes)
+        _, ref_logp, _, _ = chunks.score_rows(
+            plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes, softcap=opts.ref_softcap
+        )
         ref_sums = plan.sequence_sums(weighted(ref_logp))
         ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
     elif ref_scores is None:  # reference-free: a zero reference
@@ -228,7 +232,9 @@ def dpo_head_impl(
     hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
 
     if not (need_hidden or need_weight):
-        _, logp, hit, lsq = chunks.score_rows(h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq)
+        _, logp, hit, lsq = chunks.score_rows(
+            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq, softcap=opts.softcap
+        )
         sums = plan.sequence_sums(weighted(logp))
         if hit is not None:
             hits.index_add_(0, plan.seq, hit.long())
@@ -279,7 +285,9 @@ def dpo_head_impl(
             chunks.logits_into(z, hg[c], weight, opts.scale)
             if opts.count_hits:  # before the fold may turn kept logits into probabilities
                 hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
-            st[:, c], logp[c] = fold.stats(z, yg[c], keep=c.stop <= keep, sq_out=lsq[c] if sq else None)
+            st[:, c], logp[c] = fold.stats(
+                z, yg[c], keep=c.stop <= keep, sq_out=lsq[c] if sq else None, softcap=opts.softcap
+            )
         sums64.index_add_(0, seq, (logp if wg is None else logp * wg).double())
         if sq:
             wpo64[0].index_add_(0, seq, lsq.double())
@@ -315,7 +323,7 @@ def dpo_head_impl(
         grad_h = torch.empty_like(hg) if need_hidden else None
         if keep:
             for c in chunks.chunk_slices(keep, rows_per_chunk):
-                fold.grad_(kept[c], st[:, c], yg[c], g[c], opts.scale, kept=True)
+                fold.grad_(kept[c], st[:, c], yg[c], g[c], opts.scale, kept=True, softcap=opts.softcap)
             dz = kept.to(weight.dtype)
             del kept
             if grad_h is not None:
@@ -326,7 +334,7 @@ def dpo_head_impl(
         if keep < m:
             rest = chunks.row_grads(
                 hg[keep:], yg[keep:], weight, opts.scale, fold, st[:, keep:], g[keep:],
-                chunk_bytes, grad_w, need_hidden,
+                chunk_bytes, grad_w, need_hidden, opts.softcap,
             )
             if grad_h is not None:
                 grad_h[keep:] = rest
@@ -431,7 +439,7 @@ def dpo_head(
         weight: (V, D) the policy's head weight, hidden's dtype.
         targets: (2B, T) int64 ids, mask: (2B, T) bool (True = the position is scored),
             count: (2B,) float scored-token counts (clamped, as the DPO module makes them).
-        opts: :class:`HeadOptions` (impl, scales, the loss -- a tensor ``bco_delta`` in it
+        opts: :class:`HeadOptions` (impl, scales and softcaps, the loss -- a tensor ``bco_delta`` in it
             travels as a tensor --, budgets).  With ``opts.use_weighting`` each pair's loss
             is weighted by WPO (:func:`fastdpo.weighting.wpo_weights`), the policy's ``log
             sum_v p_v^2`` folded with its log-probs.
@@ -463,6 +471,9 @@ def dpo_head(
     if ref_scores is not None and (ref_scores.shape != (n2,) or ref_scores.dtype != torch.float32):
         raise ValueError(f"ref_scores must be a float32 ({n2},) tensor, got {ref_scores.dtype} {tuple(ref_scores.shape)}")
     _checks.choice("opts.impl", opts.impl, tuple(chunks.FOLDS))
+    for name in ("softcap", "ref_softcap"):
+        if getattr(opts, name) is not None:
+            _checks.positive_finite(f"opts.{name}", getattr(opts, name))
     _checks.choice("opts.reduction", opts.reduction, ("mean", "sum"))
     token_weights = _checks.token_weights(token_weights, mask)
     return run_dpo_head(hidden, weight, targets, mask, count, opts, ref_hidden, ref_weight, ref_scores, token_weights)

@@ -82,7 +82,7 @@ class Row:
         if self.family == "linear":
             # Their tiles reach shared memory through cp.async, not ld.global.
             return self.cp_async_128 > 0
-        return self.loads_128 > 0 and (self.kernel != "bwd" or self.stores_128 > 0)
+        return self.loads_128 > 0 and (not self.kernel.startswith("bwd") or self.stores_128 > 0)
 
     @property
     def smem_ok(self) -> bool:

@@ -2,7 +2,8 @@
 
 Dimensions: N sequences, T positions, D hidden size, V vocabulary; M counted rows.
 
-``sequence_logprobs(hidden @ weight.T * scale, targets, mask)`` without the (N, T, V) logits.
+``sequence_logprobs(hidden @ weight.T * scale, targets, mask)`` without the (N, T, V) logits
+(with ``softcap``, of ``softcap * tanh(hidden @ weight.T * scale / softcap)``: Gemma 2's).
 The public function checks its arguments, then calls one ``torch.library`` custom op,
 ``fastdpo::linear_sequence_logprobs`` (opaque to ``torch.compile``, with a fake
 implementation and registered autograd), whose body runs the route chosen per call:
@@ -33,14 +34,22 @@ from .ops import resolve_impl
 MATMULS = ("auto", "torch", "triton")
 
 
-def resolve_matmul(matmul: str, impl: str, weight: Tensor) -> str:
-    """Who multiplies, for an already resolved ``impl``: "torch" or "triton"."""
+def resolve_matmul(matmul: str, impl: str, weight: Tensor, softcap: float | None = None) -> str:
+    """Who multiplies, for an already resolved ``impl``: "torch" or "triton" (never the Triton
+    GEMM kernels under a ``softcap``: they do not cap)."""
     _checks.choice("matmul", matmul, MATMULS)
     if impl == "torch":
         if matmul == "triton":
             raise ValueError(
                 "matmul='triton' (the Triton GEMM kernels) needs impl='triton' (or 'auto' on "
                 "CUDA tensors); impl='torch' multiplies with torch"
+            )
+        return "torch"
+    if softcap is not None:
+        if matmul == "triton":
+            raise ValueError(
+                "matmul='triton' (the Triton GEMM kernels) does not cap logits (softcap): use "
+                "matmul='auto' or 'torch'"
             )
         return "torch"
     if matmul == "auto":
@@ -67,6 +76,7 @@ def _linear_op(
     mask: Tensor,
     token_weights: Tensor | None,
     scale: float | None,
+    softcap: float | None,
     impl: str,
     matmul: str,
     sq: bool,
@@ -84,6 +94,8 @@ def _linear_op(
     if matmul == "triton":
         if sq:
             raise ValueError("the Triton GEMM kernels (matmul='triton') do not compute log sum_v p_v^2 (WPO)")
+        if softcap is not None:
+            raise ValueError("the Triton GEMM kernels (matmul='triton') do not cap logits (softcap)")
         k = _linear_kernels()
         # Every row goes to the kernels: gathering the counted rows would need their count on
         # the host.  Masked rows enter with zero hidden states (so a NaN in padding cannot turn
@@ -97,7 +109,8 @@ def _linear_op(
     plan = chunks.plan_rows(mask)
     fold = chunks.FOLDS[impl]
     st, logp, _, lsq = chunks.score_rows(
-        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device), sq=sq
+        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device), sq=sq,
+        softcap=softcap,
     )
     stats = torch.zeros(2, n * t, dtype=torch.float32, device=hidden.device)
     stats.index_copy_(1, plan.index, st)
@@ -108,7 +121,7 @@ def _linear_op(
 
 
 @_linear_op.register_fake
-def _(hidden, weight, targets, mask, token_weights, scale, impl, matmul, sq):
+def _(hidden, weight, targets, mask, token_weights, scale, softcap, impl, matmul, sq):
     n, t, _ = hidden.shape
     f32 = dict(dtype=torch.float32)
     return hidden.new_empty(n, **f32), hidden.new_empty(2, n, t, **f32), hidden.new_empty((2, n) if sq else (0,), **f32)
@@ -124,6 +137,7 @@ def _linear_backward_op(
     stats: Tensor,
     grad_scores: Tensor,
     scale: float | None,
+    softcap: float | None,
     impl: str,
     matmul: str,
     need_hidden: bool,
@@ -151,7 +165,7 @@ def _linear_backward_op(
         rows = chunks.row_grads(
             plan.take(hidden), plan.take(targets), weight, scale, chunks.FOLDS[impl],
             stats.reshape(2, n * t).index_select(1, plan.index), g,
-            chunks.chunk_bytes(hidden.device), grad_w, need_hidden,
+            chunks.chunk_bytes(hidden.device), grad_w, need_hidden, softcap,
         )
         grad_h = plan.put(rows) if need_hidden else None
         grad_w = grad_w.result() if grad_w is not None else None
@@ -163,16 +177,17 @@ def _linear_backward_op(
 
 
 @_linear_backward_op.register_fake
-def _(hidden, weight, targets, mask, token_weights, stats, grad_scores, scale, impl, matmul, need_hidden, need_weight):
+def _(hidden, weight, targets, mask, token_weights, stats, grad_scores, scale, softcap, impl, matmul, need_hidden,
+      need_weight):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)), (
         torch.empty_like(weight) if need_weight else hidden.new_empty(0)
     )
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, mask, token_weights, scale, impl, matmul, _ = inputs
+    hidden, weight, targets, mask, token_weights, scale, softcap, impl, matmul, _ = inputs
     ctx.save_for_backward(hidden, weight, targets, mask, token_weights, output[1])
-    ctx.options = (scale, impl, matmul)
+    ctx.options = (scale, softcap, impl, matmul)
     ctx.mark_non_differentiable(output[1], output[2])
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
     # tensor the size of the logits, or of the head weight, per step otherwise).
@@ -183,13 +198,13 @@ def _backward(ctx, grad_scores, _grad_stats, _grad_wpo):
     hidden, weight, targets, mask, token_weights, stats = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[:2]
     if not (need_h or need_w):
-        return (None,) * 9
+        return (None,) * 10
     if grad_scores is None:
         grad_scores = torch.zeros(hidden.shape[0], device=hidden.device)
     grad_h, grad_w = _linear_backward_op(
         hidden, weight, targets, mask, token_weights, stats, grad_scores, *ctx.options, need_h, need_w
     )
-    return (grad_h if need_h else None), (grad_w if need_w else None), *(None,) * 7
+    return (grad_h if need_h else None), (grad_w if need_w else None), *(None,) * 8
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -240,6 +255,7 @@ def linear_sequence_logprobs(
     mask: Tensor | None = None,
     *,
     scale: float | None = None,
+    softcap: float | None = None,
     impl: str = "auto",
     matmul: str = "auto",
     token_weights: Tensor | None = None,
@@ -260,12 +276,15 @@ def linear_sequence_logprobs(
         targets: (N, T) integer ids; counted ids must be in [0, V) (ignored where masked).
         mask: (N, T) bool, True where the position counts; ``None`` counts all.
         scale: multiplies the logits after the product (x-transformers' tied-embedding scale).
+        softcap: None, or a finite cap > 0: the logits (after the scale) become ``softcap *
+            tanh(logits / softcap)`` (Gemma 2's ``final_logit_softcapping``), in float32 in
+            the fold, the gradient through it; with ``matmul="triton"`` a ``ValueError``.
         impl: "torch", "triton" or "auto" (Triton on CUDA), see the module docstring.
         matmul: with ``impl="triton"``, who multiplies: "torch" (the library's products over
             counted rows, Triton for the elementwise work; one host sync per call to count the
             rows), "triton" (the Triton GEMM kernels, every row, no sync) or "auto"
-            (:func:`fastdpo.cost_model.choose_matmul`).  With ``impl="torch"``: "auto" or
-            "torch".
+            (:func:`fastdpo.cost_model.choose_matmul`; "torch" under a softcap).  With
+            ``impl="torch"``: "auto" or "torch".
         token_weights: optional (N, T) floating weight of each position's log-prob (a constant,
             not differentiated; e.g. LD-DPO's, :mod:`fastdpo.weighting`), as in
             :func:`fastdpo.sequence_logprobs`.
@@ -274,19 +293,25 @@ def linear_sequence_logprobs(
         float32 (N,) scores, as :func:`fastdpo.sequence_logprobs`.
     """
     targets, mask, scale = check_linear_inputs(hidden, weight, targets, mask, scale)
+    softcap = check_softcap(softcap)
     token_weights = _checks.token_weights(token_weights, mask)
     which = resolve_impl(impl, hidden.device)
-    matmul = resolve_matmul(matmul, which, weight)
-    return run_linear(hidden, weight, targets, mask, scale, which, matmul, token_weights)[0]
+    matmul = resolve_matmul(matmul, which, weight, softcap)
+    return run_linear(hidden, weight, targets, mask, scale, which, matmul, token_weights, softcap=softcap)[0]
+
+
+def check_softcap(softcap) -> float | None:
+    """None, or ``softcap`` as a finite float > 0 (a ``ValueError`` else)."""
+    return None if softcap is None else _checks.positive_finite("softcap", softcap)
 
 
 def run_linear(
     hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, scale: float | None, impl: str, matmul: str,
-    token_weights: Tensor | None = None, sq: bool = False,
+    token_weights: Tensor | None = None, sq: bool = False, softcap: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The op with ``impl`` and ``matmul`` already resolved, on inputs whose shapes, dtypes and
     devices (and token range, and float32 ``token_weights``) are already checked: what
     :class:`fastdpo.scoring.Scorer` calls.  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
     per sequence ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``, else None)."""
-    scores, _, wpo = _linear_op(hidden, weight, targets.long(), mask, token_weights, scale, impl, matmul, sq)
+    scores, _, wpo = _linear_op(hidden, weight, targets.long(), mask, token_weights, scale, softcap, impl, matmul, sq)
     return scores, (wpo if sq else None)

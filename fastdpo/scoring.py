@@ -47,8 +47,8 @@ ALIGNMENTS = ("input", "target")
 HEADS = ("auto", "fused", "logits")
 
 # Autograd nodes that do not keep their output for their own backward: logits produced by one
-# of these (a linear head, a scale) can take the gradient in place.  Anything else (a softcap's
-# tanh, say) might, so a separate gradient buffer is allocated then.
+# of these (a linear head, a scale, the multiply that ends a softcap) can take the gradient in
+# place.  Anything else might keep them, so a separate gradient buffer is allocated then.
 _OVERWRITABLE_GRAD_FNS = frozenset(
     {
         "UnsafeViewBackward0",
@@ -181,7 +181,7 @@ class Scorer:
             if self.head == "fused":
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
             return Route("logits", adapter, impl, "torch", None, why)
-        matmul = "torch" if self.sq else resolve_matmul(self.matmul, impl, head.weight)
+        matmul = "torch" if self.sq else resolve_matmul(self.matmul, impl, head.weight, head.softcap)
         kind = "pair" if matmul == "torch" and self.pair_ok else "scores"
         return Route(kind, adapter, impl, matmul, head, "")
 
@@ -260,8 +260,9 @@ class Scorer:
         route = body.route
         w = batch.token_weights
         if body.weight is not None:
-            scale = route.head.scale
-            sums, wpo = run_linear(body.out, body.weight, batch.tgt, batch.mask, scale, route.impl, route.matmul, w, sq)
+            head = route.head
+            sums, wpo = run_linear(body.out, body.weight, batch.tgt, batch.mask, head.scale, route.impl, route.matmul,
+                                   w, sq, softcap=head.softcap)
             return sums, None, wpo
         hits = None
         if count_hits:  # before backward may overwrite the logits

@@ -54,16 +54,23 @@ __all__ = [
 BYTES_PER_ITER = 16384
 MAX_WARPS = 8
 _BYTES_PER_THREAD = 64
+# The softcap variants' block: 16 float32 logits per thread with 8 warps.  A 16-bit row at
+# the full 8192 spills on sm_90 in the forward (odd V: scalar loads) and needs ~150 registers
+# in the backward (python -m fastdpo.kernel_report).
+CAP_BLOCK_V = 4096
 
 
-def _default_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for rows of V logits of `dtype`: the shipped configuration."""
+def _default_config(V: int, dtype: torch.dtype, cap: bool = False) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for rows of V logits of `dtype`: the shipped configuration.  With
+    a softcap (``cap``), at most CAP_BLOCK_V logits per block in the same warps: the cap's
+    float32 work per logit (an exp, a divide, its derivative in backward) is what then fills
+    the registers, not the bytes loaded."""
     elem = dtype.itemsize
     # A small vocabulary gets a block no larger than the row (a power of two for tl.arange),
     # so that V=2 does not pay for 8192 masked lanes.
     block_v = min(BYTES_PER_ITER // elem, max(16, triton.next_power_of_2(V)))
     num_warps = min(MAX_WARPS, max(1, block_v * elem // (32 * _BYTES_PER_THREAD)))
-    return block_v, num_warps
+    return (min(block_v, CAP_BLOCK_V) if cap else block_v), num_warps
 
 
 # --------------------------------------------------------------------------------------
@@ -71,8 +78,47 @@ def _default_config(V: int, dtype: torch.dtype) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------
 
 
+# Below this |x| the softcap's tanh(x) is its odd Taylor polynomial to x^13 (truncation under
+# 4e-9 relative), where 1 - exp(-2|x|) would lose digits to cancellation (above it, at most
+# half an ulp of e over 1 - e >= 0.55: under an ulp).
+_TANH_SERIES = tl.constexpr(0.4)
+
+
 @triton.jit
-def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, HAS_SQ: tl.constexpr):
+def _softcap(z, cap):
+    """``cap * tanh(z / cap)`` in float32 from one exp (Gemma 2's final_logit_softcapping), and
+    the derivative ``1 - tanh^2 = 4e / (1 + e)^2`` with ``e = exp(-2|z / cap|)``: no cancellation
+    where the tanh saturates (a few ulps everywhere; triton has no tanh of its own that its
+    interpreter runs)."""
+    x = z / cap
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    t = tl.where(x < 0, -t, t)
+    x2 = x * x
+    series = x2 * (-1382.0 / 155925.0 + x2 * (21844.0 / 6081075.0))
+    series = x * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0 + series)))))
+    t = tl.where(tl.abs(x) < _TANH_SERIES, series, t)
+    one_e = 1.0 + e
+    return cap * t, (4.0 * e) / (one_e * one_e)
+
+
+@triton.jit
+def _load_row(row_ptr, cols, V, EVEN_V: tl.constexpr, HAS_CAP: tl.constexpr, cap, other):
+    """One block of a row's logits in float32 (capped with HAS_CAP), ``other`` past V."""
+    if EVEN_V:
+        z = tl.load(row_ptr + cols).to(tl.float32)
+    else:
+        z = tl.load(row_ptr + cols, mask=cols < V, other=other).to(tl.float32)
+    if HAS_CAP:
+        z, _ = _softcap(z, cap)
+        if not EVEN_V:
+            z = tl.where(cols < V, z, other)  # the cap would turn -inf padding into -cap
+    return z
+
+
+@triton.jit
+def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, HAS_SQ: tl.constexpr,
+                    HAS_CAP: tl.constexpr, cap):
     """(max m, log sum exp(z - m), and with HAS_SQ log sum_v p_v^2) of one row of V logits in
     float32, one pass, running max + rescaled sums.  m and log s are kept apart, not added into
     a logsumexp: rounding m + log s to float32 would cost ulp(|lse|)/2 of relative error in
@@ -84,11 +130,8 @@ def _row_max_logsum(row_ptr, V, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr, HAS
     q = 0.0
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        if EVEN_V:
-            z = tl.load(row_ptr + cols).to(tl.float32)
-        else:
-            # -inf padding adds exp(-inf) = 0 to the sum and never wins the max.
-            z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        # -inf padding adds exp(-inf) = 0 to the sum and never wins the max.
+        z = _load_row(row_ptr, cols, V, EVEN_V, HAS_CAP, cap, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # While the row has been all -inf so far, m_new is -inf and shifting by it would
         # give exp(-inf - -inf) = NaN; shifting by 0 gives the right exp(-inf) = 0 terms.
@@ -119,10 +162,11 @@ def _sequence_logprobs_fwd_kernel(
     row_vals_ptr, ref_row_vals_ptr, stats_ptr, sq_ptr,
     # strides, in elements, of the N and T dims (the V stride is 1)
     stride_ln, stride_lt, stride_rn, stride_rt, stride_yn, stride_yt, stride_mn, stride_mt,
-    # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats)
-    T, V, NT,
+    # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats); the softcap
+    T, V, NT, cap,
     # structure
-    HAS_REF: tl.constexpr, HAS_SQ: tl.constexpr, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_SQ: tl.constexpr, HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    EVEN_V: tl.constexpr,
 ):
     # int64 from the start: n * stride_ln exceeds 2^31 once N*T*V does.
     row = tl.program_id(0).to(tl.int64)
@@ -136,7 +180,9 @@ def _sequence_logprobs_fwd_kernel(
         y_safe = tl.where(in_vocab, y, 0)
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
         z_y = tl.load(row_ptr + y_safe).to(tl.float32)
-        m, log_s, log_sq = _row_max_logsum(row_ptr, V, BLOCK_V, EVEN_V, HAS_SQ)
+        if HAS_CAP:
+            z_y, _ = _softcap(z_y, cap)
+        m, log_s, log_sq = _row_max_logsum(row_ptr, V, BLOCK_V, EVEN_V, HAS_SQ, HAS_CAP, cap)
         tl.store(row_vals_ptr + row, tl.where(in_vocab, (z_y - m) - log_s, float("nan")))
         tl.store(stats_ptr + row, m)
         tl.store(stats_ptr + NT + row, log_s)
@@ -145,7 +191,7 @@ def _sequence_logprobs_fwd_kernel(
         if HAS_REF:
             ref_row_ptr = ref_logits_ptr + n * stride_rn + t * stride_rt
             ref_z_y = tl.load(ref_row_ptr + y_safe).to(tl.float32)
-            ref_m, ref_log_s, _ = _row_max_logsum(ref_row_ptr, V, BLOCK_V, EVEN_V, False)
+            ref_m, ref_log_s, _ = _row_max_logsum(ref_row_ptr, V, BLOCK_V, EVEN_V, False, False, cap)
             ref_val = (ref_z_y - ref_m) - ref_log_s
             tl.store(ref_row_vals_ptr + row, tl.where(in_vocab, ref_val, float("nan")))
     else:
@@ -169,10 +215,10 @@ def _sequence_logprobs_bwd_kernel(
     # strides, in elements, of the N and T dims (the V stride is 1); stats are contiguous;
     # the rows' weights (N, T) are usually the (N,) upstream gradient expanded (stride_st = 0)
     stride_ln, stride_lt, stride_yn, stride_yt, stride_mn, stride_mt, stride_sn, stride_st, stride_gn, stride_gt,
-    # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats)
-    T, V, NT,
+    # sizes (NT = N * T: the offset of the log-sums in the (2, N, T) stats); the softcap
+    T, V, NT, cap,
     # structure
-    BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
+    HAS_CAP: tl.constexpr, BLOCK_V: tl.constexpr, EVEN_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     n = row // T
@@ -194,7 +240,11 @@ def _sequence_logprobs_bwd_kernel(
                 z = tl.load(row_ptr + cols).to(tl.float32)
             else:
                 z = tl.load(row_ptr + cols, mask=cols < V, other=0.0).to(tl.float32)
-            dz = g * (tl.where(cols == y, 1.0, 0.0) - tl.exp((z - m) - log_s))
+            if HAS_CAP:  # the chain rule through cap * tanh(z / cap)
+                z, dcap = _softcap(z, cap)
+                dz = (g * dcap) * (tl.where(cols == y, 1.0, 0.0) - tl.exp((z - m) - log_s))
+            else:
+                dz = g * (tl.where(cols == y, 1.0, 0.0) - tl.exp((z - m) - log_s))
             dz = dz.to(grad_ptr.dtype.element_ty)
             # Each element is read and written by the same thread in the same iteration,
             # so grad_ptr may alias logits_ptr.
@@ -233,14 +283,14 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 _fwd_autotuned = triton.autotune(
-    _autotune_configs(), key=["V", "HAS_REF", "HAS_SQ"], prune_configs_by={"early_config_prune": _prune_configs}
+    _autotune_configs(), key=["V", "HAS_REF", "HAS_SQ", "HAS_CAP"], prune_configs_by={"early_config_prune": _prune_configs}
 )(_sequence_logprobs_fwd_kernel)
 # Tuned out of place only: tuning an in-place launch would have to restore the logits before
 # every configuration it tries (a clone of the whole tensor, exactly where in place was chosen
 # to save that memory).  The in-place backward tunes on a few rows out of place, then runs
 # the whole tensor in place with the configuration chosen (_tuned_bwd_config).
 _bwd_autotuned = triton.autotune(
-    _autotune_configs(), key=["V"], prune_configs_by={"early_config_prune": _prune_configs}
+    _autotune_configs(), key=["V", "HAS_CAP"], prune_configs_by={"early_config_prune": _prune_configs}
 )(_sequence_logprobs_bwd_kernel)
 
 # Rows the in-place backward tunes on: enough programs to fill a GPU several times over.
@@ -252,18 +302,18 @@ _TUNE_ROWS = 2048
 # --------------------------------------------------------------------------------------
 
 
-def _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals, stats, sq, T: int, V: int) -> dict:
+def _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals, stats, sq, T: int, V: int, cap: float) -> dict:
     """The forward kernel's arguments but the constexprs (also the AOT specs' source)."""
     return dict(
         logits_ptr=logits, ref_logits_ptr=ref, targets_ptr=targets, mask_ptr=mask,
         row_vals_ptr=row_vals, ref_row_vals_ptr=ref_row_vals, stats_ptr=stats, sq_ptr=sq,
         stride_ln=logits.stride(0), stride_lt=logits.stride(1), stride_rn=ref.stride(0), stride_rt=ref.stride(1),
         stride_yn=targets.stride(0), stride_yt=targets.stride(1), stride_mn=mask.stride(0), stride_mt=mask.stride(1),
-        T=T, V=V, NT=logits.shape[0] * T,
+        T=T, V=V, NT=logits.shape[0] * T, cap=cap,
     )
 
 
-def _bwd_args(logits, targets, mask, stats, grad_rows, grad, T: int, V: int) -> dict:
+def _bwd_args(logits, targets, mask, stats, grad_rows, grad, T: int, V: int, cap: float) -> dict:
     """The backward kernel's arguments but the constexprs (also the AOT specs' source)."""
     return dict(
         logits_ptr=logits, targets_ptr=targets, mask_ptr=mask, stats_ptr=stats, grad_rows_ptr=grad_rows,
@@ -271,7 +321,7 @@ def _bwd_args(logits, targets, mask, stats, grad_rows, grad, T: int, V: int) -> 
         stride_ln=logits.stride(0), stride_lt=logits.stride(1), stride_yn=targets.stride(0), stride_yt=targets.stride(1),
         stride_mn=mask.stride(0), stride_mt=mask.stride(1), stride_sn=grad_rows.stride(0), stride_st=grad_rows.stride(1),
         stride_gn=grad.stride(0), stride_gt=grad.stride(1),
-        T=T, V=V, NT=logits.shape[0] * T,
+        T=T, V=V, NT=logits.shape[0] * T, cap=cap,
     )
 
 
@@ -313,6 +363,7 @@ def sequence_logprobs_forward(
     *,
     weights: torch.Tensor | None = None,
     wpo_sums: torch.Tensor | None = None,
+    softcap: float | None = None,
     _block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Masked (weighted) per-sequence sums of target log-probabilities (DPO, arXiv 2305.18290).
@@ -329,6 +380,9 @@ def sequence_logprobs_forward(
             ``sum_t mask * log sum_v softmax(logits[n,t])_v^2`` (one more reduction of the
             row's pass, no exp; a kernel variant compiled only for it) and the unweighted
             ``sum_t mask * logp`` (WPO, arXiv 2406.11827).
+        softcap: None, or a positive cap: the rows are scored as ``softcap * tanh(logits /
+            softcap)`` (Gemma 2's final_logit_softcapping), computed in float32 as they are
+            read (a kernel variant compiled only for it; not with ``ref_logits``).
         _block_v: test-only override of BLOCK_V (a power of two).
 
     Returns:
@@ -354,6 +408,9 @@ def sequence_logprobs_forward(
     has_sq = wpo_sums is not None
     if has_sq:
         _check_nt("wpo_sums", wpo_sums, (2, N), torch.float32, logits.device)
+    has_cap = _check_softcap(softcap)
+    if has_cap and has_ref:
+        raise ValueError("softcap applies to one model's logits: score ref_logits in a call of their own")
 
     device = logits.device
     row_vals = torch.empty((N, T), dtype=torch.float32, device=device)
@@ -369,16 +426,16 @@ def sequence_logprobs_forward(
     logits = _unit_stride_v(logits)
     ref = _unit_stride_v(ref_logits) if has_ref else logits
     args = _fwd_args(logits, ref, targets, mask, row_vals, ref_row_vals if has_ref else row_vals, stats,
-                     sq if has_sq else row_vals, T, V)
+                     sq if has_sq else row_vals, T, V, float(softcap) if has_cap else 1.0)
     grid = (N * T,)
     if _block_v is None and autotune_enabled():
-        _fwd_autotuned[grid](*args.values(), HAS_REF=has_ref, HAS_SQ=has_sq, **LAUNCH_OPTIONS)
+        _fwd_autotuned[grid](*args.values(), HAS_REF=has_ref, HAS_SQ=has_sq, HAS_CAP=has_cap, **LAUNCH_OPTIONS)
     else:
-        block_v, num_warps = _default_config(V, logits.dtype)
+        block_v, num_warps = _default_config(V, logits.dtype, has_cap)
         if _block_v is not None:
             block_v = _block_v
-        _sequence_logprobs_fwd_kernel[grid](*args.values(), HAS_REF=has_ref, HAS_SQ=has_sq, BLOCK_V=block_v,
-                                            num_warps=num_warps, **LAUNCH_OPTIONS)
+        _sequence_logprobs_fwd_kernel[grid](*args.values(), HAS_REF=has_ref, HAS_SQ=has_sq, HAS_CAP=has_cap,
+                                            BLOCK_V=block_v, num_warps=num_warps, **LAUNCH_OPTIONS)
 
     # Fixed-order reductions over T: bitwise reproducible, no atomics.  Masked rows hold 0.
     if has_sq:  # in float64: WPO exponentiates their means
@@ -401,6 +458,7 @@ def sequence_logprobs_backward(
     *,
     inplace: bool = False,
     weights: torch.Tensor | None = None,
+    softcap: float | None = None,
     _block_v: int | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum_n grad_scores[n] * scores[n]`` with respect to ``logits``.
@@ -412,11 +470,14 @@ def sequence_logprobs_backward(
         inplace: write the gradient over ``logits`` (which must then have unit V stride;
             any N/T strides) and return it.
         weights: None, or the (N, T) float32 row weights the forward's scores used.
+        softcap: the cap the forward's scores used (None: none); the gradient is then taken
+            through ``softcap * tanh(logits / softcap)``, with respect to the uncapped logits.
         _block_v: test-only override of BLOCK_V (a power of two).
 
     Returns:
         (N, T, V) tensor of ``logits.dtype``: ``grad[n, t] = grad_scores[n] * weights[n, t] *
-        mask[n, t] * (onehot(targets[n, t]) - softmax(logits[n, t]))`` (weights 1 without them),
+        mask[n, t] * (onehot(targets[n, t]) - softmax(logits[n, t]))`` (weights 1 without them;
+        with a softcap, softmax of the capped logits times ``1 - tanh(logits / softcap)^2``),
         a NaN row where a counted target is outside [0, V); a new contiguous tensor, or
         ``logits`` itself when ``inplace``.
     """
@@ -441,6 +502,7 @@ def sequence_logprobs_backward(
         raise ValueError(f"grad_scores must be on {logits.device} like logits, got {grad_scores.device}")
     if weights is not None:
         _check_nt("weights", weights, (N, T), torch.float32, logits.device)
+    has_cap = _check_softcap(softcap)
     if inplace and logits.stride(-1) != 1 and V != 1:
         raise ValueError(f"inplace backward needs logits with unit stride in V, got strides {logits.stride()}")
     if N * T >= 2**31:
@@ -459,21 +521,31 @@ def sequence_logprobs_backward(
     # (N, T) copy), or times the row's own weight.
     grad_rows = grad_scores.unsqueeze(1)
     grad_rows = grad_rows * weights if weights is not None else grad_rows.expand(N, T)
-    args = _bwd_args(logits, targets, mask, stats, grad_rows, grad, T, V)
+    cap = float(softcap) if has_cap else 1.0
+    args = _bwd_args(logits, targets, mask, stats, grad_rows, grad, T, V, cap)
     grid = (N * T,)
     if _block_v is None and autotune_enabled() and not inplace:
-        _bwd_autotuned[grid](*args.values(), **LAUNCH_OPTIONS)
+        _bwd_autotuned[grid](*args.values(), HAS_CAP=has_cap, **LAUNCH_OPTIONS)
         return grad
     if _block_v is None and autotune_enabled():
-        meta = _tuned_bwd_config(logits, targets, mask, stats, grad_rows)
+        meta = _tuned_bwd_config(logits, targets, mask, stats, grad_rows, cap, has_cap)
     else:
-        block_v, num_warps = _default_config(V, logits.dtype)
+        block_v, num_warps = _default_config(V, logits.dtype, has_cap)
         meta = dict(BLOCK_V=_block_v or block_v, num_warps=num_warps)
-    _sequence_logprobs_bwd_kernel[grid](*args.values(), **meta, **LAUNCH_OPTIONS)
+    _sequence_logprobs_bwd_kernel[grid](*args.values(), HAS_CAP=has_cap, **meta, **LAUNCH_OPTIONS)
     return grad
 
 
-def _tuned_bwd_config(logits, targets, mask, stats, grad_rows) -> dict:
+def _check_softcap(softcap) -> bool:
+    """Whether a softcap is given; a ValueError unless it is None or a finite positive number."""
+    if softcap is None:
+        return False
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < float("inf"):
+        raise ValueError(f"softcap must be a finite positive number or None, got {softcap!r}")
+    return True
+
+
+def _tuned_bwd_config(logits, targets, mask, stats, grad_rows, cap: float, has_cap: bool) -> dict:
     """The autotuned backward's choice for these logits' V and dtype, tuned out of place on
     their first rows (at most _TUNE_ROWS): {"BLOCK_V": ..., "num_warps": ...}."""
     N, T, V = logits.shape
@@ -481,8 +553,8 @@ def _tuned_bwd_config(logits, targets, mask, stats, grad_rows) -> dict:
     t = min(T, _TUNE_ROWS)
     sub = logits[:n, :t]
     out = torch.empty((n, t, V), dtype=logits.dtype, device=logits.device)
-    args = _bwd_args(sub, targets[:n, :t], mask[:n, :t], stats[:, :n, :t].contiguous(), grad_rows[:n, :t], out, t, V)
-    _bwd_autotuned[(n * t,)](*args.values(), **LAUNCH_OPTIONS)
+    args = _bwd_args(sub, targets[:n, :t], mask[:n, :t], stats[:, :n, :t].contiguous(), grad_rows[:n, :t], out, t, V, cap)
+    _bwd_autotuned[(n * t,)](*args.values(), HAS_CAP=has_cap, **LAUNCH_OPTIONS)
     best = _bwd_autotuned.best_config
     return dict(BLOCK_V=best.kwargs["BLOCK_V"], num_warps=best.num_warps)
 
@@ -493,7 +565,7 @@ def _tuned_bwd_config(logits, targets, mask, stats, grad_rows) -> dict:
 
 
 def row_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, sq_out: torch.Tensor | None = None
+    logits: torch.Tensor, targets: torch.Tensor, sq_out: torch.Tensor | None = None, softcap: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row target log-probs of (M, V) logits whose rows all count (the fused head's
     chunks of gathered rows, after the library's matrix product).
@@ -503,6 +575,7 @@ def row_logprobs(
         targets: (M,) int64 ids; one outside [0, V) gives a NaN log-prob.
         sq_out: None, or an (M,) float32 buffer that receives each row's
             ``log sum_v softmax(logits[m])_v^2`` (WPO's normalizer, TRL's ``log_sum_sq_probs``).
+        softcap: None, or the cap the rows are scored under (``softcap * tanh(logits / softcap)``).
 
     Returns:
         logp: (M,) float32, ``logits[m, y] - logsumexp(logits[m])``;
@@ -512,7 +585,7 @@ def row_logprobs(
     # With one position per "sequence", the per-sequence sums are the rows' own values.
     sums = torch.empty((2, M), dtype=torch.float32, device=logits.device) if sq_out is not None else None
     scores, _, stats = sequence_logprobs_forward(
-        logits.view(M, 1, V), targets.reshape(M, 1), _all_rows(M, logits.device), wpo_sums=sums
+        logits.view(M, 1, V), targets.reshape(M, 1), _all_rows(M, logits.device), wpo_sums=sums, softcap=softcap
     )
     if sq_out is not None:
         sq_out.copy_(sums[0])
@@ -520,7 +593,8 @@ def row_logprobs(
 
 
 def row_logprob_grad_(
-    logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, grad_rows: torch.Tensor
+    logits: torch.Tensor, targets: torch.Tensor, stats: torch.Tensor, grad_rows: torch.Tensor,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Overwrite (M, V) logits with ``grad_rows[m] * (onehot(y_m) - softmax(logits[m]))`` (in
     their dtype) and return them: the gradient of ``sum_m grad_rows[m] * logp[m]``.
@@ -529,6 +603,8 @@ def row_logprob_grad_(
         logits, targets: as given to :func:`row_logprobs`.
         stats: (2, M) float32, its second output.
         grad_rows: (M,) float32 weight of each row's log-prob.
+        softcap: the cap :func:`row_logprobs` scored them under (the gradient is then with
+            respect to the uncapped logits).
     """
     M, V = _check_rows_of_logits(logits, targets)
     if tuple(stats.shape) != (2, M) or tuple(grad_rows.shape) != (M,):
@@ -538,7 +614,7 @@ def row_logprob_grad_(
         )
     sequence_logprobs_backward(
         logits.view(M, 1, V), targets.reshape(M, 1), _all_rows(M, logits.device),
-        stats.reshape(2, M, 1), grad_rows, inplace=True,
+        stats.reshape(2, M, 1), grad_rows, inplace=True, softcap=softcap,
     )
     return logits
 
@@ -566,7 +642,7 @@ def _all_rows(M: int, device: torch.device) -> torch.Tensor:
 class KernelSpec:
     """One shipped kernel specialization, ready for ``triton.compile(ASTSource(...))``."""
 
-    name: str                   # kernel and variant: "fwd", "fwd+ref", "fwd+sq" or "bwd"
+    name: str                   # kernel and variant: "fwd", "fwd+ref", "fwd+sq", "fwd+cap", "bwd", "bwd+cap"
     dtype: str                  # logits dtype: "fp32", "bf16" or "fp16"
     V: int                      # the vocabulary size it was specialized for
     block_v: int
@@ -590,25 +666,31 @@ def aot_specs(vocabs: tuple[int, ...] = tuple(AOT_VOCABS), T: int = 2048, N: int
     """The kernels as launched on contiguous (N, T, V) logits with the shipped default
     configuration, for every supported logits dtype, with and without reference logits (of
     the same dtype; a mixed pair compiles the same code with another load type), with the
-    ``log sum p^2`` reduction (WPO; policy logits only), and for each vocabulary size in
+    ``log sum p^2`` reduction (WPO; policy logits only), with a softcap (Gemma 2; forward
+    and backward), and for each vocabulary size in
     `vocabs`: the launchers' own argument builders on stand-ins."""
     specs = []
     f32 = torch.float32
     for V in vocabs:
         for torch_dtype, tdt in TRITON_DTYPE.items():
-            block_v, num_warps = _default_config(V, torch_dtype)
             logits = Example(torch_dtype, N, T, V)
             targets, mask = Example(torch.int64, N, T), Example(torch.bool, N, T)
             rows, stats = Example(f32, N, T), Example(f32, 2, N, T)
-            blocks = dict(BLOCK_V=block_v, EVEN_V=V % block_v == 0)
-            for name, has_ref, has_sq in (("fwd", False, False), ("fwd+ref", True, False), ("fwd+sq", False, True)):
-                fn = _sequence_logprobs_fwd_kernel.fn
-                # without ref (sq) the launcher passes the policy logits (and rows) as dummies
-                args = _fwd_args(logits, logits, targets, mask, rows, rows, stats, rows, T, V)
-                example = aot_example(args, HAS_REF=has_ref, HAS_SQ=has_sq, **blocks)
-                specs.append(KernelSpec(name, tdt, V, block_v, num_warps, fn, *specialize(fn, example)))
-            fn = _sequence_logprobs_bwd_kernel.fn
             grad_rows = Example(f32, N, T, strides=(1, 0))  # the (N,) upstream gradient, expanded
-            args = _bwd_args(logits, targets, mask, stats, grad_rows, Example(torch_dtype, N, T, V), T, V)
-            specs.append(KernelSpec("bwd", tdt, V, block_v, num_warps, fn, *specialize(fn, aot_example(args, **blocks))))
+            variants = (("fwd", False, False, False), ("fwd+ref", True, False, False), ("fwd+sq", False, True, False),
+                        ("fwd+cap", False, False, True), ("bwd", False, False, False), ("bwd+cap", False, False, True))
+            for name, has_ref, has_sq, has_cap in variants:
+                block_v, num_warps = _default_config(V, torch_dtype, has_cap)
+                blocks = dict(BLOCK_V=block_v, EVEN_V=V % block_v == 0, HAS_CAP=has_cap)
+                cap = 30.0 if has_cap else 1.0
+                if name.startswith("fwd"):
+                    fn = _sequence_logprobs_fwd_kernel.fn
+                    # without ref (sq) the launcher passes the policy logits (and rows) as dummies
+                    args = _fwd_args(logits, logits, targets, mask, rows, rows, stats, rows, T, V, cap)
+                    example = aot_example(args, HAS_REF=has_ref, HAS_SQ=has_sq, **blocks)
+                else:
+                    fn = _sequence_logprobs_bwd_kernel.fn
+                    args = _bwd_args(logits, targets, mask, stats, grad_rows, Example(torch_dtype, N, T, V), T, V, cap)
+                    example = aot_example(args, **blocks)
+                specs.append(KernelSpec(name, tdt, V, block_v, num_warps, fn, *specialize(fn, example)))
     return specs

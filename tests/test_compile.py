@@ -128,18 +128,24 @@ def test_linear_custom_op_passes_opcheck():
     assert mask.any() and not mask.all()
     upstream = torch.randn(2, generator=g)
     op = torch.ops.fastdpo.linear_sequence_logprobs.default
-    for args in ((None, "torch", "torch"), (0.5, "torch", "torch"), (None, "triton", "torch"), (None, "triton", "triton")):
+    # (scale, softcap, impl, matmul)
+    routes = ((None, None, "torch", "torch"), (0.5, None, "torch", "torch"), (0.5, 2.0, "torch", "torch"),
+              (None, None, "triton", "torch"), (None, 2.0, "triton", "torch"), (None, None, "triton", "triton"))
+    for args in routes:
         torch.library.opcheck(op, (hidden, weight, targets, mask, None, *args, False))
         # with LD-DPO's token weights, and (but on the Triton GEMM route) WPO's log sum p^2 sums
-        torch.library.opcheck(op, (hidden, weight, targets, mask, torch.rand(2, 5, generator=g), *args, args[2] == "torch"))
+        torch.library.opcheck(op, (hidden, weight, targets, mask, torch.rand(2, 5, generator=g), *args, args[3] == "torch"))
         # and its values: scores and gradients against float64 (the row stats, the second
         # output, are each route's own business: the torch fold keeps none)
         s = 1.0 if args[0] is None else args[0]
+
+        def head(z):
+            return z if args[1] is None else torch.tanh(z / args[1]) * args[1]
+
         h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-        logits64 = s * h64 @ w64.T
-        truth = reference_logprobs(logits64, targets, mask)
+        truth = reference_logprobs(head(s * h64 @ w64.T), targets, mask)
         h32, w32 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-        ref = reference_logprobs(s * h32 @ w32.T, targets, mask)
+        ref = reference_logprobs(head(s * h32 @ w32.T), targets, mask)
         scores, _, _ = op(hidden, weight, targets, mask, None, *args, False)
         three_way(scores, ref, truth, torch.float32, f"scores {args}")
         grads = torch.autograd.grad(scores, (hidden, weight), upstream)

@@ -34,7 +34,8 @@ COMMON = dict(
     num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
 )
 # One tiny config per class of fastdpo.models.hf.HEAD_RULES (a test checks the two lists agree), plus
-# the variants the issue names.  Softcaps off here: the cap is a fallback (tested below).
+# the variants the issue names.  Gemma 2 with its default cap (30) and a tight one (2: far from
+# linear on these logits), Gemma 3 without (its default) and with one: the fold caps them.
 CONFIGS = {
     "LlamaForCausalLM": ("LlamaConfig", {}),
     "LlamaForCausalLM-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
@@ -42,8 +43,11 @@ CONFIGS = {
     "Qwen2ForCausalLM": ("Qwen2Config", {}),
     "Qwen3ForCausalLM": ("Qwen3Config", {"head_dim": 8}),
     "GemmaForCausalLM": ("GemmaConfig", {"head_dim": 8}),
-    "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 8, "final_logit_softcapping": None}),
-    "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 8, "final_logit_softcapping": None}),
+    "Gemma2ForCausalLM": ("Gemma2Config", {"head_dim": 8}),
+    "Gemma2ForCausalLM-cap2": ("Gemma2Config", {"head_dim": 8, "final_logit_softcapping": 2.0}),
+    "Gemma2ForCausalLM-nocap": ("Gemma2Config", {"head_dim": 8, "final_logit_softcapping": None}),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 8}),
+    "Gemma3ForCausalLM-cap": ("Gemma3TextConfig", {"head_dim": 8, "final_logit_softcapping": 3.0}),
     "Phi3ForCausalLM": ("Phi3Config", {}),
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
@@ -201,7 +205,7 @@ class _Spy(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("key", ["LlamaForCausalLM", "LlamaForCausalLM-tied", "GPT2LMHeadModel", "lora"])
+@pytest.mark.parametrize("key", ["LlamaForCausalLM", "LlamaForCausalLM-tied", "GPT2LMHeadModel", "Gemma2ForCausalLM", "lora"])
 def test_fused_route_runs_the_head_on_no_rows_and_makes_no_logits(key):
     """The model's own forward runs (its wrappers' hooks with it) with logits_to_keep set to no
     position: its head multiplies zero rows, and no tensor of a logits' size ever exists."""
@@ -236,14 +240,47 @@ def _reason(model) -> str:
     return str(e.value)
 
 
-def test_gemma2_softcap_falls_back_with_the_reason_and_stays_exact():
-    model = tiny("Gemma2ForCausalLM", final_logit_softcapping=5.0)
-    assert "final_logit_softcapping=5.0" in _reason(model)
-    with pytest.warns(UserWarning, match="final_logit_softcapping"):
-        dpo = DPO(model, **CONVENTIONS["trl"])
-    assert dpo.route(model, "cpu").kind == "logits"
+# ----------------------------------------------------------------------------- softcaps
+
+
+def test_softcaps_are_read_from_the_config():
+    caps = {key: hf.find_head(tiny(key))[0].softcap for key in CONFIGS if key.startswith("Gemma")}
+    assert caps == {"GemmaForCausalLM": None, "Gemma2ForCausalLM": 30.0, "Gemma2ForCausalLM-cap2": 2.0,
+                    "Gemma2ForCausalLM-nocap": None, "Gemma3ForCausalLM": None, "Gemma3ForCausalLM-cap": 3.0}
+    # the tight cap changes these logits far beyond the tolerances above: a fold that skipped
+    # it (or its derivative) would fail the table
+    model = tiny("Gemma2ForCausalLM-cap2")
+    perturb(model)
+    src = batch()[0]
+    with torch.no_grad():
+        capped = model(input_ids=src).logits
+        hidden = model.model(input_ids=src).last_hidden_state
+        raw = model.lm_head(hidden)
+    assert capped.abs().max() < 2.0 < raw.abs().max()
+
+
+@pytest.mark.parametrize("matmul", ["torch", "triton"])
+def test_triton_route_with_a_softcap(matmul):
+    """impl="triton" (the CUDA code, interpreted on CPU tensors): the kernels cap the logits as
+    they read them; the Triton GEMM kernels do not cap, so matmul="triton" is refused by name
+    (and "auto" multiplies with torch)."""
+    model = tiny("Gemma2ForCausalLM-cap2")
+    if matmul == "triton":
+        with pytest.raises(ValueError, match="does not cap logits"):
+            DPO(model, head="fused", impl="triton", matmul="triton")(*batch()[:2], prompt_mask=batch()[2])
+        assert DPO(model, impl="triton", matmul="auto").route(model, "cpu").matmul == "torch"
+        return
+    dpo = DPO(model, head="fused", impl="triton", matmul=matmul, **CONVENTIONS["trl"])
     perturb(model)
     check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_softcap_bfloat16_within_bf16_of_its_own_logits(impl):
+    model = tiny("Gemma2ForCausalLM-cap2").to(torch.bfloat16)
+    dpo = DPO(model, head="fused", impl=impl, **CONVENTIONS["trl"])
+    perturb(model)
+    check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"], loss_tol=2e-2, grad_tol=2e-2)
 
 
 def test_fallback_reasons():

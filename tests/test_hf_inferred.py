@@ -158,10 +158,35 @@ def test_triton_route_with_an_inferred_scale(matmul):
     assert dpo.route(model, "cpu").head.scale == pytest.approx(1 / 3)
 
 
-def test_softcap_and_bias_still_fall_back_with_their_reasons():
+class CappedGemma2(transformers.Gemma2ForCausalLM):
+    """A Gemma 2 subclass: outside HEAD_RULES, its cap inferred from the config and checked."""
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_an_inferred_softcap_is_checked_then_fused_and_exact(impl, checks):
+    torch.manual_seed(0)
+    model = CappedGemma2(transformers.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=2.0))
+    head = hf.find_head(model)[0]
+    assert head.softcap == 2.0 and head.claim.startswith("logits = tanh(lm_head(hidden) / 2) * 2 (final_logit_softcapping)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: the head is fused
+        dpo = DPO(model, head="auto", impl=impl, **CONVENTIONS["trl"])
+        perturb(model)
+        check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
+    assert dpo.route(model, "cpu").kind == "pair" and len(checks) == 2
+
+
+def test_a_softcap_the_forward_ignores_is_caught_and_bias_still_falls_back():
+    # OLMo's forward does not read final_logit_softcapping: the claim inferred from the config
+    # is wrong, and the first call's check says so (the logits route then, exactly)
     model = inferred("OlmoForCausalLM")
-    model.config.final_logit_softcapping = 30.0
-    assert "final_logit_softcapping=30.0" in hf.find_head(model)[1]
+    model.config.final_logit_softcapping = 2.0
+    assert hf.find_head(model)[0].softcap == 2.0
+    perturb(model)
+    with pytest.warns(UserWarning, match=r"differ from logits = tanh\(lm_head\(hidden\) / 2\) \* 2"):
+        dpo = DPO(model, **CONVENTIONS["trl"])
+        check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
+    assert dpo.route(model, "cpu").kind == "logits"
     phi = transformers.PhiForCausalLM(transformers.PhiConfig(**COMMON))
     assert "has a bias" in hf.find_head(phi)[1]
 

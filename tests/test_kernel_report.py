@@ -17,7 +17,7 @@ import torch
 
 from fastdpo.kernel_report import SMEM_LIMIT, Row
 from fastdpo.kernels.linear_sequence_logprobs import AOT_SHAPES
-from fastdpo.kernels.sequence_logprobs import AOT_VOCABS
+from fastdpo.kernels.sequence_logprobs import AOT_VOCABS, CAP_BLOCK_V
 
 
 def run_report(*args: str, interpret: bool) -> tuple[int, dict]:
@@ -43,16 +43,20 @@ def test_every_shipped_kernel_compiles_without_spills():
     linear = [r for r in rows if r["family"] == "linear"]
     assert len(sequence) + len(linear) == len(rows)
     built = {(r["kernel"], r["dtype"], r["V"], r["target"]) for r in sequence}
-    expected = {(k, d, V, t) for k in ("fwd", "fwd+ref", "fwd+sq", "bwd") for d in ("fp32", "bf16", "fp16")
+    expected = {(k, d, V, t) for k in ("fwd", "fwd+ref", "fwd+sq", "fwd+cap", "bwd", "bwd+cap") for d in ("fp32", "bf16", "fp16")
                 for V in AOT_VOCABS for t in ("sm_80", "sm_90")}
     assert built == expected
     for r in sequence:
         assert 0 < r["registers"] <= 255 and r["shared"] >= 0, r
         # Rows 16-byte aligned (V % 16 == 0): every logits load is 128 bits wide, and the
-        # backward's stores too; the reference row adds its own loads.
+        # backward's stores too: a block's bytes over its threads' 16-byte loads (4 per thread
+        # but in the softcap's smaller 16-bit blocks, 2); the reference row adds its own loads.
         if r["V"] % 16 == 0:
             assert r["vectorized"], r
-            assert r["loads_128"] >= (8 if r["kernel"] == "fwd+ref" else 4), r
+            per_thread = r["block_v"] * {"fp32": 4, "bf16": 2, "fp16": 2}[r["dtype"]] // (32 * r["num_warps"] * 16)
+            capped16 = r["kernel"].endswith("+cap") and r["dtype"] != "fp32" and r["block_v"] == CAP_BLOCK_V
+            assert per_thread == (2 if capped16 else 4), r
+            assert r["loads_128"] >= per_thread * (2 if r["kernel"] == "fwd+ref" else 1), r
         else:
             # Unaligned rows cannot be vector-loaded: the scan must say so, not guess.
             assert not r["vectorized"] and r["loads_128"] == 0, r
@@ -91,7 +95,7 @@ def test_row_failure_rules():
 def test_reexecs_itself_out_of_interpret_mode():
     rc, report = run_report("--vocab", "2000", interpret=True)
     assert rc == 0 and report["ok"]
-    assert len(report["kernels"]) == 4 * 3 * 2  # fwd, fwd+ref, fwd+sq, bwd; 3 dtypes; 2 targets
+    assert len(report["kernels"]) == 6 * 3 * 2  # fwd, fwd+ref, fwd+sq, fwd+cap, bwd, bwd+cap; 3 dtypes; 2 targets
     assert all(r["V"] == 2000 and r["vectorized"] for r in report["kernels"])
 
 
@@ -111,8 +115,8 @@ def test_launch_argument_builders_follow_each_kernels_signature():
 
     f32, ex = torch.float32, Example(torch.float32, 2, 3, 4)
     cases = [
-        (seq._sequence_logprobs_fwd_kernel, seq._fwd_args(ex, ex, ex, ex, ex, ex, ex, ex, 3, 4)),
-        (seq._sequence_logprobs_bwd_kernel, seq._bwd_args(ex, ex, ex, ex, ex, ex, 3, 4)),
+        (seq._sequence_logprobs_fwd_kernel, seq._fwd_args(ex, ex, ex, ex, ex, ex, ex, ex, 3, 4, 1.0)),
+        (seq._sequence_logprobs_bwd_kernel, seq._bwd_args(ex, ex, ex, ex, ex, ex, 3, 4, 1.0)),
         (lin._lse_partials_kernel, lin._fwd_args(ex, ex, ex, [ex] * 3, 4, 4, 2, 5, 4, 1.0)),
         (lin._lse_combine_kernel, lin._combine_args([ex] * 3, ex, ex, ex, 2, 5, 3)),
         (lin._grad_hidden_kernel, lin._grad_hidden_args(ex, ex, ex, ex, ex, ex, ex, 4, 4, 2, 5, 4, 1.0, True)),

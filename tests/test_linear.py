@@ -40,21 +40,29 @@ def make_inputs(n, t, d, v, dtype, seed, p_mask=0.3):
     return hidden, weight, targets, mask
 
 
-def via_logits(hidden, weight, targets, mask, scale):
+def via_logits(hidden, weight, targets, mask, scale, softcap=None):
     logits = hidden @ weight.T
     if scale is not None:
         logits = logits * scale
+    if softcap is not None:  # Gemma 2's order: divide, tanh, multiply
+        logits = torch.tanh(logits / softcap) * softcap
     return reference_logprobs(logits, targets, mask)
+
+
+# (scale, softcap): none, x-transformers' tied scale, and a cap (1.5: these logits reach ~5,
+# far into the tanh's bend) after a scale
+HEAD_MAPS = {"plain": (None, None), "scale": (0.37, None), "softcap": (0.37, 1.5)}
 
 
 @pytest.mark.parametrize("route", ROUTES[:2], ids=ROUTE_IDS[:2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(2, 7, 33, 1001), (3, 1, 16, 2), (1, 9, 40, 257)], ids=str)
-@pytest.mark.parametrize("scale", [None, 0.37])
+@pytest.mark.parametrize("head_map", list(HEAD_MAPS))
 @pytest.mark.parametrize("chunk_rows", [None, 3])
-def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, route, monkeypatch):
+def test_linear_logprobs_against_float64(shape, dtype, head_map, chunk_rows, route, monkeypatch):
     n, t, d, v = shape
     impl, matmul = route
+    scale, softcap = HEAD_MAPS[head_map]
     if chunk_rows is not None:
         monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * v * chunk_rows)
     hidden, weight, targets, mask = make_inputs(n, t, d, v, dtype, seed=d + v)
@@ -63,13 +71,14 @@ def test_linear_logprobs_against_float64(shape, dtype, scale, chunk_rows, route,
     def run(fn, cast):
         h = cast(hidden).requires_grad_()
         w = cast(weight).requires_grad_()
-        out = fn(h, w, targets, mask, scale)
+        out = fn(h, w, targets, mask, scale, softcap)
         out.float().backward(upstream.to(out.dtype))
         return out, h.grad, w.grad
 
     truth = run(via_logits, lambda x: x.double())
     ref = run(via_logits, lambda x: x.clone())
-    ours = run(lambda h, w, y, m, s: linear_sequence_logprobs(h, w, y, m, scale=s, impl=impl, matmul=matmul), lambda x: x.clone())
+    ours = run(lambda h, w, y, m, s, c: linear_sequence_logprobs(h, w, y, m, scale=s, softcap=c, impl=impl, matmul=matmul),
+               lambda x: x.clone())
     assert ours[0].dtype == torch.float32
     assert ours[1].dtype == dtype and ours[2].dtype == dtype
     for what, o, r, tr in zip(("scores", "d hidden", "d weight"), ours, ref, truth):
@@ -186,20 +195,23 @@ def test_dpo_step_never_builds_full_logits(route, tie, monkeypatch):
     assert head_calls == []
 
 
+@pytest.mark.parametrize("softcap", [None, 1.5])
 @pytest.mark.parametrize("fold", ["torch", "triton"])
 @pytest.mark.parametrize("group_bytes", ["pair", "all", "partial", "too_small"])
-def test_pair_groups_agree(group_bytes, fold):
+def test_pair_groups_agree(group_bytes, fold, softcap):
     """dpo_head: one pair per group, all pairs in one group, pairs partly kept and partly
     recomputed, and pairs recomputed whole all agree with float64, with and without a live
-    reference, an all-prompt sequence and padding."""
+    reference, an all-prompt sequence and padding; with a softcap (the policy's and another
+    for the reference) on the kept and the recomputed rows alike."""
     b, t, d, v = 3, 6, 12, 301
     hidden, weight, targets, mask = make_inputs(2 * b, t, d, v, torch.float32, seed=4)
     mask[1] = False  # a chosen sequence with no scored token
     ref_hidden = torch.randn(2 * b, t, d, generator=torch.Generator().manual_seed(9))
     ref_weight = weight + 0.1 * torch.randn(v, d, generator=torch.Generator().manual_seed(10))
     budget = {"pair": 4 * v * 2 * t, "all": 1 << 30, "partial": 4 * v * 6, "too_small": 4 * v}[group_bytes]
+    ref_cap = None if softcap is None else 2.5
     opts = HeadOptions(impl=fold, scale=0.37, ref_scale=0.37, reduction="mean", loss=check_loss_config("sigmoid", 0.5),
-                       chunk_bytes=4 * v * 4, group_bytes=budget)
+                       chunk_bytes=4 * v * 4, group_bytes=budget, softcap=softcap, ref_softcap=ref_cap)
     count = mask.sum(-1).clamp(min=1e-5)
 
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -207,13 +219,14 @@ def test_pair_groups_agree(group_bytes, fold):
     loss.backward()
 
     h2, w2 = hidden.clone().double().requires_grad_(), weight.clone().double().requires_grad_()
-    s2 = via_logits(h2, w2, targets, mask, 0.37) / count
-    r = via_logits(ref_hidden.double(), ref_weight.double(), targets, mask, 0.37) / count
+    s2 = via_logits(h2, w2, targets, mask, 0.37, softcap) / count
+    r = via_logits(ref_hidden.double(), ref_weight.double(), targets, mask, 0.37, ref_cap) / count
     expected = -F.logsigmoid(0.5 * ((s2[:b] - s2[b:]) - (r[:b] - r[b:]))).mean()
     expected.backward()
     assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
     torch.testing.assert_close(ref.double(), r, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(sums.double(), via_logits(hidden.double(), weight.double(), targets, mask, 0.37), rtol=1e-6, atol=1e-5)
+    want_sums = via_logits(hidden.double(), weight.double(), targets, mask, 0.37, softcap)
+    torch.testing.assert_close(sums.double(), want_sums, rtol=1e-6, atol=1e-5)
     assert rel_err(h1.grad, h2.grad) <= 1e-5
     assert rel_err(w1.grad, w2.grad) <= 1e-5
     assert (h1.grad[~mask] == 0).all()
@@ -234,6 +247,13 @@ def test_linear_bad_input():
         linear_sequence_logprobs(hidden, weight, targets, mask, impl="torch", matmul="triton")
     with pytest.raises(ValueError, match="matmul must be one of"):
         linear_sequence_logprobs(hidden, weight, targets, mask, matmul="cublas")
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap must be (finite|a finite number > 0)"):
+            linear_sequence_logprobs(hidden, weight, targets, mask, softcap=bad)
+    with pytest.raises(TypeError, match="softcap must be a real Python number"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, softcap=torch.tensor(2.0))
+    with pytest.raises(ValueError, match="does not cap logits"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, softcap=2.0, impl="triton", matmul="triton")
 
 
 # ----------------------------------------------------------------------------- head detection

@@ -164,6 +164,63 @@ def test_noncontiguous_inputs():
     assert torch.equal(wide[:, :, V:], pad_before)
 
 
+def capped(logits, cap):
+    """Gemma 2's cap, in the logits' own dtype (float64 for the ground truth)."""
+    return torch.tanh(logits / cap) * cap
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N, T, V, block_v", SHAPES)
+@pytest.mark.parametrize("cap, scale", [(5.0, 20.0), (50.0, 3.0)], ids=["saturating", "gentle"])
+def test_softcap(N, T, V, block_v, dtype, cap, scale):
+    """softcap: the rows scored as ``cap * tanh(z / cap)`` and differentiated through it, no
+    further from float64 than torch's own cap in the input dtype: logits deep in the tanh's
+    saturation (|z| ~ 20 against a cap of 5) and near 0 (where the kernel's tanh switches to
+    its series), tail blocks and the shipped blocks."""
+    logits, targets, mask = make_inputs(N, T, V, dtype, scale=scale)
+    scores, _, stats = sequence_logprobs_forward(logits, targets, mask, softcap=cap, _block_v=block_v)
+    atol, rtol = TOL[dtype]["scores"]
+    truth = torch_scores(capped(logits.double(), cap), targets, mask)
+    assert_three_way(scores, truth, torch_scores(capped(logits, cap), targets, mask), atol, rtol, "scores")
+    assert_three_way(stats.sum(0)[mask], torch.logsumexp(capped(logits.double(), cap), -1)[mask],
+                     torch.logsumexp(capped(logits, cap), -1)[mask], atol, rtol, "lse")
+    if cap < scale:  # the cap changed every score
+        plain, _, _ = sequence_logprobs_forward(logits, targets, mask, _block_v=block_v)
+        assert (plain - scores)[mask.any(-1)].abs().min() > 1e-3
+
+    def through_cap(z, targets, mask, g):
+        x = z.detach().clone().requires_grad_(True)
+        (torch_scores(capped(x, cap), targets, mask) * g.to(x.dtype)).sum().backward()
+        return x.grad
+
+    g = torch.randn(N, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad = sequence_logprobs_backward(logits, targets, mask, stats, g, softcap=cap, _block_v=block_v)
+    atol, rtol = TOL[dtype]["grad"]
+    assert_three_way(grad, through_cap(logits.double(), targets, mask, g.double()),
+                     through_cap(logits, targets, mask, g), atol, rtol, "grad")
+    assert (grad[~mask] == 0).all()
+    buf = logits.clone()
+    sequence_logprobs_backward(buf, targets, mask, stats, g, inplace=True, softcap=cap, _block_v=block_v)
+    assert torch.equal(buf, grad)
+
+
+def test_softcap_of_infinities():
+    """A cap makes infinite logits finite (+-cap), as the model's own tanh does; the gradient
+    at them is 0."""
+    N, T, V, cap = 1, 2, 200, 5.0
+    logits, targets, mask = make_inputs(N, T, V, torch.float32)
+    mask[:] = True
+    logits[0, 0, :70] = float("-inf")
+    logits[0, 1, 3] = float("inf")
+    targets[0, 0] = 5  # a -inf target: log-prob -2 cap - log(...), finite
+    scores, _, stats = sequence_logprobs_forward(logits, targets, mask, softcap=cap, _block_v=64)
+    truth = torch_scores(capped(logits.double(), cap), targets, mask)
+    assert torch.isfinite(scores).all()
+    assert torch.allclose(scores.double().cpu(), truth.cpu(), rtol=1e-6, atol=1e-5)
+    grad = sequence_logprobs_backward(logits, targets, mask, stats, torch.ones(N), softcap=cap, _block_v=64)
+    assert torch.isfinite(grad).all() and (grad[0, 0, :70] == 0).all() and grad[0, 1, 3] == 0
+
+
 def test_infinities():
     N, T, V, block_v = 2, 3, 200, 64
     logits, targets, mask = make_inputs(N, T, V, torch.float32)
@@ -353,6 +410,9 @@ def test_validation():
         (ValueError, "grad_scores", lambda: bwd(logits, targets, mask, lse, gs[:1])),
         (TypeError, "grad_scores", lambda: bwd(logits, targets, mask, lse, gs.double())),
         (ValueError, "inplace", lambda: bwd(logits[:, :, ::2], targets, mask, lse, gs, inplace=True)),
+        (ValueError, "softcap", lambda: fwd(logits, targets, mask, softcap=0.0)),
+        (ValueError, "softcap", lambda: bwd(logits, targets, mask, lse, gs, softcap=float("inf"))),
+        (ValueError, "softcap", lambda: fwd(logits, targets, mask, logits, softcap=2.0)),
     ]
     for exc, name, call in cases:
         with pytest.raises(exc, match=name):

@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # (the layout module imports nothing of this package at run t
 
 @dataclass(frozen=True)
 class LinearHead:
-    """A model's output head as ``logits = hidden @ weight.T * scale`` (scale may be None).
+    """A model's output head as ``logits = hidden @ weight.T * scale`` (scale may be None), then,
+    with a ``softcap``, ``softcap * tanh(logits / softcap)`` (Gemma 2's final logits).
 
     ``weight`` is the weight when the head was found; ``owner``, when given, is the module
     whose ``.weight`` it is, read again at each call by :func:`live_weight` (FSDP2 swaps a
@@ -37,11 +38,14 @@ class LinearHead:
     scale: float | None
     owner: nn.Module | None = None
     claim: str = ""
+    softcap: float | None = None
 
     def logits(self, hidden: Tensor, weight: Tensor) -> Tensor:
-        """The logits the model's own head makes from ``hidden`` (product, then scale)."""
+        """The logits the model's own head makes from ``hidden`` (product, scale, softcap, each
+        in the hidden states' dtype as the model's forward does them)."""
         z = torch.nn.functional.linear(hidden, weight)
-        return z * self.scale if self.scale is not None else z
+        z = z * self.scale if self.scale is not None else z
+        return torch.tanh(z / self.softcap) * self.softcap if self.softcap is not None else z
 
 
 def _is_plain(w: Tensor) -> bool:
@@ -124,7 +128,8 @@ class ModelAdapter:
 
     def head(self) -> tuple[LinearHead | None, str]:
         """``(head, "")`` when the model's logits are ``hidden @ head.weight.T * head.scale``
-        and :meth:`hidden` gives that ``hidden``; else ``(None, why not)``."""
+        (capped by ``head.softcap``) and :meth:`hidden` gives that ``hidden``; else ``(None,
+        why not)``."""
         return None, (
             f"the model is a {type(self.model).__name__}, not a TransformerWrapper or a Hugging "
             f"Face causal LM"

@@ -11,13 +11,14 @@ and imports fast, without them.
   and fuses ``lm_head``'s product into the scores (:func:`hidden_states`): ``lm_head``'s own
   forward sees no row.
 * **Heads.**  A causal LM's forward may do more than ``lm_head(hidden)``: scale the logits
-  (Cohere, Granite), cap them with a tanh (Gemma 2 and 3), add a bias.  The classes in
+  (Cohere, Granite), cap them with a tanh (Gemma 2 and 3: the fold caps them, in float32, and
+  differentiates through the cap), add a bias (not fused).  The classes in
   :data:`HEAD_RULES` had their forwards read and their fused scores are tested against their
   own logits.  Any other causal LM whose output embedding is a plain bias-free linear layer
   gets a head inferred from its config (:func:`inferred_head`: ``logit_scale``,
-  ``logits_scaling``), which its first call checks against the model's own logits on a slice
-  of the real batch (:func:`fastdpo.scoring.check_head`): equal to rounding, it is fused from
-  then on; different, the logits route, with the reason.
+  ``logits_scaling``, ``final_logit_softcapping``), which its first call checks against the
+  model's own logits on a slice of the real batch (:func:`fastdpo.scoring.check_head`):
+  equal to rounding, it is fused from then on; different, the logits route, with the reason.
 * **Padding.**  The model gets no attention mask: only right padding leaves the real tokens'
   scores unchanged (:func:`check_right_padding`).
 * **Packed pairs** go in as ``position_ids``; the model attends by parts of the layout
@@ -63,31 +64,33 @@ def causal_lm(model: nn.Module) -> nn.Module | None:
 # -------------------------------------------------------------------------------- heads
 
 
-def _plain(model: nn.Module) -> tuple[float | None, str]:
-    return None, ""
+# A head rule maps a model to its logits transform: (scale or None, softcap or None).
+Transform = tuple[float | None, float | None]
 
 
-def _softcap(model: nn.Module) -> tuple[float | None, str]:
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap is None:
-        return None, ""
-    return None, f"it caps its logits with a tanh (final_logit_softcapping={cap}), which fastdpo does not fuse"
+def _plain(model: nn.Module) -> Transform:
+    return None, None
 
 
-def _times_logit_scale(model: nn.Module) -> tuple[float | None, str]:
-    return float(model.logit_scale), ""  # CohereForCausalLM: logits * self.logit_scale
+def _softcap(model: nn.Module) -> Transform:
+    # Gemma2/3ForCausalLM: logits = tanh(logits / cap) * cap when final_logit_softcapping is set
+    return None, _number(getattr(_text_config(model), "final_logit_softcapping", None))
 
 
-def _over_logits_scaling(model: nn.Module) -> tuple[float | None, str]:
+def _times_logit_scale(model: nn.Module) -> Transform:
+    return float(model.logit_scale), None  # CohereForCausalLM: logits * self.logit_scale
+
+
+def _over_logits_scaling(model: nn.Module) -> Transform:
     # GraniteForCausalLM: logits / config.logits_scaling (fastdpo multiplies by the reciprocal:
     # the same logits to float rounding)
-    return 1.0 / float(model.config.logits_scaling), ""
+    return 1.0 / float(model.config.logits_scaling), None
 
 
 # Causal LM classes whose forward is ``logits = post(lm_head(base_model(...).last_hidden_state))``
 # with the ``post`` below (read in transformers 5.24), each tested against the model's own
-# logits in tests/test_hf.py.  A rule returns (scale, "") or (None, why it cannot be fused).
-HEAD_RULES: dict[str, Callable[[nn.Module], tuple[float | None, str]]] = {
+# logits in tests/test_hf.py.
+HEAD_RULES: dict[str, Callable[[nn.Module], Transform]] = {
     "LlamaForCausalLM": _plain,
     "MistralForCausalLM": _plain,
     "Qwen2ForCausalLM": _plain,
@@ -107,26 +110,26 @@ def _number(x) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def inferred_head(lm: nn.Module) -> tuple[float | None, str, str]:
-    """``(scale, claim, "")`` for a causal LM whose forward fastdpo has not read: the logits
-    transform its config names, as transformers' classes use the keys (``logit_scale``: a
-    product, Cohere's, read from the model or its config; ``logits_scaling``: a division,
-    Granite's), or ``(None, "", why)`` when it names one fastdpo does not fuse
-    (``final_logit_softcapping``).  A claim only: the first call checks it
-    (:func:`fastdpo.scoring.check_head`)."""
+def inferred_head(lm: nn.Module) -> tuple[Transform, str]:
+    """``((scale, softcap), claim)`` for a causal LM whose forward fastdpo has not read: the
+    logits transform its config names, as transformers' classes use the keys (``logit_scale``:
+    a product, Cohere's, read from the model or its config; ``logits_scaling``: a division,
+    Granite's; ``final_logit_softcapping``: ``tanh(logits / cap) * cap`` after them, Gemma
+    2's).  A claim only: the first call checks it (:func:`fastdpo.scoring.check_head`)."""
     config = _text_config(lm)
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap is not None:
-        return None, "", f"it caps its logits with a tanh (final_logit_softcapping={cap}), which fastdpo does not fuse"
-    scale, claim = None, "logits = lm_head(hidden)"
+    scale, expr, keys = None, "lm_head(hidden)", []
     times = _number(getattr(lm, "logit_scale", None))
     times = times if times is not None else _number(getattr(config, "logit_scale", None))
     if times is not None:
-        scale, claim = times, f"{claim} * {times:g} (logit_scale)"
+        scale, expr, keys = times, f"{expr} * {times:g}", keys + ["logit_scale"]
     over = _number(getattr(config, "logits_scaling", None))
     if over is not None:
-        scale, claim = (scale or 1.0) / over, f"{claim} / {over:g} (logits_scaling)"
-    return scale, claim, ""
+        scale, expr, keys = (scale or 1.0) / over, f"{expr} / {over:g}", keys + ["logits_scaling"]
+    cap = _number(getattr(config, "final_logit_softcapping", None))
+    if cap is not None:
+        expr, keys = f"tanh({expr} / {cap:g}) * {cap:g}", keys + ["final_logit_softcapping"]
+    claim = f"logits = {expr}" + (f" ({', '.join(keys)})" if keys else "")
+    return (scale, cap), claim
 
 
 def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
@@ -147,12 +150,15 @@ def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
     if _backbone(lm) is None:
         return None, "it has no separate backbone (base_model, get_decoder()) to run for its hidden states"
     if rule is not None:
-        scale, why = rule(lm)
-        return (LinearHead(head.weight, scale, head), "") if not why else (None, why)
-    scale, claim, why = inferred_head(lm)
-    if why:
-        return None, why
-    return LinearHead(head.weight, scale, head, claim=f"{claim}, inferred for a {name} (not in HEAD_RULES)"), ""
+        scale, cap = rule(lm)
+        if cap is not None and not cap > 0:
+            return None, f"its final_logit_softcapping is {cap:g}, not a cap > 0"
+        return LinearHead(head.weight, scale, head, softcap=cap), ""
+    (scale, cap), claim = inferred_head(lm)
+    if cap is not None and not cap > 0:
+        return None, f"its final_logit_softcapping is {cap:g}, not a cap > 0"
+    claim = f"{claim}, inferred for a {name} (not in HEAD_RULES)"
+    return LinearHead(head.weight, scale, head, claim=claim, softcap=cap), ""
 
 
 # -------------------------------------------------------------------------------- calls
