@@ -23,8 +23,9 @@ and imports fast, without them.
   batch with some (left padding, the default of tokenizers made for generation, or padding on
   both sides) gets ``attention_mask`` (1 on the inputs' real tokens) and ``position_ids``
   (``cumsum - 1``, clamped at 0, as ``generate`` makes them) on both routes, so the real tokens'
-  hidden states are the right-padded batch's.  Padding between real tokens is an error
-  (:func:`left_padded`).
+  hidden states are the right-padded batch's (with ``mask_alignment="target"``; the input
+  alignment refuses it: :func:`fastdpo.batches.model_padding`).  Padding between real tokens is
+  an error (:func:`left_padded`).
 * **Packed pairs** go in as ``position_ids``; the model attends by parts of the layout
   (:mod:`fastdpo.attention`, registered as an attention implementation with transformers'
   ``AttentionInterface`` for the packed call; sliding windows too), or, as the fallback, through
