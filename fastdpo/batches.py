@@ -4,9 +4,11 @@ Dimensions: B pairs, N = 2B sequences (the B preferred, then the B unpreferred),
 T = L - 1 input positions.
 
 :func:`pair_batch` checks a pair batch and returns a :class:`Batch`: the inputs, targets,
-scored positions and their counts of the 2B unpacked sequences -- what every route scores --
-and, when the module packs (:class:`Packing`), the packed layout the models run on instead
-(:mod:`fastdpo.packing`), whose hidden states are gathered back to the unpacked rows.
+scored positions and their counts of the 2B unpacked sequences -- what every route scores --,
+where their real tokens are when the model must be told (left padding for a Hugging Face
+model: :func:`model_padding`), and, when the module packs (:class:`Packing`), the packed layout
+the models run on instead (:mod:`fastdpo.packing`), whose hidden states are gathered back to
+the unpacked rows.
 :func:`unpaired_batch` does the same for N sequences that are not pairs (KTO's), unpacked.
 """
 
@@ -20,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import _checks, cost_model, packing
-from .models import ModelAdapter, eval_mode
+from .models import ModelAdapter, Padding, eval_mode
 
 PACKINGS = ("none", "pair", "batch", "auto")
 PACK_ATTENTIONS = ("auto", "segments", "dense")
@@ -37,9 +39,13 @@ class Batch:
     packed: packing.Packed | None = None  # the layout the models run on, when the batch is packed
     # (N, T) float32 weight of each scored log-prob (LD-DPO, fastdpo.weighting.ld_weighted); None: all 1
     token_weights: Tensor | None = None
+    # where the inputs' real tokens are, when the model must be told (a Hugging Face model given
+    # padding before a real token: its attention_mask and position_ids); None: the ids alone
+    padding: Padding | None = None
 
 
-def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None) -> Batch:
+def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None,
+               padding: Padding | None = None) -> Batch:
     """A :class:`Batch` of ``seq`` (N, L) whose positions ``keep`` (N, L) may be scored:
     inputs ``seq[:, :-1]`` score targets ``seq[:, 1:]``; with ``alignment="input"``
     (x-transformers) the mask at the input position decides, with ``"target"`` (TRL) the mask
@@ -47,7 +53,33 @@ def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed
     mask = keep[:, :-1] if alignment == "input" else keep[:, 1:]
     # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
     count = mask.sum(-1).clamp(min=1e-5)
-    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed)
+    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed, padding=padding)
+
+
+def model_padding(adapter: ModelAdapter, alignment: str, masks: dict[str, Tensor | None], like: Tensor) -> Padding | None:
+    """The :class:`~fastdpo.models.Padding` of the inputs of the sequences whose masks are
+    ``masks`` (name -> (n, L) bool or None, stacked in this order; ``like`` a mask of that
+    shape), when ``adapter`` must be told of it (:meth:`~fastdpo.models.ModelAdapter.check_padding`
+    checks each mask), else None.
+
+    ``alignment="input"`` refuses such padding: x-transformers' rule also scores the token
+    after a sequence's last real token (padding, in a right-padded row), which a row whose real
+    tokens end at the last position does not have, so its scores could not be the right-padded
+    batch's.
+    """
+    left = [name for name, m in masks.items() if adapter.check_padding(name, m)]
+    if not left:
+        return None
+    if alignment == "input":
+        raise ValueError(
+            f"{left[0]} has padding before a real token, which mask_alignment='input' cannot score as it "
+            f"scores the same sequences right padded: x-transformers' rule also counts the log-prob of "
+            f"the token after a sequence's last real token (padding, in a right-padded row), and a "
+            f"left-padded row ending at the last position has none; pass mask_alignment='target' "
+            f"(TRL's), or pad at the end"
+        )
+    real = torch.cat([m if m is not None else torch.ones_like(like) for m in masks.values()])
+    return Padding.of(real[:, :-1])
 
 
 # ----------------------------------------------------------------------------- packing
@@ -146,22 +178,28 @@ def pair_batch(
     ``seq != pad_id`` when ``pad_id`` is given).
 
     Every argument is checked (against the vocabulary and padding rules of
-    ``adapter_on(device)``, the policy's adapter on the batch's device).  With a packing plan
-    the pairs are packed (:func:`fastdpo.packing.pack` checks they can; ``"auto"`` packs in the
-    layout :func:`fastdpo.cost_model.choose_layout` picks from the lengths, and leaves a batch
-    that cannot pack unpacked); with ``verify``, the model is checked on the first packed pairs
-    (:func:`check_first_pairs`).
+    ``adapter_on(device)``, the policy's adapter on the batch's device; padding the model must
+    be told of, :func:`model_padding`, goes with the batch).  With a packing plan the pairs are
+    packed (:func:`fastdpo.packing.pack` checks they can; ``"auto"`` packs in the layout
+    :func:`fastdpo.cost_model.choose_layout` picks from the lengths, and leaves a batch that
+    cannot pack unpacked; padding the model must be told of never packs); with ``verify``, the
+    model is checked on the first packed pairs (:func:`check_first_pairs`).
     """
     adapter = _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
     pref_mask, unpref_mask = real_tokens(preferred, pref_mask, pad_id), real_tokens(unpreferred, unpref_mask, pad_id)
-    adapter.check_padding("preferred_seq_mask", pref_mask)
-    adapter.check_padding("unpreferred_seq_mask", unpref_mask)
+    masks = {"preferred_seq_mask": pref_mask, "unpreferred_seq_mask": unpref_mask}
+    padding = model_padding(adapter, alignment, masks, prompt_mask)
     keep = ~prompt_mask.repeat(2, 1)
     if pref_mask is not None or unpref_mask is not None:
         ones = torch.ones_like(prompt_mask)
         keep = keep & torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
     packed = None
-    if packing_plan.layout != "none":
+    if padding is not None and packing_plan.layout not in ("none", "auto"):
+        raise ValueError(
+            f"packing={packing_plan.layout!r} packs right-padded pairs, and these have padding before a real "
+            f"token: pad at the end, or pass packing='none' ('auto' runs such a batch unpacked)"
+        )
+    if packing_plan.layout != "none" and padding is None:
         args = (preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
         layout, lengths = packing_plan.layout, None
         try:
@@ -177,7 +215,7 @@ def pair_batch(
                                   attention=packing_plan.attention, lengths=lengths)
             if verify:
                 check_first_pairs(adapter, layout, packing_plan.attention, *args)
-    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed)
+    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding)
 
 
 def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor | None:
@@ -208,9 +246,9 @@ def unpaired_batch(
     adapter = adapter_on(seq.device)
     _checks.token_range(seq_name, seq, adapter.vocab_size())
     seq_mask = real_tokens(seq, seq_mask, pad_id)
-    adapter.check_padding(mask_name, seq_mask)
+    padding = model_padding(adapter, alignment, {mask_name: seq_mask}, prompt_mask)
     keep = ~prompt_mask if seq_mask is None else ~prompt_mask & seq_mask
-    return make_batch(seq, keep, alignment)
+    return make_batch(seq, keep, alignment, padding=padding)
 
 
 def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:

@@ -36,7 +36,8 @@ class DPO(PreferenceModule):
         model: maps token ids (B, L) to logits (B, L, V), returned as a tensor or as an output
             with ``.logits``: an x-transformers ``TransformerWrapper`` (also inside
             ``torch.compile``), a Hugging Face causal LM or a ``peft`` model around one
-            (:mod:`fastdpo.models`; right padding only), any such module.  It becomes
+            (:mod:`fastdpo.models`; right padding, or left padding with
+            ``mask_alignment="target"``), any such module.  It becomes
             ``policy_model``; ``ref_model`` is a frozen deep copy (see :func:`frozen_copy`:
             unlike x-transformers' copy, it shares no weights with the policy, also when the
             head is tied to the embedding) -- except for a ``peft`` model, whose reference is
@@ -105,8 +106,9 @@ class DPO(PreferenceModule):
             runs either.  ``"auto"``: ``"batch"`` for the batches where the cost model says it
             pays (:func:`fastdpo.cost_model.choose_layout`), else ``"none"``.  Packed scores are
             the unpacked ones to float rounding.  Each pair's prompt must be a prefix, equal in
-            both sequences, with right padding (else ``ValueError`` naming the pair; ``"auto"``
-            runs such a batch unpacked); a model that cannot pack raises at construction, or
+            both sequences, with right padding (else ``ValueError`` naming the pair, or for a
+            Hugging Face batch with left padding naming ``packing``; ``"auto"`` runs such a
+            batch unpacked); a model that cannot pack raises at construction, or
             on its first packed call when packing changes its hidden states
             (:func:`fastdpo.batches.check_first_pairs`).
         pack_length: with ``packing="batch"`` or ``"auto"``, the slots of a packed row.

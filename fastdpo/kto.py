@@ -299,7 +299,9 @@ class KTO(PreferenceModule):
         """The KTO loss of N unpaired completions.
 
         Args:
-            seq: (N, L) token ids, prompt followed by completion, right padded.
+            seq: (N, L) token ids, prompt followed by completion, right padded (a Hugging
+                Face model also takes left padding, with ``mask_alignment="target"``:
+                :class:`fastdpo.DPO`'s ``model``).
             prompt_mask: (N, L) bool, True on prompt positions (not scored).
             label: (N,) bool, True for a desirable completion (required; batches may be all
                 desirable or all undesirable).

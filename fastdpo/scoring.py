@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from . import _checks, ops
 from .batches import Batch
 from .linear import MATMULS, resolve_matmul, run_linear
-from .models import LinearHead, ModelAdapter, adapter_for, eval_mode, live_weight
+from .models import LinearHead, ModelAdapter, Padding, adapter_for, eval_mode, live_weight
 from .ops import IMPLS, resolve_impl
 
 REDUCTIONS = ("mean", "sum")
@@ -102,15 +102,22 @@ CHECK_TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 CHECK_TOL_LOW = 2e-2  # bfloat16, float16: a few ulps of the largest logit
 
 
-def check_head(adapter: ModelAdapter, head: LinearHead, src: Tensor) -> str:
+def check_head(adapter: ModelAdapter, head: LinearHead, src: Tensor, padding: Padding | None = None) -> str:
     """Why ``head`` does not make ``adapter``'s model's own logits ("" when it does, to rounding).
 
     The model's own forward and the fused computation run on the first :data:`CHECK_TOKENS`
-    positions of the first sequence of ``src``, in eval mode (every module's mode restored
-    after), under ``no_grad``: the model's ``logits``, and ``head.logits`` of its hidden states.
-    What it cannot see: a forward whose transform depends on the batch's content or length, on
-    training mode, or on positions past the slice; ``head="logits"`` opts out of fusing."""
+    positions of the first sequence of ``src`` (with the batch's ``padding``, the first real
+    tokens of its first sequence that has any, unpadded), in eval mode (every module's mode
+    restored after), under ``no_grad``: the model's ``logits``, and ``head.logits`` of its
+    hidden states.  What it cannot see: a forward whose transform depends on the batch's
+    content or length, on training mode, or on positions past the slice; ``head="logits"`` opts
+    out of fusing."""
     tokens = src[:1, :CHECK_TOKENS]
+    if padding is not None:
+        real = padding.mask.bool()
+        row = int(real.any(1).long().argmax())  # (a batch of padding alone keeps the first slice)
+        if real[row].any():
+            tokens = src[row, real[row]][None, :CHECK_TOKENS]
     with torch.no_grad(), eval_mode(adapter.model):
         own = adapter.logits(tokens).float()
         hidden = adapter.hidden(tokens)
@@ -217,7 +224,7 @@ class Scorer:
         elif torch.compiler.is_compiling():
             why = "its inferred head is checked on an eager first call, and this one is compiled"
         else:
-            why = check_head(route.adapter, head, batch.src)
+            why = check_head(route.adapter, head, batch.src, batch.padding)
             self.checked[key] = (model, why)
             if why and self.head != "fused":
                 warnings.warn(f"fastdpo will score this model's logits: {why}; pass head='logits' to "
@@ -232,15 +239,17 @@ class Scorer:
         return fallback
 
     def body(self, model: nn.Module, batch: Batch) -> Body:
-        """``model``'s :class:`Body` of ``batch`` (on the packed layout when it has one)."""
+        """``model``'s :class:`Body` of ``batch`` (on the packed layout when it has one; told of
+        its padding when it carries one, :attr:`Batch.padding`)."""
         route = self.checked_route(model, batch)
         adapter, head = route.adapter, route.head
         fused = head is not None
         if batch.packed is not None:  # run on the packed rows, gathered back to the unpacked ones
             out = adapter.hidden(batch.packed.tokens, batch.packed) if fused else adapter.logits(batch.packed.tokens, batch.packed)
             out = out.reshape(-1, out.shape[-1])[batch.packed.rows]
-        else:
-            out = adapter.hidden(batch.src) if fused else adapter.logits(batch.src)
+        else:  # told of the padding only when it asked to be (a family that never asks takes no such argument)
+            told = {} if batch.padding is None else {"padding": batch.padding}
+            out = adapter.hidden(batch.src, **told) if fused else adapter.logits(batch.src, **told)
         if not fused:
             return Body(route, out, None)
         weight = live_weight(head, out.dtype)

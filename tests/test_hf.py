@@ -306,19 +306,20 @@ def test_fallback_reasons():
     check_against_own_logits(dpo, base, CONVENTIONS["x-transformers"])
 
 
-def test_left_padding_is_an_error_right_padding_changes_nothing():
+def test_a_hole_is_an_error_right_padding_changes_nothing():
+    """(Left padding: tests/test_hf_leftpad.py.)"""
     model = tiny("LlamaForCausalLM")
     dpo = DPO(model, pad_id=0, **CONVENTIONS["trl"])  # (target alignment reads no padding)
     perturb(model)  # the policy off its reference: the loss depends on the scores
     pref, unpref, pm, pmask, umask = batch()
-    left = pmask.clone()
-    left[1] = left[1].flip(0)
-    with pytest.raises(ValueError, match=r"preferred_seq_mask has padding before a real token \(row 1\)"):
-        dpo(pref, unpref, prompt_mask=pm, preferred_seq_mask=left, unpreferred_seq_mask=umask)
-    # pad_id makes the masks: a pad id inside a sequence is padding before a real token
+    holed_mask = pmask.clone()
+    holed_mask[1, 5] = False
+    with pytest.raises(ValueError, match=r"preferred_seq_mask has padding between real tokens \(row 1\)"):
+        dpo(pref, unpref, prompt_mask=pm, preferred_seq_mask=holed_mask, unpreferred_seq_mask=umask)
+    # pad_id makes the masks: a pad id inside a sequence is padding between real tokens
     holed = pref.clone()
     holed[0, 5] = 0
-    with pytest.raises(ValueError, match="preferred_seq_mask has padding before a real token"):
+    with pytest.raises(ValueError, match=r"preferred_seq_mask has padding between real tokens \(row 0\)"):
         dpo(holed, unpref, prompt_mask=pm)
     # whatever the padding holds, the loss is the same
     a = dpo(pref, unpref, prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)

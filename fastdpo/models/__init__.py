@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LinearHead, ModelAdapter, live_weight
+from .base import LinearHead, ModelAdapter, Padding, live_weight
 from .hf import HFAdapter
 from .wrappers import adapters_disabled, check_wrappers, eval_mode, peft_model
 from .xtransformers import XTransformersAdapter
@@ -40,6 +40,7 @@ __all__ = [
     "HFAdapter",
     "LinearHead",
     "ModelAdapter",
+    "Padding",
     "XTransformersAdapter",
     "adapter_for",
     "adapters_disabled",

@@ -3,8 +3,9 @@
 A family (x-transformers, Hugging Face, ...) answers a few questions in one adapter class
 (:class:`ModelAdapter`): the head it can fuse (a plain product, :class:`LinearHead`) or why
 not, its hidden states and its logits (of a padded batch, or of a packed layout), its
-vocabulary size, the padding it accepts, whether it can run packed pairs.  ``DPO`` talks to
-adapters only; :func:`fastdpo.models.adapter_for` picks one.
+vocabulary size, the padding it accepts (and whether it must be told where a batch's real
+tokens are: :class:`Padding`), whether it can run packed pairs.  ``DPO`` talks to adapters
+only; :func:`fastdpo.models.adapter_for` picks one.
 """
 
 from __future__ import annotations
@@ -46,6 +47,23 @@ class LinearHead:
         z = torch.nn.functional.linear(hidden, weight)
         z = z * self.scale if self.scale is not None else z
         return torch.tanh(z / self.softcap) * self.softcap if self.softcap is not None else z
+
+
+@dataclass(frozen=True, eq=False)
+class Padding:
+    """Where the real tokens of a padded batch's inputs (N, T) are, for a family that must be
+    told (:meth:`ModelAdapter.check_padding`; a Hugging Face model given left padding)."""
+
+    mask: Tensor  # (N, T) int64, 1 on a real token, 0 on padding (a tokenizer's attention_mask)
+    pos: Tensor  # (N, T) int64, each real token's position in its unpadded sequence (0 on leading padding)
+
+    @classmethod
+    def of(cls, real: Tensor) -> Padding:
+        """The padding of inputs whose real tokens are ``real`` (N, T) bool, each row's
+        contiguous: positions count the real tokens before each one, as Hugging Face's
+        ``generate`` makes them (``cumsum - 1``, clamped at 0)."""
+        mask = real.long()
+        return cls(mask, (mask.cumsum(-1) - 1).clamp(min=0))
 
 
 def _is_plain(w: Tensor) -> bool:
@@ -135,15 +153,18 @@ class ModelAdapter:
             f"Face causal LM"
         )
 
-    def hidden(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
-        """(N, T, D): what the head consumes, for ``tokens`` (N, T) -- a padded batch, or the
-        rows of a packed ``layout`` (``tokens`` is then ``layout.tokens``)."""
+    def hidden(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
+        """(N, T, D): what the head consumes, for ``tokens`` (N, T) -- a padded batch (with the
+        ``padding`` :meth:`check_padding` asked for), or the rows of a packed ``layout``
+        (``tokens`` is then ``layout.tokens``)."""
         raise NotImplementedError(f"{type(self).__name__} has no fusable head")
 
-    def logits(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+    def logits(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
         """(N, T, V): the model's logits for ``tokens`` (as :meth:`hidden`)."""
         if layout is not None:
             raise NotImplementedError(f"{type(self).__name__} cannot run a packed layout")
+        if padding is not None:
+            raise NotImplementedError(f"{type(self).__name__} takes no attention mask")
         return logits_of(module_to_call(self.model)(tokens))
 
     def vocab_size(self) -> int | None:
@@ -151,9 +172,12 @@ class ModelAdapter:
         n = getattr(self.model, "num_tokens", None)
         return n if isinstance(n, int) else None
 
-    def check_padding(self, name: str, mask: Tensor | None) -> None:
+    def check_padding(self, name: str, mask: Tensor | None) -> bool:
         """Raise when the padding in ``mask`` (True = a real token) would change the scores of
-        the real tokens.  The base family gets no attention mask and takes any padding."""
+        the real tokens; return whether the model must be told where they are (the batch then
+        carries its :class:`Padding`, which :meth:`hidden` and :meth:`logits` get).  The base
+        family gets no attention mask and takes any padding (False)."""
+        return False
 
     def segments(self) -> str:
         """Why attention by parts (:mod:`fastdpo.attention`) cannot run this model's packed

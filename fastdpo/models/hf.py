@@ -19,8 +19,14 @@ and imports fast, without them.
   ``logits_scaling``, ``final_logit_softcapping``), which its first call checks against the
   model's own logits on a slice of the real batch (:func:`fastdpo.scoring.check_head`):
   equal to rounding, it is fused from then on; different, the logits route, with the reason.
-* **Padding.**  The model gets no attention mask: only right padding leaves the real tokens'
-  scores unchanged (:func:`check_right_padding`).
+* **Padding.**  A batch without padding before a real token (right padding, or none) runs as
+  the ids alone: no attention mask, and causality hides the padding after the real tokens.  A
+  batch with some (left padding, the default of tokenizers made for generation, or padding on
+  both sides) gets ``attention_mask`` (1 on the inputs' real tokens) and ``position_ids``
+  (``cumsum - 1``, clamped at 0, as ``generate`` makes them) on both routes, so the real tokens'
+  hidden states are the right-padded batch's (with ``mask_alignment="target"``; the input
+  alignment refuses it: :func:`fastdpo.batches.model_padding`).  Padding between real tokens is
+  an error (:func:`left_padded`).
 * **Packed pairs** go in as ``position_ids``; the model attends by parts of the layout
   (:mod:`fastdpo.attention`, registered as an attention implementation with transformers'
   ``AttentionInterface`` for the packed call; sliding windows too), or, as the fallback, through
@@ -43,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attention import SegmentAttention
-from .base import LinearHead, ModelAdapter, check_weight, logits_of
+from .base import LinearHead, ModelAdapter, Padding, check_weight, logits_of
 from .wrappers import inner_model, model_class
 
 if TYPE_CHECKING:
@@ -264,27 +270,30 @@ def hidden_states(model: nn.Module, lm: nn.Module, src: Tensor, **kwargs) -> Ten
 # -------------------------------------------------------------------------------- padding
 
 
-def check_right_padding(name: str, mask: Tensor | None) -> None:
-    """Raise unless ``mask`` (True = a real token) is right padding in every row.
+def left_padded(name: str, mask: Tensor | None) -> bool:
+    """Whether ``mask`` (True = a real token) has padding before a real token in some row
+    (left padding: the model must then get an attention mask and positions); raise unless
+    every row's real tokens are contiguous (padding before them, after them, or both).
 
-    DPO does not give a Hugging Face model an attention mask: with right padding a causal
-    model's real tokens never see the padding after them, so the scores are those of the
-    unpadded sequences.  Padding before a real token (left padding, or a hole) would be seen by
-    that token and shift its position: the scores would change silently, so it is an error.
+    With right padding alone a causal model's real tokens never see the padding after them, so
+    the model gets the ids alone and scores the unpadded sequences.  Padding before a real token
+    would be attended to and shift its position unless the model is told (:class:`Padding`);
+    padding between real tokens (a hole) would shift the positions of the tokens after it even
+    then.  One host sync, to choose the call.
     """
     if mask is None or mask.shape[1] < 2:
-        return
-    hole = ~mask[:, :-1] & mask[:, 1:]
-    if mask.device.type == "cpu":
-        if bool(hole.any()):
-            row = int(hole.any(1).nonzero()[0])
-            raise ValueError(
-                f"{name} has padding before a real token (row {row}): a Hugging Face model gets "
-                f"no attention mask from fastdpo.DPO, so only right padding leaves the scores "
-                f"unchanged; pad at the end of each sequence"
-            )
-    else:  # no host sync on accelerators
-        torch._assert_async(~hole.any(), f"{name} has padding before a real token; pad at the end")
+        return False
+    starts = mask[:, 1:] & ~mask[:, :-1]  # a real token right after padding
+    runs = starts.sum(1) + mask[:, 0]  # runs of real tokens in each row
+    hole, left = torch.stack(((runs > 1).any(), starts.any())).tolist()
+    if hole:
+        row = int((runs > 1).nonzero()[0])
+        raise ValueError(
+            f"{name} has padding between real tokens (row {row}): a Hugging Face model takes padding "
+            f"before a sequence's real tokens (left), after them (right) or both, not inside it (with "
+            f"pad_id, a pad id inside a sequence is padding)"
+        )
+    return bool(left)
 
 
 # -------------------------------------------------------------------------------- packing
@@ -394,8 +403,12 @@ class HFAdapter(ModelAdapter):
         emb = self.lm.get_input_embeddings()
         return emb.num_embeddings if isinstance(emb, nn.Embedding) else None
 
-    def check_padding(self, name: str, mask: Tensor | None) -> None:
-        check_right_padding(name, mask)
+    def check_padding(self, name: str, mask: Tensor | None) -> bool:
+        left = left_padded(name, mask)
+        if left and packing_support(self.lm):
+            raise ValueError(f"{name} has padding before a real token, which a {type(self.lm).__name__} "
+                             f"cannot be told of: {packing_support(self.lm)}; pad at the end")
+        return left
 
     def packing(self) -> str:
         return packing_support(self.lm)
@@ -406,17 +419,18 @@ class HFAdapter(ModelAdapter):
     def segments(self) -> str:
         return segments_support(self.lm)
 
-    def _run(self, call, tokens: Tensor, layout: Packed | None) -> Tensor:
-        if layout is None:
-            return call(tokens)
+    def _run(self, call, tokens: Tensor, layout: Packed | None, padding: Padding | None) -> Tensor:
+        if layout is None:  # (right padding, or none: the ids alone)
+            return call(tokens) if padding is None else call(tokens, attention_mask=padding.mask, position_ids=padding.pos)
         if layout.attention == "segments":
             with _attending_by_parts(self.lm, layout):
                 return call(tokens, position_ids=layout.pos)
         mask = layout.additive_mask(next(self.lm.parameters()).dtype)
         return call(tokens, attention_mask=mask, position_ids=layout.pos)
 
-    def hidden(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
-        return self._run(lambda t, **kw: hidden_states(self.model, self.lm, t, **kw), tokens, layout)
+    def hidden(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
+        return self._run(lambda t, **kw: hidden_states(self.model, self.lm, t, **kw), tokens, layout, padding)
 
-    def logits(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
-        return self._run(lambda t, **kw: logits_of(self.model(input_ids=t, use_cache=False, **kw)), tokens, layout)
+    def logits(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
+        return self._run(lambda t, **kw: logits_of(self.model(input_ids=t, use_cache=False, **kw)), tokens, layout,
+                         padding)

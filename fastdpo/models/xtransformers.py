@@ -5,7 +5,9 @@
   ``__init__`` makes, recognized by its code object and its closure over this model), on a
   model whose ``return_embeddings=True`` output is exactly what that head consumes.
 * **Hidden states** are ``model(src, return_embeddings=True)``; logits ``model(src)``.
-* **Padding** is x-transformers' own: no attention mask, no check (as its DPO).
+* **Padding** is x-transformers' own: no attention mask, no check (as its DPO), so left padding
+  runs as given, attended to by the real tokens after it (its adapter never asks for a
+  :class:`~fastdpo.models.Padding`).
 * **Packed pairs** reach the model as ``pos`` (positions restarting after the prompt), for
   causal models whose positions come from the ``pos`` they are given.  Attention by parts
   (:mod:`fastdpo.attention`) takes over the ``forward`` of every ``Attend`` module for the
