@@ -42,10 +42,18 @@ class Batch:
     # where the inputs' real tokens are, when the model must be told (a Hugging Face model given
     # padding before a real token: its attention_mask and position_ids); None: the ids alone
     padding: Padding | None = None
+    # (N, L) bool, the sequences' real tokens (their masks; None: every token is real): what an
+    # MoE router's load-balancing term counts (fastdpo.scoring.Scorer.body with router=True)
+    real: Tensor | None = None
+
+    @property
+    def seq(self) -> Tensor:
+        """(N, L) the whole sequences: the inputs and the last target."""
+        return torch.cat((self.src, self.tgt[:, -1:]), 1)
 
 
 def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None,
-               padding: Padding | None = None) -> Batch:
+               padding: Padding | None = None, real: Tensor | None = None) -> Batch:
     """A :class:`Batch` of ``seq`` (N, L) whose positions ``keep`` (N, L) may be scored:
     inputs ``seq[:, :-1]`` score targets ``seq[:, 1:]``; with ``alignment="input"``
     (x-transformers) the mask at the input position decides, with ``"target"`` (TRL) the mask
@@ -53,7 +61,7 @@ def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed
     mask = keep[:, :-1] if alignment == "input" else keep[:, 1:]
     # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
     count = mask.sum(-1).clamp(min=1e-5)
-    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed, padding=padding)
+    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed, padding=padding, real=real)
 
 
 def model_padding(adapter: ModelAdapter, alignment: str, masks: dict[str, Tensor | None], like: Tensor) -> Padding | None:
@@ -190,9 +198,11 @@ def pair_batch(
     masks = {"preferred_seq_mask": pref_mask, "unpreferred_seq_mask": unpref_mask}
     padding = model_padding(adapter, alignment, masks, prompt_mask)
     keep = ~prompt_mask.repeat(2, 1)
+    real = None
     if pref_mask is not None or unpref_mask is not None:
         ones = torch.ones_like(prompt_mask)
-        keep = keep & torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
+        real = torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
+        keep = keep & real
     packed = None
     if padding is not None and packing_plan.layout not in ("none", "auto"):
         raise ValueError(
@@ -215,7 +225,7 @@ def pair_batch(
                                   attention=packing_plan.attention, lengths=lengths)
             if verify:
                 check_first_pairs(adapter, layout, packing_plan.attention, *args)
-    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding)
+    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding, real)
 
 
 def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor | None:
@@ -248,7 +258,7 @@ def unpaired_batch(
     seq_mask = real_tokens(seq, seq_mask, pad_id)
     padding = model_padding(adapter, alignment, {mask_name: seq_mask}, prompt_mask)
     keep = ~prompt_mask if seq_mask is None else ~prompt_mask & seq_mask
-    return make_batch(seq, keep, alignment, padding=padding)
+    return make_batch(seq, keep, alignment, padding=padding, real=seq_mask)
 
 
 def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:

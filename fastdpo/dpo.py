@@ -117,6 +117,14 @@ class DPO(PreferenceModule):
             the dense mask, with a warning saying why; ``"segments"`` insists (``ValueError``);
             ``"dense"``: the dense (rows, 1, T, T) mask.
         share_prompt: ``True`` is ``packing="pair"`` (its earlier name).
+        router_aux_loss_coef: a Mixture-of-Experts policy's router load-balancing loss, added
+            as TRL 1.16's ``DPOTrainer`` adds it: ``loss + coef * aux_loss``, ``aux_loss`` the
+            policy's own (its forward's, asked with ``output_router_logits`` on the whole
+            sequences with the attention mask of their real tokens; nothing for the
+            reference), reported as the metric ``aux_loss``.  ``None`` (default): the config's
+            ``router_aux_loss_coef`` for a model whose config has ``output_router_logits``
+            (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, GPT-OSS, ...), else off; 0.0: off; a
+            number for a model without a router is a ``ValueError``.  Not with ``packing``.
     """
 
     def __init__(
@@ -146,6 +154,7 @@ class DPO(PreferenceModule):
         pack_length: int | None = None,
         pack_attention: str = "auto",
         share_prompt: bool = False,
+        router_aux_loss_coef: float | None = None,
     ):
         # Checks beta too (the one place it is checked).
         loss = check_loss_config(
@@ -173,6 +182,7 @@ class DPO(PreferenceModule):
             logprob_reduction=logprob_reduction, mask_alignment=mask_alignment, head=head, impl=impl,
             matmul=matmul, inplace_backward=inplace_backward, packing=packing, pack_length=pack_length,
             pack_attention=pack_attention, share_prompt=share_prompt, sq=use_weighting,
+            router_aux_loss_coef=router_aux_loss_coef,
         )
         self.loss, self.beta, self.reference_free = loss, loss.beta, reference_free
         self.ld_alpha, self.use_weighting = ld_alpha, use_weighting
@@ -239,24 +249,29 @@ class DPO(PreferenceModule):
             # Scored (and its logits freed) before the policy runs; else the pair op scores it.
             ref_scores, ref = self._scores(ref, batch), None
         if joint:
-            loss, sums, ref_scores, hits = self._pair_op(batch, ref, ref_scores, return_metrics)
+            policy = self._policy_body(batch)
+            loss, sums, ref_scores, hits = self._pair_op(batch, policy, ref, ref_scores, return_metrics)
         else:
             sq = self.use_weighting
-            policy = self.scorer.body(self.policy_model, batch)
+            policy = self._policy_body(batch)
             sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, sq=sq)
             pair_w = None
             if sq:  # WPO, from the scores themselves when unweighted (wpo_weights detaches them)
                 pair_w = wpo_weights(sums if batch.token_weights is None else wpo[1], wpo[0], batch.mask.sum(-1))
             loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction, weights=pair_w).mean()
+        if policy.aux is not None:  # the MoE router's load-balancing term, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * policy.aux
         if not return_metrics:
             return loss
-        return loss, self._metrics(sums.detach(), ref_scores, batch, hits, b)
+        metrics = self._metrics(sums.detach(), ref_scores, batch, hits, b)
+        if policy.aux is not None:
+            metrics["aux_loss"] = policy.aux.detach()
+        return loss, metrics
 
-    def _pair_op(self, batch: Batch, ref: Body | None, ref_scores: Tensor | None, count_hits: bool):
-        """The policy's body and the fused pair op (:func:`fastdpo.fused_pair.run_dpo_head`):
+    def _pair_op(self, batch: Batch, policy: Body, ref: Body | None, ref_scores: Tensor | None, count_hits: bool):
+        """The fused pair op (:func:`fastdpo.fused_pair.run_dpo_head`) on the policy's body:
         (loss, policy sums, reference scores, hits); the op scores the reference's body when
         it is given, else takes ``ref_scores``."""
-        policy = self.scorer.body(self.policy_model, batch)
         opts = HeadOptions(
             impl=policy.route.impl, scale=policy.route.head.scale,
             ref_scale=ref.route.head.scale if ref is not None else None,

@@ -67,6 +67,24 @@ def deepcopy_module(model: nn.Module) -> nn.Module:
     return copy
 
 
+def router_coefficient(model: nn.Module, adapter, coef) -> float:
+    """The router load-balancing coefficient in force for ``model`` (0.0: off), as TRL 1.16
+    decides it: ``coef`` if given, else the config's ``router_aux_loss_coef``; on only for a
+    model whose config has ``output_router_logits``, and a nonzero ``coef`` for one without
+    is an error."""
+    has_router, config_coef = adapter.router()
+    if coef is not None:
+        coef = _checks.real_number("router_aux_loss_coef", coef)
+        if coef and not has_router:
+            raise ValueError(
+                f"router_aux_loss_coef={coef:g} but {type(model).__name__} is not a Mixture-of-Experts model "
+                f"that returns its router logits (no output_router_logits in its config): there is no "
+                f"auxiliary loss to weight"
+            )
+    value = config_coef if coef is None else coef
+    return value if has_router else 0.0
+
+
 def frozen_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` sharing nothing with it (:func:`deepcopy_module`), frozen."""
     copy = deepcopy_module(model)
@@ -91,6 +109,10 @@ class PreferenceModule(nn.Module):
         packing, pack_length, pack_attention, share_prompt: as :class:`fastdpo.DPO` documents
             them (each family's docstring says what ``logprob_reduction`` means for its loss).
         sq: whether the policy's ``log sum_v p_v^2`` is needed (WPO; :class:`~fastdpo.scoring.Scorer`).
+        router_aux_loss_coef: for a family that adds an MoE policy's router load-balancing
+            loss (:class:`fastdpo.DPO` documents it): ``None`` reads the model's config; the
+            default 0.0 is off.  :attr:`router_aux_loss_coef` holds the value in force (0.0:
+            off), and :meth:`_policy_body` asks for the loss when it is on.
     """
 
     def __init__(
@@ -111,6 +133,7 @@ class PreferenceModule(nn.Module):
         pack_attention: str = "auto",
         share_prompt: bool = False,
         sq: bool = False,
+        router_aux_loss_coef: float | None = 0.0,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -133,6 +156,12 @@ class PreferenceModule(nn.Module):
         adapter = adapter_for(model)
         self.packing = plan_packing(adapter, "pair" if share_prompt else packing, pack_attention, pack_length)
         self.share_prompt = self.packing.layout == "pair"
+        self.router_aux_loss_coef = router_coefficient(model, adapter, router_aux_loss_coef)
+        if self.router_aux_loss_coef and self.packing.layout != "none":
+            raise ValueError(
+                f"packing={self.packing.layout!r} with the MoE router's load-balancing loss (router_aux_loss_coef="
+                f"{self.router_aux_loss_coef:g}) is not supported: pass packing='none', or router_aux_loss_coef=0.0"
+            )
         self._packing_checked: set[str] = set()
         if head != "logits":
             found, why = adapter.head()
@@ -193,6 +222,11 @@ class PreferenceModule(nn.Module):
         if batch.packed is not None:
             self._packing_checked.add(device)
         return batch
+
+    def _policy_body(self, batch: Batch) -> Body:
+        """The policy's body of ``batch``, with its router's load-balancing loss (``Body.aux``)
+        when :attr:`router_aux_loss_coef` is on."""
+        return self.scorer.body(self.policy_model, batch, router=self.router_aux_loss_coef != 0.0)
 
     def _reference_body(self, batch: Batch) -> Body | None:
         """The reference model's body of ``batch`` (None without a reference model)."""

@@ -88,6 +88,7 @@ class Body:
     route: Route
     out: Tensor  # (N, T, D) hidden states when ``weight`` is set, else (N, T, V) logits
     weight: Tensor | None  # the fused head's weight as it is now (FSDP2: gathered)
+    aux: Tensor | None = None  # the MoE router's load-balancing loss, when asked (Scorer.body)
 
     @property
     def pair(self) -> bool:
@@ -238,24 +239,45 @@ class Scorer:
             self.routes[(id(model), str(batch.src.device))] = (model, fallback)
         return fallback
 
-    def body(self, model: nn.Module, batch: Batch) -> Body:
+    def body(self, model: nn.Module, batch: Batch, router: bool = False) -> Body:
         """``model``'s :class:`Body` of ``batch`` (on the packed layout when it has one; told of
-        its padding when it carries one, :attr:`Batch.padding`)."""
+        its padding when it carries one, :attr:`Batch.padding`).
+
+        With ``router`` (an MoE model, :meth:`~fastdpo.models.ModelAdapter.router`; unpacked
+        batches) the model runs as TRL 1.16 runs it for its router's load-balancing loss: on
+        the whole sequences (N, L) with the attention mask of their real tokens (and their
+        positions), asked for ``output_router_logits``; ``Body.aux`` is the forward's
+        ``aux_loss`` and the body the first L - 1 positions' (a causal model's are the same)."""
         route = self.checked_route(model, batch)
         adapter, head = route.adapter, route.head
         fused = head is not None
+        if router:
+            if batch.packed is not None:
+                raise ValueError("the router's load-balancing loss is computed on unpacked batches")
+            seq = batch.seq
+            real = batch.real if batch.real is not None else torch.ones_like(seq, dtype=torch.bool)
+            aux: list = []
+            run = adapter.hidden if fused else adapter.logits
+            out = run(seq, padding=Padding.of(real), aux=aux)[:, :-1]
+            return self._with_head(route, batch, out, aux[0])
         if batch.packed is not None:  # run on the packed rows, gathered back to the unpacked ones
             out = adapter.hidden(batch.packed.tokens, batch.packed) if fused else adapter.logits(batch.packed.tokens, batch.packed)
             out = out.reshape(-1, out.shape[-1])[batch.packed.rows]
         else:  # told of the padding only when it asked to be (a family that never asks takes no such argument)
             told = {} if batch.padding is None else {"padding": batch.padding}
             out = adapter.hidden(batch.src, **told) if fused else adapter.logits(batch.src, **told)
-        if not fused:
-            return Body(route, out, None)
+        return self._with_head(route, batch, out)
+
+    def _with_head(self, route: Route, batch: Batch, out: Tensor, aux: Tensor | None = None) -> Body:
+        """The :class:`Body` of a model's output ``out``: logits as they are; hidden states with
+        the head's live weight, or made into logits when the step is small."""
+        head = route.head
+        if head is None:
+            return Body(route, out, None, aux)
         weight = live_weight(head, out.dtype)
         if self.small(route, batch):
-            return Body(route, head.logits(out, weight), None)
-        return Body(route, out, weight)
+            return Body(route, head.logits(out, weight), None, aux)
+        return Body(route, out, weight, aux)
 
     def sums(
         self, body: Body, batch: Batch, *, count_hits: bool = False, inplace: bool = True, sq: bool = False

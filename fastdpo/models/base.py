@@ -167,6 +167,12 @@ class ModelAdapter:
             raise NotImplementedError(f"{type(self).__name__} takes no attention mask")
         return logits_of(module_to_call(self.model)(tokens))
 
+    def router(self) -> tuple[bool, float]:
+        """(whether the model's forward returns an MoE router load-balancing loss when asked
+        -- :meth:`hidden` and :meth:`logits` take ``aux``, a list that receives it --, the
+        coefficient its config gives that loss).  The base family: (False, 0.0)."""
+        return False, 0.0
+
     def vocab_size(self) -> int | None:
         """The number of token ids the model accepts (None when unknown: not checked)."""
         n = getattr(self.model, "num_tokens", None)

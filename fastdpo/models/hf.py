@@ -234,7 +234,7 @@ class _Anchor(torch.autograd.Function):
         return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
-def hidden_states(model: nn.Module, lm: nn.Module, src: Tensor, **kwargs) -> Tensor:
+def hidden_states(model: nn.Module, lm: nn.Module, src: Tensor, outputs: list | None = None, **kwargs) -> Tensor:
     """What a Hugging Face causal LM ``lm`` (inside ``model``, its wrappers) feeds its
     ``lm_head`` for ``src``: its backbone's ``last_hidden_state``.
 
@@ -244,10 +244,12 @@ def hidden_states(model: nn.Module, lm: nn.Module, src: Tensor, **kwargs) -> Ten
     product, and the hidden states stay tied to the forward's output (:class:`_Anchor`).  A
     class whose forward takes no ``logits_to_keep`` gets its backbone called directly.  The
     backbone and head are looked up at every call, so modules swapped in later are the ones
-    that run.
+    that run.  ``outputs``, when given, receives the forward's output (its ``aux_loss``).
     """
     body = _backbone(lm)
     if "logits_to_keep" not in inspect.signature(lm.forward).parameters:
+        if outputs is not None:
+            raise NotImplementedError(f"the forward of {type(lm).__name__} takes no logits_to_keep: its output is not run")
         return _last_hidden(body(input_ids=src, use_cache=False, **kwargs))
     head = lm.get_output_embeddings()
     hooks = _hooks.get(lm)
@@ -263,6 +265,8 @@ def hidden_states(model: nn.Module, lm: nn.Module, src: Tensor, **kwargs) -> Ten
         hooks.armed, hooks.out = False, None
     if hidden is None:
         raise RuntimeError(f"the forward of {type(lm).__name__} did not run its backbone {type(body).__name__}")
+    if outputs is not None:
+        outputs.append(out)
     hidden, anchor = _last_hidden(hidden), logits_of(out)
     return _Anchor.apply(hidden, anchor) if anchor.requires_grad else hidden
 
@@ -301,6 +305,15 @@ def left_padded(name: str, mask: Tensor | None) -> bool:
 
 def _text_config(lm: nn.Module):
     return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+
+
+def router_support(lm: nn.Module) -> tuple[bool, float]:
+    """(whether the model returns its MoE router's load-balancing loss, ``aux_loss``, when asked
+    with ``output_router_logits``; its config's ``router_aux_loss_coef``, 0.0 when it declares
+    none), as TRL 1.16's trainers read them: from the text config, ``output_router_logits``
+    present at all."""
+    config = _text_config(lm)
+    return hasattr(config, "output_router_logits"), float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
 def packing_support(lm: nn.Module) -> str:
@@ -428,9 +441,35 @@ class HFAdapter(ModelAdapter):
         mask = layout.additive_mask(next(self.lm.parameters()).dtype)
         return call(tokens, attention_mask=mask, position_ids=layout.pos)
 
-    def hidden(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
+    def router(self) -> tuple[bool, float]:
+        return router_support(self.lm)
+
+    def _routed(self, run, tokens: Tensor, padding: Padding, aux: list) -> Tensor:
+        """``run(tokens, outputs, **kwargs)`` asked for the router's load-balancing loss as TRL
+        asks: ``output_router_logits`` and the attention mask of the real tokens (with their
+        positions); the forward's ``aux_loss`` goes into ``aux``."""
+        outputs: list = []
+        out = run(tokens, outputs, attention_mask=padding.mask, position_ids=padding.pos, output_router_logits=True)
+        value = getattr(outputs[0], "aux_loss", None) if outputs else None
+        if not isinstance(value, Tensor):
+            raise RuntimeError(f"{type(self.lm).__name__} returned no aux_loss tensor with output_router_logits=True")
+        aux.append(value)
+        return out
+
+    def hidden(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None,
+               aux: list | None = None) -> Tensor:
+        if aux is not None:
+            return self._routed(lambda t, o, **kw: hidden_states(self.model, self.lm, t, o, **kw), tokens, padding, aux)
         return self._run(lambda t, **kw: hidden_states(self.model, self.lm, t, **kw), tokens, layout, padding)
 
-    def logits(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
-        return self._run(lambda t, **kw: logits_of(self.model(input_ids=t, use_cache=False, **kw)), tokens, layout,
-                         padding)
+    def logits(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None,
+               aux: list | None = None) -> Tensor:
+        def call(t, outputs=None, **kw):
+            out = self.model(input_ids=t, use_cache=False, **kw)
+            if outputs is not None:
+                outputs.append(out)
+            return logits_of(out)
+
+        if aux is not None:
+            return self._routed(call, tokens, padding, aux)
+        return self._run(call, tokens, layout, padding)
