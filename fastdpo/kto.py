@@ -223,6 +223,10 @@ class KTO(PreferenceModule):
             takes the ``"scores"`` route (:func:`fastdpo.linear_sequence_logprobs`): no (N,
             L-1, V) logits for any of the four scorings.
         packing: ``"none"`` only (packing is for pair batches).
+        router_aux_loss_coef: an MoE policy's router load-balancing loss on the batch's
+            sequences (not the KL sequences'), added as TRL 1.16's ``KTOTrainer`` adds it:
+            ``None`` (default) the config's coefficient for a model with a router, as
+            :class:`fastdpo.DPO` documents it; metric ``aux_loss``.
 
     Options are checked once, here (:func:`check_kto_config`; the checked configuration is
     ``self.config``).  Where TRL differs: a batch with no desirable (or no undesirable)
@@ -238,6 +242,7 @@ class KTO(PreferenceModule):
         undesirable_weight: float = 1.0,
         loss_type: str = "kto",
         sync_kl: bool = True,
+        router_aux_loss_coef: float | None = None,
         **options,
     ):
         config = check_kto_config(loss_type, beta, desirable_weight, undesirable_weight)
@@ -248,7 +253,7 @@ class KTO(PreferenceModule):
                 f"packing must be 'none' for KTO (packing lays out pairs; KTO's sequences are unpaired), got "
                 f"packing={options.get('packing', 'none')!r}, share_prompt={options.get('share_prompt', False)!r}"
             )
-        super().__init__(model, reference=True, pair_ok=False, **options)
+        super().__init__(model, reference=True, pair_ok=False, router_aux_loss_coef=router_aux_loss_coef, **options)
         self.config, self.sync_kl = config, sync_kl
         self.beta, self.loss_type = config.beta, config.loss_type
         self.desirable_weight, self.undesirable_weight = config.desirable_weight, config.undesirable_weight
@@ -355,12 +360,18 @@ class KTO(PreferenceModule):
             z0 = _given_kl(kl, seq)
         else:
             z0 = torch.zeros((), dtype=torch.float32, device=seq.device)
-        sums = self._policy_sums(batch)[0]
+        policy = self._policy_body(batch)
+        sums = self.scorer.sums(policy, batch)[0]
         scores = sums / batch.count if self.logprob_reduction == "mean" else sums
         loss = kto_losses(scores, ref_scores, label, z0, self.config).nanmean()
+        if policy.aux is not None:  # the MoE router's load-balancing term, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * policy.aux
         if not return_metrics:
             return loss
-        return loss, kto_metrics(scores, ref_scores, label, z0, self.beta)
+        metrics = kto_metrics(scores, ref_scores, label, z0, self.beta)
+        if policy.aux is not None:
+            metrics["aux_loss"] = policy.aux.detach()
+        return loss, metrics
 
     @torch.no_grad()
     def reference_scores(

@@ -162,3 +162,38 @@ def test_left_padded_batch_gets_the_same_router_loss():
     assert b.item() == pytest.approx(a.item(), rel=1e-5)
     assert mb["aux_loss"].item() == pytest.approx(ma["aux_loss"].item(), rel=1e-5)
     assert ma["aux_loss"].item() > 0.5
+
+
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_kto_adds_the_router_loss_of_its_batch(head):
+    """KTO as TRL 1.16's KTOTrainer: the term of the batch's own sequences (not of the KL
+    sequences), loss and gradients those of the KTO loss without it plus coef * aux_loss."""
+    from fastdpo import KTO
+
+    model = inferred("OlmoeForCausalLM")
+    perturb(model)
+    pref, unpref, pm, pmask, umask = batch()
+    seq, prompt, real = torch.cat((pref, unpref)), pm.repeat(2, 1), torch.cat((pmask, umask))
+    label = torch.tensor([True, False, True, False, True, True])
+    kw = dict(prompt_mask=prompt, label=label, seq_mask=real, kl_seq=seq.roll(1, 0), kl_prompt_mask=prompt.roll(1, 0),
+              kl_seq_mask=real.roll(1, 0))
+    with_term = KTO(model, head=head, router_aux_loss_coef=COEF, **CONVENTIONS["trl"])
+    assert KTO(model).router_aux_loss_coef == model.config.router_aux_loss_coef  # (None: the config's)
+    without = KTO(model, head=head, router_aux_loss_coef=0.0, **CONVENTIONS["trl"])
+    without.ref_model = with_term.ref_model
+    results = []
+    for kto in (with_term, without):
+        model.zero_grad(set_to_none=True)
+        out = kto(seq, return_metrics=True, **kw)
+        out[0].backward()
+        results.append((out, grads_of(model)))
+    ((loss, metrics), got), ((plain, plain_metrics), base) = results
+    model.zero_grad(set_to_none=True)
+    aux = model(input_ids=seq, attention_mask=real.long(), output_router_logits=True, use_cache=False).aux_loss
+    (COEF * aux).backward()
+    term = grads_of(model)
+    assert "aux_loss" not in plain_metrics and metrics["aux_loss"].item() == pytest.approx(aux.item(), rel=1e-6)
+    assert loss.item() == pytest.approx(plain.item() + COEF * aux.item(), rel=1e-6)
+    for name in got:
+        want = base.get(name, torch.zeros_like(got[name])) + term.get(name, torch.zeros_like(got[name]))
+        assert rel_err(got[name], want) <= 1e-5, name
