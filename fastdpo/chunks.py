@@ -124,16 +124,20 @@ def plan_rows(mask: Tensor) -> RowPlan:
 # ----------------------------------------------------------------------------- products
 
 
-def logits_into(out: Tensor, h: Tensor, weight: Tensor, scale: float | None) -> Tensor:
-    """Fill ``out`` (rows, V) with ``h @ weight.T (* scale)`` rounded as the model's own head
-    rounds it: the product in the weight's dtype, then the scale (after the product, as
-    x-transformers' tied head does), then, for a float32 ``out``, the widening."""
+def logits_into(out: Tensor, h: Tensor, weight: Tensor, scale: float | None, bias: Tensor | None = None) -> Tensor:
+    """Fill ``out`` (rows, V) with ``(h @ weight.T + bias) (* scale)`` rounded as the model's own
+    head rounds it: the product (with the bias, one ``addmm`` as ``nn.Linear`` makes it) in the
+    weight's dtype, then the scale (after the product, as x-transformers' tied head does),
+    then, for a float32 ``out``, the widening."""
     if out.dtype == weight.dtype:
-        torch.mm(h, weight.t(), out=out)
+        if bias is None:
+            torch.mm(h, weight.t(), out=out)
+        else:
+            torch.addmm(bias, h, weight.t(), out=out)
         if scale is not None:
             out.mul_(scale)
         return out
-    z = torch.mm(h, weight.t())
+    z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
     if scale is not None:
         z.mul_(scale)
     return out.copy_(z)
@@ -167,6 +171,21 @@ class WeightGrad:
 
     def result(self) -> Tensor | None:
         return None if self.value is None else self.value.to(self.dtype)
+
+
+class BiasGrad:
+    """Accumulates ``sum_k dz_k.sum(0)`` for a (V,) head bias, in float32 (the column sums of
+    the logits' gradient chunks), rounded once to the bias's dtype at the end."""
+
+    def __init__(self, bias: Tensor):
+        self.dtype = bias.dtype
+        self.value = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
+
+    def add(self, dz: Tensor) -> None:
+        self.value.add_(dz.sum(0, dtype=torch.float32))
+
+    def result(self) -> Tensor:
+        return self.value.to(self.dtype)
 
 
 _MM_OUT_DTYPE: bool | None = None
@@ -316,6 +335,7 @@ def score_rows(
     hits: bool = False,
     sq: bool = False,
     softcap: float | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(row stats (2, M), target log-probs (M,), argmax hits (M,) bool or None, with ``sq`` the
     rows' ``log sum_v p_v^2`` (M,) or None) of every row of ``h`` (M, D), chunk by chunk
@@ -331,7 +351,7 @@ def score_rows(
     rows = max(1, min(m, rows_per_chunk(v, dtype.itemsize, budget)))
     buf = torch.empty(rows, v, dtype=dtype, device=h.device) if m else None
     for c in chunk_slices(m, rows):
-        z = logits_into(buf[: c.stop - c.start], h[c], weight, scale)
+        z = logits_into(buf[: c.stop - c.start], h[c], weight, scale, bias)
         st[:, c], logp[c] = fold.stats(z, y[c], sq_out=lsq[c] if sq else None, softcap=softcap)
         if hit is not None:
             hit[c] = z.argmax(-1) == y[c]
@@ -350,20 +370,24 @@ def row_grads(
     grad_weight: WeightGrad | None,
     need_hidden: bool = True,
     softcap: float | None = None,
+    bias: Tensor | None = None,
+    grad_bias: BiasGrad | None = None,
 ) -> Tensor | None:
     """d hidden rows (M, D) of ``sum_m g_m logp_m`` (recomputing each chunk's logits from the
     row stats; through the ``softcap`` when given); adds the weight's gradient into
-    ``grad_weight``."""
+    ``grad_weight``, and the bias's into ``grad_bias``."""
     m, v = h.shape[0], weight.shape[0]
     dtype = fold.dtype(weight)
     grad_h = torch.empty_like(h) if need_hidden else None
     rows = max(1, min(m, rows_per_chunk(v, dtype.itemsize, budget)))
     buf = torch.empty(rows, v, dtype=dtype, device=h.device) if m else None
     for c in chunk_slices(m, rows):
-        z = logits_into(buf[: c.stop - c.start], h[c], weight, scale)
+        z = logits_into(buf[: c.stop - c.start], h[c], weight, scale, bias)
         dz = fold.grad_(z, st[:, c], y[c], g[c], scale, softcap=softcap).to(weight.dtype)
         if grad_h is not None:
             torch.mm(dz, weight, out=grad_h[c])
         if grad_weight is not None:
             grad_weight.add(dz, h[c])
+        if grad_bias is not None:
+            grad_bias.add(dz)
     return grad_h

@@ -283,7 +283,7 @@ class DPO(PreferenceModule):
             policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,
             ref_hidden=ref.out if ref is not None else None,
             ref_weight=ref.weight if ref is not None else None, ref_scores=ref_scores,
-            token_weights=batch.token_weights,
+            token_weights=batch.token_weights, bias=policy.bias, ref_bias=ref.bias if ref is not None else None,
         )
 
     def _metrics(self, sums: Tensor, ref_scores: Tensor, batch: Batch, hits: Tensor | None, b: int) -> dict[str, Tensor]:

@@ -63,9 +63,11 @@ class HeadOptions:
 
 # The op's tensor inputs, then the options' leaves, then who needs a gradient.
 _TENSORS = ("Tensor hidden", "Tensor weight", "Tensor targets", "Tensor mask", "Tensor count",
-            "Tensor? token_weights", "Tensor? ref_hidden", "Tensor? ref_weight", "Tensor? ref_scores")
+            "Tensor? token_weights", "Tensor? ref_hidden", "Tensor? ref_weight", "Tensor? ref_scores",
+            "Tensor? bias", "Tensor? ref_bias")
 _N_TENSORS = len(_TENSORS)
-_NEEDS = ("bool need_hidden", "bool need_weight")
+_BIAS = _N_TENSORS - 2  # the policy head bias's input position
+_NEEDS = ("bool need_hidden", "bool need_weight", "bool need_bias")
 # How each annotation reaches the schema (a custom op's schema takes no objects).  A field that
 # may hold a tensor (bco_delta) becomes two arguments: the tensor, or None, and the number.
 _SCHEMA_TYPES: dict = {
@@ -102,7 +104,7 @@ def op_schema() -> str:
         name = path[-1]
         options += [f"{kinds[0]} {name}"] + [f"{k} {name}_value" for k in kinds[1:]]
     args = ", ".join(_TENSORS + tuple(options) + _NEEDS)
-    return f"({args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    return f"({args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 
 def to_op_args(opts: HeadOptions) -> list:
@@ -200,10 +202,13 @@ def dpo_head_impl(
     ref_hidden: Tensor | None,
     ref_weight: Tensor | None,
     ref_scores: Tensor | None,
+    bias: Tensor | None,
+    ref_bias: Tensor | None,
     opts: HeadOptions,
     need_hidden: bool,
     need_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    need_bias: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """The op's body; see :func:`dpo_head` for the arguments and results."""
     n2, t, d = hidden.shape
     b = n2 // 2
@@ -219,7 +224,8 @@ def dpo_head_impl(
 
     if ref_hidden is not None:
         _, ref_logp, _, _ = chunks.score_rows(
-            plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes, softcap=opts.ref_softcap
+            plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes, softcap=opts.ref_softcap,
+            bias=ref_bias,
         )
         ref_sums = plan.sequence_sums(weighted(ref_logp))
         ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
@@ -231,9 +237,9 @@ def dpo_head_impl(
     h = plan.take(hidden)
     hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
 
-    if not (need_hidden or need_weight):
+    if not (need_hidden or need_weight or need_bias):
         _, logp, hit, lsq = chunks.score_rows(
-            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq, softcap=opts.softcap
+            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq, softcap=opts.softcap, bias=bias
         )
         sums = plan.sequence_sums(weighted(logp))
         if hit is not None:
@@ -243,7 +249,7 @@ def dpo_head_impl(
             plain = sums if w is None else plan.sequence_sums(logp)
             pair_w = wpo_weights(plain, plan.sequence_sums(lsq), tokens)
         loss = pair_losses(sums, ref_scores, count, cfg, opts.reduction, weights=pair_w).mean()
-        return loss, sums, ref_scores, hits, None, None
+        return loss, sums, ref_scores, hits, None, None, None
 
     v = weight.shape[0]
     zdtype = fold.dtype(weight)
@@ -251,6 +257,7 @@ def dpo_head_impl(
     group_bytes = opts.group_bytes or chunks.group_bytes(dev)
     grad_rows = torch.empty_like(h) if need_hidden else None
     grad_w = chunks.WeightGrad(weight) if need_weight else None
+    grad_b = chunks.BiasGrad(bias) if need_bias else None
     sums64 = torch.zeros(n2, dtype=torch.float64, device=dev)  # see RowPlan.sequence_sums
     # WPO: per sequence, sum_t log sum_v p_v^2 and (with LD weights) the unweighted sum_t log p_t
     wpo64 = torch.zeros(2, n2, dtype=torch.float64, device=dev) if sq else None
@@ -282,7 +289,7 @@ def dpo_head_impl(
             else:
                 spare = spare if spare is not None else torch.empty(rows_per_chunk, v, dtype=zdtype, device=dev)
                 z = spare[: c.stop - c.start]
-            chunks.logits_into(z, hg[c], weight, opts.scale)
+            chunks.logits_into(z, hg[c], weight, opts.scale, bias)
             if opts.count_hits:  # before the fold may turn kept logits into probabilities
                 hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
             st[:, c], logp[c] = fold.stats(
@@ -330,11 +337,13 @@ def dpo_head_impl(
                 torch.mm(dz, weight, out=grad_h[:keep])
             if grad_w is not None:
                 grad_w.add(dz, hg[:keep])
+            if grad_b is not None:
+                grad_b.add(dz)
             del dz
         if keep < m:
             rest = chunks.row_grads(
                 hg[keep:], yg[keep:], weight, opts.scale, fold, st[:, keep:], g[keep:],
-                chunk_bytes, grad_w, need_hidden, opts.softcap,
+                chunk_bytes, grad_w, need_hidden, opts.softcap, bias, grad_b,
             )
             if grad_h is not None:
                 grad_h[keep:] = rest
@@ -348,21 +357,20 @@ def dpo_head_impl(
         grad_weight = grad_w.result() if grad_w.value is not None else torch.zeros_like(weight)
     else:
         grad_weight = None
-    return losses.mean(), sums64.float(), ref_scores, hits, grad_hidden, grad_weight
+    grad_bias = grad_b.result() if grad_b is not None else None
+    return losses.mean(), sums64.float(), ref_scores, hits, grad_hidden, grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------- custom op
 
 
 def _dpo_head_body(*args) -> tuple[Tensor, ...]:
-    tensors, options, (need_hidden, need_weight) = args[:_N_TENSORS], args[_N_TENSORS:-2], args[-2:]
-    hidden, weight, *_, ref_scores = tensors
-    loss, sums, ref, hits, grad_h, grad_w = dpo_head_impl(
-        *tensors, from_op_args(options), need_hidden, need_weight
-    )
+    tensors, options, needs = args[:_N_TENSORS], args[_N_TENSORS:-3], args[-3:]
+    hidden, ref_scores = tensors[0], tensors[8]
+    loss, sums, ref, hits, grad_h, grad_w, grad_b = dpo_head_impl(*tensors, from_op_args(options), *needs)
     if ref_scores is not None and ref is ref_scores:
         ref = ref.clone()  # a custom op's outputs may not alias its inputs or each other
-    return loss, sums, ref, hits, _or_empty(grad_h, hidden), _or_empty(grad_w, hidden)
+    return loss, sums, ref, hits, _or_empty(grad_h, hidden), _or_empty(grad_w, hidden), _or_empty(grad_b, hidden)
 
 
 _dpo_head_op = torch.library.custom_op("fastdpo::dpo_head", _dpo_head_body, mutates_args=(), schema=op_schema())
@@ -374,9 +382,9 @@ def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
 
 @_dpo_head_op.register_fake
 def _(*args):
-    hidden, weight = args[:2]
-    count_hits = from_op_args(args[_N_TENSORS:-2]).count_hits
-    need_hidden, need_weight = args[-2:]
+    hidden, weight, bias = args[0], args[1], args[_BIAS]
+    count_hits = from_op_args(args[_N_TENSORS:-3]).count_hits
+    need_hidden, need_weight, need_bias = args[-3:]
     n2 = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (
@@ -386,15 +394,15 @@ def _(*args):
         torch.empty(n2 if count_hits else 0, dtype=torch.int64, device=hidden.device),
         torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
         torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+        torch.empty_like(bias) if need_bias else hidden.new_empty(0),
     )
 
 
 def _setup_context(ctx, inputs, output):
-    need_hidden, need_weight = inputs[-2:]
     # save_for_backward keeps the gradients while the graph is retained (a second backward
     # after backward(retain_graph=True) sees them again) and frees them with the graph.
-    ctx.save_for_backward(output[4], output[5])
-    ctx.need = (need_hidden, need_weight)
+    ctx.save_for_backward(output[4], output[5], output[6])
+    ctx.need = inputs[-3:]
     ctx.inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
@@ -403,15 +411,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, *_):
-    grad_h, grad_w = ctx.saved_tensors
-    need_hidden, need_weight = ctx.need
-    rest = (None,) * (ctx.inputs - 2)
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    need_hidden, need_weight, need_bias = ctx.need
+    grads = [None] * ctx.inputs
     if grad_loss is None:  # the loss took no part in what is differentiated
-        return (None, None) + rest
+        return tuple(grads)
     # A new tensor even when grad_loss is 1: autograd may accumulate into what it is given.
-    grad_h = grad_h * grad_loss if need_hidden and ctx.needs_input_grad[0] else None
-    grad_w = grad_w * grad_loss if need_weight and ctx.needs_input_grad[1] else None
-    return (grad_h, grad_w) + rest
+    for i, need, g in ((0, need_hidden, grad_h), (1, need_weight, grad_w), (_BIAS, need_bias, grad_b)):
+        if need and ctx.needs_input_grad[i]:
+            grads[i] = g * grad_loss
+    return tuple(grads)
 
 
 _dpo_head_op.register_autograd(_backward, setup_context=_setup_context)
@@ -429,6 +438,8 @@ def dpo_head(
     ref_weight: Tensor | None = None,
     ref_scores: Tensor | None = None,
     token_weights: Tensor | None = None,
+    bias: Tensor | None = None,
+    ref_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Mean DPO loss over pairs of the policy's hidden states, with the head's gradients made
     in forward; also the reference's scores when its hidden states are given.
@@ -450,12 +461,14 @@ def dpo_head(
         token_weights: (2B, T) floating weights of each position's log-prob in the policy's
             and the reference's sums (LD-DPO, :mod:`fastdpo.weighting`); ``count`` is then the
             divisor of a mean score.
+        bias, ref_bias: the policy's and the reference's (V,) head biases (``nn.Linear``'s), or
+            None; the policy's is differentiated.
 
     Returns:
         (loss scalar, policy summed log-probs (2B,) float32, reference scores (2B,) float32,
         argmax hits (2B,) int64 or (0,) without ``opts.count_hits``); all but the loss detached.
     """
-    targets, mask, _ = check_linear_inputs(hidden, weight, targets, mask, opts.scale)
+    targets, mask, _ = check_linear_inputs(hidden, weight, targets, mask, opts.scale, bias)
     n2 = hidden.shape[0]
     if n2 == 0:
         raise ValueError("hidden must hold at least one pair (2 sequences), got 0 sequences")
@@ -465,7 +478,7 @@ def dpo_head(
     if count.shape[0] != n2 or not count.is_floating_point():
         raise ValueError(f"count must be a float ({n2},) tensor, got {count.dtype} {tuple(count.shape)}")
     if ref_hidden is not None:
-        check_linear_inputs(ref_hidden, ref_weight, targets, mask, opts.ref_scale)
+        check_linear_inputs(ref_hidden, ref_weight, targets, mask, opts.ref_scale, ref_bias)
         if ref_hidden.shape[:2] != hidden.shape[:2]:
             raise ValueError(f"ref_hidden must be ({n2}, T, D') like hidden, got {tuple(ref_hidden.shape)}")
     if ref_scores is not None and (ref_scores.shape != (n2,) or ref_scores.dtype != torch.float32):
@@ -476,19 +489,22 @@ def dpo_head(
             _checks.positive_finite(f"opts.{name}", getattr(opts, name))
     _checks.choice("opts.reduction", opts.reduction, ("mean", "sum"))
     token_weights = _checks.token_weights(token_weights, mask)
-    return run_dpo_head(hidden, weight, targets, mask, count, opts, ref_hidden, ref_weight, ref_scores, token_weights)
+    return run_dpo_head(hidden, weight, targets, mask, count, opts, ref_hidden, ref_weight, ref_scores, token_weights,
+                        bias, ref_bias)
 
 
 def run_dpo_head(
     hidden, weight, targets, mask, count, opts: HeadOptions, ref_hidden=None, ref_weight=None, ref_scores=None,
-    token_weights=None,
+    token_weights=None, bias=None, ref_bias=None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The op on checked inputs (what :class:`fastdpo.DPO` calls; ``torch.compile`` traces
     through it to the one opaque op)."""
-    need_hidden = torch.is_grad_enabled() and hidden.requires_grad
-    need_weight = torch.is_grad_enabled() and weight.requires_grad
-    loss, sums, ref, hits, _, _ = _dpo_head_op(
-        hidden, weight, targets, mask, count, token_weights, ref_hidden, ref_weight, ref_scores,
-        *to_op_args(opts), need_hidden, need_weight,
+    grad = torch.is_grad_enabled()
+    need_hidden = grad and hidden.requires_grad
+    need_weight = grad and weight.requires_grad
+    need_bias = grad and bias is not None and bias.requires_grad
+    loss, sums, ref, hits, _, _, _ = _dpo_head_op(
+        hidden, weight, targets, mask, count, token_weights, ref_hidden, ref_weight, ref_scores, bias, ref_bias,
+        *to_op_args(opts), need_hidden, need_weight, need_bias,
     )
     return loss, sums, ref, hits

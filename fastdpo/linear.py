@@ -34,9 +34,9 @@ from .ops import resolve_impl
 MATMULS = ("auto", "torch", "triton")
 
 
-def resolve_matmul(matmul: str, impl: str, weight: Tensor, softcap: float | None = None) -> str:
+def resolve_matmul(matmul: str, impl: str, weight: Tensor, softcap: float | None = None, bias: bool = False) -> str:
     """Who multiplies, for an already resolved ``impl``: "torch" or "triton" (never the Triton
-    GEMM kernels under a ``softcap``: they do not cap)."""
+    GEMM kernels under a ``softcap`` or with a ``bias``: they do neither)."""
     _checks.choice("matmul", matmul, MATMULS)
     if impl == "torch":
         if matmul == "triton":
@@ -45,12 +45,10 @@ def resolve_matmul(matmul: str, impl: str, weight: Tensor, softcap: float | None
                 "CUDA tensors); impl='torch' multiplies with torch"
             )
         return "torch"
-    if softcap is not None:
+    if softcap is not None or bias:
         if matmul == "triton":
-            raise ValueError(
-                "matmul='triton' (the Triton GEMM kernels) does not cap logits (softcap): use "
-                "matmul='auto' or 'torch'"
-            )
+            what = "cap logits (softcap)" if softcap is not None else "add a head bias"
+            raise ValueError(f"matmul='triton' (the Triton GEMM kernels) does not {what}: use matmul='auto' or 'torch'")
         return "torch"
     if matmul == "auto":
         v, d = weight.shape
@@ -72,6 +70,7 @@ def _linear_kernels():
 def _linear_op(
     hidden: Tensor,
     weight: Tensor,
+    bias: Tensor | None,
     targets: Tensor,
     mask: Tensor,
     token_weights: Tensor | None,
@@ -94,8 +93,8 @@ def _linear_op(
     if matmul == "triton":
         if sq:
             raise ValueError("the Triton GEMM kernels (matmul='triton') do not compute log sum_v p_v^2 (WPO)")
-        if softcap is not None:
-            raise ValueError("the Triton GEMM kernels (matmul='triton') do not cap logits (softcap)")
+        if softcap is not None or bias is not None:
+            raise ValueError("the Triton GEMM kernels (matmul='triton') do not cap logits (softcap) nor add a bias")
         k = _linear_kernels()
         # Every row goes to the kernels: gathering the counted rows would need their count on
         # the host.  Masked rows enter with zero hidden states (so a NaN in padding cannot turn
@@ -110,7 +109,7 @@ def _linear_op(
     fold = chunks.FOLDS[impl]
     st, logp, _, lsq = chunks.score_rows(
         plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device), sq=sq,
-        softcap=softcap,
+        softcap=softcap, bias=bias,
     )
     stats = torch.zeros(2, n * t, dtype=torch.float32, device=hidden.device)
     stats.index_copy_(1, plan.index, st)
@@ -121,7 +120,7 @@ def _linear_op(
 
 
 @_linear_op.register_fake
-def _(hidden, weight, targets, mask, token_weights, scale, softcap, impl, matmul, sq):
+def _(hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, sq):
     n, t, _ = hidden.shape
     f32 = dict(dtype=torch.float32)
     return hidden.new_empty(n, **f32), hidden.new_empty(2, n, t, **f32), hidden.new_empty((2, n) if sq else (0,), **f32)
@@ -131,6 +130,7 @@ def _(hidden, weight, targets, mask, token_weights, scale, softcap, impl, matmul
 def _linear_backward_op(
     hidden: Tensor,
     weight: Tensor,
+    bias: Tensor | None,
     targets: Tensor,
     mask: Tensor,
     token_weights: Tensor | None,
@@ -142,8 +142,10 @@ def _linear_backward_op(
     matmul: str,
     need_hidden: bool,
     need_weight: bool,
-) -> tuple[Tensor, Tensor]:
-    """(grad hidden (N, T, D) or (0,), grad weight (V, D) or (0,)), in the inputs' dtype."""
+    need_bias: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad hidden (N, T, D) or (0,), grad weight (V, D) or (0,), grad bias (V,) or (0,)), in
+    the inputs' dtype."""
     n, t, d = hidden.shape
     grad_scores = grad_scores.float()
     if matmul == "triton":
@@ -156,37 +158,38 @@ def _linear_backward_op(
             need_hidden_grad=need_hidden, need_weight_grad=need_weight,
         )
         grad_h = grad_h.view(n, t, d) if grad_h is not None else None
+        grad_b = None
     else:
         plan = chunks.plan_rows(mask)
         grad_w = chunks.WeightGrad(weight) if need_weight else None
+        grad_b = chunks.BiasGrad(bias) if need_bias else None
         g = grad_scores.index_select(0, plan.seq)
         if token_weights is not None:
             g = g * plan.take(token_weights)
         rows = chunks.row_grads(
             plan.take(hidden), plan.take(targets), weight, scale, chunks.FOLDS[impl],
             stats.reshape(2, n * t).index_select(1, plan.index), g,
-            chunks.chunk_bytes(hidden.device), grad_w, need_hidden, softcap,
+            chunks.chunk_bytes(hidden.device), grad_w, need_hidden, softcap, bias, grad_b,
         )
         grad_h = plan.put(rows) if need_hidden else None
         grad_w = grad_w.result() if grad_w is not None else None
         if grad_w is None and need_weight:  # no counted row at all
             grad_w = torch.zeros_like(weight)
-    return (grad_h if grad_h is not None else hidden.new_empty(0)), (
-        grad_w if grad_w is not None else hidden.new_empty(0)
-    )
+        grad_b = grad_b.result() if grad_b is not None else None
+    return tuple(x if x is not None else hidden.new_empty(0) for x in (grad_h, grad_w, grad_b))
 
 
 @_linear_backward_op.register_fake
-def _(hidden, weight, targets, mask, token_weights, stats, grad_scores, scale, softcap, impl, matmul, need_hidden,
-      need_weight):
+def _(hidden, weight, bias, targets, mask, token_weights, stats, grad_scores, scale, softcap, impl, matmul, need_hidden,
+      need_weight, need_bias):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)), (
         torch.empty_like(weight) if need_weight else hidden.new_empty(0)
-    )
+    ), (torch.empty_like(bias) if need_bias else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, mask, token_weights, scale, softcap, impl, matmul, _ = inputs
-    ctx.save_for_backward(hidden, weight, targets, mask, token_weights, output[1])
+    hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, _ = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, mask, token_weights, output[1])
     ctx.options = (scale, softcap, impl, matmul)
     ctx.mark_non_differentiable(output[1], output[2])
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
@@ -195,16 +198,16 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_scores, _grad_stats, _grad_wpo):
-    hidden, weight, targets, mask, token_weights, stats = ctx.saved_tensors
-    need_h, need_w = ctx.needs_input_grad[:2]
-    if not (need_h or need_w):
-        return (None,) * 10
+    hidden, weight, bias, targets, mask, token_weights, stats = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if not (need_h or need_w or need_b):
+        return (None,) * 11
     if grad_scores is None:
         grad_scores = torch.zeros(hidden.shape[0], device=hidden.device)
-    grad_h, grad_w = _linear_backward_op(
-        hidden, weight, targets, mask, token_weights, stats, grad_scores, *ctx.options, need_h, need_w
+    grad_h, grad_w, grad_b = _linear_backward_op(
+        hidden, weight, bias, targets, mask, token_weights, stats, grad_scores, *ctx.options, need_h, need_w, need_b
     )
-    return (grad_h if need_h else None), (grad_w if need_w else None), *(None,) * 8
+    return (grad_h if need_h else None), (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 8
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -214,7 +217,7 @@ _linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def check_linear_inputs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None, scale
+    hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | None, scale, bias: Tensor | None = None
 ) -> tuple[Tensor, Tensor, float | None]:
     """Validate ``linear_sequence_logprobs`` arguments; return (int64 targets, bool mask,
     float scale or None).  Shapes, dtypes and devices here; the token range is checked as
@@ -239,7 +242,14 @@ def check_linear_inputs(
         mask = torch.ones(n, t, dtype=torch.bool, device=hidden.device)
     else:
         _checks.bool_mask("mask", mask, (n, t), "True = the position counts")
-    _checks.same_device(hidden=hidden, weight=weight, targets=targets, mask=mask)
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+        if bias.shape[0] != weight.shape[0] or bias.dtype != weight.dtype:
+            raise ValueError(
+                f"bias must be a ({weight.shape[0]},) tensor of the weight's dtype {weight.dtype}, got "
+                f"{bias.dtype} {tuple(bias.shape)}"
+            )
+    _checks.same_device(hidden=hidden, weight=weight, bias=bias, targets=targets, mask=mask)
     if scale is not None:
         scale = float(scale)
         if not scale == scale or scale in (float("inf"), float("-inf")):
@@ -256,6 +266,7 @@ def linear_sequence_logprobs(
     *,
     scale: float | None = None,
     softcap: float | None = None,
+    bias: Tensor | None = None,
     impl: str = "auto",
     matmul: str = "auto",
     token_weights: Tensor | None = None,
@@ -279,6 +290,9 @@ def linear_sequence_logprobs(
         softcap: None, or a finite cap > 0: the logits (after the scale) become ``softcap *
             tanh(logits / softcap)`` (Gemma 2's ``final_logit_softcapping``), in float32 in
             the fold, the gradient through it; with ``matmul="triton"`` a ``ValueError``.
+        bias: None, or the head's (V,) bias (``nn.Linear``'s, weight's dtype), added by the
+            product (one ``addmm``) before the scale; differentiable; with ``matmul="triton"``
+            a ``ValueError``.
         impl: "torch", "triton" or "auto" (Triton on CUDA), see the module docstring.
         matmul: with ``impl="triton"``, who multiplies: "torch" (the library's products over
             counted rows, Triton for the elementwise work; one host sync per call to count the
@@ -292,12 +306,12 @@ def linear_sequence_logprobs(
     Returns:
         float32 (N,) scores, as :func:`fastdpo.sequence_logprobs`.
     """
-    targets, mask, scale = check_linear_inputs(hidden, weight, targets, mask, scale)
+    targets, mask, scale = check_linear_inputs(hidden, weight, targets, mask, scale, bias)
     softcap = check_softcap(softcap)
     token_weights = _checks.token_weights(token_weights, mask)
     which = resolve_impl(impl, hidden.device)
-    matmul = resolve_matmul(matmul, which, weight, softcap)
-    return run_linear(hidden, weight, targets, mask, scale, which, matmul, token_weights, softcap=softcap)[0]
+    matmul = resolve_matmul(matmul, which, weight, softcap, bias is not None)
+    return run_linear(hidden, weight, targets, mask, scale, which, matmul, token_weights, softcap=softcap, bias=bias)[0]
 
 
 def check_softcap(softcap) -> float | None:
@@ -307,11 +321,12 @@ def check_softcap(softcap) -> float | None:
 
 def run_linear(
     hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, scale: float | None, impl: str, matmul: str,
-    token_weights: Tensor | None = None, sq: bool = False, softcap: float | None = None,
+    token_weights: Tensor | None = None, sq: bool = False, softcap: float | None = None, bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """The op with ``impl`` and ``matmul`` already resolved, on inputs whose shapes, dtypes and
     devices (and token range, and float32 ``token_weights``) are already checked: what
     :class:`fastdpo.scoring.Scorer` calls.  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
     per sequence ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``, else None)."""
-    scores, _, wpo = _linear_op(hidden, weight, targets.long(), mask, token_weights, scale, softcap, impl, matmul, sq)
+    scores, _, wpo = _linear_op(hidden, weight, bias, targets.long(), mask, token_weights, scale, softcap, impl, matmul,
+                                sq)
     return scores, (wpo if sq else None)

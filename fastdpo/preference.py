@@ -257,7 +257,7 @@ class PreferenceModule(nn.Module):
             return sums, hits, None
         # Two ops read the same body: neither may write its gradient over shared logits.
         sums, hits, _ = self.scorer.sums(policy, batch, count_hits=count_hits, inplace=False)
-        part = Body(policy.route, policy.out[: more.tgt.shape[0]], policy.weight)
+        part = Body(policy.route, policy.out[: more.tgt.shape[0]], policy.weight, bias=policy.bias)
         return sums, hits, self.scorer.sums(part, more, inplace=False)[0]
 
     @staticmethod

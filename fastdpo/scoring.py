@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from . import _checks, ops
 from .batches import Batch
 from .linear import MATMULS, resolve_matmul, run_linear
-from .models import LinearHead, ModelAdapter, Padding, adapter_for, eval_mode, live_weight
+from .models import LinearHead, ModelAdapter, Padding, adapter_for, eval_mode, live_bias, live_weight
 from .ops import IMPLS, resolve_impl
 
 REDUCTIONS = ("mean", "sum")
@@ -89,6 +89,7 @@ class Body:
     out: Tensor  # (N, T, D) hidden states when ``weight`` is set, else (N, T, V) logits
     weight: Tensor | None  # the fused head's weight as it is now (FSDP2: gathered)
     aux: Tensor | None = None  # the MoE router's load-balancing loss, when asked (Scorer.body)
+    bias: Tensor | None = None  # the fused head's bias as it is now (with ``weight``; None: none)
 
     @property
     def pair(self) -> bool:
@@ -122,7 +123,7 @@ def check_head(adapter: ModelAdapter, head: LinearHead, src: Tensor, padding: Pa
     with torch.no_grad(), eval_mode(adapter.model):
         own = adapter.logits(tokens).float()
         hidden = adapter.hidden(tokens)
-        fused = head.logits(hidden, live_weight(head, hidden.dtype)).float()
+        fused = head.logits(hidden, live_weight(head, hidden.dtype), live_bias(head, hidden.dtype)).float()
     if fused.shape != own.shape:
         return f"the fused head's logits have shape {tuple(fused.shape)}, the model's {tuple(own.shape)}"
     tol = CHECK_TOL.get(hidden.dtype, CHECK_TOL_LOW)
@@ -189,7 +190,7 @@ class Scorer:
             if self.head == "fused":
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
             return Route("logits", adapter, impl, "torch", None, why)
-        matmul = "torch" if self.sq else resolve_matmul(self.matmul, impl, head.weight, head.softcap)
+        matmul = "torch" if self.sq else resolve_matmul(self.matmul, impl, head.weight, head.softcap, head.has_bias)
         kind = "pair" if matmul == "torch" and self.pair_ok else "scores"
         return Route(kind, adapter, impl, matmul, head, "")
 
@@ -274,10 +275,10 @@ class Scorer:
         head = route.head
         if head is None:
             return Body(route, out, None, aux)
-        weight = live_weight(head, out.dtype)
+        weight, bias = live_weight(head, out.dtype), live_bias(head, out.dtype)
         if self.small(route, batch):
-            return Body(route, head.logits(out, weight), None, aux)
-        return Body(route, out, weight, aux)
+            return Body(route, head.logits(out, weight, bias), None, aux)
+        return Body(route, out, weight, aux, bias)
 
     def sums(
         self, body: Body, batch: Batch, *, count_hits: bool = False, inplace: bool = True, sq: bool = False
@@ -293,7 +294,7 @@ class Scorer:
         if body.weight is not None:
             head = route.head
             sums, wpo = run_linear(body.out, body.weight, batch.tgt, batch.mask, head.scale, route.impl, route.matmul,
-                                   w, sq, softcap=head.softcap)
+                                   w, sq, softcap=head.softcap, bias=body.bias)
             return sums, None, wpo
         hits = None
         if count_hits:  # before backward may overwrite the logits

@@ -127,14 +127,18 @@ def test_linear_custom_op_passes_opcheck():
     mask = torch.rand(2, 5, generator=g) > 0.3
     assert mask.any() and not mask.all()
     upstream = torch.randn(2, generator=g)
+    bias = torch.randn(13, generator=g, requires_grad=True)
     op = torch.ops.fastdpo.linear_sequence_logprobs.default
     # (scale, softcap, impl, matmul)
     routes = ((None, None, "torch", "torch"), (0.5, None, "torch", "torch"), (0.5, 2.0, "torch", "torch"),
               (None, None, "triton", "torch"), (None, 2.0, "triton", "torch"), (None, None, "triton", "triton"))
     for args in routes:
-        torch.library.opcheck(op, (hidden, weight, targets, mask, None, *args, False))
+        torch.library.opcheck(op, (hidden, weight, None, targets, mask, None, *args, False))
         # with LD-DPO's token weights, and (but on the Triton GEMM route) WPO's log sum p^2 sums
-        torch.library.opcheck(op, (hidden, weight, targets, mask, torch.rand(2, 5, generator=g), *args, args[3] == "torch"))
+        torch.library.opcheck(op, (hidden, weight, None, targets, mask, torch.rand(2, 5, generator=g), *args,
+                                   args[3] == "torch"))
+        if args[3] == "torch":  # with a head bias (Phi's)
+            torch.library.opcheck(op, (hidden, weight, bias, targets, mask, None, *args, False))
         # and its values: scores and gradients against float64 (the row stats, the second
         # output, are each route's own business: the torch fold keeps none)
         s = 1.0 if args[0] is None else args[0]
@@ -146,7 +150,7 @@ def test_linear_custom_op_passes_opcheck():
         truth = reference_logprobs(head(s * h64 @ w64.T), targets, mask)
         h32, w32 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
         ref = reference_logprobs(head(s * h32 @ w32.T), targets, mask)
-        scores, _, _ = op(hidden, weight, targets, mask, None, *args, False)
+        scores, _, _ = op(hidden, weight, None, targets, mask, None, *args, False)
         three_way(scores, ref, truth, torch.float32, f"scores {args}")
         grads = torch.autograd.grad(scores, (hidden, weight), upstream)
         truths = torch.autograd.grad(truth, (h64, w64), upstream.double())
@@ -169,6 +173,7 @@ def test_dpo_head_custom_op_passes_opcheck():
     mask = torch.rand(4, 5, generator=g) > 0.3
     count = mask.sum(-1).clamp(min=1e-5).float()
     ref_hidden = torch.randn(4, 5, 8, generator=g)
+    bias = torch.randn(13, generator=g, requires_grad=True)
     op = torch.ops.fastdpo.dpo_head.default
     losses = (check_loss_config("sigmoid", 0.1), check_loss_config(["ipo", "bco_pair"], 0.2, bco_delta=torch.randn(2, generator=g)))
     for fold in ("torch", "triton"):
@@ -177,8 +182,13 @@ def test_dpo_head_custom_op_passes_opcheck():
                 opts = to_op_args(HeadOptions(impl=fold, scale=None, ref_scale=0.5, reduction="mean", loss=loss,
                                               count_hits=True, use_weighting=weighted))
                 w = torch.rand(4, 5, generator=g) if weighted else None
-                torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, ref_hidden, weight.detach(), None, *opts, True, True))
-                torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, None, None, torch.randn(4), *opts, False, False))
+                torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, ref_hidden, weight.detach(), None,
+                                           None, None, *opts, True, True, False))
+                torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, None, None, torch.randn(4),
+                                           None, None, *opts, False, False, False))
+                # with head biases (Phi's), the policy's differentiated
+                torch.library.opcheck(op, (hidden, weight, targets, mask, count, w, ref_hidden, weight.detach(), None,
+                                           bias, bias.detach() + 0.1, *opts, True, True, True))
 
 
 def test_dpo_head_schema_is_derived_from_head_options():
@@ -194,9 +204,10 @@ def test_dpo_head_schema_is_derived_from_head_options():
     for f in dataclasses.fields(HeadOptions):
         leaves += [g.name for g in dataclasses.fields(LossConfig)] if f.name == "loss" else [f.name]
     names = [a.name for a in torch.ops.fastdpo.dpo_head.default._schema.arguments]
-    tensors = ["hidden", "weight", "targets", "mask", "count", "token_weights", "ref_hidden", "ref_weight", "ref_scores"]
+    tensors = ["hidden", "weight", "targets", "mask", "count", "token_weights", "ref_hidden", "ref_weight", "ref_scores",
+               "bias", "ref_bias"]
     expected = tensors + [x for leaf in leaves for x in ((leaf, leaf + "_value") if leaf == "bco_delta" else (leaf,))]
-    assert names == expected + ["need_hidden", "need_weight"]
+    assert names == expected + ["need_hidden", "need_weight", "need_bias"]
     delta = torch.tensor([0.3, -0.1])
     for loss in (check_loss_config(["sigmoid", "ipo"], 0.3, 0.1, [1.0, 2.0]), check_loss_config("bco_pair", bco_delta=delta),
                  check_loss_config("bco_pair", bco_delta=0.25)):

@@ -405,7 +405,8 @@ def test_dpo_head_op_carries_the_new_options():
     opts = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="sum", loss=cfg)
     assert from_op_args(to_op_args(opts)) == opts
     op = torch.ops.fastdpo.dpo_head.default
-    torch.library.opcheck(op, (hidden, weight, targets, mask, count, None, None, None, ref, *to_op_args(opts), True, True))
+    torch.library.opcheck(op, (hidden, weight, targets, mask, count, None, None, None, ref, None, None, *to_op_args(opts),
+                               True, True, False))
     loss, sums, _, _ = dpo_head(hidden, weight, targets, mask, count, opts, ref_scores=ref)
     torch.testing.assert_close(loss, pair_losses(sums, ref, count, cfg, "sum").mean(), rtol=1e-6, atol=0)
 

@@ -49,6 +49,7 @@ CONFIGS = {
     "Gemma3ForCausalLM": ("Gemma3TextConfig", {"head_dim": 8}),
     "Gemma3ForCausalLM-cap": ("Gemma3TextConfig", {"head_dim": 8, "final_logit_softcapping": 3.0}),
     "Phi3ForCausalLM": ("Phi3Config", {}),
+    "PhiForCausalLM": ("PhiConfig", {}),  # a biased lm_head
     "Olmo2ForCausalLM": ("Olmo2Config", {}),
     "CohereForCausalLM": ("CohereConfig", {"logit_scale": 0.5}),
     "GraniteForCausalLM": ("GraniteConfig", {"logits_scaling": 3.0}),
@@ -284,10 +285,6 @@ def test_softcap_bfloat16_within_bf16_of_its_own_logits(impl):
 
 
 def test_fallback_reasons():
-    biased = tiny("LlamaForCausalLM")
-    biased.lm_head = nn.Linear(32, V, bias=True)
-    assert "has a bias" in _reason(biased)
-
     custom = tiny("LlamaForCausalLM")
     custom.lm_head = nn.Sequential(nn.Linear(32, V, bias=False))
     assert "not a plain nn.Linear" in _reason(custom)

@@ -181,7 +181,7 @@ def test_an_inferred_softcap_is_checked_then_fused_and_exact(impl, checks):
     assert dpo.route(model, "cpu").kind == "pair" and len(checks) == 2
 
 
-def test_a_softcap_the_forward_ignores_is_caught_and_bias_still_falls_back():
+def test_a_softcap_the_forward_ignores_is_caught():
     # OLMo's forward does not read final_logit_softcapping: the claim inferred from the config
     # is wrong, and the first call's check says so (the logits route then, exactly)
     model = inferred("OlmoForCausalLM")
@@ -192,8 +192,26 @@ def test_a_softcap_the_forward_ignores_is_caught_and_bias_still_falls_back():
         dpo = DPO(model, **CONVENTIONS["trl"])
         check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
     assert dpo.route(model, "cpu").kind == "logits"
-    phi = transformers.PhiForCausalLM(transformers.PhiConfig(**COMMON))
-    assert "has a bias" in hf.find_head(phi)[1]
+
+
+class LlamaWithHeadBias(transformers.LlamaForCausalLM):
+    """A Llama subclass (outside HEAD_RULES) whose lm_head has a bias: inferred, checked, fused."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+
+
+def test_an_inferred_head_with_a_bias_is_checked_then_fused_and_exact(checks):
+    torch.manual_seed(0)
+    model = LlamaWithHeadBias(transformers.LlamaConfig(**COMMON))
+    assert hf.find_head(model)[0].has_bias
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # fused: no fallback warning
+        dpo = DPO(model, **CONVENTIONS["trl"])
+        perturb(model)
+        check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
+    assert dpo.route(model, "cpu").kind == "pair" and len(checks) == 2  # (lm_head.bias's gradient compared too)
 
 
 def test_a_compiled_first_call_scores_the_logits_exactly():

@@ -40,8 +40,10 @@ def make_inputs(n, t, d, v, dtype, seed, p_mask=0.3):
     return hidden, weight, targets, mask
 
 
-def via_logits(hidden, weight, targets, mask, scale, softcap=None):
+def via_logits(hidden, weight, targets, mask, scale, softcap=None, bias=None):
     logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
     if scale is not None:
         logits = logits * scale
     if softcap is not None:  # Gemma 2's order: divide, tanh, multiply
@@ -49,9 +51,10 @@ def via_logits(hidden, weight, targets, mask, scale, softcap=None):
     return reference_logprobs(logits, targets, mask)
 
 
-# (scale, softcap): none, x-transformers' tied scale, and a cap (1.5: these logits reach ~5,
-# far into the tanh's bend) after a scale
-HEAD_MAPS = {"plain": (None, None), "scale": (0.37, None), "softcap": (0.37, 1.5)}
+# (scale, softcap, bias): none, x-transformers' tied scale, a cap (1.5: these logits reach ~5,
+# far into the tanh's bend) after a scale, and a head bias (Phi's) under both
+HEAD_MAPS = {"plain": (None, None, False), "scale": (0.37, None, False), "softcap": (0.37, 1.5, False),
+             "bias": (0.37, 1.5, True)}
 
 
 @pytest.mark.parametrize("route", ROUTES[:2], ids=ROUTE_IDS[:2])
@@ -62,26 +65,29 @@ HEAD_MAPS = {"plain": (None, None), "scale": (0.37, None), "softcap": (0.37, 1.5
 def test_linear_logprobs_against_float64(shape, dtype, head_map, chunk_rows, route, monkeypatch):
     n, t, d, v = shape
     impl, matmul = route
-    scale, softcap = HEAD_MAPS[head_map]
+    scale, softcap, biased = HEAD_MAPS[head_map]
     if chunk_rows is not None:
         monkeypatch.setattr(chunks, "CHUNK_BYTES", 4 * v * chunk_rows)
     hidden, weight, targets, mask = make_inputs(n, t, d, v, dtype, seed=d + v)
+    bias = torch.randn(v, generator=torch.Generator().manual_seed(v)).to(dtype) if biased else None
     upstream = torch.randn(n)
 
     def run(fn, cast):
         h = cast(hidden).requires_grad_()
         w = cast(weight).requires_grad_()
-        out = fn(h, w, targets, mask, scale, softcap)
+        b = cast(bias).requires_grad_() if biased else None
+        out = fn(h, w, targets, mask, scale, softcap, b)
         out.float().backward(upstream.to(out.dtype))
-        return out, h.grad, w.grad
+        return out, h.grad, w.grad, *((b.grad,) if biased else ())
 
     truth = run(via_logits, lambda x: x.double())
     ref = run(via_logits, lambda x: x.clone())
-    ours = run(lambda h, w, y, m, s, c: linear_sequence_logprobs(h, w, y, m, scale=s, softcap=c, impl=impl, matmul=matmul),
+    ours = run(lambda h, w, y, m, s, c, b: linear_sequence_logprobs(h, w, y, m, scale=s, softcap=c, bias=b, impl=impl,
+                                                                    matmul=matmul),
                lambda x: x.clone())
     assert ours[0].dtype == torch.float32
-    assert ours[1].dtype == dtype and ours[2].dtype == dtype
-    for what, o, r, tr in zip(("scores", "d hidden", "d weight"), ours, ref, truth):
+    assert all(g.dtype == dtype for g in ours[1:])
+    for what, o, r, tr in zip(("scores", "d hidden", "d weight", "d bias"), ours, ref, truth):
         three_way(o, r, tr, dtype, what)
 
 
@@ -195,14 +201,15 @@ def test_dpo_step_never_builds_full_logits(route, tie, monkeypatch):
     assert head_calls == []
 
 
-@pytest.mark.parametrize("softcap", [None, 1.5])
+@pytest.mark.parametrize("head_map", ["scale", "softcap", "bias"])
 @pytest.mark.parametrize("fold", ["torch", "triton"])
 @pytest.mark.parametrize("group_bytes", ["pair", "all", "partial", "too_small"])
-def test_pair_groups_agree(group_bytes, fold, softcap):
+def test_pair_groups_agree(group_bytes, fold, head_map):
     """dpo_head: one pair per group, all pairs in one group, pairs partly kept and partly
     recomputed, and pairs recomputed whole all agree with float64, with and without a live
     reference, an all-prompt sequence and padding; with a softcap (the policy's and another
-    for the reference) on the kept and the recomputed rows alike."""
+    for the reference) and with head biases, on the kept and the recomputed rows alike."""
+    _, softcap, biased = HEAD_MAPS[head_map]
     b, t, d, v = 3, 6, 12, 301
     hidden, weight, targets, mask = make_inputs(2 * b, t, d, v, torch.float32, seed=4)
     mask[1] = False  # a chosen sequence with no scored token
@@ -213,22 +220,30 @@ def test_pair_groups_agree(group_bytes, fold, softcap):
     opts = HeadOptions(impl=fold, scale=0.37, ref_scale=0.37, reduction="mean", loss=check_loss_config("sigmoid", 0.5),
                        chunk_bytes=4 * v * 4, group_bytes=budget, softcap=softcap, ref_softcap=ref_cap)
     count = mask.sum(-1).clamp(min=1e-5)
+    g = torch.Generator().manual_seed(12)
+    bias, ref_bias = (torch.randn(v, generator=g), torch.randn(v, generator=g)) if biased else (None, None)
 
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, sums, ref, _ = dpo_head(h1, w1, targets, mask, count, opts, ref_hidden=ref_hidden, ref_weight=ref_weight)
+    b1 = bias.clone().requires_grad_() if biased else None
+    loss, sums, ref, _ = dpo_head(h1, w1, targets, mask, count, opts, ref_hidden=ref_hidden, ref_weight=ref_weight,
+                                  bias=b1, ref_bias=ref_bias)
     loss.backward()
 
     h2, w2 = hidden.clone().double().requires_grad_(), weight.clone().double().requires_grad_()
-    s2 = via_logits(h2, w2, targets, mask, 0.37, softcap) / count
-    r = via_logits(ref_hidden.double(), ref_weight.double(), targets, mask, 0.37, ref_cap) / count
+    b2 = bias.double().requires_grad_() if biased else None
+    rb = ref_bias.double() if biased else None
+    s2 = via_logits(h2, w2, targets, mask, 0.37, softcap, b2) / count
+    r = via_logits(ref_hidden.double(), ref_weight.double(), targets, mask, 0.37, ref_cap, rb) / count
     expected = -F.logsigmoid(0.5 * ((s2[:b] - s2[b:]) - (r[:b] - r[b:]))).mean()
     expected.backward()
     assert abs(loss.item() - expected.item()) <= 1e-6 * abs(expected.item())
     torch.testing.assert_close(ref.double(), r, rtol=1e-6, atol=1e-6)
-    want_sums = via_logits(hidden.double(), weight.double(), targets, mask, 0.37, softcap)
+    want_sums = via_logits(hidden.double(), weight.double(), targets, mask, 0.37, softcap, b2.detach() if biased else None)
     torch.testing.assert_close(sums.double(), want_sums, rtol=1e-6, atol=1e-5)
     assert rel_err(h1.grad, h2.grad) <= 1e-5
     assert rel_err(w1.grad, w2.grad) <= 1e-5
+    if biased:
+        assert rel_err(b1.grad, b2.grad) <= 1e-5
     assert (h1.grad[~mask] == 0).all()
 
 
@@ -254,6 +269,13 @@ def test_linear_bad_input():
         linear_sequence_logprobs(hidden, weight, targets, mask, softcap=torch.tensor(2.0))
     with pytest.raises(ValueError, match="does not cap logits"):
         linear_sequence_logprobs(hidden, weight, targets, mask, softcap=2.0, impl="triton", matmul="triton")
+    bias = torch.randn(20)
+    with pytest.raises(ValueError, match="does not add a head bias"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, bias=bias, impl="triton", matmul="triton")
+    with pytest.raises(ValueError, match=r"bias must be a \(20,\) tensor of the weight's dtype"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, bias=bias[:5])
+    with pytest.raises(ValueError, match="bias must be a"):
+        linear_sequence_logprobs(hidden, weight, targets, mask, bias=bias.double())
 
 
 # ----------------------------------------------------------------------------- head detection
@@ -286,7 +308,6 @@ class NotAWrapper(torch.nn.Module):
 
 FALLBACKS = {
     "custom to_logits (soft-capping)": (lambda: wrapper(to_logits=Softcapped()), "custom Softcapped"),
-    "biased to_logits": (lambda: wrapper(to_logits=torch.nn.Linear(16, 64)), "bias"),
     "multiple heads": (lambda: wrapper(num_output_heads=2), "multiple output heads"),
     "mixture of softmax": (lambda: wrapper(mixture_of_softmax=True), "mixture of softmaxes"),
     "sigsoftmax": (lambda: wrapper(sigsoftmax_logits=True), "sigsoftmax"),
@@ -296,9 +317,42 @@ FALLBACKS = {
 
 def test_fusable_heads_are_found():
     head, why = adapter_for(wrapper()).head()
-    assert head is not None and head.scale is None and why == ""
+    assert head is not None and head.scale is None and why == "" and not head.has_bias
+    biased, _ = adapter_for(wrapper(to_logits=torch.nn.Linear(16, 64))).head()
+    assert biased is not None and biased.has_bias
     tied, _ = adapter_for(wrapper(tie_embedding=True)).head()
     assert tied is not None and tied.scale == pytest.approx(16**-0.5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_biased_to_logits_is_fused_and_matches_x_transformers(impl):
+    """An ``nn.Linear`` to_logits with a bias: fused (the bias added by the product, its
+    gradient the logits' gradient summed over rows), the loss and every gradient, the bias's
+    included, x-transformers' own."""
+    def make():
+        return wrapper(to_logits=torch.nn.Linear(16, 64))
+
+    ours, x = DPO(make(), head="fused", impl=impl), XDPO(make())
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(11)
+        for p in x.policy_model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ours.policy_model.load_state_dict(x.policy_model.state_dict())
+    ours.ref_model.load_state_dict(x.ref_model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)
+    pm = torch.arange(9)[None] < torch.tensor([[2], [4]])
+    lx, lo = x(pref, unpref, prompt_mask=pm), ours(pref, unpref, prompt_mask=pm)
+    assert ours.route(ours.policy_model, "cpu").kind == "pair"
+    lx.backward()
+    lo.backward()
+    assert abs(lx.item() - math.log(2)) > 1e-3
+    assert abs(lo.item() - lx.item()) <= 1e-6 * abs(lx.item())
+    gx = dict(x.policy_model.named_parameters())
+    for n, p in ours.policy_model.named_parameters():
+        if gx[n].grad is not None:
+            assert rel_err(p.grad, gx[n].grad) <= 1e-5, n
+    assert ours.policy_model.to_logits.bias.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", FALLBACKS)

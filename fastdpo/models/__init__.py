@@ -8,7 +8,8 @@ takes the rest.  A new family is one module with a :class:`ModelAdapter` subclas
 here.
 
 * :mod:`.wrappers` -- torch.compile, peft, FSDP2, DDP: what every family sees through;
-* :mod:`.base` -- the interface, the fusable head (:class:`LinearHead`, :func:`live_weight`);
+* :mod:`.base` -- the interface, the fusable head (:class:`LinearHead`, :func:`live_weight`,
+  :func:`live_bias`);
 * :mod:`.xtransformers` -- x-transformers' ``TransformerWrapper``;
 * :mod:`.hf` -- Hugging Face causal LMs.
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LinearHead, ModelAdapter, Padding, live_weight
+from .base import LinearHead, ModelAdapter, Padding, live_bias, live_weight
 from .hf import HFAdapter
 from .wrappers import adapters_disabled, check_wrappers, eval_mode, peft_model
 from .xtransformers import XTransformersAdapter
@@ -46,6 +47,7 @@ __all__ = [
     "adapters_disabled",
     "check_wrappers",
     "eval_mode",
+    "live_bias",
     "live_weight",
     "peft_model",
 ]

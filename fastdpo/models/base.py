@@ -24,8 +24,10 @@ if TYPE_CHECKING:  # (the layout module imports nothing of this package at run t
 
 @dataclass(frozen=True)
 class LinearHead:
-    """A model's output head as ``logits = hidden @ weight.T * scale`` (scale may be None), then,
-    with a ``softcap``, ``softcap * tanh(logits / softcap)`` (Gemma 2's final logits).
+    """A model's output head as ``logits = (hidden @ weight.T + bias) * scale`` (bias and scale
+    may be None), then, with a ``softcap``, ``softcap * tanh(logits / softcap)`` (Gemma 2's
+    final logits).  ``has_bias``: the output embedding has a bias (Phi's), read with the weight
+    from ``owner`` at each call (:func:`live_bias`).
 
     ``weight`` is the weight when the head was found; ``owner``, when given, is the module
     whose ``.weight`` it is, read again at each call by :func:`live_weight` (FSDP2 swaps a
@@ -40,11 +42,12 @@ class LinearHead:
     owner: nn.Module | None = None
     claim: str = ""
     softcap: float | None = None
+    has_bias: bool = False
 
-    def logits(self, hidden: Tensor, weight: Tensor) -> Tensor:
-        """The logits the model's own head makes from ``hidden`` (product, scale, softcap, each
-        in the hidden states' dtype as the model's forward does them)."""
-        z = torch.nn.functional.linear(hidden, weight)
+    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """The logits the model's own head makes from ``hidden`` (product and bias, scale,
+        softcap, each in the hidden states' dtype as the model's forward does them)."""
+        z = torch.nn.functional.linear(hidden, weight, bias)
         z = z * self.scale if self.scale is not None else z
         return torch.tanh(z / self.softcap) * self.softcap if self.softcap is not None else z
 
@@ -82,7 +85,19 @@ def live_weight(head: LinearHead, dtype: torch.dtype) -> Tensor:
     ``param_dtype`` under a mixed-precision policy) after.  The gathered weight lives as long
     as the caller holds it.
     """
-    w = head.owner.weight if head.owner is not None else head.weight
+    return _live(head.owner.weight if head.owner is not None else head.weight, dtype)
+
+
+def live_bias(head: LinearHead, dtype: torch.dtype) -> Tensor | None:
+    """The head's bias to add now (None without one), read and gathered as :func:`live_weight`."""
+    if not head.has_bias:
+        return None
+    if head.owner is None or getattr(head.owner, "bias", None) is None:
+        raise ValueError("a head with a bias needs the module that owns it (LinearHead.owner)")
+    return _live(head.owner.bias, dtype)
+
+
+def _live(w: Tensor, dtype: torch.dtype) -> Tensor:
     if _is_plain(w):
         return w
     from torch.distributed.tensor import DTensor, Partial

@@ -12,7 +12,8 @@ and imports fast, without them.
   forward sees no row.
 * **Heads.**  A causal LM's forward may do more than ``lm_head(hidden)``: scale the logits
   (Cohere, Granite), cap them with a tanh (Gemma 2 and 3: the fold caps them, in float32, and
-  differentiates through the cap), add a bias (not fused).  The classes in
+  differentiates through the cap), add a bias (Phi's ``lm_head``: added by the product, its
+  gradient the column sums of the logits' gradient).  The classes in
   :data:`HEAD_RULES` had their forwards read and their fused scores are tested against their
   own logits.  Any other causal LM whose output embedding is a plain bias-free linear layer
   gets a head inferred from its config (:func:`inferred_head`: ``logit_scale``,
@@ -105,6 +106,7 @@ HEAD_RULES: dict[str, Callable[[nn.Module], Transform]] = {
     "Gemma2ForCausalLM": _softcap,
     "Gemma3ForCausalLM": _softcap,
     "Phi3ForCausalLM": _plain,
+    "PhiForCausalLM": _plain,  # lm_head with a bias
     "Olmo2ForCausalLM": _plain,
     "GPT2LMHeadModel": _plain,
     "CohereForCausalLM": _times_logit_scale,
@@ -148,23 +150,22 @@ def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
     head = lm.get_output_embeddings()
     if model_class(head) is not nn.Linear:
         return None, f"its output embedding is a {type(head).__name__}, not a plain nn.Linear"
-    if head.bias is not None:
-        return None, "its output embedding has a bias"
-    why = check_weight(head.weight)
+    why = check_weight(head.weight) or (check_weight(head.bias) if head.bias is not None else "")
     if why:
         return None, why
+    biased = head.bias is not None
     if _backbone(lm) is None:
         return None, "it has no separate backbone (base_model, get_decoder()) to run for its hidden states"
     if rule is not None:
         scale, cap = rule(lm)
         if cap is not None and not cap > 0:
             return None, f"its final_logit_softcapping is {cap:g}, not a cap > 0"
-        return LinearHead(head.weight, scale, head, softcap=cap), ""
+        return LinearHead(head.weight, scale, head, softcap=cap, has_bias=biased), ""
     (scale, cap), claim = inferred_head(lm)
     if cap is not None and not cap > 0:
         return None, f"its final_logit_softcapping is {cap:g}, not a cap > 0"
     claim = f"{claim}, inferred for a {name} (not in HEAD_RULES)"
-    return LinearHead(head.weight, scale, head, claim=claim, softcap=cap), ""
+    return LinearHead(head.weight, scale, head, claim=claim, softcap=cap, has_bias=biased), ""
 
 
 # -------------------------------------------------------------------------------- calls

@@ -1,6 +1,6 @@
 """x-transformers' ``TransformerWrapper`` (2.31.x): its head, hidden states and packed runs.
 
-* **Head.**  Fusable heads are a bias-free ``nn.Linear`` ``to_logits`` and the tied embedding
+* **Head.**  Fusable heads are an ``nn.Linear`` ``to_logits`` (its bias too) and the tied embedding
   ``(t @ token_emb.emb.weight.t()) * tie_embedding_scale`` (the lambda x-transformers' own
   ``__init__`` makes, recognized by its code object and its closure over this model), on a
   model whose ``return_embeddings=True`` output is exactly what that head consumes.
@@ -86,10 +86,8 @@ class XTransformersAdapter(ModelAdapter):
                 return None, why
         head = model.to_logits
         if isinstance(head, nn.Module) and model_class(head) is nn.Linear:
-            if head.bias is not None:
-                return None, "its to_logits has a bias"
-            why = check_weight(head.weight)
-            return (LinearHead(head.weight, None, head), "") if not why else (None, why)
+            why = check_weight(head.weight) or (check_weight(head.bias) if head.bias is not None else "")
+            return (LinearHead(head.weight, None, head, has_bias=head.bias is not None), "") if not why else (None, why)
         if _tied_lambda(model) and isinstance(model.token_emb, _classes().TokenEmbedding):
             emb = model.token_emb.emb
             why = check_weight(emb.weight)
