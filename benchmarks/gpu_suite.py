@@ -379,49 +379,75 @@ def _lin_inputs(dev, n, t, d, v, dtype, seed):
 
 
 LINEAR_ROUTES = (("torch", "torch"), ("triton", "torch"), ("triton", "triton"))
+# A head with a bias and a softcap (Phi's bias, Gemma 2's cap, both at once): the routes that
+# multiply with torch (the Triton GEMM kernels take neither), the cap's kernel variants compiled
+# for the first time here.  A cap of 5 on these logits (~3 standard deviations wide) bends far
+# into the tanh, where Gemma 2's default 30 would barely touch them.
+CAP = 5.0
 
 
 def check_linear(suite: Suite) -> None:
     import torch
-
-    from fastdpo import linear_sequence_logprobs
 
     dev = suite.device
     for n, t, d, v, dtypes in suite.sizes.lin_cases:
         for name in dtypes:
             dtype = getattr(torch, name)
             hidden, weight, targets, mask = _lin_inputs(dev, n, t, d, v, dtype, seed=d + v)
+            bias = torch.randn(v, generator=_gen(dev, 5), device=dev).to(dtype)
             upstream = torch.randn(n, generator=_gen(dev, 4), device=dev)
-            for impl, matmul in LINEAR_ROUTES:
+            cases = [(impl, matmul, None, None) for impl, matmul in LINEAR_ROUTES]
+            cases += [(impl, matmul, bias, CAP) for impl, matmul in LINEAR_ROUTES[:2]]
+            for impl, matmul, b, cap in cases:
                 if suite.dry_run and matmul == "triton" and name == "bfloat16":
                     continue  # triton's interpreter multiplies bf16 wrongly (a known interpreter bug)
-                # The truth: float64 from the product as each route rounds it -- in the inputs'
-                # dtype for the torch-product routes (the model's own head), exact (fp32
-                # accumulation, never rounded) for the Triton GEMM kernels.
-                if matmul == "torch":
-                    z = (hidden @ weight.T).double()
-                else:
-                    z = hidden.double() @ weight.double().T
-                h64 = hidden.double().requires_grad_()
-                w64 = weight.double().requires_grad_()
-                z64 = h64 @ w64.T
-                z64 = z64 + (z - z64).detach()  # the value of z, the gradient of the exact product
-                truth = _float64_scores(z64, targets, mask)
-                truth.backward(upstream.double())
-                h = hidden.clone().requires_grad_()
-                w = weight.clone().requires_grad_()
-                poison(dev, 2 * (h.numel() + w.numel()) * h.element_size())
-                scores = linear_sequence_logprobs(h, w, targets, mask, impl=impl, matmul=matmul)
-                scores.backward(upstream)
-                errs = (rel(scores, truth), rel(h.grad, h64.grad), rel(w.grad, w64.grad))
-                zero_rows = bool((h.grad[~mask] == 0).all())
-                bound = GRAD_BOUND[name]
-                ok = errs[0] <= SCORE_BOUND and max(errs[1:]) <= bound and zero_rows
-                suite.add("correctness", f"linear {impl}/{matmul} N={n} T={t} D={d} V={v} {name}",
-                          "pass" if ok else "fail", err=max(errs), bound=bound,
-                          detail=f"scores {errs[0]:.1e}, d hidden {errs[1]:.1e}, d weight {errs[2]:.1e}")
-                del z, z64, h64, w64, truth
-                _free(dev)
+                _check_linear_case(suite, hidden, weight, b, cap, targets, mask, upstream, impl, matmul, name)
+
+
+def _check_linear_case(suite, hidden, weight, bias, cap, targets, mask, upstream, impl, matmul, name) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from fastdpo import linear_sequence_logprobs
+
+    dev = suite.device
+    n, t, d = hidden.shape
+    v = weight.shape[0]
+    # The truth: float64 from the product as each route rounds it -- in the inputs' dtype for
+    # the torch-product routes (the model's own head, its bias added by the product), exact
+    # (fp32 accumulation, never rounded) for the Triton GEMM kernels; then the cap in float64.
+    if matmul == "torch":
+        z = F.linear(hidden, weight, bias).double()
+    else:
+        z = hidden.double() @ weight.double().T
+    h64 = hidden.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    b64 = bias.double().requires_grad_() if bias is not None else None
+    z64 = F.linear(h64, w64, b64)
+    z64 = z64 + (z - z64).detach()  # the value of z, the gradient of the exact product
+    if cap is not None:
+        z64 = torch.tanh(z64 / cap) * cap
+    truth = _float64_scores(z64, targets, mask)
+    truth.backward(upstream.double())
+    h = hidden.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if bias is not None else None
+    poison(dev, 2 * (h.numel() + w.numel()) * h.element_size())
+    scores = linear_sequence_logprobs(h, w, targets, mask, impl=impl, matmul=matmul, bias=b, softcap=cap)
+    scores.backward(upstream)
+    errs = [rel(scores, truth), rel(h.grad, h64.grad), rel(w.grad, w64.grad)]
+    if b is not None:
+        errs.append(rel(b.grad, b64.grad))
+    zero_rows = bool((h.grad[~mask] == 0).all())
+    bound = GRAD_BOUND[name]
+    ok = errs[0] <= SCORE_BOUND and max(errs[1:]) <= bound and zero_rows
+    extra = f" bias softcap={cap:g}" if bias is not None else ""
+    detail = f"scores {errs[0]:.1e}, d hidden {errs[1]:.1e}, d weight {errs[2]:.1e}"
+    detail += f", d bias {errs[3]:.1e}" if b is not None else ""
+    suite.add("correctness", f"linear {impl}/{matmul}{extra} N={n} T={t} D={d} V={v} {name}",
+              "pass" if ok else "fail", err=max(errs), bound=bound, detail=detail)
+    del z, z64, h64, w64, truth
+    _free(dev)
 
 
 def _dpo_models(suite: Suite):
