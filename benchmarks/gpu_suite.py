@@ -12,7 +12,8 @@ skipped with a row that says so when the time budget (``--budget-s``) runs out:
 
 1. ``roofline`` -- the two ceilings, measured here: a large device-to-device copy (bytes read +
    written per second) and a large bf16 ``torch.mm`` (FLOP/s).
-2. ``correctness`` -- ``sequence_logprobs`` and ``linear_sequence_logprobs`` (every route)
+2. ``correctness`` -- ``sequence_logprobs`` and ``linear_sequence_logprobs`` (every route;
+   on the torch-product routes also with a head bias and a softcap, the cap's kernel variants)
    forward and backward against float64 on fresh random inputs (odd V, long rows, masked rows,
    ``-inf`` vocabulary blocks, fp32/bf16/fp16), with the caching allocator poisoned with NaN
    before each call so an unwritten element fails; ``DPO`` against x-transformers' DPO (fp32)
