@@ -493,7 +493,7 @@ def test_pair_fusion_multiplies_each_counted_row_once_per_model(fold, monkeypatc
     m = int(dpo._batch(pref, unpref, pm, None, None).mask.sum())
     rows = []
     real = chunks.logits_into
-    monkeypatch.setattr(chunks, "logits_into", lambda out, h, w, s: rows.append(h.shape[0]) or real(out, h, w, s))
+    monkeypatch.setattr(chunks, "logits_into", lambda out, h, w, s, b=None: rows.append(h.shape[0]) or real(out, h, w, s, b))
     dpo(pref, unpref, prompt_mask=pm).backward()
     assert sum(rows) == 2 * m, (rows, m)
     rows.clear()
