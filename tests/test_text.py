@@ -457,6 +457,26 @@ def test_dpo_on_a_batch_is_trls_loss(name, max_length, tok_eos_pad):
             dpo(**bad)
 
 
+def test_precomputed_reference_scores_of_mapping_batches(tok_eos_pad):
+    """precompute_reference_scores takes the mapping batches; passed back, they give the loss of
+    the step that runs the reference."""
+    from fastdpo import precompute_reference_scores
+
+    ds = from_records(PLAIN, tok_eos_pad)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=ds.collate)
+    model = llama(len(tok_eos_pad))
+    dpo = DPO(model, logprob_reduction="sum", mask_alignment="target")
+    perturb(model)
+    ref_w, ref_l = precompute_reference_scores(dpo, loader, progress=False)
+    assert ref_w.shape == ref_l.shape == (len(ds),)
+    for k, batch in enumerate(loader):
+        part = slice(2 * k, 2 * k + len(batch["preferred_seq"]))
+        w, l = dpo.reference_scores(**batch)
+        assert torch.equal(ref_w[part], w) and torch.equal(ref_l[part], l)
+        torch.testing.assert_close(dpo(**batch, ref_preferred_logprob=ref_w[part], ref_unpreferred_logprob=ref_l[part]),
+                                   dpo(**batch), rtol=1e-6, atol=0)
+
+
 # ----------------------------------------------------------------------------- errors
 
 
