@@ -27,6 +27,7 @@ from .losses import LOSS_TYPES, check_loss_config, dpo_loss, preference_loss, re
 from .ops import sequence_logprobs, sequence_logprobs_pair
 from .orpo import ORPO
 from .preference import PreferenceModule
+from .text import TokenizedPreferenceDataset
 
 __all__ = [
     "DPO",
@@ -42,6 +43,7 @@ __all__ = [
     "reward_metrics",
     "PreferenceDataset",
     "KTODataset",
+    "TokenizedPreferenceDataset",
     "dpo_loss",
     "linear_sequence_logprobs",
     "precompute_reference_scores",

@@ -1,5 +1,6 @@
 """Preference datasets and their collate functions: pairs for :class:`fastdpo.DPO`
-(:class:`PreferenceDataset`), unpaired labelled completions for :class:`fastdpo.KTO`
+(:class:`PreferenceDataset`; from text records, :meth:`PreferenceDataset.from_records` and
+:mod:`fastdpo.text`), unpaired labelled completions for :class:`fastdpo.KTO`
 (:class:`KTODataset`)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from . import _checks
+from .text import TokenizedPreferenceDataset, tokenize_records
 
 
 def _tokens(index: int, key: str, item: Mapping, *, empty_ok: bool = False) -> Tensor:
@@ -53,6 +55,49 @@ class PreferenceDataset(Dataset):
             raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
         self.data = data
         self.pad_id = pad_id
+
+    @classmethod
+    def from_records(
+        cls, records, tokenizer, *, max_length: int | None = None, truncation_mode: str = "keep_start",
+        tools=None, chat_template_kwargs: Mapping | None = None, num_proc: int | None = None,
+    ) -> TokenizedPreferenceDataset:
+        """Text preference records tokenized once, here, exactly as TRL 1.16's ``DPOTrainer``
+        prepares them (``_prepare_dataset``), batched as its ``DataCollatorForPreference`` does.
+
+        Args:
+            records: a list of dicts, a ``datasets.Dataset`` (tokenized by its ``map``, with
+                ``num_proc`` processes) or the path of a JSON Lines file.  Each record has
+                ``chosen`` and ``rejected`` and, if the first record has one, ``prompt``: all
+                plain text, or all lists of messages (dicts with ``role`` and ``content``; the
+                completions as assistant messages).  Without a prompt, the prompt is the start
+                ``chosen`` and ``rejected`` share (TRL's ``extract_prompt``).  A record's own
+                ``tools`` (a list, or a JSON str) and ``chat_template_kwargs`` go to the chat
+                template with it.
+            tokenizer: a ``transformers`` tokenizer.  Plain text: each completion gets its EOS
+                token unless it ends with it, and prompt, prompt + chosen and prompt + rejected
+                are tokenized as ``tokenizer(text=...)`` (with its special tokens, e.g. BOS).
+                Messages: rendered and tokenized by its chat template (``apply_chat_template``),
+                the prompt with the generation prompt.  The completion starts where the
+                tokenized prompt and prompt + completion diverge (tokens can merge across the
+                seam).  Batches are padded with its pad token, else its EOS token.
+            max_length: None (no truncation) or the most tokens of a prompt + completion; with
+                ``"keep_start"`` records whose prompt alone has ``max_length`` tokens are
+                dropped (with a warning saying how many; a ``ValueError`` if all are).
+            truncation_mode: ``"keep_start"`` (the first ``max_length`` tokens) or ``"keep_end"``
+                (the last; a ``ValueError`` when it would cut a pair's two prompts to different
+                lengths, which one ``prompt_mask`` cannot mark).
+            tools, chat_template_kwargs: for messages, the tools and template arguments of
+                every record (a record's own ``tools`` replace ``tools``; its
+                ``chat_template_kwargs`` are merged over these).
+            num_proc: processes for ``datasets.Dataset.map`` (a ``datasets.Dataset`` only).
+
+        Returns: a :class:`~fastdpo.text.TokenizedPreferenceDataset`: ``ds[i]`` is a dict of
+        ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``ds.collate`` makes the mapping
+        ``dpo(**batch)`` takes (``preferred_seq``, ``unpreferred_seq``, ``prompt_mask``,
+        ``preferred_seq_mask``, ``unpreferred_seq_mask``).  Errors name the record and field.
+        """
+        return tokenize_records(records, tokenizer, max_length=max_length, truncation_mode=truncation_mode,
+                                tools=tools, chat_template_kwargs=chat_template_kwargs, num_proc=num_proc)
 
     def __len__(self) -> int:
         return len(self.data)

@@ -10,6 +10,8 @@ and head gradients (:mod:`fastdpo.fused_pair`); otherwise each body's sums
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -319,8 +321,9 @@ def precompute_reference_scores(dpo: DPO, batches, *, progress: bool = True) -> 
     """Run ``dpo``'s reference model once over a dataset; return its scores for every pair.
 
     ``batches`` yields ``(preferred, unpreferred, prompt_mask)`` tuples (optionally with the two
-    sequence masks after them), e.g. ``DataLoader(ds, batch_size=..., collate_fn=ds.collate)``
-    without shuffling.  Returns ``(ref_preferred_logprob, ref_unpreferred_logprob)``, each
+    sequence masks after them), or mappings of ``forward``'s keyword arguments (what a
+    :meth:`~fastdpo.PreferenceDataset.from_records` dataset's ``collate`` makes), e.g.
+    ``DataLoader(ds, batch_size=..., collate_fn=ds.collate)`` without shuffling.  Returns ``(ref_preferred_logprob, ref_unpreferred_logprob)``, each
     ``(num_pairs,)`` float32 on the CPU in iteration order; slice them per batch and pass them
     to ``dpo(...)`` so a training run need not keep the reference model (``del dpo.ref_model``
     is then safe, as long as every call passes precomputed scores).
@@ -333,6 +336,11 @@ def precompute_reference_scores(dpo: DPO, batches, *, progress: bool = True) -> 
     it = tqdm(batches, desc="reference scores", disable=not progress)
     chosen, rejected = [], []
     for i, batch in enumerate(it):
+        if isinstance(batch, Mapping):  # TokenizedPreferenceDataset.collate's: forward's keyword arguments
+            w, l = dpo.reference_scores(**batch)
+            chosen.append(w.cpu())
+            rejected.append(l.cpu())
+            continue
         if not 3 <= len(batch) <= 5:
             raise ValueError(
                 f"batches[{i}] must be (preferred, unpreferred, prompt_mask[, preferred_seq_mask"
