@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "train",
         help="DPO-train a Hugging Face causal LM on JSONL preference records",
-        description=train_cli.__doc__.split("\n\n")[0],
+        description="DPO on a Hugging Face causal LM (a save_pretrained directory), from JSONL preference "
+        "records to a saved model or LoRA adapters, with evaluations, metrics.jsonl, curves.png and checkpoints "
+        "that resume exactly; under torchrun, DDP.",
         epilog="Quick start: fastdpo train --model DIR --data data.jsonl --out out/  (README, 'fastdpo train').",
     )
     train_cli.add_arguments(p)

@@ -133,6 +133,8 @@ def check_config(c: TrainConfig) -> TrainConfig:
             "written); run under torchrun without it (DDP), or shard with fully_shard in your own loop "
             "(docs/distributed.md)"
         )
+    if c.eval_every and c.eval is None and c.eval_fraction is None:
+        raise ValueError("--eval-every needs an eval set: --eval FILE or --eval-fraction F")
     if c.lora_alpha is not None and not c.lora:
         raise ValueError("--lora-alpha needs --lora R")
     paths = {k: str(Path(v).resolve()) for k in ("model", "data", "eval", "out") if (v := getattr(c, k)) is not None}
@@ -229,6 +231,9 @@ class Run:
         random.seed(c.seed)
         self.tokenizer = io.load_tokenizer(c.model)
         self.train_ds, self.eval_ds = self._datasets(c)
+        pairs = [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0]
+        if state is not None and state["pairs"] != pairs:
+            raise ValueError(f"--resume {ckpt}: the run had {state['pairs']} (train, eval) pairs, the data gives {pairs} now")
         model = io.load_model(c.model, c.dtype).to(self.device)
         n_tok, vocab = len(self.tokenizer), model.get_input_embeddings().weight.shape[0]
         if n_tok > vocab:
@@ -247,7 +252,9 @@ class Run:
             logprob_reduction=c.logprob_reduction, mask_alignment=c.mask_alignment, head=head, packing=c.packing,
         )
         route = self.dpo.route(self.dpo.policy_model, self.device)
-        self.route = "logits (" + route.reason + ")" if route.kind == "logits" else "fused head"
+        self.route = "logits (" + (why or route.reason) + ")" if route.kind == "logits" else "fused head"
+        if route.head is not None and route.head.claim:
+            self.route += " (inferred, checked on the first batch)"
         if ckpt is not None:
             io.load_trained_weights(self.dpo.policy_model, ckpt, self.lora)
         self.reference = self._reference_scores(state)
@@ -386,11 +393,12 @@ class Run:
             stats, lr, grad_norm = self._step([next(batches) for _ in range(n_micro)])
             window = stats if window is None else window + stats
             done = step + 1
+            logged = None
             if done % c.log_every == 0 or done == self.total:
-                last_train = self._row(done, "train", procs.sum(window), lr=lr, grad_norm=grad_norm)
+                logged = last_train = self._row(done, "train", procs.sum(window), lr=lr, grad_norm=grad_norm)
                 window = None
                 self._write(last_train)
-                bar.update(done, last_train)
+            bar.update(done, logged)
             if self.eval_ds is not None and (c.eval_every and done % c.eval_every == 0 or done == self.total):
                 last_eval = self.evaluate(done)
                 bar.note(f"eval at step {done}: reward accuracy {last_eval['rewards/accuracies']:.3f}, "
@@ -489,6 +497,7 @@ class Run:
                 "micro_batch": step % self.steps_per_epoch * self.config.grad_accum,
                 "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng,
                 "reference": self.reference,
+                "pairs": [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0],
             }
             io.save_checkpoint(self.out, step, self.dpo.policy_model, self.tokenizer, self._config_json(), state)
             self._plot()

@@ -269,15 +269,18 @@ class Progress:
             except ImportError:
                 pass
 
-    def update(self, step: int, row: dict) -> None:
+    def update(self, step: int, row: dict | None) -> None:
+        """Step ``step`` is done; ``row`` is its logged training row, if it logged one."""
+        self.row = row or getattr(self, "row", None)
         if not self.on:
             return
+        said = f"loss {self.row['loss']:.4f}, reward accuracy {self.row['rewards/accuracies']:.3f}" if self.row else ""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}")
+            if row is not None:
+                self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}")
         elif step % self.every == 0 or step == self.total:
-            print(f"step {step}/{self.total}: loss {row['loss']:.4f}, reward accuracy {row['rewards/accuracies']:.3f}",
-                  flush=True)  # fmt: skip
+            print(f"step {step}/{self.total}" + (f": {said}" if said else ""), flush=True)
 
     def note(self, text: str) -> None:
         if self.bar is not None:

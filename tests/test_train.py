@@ -306,6 +306,7 @@ def test_each_setup_mistake_is_one_line(model_dir, tmp_path, capsys):
     line = _error(["--model", model_dir, "--data", data, "--eval", data, "--eval-fraction", 0.1, *out], capsys)
     assert "not both" in line
     assert "--fsdp is not supported" in _error(["--model", model_dir, "--data", data, "--fsdp", *out], capsys)
+    assert "needs an eval set" in _error(["--model", model_dir, "--data", data, "--eval-every", 5, *out], capsys)
 
 
 def test_a_model_without_a_fused_head_warns_in_one_line(tmp_path, capsys):
@@ -322,3 +323,28 @@ def test_a_model_without_a_fused_head_warns_in_one_line(tmp_path, capsys):
     assert train_cli("--model", tmp_path / "bert", "--data", data, "--out", tmp_path / "out", "--steps", 1, *QUIET) == 0
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fastdpo train: warning:")]
     assert len(warned) == 1 and "score this model's logits" in warned[0], warned
+
+
+def test_a_head_known_unfusable_warns_once_and_scores_logits(model_dir, tmp_path, capsys, monkeypatch):
+    """When the model's adapter says up front that its head cannot be fused, fastdpo train says
+    so in one line (not DPO's warning too) and trains on the logits route."""
+    from fastdpo.models import adapter_for
+
+    class NoHead:
+        def __init__(self, model):
+            self.real = adapter_for(model)
+
+        def head(self):
+            return None, "its output embedding is a Sequential, not a plain nn.Linear"
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(train_mod, "adapter_for", NoHead)
+    data = write_jsonl(tmp_path / "train.jsonl", records(8, seed=9))
+    assert train_cli("--model", model_dir, "--data", data, "--out", tmp_path / "out", "--steps", 1, *QUIET) == 0
+    captured = capsys.readouterr()
+    warned = [line for line in captured.err.splitlines() if "warning" in line]
+    assert warned == ["fastdpo train: warning: LlamaForCausalLM has no fused head (its output embedding is a Sequential, "
+                      "not a plain nn.Linear): fastdpo falls back to scoring its logits, (2B, L-1, V) floats a step"]
+    assert "scoring: logits (its output embedding is a Sequential" in captured.out
