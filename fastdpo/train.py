@@ -234,10 +234,8 @@ class Run:
         pairs = [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0]
         if state is not None and state["pairs"] != pairs:
             raise ValueError(f"--resume {ckpt}: the run had {state['pairs']} (train, eval) pairs, the data gives {pairs} now")
+        io.check_vocab(c.model, len(self.tokenizer))  # from config.json: before the weights load
         model = io.load_model(c.model, c.dtype).to(self.device)
-        n_tok, vocab = len(self.tokenizer), model.get_input_embeddings().weight.shape[0]
-        if n_tok > vocab:
-            raise ValueError(f"--model {c.model}: the tokenizer has {n_tok} tokens, the model's embedding only {vocab}")
         self.lora = bool(c.lora)
         if self.lora:
             model = self._with_lora(model, c)

@@ -74,6 +74,19 @@ def load_model(path: str, dtype: str):
         raise ValueError(f"--model {path}: cannot load it as a causal LM ({_first_line(e)})") from None
 
 
+def check_vocab(path: str, n_tokens: int) -> None:
+    """A tokenizer of more tokens than the model's vocabulary (its config's) is refused."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:  # an unknown model_type, a broken config.json
+        raise ValueError(f"--model {path}: cannot read its config.json ({_first_line(e)})") from None
+    vocab = getattr(config.get_text_config(), "vocab_size", None)
+    if isinstance(vocab, int) and n_tokens > vocab:
+        raise ValueError(f"--model {path}: the tokenizer has {n_tokens} tokens, the model's embedding only {vocab}")
+
+
 def attention_projections(model) -> list[str]:
     """The names (last part) of the linear layers directly inside the model's attention modules
     (a class whose name ends in ``Attention``): LoRA's ``target_modules`` for ``--lora``."""

@@ -296,6 +296,15 @@ def test_each_setup_mistake_is_one_line(model_dir, tmp_path, capsys):
     assert "no config.json there" in _error(["--model", tmp_path / "empty", "--data", data, *out], capsys)
     assert "--data" in _error(["--model", model_dir, "--data", tmp_path / "missing.jsonl", *out], capsys)
     assert "no such file" in _error(["--model", model_dir, "--data", tmp_path / "missing.jsonl", *out], capsys)
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "count : a b", "chosen": " c d", "rejected": " d c"}\nnot json\n')
+    assert "line 2: not JSON" in _error(["--model", model_dir, "--data", tmp_path / "bad.jsonl", *out], capsys)
+    big = tokenizer()
+    big.add_tokens([f"w{i}" for i in range(40)])
+    save_model(tmp_path / "small", tok=tokenizer())
+    big.save_pretrained(tmp_path / "small")  # a tokenizer of 73 tokens for an embedding of 33
+    capsys.readouterr()
+    assert "the tokenizer has 73 tokens, the model's embedding only 33" in _error(
+        ["--model", tmp_path / "small", "--data", data, *out], capsys)
     bare = save_model(tmp_path / "bare", tok=tokenizer(eos=False, pad=False))
     capsys.readouterr()  # save_pretrained's progress bar
     line = _error(["--model", bare, "--data", data, *out], capsys)
