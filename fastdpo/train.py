@@ -342,7 +342,7 @@ class Run:
             scores = {"train": self._score(self.train_ds)}
             if self.eval_ds is not None:
                 scores["eval"] = self._score(self.eval_ds)
-        self.dpo.ref_model = None if not self.lora else self.dpo.ref_model
+        self.dpo.ref_model = None  # a full fine-tuning run's frozen copy (LoRA's reference is the policy)
         return scores
 
     def _score(self, ds) -> torch.Tensor:
