@@ -2,7 +2,8 @@
 
 ``from fastdpo import DPO`` is a drop-in for ``from x_transformers.dpo import DPO``; ``ORPO`` and
 ``CPO`` (with SimPO and AlphaPO) are the reference-free families, ``KTO`` the unpaired one, on
-the same fused head.
+the same fused head.  ``fastdpo.train.train(TrainConfig(...))`` (``fastdpo train`` on the command
+line) trains a Hugging Face causal LM on text preference records.
 """
 
 import os as _os
@@ -28,6 +29,7 @@ from .ops import sequence_logprobs, sequence_logprobs_pair
 from .orpo import ORPO
 from .preference import PreferenceModule
 from .text import TokenizedPreferenceDataset
+from .train import TrainConfig
 
 __all__ = [
     "DPO",
@@ -49,5 +51,6 @@ __all__ = [
     "precompute_reference_scores",
     "sequence_logprobs",
     "sequence_logprobs_pair",
+    "TrainConfig",
 ]
 __version__ = "0.1.0"

@@ -7,8 +7,11 @@
                      ``TransformerWrapper``, for each implementation that runs here.
 ``fastdpo kernels``  the ahead-of-time build report of the Triton kernels
                      (:mod:`fastdpo.kernel_report`; its arguments pass through).
+``fastdpo train``    DPO on a Hugging Face causal LM from JSONL preference records to a saved
+                     model (or LoRA adapters), with evaluation, metrics.jsonl, curves,
+                     checkpoints that resume exactly and torchrun/DDP (:mod:`fastdpo.train`).
 
-argparse, not click or typer: three subcommands with flat options need nothing more, the
+argparse, not click or typer: four subcommands with flat options need nothing more, the
 standard library adds no dependency to a library that users ``pip install`` for its loss,
 and ``parser.error`` gives the one-line usage errors the tests expect.
 """
@@ -26,10 +29,11 @@ CHECK_GRAD_RTOL = 1e-5
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, bench
+    from . import train as train_cli
 
     parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: fused, exact DPO losses")
     parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,kernels}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,kernels,train}")
 
     p = sub.add_parser(
         "bench",
@@ -53,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     # add_help=False: `fastdpo kernels --help` shows the report's own options.
     p = sub.add_parser("kernels", add_help=False, help="ahead-of-time build report of the Triton kernels (no GPU needed)")
     p.set_defaults(run=None)
+
+    p = sub.add_parser(
+        "train",
+        help="DPO-train a Hugging Face causal LM on JSONL preference records",
+        description="DPO on a Hugging Face causal LM (a save_pretrained directory), from JSONL preference "
+        "records to a saved model or LoRA adapters, with evaluations, metrics.jsonl, curves.png and checkpoints "
+        "that resume exactly; under torchrun, DDP.",
+        epilog="Quick start: fastdpo train --model DIR --data data.jsonl --out out/  (README, 'fastdpo train').",
+    )
+    train_cli.add_arguments(p)
+    p.set_defaults(run=train_cli.main_from_args)
     return parser
 
 

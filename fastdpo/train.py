@@ -1,0 +1,633 @@
+"""``fastdpo train``: DPO on a Hugging Face causal LM, from preference records to a saved model.
+
+``train(TrainConfig(model=DIR, data=FILE, out=DIR, ...))`` (or ``fastdpo train --model DIR
+--data FILE --out DIR``) loads ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a
+``save_pretrained`` directory, tokenizes ``{"prompt", "chosen", "rejected"}`` records as TRL
+1.16 does (:meth:`fastdpo.PreferenceDataset.from_records`), and trains with
+:class:`fastdpo.DPO` (TRL's conventions by default: summed log-probs, target-aligned masks),
+``torch.optim.AdamW`` and a linear warmup/decay schedule.  A ``peft`` LoRA policy (``lora``)
+has the same model with its adapters off as its reference.
+
+* **Order.**  Each epoch's order is ``DistributedSampler``'s permutation seeded by ``seed +
+  epoch``; a process takes every ``world``-th index of it.  So the order depends on (seed,
+  epoch) only, and a step's pairs across N processes of batch B are those of one process of
+  batch N * B.
+* **Steps.**  An optimizer step accumulates ``grad_accum`` micro-batches (the last step of an
+  epoch takes what is left), each micro-batch's mean loss divided by their number.  A step's
+  data position is a function of its number, so a checkpoint resumes mid-epoch exactly.
+* **Checkpoints** (``out/checkpoint-{step}``): the model (``save_pretrained``: the adapters
+  only for LoRA), the tokenizer, the config as JSON, and ``trainer_state.pt`` (optimizer,
+  scheduler, every process's RNG states, the data position, precomputed reference scores).
+  Resumed, a run on the CPU ends bitwise equal to the uninterrupted run
+  (tests/test_train.py).  The reference model is always the one ``model`` names.
+* **Several processes.**  Under ``torchrun`` (``WORLD_SIZE`` > 1) the DPO module is wrapped
+  in ``DistributedDataParallel`` (gloo on the CPU, nccl on CUDA); process 0 writes the files;
+  logged metrics and evaluations are over all processes' pairs.
+* **Reporting.**  A progress bar (tqdm; lines without it), ``out/metrics.jsonl`` (one JSON
+  object per logged step and per evaluation), ``out/curves.png`` (matplotlib, when installed),
+  evaluations of the policy (eval mode, no gradient) every ``eval_every`` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import random
+import sys
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import train_io as io
+from .data import PreferenceDataset
+from .dpo import DPO, precompute_reference_scores
+from .losses import LOSS_TYPES
+from .models import adapter_for
+
+__all__ = ["TrainConfig", "train", "add_arguments", "config_from_args", "main_from_args"]
+
+BATCH_KEYS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask")
+# Logged per step and per evaluation: the loss and what fastdpo.DPO(return_metrics=True) gives.
+LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
+# Options a resumed run may change: they do not touch the trajectory of the weights.
+CHANGEABLE_ON_RESUME = {"out", "resume", "eval", "eval_every", "save_every", "log_every", "progress", "device"}
+
+
+@dataclass
+class TrainConfig:
+    """A training run; each field is the ``fastdpo train`` option of the same name
+    (``fastdpo train --help``).  Defaults follow TRL 1.16's ``DPOConfig`` where it has one
+    (beta 0.1, lr 1e-6, batch 8, max_length 1024, keep_start truncation, max_grad_norm 1)."""
+
+    model: str
+    data: str
+    out: str
+    eval: str | None = None
+    eval_fraction: float | None = None
+    loss_type: str | list[str] = "sigmoid"
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    logprob_reduction: str = "sum"
+    mask_alignment: str = "target"
+    head: str = "auto"
+    packing: str = "none"
+    lora: int = 0
+    lora_alpha: float | None = None
+    precompute_reference: bool = False
+    epochs: int = 1
+    steps: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    max_length: int | None = 1024
+    truncation_mode: str = "keep_start"
+    seed: int = 0
+    dtype: str = "float32"
+    device: str | None = None
+    fsdp: bool = False
+    eval_every: int = 0
+    save_every: int = 0
+    log_every: int = 1
+    resume: str | None = None
+    progress: bool = True
+
+
+def check_config(c: TrainConfig) -> TrainConfig:
+    """``c`` checked (one-line ``ValueError`` naming the option), with absolute paths."""
+    def at_least(name, value, low, none_ok=False):
+        if value is None and none_ok:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+    io.check_model_dir(c.model)
+    for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("eval_every", 0),
+                      ("save_every", 0), ("log_every", 1), ("lora", 0), ("seed", 0)):  # fmt: skip
+        at_least(name, getattr(c, name), low)
+    at_least("steps", c.steps, 1, none_ok=True)
+    at_least("max_length", c.max_length, 2, none_ok=True)
+    if not c.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {c.lr}")
+    if not (c.max_grad_norm >= 0 and c.weight_decay >= 0):
+        raise ValueError(f"--max-grad-norm and --weight-decay must be >= 0, got {c.max_grad_norm}, {c.weight_decay}")
+    if c.eval is not None and c.eval_fraction is not None:
+        raise ValueError("give --eval FILE or --eval-fraction F, not both")
+    if c.eval_fraction is not None and not 0 < c.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in (0, 1), got {c.eval_fraction}")
+    if c.dtype not in (*io.DTYPES, "auto"):
+        raise ValueError(f"--dtype must be one of {', '.join((*io.DTYPES, 'auto'))}, got {c.dtype!r}")
+    if c.truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"--truncation-mode must be keep_start or keep_end, got {c.truncation_mode!r}")
+    if c.fsdp:
+        raise ValueError(
+            "--fsdp is not supported by fastdpo train yet (sharded checkpoints that resume exactly are not "
+            "written); run under torchrun without it (DDP), or shard with fully_shard in your own loop "
+            "(docs/distributed.md)"
+        )
+    if c.eval_every and c.eval is None and c.eval_fraction is None:
+        raise ValueError("--eval-every needs an eval set: --eval FILE or --eval-fraction F")
+    if c.lora_alpha is not None and not c.lora:
+        raise ValueError("--lora-alpha needs --lora R")
+    paths = {k: str(Path(v).resolve()) for k in ("model", "data", "eval", "out") if (v := getattr(c, k)) is not None}
+    c = dataclasses.replace(c, **paths)
+    for option, path in (("--data", c.data), ("--eval", c.eval)):
+        if path is not None and not Path(path).exists():
+            raise ValueError(f"{option} {path}: no such file or directory")
+    out = Path(c.out)
+    if c.resume is None and out.is_dir() and ((out / io.CONFIG_FILE).exists() or io.latest_checkpoint(out)):
+        raise ValueError(f"--out {c.out} holds a previous run: pass --resume to continue it, or another --out")
+    return c
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+class Processes:
+    """This process's place under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): one
+    process when ``WORLD_SIZE`` is unset or 1."""
+
+    def __init__(self, device: str | None):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dev.type == "cuda" and dev.index is None and self.world > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        self.device = dev
+        self.started = False
+        if self.world > 1 and not torch.distributed.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            self.started = True
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
+    def gather(self, obj) -> list:
+        """Every process's ``obj`` on process 0 (None elsewhere)."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world if self.main else None
+        torch.distributed.gather_object(obj, out, dst=0)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def close(self) -> None:
+        if self.started:
+            torch.distributed.destroy_process_group()
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A dataset's items with their index (to look up precomputed reference scores)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return i, self.ds[i]
+
+    def collate(self, items):
+        return torch.tensor([i for i, _ in items]), self.ds.collate([x for _, x in items])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+    """A training run, set up (the constructor: every check, the model, data, optimizer and,
+    when resuming, the checkpoint's state) and then trained (:meth:`fit`)."""
+
+    def __init__(self, config: TrainConfig, procs: Processes):
+        c = self.config = check_config(config)
+        self.procs, self.device = procs, procs.device
+        self.out = Path(c.out)
+        ckpt, state = None, None
+        if c.resume is not None:
+            ckpt = self._checkpoint(c)
+            saved, state = io.load_checkpoint(ckpt)
+            self._check_resumable(saved, state, ckpt)
+        torch.manual_seed(c.seed)  # LoRA's initial weights; every process draws the same
+        random.seed(c.seed)
+        self.tokenizer = io.load_tokenizer(c.model)
+        self.train_ds, self.eval_ds = self._datasets(c)
+        pairs = [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0]
+        if state is not None and state["pairs"] != pairs:
+            raise ValueError(f"--resume {ckpt}: the run had {state['pairs']} (train, eval) pairs, the data gives {pairs} now")
+        io.check_vocab(c.model, len(self.tokenizer))  # from config.json: before the weights load
+        model = io.load_model(c.model, c.dtype).to(self.device)
+        self.lora = bool(c.lora)
+        if self.lora:
+            model = self._with_lora(model, c)
+        head = c.head
+        found, why = adapter_for(model).head()
+        if found is None and head == "auto":  # said here, once, as one line (DPO would too)
+            warnings.warn(f"{type(model).__name__} has no fused head ({why}): fastdpo falls back to scoring "
+                          f"its logits, (2B, L-1, V) floats a step", stacklevel=2)  # fmt: skip
+            head = "logits"
+        self.dpo = DPO(
+            model, beta=c.beta, loss_type=c.loss_type, loss_weights=c.loss_weights, label_smoothing=c.label_smoothing,
+            logprob_reduction=c.logprob_reduction, mask_alignment=c.mask_alignment, head=head, packing=c.packing,
+        )
+        route = self.dpo.route(self.dpo.policy_model, self.device)
+        self.route = "logits (" + (why or route.reason) + ")" if route.kind == "logits" else "fused head"
+        if route.head is not None and route.head.claim:
+            self.route += " (inferred, checked on the first batch)"
+        if ckpt is not None:
+            io.load_trained_weights(self.dpo.policy_model, ckpt, self.lora)
+        self.reference = self._reference_scores(state)
+        self.ddp = None
+        if procs.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.dpo, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.params = list(self.dpo.parameters())
+        self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
+        b = c.batch_size
+        self.micro_per_epoch = math.ceil(math.ceil(len(self.train_ds) / procs.world) / b)
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / c.grad_accum)
+        self.total = c.steps if c.steps is not None else c.epochs * self.steps_per_epoch
+        from transformers import get_linear_schedule_with_warmup
+
+        self.sched = get_linear_schedule_with_warmup(self.opt, c.warmup_steps, self.total)
+        self.start = 0
+        if state is not None:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.start = state["step"]
+            io.set_rng_state(state["rng"][procs.rank])
+        if procs.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            history = ckpt / io.METRICS_FILE if ckpt is not None and (ckpt / io.METRICS_FILE).is_file() else None
+            self.log = io.MetricsLog(self.out, history)
+        self.procs.barrier()
+
+    # ------------------------------------------------------------------------- setup
+
+    def _checkpoint(self, c: TrainConfig) -> Path:
+        if c.resume == "latest":
+            found = io.latest_checkpoint(c.out)
+            if found is None:
+                raise ValueError(f"--resume: no checkpoint in --out {c.out} to resume from")
+            return found
+        p = Path(c.resume)
+        if not p.is_dir():
+            raise ValueError(f"--resume {c.resume}: no such checkpoint directory")
+        return p
+
+    def _check_resumable(self, saved: dict, state: dict, ckpt: Path) -> None:
+        now = dataclasses.asdict(self.config)
+        differ = [k for k in now if k not in CHANGEABLE_ON_RESUME and saved.get(k) != now[k]]
+        if differ:
+            said = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in differ)
+            raise ValueError(f"--resume {ckpt}: the checkpoint's run had {said}; pass the same options to resume it")
+        if len(state["rng"]) != self.procs.world:
+            raise ValueError(f"--resume {ckpt}: written by {len(state['rng'])} processes, resumed by {self.procs.world}")
+
+    def _datasets(self, c: TrainConfig):
+        records = io.read_records(c.data)
+        held = None
+        if c.eval is not None:
+            held = io.read_records(c.eval, "--eval")
+        elif c.eval_fraction is not None:
+            records, held = io.split_records(records, c.eval_fraction, c.seed)
+
+        def tokenized(r):
+            return PreferenceDataset.from_records(r, self.tokenizer, max_length=c.max_length, truncation_mode=c.truncation_mode)
+
+        return tokenized(records), tokenized(held) if held is not None else None
+
+    @staticmethod
+    def _with_lora(model, c: TrainConfig):
+        try:
+            import peft
+        except ImportError:
+            raise ValueError("--lora needs peft: pip install peft") from None
+        targets = io.attention_projections(model)
+        if not targets:
+            raise ValueError(f"--lora: found no linear layers in {type(model).__name__}'s attention modules to adapt")
+        config = peft.LoraConfig(r=c.lora, lora_alpha=c.lora_alpha or 2 * c.lora, lora_dropout=0.0,
+                                 target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
+        return peft.get_peft_model(model, config)
+
+    def _reference_scores(self, state: dict | None) -> dict | None:
+        """``{"train": (2, n), "eval": (2, m)}`` reference scores by dataset index with
+        ``precompute_reference`` (from the checkpoint when resuming), else None.  A full
+        fine-tuning run then drops its reference copy."""
+        if not self.config.precompute_reference:
+            return None
+        if state is not None:
+            scores = state["reference"]
+        else:
+            scores = {"train": self._score(self.train_ds)}
+            if self.eval_ds is not None:
+                scores["eval"] = self._score(self.eval_ds)
+        self.dpo.ref_model = None  # a full fine-tuning run's frozen copy (LoRA's reference is the policy)
+        return scores
+
+    def _score(self, ds) -> torch.Tensor:
+        # Each process scores every world-th pair; a sum of zero-filled copies assembles them
+        # (exact: each entry is one process's score plus zeros).
+        mine = list(range(self.procs.rank, len(ds), self.procs.world))
+        batches = (tuple(b[k].to(self.device) for k in BATCH_KEYS) for _, b in self._loader(ds, mine))
+        w, l = precompute_reference_scores(self.dpo, batches, progress=self.config.progress and self.procs.main)
+        scores = torch.zeros(2, len(ds))
+        scores[0, mine], scores[1, mine] = w, l
+        return self.procs.sum(scores.to(self.device)).cpu()
+
+    def _loader(self, ds, order: list[int]):
+        # A generator of its own: a DataLoader's iterator otherwise draws its base seed from the
+        # global RNG, so a resumed run (one more iterator) would drift from the uninterrupted one.
+        indexed = _Indexed(ds)
+        return torch.utils.data.DataLoader(indexed, batch_size=self.config.batch_size, sampler=order,
+                                           collate_fn=indexed.collate, generator=torch.Generator())  # fmt: skip
+
+    def _epoch(self, epoch: int, skip: int):
+        """The micro-batches of ``epoch`` on this process, after the first ``skip``."""
+        sampler = torch.utils.data.DistributedSampler(
+            self.train_ds, num_replicas=self.procs.world, rank=self.procs.rank, shuffle=True, seed=self.config.seed
+        )
+        sampler.set_epoch(epoch)
+        return iter(self._loader(self.train_ds, list(sampler)[skip * self.config.batch_size:]))
+
+    # ------------------------------------------------------------------------- training
+
+    def fit(self) -> dict:
+        """Train from the start (or the checkpoint) to the last step; returns the last logged
+        training row, the last evaluation, the steps and the output directory."""
+        c, procs = self.config, self.procs
+        policy = self.dpo.policy_model
+        policy.train()
+        if procs.main:
+            print(self._header(), flush=True)
+        bar = io.Progress(self.total, self.start, c.progress and procs.main)
+        window, last_train, last_eval = None, None, None
+        epoch_now, batches = None, None
+        for step in range(self.start, self.total):
+            epoch, group = divmod(step, self.steps_per_epoch)
+            if epoch != epoch_now:
+                epoch_now, batches = epoch, self._epoch(epoch, group * c.grad_accum)
+            n_micro = min(c.grad_accum, self.micro_per_epoch - group * c.grad_accum)
+            stats, lr, grad_norm = self._step([next(batches) for _ in range(n_micro)])
+            window = stats if window is None else window + stats
+            done = step + 1
+            logged = None
+            if done % c.log_every == 0 or done == self.total:
+                logged = last_train = self._row(done, "train", procs.sum(window), lr=lr, grad_norm=grad_norm)
+                window = None
+                self._write(last_train)
+            bar.update(done, logged)
+            if self.eval_ds is not None and (c.eval_every and done % c.eval_every == 0 or done == self.total):
+                last_eval = self.evaluate(done)
+                bar.note(f"eval at step {done}: reward accuracy {last_eval['rewards/accuracies']:.3f}, "
+                         f"margin {last_eval['rewards/margins']:.3f}, loss {last_eval['loss']:.4f}")  # fmt: skip
+            if c.save_every and done % c.save_every == 0:
+                self.save_checkpoint(done)
+        bar.close()
+        self.save_final()
+        return {"steps": self.total, "train": last_train, "eval": last_eval, "out": str(self.out)}
+
+    def _header(self) -> str:
+        c = self.config
+        n_all = sum(p.numel() for p in self.dpo.policy_model.parameters())
+        n_train = sum(p.numel() for p in self.params)
+        ev = f", {len(self.eval_ds)} eval pairs" if self.eval_ds is not None else ", no eval set"
+        resumed = f", resumed at step {self.start}" if self.start else ""
+        return (f"fastdpo train: {len(self.train_ds)} training pairs{ev}; {type(self.dpo.policy_model).__name__}, "
+                f"{n_train:,} of {n_all:,} parameters trained; scoring: {self.route}; {self.total} steps of "
+                f"{c.batch_size * c.grad_accum * self.procs.world} pairs on {self.procs.world} process(es), "
+                f"{self.device}{resumed}")  # fmt: skip
+
+    def _call(self, module, indices: torch.Tensor, batch: dict, split: str):
+        kwargs = {k: batch[k].to(self.device) for k in BATCH_KEYS}
+        if self.reference is not None:
+            ref = self.reference[split][:, indices].to(self.device)
+            kwargs |= {"ref_preferred_logprob": ref[0], "ref_unpreferred_logprob": ref[1]}
+        return module(**kwargs, return_metrics=True)
+
+    @staticmethod
+    def _stats(loss: torch.Tensor, metrics: dict, b: int) -> torch.Tensor:
+        """(pairs, and each of :data:`LOGGED` summed over pairs) of one micro-batch."""
+        values = [loss.detach().float()] + [metrics[k].float() for k in LOGGED[1:]]
+        return torch.stack([torch.tensor(float(b), device=loss.device)] + [v * b for v in values])
+
+    def _step(self, micro: list) -> tuple[torch.Tensor, float, float | None]:
+        """One optimizer step over ``micro`` (a list of (indices, batch)); returns the summed
+        stats, the learning rate used and the gradient norm before clipping."""
+        module = self.ddp if self.ddp is not None else self.dpo
+        stats = None
+        for i, (indices, batch) in enumerate(micro):
+            last = i == len(micro) - 1
+            with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
+                loss, metrics = self._call(module, indices, batch, "train")
+                (loss / len(micro)).backward()
+            s = self._stats(loss, metrics, len(indices))
+            stats = s if stats is None else stats + s
+        grad_norm = None
+        if self.config.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm).item()
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return stats, lr, grad_norm
+
+    def _row(self, step: int, split: str, stats: torch.Tensor, **extra) -> dict:
+        pairs, *sums = stats.tolist()
+        row = {"step": step, "split": split, "epoch": round(step / self.steps_per_epoch, 4)}
+        row |= {k: s / pairs for k, s in zip(LOGGED, sums)}
+        row |= {k: v for k, v in extra.items() if v is not None}
+        return row | {"pairs": int(pairs)}
+
+    def _write(self, row: dict) -> None:
+        if self.procs.main:
+            self.log.write(row)
+
+    @torch.no_grad()
+    def evaluate(self, step: int) -> dict:
+        """The policy (in eval mode) on the eval set: the loss, reward accuracy, margins and
+        scores over every pair (each process scores every world-th)."""
+        policy = self.dpo.policy_model
+        policy.eval()
+        stats = None
+        for indices, batch in self._loader(self.eval_ds, list(range(self.procs.rank, len(self.eval_ds), self.procs.world))):
+            loss, metrics = self._call(self.dpo, indices, batch, "eval")
+            s = self._stats(loss, metrics, len(indices))
+            stats = s if stats is None else stats + s
+        policy.train()
+        if stats is None:  # fewer eval pairs than processes
+            stats = torch.zeros(len(LOGGED) + 1, device=self.device)
+        row = self._row(step, "eval", self.procs.sum(stats))
+        self._write(row)
+        return row
+
+    # ------------------------------------------------------------------------- files
+
+    def _config_json(self) -> dict:
+        return dataclasses.asdict(self.config)
+
+    def save_checkpoint(self, step: int) -> None:
+        """``out/checkpoint-{step}`` (process 0 writes it; every process's RNG states in it)."""
+        rng = self.procs.gather(io.rng_state())
+        if self.procs.main:
+            state = {
+                "step": step, "epoch": step // self.steps_per_epoch,
+                "micro_batch": step % self.steps_per_epoch * self.config.grad_accum,
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng,
+                "reference": self.reference,
+                "pairs": [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0],
+            }
+            io.save_checkpoint(self.out, step, self.dpo.policy_model, self.tokenizer, self._config_json(), state)
+            self._plot()
+        self.procs.barrier()
+
+    def save_final(self) -> None:
+        """The trained model (or adapters), tokenizer and config in ``out``, and the curves."""
+        if self.procs.main:
+            io.save_model(self.out, self.dpo.policy_model, self.tokenizer, self._config_json())
+            note = self._plot()
+            print(f"saved to {self.out}" + (f" ({note})" if note else ""), flush=True)
+        self.procs.barrier()
+
+    def _plot(self) -> str | None:
+        return io.plot_curves(self.log.rows(), self.out / io.CURVES_FILE)
+
+
+def train(config: TrainConfig) -> dict:
+    """Run ``config`` (see the module docstring); returns ``{"steps", "train", "eval", "out"}``:
+    the last logged training row and evaluation (as written to ``metrics.jsonl``)."""
+    procs = Processes(config.device)
+    try:
+        return Run(config, procs).fit()
+    finally:
+        procs.close()
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _max_length(text: str) -> int | None:
+    return None if text.lower() == "none" else int(text)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``fastdpo train``'s options (each a :class:`TrainConfig` field)."""
+    d = TrainConfig(model="", data="", out="")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--model", required=True, metavar="DIR",
+                   help="a save_pretrained directory: AutoModelForCausalLM + AutoTokenizer (the reference model too)")
+    g.add_argument("--data", required=True, metavar="FILE",
+                   help='training records {"prompt", "chosen", "rejected"} (plain text or chat messages): a JSONL '
+                        "file, or a datasets directory saved with save_to_disk (its 'train' split)")
+    g.add_argument("--eval", metavar="FILE", help="eval records, as --data")
+    g.add_argument("--eval-fraction", type=float, metavar="F", help="hold out this fraction of --data (drawn by --seed)")
+    g.add_argument("--out", required=True, metavar="DIR",
+                   help="the trained model (or adapters), tokenizer, metrics.jsonl, curves.png, checkpoint-N/")
+    g.add_argument("--max-length", type=_max_length, default=d.max_length, metavar="N",
+                   help=f"truncate prompt+completion to N tokens, as TRL (default {d.max_length}; none: never)")
+    g.add_argument("--truncation-mode", choices=["keep_start", "keep_end"], default=d.truncation_mode)
+    g.add_argument("--dtype", choices=[*io.DTYPES, "auto"], default=d.dtype,
+                   help="the model's dtype (default float32; auto: its config's)")
+    g = p.add_argument_group("the loss (fastdpo.DPO's options)")
+    g.add_argument("--loss", dest="loss_type", nargs="+", choices=LOSS_TYPES, default=[d.loss_type], metavar="TYPE",
+                   help=f"loss type(s), default {d.loss_type}: {', '.join(LOSS_TYPES)}")
+    g.add_argument("--loss-weights", type=float, nargs="+", metavar="W", help="one weight per --loss type")
+    g.add_argument("--beta", type=float, default=d.beta, help=f"default {d.beta}")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    g.add_argument("--logprob-reduction", choices=["sum", "mean"], default=d.logprob_reduction,
+                   help="sequence score: sum of token log-probs (default, TRL's) or their mean (x-transformers')")
+    g.add_argument("--mask-alignment", choices=["target", "input"], default=d.mask_alignment,
+                   help="default target (TRL's); input: x-transformers'")
+    g.add_argument("--head", choices=["auto", "fused", "logits"], default=d.head,
+                   help="auto: the fused head where the model allows it (default)")
+    g.add_argument("--packing", choices=["none", "pair", "batch", "auto"], default=d.packing)
+    g.add_argument("--precompute-reference", action="store_true",
+                   help="score the reference once before training (fastdpo.precompute_reference_scores); a full "
+                        "fine-tuning run then drops its reference copy")
+    g.add_argument("--lora", type=int, default=d.lora, metavar="R",
+                   help="train peft LoRA adapters of rank R on the attention projections (reference: adapters off)")
+    g.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha (default 2 R)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
+    g.add_argument("--steps", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per process per micro-batch (default {d.batch_size})")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K", help="micro-batches per step")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW's peak learning rate (default {d.lr:g})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then linear decay to 0")
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip (default 1.0; 0: off)")
+    g.add_argument("--seed", type=int, default=d.seed, help="data order, eval split, LoRA's initial weights")
+    g.add_argument("--device", help="default: cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--fsdp", action="store_true", help="FSDP2 (not supported yet: refused)")
+    g = p.add_argument_group("reporting and checkpoints")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N", help="evaluate every N steps (and at the end)")
+    g.add_argument("--save-every", type=int, default=d.save_every, metavar="N", help="checkpoint every N steps")
+    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="a metrics.jsonl row every N steps")
+    g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                   help="continue exactly from a checkpoint directory (alone: the latest in --out); pass the "
+                        "run's options again")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    if len(values["loss_type"]) == 1:
+        values["loss_type"] = values["loss_type"][0]
+    return TrainConfig(**values)
+
+
+def _one_line_warnings():
+    """A ``warnings.showwarning`` printing each distinct warning once, as one line (the policy
+    and the reference model can warn the same thing)."""
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = (str(message).strip().splitlines() or [category.__name__])[0]
+        if text not in seen:
+            seen.add(text)
+            print(f"fastdpo train: warning: {text}", file=sys.stderr, flush=True)
+
+    return show
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    """``fastdpo train``: a mistake in the setup is one line on stderr (exit code 2), as is
+    each warning."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings()
+        procs = None
+        try:
+            config = config_from_args(args)
+            procs = Processes(config.device)
+            run = Run(config, procs)
+        except ValueError as e:
+            print(f"fastdpo train: error: {e}", file=sys.stderr, flush=True)
+            if procs is not None:
+                procs.close()
+            return 2
+        try:
+            run.fit()
+        finally:
+            procs.close()
+    return 0
