@@ -323,7 +323,8 @@ def precompute_reference_scores(dpo: DPO, batches, *, progress: bool = True) -> 
     ``batches`` yields ``(preferred, unpreferred, prompt_mask)`` tuples (optionally with the two
     sequence masks after them), or mappings of ``forward``'s keyword arguments (what a
     :meth:`~fastdpo.PreferenceDataset.from_records` dataset's ``collate`` makes), e.g.
-    ``DataLoader(ds, batch_size=..., collate_fn=ds.collate)`` without shuffling.  Returns ``(ref_preferred_logprob, ref_unpreferred_logprob)``, each
+    ``DataLoader(ds, batch_size=..., collate_fn=ds.collate)`` without shuffling.  Returns
+    ``(ref_preferred_logprob, ref_unpreferred_logprob)``, each
     ``(num_pairs,)`` float32 on the CPU in iteration order; slice them per batch and pass them
     to ``dpo(...)`` so a training run need not keep the reference model (``del dpo.ref_model``
     is then safe, as long as every call passes precomputed scores).

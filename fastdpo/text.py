@@ -117,17 +117,24 @@ def extract_prompt(i: int, chosen, rejected) -> tuple:
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _read_jsonl(path) -> list:
+def read_jsonl(path, where: str | None = None) -> list[dict]:
+    """The records of a JSON Lines file, one JSON object a line (blank lines skipped); a
+    ``ValueError`` naming ``where`` (default the path) and the line for anything else."""
+    where = os.fspath(path) if where is None else where
     records = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{os.fspath(path)}:{lineno} is not a JSON object ({e.msg}); records must be a "
+                raise ValueError(f"{where}:{lineno} is not a JSON object ({e.msg}); records must be a "
                                  f"JSON Lines file, one record a line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}:{lineno} is a JSON {type(record).__name__}, not a JSON object; records "
+                                 f"must be a JSON Lines file, one record a line")
+            records.append(record)
     return records
 
 
@@ -393,7 +400,7 @@ def tokenize_records(records, tokenizer, *, max_length: int | None = None, trunc
     dataset = _hf_dataset(records)
     if dataset is None:
         if isinstance(records, (str, os.PathLike)):
-            records = _read_jsonl(records)
+            records = read_jsonl(records)
         elif not isinstance(records, Sequence):
             raise TypeError(f"records must be a list of dicts, a datasets.Dataset or a JSON Lines path, got "
                             f"{type(records).__name__}")

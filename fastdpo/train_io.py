@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .text import read_jsonl
+
 STATE_FILE = "trainer_state.pt"  # optimizer, scheduler, RNG states, data position, reference scores
 CONFIG_FILE = "fastdpo_train.json"  # the TrainConfig the run was started with
 METRICS_FILE = "metrics.jsonl"
@@ -124,18 +126,7 @@ def read_records(path: str, option: str = "--data"):
         if len(data) == 0:
             raise ValueError(f"{option} {path}: the dataset is empty")
         return data
-    records = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{option} {path}, line {n}: not JSON ({e.msg}); one JSON object a line") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{option} {path}, line {n}: a {type(record).__name__}, not a JSON object")
-            records.append(record)
+    records = read_jsonl(p, where=f"{option} {path}")
     if not records:
         raise ValueError(f"{option} {path}: no records (one JSON object a line)")
     return records

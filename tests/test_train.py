@@ -297,7 +297,7 @@ def test_each_setup_mistake_is_one_line(model_dir, tmp_path, capsys):
     assert "--data" in _error(["--model", model_dir, "--data", tmp_path / "missing.jsonl", *out], capsys)
     assert "no such file" in _error(["--model", model_dir, "--data", tmp_path / "missing.jsonl", *out], capsys)
     (tmp_path / "bad.jsonl").write_text('{"prompt": "count : a b", "chosen": " c d", "rejected": " d c"}\nnot json\n')
-    assert "line 2: not JSON" in _error(["--model", model_dir, "--data", tmp_path / "bad.jsonl", *out], capsys)
+    assert ":2 is not a JSON object" in _error(["--model", model_dir, "--data", tmp_path / "bad.jsonl", *out], capsys)
     big = tokenizer()
     big.add_tokens([f"w{i}" for i in range(40)])
     save_model(tmp_path / "small", tok=tokenizer())
