@@ -324,6 +324,20 @@ def test_fusable_heads_are_found():
     assert tied is not None and tied.scale == pytest.approx(16**-0.5)
 
 
+def _moved_from_reference(ours: DPO, x: XDPO):
+    """Move x-transformers' policy off its reference (so loss and gradients are not trivial),
+    give ``ours`` the same weights; return a seeded (pref, unpref, prompt_mask) batch."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(11)
+        for p in x.policy_model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    ours.policy_model.load_state_dict(x.policy_model.state_dict())
+    ours.ref_model.load_state_dict(x.ref_model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)
+    return pref, unpref, torch.arange(9)[None] < torch.tensor([[2], [4]])
+
+
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_a_biased_to_logits_is_fused_and_matches_x_transformers(impl):
     """An ``nn.Linear`` to_logits with a bias: fused (the bias added by the product, its
@@ -333,15 +347,7 @@ def test_a_biased_to_logits_is_fused_and_matches_x_transformers(impl):
         return wrapper(to_logits=torch.nn.Linear(16, 64))
 
     ours, x = DPO(make(), head="fused", impl=impl), XDPO(make())
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(11)
-        for p in x.policy_model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    ours.policy_model.load_state_dict(x.policy_model.state_dict())
-    ours.ref_model.load_state_dict(x.ref_model.state_dict())
-    g = torch.Generator().manual_seed(1)
-    pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)
-    pm = torch.arange(9)[None] < torch.tensor([[2], [4]])
+    pref, unpref, pm = _moved_from_reference(ours, x)
     lx, lo = x(pref, unpref, prompt_mask=pm), ours(pref, unpref, prompt_mask=pm)
     assert ours.route(ours.policy_model, "cpu").kind == "pair"
     lx.backward()
@@ -369,15 +375,7 @@ def test_fallback_triggers(name):
     with pytest.warns(UserWarning, match=reason):
         ours = DPO(make())
     x = XDPO(make())
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(11)
-        for p in x.policy_model.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g))
-    ours.policy_model.load_state_dict(x.policy_model.state_dict())
-    ours.ref_model.load_state_dict(x.ref_model.state_dict())
-    g = torch.Generator().manual_seed(1)
-    pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)
-    pm = torch.arange(9)[None] < torch.tensor([[2], [4]])
+    pref, unpref, pm = _moved_from_reference(ours, x)
     if name == "multiple heads":
         # a tuple of logits: x-transformers fails with an AttributeError, we say what is wrong
         with pytest.raises(TypeError, match="the model must return its logits as a tensor or as an output with a .logits tensor, got tuple"):
