@@ -117,6 +117,15 @@ def token_weights(w, mask: Tensor, name: str = "token_weights") -> Tensor | None
     return w.detach().float()
 
 
+def byte_budget(name: str, value) -> int:
+    """0 for None (the device's default), else ``value`` as an int >= 1 (bytes)."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be None (the device's default) or a number of bytes >= 1, got {value!r}")
+    return value
+
+
 def choice(name: str, value, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {options}, got {value!r}")

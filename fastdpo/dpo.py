@@ -127,6 +127,16 @@ class DPO(PreferenceModule):
             ``router_aux_loss_coef`` for a model whose config has ``output_router_logits``
             (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, GPT-OSS, ...), else off; 0.0: off; a
             number for a model without a router is a ``ValueError``.  Not with ``packing``.
+        chunk_bytes: the fused head's chunk: the bytes of logits (in the fold's dtype) made by
+            one product at a time (at least one row).  ``None`` (default): the device's,
+            :func:`fastdpo.chunks.chunk_bytes` (64 MiB on the CPU, 1 GiB on CUDA).
+        group_bytes: the pair op's keep budget: the logits one group of whole pairs keeps
+            between its scoring and its gradient (at least one pair is a group; logits beyond
+            it are made again).  ``None`` (default): the device's,
+            :func:`fastdpo.chunks.group_bytes` (128 MiB on the CPU; on CUDA a quarter of the
+            free memory, within [128 MiB, 4 GiB]).  Both trade peak memory for time, never
+            the numbers: every budget gives the same scores and gradients to float rounding
+            (docs/performance.md, "Budgets").  The other families take both too.
     """
 
     def __init__(
@@ -157,6 +167,8 @@ class DPO(PreferenceModule):
         pack_attention: str = "auto",
         share_prompt: bool = False,
         router_aux_loss_coef: float | None = None,
+        chunk_bytes: int | None = None,
+        group_bytes: int | None = None,
     ):
         # Checks beta too (the one place it is checked).
         loss = check_loss_config(
@@ -184,7 +196,7 @@ class DPO(PreferenceModule):
             logprob_reduction=logprob_reduction, mask_alignment=mask_alignment, head=head, impl=impl,
             matmul=matmul, inplace_backward=inplace_backward, packing=packing, pack_length=pack_length,
             pack_attention=pack_attention, share_prompt=share_prompt, sq=use_weighting,
-            router_aux_loss_coef=router_aux_loss_coef,
+            router_aux_loss_coef=router_aux_loss_coef, chunk_bytes=chunk_bytes, group_bytes=group_bytes,
         )
         self.loss, self.beta, self.reference_free = loss, loss.beta, reference_free
         self.ld_alpha, self.use_weighting = ld_alpha, use_weighting
@@ -279,7 +291,7 @@ class DPO(PreferenceModule):
             ref_scale=ref.route.head.scale if ref is not None else None,
             softcap=policy.route.head.softcap, ref_softcap=ref.route.head.softcap if ref is not None else None,
             reduction=self.logprob_reduction, loss=self.loss, count_hits=count_hits,
-            use_weighting=self.use_weighting,
+            use_weighting=self.use_weighting, chunk_bytes=self.scorer.chunk_bytes, group_bytes=self.scorer.group_bytes,
         )
         return run_dpo_head(
             policy.out, policy.weight, batch.tgt, batch.mask, batch.count, opts,

@@ -215,7 +215,7 @@ def dpo_head_impl(
     dev = hidden.device
     plan = chunks.plan_rows(mask)  # the step's one host sync
     fold = chunks.FOLDS[opts.impl]
-    chunk_bytes = opts.chunk_bytes or chunks.chunk_bytes(dev)
+    chunk_bytes = chunks.chunk_bytes(dev, opts.chunk_bytes)
     y = plan.take(targets).long()
     w = plan.take(token_weights) if token_weights is not None else None  # (M,) LD-DPO weights
 
@@ -254,7 +254,7 @@ def dpo_head_impl(
     v = weight.shape[0]
     zdtype = fold.dtype(weight)
     rows_per_chunk = chunks.rows_per_chunk(v, zdtype.itemsize, chunk_bytes)
-    group_bytes = opts.group_bytes or chunks.group_bytes(dev)
+    group_bytes = chunks.group_bytes(dev, opts.group_bytes)
     grad_rows = torch.empty_like(h) if need_hidden else None
     grad_w = chunks.WeightGrad(weight) if need_weight else None
     grad_b = chunks.BiasGrad(bias) if need_bias else None
@@ -276,7 +276,7 @@ def dpo_head_impl(
         keep = min(m, group_bytes // (v * zdtype.itemsize))
         if coupled and keep < m:
             keep = max(0, keep - rows_per_chunk)
-        kept = torch.empty(keep, v, dtype=zdtype, device=dev)
+        kept = chunks.rows_buffer(keep, v, zdtype, dev)
         parts = chunks.chunk_slices(keep, rows_per_chunk) + chunks.chunk_slices(m, rows_per_chunk, keep)
         spare = None
         st = torch.empty(2, m, dtype=torch.float32, device=dev)
@@ -287,7 +287,7 @@ def dpo_head_impl(
             if c.stop <= keep:
                 z = kept[c]
             else:
-                spare = spare if spare is not None else torch.empty(rows_per_chunk, v, dtype=zdtype, device=dev)
+                spare = spare if spare is not None else chunks.rows_buffer(rows_per_chunk, v, zdtype, dev)
                 z = spare[: c.stop - c.start]
             chunks.logits_into(z, hg[c], weight, opts.scale, bias)
             if opts.count_hits:  # before the fold may turn kept logits into probabilities

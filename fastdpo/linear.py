@@ -79,6 +79,7 @@ def _linear_op(
     impl: str,
     matmul: str,
     sq: bool,
+    chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(scores (N,), row stats (2, N, T), WPO's sums), float32.
 
@@ -108,7 +109,7 @@ def _linear_op(
     plan = chunks.plan_rows(mask)
     fold = chunks.FOLDS[impl]
     st, logp, _, lsq = chunks.score_rows(
-        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device), sq=sq,
+        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device, chunk_bytes), sq=sq,
         softcap=softcap, bias=bias,
     )
     stats = torch.zeros(2, n * t, dtype=torch.float32, device=hidden.device)
@@ -120,7 +121,7 @@ def _linear_op(
 
 
 @_linear_op.register_fake
-def _(hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, sq):
+def _(hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, sq, chunk_bytes):
     n, t, _ = hidden.shape
     f32 = dict(dtype=torch.float32)
     return hidden.new_empty(n, **f32), hidden.new_empty(2, n, t, **f32), hidden.new_empty((2, n) if sq else (0,), **f32)
@@ -140,6 +141,7 @@ def _linear_backward_op(
     softcap: float | None,
     impl: str,
     matmul: str,
+    chunk_bytes: int,
     need_hidden: bool,
     need_weight: bool,
     need_bias: bool,
@@ -169,7 +171,7 @@ def _linear_backward_op(
         rows = chunks.row_grads(
             plan.take(hidden), plan.take(targets), weight, scale, chunks.FOLDS[impl],
             stats.reshape(2, n * t).index_select(1, plan.index), g,
-            chunks.chunk_bytes(hidden.device), grad_w, need_hidden, softcap, bias, grad_b,
+            chunks.chunk_bytes(hidden.device, chunk_bytes), grad_w, need_hidden, softcap, bias, grad_b,
         )
         grad_h = plan.put(rows) if need_hidden else None
         grad_w = grad_w.result() if grad_w is not None else None
@@ -180,17 +182,17 @@ def _linear_backward_op(
 
 
 @_linear_backward_op.register_fake
-def _(hidden, weight, bias, targets, mask, token_weights, stats, grad_scores, scale, softcap, impl, matmul, need_hidden,
-      need_weight, need_bias):
+def _(hidden, weight, bias, targets, mask, token_weights, stats, grad_scores, scale, softcap, impl, matmul, chunk_bytes,
+      need_hidden, need_weight, need_bias):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)), (
         torch.empty_like(weight) if need_weight else hidden.new_empty(0)
     ), (torch.empty_like(bias) if need_bias else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, _ = inputs
+    hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, _, chunk_bytes = inputs
     ctx.save_for_backward(hidden, weight, bias, targets, mask, token_weights, output[1])
-    ctx.options = (scale, softcap, impl, matmul)
+    ctx.options = (scale, softcap, impl, matmul, chunk_bytes)
     ctx.mark_non_differentiable(output[1], output[2])
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
     # tensor the size of the logits, or of the head weight, per step otherwise).
@@ -201,13 +203,13 @@ def _backward(ctx, grad_scores, _grad_stats, _grad_wpo):
     hidden, weight, bias, targets, mask, token_weights, stats = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if not (need_h or need_w or need_b):
-        return (None,) * 11
+        return (None,) * 12
     if grad_scores is None:
         grad_scores = torch.zeros(hidden.shape[0], device=hidden.device)
     grad_h, grad_w, grad_b = _linear_backward_op(
         hidden, weight, bias, targets, mask, token_weights, stats, grad_scores, *ctx.options, need_h, need_w, need_b
     )
-    return (grad_h if need_h else None), (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 8
+    return (grad_h if need_h else None), (grad_w if need_w else None), (grad_b if need_b else None), *(None,) * 9
 
 
 _linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -322,11 +324,13 @@ def check_softcap(softcap) -> float | None:
 def run_linear(
     hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, scale: float | None, impl: str, matmul: str,
     token_weights: Tensor | None = None, sq: bool = False, softcap: float | None = None, bias: Tensor | None = None,
+    chunk_bytes: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """The op with ``impl`` and ``matmul`` already resolved, on inputs whose shapes, dtypes and
     devices (and token range, and float32 ``token_weights``) are already checked: what
-    :class:`fastdpo.scoring.Scorer` calls.  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
+    :class:`fastdpo.scoring.Scorer` calls, with its module's ``chunk_bytes`` (0: the device's
+    default, :func:`fastdpo.chunks.chunk_bytes`).  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
     per sequence ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``, else None)."""
     scores, _, wpo = _linear_op(hidden, weight, bias, targets.long(), mask, token_weights, scale, softcap, impl, matmul,
-                                sq)
+                                sq, chunk_bytes)
     return scores, (wpo if sq else None)

@@ -113,6 +113,7 @@ class PreferenceModule(nn.Module):
             loss (:class:`fastdpo.DPO` documents it): ``None`` reads the model's config; the
             default 0.0 is off.  :attr:`router_aux_loss_coef` holds the value in force (0.0:
             off), and :meth:`_policy_body` asks for the loss when it is on.
+        chunk_bytes, group_bytes: the fused head's budgets, as :class:`fastdpo.DPO` documents them.
     """
 
     def __init__(
@@ -134,6 +135,8 @@ class PreferenceModule(nn.Module):
         share_prompt: bool = False,
         sq: bool = False,
         router_aux_loss_coef: float | None = 0.0,
+        chunk_bytes: int | None = None,
+        group_bytes: int | None = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -145,7 +148,8 @@ class PreferenceModule(nn.Module):
         self.logprob_reduction = _checks.choice("logprob_reduction", logprob_reduction, REDUCTIONS)
         self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
         self.scorer = Scorer(
-            head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok, sq=sq
+            head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok, sq=sq,
+            chunk_bytes=chunk_bytes, group_bytes=group_bytes,
         )
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward

@@ -146,11 +146,13 @@ class Scorer:
     them; ``pair_ok``: whether the module's loss lets the pair op run (each pair's loss depends
     on its own scores only); ``sq``: whether the policy's ``log sum_v p_v^2`` is needed (WPO),
     which the Triton GEMM kernels do not compute: ``matmul="auto"`` then multiplies with torch,
-    ``matmul="triton"`` is a ``ValueError``.
+    ``matmul="triton"`` is a ``ValueError``; ``chunk_bytes``, ``group_bytes``: the fused head's
+    budgets as :class:`fastdpo.DPO` takes them (None: the device's default), kept as ints (0:
+    the default) for the ops.
     """
 
     def __init__(self, *, head: str, impl: str, matmul: str, inplace_backward: bool, pair_ok: bool,
-                 sq: bool = False):
+                 sq: bool = False, chunk_bytes: int | None = None, group_bytes: int | None = None):
         self.head = _checks.choice("head", head, HEADS)
         self.impl = _checks.choice("impl", impl, IMPLS)
         self.matmul = _checks.choice("matmul", matmul, MATMULS)
@@ -160,6 +162,8 @@ class Scorer:
                 "use_weighting=True (WPO) needs: use matmul='auto' or 'torch'"
             )
         self.inplace_backward = bool(inplace_backward)
+        self.chunk_bytes = _checks.byte_budget("chunk_bytes", chunk_bytes)
+        self.group_bytes = _checks.byte_budget("group_bytes", group_bytes)
         self.pair_ok = pair_ok
         self.sq = sq
         self.routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
@@ -294,7 +298,7 @@ class Scorer:
         if body.weight is not None:
             head = route.head
             sums, wpo = run_linear(body.out, body.weight, batch.tgt, batch.mask, head.scale, route.impl, route.matmul,
-                                   w, sq, softcap=head.softcap, bias=body.bias)
+                                   w, sq, softcap=head.softcap, bias=body.bias, chunk_bytes=self.chunk_bytes)
             return sums, None, wpo
         hits = None
         if count_hits:  # before backward may overwrite the logits

@@ -24,15 +24,47 @@ takes one (N, T, V) buffer (or, when asked, the logits themselves).
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
-# Rows of a box are chosen so that one float32 copy of the box is about this many bytes:
-# large enough that per-box dispatch (~10 us an op) is noise, small enough that the box's
-# temporary stays in cache (and under glibc's mmap threshold, so it is not faulted in anew
-# at every call).  Measured in docs/performance.md.  Read at call time, so tests can shrink
-# it to exercise box boundaries.
-BOX_BYTES = 4 << 20
+# Rows of a box are chosen so that one float32 copy of the box is about box_bytes(): large
+# enough that per-box dispatch (~10 us an op) is noise, small enough that each thread's share
+# of the box stays in its L2 cache across the box's passes (and under glibc's mmap threshold,
+# so its temporary is not faulted in anew at every call).  None: that rule, read at call time
+# (:func:`box_bytes`); a number of bytes overrides it (tests shrink it to exercise box
+# boundaries).  Measured in docs/performance.md ("Budgets").
+BOX_BYTES: int | None = None
+BOX_BYTES_RANGE = (1 << 20, 32 << 20)
+_FALLBACK_L2 = 1 << 20  # where the host does not say (not Linux): a common L2 size
+
+
+def box_bytes() -> int:
+    """The box budget: :data:`BOX_BYTES` when set, else one L2 cache per thread (torch's
+    intra-op threads at call time times the L2 size of a core, :func:`l2_cache_bytes`), within
+    :data:`BOX_BYTES_RANGE`.  Softmax splits a box's rows over the threads, so each thread's
+    rows then fit its own L2 (2-core Xeon: 4 MiB at 2 threads, 2 MiB at 1)."""
+    if BOX_BYTES is not None:
+        return BOX_BYTES
+    low, high = BOX_BYTES_RANGE
+    return min(max(torch.get_num_threads() * l2_cache_bytes(), low), high)
+
+
+@functools.cache
+def l2_cache_bytes() -> int:
+    """The L2 cache size of one core, from Linux's sysfs (cpu0), else 1 MiB."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    try:
+        for index in sorted(base.glob("index*")):
+            if (index / "level").read_text().strip() == "2" and (index / "type").read_text().strip() != "Instruction":
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+                return int(size.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        pass
+    return _FALLBACK_L2
 
 
 # What a box holds: no counted row (skipped), only counted rows, or both.
@@ -44,8 +76,8 @@ def rows_per_box(v: int, elem_bytes: int, budget: int) -> int:
     return max(1, budget // (elem_bytes * max(v, 1)))
 
 
-def box_plan(mask: Tensor, v: int, box_bytes: int) -> list[tuple[slice, slice, int]]:
-    """The (N, T) grid cut into boxes of at most ``rows_per_box(v, 4, box_bytes)`` rows, each
+def box_plan(mask: Tensor, v: int, budget: int) -> list[tuple[slice, slice, int]]:
+    """The (N, T) grid cut into boxes of at most ``rows_per_box(v, 4, budget)`` rows, each
     tagged FULL or MIXED: whole sequences when a sequence fits a box, else runs of positions
     of one sequence, so slicing a (N, T, ...) tensor with a box is always a view.
 
@@ -61,7 +93,7 @@ def box_plan(mask: Tensor, v: int, box_bytes: int) -> list[tuple[slice, slice, i
     n, t = mask.shape
     if n == 0 or t == 0:
         return []
-    rows = rows_per_box(v, 4, box_bytes)
+    rows = rows_per_box(v, 4, budget)
     m = mask.to(torch.int8)
     count = m.sum(-1)
     first = m.argmax(-1)
@@ -147,7 +179,7 @@ def forward(
     ``sum_t m_t log p_t`` (WPO's).
     """
     n, t, v = logits.shape
-    plan = box_plan(mask, v, BOX_BYTES)
+    plan = box_plan(mask, v, box_bytes())
     logp = torch.zeros(n, t, dtype=torch.float32, device=logits.device)
     sq = torch.zeros(n, t, dtype=torch.float32, device=logits.device) if wpo_sums is not None else None
     safe = torch.where(mask, targets, 0)
@@ -236,7 +268,7 @@ def backward(
     get exact zeros whatever their logits hold, without being read when a box could leave them
     out.  ``stats`` (the forward's) is not read.
     """
-    plan = box_plan(mask, logits.shape[-1], BOX_BYTES)
+    plan = box_plan(mask, logits.shape[-1], box_bytes())
     out = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
     g = row_weights(grad_scores, mask, weights)  # (N, T)
     safe = torch.where(mask, targets, 0)
@@ -273,7 +305,7 @@ def backward_from_probs(
 ) -> Tensor:
     """Turn the ``probs`` buffer :func:`forward` filled into the gradient, in place, and return
     it: a multiply and a scatter per box (no exp), zeros at every row that does not count."""
-    plan = box_plan(mask, probs.shape[-1], BOX_BYTES)
+    plan = box_plan(mask, probs.shape[-1], box_bytes())
     g = row_weights(grad_scores, mask, weights)
     safe = torch.where(mask, targets, 0)
     covered = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)

@@ -133,12 +133,14 @@ def test_linear_custom_op_passes_opcheck():
     routes = ((None, None, "torch", "torch"), (0.5, None, "torch", "torch"), (0.5, 2.0, "torch", "torch"),
               (None, None, "triton", "torch"), (None, 2.0, "triton", "torch"), (None, None, "triton", "triton"))
     for args in routes:
-        torch.library.opcheck(op, (hidden, weight, None, targets, mask, None, *args, False))
+        # the last argument: chunk_bytes (0: the device's default; 3 rows of logits: chunked)
+        torch.library.opcheck(op, (hidden, weight, None, targets, mask, None, *args, False, 0))
+        torch.library.opcheck(op, (hidden, weight, None, targets, mask, None, *args, False, 4 * 13 * 3))
         # with LD-DPO's token weights, and (but on the Triton GEMM route) WPO's log sum p^2 sums
         torch.library.opcheck(op, (hidden, weight, None, targets, mask, torch.rand(2, 5, generator=g), *args,
-                                   args[3] == "torch"))
+                                   args[3] == "torch", 0))
         if args[3] == "torch":  # with a head bias (Phi's)
-            torch.library.opcheck(op, (hidden, weight, bias, targets, mask, None, *args, False))
+            torch.library.opcheck(op, (hidden, weight, bias, targets, mask, None, *args, False, 0))
         # and its values: scores and gradients against float64 (the row stats, the second
         # output, are each route's own business: the torch fold keeps none)
         s = 1.0 if args[0] is None else args[0]
@@ -150,7 +152,7 @@ def test_linear_custom_op_passes_opcheck():
         truth = reference_logprobs(head(s * h64 @ w64.T), targets, mask)
         h32, w32 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
         ref = reference_logprobs(head(s * h32 @ w32.T), targets, mask)
-        scores, _, _ = op(hidden, weight, None, targets, mask, None, *args, False)
+        scores, _, _ = op(hidden, weight, None, targets, mask, None, *args, False, 0)
         three_way(scores, ref, truth, torch.float32, f"scores {args}")
         grads = torch.autograd.grad(scores, (hidden, weight), upstream)
         truths = torch.autograd.grad(truth, (h64, w64), upstream.double())
