@@ -314,7 +314,8 @@ def test_each_setup_mistake_is_one_line(model_dir, tmp_path, capsys):
     assert "max_length" in line
     line = _error(["--model", model_dir, "--data", data, "--eval", data, "--eval-fraction", 0.1, *out], capsys)
     assert "not both" in line
-    assert "--fsdp is not supported" in _error(["--model", model_dir, "--data", data, "--fsdp", *out], capsys)
+    assert "--fsdp shards the model over the processes torchrun starts" in _error(
+        ["--model", model_dir, "--data", data, "--fsdp", *out], capsys)
     assert "needs an eval set" in _error(["--model", model_dir, "--data", data, "--eval-every", 5, *out], capsys)
 
 
