@@ -21,8 +21,10 @@ has the same model with its adapters off as its reference.
   Resumed, a run on the CPU ends bitwise equal to the uninterrupted run
   (tests/test_train.py).  The reference model is always the one ``model`` names.
 * **Several processes.**  Under ``torchrun`` (``WORLD_SIZE`` > 1) the DPO module is wrapped
-  in ``DistributedDataParallel`` (gloo on the CPU, nccl on CUDA); process 0 writes the files;
-  logged metrics and evaluations are over all processes' pairs.
+  in ``DistributedDataParallel`` (gloo on the CPU, nccl on CUDA), or with ``fsdp`` the policy
+  and the reference are sharded with FSDP2's ``fully_shard`` (:mod:`fastdpo.train_fsdp`: the
+  checkpoints still hold whole ``save_pretrained`` weights and resume exactly); process 0
+  writes the files; logged metrics and evaluations are over all processes' pairs.
 * **Reporting.**  A progress bar (tqdm; lines without it), ``out/metrics.jsonl`` (one JSON
   object per logged step and per evaluation), ``out/curves.png`` (matplotlib, when installed),
   evaluations of the policy (eval mode, no gradient) every ``eval_every`` steps and at the end.
@@ -43,11 +45,13 @@ from pathlib import Path
 
 import torch
 
+from . import train_fsdp
 from . import train_io as io
 from .data import PreferenceDataset
 from .dpo import DPO, precompute_reference_scores
 from .losses import LOSS_TYPES
 from .models import adapter_for
+from .models.wrappers import model_class
 
 __all__ = ["TrainConfig", "train", "add_arguments", "config_from_args", "main_from_args"]
 
@@ -127,12 +131,6 @@ def check_config(c: TrainConfig) -> TrainConfig:
         raise ValueError(f"--dtype must be one of {', '.join((*io.DTYPES, 'auto'))}, got {c.dtype!r}")
     if c.truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"--truncation-mode must be keep_start or keep_end, got {c.truncation_mode!r}")
-    if c.fsdp:
-        raise ValueError(
-            "--fsdp is not supported by fastdpo train yet (sharded checkpoints that resume exactly are not "
-            "written); run under torchrun without it (DDP), or shard with fully_shard in your own loop "
-            "(docs/distributed.md)"
-        )
     if c.eval_every and c.eval is None and c.eval_fraction is None:
         raise ValueError("--eval-every needs an eval set: --eval FILE or --eval-fraction F")
     if c.lora_alpha is not None and not c.lora:
@@ -221,6 +219,7 @@ class Run:
     def __init__(self, config: TrainConfig, procs: Processes):
         c = self.config = check_config(config)
         self.procs, self.device = procs, procs.device
+        train_fsdp.check(c.fsdp, procs.world, c.packing)
         self.out = Path(c.out)
         ckpt, state = None, None
         if c.resume is not None:
@@ -249,18 +248,20 @@ class Run:
             model, beta=c.beta, loss_type=c.loss_type, loss_weights=c.loss_weights, label_smoothing=c.label_smoothing,
             logprob_reduction=c.logprob_reduction, mask_alignment=c.mask_alignment, head=head, packing=c.packing,
         )
+        if ckpt is not None:  # (before sharding: every process reads the whole weights)
+            io.load_trained_weights(self.dpo.policy_model, ckpt, self.lora)
+        self.reference = self._reference_scores(state)
+        self.ddp = None
+        if c.fsdp:
+            train_fsdp.shard(self.dpo.policy_model, self.dpo.ref_model, self.device)
+        elif procs.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(self.dpo, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         route = self.dpo.route(self.dpo.policy_model, self.device)
         self.route = "logits (" + (why or route.reason) + ")" if route.kind == "logits" else "fused head"
         if route.head is not None and route.head.claim:
             self.route += " (inferred, checked on the first batch)"
-        if ckpt is not None:
-            io.load_trained_weights(self.dpo.policy_model, ckpt, self.lora)
-        self.reference = self._reference_scores(state)
-        self.ddp = None
-        if procs.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
-
-            self.ddp = DistributedDataParallel(self.dpo, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.params = list(self.dpo.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         b = c.batch_size
@@ -272,7 +273,7 @@ class Run:
         self.sched = get_linear_schedule_with_warmup(self.opt, c.warmup_steps, self.total)
         self.start = 0
         if state is not None:
-            self.opt.load_state_dict(state["optimizer"])
+            train_fsdp.load_optimizer_state(self.dpo.policy_model, self.opt, state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.start = state["step"]
             io.set_rng_state(state["rng"][procs.rank])
@@ -413,7 +414,7 @@ class Run:
         n_train = sum(p.numel() for p in self.params)
         ev = f", {len(self.eval_ds)} eval pairs" if self.eval_ds is not None else ", no eval set"
         resumed = f", resumed at step {self.start}" if self.start else ""
-        return (f"fastdpo train: {len(self.train_ds)} training pairs{ev}; {type(self.dpo.policy_model).__name__}, "
+        return (f"fastdpo train: {len(self.train_ds)} training pairs{ev}; {model_class(self.dpo.policy_model).__name__}, "
                 f"{n_train:,} of {n_all:,} parameters trained; scoring: {self.route}; {self.total} steps of "
                 f"{c.batch_size * c.grad_accum * self.procs.world} pairs on {self.procs.world} process(es), "
                 f"{self.device}{resumed}")  # fmt: skip
@@ -434,6 +435,8 @@ class Run:
     def _step(self, micro: list) -> tuple[torch.Tensor, float, float | None]:
         """One optimizer step over ``micro`` (a list of (indices, batch)); returns the summed
         stats, the learning rate used and the gradient norm before clipping."""
+        # Under FSDP2 each micro-batch's backward reduce-scatters its gradient into the shards: no
+        # set_requires_gradient_sync(False), which would keep a whole gradient on every process.
         module = self.ddp if self.ddp is not None else self.dpo
         stats = None
         for i, (indices, batch) in enumerate(micro):
@@ -469,11 +472,16 @@ class Run:
         scores over every pair (each process scores every world-th)."""
         policy = self.dpo.policy_model
         policy.eval()
-        stats = None
-        for indices, batch in self._loader(self.eval_ds, list(range(self.procs.rank, len(self.eval_ds), self.procs.world))):
+        stats, n, world = None, 0, self.procs.world
+        for indices, batch in self._loader(self.eval_ds, list(range(self.procs.rank, len(self.eval_ds), world))):
             loss, metrics = self._call(self.dpo, indices, batch, "eval")
             s = self._stats(loss, metrics, len(indices))
-            stats = s if stats is None else stats + s
+            stats, n = s if stats is None else stats + s, n + 1
+        # Each forward of a sharded model is a collective: a process with fewer batches runs the
+        # first pair again, uncounted, until it has run as many as the others.
+        most = math.ceil(math.ceil(len(self.eval_ds) / world) / self.config.batch_size) if self.config.fsdp else n
+        for _ in range(most - n):
+            self._call(self.dpo, *next(iter(self._loader(self.eval_ds, [0]))), "eval")
         policy.train()
         if stats is None:  # fewer eval pairs than processes
             stats = torch.zeros(len(LOGGED) + 1, device=self.device)
@@ -489,22 +497,26 @@ class Run:
     def save_checkpoint(self, step: int) -> None:
         """``out/checkpoint-{step}`` (process 0 writes it; every process's RNG states in it)."""
         rng = self.procs.gather(io.rng_state())
+        # (FSDP: both gathered whole on process 0, every process taking part)
+        weights = train_fsdp.model_state(self.dpo.policy_model, self.lora)
+        opt = train_fsdp.optimizer_state(self.dpo.policy_model, self.opt)
         if self.procs.main:
             state = {
                 "step": step, "epoch": step // self.steps_per_epoch,
                 "micro_batch": step % self.steps_per_epoch * self.config.grad_accum,
-                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": rng,
+                "optimizer": opt, "scheduler": self.sched.state_dict(), "rng": rng,
                 "reference": self.reference,
                 "pairs": [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0],
             }
-            io.save_checkpoint(self.out, step, self.dpo.policy_model, self.tokenizer, self._config_json(), state)
+            io.save_checkpoint(self.out, step, self.dpo.policy_model, self.tokenizer, self._config_json(), state, weights)
             self._plot()
         self.procs.barrier()
 
     def save_final(self) -> None:
         """The trained model (or adapters), tokenizer and config in ``out``, and the curves."""
+        weights = train_fsdp.model_state(self.dpo.policy_model, self.lora)
         if self.procs.main:
-            io.save_model(self.out, self.dpo.policy_model, self.tokenizer, self._config_json())
+            io.save_model(self.out, self.dpo.policy_model, self.tokenizer, self._config_json(), weights)
             note = self._plot()
             print(f"saved to {self.out}" + (f" ({note})" if note else ""), flush=True)
         self.procs.barrier()
@@ -578,7 +590,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip (default 1.0; 0: off)")
     g.add_argument("--seed", type=int, default=d.seed, help="data order, eval split, LoRA's initial weights")
     g.add_argument("--device", help="default: cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--fsdp", action="store_true", help="FSDP2 (not supported yet: refused)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the policy and reference with FSDP2's fully_shard instead of DDP")
     g = p.add_argument_group("reporting and checkpoints")
     g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N", help="evaluate every N steps (and at the end)")
     g.add_argument("--save-every", type=int, default=d.save_every, metavar="N", help="checkpoint every N steps")

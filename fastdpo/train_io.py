@@ -205,15 +205,16 @@ def latest_checkpoint(out: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def save_model(where: Path, model, tokenizer, config: dict) -> None:
+def save_model(where: Path, model, tokenizer, config: dict, weights: dict | None = None) -> None:
     """``save_pretrained`` of the model (a peft model saves its adapters only) and the
-    tokenizer, and the run's config as JSON."""
-    model.save_pretrained(where)
+    tokenizer, and the run's config as JSON.  ``weights``: the model's state dict to write
+    instead of its own (a sharded model's, gathered whole)."""
+    model.save_pretrained(where, **({"state_dict": weights} if weights is not None else {}))
     tokenizer.save_pretrained(where)
     (where / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def save_checkpoint(out: Path, step: int, model, tokenizer, config: dict, state: dict) -> Path:
+def save_checkpoint(out: Path, step: int, model, tokenizer, config: dict, state: dict, weights: dict | None = None) -> Path:
     """``out/checkpoint-{step}``: the model (:func:`save_model`), ``trainer_state.pt`` and the
     metrics so far.  Written under a temporary name and renamed, so that an interruption never
     leaves a checkpoint that looks complete and is not."""
@@ -221,7 +222,7 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, config: dict, state:
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp, model, tokenizer, config)
+    save_model(tmp, model, tokenizer, config, weights)
     torch.save(state, tmp / STATE_FILE)
     if (out / METRICS_FILE).is_file():
         shutil.copyfile(out / METRICS_FILE, tmp / METRICS_FILE)

@@ -13,9 +13,11 @@ metrics.jsonl and the curves are written."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +28,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+import fastdpo.ops  # noqa: E402
 from fastdpo import cli  # noqa: E402
 from fastdpo import train as train_mod  # noqa: E402
 
@@ -34,6 +37,7 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")  # fmt: skip
 QUIET = ["--no-progress", "--log-every", "1"]
+SMALL_ELEMENTS = fastdpo.ops.SMALL_ELEMENTS  # (as imported: tests/conftest.py patches it per test)
 
 
 def records(n: int, seed: int, chat: bool = False) -> list[dict]:
@@ -106,6 +110,27 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def train_cli(*args) -> int:
     return cli.main(["train", *map(str, args)])
+
+
+def torchrun(*args, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` on the CPU, one
+    thread a process.  Its own session: past ``timeout`` (a collective that one process never
+    joins hangs), torchrun and its processes are all stopped, none left behind."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # torchrun stops its processes on SIGTERM
+        try:
+            proc.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # (none left)
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 # ----------------------------------------------------------------------------- learning
@@ -244,10 +269,7 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     held = write_jsonl(tmp_path / "eval.jsonl", records(10, seed=6))
     common = ["--model", model_dir, "--data", data, "--eval", held, "--steps", 4, "--lr", 1e-2, "--eval-every", 2,
               "--save-every", 4, "--seed", 3, *QUIET]  # fmt: skip
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "fastdpo.cli", "train", *map(str, common), "--batch-size", 2, "--out", tmp_path / "two"]  # fmt: skip
-    done = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=240)
+    done = torchrun("-m", "fastdpo.cli", "train", *common, "--batch-size", 2, "--out", tmp_path / "two", timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 process(es)" in done.stdout and done.stdout.count("fastdpo train:") == 1  # process 0 speaks
     assert train_cli(*common, "--batch-size", 4, "--out", tmp_path / "one") == 0
@@ -274,6 +296,150 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     # every process's RNG states are in the checkpoint
     state = torch.load(tmp_path / "two" / "checkpoint-4" / "trainer_state.pt", weights_only=True)
     assert len(state["rng"]) == 2
+
+
+# ----------------------------------------------------------------------------- FSDP2 (--fsdp)
+
+# Two processes of 2 pairs a micro-batch against one of 4, 2 micro-batches a step (32 pairs: one
+# epoch in 4 steps), clipped at 0.3 (full fine-tuning's gradient norms are 0.31 to 0.5: clipped
+# at every step; LoRA's 0.02), a checkpoint every 2 steps, and 5 eval pairs: 3 (2 batches) on
+# process 0 and 2 (1 batch) on process 1, which under FSDP must run one forward more than it
+# counts (each forward of a sharded model is a collective).  No dropout: one process and two
+# draw different random numbers.
+FSDP_COMMON = ["--steps", 4, "--grad-accum", 2, "--lr", 1e-2, "--max-grad-norm", 0.3, "--eval-every", 2,
+               "--save-every", 2, "--seed", 3, *QUIET]  # fmt: skip
+LORA = ["--lora", 4, "--packing", "pair"]
+PRECOMPUTED = ["--precompute-reference"]
+# The runs of one torchrun launch (two processes, in this order), and their one-process twins.
+TWO = {
+    "ddp": [],
+    "fsdp": ["--fsdp"],
+    "fsdp-resumed": ["--fsdp", "--resume", "{root}/fsdp/checkpoint-2"],
+    "fsdp-lora": ["--fsdp", *LORA],
+    "fsdp-lora-resumed": ["--fsdp", *LORA, "--resume", "{root}/fsdp-lora/checkpoint-2"],
+    "fsdp-precomputed": ["--fsdp", *PRECOMPUTED],
+}
+ONE = {"one": [], "one-lora": LORA, "one-precomputed": PRECOMPUTED}
+
+
+def _torchrun_worker(root: Path, runs: dict[str, list[str]]) -> None:
+    """What torchrun's processes run for :func:`fsdp_runs` (this file as a script): each run in
+    turn through ``fastdpo.train.Run``, in one process group (fastdpo train takes it as it
+    finds it), and the weights the ``fsdp`` run's policy holds at its end, each gathered from
+    its shards (``DTensor.full_tensor``), saved as ``fsdp/trained.pt``."""
+    import argparse
+
+    torch.distributed.init_process_group("gloo")
+    parser = argparse.ArgumentParser()
+    train_mod.add_arguments(parser)
+    procs = train_mod.Processes(None)
+    for name, options in runs.items():
+        run = train_mod.Run(train_mod.config_from_args(parser.parse_args(options)), procs)
+        run.fit()
+        if name == "fsdp":
+            trained = {k: p.full_tensor() for k, p in run.dpo.policy_model.named_parameters()}
+            if procs.main:
+                torch.save(trained, root / name / "trained.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(model_dir, tmp_path_factory) -> Path:
+    """The runs of :data:`TWO` (one torchrun launch) and of :data:`ONE`, each in ``root/NAME``."""
+    root = tmp_path_factory.mktemp("fsdp")
+    data = write_jsonl(root / "train.jsonl", records(32, seed=5))
+    held = write_jsonl(root / "eval.jsonl", records(5, seed=6))
+    common = ["--model", model_dir, "--data", data, "--eval", held, *FSDP_COMMON]
+    runs = {name: [str(a).format(root=root) for a in (*common, *options, "--batch-size", 2, "--out", root / name)]
+            for name, options in TWO.items()}  # fmt: skip
+    (root / "runs.json").write_text(json.dumps(runs))
+    done = torchrun(__file__, root, root / "runs.json", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (root / "stdout.txt").write_text(done.stdout)
+    # The small path and one thread, as the processes run (they have no conftest, and
+    # OMP_NUM_THREADS=1; LoRA's many small ops took 3x as long on 2 threads of 2 busy cores).
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastdpo.ops, "SMALL_ELEMENTS", SMALL_ELEMENTS)
+        torch.set_num_threads(1)
+        try:
+            for name, options in ONE.items():
+                assert train_cli(*common, *options, "--batch-size", 4, "--out", root / name) == 0
+        finally:
+            torch.set_num_threads(threads)
+    return root
+
+
+def test_fsdp_matches_one_process_and_ddp(fsdp_runs):
+    """``--fsdp`` (full fine-tuning, LoRA with packed pairs, precomputed reference scores) takes,
+    step by step, the pairs of one process of twice the batch, as DDP does."""
+    root = fsdp_runs
+    said = (root / "stdout.txt").read_text()
+    assert said.count("fastdpo train:") == len(TWO) and said.count("on 2 process(es)") == len(TWO)  # process 0 speaks
+    for two, one in (("fsdp", "one"), ("ddp", "one"), ("fsdp", "ddp"), ("fsdp-lora", "one-lora"),
+                     ("fsdp-precomputed", "one-precomputed")):  # fmt: skip
+        r1, r2 = rows(root / one), rows(root / two)
+        assert [(r["step"], r["split"], r["pairs"]) for r in r2] == [(r["step"], r["split"], r["pairs"]) for r in r1]
+        assert [r["pairs"] for r in r1] == [8, 8, 5, 8, 8, 5]  # 8 pairs a step; evals of all 5, none twice
+        # Every logged number within float rounding, as under DDP (above): measured 1.2e-6
+        # relative at most; the rewards are differences of sums of log-probs (-0.0018 from sums
+        # near -2), whose rounding is absolute (4e-8).  With seeds 4 and 5 too, at most 6% of
+        # the bound asserted was used.
+        for a, b in zip(r1, r2):
+            for k in (*train_mod.LOGGED, "grad_norm") if a["split"] == "train" else train_mod.LOGGED:
+                assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (two, one, a["step"], a["split"], k)
+        # The weights after 4 AdamW steps of lr 1e-2 (a step moves an element by up to ~1e-2):
+        # measured 8e-7 apart (full, precomputed, and FSDP against DDP), 3.8e-6 on a LoRA B
+        # matrix; 7.2e-6 at most with seeds 4 and 5.  Not bitwise: FSDP reduces each
+        # micro-batch's gradient (DDP the sum of both) and clips by a norm summed from the
+        # shards' (with neither accumulation nor clipping, FSDP and DDP agreed bit for bit);
+        # one process sums a batch of 4 in other blocks.  Adam divides each gradient element
+        # by its own RMS, so where gradients nearly cancel, rounding becomes a relative error
+        # of the update: 5e-5 (0.5% of a step) bounds that.  A pair missed or counted twice
+        # (1/8 of a step's gradient), a micro-batch or a shard lost, moves elements by ~1e-3.
+        w1, w2 = weights(root / one), weights(root / two)
+        assert w1.keys() == w2.keys() and w1
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=5e-5, msg=lambda m: f"{two} vs {one}: {k}: {m}")
+
+
+def test_fsdp_resume_is_bitwise_equal(fsdp_runs, model_dir):
+    """A sharded run resumed from its checkpoint at step 2 (the whole weights before sharding,
+    the whole optimizer state scattered into the shards, every process's RNG states) ends with
+    the uninterrupted run's weights and metrics, bit for bit, full and LoRA."""
+    root = fsdp_runs
+    assert (root / "stdout.txt").read_text().count("resumed at step 2") == 2
+    for whole, resumed in (("fsdp", "fsdp-resumed"), ("fsdp-lora", "fsdp-lora-resumed")):
+        w, r = weights(root / whole), weights(root / resumed)
+        assert w.keys() == r.keys() and w
+        assert [k for k in w if not torch.equal(w[k], r[k])] == [], (whole, resumed)
+        assert rows(root / resumed) == rows(root / whole)
+    start = weights(model_dir)
+    assert min((weights(root / "fsdp")[k] - start[k]).abs().max().item() for k in start) > 1e-2  # it trained
+
+
+def test_fsdp_saves_whole_weights(fsdp_runs):
+    """What a sharded run writes: the final model and each checkpoint a save_pretrained directory
+    of the whole weights (``from_pretrained`` reads exactly what the shards held at the end);
+    LoRA's adapters only; the optimizer's whole state by parameter name."""
+    root = fsdp_runs
+    trained = torch.load(root / "fsdp" / "trained.pt", weights_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(root / "fsdp")
+    loaded = model.state_dict()
+    assert trained.keys() == loaded.keys()
+    assert [k for k in trained if not torch.equal(trained[k], loaded[k])] == []
+    final, ckpt = weights(root / "fsdp"), weights(root / "fsdp" / "checkpoint-4")
+    assert all(torch.equal(final[k], ckpt[k]) for k in final)
+    state = torch.load(root / "fsdp" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    adam = state["optimizer"]["state"]
+    assert adam.keys() == trained.keys() and len(state["rng"]) == 2
+    assert all(adam[k]["exp_avg"].shape == trained[k].shape and adam[k]["exp_avg"].abs().max() > 0 for k in adam)
+    lora = weights(root / "fsdp-lora")
+    assert lora and all("lora_" in k for k in lora)
+    assert not (root / "fsdp-lora" / "model.safetensors").exists()
+    state = torch.load(root / "fsdp-lora" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
+    adam = state["optimizer"]["state"]
+    assert len(adam) == len(lora) and all("lora_" in k for k in adam)  # the adapters' only
 
 
 # ----------------------------------------------------------------------------- mistakes
@@ -314,8 +480,33 @@ def test_each_setup_mistake_is_one_line(model_dir, tmp_path, capsys):
     assert "max_length" in line
     line = _error(["--model", model_dir, "--data", data, "--eval", data, "--eval-fraction", 0.1, *out], capsys)
     assert "not both" in line
-    assert "--fsdp is not supported" in _error(["--model", model_dir, "--data", data, "--fsdp", *out], capsys)
+    assert "--fsdp shards the model over the processes torchrun starts" in _error(
+        ["--model", model_dir, "--data", data, "--fsdp", *out], capsys)
     assert "needs an eval set" in _error(["--model", model_dir, "--data", data, "--eval-every", 5, *out], capsys)
+
+
+def test_what_fsdp_refuses_and_shards(model_dir):
+    """``--fsdp --packing auto`` is refused in one line (each process would decide per batch
+    whether to pack, and check the model on the first batch it packs: forwards the others do not
+    run); the layers sharded one by one are the decoder layers, under peft too; a model with
+    none to find is refused in one line."""
+    from fastdpo import train_fsdp
+
+    peft = pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="--fsdp with --packing auto") as e:
+        train_fsdp.check(True, 2, "auto")
+    assert "\n" not in str(e.value)
+    for packing in ("none", "pair", "batch"):
+        train_fsdp.check(True, 2, packing)
+    train_fsdp.check(False, 1, "auto")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    assert train_fsdp.decoder_layers(model) == list(model.model.layers)
+    adapted = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert train_fsdp.decoder_layers(adapted) == list(model.model.layers)
+    model._no_split_modules = None
+    with pytest.raises(ValueError, match="found no decoder layers to shard in LlamaForCausalLM"):
+        train_fsdp.decoder_layers(model)
+    assert not train_fsdp.sharded(model)
 
 
 def test_a_model_without_a_fused_head_warns_in_one_line(tmp_path, capsys):
@@ -357,3 +548,7 @@ def test_a_head_known_unfusable_warns_once_and_scores_logits(model_dir, tmp_path
     assert warned == ["fastdpo train: warning: LlamaForCausalLM has no fused head (its output embedding is a Sequential, "
                       "not a plain nn.Linear): fastdpo falls back to scoring its logits, (2B, L-1, V) floats a step"]
     assert "scoring: logits (its output embedding is a Sequential" in captured.out
+
+
+if __name__ == "__main__":  # torchrun's processes of fsdp_runs
+    _torchrun_worker(Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text()))
