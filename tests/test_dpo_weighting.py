@@ -393,15 +393,12 @@ def test_packed_batches(packing, conv):
     assert_close(*got, *hand_reference(packed, batch, **opts))
 
 
-def test_pair_groups_and_recomputed_chunks(monkeypatch):
+def test_pair_groups_and_recomputed_chunks():
     """The pair op in groups of one pair with most logits recomputed (tiny budgets): the
     weights and the WPO sums are per group, the recomputed rows' gradients weighted."""
     opts = dict(ld_alpha=0.4, use_weighting=True)
-    dpo = make_dpo("llama", head="fused", **TRL, **opts)
+    dpo = make_dpo("llama", head="fused", **TRL, **opts, chunk_bytes=3 * V * 4, group_bytes=5 * V * 4)
     batch = make_batch()
-    real = fastdpo.fused_pair.HeadOptions
-
-    monkeypatch.setattr(fastdpo.dpo, "HeadOptions", lambda **kw: real(**kw, chunk_bytes=3 * V * 4, group_bytes=5 * V * 4))
     assert_close(*loss_and_grads(dpo, batch), *trl_reference(dpo, batch, **opts))
 
 
