@@ -289,6 +289,9 @@ class TorchFold:
         gradient needs them for the cap's derivative."""
         rows = z.shape[0]
         st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
+        score = torch_impl.compiled_score(z) if not keep and softcap is None and sq_out is None else None
+        if score is not None:  # the whole chunk at once: two passes per row, nothing written
+            return st, score(z, y)
         logp = torch.empty(rows, dtype=torch.float32, device=z.device)
         for r in _cache_rows(z):
             zr, sq = z[r], (sq_out[r] if sq_out is not None else None)

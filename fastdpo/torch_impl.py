@@ -12,7 +12,9 @@ built around computing it as few times as possible.
 
 * forward: ``softmax`` of the box, then ``log(p_y)`` (:func:`row_logprobs_into`; an exact
   max/log-sum form where p_y is tiny).  When the logits will get a gradient (float32, not in
-  place), the softmax is written into the buffer that becomes the gradient;
+  place), the softmax is written into the buffer that becomes the gradient; when nothing needs
+  the softmax (no gradient, no WPO sums) and the box is large, ``(z_y - m) - log sum exp(z -
+  m)`` compiled by inductor instead (:func:`compiled_score`: no probability written);
 * backward: that buffer times ``-g`` plus ``g`` at the targets (:func:`backward_from_probs`, no
   exp at all), or, for in-place or 16-bit logits, the softmax again into the gradient
   (:func:`backward`).
@@ -25,6 +27,8 @@ takes one (N, T, V) buffer (or, when asked, the logits themselves).
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -135,9 +139,71 @@ def box_plan(mask: Tensor, v: int, budget: int) -> list[tuple[slice, slice, int]
 
 def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
     """float32 log-probs of targets ``y`` (...,) under rows of logits ``z`` (..., V), any float
-    dtype: :func:`row_logprobs_into` a box-sized float32 temporary (the same arithmetic as
-    every other path here, so scores agree bitwise across them)."""
+    dtype, ``z`` left as it is: the compiled score (:func:`compiled_score`) where it serves,
+    else :func:`row_logprobs_into` a float32 temporary (``z`` then box-sized)."""
+    if sq_out is None:
+        score = compiled_score(z)
+        if score is not None:
+            v = z.shape[-1]
+            return score(z.reshape(-1, v), y.reshape(-1)).view(y.shape)
     return row_logprobs_into(torch.empty(z.shape, dtype=torch.float32, device=z.device), z, y, sq_out)
+
+
+# ----------------------------------------------------------------------------- compiled score
+
+# Scoring rows whose softmax is not kept (the reference, evaluation, recomputed chunks) needs
+# only ``log p_y = (z_y - m) - log sum_v exp(z_v - m)``: one max pass and one exp-and-sum pass
+# over each row, nothing written but a float per row.  ATen has no such fused op (its softmax
+# writes every probability; ``logsumexp`` builds temporaries), so on the CPU the formula below
+# goes through inductor's C++ backend (``torch.compile``, sizes dynamic: one compilation per
+# dtype, cached on disk by inductor: the first call of a process pays ~7 s with a warm cache,
+# ~13 s cold, on a 2-core Xeon VM).  Measured there: 0.6-0.8x the time of the boxed ATen
+# softmax on a chunk, 2-4% off the small and medium bench steps (docs/performance.md,
+# "Compiled score").  Calls under COMPILE_MIN_ELEMENTS logits keep the ATen path: there the
+# compile and the ~50 us a call costs to dispatch are not paid back.  False, or
+# FASTDPO_COMPILE=0 in the environment: the ATen path everywhere.  Where compiling fails (no
+# C++ compiler, say) the ATen path is used, with one warning.
+COMPILE = os.environ.get("FASTDPO_COMPILE", "1") != "0"
+COMPILE_MIN_ELEMENTS = 1 << 20
+_compiled: dict = {}
+
+
+def _score(z: Tensor, y: Tensor) -> Tensor:
+    """Target log-probs of rows ``z`` (M, V), max and log-sum kept apart (exact where p_y
+    underflows): the math the compiled score is generated from."""
+    z = z.float()
+    m = z.amax(-1, keepdim=True)  # a NaN or +inf in a row makes the row's result NaN
+    s = (z - m).exp().sum(-1)
+    return (z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - m.squeeze(-1)) - s.log()
+
+
+def compiled_score(z: Tensor):
+    """A function ``(z (M, V), y (M,)) -> log-probs (M,)``: the compiled :func:`_score` for
+    logits like ``z`` (no autograd graph), or None where it does not serve: off
+    (:data:`COMPILE`), not a CPU tensor, fewer than :data:`COMPILE_MIN_ELEMENTS` logits, or
+    compiling failed."""
+    if not COMPILE or z.device.type != "cpu" or z.numel() < COMPILE_MIN_ELEMENTS:
+        return None
+    fn = _compiled.get("score")
+    if fn is None:
+        fn = False
+        try:
+            compiled = torch.compile(_score, dynamic=True)
+            with torch.no_grad():
+                compiled(torch.randn(3, 5), torch.tensor([0, 2, 4]))
+            fn = compiled
+        except Exception as e:  # noqa: BLE001 -- any failure to build means: not here
+            warnings.warn(f"fastdpo: compiling the CPU score failed ({type(e).__name__}: {e}); using ATen ops", stacklevel=2)
+        _compiled["score"] = fn
+    return _no_grad(fn) if fn else None
+
+
+def _no_grad(fn):
+    def call(z: Tensor, y: Tensor) -> Tensor:
+        with torch.no_grad():
+            return fn(z, y)
+
+    return call
 
 
 def row_grad_into(out: Tensor, z: Tensor, y: Tensor, g: Tensor) -> Tensor:
