@@ -191,14 +191,17 @@ def compiled_score(z: Tensor):
             compiled = torch.compile(_score, dynamic=True)
             with torch.no_grad():
                 compiled(torch.randn(3, 5), torch.tensor([0, 2, 4]))
-            fn = compiled
+            fn = _no_grad(compiled)
         except Exception as e:  # noqa: BLE001 -- any failure to build means: not here
             warnings.warn(f"fastdpo: compiling the CPU score failed ({type(e).__name__}: {e}); using ATen ops", stacklevel=2)
         _compiled["score"] = fn
-    return _no_grad(fn) if fn else None
+    return fn or None
 
 
 def _no_grad(fn):
+    """``fn`` called under ``no_grad`` (so one compiled graph serves callers with and without
+    autograd on)."""
+
     def call(z: Tensor, y: Tensor) -> Tensor:
         with torch.no_grad():
             return fn(z, y)
