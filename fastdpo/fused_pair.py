@@ -222,24 +222,52 @@ def dpo_head_impl(
     def weighted(logp: Tensor) -> Tensor:
         return logp if w is None else logp * w
 
+    # One buffer serves every chunk loop of the call (see chunks.Scratch); with gradients it
+    # is made at once as large as the largest group's kept logits, which the reference's chunk
+    # then reuses.
+    scratch = chunks.Scratch()
+    cfg = opts.loss
+    need_grad = need_hidden or need_weight or need_bias
+    if need_grad:
+        v = weight.shape[0]
+        zdtype = fold.dtype(weight)
+        rows_per_chunk = chunks.rows_per_chunk(v, zdtype.itemsize, chunk_bytes)
+        group_bytes = chunks.group_bytes(dev, opts.group_bytes)
+        # A loss that couples the pairs (aot sorts the batch's margins) needs every pair's
+        # scores for any gradient: the batch is one group, logits beyond the keep budget
+        # recomputed, the chunk buffer recomputing takes counted in that budget.  (CPU, medium
+        # preset: the head 1.18x sigmoid's time and +32 MiB of peak, against 1.26x and -34 MiB
+        # on the scores route.)
+        coupled = cfg.couples_pairs
+        budget = group_bytes if not coupled else float("inf")
+        groups = []
+        for pairs, spans in pair_groups(plan.bounds, b, v * zdtype.itemsize, budget):
+            m = sum(s.stop - s.start for s in spans)
+            # The first `keep` rows keep their logits between the passes; the rest are recomputed.
+            keep = min(m, group_bytes // (v * zdtype.itemsize))
+            if coupled and keep < m:
+                keep = max(0, keep - rows_per_chunk)
+            groups.append((pairs, spans, keep))
+        scratch.rows(max(keep for _, _, keep in groups), v, zdtype, dev)
+
     if ref_hidden is not None:
         _, ref_logp, _, _ = chunks.score_rows(
             plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes, softcap=opts.ref_softcap,
-            bias=ref_bias,
+            bias=ref_bias, scratch=scratch,
         )
         ref_sums = plan.sequence_sums(weighted(ref_logp))
         ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
     elif ref_scores is None:  # reference-free: a zero reference
         ref_scores = torch.zeros(n2, dtype=torch.float32, device=dev)
-    cfg = opts.loss
     sq = opts.use_weighting  # WPO: the policy's log sum_v p_v^2 per row, folded with its log-probs
     tokens = mask.sum(-1) if sq else None
     h = plan.take(hidden)
     hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
 
-    if not (need_hidden or need_weight or need_bias):
+    if not need_grad:
         _, logp, hit, lsq = chunks.score_rows(
-            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq, softcap=opts.softcap, bias=bias
+            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq, softcap=opts.softcap, bias=bias,
+            scratch=scratch,
         )
         sums = plan.sequence_sums(weighted(logp))
         if hit is not None:
@@ -251,10 +279,6 @@ def dpo_head_impl(
         loss = pair_losses(sums, ref_scores, count, cfg, opts.reduction, weights=pair_w).mean()
         return loss, sums, ref_scores, hits, None, None, None
 
-    v = weight.shape[0]
-    zdtype = fold.dtype(weight)
-    rows_per_chunk = chunks.rows_per_chunk(v, zdtype.itemsize, chunk_bytes)
-    group_bytes = chunks.group_bytes(dev, opts.group_bytes)
     grad_rows = torch.empty_like(h) if need_hidden else None
     grad_w = chunks.WeightGrad(weight) if need_weight else None
     grad_b = chunks.BiasGrad(bias) if need_bias else None
@@ -262,21 +286,11 @@ def dpo_head_impl(
     # WPO: per sequence, sum_t log sum_v p_v^2 and (with LD weights) the unweighted sum_t log p_t
     wpo64 = torch.zeros(2, n2, dtype=torch.float64, device=dev) if sq else None
     losses = torch.empty(b, dtype=torch.float32, device=dev)
-    # A loss that couples the pairs (aot sorts the batch's margins) needs every pair's scores
-    # for any gradient: the batch is one group, logits beyond the keep budget recomputed, the
-    # chunk buffer recomputing takes counted in that budget.  (CPU, medium preset: the head
-    # 1.18x sigmoid's time and +32 MiB of peak, against 1.26x and -34 MiB on the scores route.)
-    coupled = cfg.couples_pairs
-    budget = group_bytes if not coupled else float("inf")
-    for pairs, spans in pair_groups(plan.bounds, b, v * zdtype.itemsize, budget):
+    for pairs, spans, keep in groups:
         hg, yg, seq = _cat_rows(h, spans), _cat_rows(y, spans), _cat_rows(plan.seq, spans)
         wg = _cat_rows(w, spans) if w is not None else None
         m = hg.shape[0]
-        # The first `keep` rows keep their logits between the passes; the rest are recomputed.
-        keep = min(m, group_bytes // (v * zdtype.itemsize))
-        if coupled and keep < m:
-            keep = max(0, keep - rows_per_chunk)
-        kept = chunks.rows_buffer(keep, v, zdtype, dev)
+        kept = scratch.rows(keep, v, zdtype, dev)
         parts = chunks.chunk_slices(keep, rows_per_chunk) + chunks.chunk_slices(m, rows_per_chunk, keep)
         spare = None
         st = torch.empty(2, m, dtype=torch.float32, device=dev)
@@ -300,7 +314,7 @@ def dpo_head_impl(
             wpo64[0].index_add_(0, seq, lsq.double())
             if wg is not None:
                 wpo64[1].index_add_(0, seq, logp.double())
-        spare = None  # pass 2 recomputes in its own buffer: not both alive at once
+        spare = None  # pass 2 recomputes in the scratch buffer, once the kept rows are done
         # The group's loss gradient per sequence, from its scores alone.
         index = torch.arange(pairs[0], pairs[-1] + 1, device=dev)  # consecutive: no host copy
         both = torch.cat((index, index + b))
@@ -343,7 +357,7 @@ def dpo_head_impl(
         if keep < m:
             rest = chunks.row_grads(
                 hg[keep:], yg[keep:], weight, opts.scale, fold, st[:, keep:], g[keep:],
-                chunk_bytes, grad_w, need_hidden, opts.softcap, bias, grad_b,
+                chunk_bytes, grad_w, need_hidden, opts.softcap, bias, grad_b, scratch,
             )
             if grad_h is not None:
                 grad_h[keep:] = rest
