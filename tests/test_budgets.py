@@ -90,6 +90,33 @@ def test_a_family_on_the_scores_route_takes_the_chunk_budget(monkeypatch):
         assert rel_err(g1, g0) < 1e-5
 
 
+def test_the_scratch_buffer_is_reused_grown_and_remade_for_another_dtype():
+    cpu = torch.device("cpu")
+    scratch = chunks.Scratch()
+    a = scratch.rows(5, 11, torch.float32, cpu)
+    assert a.shape == (5, 11) and a.is_contiguous()
+    b = scratch.rows(3, 17, torch.float32, cpu)  # 51 <= 55 elements: the same memory
+    assert b.shape == (3, 17) and b.data_ptr() == a.data_ptr()
+    c = scratch.rows(6, 11, torch.float32, cpu)  # larger: a new buffer of the new size
+    assert c.shape == (6, 11) and c.untyped_storage().nbytes() >= 6 * 11 * 4
+    d = scratch.rows(2, 11, torch.bfloat16, cpu)
+    assert d.dtype == torch.bfloat16 and d.shape == (2, 11)
+    assert scratch.rows(2, 11, torch.bfloat16, cpu).data_ptr() == d.data_ptr()
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "evaluation"])
+def test_a_fused_step_makes_one_logits_buffer(grad, monkeypatch):
+    """The reference's chunks, the policy's scoring or kept logits: one buffer per op call
+    (the default budgets hold this batch's logits in one chunk and one group)."""
+    batch = _batch()
+    module = DPO(_model())
+    _, buffers = _rows_seen(monkeypatch)
+    with torch.set_grad_enabled(grad):
+        loss = module(*batch[:2], prompt_mask=batch[2])
+    assert loss.requires_grad == grad
+    assert len(buffers) == 1, buffers
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, "64MiB"])
 @pytest.mark.parametrize("name", ["chunk_bytes", "group_bytes"])
 def test_a_bad_budget_is_one_clear_error(name, bad):
