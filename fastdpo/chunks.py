@@ -122,8 +122,10 @@ def rows_buffer(rows: int, v: int, dtype: torch.dtype, device: torch.device) -> 
 class Scratch:
     """One (rows, V) buffer reused by the chunk loops of one op call (the reference's scoring,
     the policy's scoring, each group's kept logits), so that a call maps and faults in its
-    buffer memory once instead of once per loop (on the CPU each fresh buffer costs the kernel
-    zeroing its pages: ~20 ms per 90 MiB on a 2-core Xeon VM).  A request larger than the held
+    buffer memory once instead of once per loop (on the CPU a fresh buffer is mapped anew and
+    the kernel zeroes each page as it is first written; measured on a 2-core Xeon VM: the small
+    bench training step 4% faster, the medium steps unchanged within noise, see
+    docs/performance.md).  A request larger than the held
     buffer lets the held one go before the larger is made, so the peak is that of the largest
     request; the memory is freed with the object (nothing is held between calls).  A view it
     returns is overwritten by the next request: one user at a time."""
