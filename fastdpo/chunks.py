@@ -125,10 +125,10 @@ class Scratch:
     buffer memory once instead of once per loop (on the CPU a fresh buffer is mapped anew and
     the kernel zeroes each page as it is first written; measured on a 2-core Xeon VM: the small
     bench training step 4% faster, the medium steps unchanged within noise, see
-    docs/performance.md).  A request larger than the held
-    buffer lets the held one go before the larger is made, so the peak is that of the largest
-    request; the memory is freed with the object (nothing is held between calls).  A view it
-    returns is overwritten by the next request: one user at a time."""
+    docs/performance.md).  A request larger than the held buffer lets the held one go before
+    the larger is made, so the peak is that of the largest request; the memory is freed with
+    the object (nothing is held between calls).  A view it returns is overwritten by the next
+    request: one user at a time."""
 
     def __init__(self) -> None:
         self._flat: Tensor | None = None
