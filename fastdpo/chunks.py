@@ -10,7 +10,8 @@ product (``torch.mm``: cuBLAS on CUDA), rounded as the model's own head rounds t
 product in the weight's dtype, then the scale); a *fold* then does the elementwise work on
 them, the softcap included (in float32, and its derivative in the gradient):
 
-* :class:`TorchFold` -- torch ops over cache-sized boxes, on float32 copies (the CPU path);
+* :class:`TorchFold` -- on float32 logits (the CPU path): the C++ fold over a whole chunk
+  (:mod:`fastdpo.native`) where it is built, else torch ops over cache-sized boxes;
 * :class:`TritonFold` -- fastdpo's Triton kernels (:func:`fastdpo.kernels.sequence_logprobs.
   row_logprobs` and ``row_logprob_grad_``), reading the logits in their own dtype and writing
   the gradient over them in place (the CUDA path, and under ``TRITON_INTERPRET=1`` on CPU
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import torch_impl
+from . import native, torch_impl
 
 # Logits bytes (in the fold's dtype) one chunk of rows may hold, per device type.  CPU: large
 # enough that each chunk's product is an efficient GEMM (hundreds of rows), small against the
@@ -290,8 +291,9 @@ def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
 
 
 class TorchFold:
-    """The elementwise work in ATen's fused softmax, on float32 logits, box by box
-    (cache-sized; :mod:`fastdpo.torch_impl`).  Logits kept for the gradient (the pair
+    """The elementwise work on float32 logits: one call of the C++ fold per chunk
+    (:mod:`fastdpo.native`; it reads each row twice while the row is in cache), else ATen's
+    fused softmax box by box (cache-sized; :mod:`fastdpo.torch_impl`).  Logits kept for the gradient (the pair
     fusion's) are turned into probabilities in place while they are scored, so the gradient
     is then a multiply and a scatter: one exp per element in all, where scoring and then
     differentiating the logits would take two (exp is what a CPU spends its time on here)."""
@@ -314,6 +316,8 @@ class TorchFold:
         gradient needs them for the cap's derivative."""
         rows = z.shape[0]
         st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
+        if softcap is None and sq_out is None and native.serves(z):  # the whole chunk in one call
+            return st, (native.softmax(z, z, y) if keep else native.score(z, y))
         score = torch_impl.compiled_score(z) if not keep and softcap is None and sq_out is None else None
         if score is not None:  # the whole chunk at once: two passes per row, nothing written
             return st, score(z, y)
@@ -340,6 +344,8 @@ class TorchFold:
         ``1 - (z / softcap)^2`` (as torch's own tanh backward forms it)."""
         if scale is not None:
             g = g * scale
+        if softcap is None and not kept and native.serves(z):
+            return native.grad(z, z, y, g)
         for r in _cache_rows(z):
             zr = z[r]
             if softcap is None and kept:

@@ -19,6 +19,11 @@ built around computing it as few times as possible.
   exp at all), or, for in-place or 16-bit logits, the softmax again into the gradient
   (:func:`backward`).
 
+Where float32 rows have the C++ fold (:mod:`fastdpo.native`: built for the host at first use),
+the score, the softmax and the gradient of a box are each one call to it instead (the same
+passes, half the time: four accumulators per pass, a polynomial exp); the ATen and inductor
+code above serves 16-bit logits and hosts without a compiler.
+
 A +inf or NaN in a row makes its log-probs and gradient NaN, as in float64.  No (N, T, V)
 log-softmax is ever built, arithmetic is float32 whatever the input dtype, and the gradient
 takes one (N, T, V) buffer (or, when asked, the logits themselves).
@@ -33,6 +38,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from . import native
 
 # Rows of a box are chosen so that one float32 copy of the box is about box_bytes(): large
 # enough that per-box dispatch (~10 us an op) is noise, small enough that each thread's share
@@ -142,6 +149,8 @@ def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
     dtype, ``z`` left as it is: the compiled score (:func:`compiled_score`) where it serves,
     else :func:`row_logprobs_into` a float32 temporary (``z`` then box-sized)."""
     if sq_out is None:
+        if native.serves(z):
+            return native.score(z, y)
         score = compiled_score(z)
         if score is not None:
             v = z.shape[-1]
@@ -213,6 +222,8 @@ def row_grad_into(out: Tensor, z: Tensor, y: Tensor, g: Tensor) -> Tensor:
     """Write ``g * (onehot(y) - softmax(z))`` per row into float32 ``out`` (may be ``z``
     itself): one fused softmax written straight into ``out``, one multiply in place (the box
     is still in cache), one scatter.  ``g`` has z's shape minus V."""
+    if native.serves(z) and native.serves(out):
+        return native.grad(out, z, y, g)
     if z.dtype == torch.float32:
         torch._softmax(z, -1, False, out=out)  # in place too: each row is read before written
     else:
@@ -298,6 +309,8 @@ def row_logprobs_into(p: Tensor, z: Tensor, y: Tensor, sq_out: Tensor | None = N
     the log-sum read off the softmax (its entry at the row max is exp(0) / s): max and log-sum
     kept apart, no logsumexp rounded into one number.  On a CPU that second form costs a pass
     only for boxes that need it."""
+    if sq_out is None and native.serves(z) and native.serves(p):
+        return native.softmax(p, z, y)  # (z_y - m) - log s, the exact form, at every p_y
     inplace = p.data_ptr() == z.data_ptr()
     if inplace:  # the logits are gone once the softmax is written: keep what the exact form needs
         m = z.amax(-1)
