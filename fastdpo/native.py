@@ -102,6 +102,8 @@ def build() -> Path:
 
 
 def _load():
+    if _lib:
+        return _lib[0]
     with _lock:
         if not _lib:
             lib = None
