@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("cpu_fold.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 # OpenMP where the compiler has it: the library then links libgomp.so.1, which on Linux is the
 # runtime torch has already loaded, so the fold's threads are torch's own (warm, and not left
-# spinning against new ones: with std::threads a (524, 32000) score took 12-20 ms inside the
+# spinning against new ones: with std::threads a (524, 32000) score took 12-23 ms inside the
 # medium step against 9 ms with OpenMP).  Without it (Apple's clang) the fold starts
 # std::threads.
 OPENMP = "-fopenmp"
@@ -101,6 +101,15 @@ def build() -> Path:
     return path
 
 
+def open_library(path: Path) -> ctypes.CDLL:
+    """The built library at ``path``, its functions typed."""
+    lib = ctypes.CDLL(str(path))
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, ctypes.c_int
+    return lib
+
+
 def _load():
     if _lib:
         return _lib[0]
@@ -108,10 +117,7 @@ def _load():
         if not _lib:
             lib = None
             try:
-                lib = ctypes.CDLL(str(build()))
-                for name, args in _SIGNATURES.items():
-                    fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = args, ctypes.c_int
+                lib = open_library(build())
             except Exception as e:  # noqa: BLE001 -- any failure to build or load means: not here
                 warnings.warn(f"fastdpo: building the C++ row fold failed ({type(e).__name__}: {e}); "
                               "using the compiled or ATen path", stacklevel=3)

@@ -176,6 +176,31 @@ def test_no_compiler_falls_back_with_one_warning(tmp_path, monkeypatch):
     float32_level(ti.row_logprobs(z, y), _truth(z, y)[0], torch.float32, "fallback")
 
 
+@pytest.mark.parametrize("march", ["x86-64", "x86-64-v3"])  # SSE2 only; AVX2
+def test_narrower_instruction_sets(march, tmp_path, monkeypatch):
+    """The vector code is written for no instruction set in particular: built for older x86
+    levels (16-lane vectors split by the compiler), it gives the same float64-level numbers."""
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86 levels")
+    if march == "x86-64-v3" and "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("no AVX2 here")
+    monkeypatch.setenv("FASTDPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", tuple(f"-march={march}" if f == "-march=native" else f for f in native.FLAGS))
+    monkeypatch.setattr(native, "_lib", [native.open_library(native.build())])
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(5, 1000, generator=g) * 4
+    y = torch.randint(0, 1000, (5,), generator=g)
+    w = torch.randn(5, generator=g)
+    lp, p, grad = _truth(z, y, w)
+    float32_level(native.score(z, y), lp, torch.float32, f"score, {march}")
+    out = torch.empty_like(z)
+    native.softmax(out, z, y)
+    float32_level(out, p, torch.float32, f"softmax, {march}")
+    float32_level(native.grad(torch.empty_like(z), z, y, w), grad, torch.float32, f"gradient, {march}")
+
+
 def test_a_failed_compilation_is_reported(tmp_path, monkeypatch):
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++\n")
