@@ -163,7 +163,8 @@ def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
 # Scoring rows whose softmax is not kept (the reference, evaluation, recomputed chunks) needs
 # only ``log p_y = (z_y - m) - log sum_v exp(z_v - m)``: one max pass and one exp-and-sum pass
 # over each row, nothing written but a float per row.  ATen has no such fused op (its softmax
-# writes every probability; ``logsumexp`` builds temporaries), so on the CPU the formula below
+# writes every probability; ``logsumexp`` builds temporaries), so on the CPU, where the C++ fold
+# (fastdpo.native) does not take the rows (16-bit logits, or no compiler), the formula below
 # goes through inductor's C++ backend (``torch.compile``, sizes dynamic: one compilation per
 # dtype, cached on disk by inductor: the first call of a process pays ~7 s with a warm cache,
 # ~13 s cold, on a 2-core Xeon VM).  Measured there: 0.6-0.8x the time of the boxed ATen
