@@ -293,9 +293,9 @@ def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
 class TorchFold:
     """The elementwise work on float32 logits: one call of the C++ fold per chunk
     (:mod:`fastdpo.native`; it reads each row twice while the row is in cache), else ATen's
-    fused softmax box by box (cache-sized; :mod:`fastdpo.torch_impl`).  Logits kept for the gradient (the pair
-    fusion's) are turned into probabilities in place while they are scored, so the gradient
-    is then a multiply and a scatter: one exp per element in all, where scoring and then
+    fused softmax box by box (cache-sized; :mod:`fastdpo.torch_impl`).  Logits kept for the
+    gradient (the pair fusion's) are turned into probabilities in place while they are scored,
+    so the gradient is then a multiply and a scatter: one exp per element in all, where scoring and then
     differentiating the logits would take two (exp is what a CPU spends its time on here)."""
 
     name = "torch"

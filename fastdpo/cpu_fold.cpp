@@ -8,8 +8,8 @@
 // keeps four independent vector accumulators, and exp is a degree-7 polynomial on
 // [-ln2/2, ln2/2] after Cody-Waite range reduction (relative error ~1e-7, the float32 level),
 // written with GCC/Clang vector extensions so that the compiler maps it onto the host's
-// vectors (AVX-512 where measured; x86-64 baseline and AVX2 builds are tested; ARM not tried).  docs/performance.md ("A hand-written fold") has the
-// figures.
+// vectors (AVX-512 where measured; x86-64 baseline and AVX2 builds are tested; ARM not
+// tried).  docs/performance.md ("A hand-written fold") has the figures.
 //
 // Rows are addressed as (a, b) for a < A, b < B, at z + a * sa + b * sb (so a strided box of an
 // (N, T, V) tensor needs no copy); y, g and out are contiguous (A * B).  Semantics, as
@@ -182,14 +182,14 @@ int run(const Rows& q, Kind kind, int64_t rows, int threads) {
   // warm and not left spinning against ours.
 #pragma omp parallel for num_threads(t) schedule(static, 1)
   for (int64_t k = 0; k < t; ++k) fold(q, kind, rows * k / t, rows * (k + 1) / t, &bad[k]);
-  return *std::max_element(bad.begin(), bad.end());
-#endif
+#else
   std::vector<std::thread> pool;
   pool.reserve(t - 1);
   for (int64_t k = 1; k < t; ++k)
     pool.emplace_back(fold, std::cref(q), kind, rows * k / t, rows * (k + 1) / t, &bad[k]);
   fold(q, kind, 0, rows / t, &bad[0]);
   for (auto& th : pool) th.join();
+#endif
   return *std::max_element(bad.begin(), bad.end());
 }
 

@@ -21,8 +21,9 @@ built around computing it as few times as possible.
 
 Where float32 rows have the C++ fold (:mod:`fastdpo.native`: built for the host at first use),
 the score, the softmax and the gradient of a box are each one call to it instead (the same
-passes, half the time: four accumulators per pass, a polynomial exp); the ATen and inductor
-code above serves 16-bit logits and hosts without a compiler.
+passes with four accumulators each and a polynomial exp: the score and the softmax in about
+half the time, the gradient in 0.7x); the ATen and inductor code above serves 16-bit logits
+and hosts without a compiler.
 
 A +inf or NaN in a row makes its log-probs and gradient NaN, as in float64.  No (N, T, V)
 log-softmax is ever built, arithmetic is float32 whatever the input dtype, and the gradient
@@ -146,8 +147,9 @@ def box_plan(mask: Tensor, v: int, budget: int) -> list[tuple[slice, slice, int]
 
 def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
     """float32 log-probs of targets ``y`` (...,) under rows of logits ``z`` (..., V), any float
-    dtype, ``z`` left as it is: the compiled score (:func:`compiled_score`) where it serves,
-    else :func:`row_logprobs_into` a float32 temporary (``z`` then box-sized)."""
+    dtype, ``z`` left as it is: the C++ fold (:func:`fastdpo.native.score`) where it serves,
+    then the compiled score (:func:`compiled_score`), else :func:`row_logprobs_into` a float32
+    temporary (``z`` then box-sized)."""
     if sq_out is None:
         if native.serves(z):
             return native.score(z, y)

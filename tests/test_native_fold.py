@@ -201,6 +201,28 @@ def test_narrower_instruction_sets(march, tmp_path, monkeypatch):
     float32_level(native.grad(torch.empty_like(z), z, y, w), grad, torch.float32, f"gradient, {march}")
 
 
+def test_the_build_without_openmp(tmp_path, monkeypatch):
+    """Where the compiler has no OpenMP the fold starts std::threads: the same numbers, bit for
+    bit, as the OpenMP build."""
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(5, 70001, generator=g) * 3  # over the size where threads start
+    y = torch.randint(0, 70001, (5,), generator=g)
+    w = torch.randn(5, generator=g)
+    want = native.score(z, y), native.grad(torch.empty_like(z), z, y, w)
+    monkeypatch.setenv("FASTDPO_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "OPENMP", "-fno-openmp")
+    lib = native.build()
+    assert b"GOMP" not in lib.read_bytes()
+    monkeypatch.setattr(native, "_lib", [native.open_library(lib)])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        got = native.score(z, y), native.grad(torch.empty_like(z), z, y, w)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_a_failed_compilation_is_reported(tmp_path, monkeypatch):
     bad = tmp_path / "broken.cpp"
     bad.write_text("this is not C++\n")
