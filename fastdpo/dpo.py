@@ -128,8 +128,11 @@ class DPO(PreferenceModule):
             (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, GPT-OSS, ...), else off; 0.0: off; a
             number for a model without a router is a ``ValueError``.  Not with ``packing``.
         chunk_bytes: the fused head's chunk: the bytes of logits (in the fold's dtype) made by
-            one product at a time (at least one row).  ``None`` (default): the device's,
-            :func:`fastdpo.chunks.chunk_bytes` (64 MiB on the CPU, 1 GiB on CUDA).
+            one product at a time (at least one row).  With gradients the pair op makes a
+            group's kept logits in one product, and its other products take as many rows as
+            that buffer holds where it is larger (no more peak: the buffer is held anyway).
+            ``None`` (default): the device's, :func:`fastdpo.chunks.chunk_bytes` (64 MiB on the
+            CPU, 1 GiB on CUDA).
         group_bytes: the pair op's keep budget: the logits one group of whole pairs keeps
             between its scoring and its gradient (at least one pair is a group; logits beyond
             it are made again).  ``None`` (default): the device's,

@@ -6,7 +6,7 @@ size; V vocabulary; M counted rows.
 A pair's loss depends on its own four scores only, so once a group of whole pairs is scored
 the loss gradient of each of its sequences is known (a loss that couples the pairs, ``aot``,
 makes the whole batch one group), while the group's logits are still in
-memory: they turn into the gradient in place and meet ``weight`` and ``hidden`` right away.
+memory: they meet ``weight`` and ``hidden`` right away (:func:`fastdpo.chunks.kept_grads`).
 The policy's head then costs one product forward and two backward (the floor); backward
 merely scales the gradients made in forward.  A group whose logits exceed the keep budget
 (:func:`fastdpo.chunks.group_bytes`; one pair is always a group) recomputes the chunks beyond
@@ -291,7 +291,12 @@ def dpo_head_impl(
         wg = _cat_rows(w, spans) if w is not None else None
         m = hg.shape[0]
         kept = scratch.rows(keep, v, zdtype, dev)
-        parts = chunks.chunk_slices(keep, rows_per_chunk) + chunks.chunk_slices(m, rows_per_chunk, keep)
+        # The kept rows in one product (the more rows a product has, the less each costs, see
+        # chunks.chunk_slices) where it needs no temporary of the weight's dtype; the rest in
+        # chunks.
+        whole = keep > 0 and zdtype == weight.dtype
+        parts = [slice(0, keep)] if whole else chunks.chunk_slices(keep, rows_per_chunk)
+        parts += chunks.chunk_slices(m, rows_per_chunk, keep)
         spare = None
         st = torch.empty(2, m, dtype=torch.float32, device=dev)
         logp = torch.empty(m, dtype=torch.float32, device=dev)
@@ -339,21 +344,15 @@ def dpo_head_impl(
         g = g_of_seq.index_select(0, seq)
         if wg is not None:
             g = g * wg
-        # Pass 2: the kept logits become the gradient in place, then two products over all of
-        # them; the rest are recomputed chunk by chunk.
+        # Pass 2: the kept rows meet the two gradient products (chunks.kept_grads); the rest
+        # are recomputed chunk by chunk.
         grad_h = torch.empty_like(hg) if need_hidden else None
         if keep:
-            for c in chunks.chunk_slices(keep, rows_per_chunk):
-                fold.grad_(kept[c], st[:, c], yg[c], g[c], opts.scale, kept=True, softcap=opts.softcap)
-            dz = kept.to(weight.dtype)
-            del kept
-            if grad_h is not None:
-                torch.mm(dz, weight, out=grad_h[:keep])
-            if grad_w is not None:
-                grad_w.add(dz, hg[:keep])
-            if grad_b is not None:
-                grad_b.add(dz)
-            del dz
+            chunks.kept_grads(
+                kept, st[:, :keep], yg[:keep], g[:keep], hg[:keep], weight, opts.scale, fold,
+                grad_h[:keep] if grad_h is not None else None, grad_w, opts.softcap, grad_b,
+            )
+        del kept
         if keep < m:
             rest = chunks.row_grads(
                 hg[keep:], yg[keep:], weight, opts.scale, fold, st[:, keep:], g[keep:],

@@ -68,10 +68,19 @@ def test_dpo_budgets_reach_the_pair_op_and_change_no_number(group_rows, monkeypa
     group = 4 * V * group_rows if group_rows else None
     tight = DPO(_model(), chunk_bytes=chunk, group_bytes=group)
     products, buffers = _rows_seen(monkeypatch)
-    loss1, grads1 = _step(tight, batch)
+    with torch.no_grad():  # scoring alone: every product within the chunk
+        torch.testing.assert_close(tight(*batch[:2], prompt_mask=batch[2]), loss0, rtol=1e-6, atol=0)
     assert products and max(products) == 3, products
-    if group_rows:  # a group keeps at most 7 rows (one pair is more: the rest are made again)
+    products.clear()
+    loss1, grads1 = _step(tight, batch)
+    if group_rows:
+        # a group keeps at most 7 rows (one pair is more: the rest are made again, scored in
+        # chunks of 3 rows, differentiated in the kept buffer's 7)
         assert max(buffers) <= group_rows, buffers
+        assert 3 in products and max(products) == group_rows, products
+    else:  # the batch is one group, kept whole: its products and the reference's take all its rows
+        counted = 2 * (B * (L - 1) - int(batch[2].sum()))  # L - 1 targets a sequence, less its prompt's
+        assert set(products) == {counted}, products
     assert rel_err(loss1, loss0) < 1e-6
     for g1, g0 in zip(grads1, grads0):
         assert rel_err(g1, g0) < 1e-5  # the weight gradient summed over other chunks: float32 order
