@@ -500,10 +500,10 @@ def kept_grads(
     commute with both products: ``dh = g (W_y - P W)`` and ``dW = scatter_y(g h) - P^T (g h)``,
     so P meets the two products as it is and no pass over it writes ``g (onehot - P)`` first
     (on the CPU that pass was ~30 ms of the medium bench's training step, the row terms are
-    (rows, D): 125x smaller at V = 32000, D = 256).  It rounds as the in-place route does to
-    float32 accuracy (the target's term is added to, not subtracted inside, the product's
-    sum).  Otherwise ``kept`` becomes the logits' gradient in place (:meth:`grad_`) and meets
-    the products in the weight's dtype."""
+    (rows, D): 125x smaller at V = 32000, D = 256).  The two routes round differently, both
+    to float32 accuracy (tests/test_kept_grads.py holds this one as close to float64 as the
+    in-place one).  Otherwise ``kept`` becomes the logits' gradient in place (:meth:`grad_`)
+    and meets the products in the weight's dtype."""
     if softcap is None and fold.keeps_probabilities and kept.dtype == weight.dtype == torch.float32 and grad_bias is None:
         gs = (g if scale is None else g * scale).unsqueeze(1)  # (rows, 1)
         if grad_h is not None:
