@@ -262,6 +262,10 @@ class WeightGrad:
         else:
             self.value.add_(_mm_float32(dz.t(), h))
 
+    def add_rows(self, index: Tensor, rows: Tensor) -> None:
+        """Add ``rows`` (K, D) into the rows ``index`` (K,) of the sum (after an :meth:`add`)."""
+        self.value.index_add_(0, index, rows.to(self.value.dtype))
+
     def result(self) -> Tensor | None:
         return None if self.value is None else self.value.to(self.dtype)
 
@@ -428,13 +432,19 @@ FOLDS = {"torch": TorchFold, "triton": TritonFold}
 # ----------------------------------------------------------------------------- scoring
 
 
+def direct_product(dtype: torch.dtype, weight: Tensor) -> bool:
+    """True where :func:`logits_into` writes logits of ``dtype`` straight from the product (the
+    fold's dtype is the weight's), so a product over more rows makes no larger temporary."""
+    return dtype == weight.dtype
+
+
 def _chunk_rows(m: int, v: int, dtype: torch.dtype, weight: Tensor, budget: int, scratch: Scratch | None) -> int:
     """Rows per product of a chunk loop over ``m`` rows: the budget's, or all the rows a scratch
     buffer already holds when that is more (the pair op's is as large as a group's kept logits:
-    larger products at no extra peak), unless the product rounds through a temporary of the
-    weight's dtype, which is then as large as the chunk."""
+    larger products at no extra peak), where the product needs no temporary
+    (:func:`direct_product`)."""
     rows = rows_per_chunk(v, dtype.itemsize, budget)
-    if scratch is not None and dtype == weight.dtype:
+    if scratch is not None and direct_product(dtype, weight):
         rows = max(rows, scratch.capacity(v, dtype, weight.device))
     return max(1, min(m, rows))
 
@@ -512,7 +522,7 @@ def kept_grads(
         if grad_weight is not None:
             gh = h * gs
             grad_weight.add(kept, gh.neg())  # -P^T (g h)
-            grad_weight.value.index_add_(0, y, gh)  # + g h at each row's target
+            grad_weight.add_rows(y, gh)  # + g h at each row's target
         return
     dz = fold.grad_(kept, st, y, g, scale, kept=True, softcap=softcap).to(weight.dtype)
     if grad_h is not None:

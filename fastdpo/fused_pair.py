@@ -292,9 +292,8 @@ def dpo_head_impl(
         m = hg.shape[0]
         kept = scratch.rows(keep, v, zdtype, dev)
         # The kept rows in one product (the more rows a product has, the less each costs, see
-        # chunks.chunk_slices) where it needs no temporary of the weight's dtype; the rest in
-        # chunks.
-        whole = keep > 0 and zdtype == weight.dtype
+        # chunks.chunk_slices) where it needs no temporary; the rest in chunks.
+        whole = keep > 0 and chunks.direct_product(zdtype, weight)
         parts = [slice(0, keep)] if whole else chunks.chunk_slices(keep, rows_per_chunk)
         parts += chunks.chunk_slices(m, rows_per_chunk, keep)
         spare = None
