@@ -6,18 +6,6 @@ the same fused head.  ``fastdpo.train.train(TrainConfig(...))`` (``fastdpo train
 line) trains a Hugging Face causal LM on text preference records.
 """
 
-import os as _os
-
-# In a source checkout used without installing (the repository root on sys.path, as on a GPU
-# machine with no network), the kernels live in ../kernels, which an install maps to
-# fastdpo.kernels (pyproject's package-dir): let the submodule search look there too.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if not _os.path.isdir(_os.path.join(__path__[0], "kernels")) and _os.path.isfile(
-    _os.path.join(_root, "kernels", "__init__.py")
-) and _os.path.isfile(_os.path.join(_root, "pyproject.toml")):
-    __path__.append(_root)
-del _root
-
 from .cpo import CPO
 from .data import KTODataset, PreferenceDataset
 from .dpo import DPO, precompute_reference_scores

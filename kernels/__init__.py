@@ -1,1 +1,0 @@
-"""Triton kernels of fastdpo (installed as ``fastdpo.kernels``)."""
