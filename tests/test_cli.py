@@ -148,6 +148,56 @@ def test_bench_csv_and_sweep(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# fastdpo's own route, broken on purpose: registered again under its name, its step raises in the
+# worker processes as well as here.
+BROKEN_OWN = textwrap.dedent(
+    """
+    from fastdpo import bench
+
+    @bench.register("fastdpo-torch", workloads=("head", "step"))
+    def _broken(workload, mode, cfg):
+        def step():
+            raise ImportError("cannot import name 'CUDAProperties' from 'kernels'")
+        return step
+    """
+)
+
+
+@pytest.mark.parametrize("isolation", ["process", "shuffle"])
+def test_a_failing_fastdpo_provider_heads_the_summary_and_fails_the_run(isolation, tmp_path, capsys):
+    """A peer that fails is a row (above: exit 0); one of fastdpo's own providers that fails
+    opens the summary, named with its error, and the command exits non-zero."""
+    path = tmp_path / "broken_own.py"
+    path.write_text(BROKEN_OWN)
+    before = dict(bench.PROVIDERS)
+    try:
+        rc = cli.main(["bench", *FAST, "--workload", "head", "--mode", "forward", "--provider-module", str(path),
+                       "--providers", "fastdpo-torch,trl", "--no-memory", "--no-files", "--isolation", isolation])
+    finally:
+        bench.PROVIDERS.clear()
+        bench.PROVIDERS.update(before)
+    assert rc == 1
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    summary = lines[lines.index("") + 1:]  # the summary follows the table's blank line
+    assert summary[0] == "FAILED: 1 of fastdpo's own measurements failed (fastdpo bench exits 1):", summary
+    assert summary[1].startswith("  fastdpo-torch (head forward B=")
+    assert summary[1].endswith("ImportError: cannot import name 'CUDAProperties' from 'kernels'")
+    assert summary[2].startswith("summary, ")
+    assert "fastdpo bench: 1 of fastdpo's own measurements failed, first: fastdpo-torch" in captured.err
+    # the peer and the references still ran
+    for name in ("trl", "x-transformers", "floor"):
+        assert "failed" not in next(ln for ln in lines if ln.startswith(name + " "))
+
+
+def test_own_providers_are_fastdpos_routes_and_the_baselines():
+    from fastdpo.bench.registry import is_own
+
+    ours = {n for n in bench.PROVIDERS if is_own(n)}
+    assert {"floor", "body", "fastdpo-torch", "fastdpo-packed", "fastdpo-orpo", "fastdpo-kto"} <= ours
+    assert not ours & {"x-transformers", "torch", "trl", "trl-fused", "cce", "liger", "liger-kto", "torch-lce"}
+
+
 @pytest.mark.parametrize("isolation", ["process", "shuffle"])
 def test_failing_providers_are_reported_and_the_rest_runs(isolation, plugin, tmp_path, capsys):
     out = tmp_path / "rows.json"

@@ -14,7 +14,7 @@ import torch
 from .config import DTYPES, LENGTHS, LOSSES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config, references
 from .measure import _one_line, environment
 from .registry import PROVIDERS, load_provider_modules
-from .report import format_table, isolation_note, plot, summary, write_rows
+from .report import format_table, isolation_note, own_failures, plot, summary, write_rows
 from .suite import ISOLATIONS, default_isolation, run
 
 
@@ -175,7 +175,8 @@ def _warn_if_busy(device: str) -> None:
 
 
 def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None = None) -> int:
-    """``fastdpo bench``: run the suite, print the table, write --out and --plot."""
+    """``fastdpo bench``: run the suite, print the table, write --out and --plot.  Returns 1
+    when any of fastdpo's own providers failed (the summary names them first), else 0."""
     error = error or (lambda msg: sys.exit(f"fastdpo bench: error: {msg}"))
     for name in args.provider_modules:
         try:
@@ -243,4 +244,7 @@ def main_from_args(args: argparse.Namespace, error: Callable[[str], None] | None
             print(f"plot: {png}")
         except ImportError as e:  # matplotlib is in the bench extra, not a dependency
             print(f"no plot: {e}")
-    return 0
+    failed = own_failures(rows)
+    if failed:
+        print(f"fastdpo bench: {len(failed)} of fastdpo's own measurements failed, first: {failed[0]}", file=sys.stderr)
+    return 1 if failed else 0

@@ -94,6 +94,13 @@ def load_provider_modules(modules: Iterable[str]) -> None:
             raise
 
 
+def is_own(name: str) -> bool:
+    """fastdpo's own providers: its routes and loss modules (``fastdpo-*``) and the bench's own
+    baselines (``floor``, ``body``).  One of them failing is a fastdpo bug, which the summary
+    puts first and ``fastdpo bench`` exits non-zero for; a peer failing is a row like any other."""
+    return name.startswith("fastdpo") or name in ("floor", "body")
+
+
 def applicable(workload: str, names: Iterable[str], loss: str = "dpo") -> list[str]:
     """The providers among ``names`` that have a form for ``workload`` and are measured under
     ``--loss loss``, in registry order."""

@@ -255,10 +255,21 @@ _MODE_WORDS = {("step", "forward+backward"): "training step", ("step", "forward"
                ("head", "forward+backward"): "loss head alone, forward+backward", ("head", "forward"): "loss head alone, forward"}
 
 
+def own_failures(rows: list[dict]) -> list[str]:
+    """One line per failed row of fastdpo's own providers (:func:`~fastdpo.bench.registry.is_own`):
+    the provider, where it failed and why.  ``unavailable`` rows (a device, a missing package) are
+    not failures."""
+    from .registry import is_own
+
+    return [f"{r['provider']} ({r['workload']} {r['mode']} B={r['batch']} L={r['seq_len']} V={r['vocab']}): {r['reason']}"
+            for r in rows if r["status"] == "failed" and is_own(r["provider"])]  # fmt: skip
+
+
 def summary(rows: list[dict]) -> str:
     """A few lines a newcomer reads in five seconds: fastdpo's default route against
     x-transformers and against the fastest peer of the same run, time and the memory the head
-    adds, per size point and (workload, mode)."""
+    adds, per size point and (workload, mode).  When any of fastdpo's own providers failed, the
+    summary opens with them (:func:`own_failures`)."""
 
     def ms(r):
         return f"{r['median_ms']:.3g} ms"
@@ -267,7 +278,9 @@ def summary(rows: list[dict]) -> str:
         ratio = b["median_ms"] / a["median_ms"]
         return f"{ratio:.2f}x faster than" if ratio >= 1 else f"{1 / ratio:.2f}x slower than"
 
-    out = []
+    failed = own_failures(rows)
+    out = [f"FAILED: {len(failed)} of fastdpo's own measurements failed (fastdpo bench exits 1):"] if failed else []
+    out += [f"  {line}" for line in failed]
     for p, here in _by_point(rows).items():
         sizes = dict(zip(SIZE_FIELDS, p[0]))
         out.append(f"summary, B={sizes['batch']} L={sizes['seq_len']} V={sizes['vocab']} D={sizes['dim']} "
