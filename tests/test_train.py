@@ -385,8 +385,15 @@ def test_fsdp_matches_one_process_and_ddp(fsdp_runs):
         # relative at most; the rewards are differences of sums of log-probs (-0.0018 from sums
         # near -2), whose rounding is absolute (4e-8).  With seeds 4 and 5 too, at most 6% of
         # the bound asserted was used.
+        # One exception: the first training row with precomputed reference scores.  Its
+        # policy is still the reference, scored before in other batches, so each pair's margin
+        # is rounding (0 or +-1.2e-8: one float32 ulp of a log-prob times beta), and
+        # rewards/accuracies (the share of pairs whose margin is > 0) is the share of rounding
+        # signs (measured 0 in one process, 1/8 in two).  Its margins are still compared.
         for a, b in zip(r1, r2):
             for k in (*train_mod.LOGGED, "grad_norm") if a["split"] == "train" else train_mod.LOGGED:
+                if k == "rewards/accuracies" and one == "one-precomputed" and (a["split"], a["step"]) == ("train", 1):
+                    continue
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (two, one, a["step"], a["split"], k)
         # The weights after 4 AdamW steps of lr 1e-2 (a step moves an element by up to ~1e-2):
         # measured 8e-7 apart (full, precomputed, and FSDP against DDP), 3.8e-6 on a LoRA B
