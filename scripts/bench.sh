@@ -3,4 +3,4 @@
 # Extra arguments go to `fastdpo bench` (default: --size small).
 source "$(dirname "$0")/_venv.sh" test,bench
 [ $# -gt 0 ] || set -- --size small
-exec .venv/bin/fastdpo bench "$@"
+exec "$VENV/bin/fastdpo" bench "$@"

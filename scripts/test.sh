@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Set up ./.venv from scratch if needed, then run the whole test suite on the CPU.
-# The bench extra too: the CLI tests run the suite (Liger, matplotlib); hf: tests/test_hf.py.
+# Set up ./.venv from scratch if needed (the versions of constraints.txt), then run the whole test
+# suite on the CPU, one pytest-xdist worker per core (FASTDPO_TEST_WORKERS=N for another count; 0:
+# none).  Extra arguments go to pytest.  The bench extra too: the CLI tests run the suite (Liger,
+# matplotlib); hf: the Hugging Face tests.
 source "$(dirname "$0")/_venv.sh" test,bench,hf
-exec .venv/bin/python -m pytest "$@"
+exec "$VENV/bin/python" -m pytest -n "${FASTDPO_TEST_WORKERS:-auto}" --dist loadgroup "$@"

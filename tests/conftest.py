@@ -18,6 +18,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (scripts/test.sh runs one worker per core) the workers share the cores:
+# each takes its share of torch's threads, so two workers of two OpenMP threads each do not spin
+# against each other on a 2-core machine.  Tests that need a thread count set it themselves.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+
 
 @pytest.fixture(autouse=True)
 def _main_path_only(request, monkeypatch):
@@ -26,6 +33,19 @@ def _main_path_only(request, monkeypatch):
 
         monkeypatch.setattr(fastdpo.ops, "SMALL_ELEMENTS", 0)
     yield
+
+
+# Module-scoped fixtures that take seconds each (a two-process job, the GPU suite's dry run, the
+# torchrun training runs, the 200-step leak check): under pytest-xdist, with scripts/test.sh's
+# --dist loadgroup, every test that uses one runs on the same worker, so it is built once.
+SHARED_FIXTURES = {"job", "dry_run", "fsdp_runs", "report"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        used = SHARED_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if used:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{min(used)}"))
 
 
 def pytest_configure(config):
