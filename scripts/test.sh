@@ -4,4 +4,4 @@
 # none).  Extra arguments go to pytest.  The bench extra too: the CLI tests run the suite (Liger,
 # matplotlib); hf: the Hugging Face tests.
 source "$(dirname "$0")/_venv.sh" test,bench,hf
-exec "$VENV/bin/python" -m pytest -n "${FASTDPO_TEST_WORKERS:-auto}" --dist loadgroup "$@"
+exec "$VENV/bin/python" -m pytest -n "${FASTDPO_TEST_WORKERS:-auto}" --dist loadfile "$@"

@@ -35,18 +35,5 @@ def _main_path_only(request, monkeypatch):
     yield
 
 
-# Module-scoped fixtures that take seconds each (a two-process job, the GPU suite's dry run, the
-# torchrun training runs, the 200-step leak check): under pytest-xdist, with scripts/test.sh's
-# --dist loadgroup, every test that uses one runs on the same worker, so it is built once.
-SHARED_FIXTURES = {"job", "dry_run", "fsdp_runs", "report"}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        used = SHARED_FIXTURES.intersection(getattr(item, "fixturenames", ()))
-        if used:
-            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{min(used)}"))
-
-
 def pytest_configure(config):
     config.addinivalue_line("markers", "small_path: keep sequence_logprobs' small-input path on")
