@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 PIP_FLAGS=(-q --disable-pip-version-check)
 if [ "${FASTDPO_NEWEST:-0}" = 1 ]; then
     VENV=.venv-newest
-    DEPS=(--upgrade --upgrade-strategy eager)
+    DEPS=(--upgrade --upgrade-strategy eager torch==2.13.0)  # (named: eager would take a CUDA torch)
 else
     VENV=.venv
     DEPS=(-c constraints.txt)
