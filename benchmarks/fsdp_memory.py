@@ -15,7 +15,7 @@ with the same malloc settings).  Three configurations:
 * ``fused``: ``DPO(head="auto")``, the fused route, the head weight gathered per model call;
 * ``logits``: ``DPO(head="logits")``: the model's own head, (2B, L-1, V) logits per model;
 * ``fused-16``: the fused route with 16 MiB budgets instead of the defaults: the pair-group
-  budget (``fastdpo.chunks.GROUP_BYTES``, 128 MiB on the CPU: how many logits a group keeps
+  budget (``fastdpo.scoring.rows.GROUP_BYTES``, 128 MiB on the CPU: how many logits a group keeps
   for its gradient) and the chunk (``CHUNK_BYTES``, 64 MiB: the logits made at a time).
 
 The head's share is ``step - body``, per rank (the larger of the two ranks is reported).
@@ -71,12 +71,12 @@ def _rank(rank: int, port: int, which: str, args, out_dir: str) -> None:
     from fastdpo.bench.measure import peak_extra_bytes, worker_heap
 
     worker_heap()
-    import fastdpo.chunks
+    import fastdpo.scoring.rows
 
     if args.group_mib:
-        fastdpo.chunks.GROUP_BYTES = args.group_mib * MIB
+        fastdpo.scoring.rows.GROUP_BYTES = args.group_mib * MIB
     if args.chunk_mib:
-        fastdpo.chunks.CHUNK_BYTES = args.chunk_mib * MIB
+        fastdpo.scoring.rows.CHUNK_BYTES = args.chunk_mib * MIB
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -130,9 +130,9 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--group-mib", type=int, default=0,
-                   help="the fused route's pair-group budget (fastdpo.chunks.GROUP_BYTES; default 128 on the CPU)")
+                   help="the fused route's pair-group budget (fastdpo.scoring.rows.GROUP_BYTES; default 128 on the CPU)")
     p.add_argument("--chunk-mib", type=int, default=0,
-                   help="the fused route's logits chunk (fastdpo.chunks.CHUNK_BYTES; default 64)")
+                   help="the fused route's logits chunk (fastdpo.scoring.rows.CHUNK_BYTES; default 64)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     n_rows = 2 * args.pairs_per_rank * (args.seq_len - 1)

@@ -26,7 +26,7 @@ skipped with a row that says so when the time budget (``--budget-s``) runs out:
    LigerFusedLinearDPOLoss, cut-cross-entropy's linear_cross_entropy and the naive product +
    log_softmax; TFLOP/s over the three products an exact implementation needs, % of the
    measured matrix rate, peak memory; and which route the timings favor against
-   ``fastdpo.cost_model.choose_matmul``.
+   ``fastdpo.scoring.cost_model.choose_matmul``.
 5. ``step`` -- one DPO training step of a ~1B-parameter bf16 TransformerWrapper (dim 2048,
    depth 12, V 128256, B=4 pairs, L=2048): fastdpo, x-transformers, Liger; ms per step and
    peak memory (an out-of-memory provider is a row that says so).
@@ -672,8 +672,9 @@ def head(suite: Suite) -> None:
     import torch
 
     from fastdpo.bench import peers as gpu_peers
-    from fastdpo import check_loss_config, cost_model, linear_sequence_logprobs
-    from fastdpo.fused_pair import HeadOptions, dpo_head
+    from fastdpo import check_loss_config, linear_sequence_logprobs
+    from fastdpo.scoring import cost_model
+    from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
 
     dev = suite.device
     n, t, d, v = suite.sizes.head_shape
@@ -833,8 +834,8 @@ def step(suite: Suite) -> None:
         ("fastdpo DPO (default route)", lambda: (dpo_step(DPO(model, beta=0.1)), None)),
         ("x-transformers DPO", lambda: (dpo_step(XDPO(model, beta=0.1)), None)),
         ("Liger LigerFusedLinearDPOLoss on the body's hidden states", liger_provider),
-        # packed (fastdpo.packing): whole pairs first-fit into rows, each prompt once, no
-        # padding, attention by parts through FlexAttention block masks (fastdpo.attention)
+        # packed (fastdpo.batching.packing): whole pairs first-fit into rows, each prompt once, no
+        # padding, attention by parts through FlexAttention block masks (fastdpo.batching.attention)
         ("fastdpo DPO, packing='batch'", lambda: (dpo_step(DPO(model, beta=0.1, packing="batch")), None)),
         ("fastdpo DPO, packing='pair'", lambda: (dpo_step(DPO(model, beta=0.1, packing="pair")), None)),
         ("fastdpo DPO, matmul=triton (Triton GEMMs)",

@@ -58,7 +58,7 @@ def worker(which, batch, seq_len, vocab, dim):
     worker_heap()
     model, pref, unpref, prompt = build(batch, seq_len, vocab, dim)
     if which == "body":
-        from fastdpo.dpo import frozen_copy
+        from fastdpo.modules.dpo import frozen_copy
 
         ref = frozen_copy(model).eval()
         src = torch.cat((pref, unpref))[:, :-1]

@@ -23,8 +23,8 @@ import time
 import torch
 
 from fastdpo import check_loss_config, linear_sequence_logprobs
-from fastdpo.fused_pair import HeadOptions, dpo_head
-from fastdpo.losses import pair_losses
+from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
+from fastdpo.losses.pairwise import pair_losses
 
 B, L, V, D = 4, 512, 32000, 256
 VARIANTS = {

@@ -6,7 +6,7 @@
 Each provider's step (:mod:`fastdpo.bench`, the models and batch ``fastdpo bench`` times) runs
 in a fresh process: two untimed calls, then ``--repeats`` calls, each measured with
 ``getrusage`` (wall, user and system CPU time, minor page faults); the call with the median
-wall time is printed.  ``--no-huge-pages`` sets ``fastdpo.chunks.HUGE_PAGES = False`` in the
+wall time is printed.  ``--no-huge-pages`` sets ``fastdpo.scoring.rows.HUGE_PAGES = False`` in the
 children (the fused head's buffers in 4 KiB pages, as before issue 25).  A step whose buffers
 are fresh memory pays a fault per 4 KiB page the first time it writes them; on a VM that is
 system time the profiler's op table does not show (docs/performance.md, "Issue 25").
@@ -23,7 +23,7 @@ import time
 
 
 def _child(name: str, size: str, mode: str, repeats: int, huge: bool) -> None:
-    import fastdpo.chunks as chunks
+    import fastdpo.scoring.rows as chunks
     from fastdpo import bench
     from fastdpo.bench.config import SIZES, Config
 

@@ -23,15 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    LAUNCH_OPTIONS,
-    SUPPORTED_DTYPES,
-    TRITON_DTYPE,
-    Example,
-    aot_example,
-    autotune_enabled,
-    specialize,
-)
+from ._common import LAUNCH_OPTIONS, SUPPORTED_DTYPES, TRITON_DTYPE, Example, aot_example, autotune_enabled, specialize
 
 __all__ = [
     "sequence_logprobs_forward",

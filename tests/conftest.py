@@ -5,7 +5,7 @@ interpreted vs compiled when a kernel is decorated, so the variable must be set 
 anything imports fastdpo.kernels.
 
 The tests' tensors are small, so ``sequence_logprobs`` would take its small-input path
-(plain autograd ops, ``fastdpo.ops.SMALL_ELEMENTS``) nearly everywhere: the tests turn it
+(plain autograd ops, ``fastdpo.scoring.logits_op.SMALL_ELEMENTS``) nearly everywhere: the tests turn it
 off, so that they exercise the main path (the boxes, the custom op, the kernels), and
 tests/test_small_path.py checks the small path on its own against the same contract.
 """
@@ -29,9 +29,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(autouse=True)
 def _main_path_only(request, monkeypatch):
     if request.node.get_closest_marker("small_path") is None:
-        import fastdpo.ops
+        import fastdpo.scoring.logits_op
 
-        monkeypatch.setattr(fastdpo.ops, "SMALL_ELEMENTS", 0)
+        monkeypatch.setattr(fastdpo.scoring.logits_op, "SMALL_ELEMENTS", 0)
     yield
 
 

@@ -1,6 +1,7 @@
-"""The architecture stays visible: no import cycle among fastdpo's modules (imports inside
-functions included, ``TYPE_CHECKING`` blocks excluded), no module in fastdpo/ over 650
-lines, and no file citing a document the repository does not hold."""
+"""The architecture stays visible: each folder imports only the layers below it (:data:`LAYERS`),
+no import cycle among fastdpo's modules (imports inside functions included, ``TYPE_CHECKING``
+blocks excluded), no module in fastdpo/ over 650 lines, and no file citing a document the
+repository does not hold."""
 
 from __future__ import annotations
 
@@ -57,6 +58,68 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         elif isinstance(node, ast.Import):
             out.update(a.name for a in node.names)
     return {m for m in out if m in known and m != name}
+
+
+# What each part of fastdpo may import besides itself, the data's way down: a module (users'
+# objects) -> scoring (log-probs from a model's outputs) -> models (the adapters) -> batching
+# (token ids to the batch) and losses (math on score vectors), with the argument checks and the
+# Triton kernels at the bottom.  Each folder's __init__ docstring says the same.
+LAYERS: dict[str, set[str]] = {
+    "kernels": set(),
+    "_checks": {"kernels"},
+    "losses": {"_checks"},
+    "batching": {"_checks"},
+    "data": {"_checks"},
+    "models": {"batching", "_checks"},
+    "scoring": {"models", "batching", "losses", "_checks", "kernels"},
+    "modules": {"scoring", "models", "batching", "losses", "_checks"},
+    "train": {"modules", "data", "models", "losses", "_checks"},
+    "bench": {"modules", "scoring", "models", "batching", "losses", "data", "_checks", "kernels", "__init__"},
+    "kernel_report": {"kernels"},
+    "cli": {"bench", "train", "kernel_report", "kernels", "__init__"},
+    "__init__": {"modules", "scoring", "losses", "data", "train"},
+}
+
+
+def _part(name: str) -> str:
+    """The part of fastdpo a module belongs to: its first folder or top-level module."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def test_each_part_imports_only_the_layers_below_it():
+    mods = _modules()
+    known = set(mods)
+    missing = {_part(m) for m in mods} - set(LAYERS)
+    assert not missing, f"a new part of fastdpo needs its row in LAYERS: {sorted(missing)}"
+    upward = sorted(
+        f"{name} imports {target}"
+        for name, path in mods.items()
+        for target in _imports(name, path, known)
+        if _part(target) != _part(name) and _part(target) not in LAYERS[_part(name)]
+    )
+    assert not upward, "imports against the layers (tests/test_architecture.py, LAYERS):\n" + "\n".join(upward)
+
+
+def test_the_layer_check_finds_an_upward_import(tmp_path, monkeypatch):
+    """The check above can fail: a loss module importing a model adapter."""
+    pkg = tmp_path / "fastdpo"
+    for folder in ("losses", "models"):
+        (pkg / folder).mkdir(parents=True)
+        (pkg / folder / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models" / "base.py").write_text("X = 1\n")
+    (pkg / "losses" / "pairwise.py").write_text("def f():\n    from ..models.base import X\n")
+    (tmp_path / "kernels").mkdir()
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
+    monkeypatch.setattr(sys.modules[__name__], "LAYERS", {**LAYERS, "__init__": set()})
+    try:
+        test_each_part_imports_only_the_layers_below_it()
+    except AssertionError as e:
+        assert "fastdpo.losses.pairwise imports fastdpo.models.base" in str(e), str(e)
+    else:
+        raise AssertionError("the upward import was not found")
 
 
 def test_no_import_cycle():

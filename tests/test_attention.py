@@ -1,4 +1,4 @@
-"""fastdpo.attention: attention by parts of a packed layout equals attention with the dense
+"""fastdpo.batching.attention: attention by parts of a packed layout equals attention with the dense
 packed mask (float64), with and without a sliding window; the FlexAttention mask that the CUDA
 path uses gives the same (checked on the CPU forward: FlexAttention has no CPU backward)."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdpo.attention import SegmentAttention, block_mask
-from fastdpo.packing import PAD, pack
+from fastdpo.batching.attention import SegmentAttention, block_mask
+from fastdpo.batching.packing import PAD, pack
 
 V, L = 50, 12
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from x_transformers import Decoder, TransformerWrapper
 
-import fastdpo.chunks as chunks
-from fastdpo import CPO, DPO, torch_impl
+import fastdpo.scoring.rows as chunks
+from fastdpo import CPO, DPO
+from fastdpo.scoring.backends import torch_fold as torch_impl
 
 from helpers import rel_err
 

@@ -166,7 +166,7 @@ def test_linear_custom_op_passes_opcheck():
 
 def test_dpo_head_custom_op_passes_opcheck():
     from fastdpo import check_loss_config
-    from fastdpo.fused_pair import HeadOptions, to_op_args
+    from fastdpo.scoring.dpo_head_op import HeadOptions, to_op_args
 
     g = torch.Generator().manual_seed(4)
     hidden = torch.randn(4, 5, 8, generator=g, requires_grad=True)
@@ -199,8 +199,8 @@ def test_dpo_head_schema_is_derived_from_head_options():
     import dataclasses
 
     from fastdpo import check_loss_config
-    from fastdpo.fused_pair import HeadOptions, from_op_args, to_op_args
-    from fastdpo.losses import LossConfig
+    from fastdpo.scoring.dpo_head_op import HeadOptions, from_op_args, to_op_args
+    from fastdpo.losses.pairwise import LossConfig
 
     leaves = []
     for f in dataclasses.fields(HeadOptions):

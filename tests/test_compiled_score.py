@@ -1,4 +1,4 @@
-"""The compiled CPU score (fastdpo.torch_impl.compiled_score): inductor's C++ code for
+"""The compiled CPU score (fastdpo.scoring.backends.torch_fold.compiled_score): inductor's C++ code for
 ``(z_y - m) - log sum exp(z - m)``, used where no softmax is kept.  Checked against float64,
 against the ATen path it replaces, at the extremes, through DPO against x-transformers, and
 its fallback when compiling fails.  The size threshold is lowered so that small inputs take it
@@ -10,8 +10,9 @@ import pytest
 import torch
 from x_transformers.dpo import DPO as XDPO
 
-import fastdpo.torch_impl as ti
-from fastdpo import DPO, native, sequence_logprobs
+import fastdpo.scoring.backends.torch_fold as ti
+from fastdpo import DPO, sequence_logprobs
+from fastdpo.scoring.backends import native
 from helpers import float32_level, rel_err, tiny_transformer
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

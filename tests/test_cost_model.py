@@ -6,8 +6,9 @@ import pytest
 import torch
 from x_transformers import Decoder, TransformerWrapper
 
-import fastdpo.linear as linear
-from fastdpo import DPO, cost_model
+import fastdpo.scoring.linear_op as linear
+from fastdpo import DPO
+from fastdpo.scoring import cost_model
 
 
 def test_three_product_route_is_three_products_plus_the_fold():

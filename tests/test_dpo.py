@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from x_transformers.dpo import DPO as XDPO
 
 from fastdpo import DPO
-from fastdpo.dpo import deepcopy_module
+from fastdpo.modules.dpo import deepcopy_module
 
 from helpers import rel_err, tiny_transformer
 
@@ -79,8 +79,8 @@ CONFIGS = [
 @pytest.fixture
 def routes(monkeypatch):
     """Counts which route DPO took: the fused head or the logits."""
-    import fastdpo.dpo as dpo_module
-    import fastdpo.ops as ops_module
+    import fastdpo.modules.dpo as dpo_module
+    import fastdpo.scoring.logits_op as ops_module
 
     seen = {"fused": 0, "logits": 0}
 
@@ -266,7 +266,7 @@ def test_conventions_differ_from_default():
 
 
 def test_inplace_backward_used_and_equivalent(monkeypatch):
-    import fastdpo.ops as ops
+    import fastdpo.scoring.logits_op as ops
 
     inplace_calls = []
     real = ops._logprobs_backward_inplace_op
@@ -304,8 +304,8 @@ def test_evaluation_scores_forward_only(route, mode, monkeypatch):
     weight-gradient product, no backward kernel."""
     import contextlib
 
-    import fastdpo.chunks as chunks
-    import fastdpo.ops as ops
+    import fastdpo.scoring.rows as chunks
+    import fastdpo.scoring.logits_op as ops
 
     dpo = DPO(make_model(257, seed=4), **ROUTE_KW[route])
     perturb_(dpo.policy_model, 5)

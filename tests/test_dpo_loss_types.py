@@ -19,8 +19,8 @@ pytest.importorskip("trl")
 pytest.importorskip("transformers")
 
 from fastdpo import DPO, check_loss_config, preference_loss  # noqa: E402
-from fastdpo.fused_pair import HeadOptions, dpo_head  # noqa: E402
-from fastdpo.losses import pair_losses  # noqa: E402
+from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head  # noqa: E402
+from fastdpo.losses.pairwise import pair_losses  # noqa: E402
 from tests.helpers import rel_err, tiny_transformer  # noqa: E402
 from tests.test_hf import B, CONVENTIONS, V, batch, grads_of, perturb, tiny  # noqa: E402
 from tests.test_losses import truth  # noqa: E402
@@ -400,7 +400,7 @@ def test_dpo_head_op_carries_the_new_options():
     ref = torch.randn(4, generator=g)
     cfg = check_loss_config(["discopop", "sft"], 0.3, discopop_tau=0.2, f_divergence_type="alpha_divergence",
                             f_alpha_divergence_coef=0.25)
-    from fastdpo.fused_pair import from_op_args, to_op_args
+    from fastdpo.scoring.dpo_head_op import from_op_args, to_op_args
 
     opts = HeadOptions(impl="torch", scale=None, ref_scale=None, reduction="sum", loss=cfg)
     assert from_op_args(to_op_args(opts)) == opts

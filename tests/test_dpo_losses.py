@@ -10,8 +10,8 @@ import torch
 from x_transformers import Decoder, TransformerWrapper
 
 from fastdpo import DPO
-from fastdpo.dpo import deepcopy_module
-from fastdpo.losses import LOSS_TYPES
+from fastdpo.modules.dpo import deepcopy_module
+from fastdpo.losses.pairwise import LOSS_TYPES
 
 from helpers import reference_logprobs, rel_err
 from test_losses import truth
@@ -68,7 +68,7 @@ def test_every_loss_through_dpo(case, head):
     loss.backward()
 
     # the same loss, by hand: full log_softmax scores, then the papers' formulas in float64
-    # (test_losses.truth, written independently of fastdpo.losses), from the case itself
+    # (test_losses.truth, written independently of fastdpo.losses.pairwise), from the case itself
     twin = deepcopy_module(dpo)
     twin.policy_model.zero_grad(set_to_none=True)
     pol, count = hand_scores(twin.policy_model, pref, unpref, pm, reduction)

@@ -1,4 +1,4 @@
-"""LD-DPO (``ld_alpha``) and WPO (``use_weighting``) through DPO (fastdpo.weighting).
+"""LD-DPO (``ld_alpha``) and WPO (``use_weighting``) through DPO (fastdpo.losses.weighting).
 
 Under TRL's conventions (``"sum"``, ``"target"``) every route must give TRL 1.16's own
 ``DPOTrainer._compute_loss`` (tests/trl_harness.py: TRL's code on stub fused heads that return
@@ -20,12 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastdpo.dpo
-import fastdpo.fused_pair
-import fastdpo.ops
-import fastdpo.weighting as weighting
+import fastdpo.modules.dpo
+import fastdpo.scoring.dpo_head_op
+import fastdpo.scoring.logits_op
+import fastdpo.losses.weighting as weighting
 from fastdpo import DPO, LOSS_TYPES
-from fastdpo.chunks import TorchFold, TritonFold
+from fastdpo.scoring.rows import TorchFold, TritonFold
 from fastdpo.kernels.sequence_logprobs import row_logprobs, sequence_logprobs_backward, sequence_logprobs_forward
 from tests.helpers import rel_err, tiny_transformer
 
@@ -369,8 +369,8 @@ def test_small_path(conv, monkeypatch):
     """A fused head's step this small builds its logits and takes the plain ops: they weigh
     and fold log sum p^2 too."""
     taken = []
-    real = fastdpo.ops._small_logprobs
-    monkeypatch.setattr(fastdpo.ops, "_small_logprobs", lambda *a: taken.append(a[-1]) or real(*a))
+    real = fastdpo.scoring.logits_op._small_logprobs
+    monkeypatch.setattr(fastdpo.scoring.logits_op, "_small_logprobs", lambda *a: taken.append(a[-1]) or real(*a))
     opts = dict(ld_alpha=0.4, use_weighting=True)
     dpo = make_dpo("xt", head="fused", **conv, **opts)
     batch = make_batch()
@@ -450,8 +450,8 @@ def test_wpo_weight_of_an_underflowing_completion_is_zero_not_nan(impl):
     assert rel_err(grads["table"] * B / (B - 1), grads_rest["table"]) <= 1e-6
 
     # The fused pair op on the same logits (one-hot hidden states times the table).
-    from fastdpo.batches import make_batch as batch_of
-    from fastdpo.fused_pair import HeadOptions, dpo_head
+    from fastdpo.batching.batch import make_batch as batch_of
+    from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
 
     pref, unpref, pm, pmask, umask = batch
     bt = batch_of(torch.cat((pref, unpref)), ~pm.repeat(2, 1) & torch.cat((pmask, umask)), "target")
@@ -508,8 +508,8 @@ def test_dropping_the_wpo_detach_changes_the_gradient(monkeypatch):
         want = trl_reference(dpo, batch, use_weighting=True)
         assert_close(*loss_and_grads(dpo, batch), *want)
         with monkeypatch.context() as m:
-            m.setattr(fastdpo.fused_pair, "wpo_weights", attached)
-            m.setattr(fastdpo.dpo, "wpo_weights", attached)
+            m.setattr(fastdpo.scoring.dpo_head_op, "wpo_weights", attached)
+            m.setattr(fastdpo.modules.dpo, "wpo_weights", attached)
             loss, grads = loss_and_grads(dpo, batch)
         assert abs(loss.item() - want[0].item()) <= 1e-6 * want[0].item()  # same value
         assert max(rel_err(grads[n], want[1][n]) for n in grads) > 1e-2  # another gradient

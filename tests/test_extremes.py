@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import fastdpo.kernels.sequence_logprobs as kernels
 from fastdpo import linear_sequence_logprobs, sequence_logprobs
-from fastdpo import torch_impl
+from fastdpo.scoring.backends import torch_fold as torch_impl
 
 from helpers import IMPLS, reference_logprobs, rel_err, three_way
 
@@ -427,7 +427,7 @@ def _head(fold, hidden, weight, targets, mask, upstream_pairs=None):
     """(loss, policy sums, d hidden, d weight) of dpo_head with every group's logits kept (the
     torch fold turns them into probabilities in place)."""
     from fastdpo import check_loss_config
-    from fastdpo.fused_pair import HeadOptions, dpo_head
+    from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
 
     opts = HeadOptions(impl=fold, scale=None, ref_scale=None, reduction="sum", loss=check_loss_config("sigmoid", 0.5),
                        group_bytes=1 << 30)
@@ -491,7 +491,7 @@ def test_dpo_head_non_finite_logits(fold):
 
 def _sums_only(fold, hidden, weight, targets, mask):
     from fastdpo import check_loss_config
-    from fastdpo.fused_pair import HeadOptions, dpo_head
+    from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
 
     opts = HeadOptions(impl=fold, scale=None, ref_scale=None, reduction="sum", loss=check_loss_config("sigmoid", 0.5))
     count = mask.sum(-1).clamp(min=1e-5).float()

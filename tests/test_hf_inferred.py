@@ -16,7 +16,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
-import fastdpo.scoring  # noqa: E402
+import fastdpo.scoring.router  # noqa: E402
 from fastdpo import DPO  # noqa: E402
 from fastdpo.models import hf  # noqa: E402
 
@@ -50,13 +50,13 @@ def inferred(name: str, seed: int = 0) -> nn.Module:
 def checks(monkeypatch):
     """Counts the first-call checks."""
     calls = []
-    real = fastdpo.scoring.check_head
+    real = fastdpo.scoring.router.check_head
 
     def spy(*args, **kwargs):
         calls.append(args[1].claim)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fastdpo.scoring, "check_head", spy)
+    monkeypatch.setattr(fastdpo.scoring.router, "check_head", spy)
     return calls
 
 

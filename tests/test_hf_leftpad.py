@@ -322,7 +322,7 @@ def test_auto_packing_runs_a_left_padded_batch_unpacked(monkeypatch):
     auto = DPO(model, packing="auto", mask_alignment="target", pack_attention="segments")
     plain = DPO(model, mask_alignment="target")
     plain.ref_model = auto.ref_model
-    monkeypatch.setattr("fastdpo.cost_model.choose_layout", lambda *a, **k: "batch")  # packing always pays
+    monkeypatch.setattr("fastdpo.batching.packing.choose_layout", lambda *a, **k: "batch")  # packing always pays
     packed_right = auto(**kwargs_of(pairs("right")))
     assert auto._packing_checked == {"cpu"}  # the right-padded batch was packed
     got = auto(**kwargs_of(pairs("left")))

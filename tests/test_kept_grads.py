@@ -1,4 +1,4 @@
-"""The pair op's kept rows' gradients (fastdpo.chunks.kept_grads): where the torch fold kept
+"""The pair op's kept rows' gradients (fastdpo.scoring.rows.kept_grads): where the torch fold kept
 probabilities beside a float32 weight, the row weights commute with the two products
 (``dh = g (W_y - P W)``, ``dW = scatter_y(g h) - P^T (g h)``) and no pass writes ``g (onehot
 - P)``; against float64 and against the in-place route, and which route each case takes."""
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdpo import chunks
+from fastdpo.scoring import rows as chunks
 from helpers import three_way
 
 

@@ -29,9 +29,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastdpo.scoring
+import fastdpo.scoring.router
 from fastdpo import KTO, KTO_LOSS_TYPES, KTODataset
-from fastdpo.kto import check_kto_config, kl_baseline, kto_losses
+from fastdpo.modules.kto import check_kto_config, kl_baseline, kto_losses
 
 from helpers import rel_err, three_way, tiny_transformer
 
@@ -270,8 +270,8 @@ def logits_of(model):
 def linear_calls(monkeypatch):
     """Counts the fused "scores" op's calls (each scores a body's hidden states)."""
     calls = []
-    real = fastdpo.scoring.run_linear
-    monkeypatch.setattr(fastdpo.scoring, "run_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fastdpo.scoring.router.run_linear
+    monkeypatch.setattr(fastdpo.scoring.router, "run_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 

@@ -18,10 +18,10 @@ from torch.utils._pytree import tree_flatten
 from x_transformers import Decoder, TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
-import fastdpo.chunks as chunks
+import fastdpo.scoring.rows as chunks
 from fastdpo import DPO, linear_sequence_logprobs
-from fastdpo.fused_pair import HeadOptions, dpo_head
-from fastdpo.losses import check_loss_config
+from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
+from fastdpo.losses.pairwise import check_loss_config
 from fastdpo.models import adapter_for
 
 from helpers import reference_logprobs, rel_err, three_way

@@ -1,4 +1,4 @@
-"""The C++ row fold (fastdpo.native, fastdpo/cpu_fold.cpp): its score, softmax and gradient
+"""The C++ row fold (fastdpo.scoring.backends.native, fastdpo/scoring/backends/cpu_fold.cpp): its score, softmax and gradient
 against float64 on odd shapes, strided rows and the extremes; threads; its build cache and
 its fallback when no compiler is there; and the CPU routes that call it (logits and fused
 head, with and without a gradient) against the same routes with it off and against float64."""
@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastdpo.torch_impl as ti
-from fastdpo import linear_sequence_logprobs, native, sequence_logprobs
+import fastdpo.scoring.backends.torch_fold as ti
+from fastdpo import linear_sequence_logprobs, sequence_logprobs
+from fastdpo.scoring.backends import native
 from helpers import float32_level
 
 pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler for the native fold")
@@ -320,5 +321,5 @@ def test_the_source_ships_with_the_package():
     from pathlib import Path
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
-    assert native.SOURCE.name in pyproject["tool"]["setuptools"]["package-data"]["fastdpo"]
+    assert native.SOURCE.name in pyproject["tool"]["setuptools"]["package-data"][native.__package__]
     assert native.SOURCE.exists()

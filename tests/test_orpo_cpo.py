@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastdpo.scoring
+import fastdpo.scoring.router
 from fastdpo import CPO, CPO_LOSS_TYPES, ORPO
-from fastdpo.family_losses import alphapo_reward, chosen_nll, log1mexp, orpo_log_odds
+from fastdpo.losses.reference_free import alphapo_reward, chosen_nll, log1mexp, orpo_log_odds
 
 from helpers import rel_err, three_way, tiny_transformer
 
@@ -261,8 +261,8 @@ def trl_cpo(model, data, float64: bool = True, **options):
 def linear_calls(monkeypatch):
     """Counts the fused "scores" op's calls (each call scores some rows of hidden states)."""
     calls = []
-    real = fastdpo.scoring.run_linear
-    monkeypatch.setattr(fastdpo.scoring, "run_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = fastdpo.scoring.router.run_linear
+    monkeypatch.setattr(fastdpo.scoring.router, "run_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
 
 
@@ -343,15 +343,15 @@ def test_bfloat16_model_is_as_accurate_as_trl_in_bfloat16(family):
 
 def test_orpo_without_its_nll_term_fails_the_comparison(monkeypatch):
     """The mutation check: ORPO's loss with the NLL term dropped no longer matches TRL."""
-    import fastdpo.orpo
+    import fastdpo.modules.orpo
 
     model = xt_model()
     data = make_batch()
     trl = reference_step(model, lambda: trl_orpo(model, data, beta=0.1))
     orpo = ORPO(model, beta=0.1, mask_alignment="target")
     assert_same(ours_step(orpo, data), trl, metric_keys=())
-    real = fastdpo.orpo.orpo_loss
-    monkeypatch.setattr(fastdpo.orpo, "orpo_loss", lambda c, r, nll, beta: real(c, r, torch.zeros_like(nll), beta))
+    real = fastdpo.modules.orpo.orpo_loss
+    monkeypatch.setattr(fastdpo.modules.orpo, "orpo_loss", lambda c, r, nll, beta: real(c, r, torch.zeros_like(nll), beta))
     with pytest.raises(AssertionError, match="loss"):
         assert_same(ours_step(orpo, data), trl, metric_keys=())
 

@@ -1,6 +1,6 @@
-"""DPO(packing=...): pairs packed as [prompt, chosen, rejected] (fastdpo.packing), one pair a
+"""DPO(packing=...): pairs packed as [prompt, chosen, rejected] (fastdpo.batching.packing), one pair a
 row ("pair", alias share_prompt=True) or whole pairs first-fit into rows ("batch"), attending
-by parts (fastdpo.attention) or through the dense mask.
+by parts (fastdpo.batching.attention) or through the dense mask.
 
 A packed step must give x-transformers' DPO's loss (1e-6 relative) and gradients (1e-5
 norm-relative) on ragged batches (different prompt lengths, right padding of different lengths,
@@ -16,10 +16,10 @@ import torch
 from x_transformers import Decoder, TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
-import fastdpo.attention
+import fastdpo.batching.attention
 from fastdpo import DPO
-from fastdpo.dpo import frozen_copy
-from fastdpo.packing import Packed, pack
+from fastdpo.modules.dpo import frozen_copy
+from fastdpo.batching.packing import Packed, pack
 from tests.helpers import rel_err, tiny_transformer
 from tests.test_dpo import loss_and_grads
 
@@ -112,8 +112,8 @@ def assert_same(got, want):
 def by_parts(monkeypatch):
     """Counts the calls of attention by parts."""
     calls = []
-    real = fastdpo.attention.SegmentAttention.__call__
-    monkeypatch.setattr(fastdpo.attention.SegmentAttention, "__call__",
+    real = fastdpo.batching.attention.SegmentAttention.__call__
+    monkeypatch.setattr(fastdpo.batching.attention.SegmentAttention, "__call__",
                         lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     return calls
 
@@ -266,7 +266,7 @@ def _leak(attention: str, monkeypatch) -> None:
     """Make the packed attention leak: by parts, causal over the whole row; dense, the
     rejected part seeing the chosen one."""
     if attention == "segments":
-        monkeypatch.setattr(fastdpo.attention.SegmentAttention, "_parts", _leaky_parts)
+        monkeypatch.setattr(fastdpo.batching.attention.SegmentAttention, "_parts", _leaky_parts)
     else:
         monkeypatch.setattr(Packed, "attn_mask", property(_rejected_sees_chosen))
 
@@ -345,18 +345,18 @@ def test_what_the_packed_padding_holds_is_never_seen():
 
 
 def test_auto_packs_when_it_pays_and_equals_unpacked(monkeypatch):
-    """packing="auto" packs the batches cost_model.choose_layout says pay, with the unpacked
+    """packing="auto" packs the batches packing.choose_layout says pay, with the unpacked
     step's numbers, and runs the others (short pairs, a batch that cannot pack) unpacked."""
-    from fastdpo import cost_model
+    from fastdpo.batching import packing as layout
 
     pref, unpref, pm = make_batch(seed=14)
     packed, plain = packed_and_plain("rotary", 15, packing="auto")
     seen = []
-    real = cost_model.choose_layout
-    monkeypatch.setattr(cost_model, "choose_layout", lambda *a: seen.append(real(*a)) or seen[-1])
+    real = layout.choose_layout
+    monkeypatch.setattr(layout, "choose_layout", lambda *a: seen.append(real(*a)) or seen[-1])
     assert_same(loss_and_grads(packed, pref, unpref, prompt_mask=pm), loss_and_grads(plain, pref, unpref, prompt_mask=pm))
     assert seen == ["none"]  # pairs of ~15 tokens: the fixed costs would not be paid back
-    monkeypatch.setattr(cost_model, "PACK_OVERHEAD", 0.0)  # as if the pairs were long
+    monkeypatch.setattr(layout, "PACK_OVERHEAD", 0.0)  # as if the pairs were long
     assert_same(loss_and_grads(packed, pref, unpref, prompt_mask=pm), loss_and_grads(plain, pref, unpref, prompt_mask=pm))
     assert seen[-1] == "batch"
     bad = unpref.clone()
@@ -372,10 +372,10 @@ def test_auto_packs_when_it_pays_and_equals_unpacked(monkeypatch):
     (16, 128, ([10] * 16, [40] * 16, [30] * 16), "batch"),  # mostly padding
 ])
 def test_auto_rule(b, l, lengths, expected):
-    from fastdpo import cost_model
+    from fastdpo.batching import packing as layout
 
-    assert cost_model.choose_layout((b, l), lengths, "segments", torch.device("cpu")) == expected
-    assert cost_model.choose_layout((b, l), None, "segments", torch.device("cpu")) == "none"
+    assert layout.choose_layout((b, l), lengths, "segments", torch.device("cpu")) == expected
+    assert layout.choose_layout((b, l), None, "segments", torch.device("cpu")) == "none"
 
 
 # ----------------------------------------------------------------------------- bad input

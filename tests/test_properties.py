@@ -43,10 +43,10 @@ from torch import Tensor, nn
 from x_transformers import TransformerWrapper
 from x_transformers.dpo import DPO as XDPO
 
-import fastdpo.chunks as chunks
+import fastdpo.scoring.rows as chunks
 from fastdpo import DPO, linear_sequence_logprobs, sequence_logprobs
-from fastdpo import torch_impl
-from fastdpo.dpo import deepcopy_module
+from fastdpo.scoring.backends import torch_fold as torch_impl
+from fastdpo.modules.dpo import deepcopy_module
 
 from helpers import TOL, reference_logprobs, three_way, tiny_transformer
 from hypothesis_profiles import scaled

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastdpo import sequence_logprobs
-from fastdpo import torch_impl
+from fastdpo.scoring.backends import torch_fold as torch_impl
 
 from helpers import IMPLS, TOL, float32_level, reference_logprobs, rel_err, three_way
 
@@ -146,10 +146,10 @@ def test_inplace_backward_matches_out_of_place(dtype, impl):
 def test_no_vocab_sized_softmax_is_built(fold, monkeypatch):
     """The op runs (log_)softmax on boxes of rows only and never allocates more than one
     (N, T, V) buffer: temporaries are box-sized (here 3 rows of the 16).  With the C++ fold
-    (fastdpo.native) there is no softmax op at all: the boxes go to it."""
+    (fastdpo.scoring.backends.native) there is no softmax op at all: the boxes go to it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fastdpo import native
+    from fastdpo.scoring.backends import native
 
     if fold == "native" and not native.available():
         pytest.skip("no C++ compiler for the native fold")

@@ -1,4 +1,4 @@
-"""sequence_logprobs' small-input path (plain autograd ops below fastdpo.ops.SMALL_ELEMENTS):
+"""sequence_logprobs' small-input path (plain autograd ops below fastdpo.scoring.logits_op.SMALL_ELEMENTS):
 the same contract as the main path, checked the same ways."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import fastdpo.ops as ops
+import fastdpo.scoring.logits_op as ops
 from fastdpo import sequence_logprobs
 
 from helpers import TOL, reference_logprobs, three_way
@@ -105,7 +105,7 @@ def test_dpo_small_step_builds_tiny_logits_and_matches_x_transformers(tie, monke
     the small path: still x-transformers' loss, gradients and metrics."""
     from x_transformers.dpo import DPO as XDPO
 
-    import fastdpo.dpo as dpo_module
+    import fastdpo.modules.dpo as dpo_module
     from fastdpo import DPO
     from test_dpo import TIED, loss_and_grads, make_batch, make_model, perturb_
 
@@ -160,7 +160,7 @@ def test_dpo_small_step_metrics_and_evaluation():
 
 
 def test_dpo_small_step_threshold(monkeypatch):
-    import fastdpo.dpo as dpo_module
+    import fastdpo.modules.dpo as dpo_module
     from fastdpo import DPO
     from test_dpo import make_batch, make_model
 

@@ -1,4 +1,4 @@
-"""PreferenceDataset.from_records (fastdpo/text.py) against TRL 1.16's own data path.
+"""PreferenceDataset.from_records (fastdpo/data/text.py) against TRL 1.16's own data path.
 
 TRL's side is its real code, called unbound on a stub trainer: ``DPOTrainer._prepare_dataset``
 (prompt extraction, EOS, its tokenize function, the prompt boundary, the ``max_length`` drop)
@@ -33,7 +33,7 @@ tokenizers = pytest.importorskip("tokenizers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("trl")
 
-import fastdpo.text  # noqa: E402
+import fastdpo.data.text  # noqa: E402
 from fastdpo import DPO, PreferenceDataset, TokenizedPreferenceDataset  # noqa: E402
 
 from helpers import rel_err  # noqa: E402
@@ -318,10 +318,10 @@ def test_other_record_sources_equal_the_list(kind, tok, tmp_path):
 
 
 def test_long_lists_show_a_progress_bar_only_with_tqdm(tok, monkeypatch):
-    assert fastdpo.text._progress(10) is not None
+    assert fastdpo.data.text._progress(10) is not None
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # not installed
-    assert fastdpo.text._progress(10) is None
-    records = PLAIN * (fastdpo.text._CHUNK // len(PLAIN) + 1)
+    assert fastdpo.data.text._progress(10) is None
+    records = PLAIN * (fastdpo.data.text._CHUNK // len(PLAIN) + 1)
     ds = from_records(records, tok)
     rows, batch = trl_prepare(records, tok)
     assert_equals_trl(ds, rows, batch)
@@ -331,9 +331,9 @@ def test_long_lists_show_a_progress_bar_only_with_tqdm(tok, monkeypatch):
 
 
 def mutate(monkeypatch, *, plan):
-    """A deviation of fastdpo.text from TRL: every record read with a changed plan."""
-    real = fastdpo.text.tokenize_rows
-    monkeypatch.setattr(fastdpo.text, "tokenize_rows", lambda rows, start, tok, p: real(rows, start, tok, plan(p)))
+    """A deviation of fastdpo.data.text from TRL: every record read with a changed plan."""
+    real = fastdpo.data.text.tokenize_rows
+    monkeypatch.setattr(fastdpo.data.text, "tokenize_rows", lambda rows, start, tok, p: real(rows, start, tok, plan(p)))
 
 
 def test_controls_a_deviation_fails_the_comparison(tok, tok_eos_pad, monkeypatch):
@@ -347,7 +347,7 @@ def test_controls_a_deviation_fails_the_comparison(tok, tok_eos_pad, monkeypatch
 
     rows, batch = trl_prepare(SEAM, tok)
     with monkeypatch.context() as m:  # the completion starting right after the tokenized prompt
-        m.setattr(fastdpo.text, "_shared", lambda prompt, whole: len(prompt))
+        m.setattr(fastdpo.data.text, "_shared", lambda prompt, whole: len(prompt))
         with pytest.raises(AssertionError):
             assert_equals_trl(from_records(SEAM, tok), rows, batch)
     assert_equals_trl(from_records(SEAM, tok), rows, batch)
@@ -359,7 +359,7 @@ def test_controls_a_deviation_fails_the_comparison(tok, tok_eos_pad, monkeypatch
             n = next((j for j, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
             return chosen[:n], chosen[n:], rejected[n:]
 
-        m.setattr(fastdpo.text, "extract_prompt", common_prefix)
+        m.setattr(fastdpo.data.text, "extract_prompt", common_prefix)
         with pytest.raises(AssertionError):
             assert_equals_trl(from_records(IMPLICIT, tok), rows, batch)
     assert_equals_trl(from_records(IMPLICIT, tok), rows, batch)  # (and unmutated it passes)

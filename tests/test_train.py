@@ -28,16 +28,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-import fastdpo.ops  # noqa: E402
+import fastdpo.scoring.logits_op  # noqa: E402
 from fastdpo import cli  # noqa: E402
-from fastdpo import train as train_mod  # noqa: E402
+from fastdpo.train import run as train_mod  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")  # fmt: skip
 QUIET = ["--no-progress", "--log-every", "1"]
-SMALL_ELEMENTS = fastdpo.ops.SMALL_ELEMENTS  # (as imported: tests/conftest.py patches it per test)
+SMALL_ELEMENTS = fastdpo.scoring.logits_op.SMALL_ELEMENTS  # (as imported: tests/conftest.py patches it per test)
 
 
 def records(n: int, seed: int, chat: bool = False) -> list[dict]:
@@ -324,7 +324,7 @@ ONE = {"one": [], "one-lora": LORA, "one-precomputed": PRECOMPUTED}
 
 def _torchrun_worker(root: Path, runs: dict[str, list[str]]) -> None:
     """What torchrun's processes run for :func:`fsdp_runs` (this file as a script): each run in
-    turn through ``fastdpo.train.Run``, in one process group (fastdpo train takes it as it
+    turn through ``fastdpo.train.run.Run``, in one process group (fastdpo train takes it as it
     finds it), and the weights the ``fsdp`` run's policy holds at its end, each gathered from
     its shards (``DTensor.full_tensor``), saved as ``fsdp/trained.pt``."""
     import argparse
@@ -360,7 +360,7 @@ def fsdp_runs(model_dir, tmp_path_factory) -> Path:
     # OMP_NUM_THREADS=1; LoRA's many small ops took 3x as long on 2 threads of 2 busy cores).
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fastdpo.ops, "SMALL_ELEMENTS", SMALL_ELEMENTS)
+        patch.setattr(fastdpo.scoring.logits_op, "SMALL_ELEMENTS", SMALL_ELEMENTS)
         torch.set_num_threads(1)
         try:
             for name, options in ONE.items():
@@ -497,7 +497,7 @@ def test_what_fsdp_refuses_and_shards(model_dir):
     whether to pack, and check the model on the first batch it packs: forwards the others do not
     run); the layers sharded one by one are the decoder layers, under peft too; a model with
     none to find is refused in one line."""
-    from fastdpo import train_fsdp
+    from fastdpo.train import fsdp as train_fsdp
 
     peft = pytest.importorskip("peft")
     with pytest.raises(ValueError, match="--fsdp with --packing auto") as e:

@@ -25,7 +25,7 @@ from fastdpo import (
     sequence_logprobs,
     sequence_logprobs_pair,
 )
-from fastdpo.fused_pair import HeadOptions, dpo_head
+from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
 
 from helpers import IMPLS, tiny_transformer
 

@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import torch
 
-from .config import DTYPES, LENGTHS, LOSSES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config, references
+from .config import (
+    DTYPES, LENGTHS, LOSSES, MODES, REFERENCES, SIZE_FIELDS, SIZES, SWEEPABLE, WORKLOADS, Config, references,
+)
 from .measure import _one_line, environment
 from .registry import PROVIDERS, load_provider_modules
 from .report import format_table, isolation_note, own_failures, plot, summary, write_rows

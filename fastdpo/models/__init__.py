@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import LinearHead, ModelAdapter, Padding, live_bias, live_weight
+from ..batching.batch import Padding
+from .base import LinearHead, ModelAdapter, check_first_pairs, live_bias, live_weight
 from .hf import HFAdapter
 from .wrappers import adapters_disabled, check_wrappers, eval_mode, peft_model
 from .xtransformers import XTransformersAdapter
@@ -45,6 +46,7 @@ __all__ = [
     "XTransformersAdapter",
     "adapter_for",
     "adapters_disabled",
+    "check_first_pairs",
     "check_wrappers",
     "eval_mode",
     "live_bias",

@@ -11,15 +11,13 @@ only; :func:`fastdpo.models.adapter_for` picks one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from .wrappers import module_to_call
-
-if TYPE_CHECKING:  # (the layout module imports nothing of this package at run time either)
-    from ..packing import Packed
+from ..batching.batch import Padding
+from ..batching.packing import Packed, pack, pair_lengths
+from .wrappers import eval_mode, module_to_call
 
 
 @dataclass(frozen=True)
@@ -34,7 +32,7 @@ class LinearHead:
     sharded parameter for its gathered twin and back around every forward).  ``claim``: empty
     for a head whose model's forward was read (and is tested); else what was inferred about an
     unread one (``"logits = lm_head(hidden) * 0.5 (logit_scale)"``), which the first call checks
-    against the model's own logits (:meth:`fastdpo.scoring.Scorer.body`) before it is trusted.
+    against the model's own logits (:meth:`fastdpo.scoring.router.Scorer.body`) before it is trusted.
     """
 
     weight: Tensor
@@ -50,23 +48,6 @@ class LinearHead:
         z = torch.nn.functional.linear(hidden, weight, bias)
         z = z * self.scale if self.scale is not None else z
         return torch.tanh(z / self.softcap) * self.softcap if self.softcap is not None else z
-
-
-@dataclass(frozen=True, eq=False)
-class Padding:
-    """Where the real tokens of a padded batch's inputs (N, T) are, for a family that must be
-    told (:meth:`ModelAdapter.check_padding`; a Hugging Face model given left padding)."""
-
-    mask: Tensor  # (N, T) int64, 1 on a real token, 0 on padding (a tokenizer's attention_mask)
-    pos: Tensor  # (N, T) int64, each real token's position in its unpadded sequence (0 on leading padding)
-
-    @classmethod
-    def of(cls, real: Tensor) -> Padding:
-        """The padding of inputs whose real tokens are ``real`` (N, T) bool, each row's
-        contiguous: positions count the real tokens before each one, as Hugging Face's
-        ``generate`` makes them (``cumsum - 1``, clamped at 0)."""
-        mask = real.long()
-        return cls(mask, (mask.cumsum(-1) - 1).clamp(min=0))
 
 
 def _is_plain(w: Tensor) -> bool:
@@ -201,16 +182,47 @@ class ModelAdapter:
         return False
 
     def segments(self) -> str:
-        """Why attention by parts (:mod:`fastdpo.attention`) cannot run this model's packed
+        """Why attention by parts (:mod:`fastdpo.batching.attention`) cannot run this model's packed
         pairs ("" when it can); they then attend through the dense mask (:meth:`dense`)."""
         return f"fastdpo does not know the attention of a {type(self.model).__name__}"
 
     def packing(self) -> str:
-        """Why the model cannot run packed pairs at all (:mod:`fastdpo.packing`); "" when
+        """Why the model cannot run packed pairs at all (:mod:`fastdpo.batching.packing`); "" when
         nothing known stands in the way (the first packed call then checks two pairs)."""
         return f"fastdpo does not know how to run a {type(self.model).__name__} on packed pairs"
 
     def dense(self) -> str:
-        """Why the dense mask (:meth:`fastdpo.packing.Packed.additive_mask`) cannot carry the
+        """Why the dense mask (:meth:`fastdpo.batching.packing.Packed.additive_mask`) cannot carry the
         model's packed pairs ("" when it can)."""
         return ""
+
+
+@torch.no_grad()
+def check_first_pairs(adapter: ModelAdapter, layout: str, attention: str, preferred: Tensor, unpreferred: Tensor,
+                      prompt_mask: Tensor, pref_mask: Tensor | None, unpref_mask: Tensor | None) -> None:
+    """The model's hidden states of the first two pairs (one pair with B = 1), packed into one
+    row in ``layout`` and unpacked, in eval mode, must agree to float rounding; else raise
+    with what differs.  Catches what no rule of the adapter names (token shift, say), and any
+    leak between the pairs of a row."""
+    two = slice(0, 2)
+    masks = [m[two] if m is not None else None for m in (pref_mask, unpref_mask)]
+    args = (preferred[two], unpreferred[two], prompt_mask[two], *masks)
+    lengths = pair_lengths(*args)
+    row = sum(w + l - p for p, w, l in zip(*lengths))
+    pk = pack(*args, layout=layout, pack_length=row if layout == "batch" else None, attention=attention,
+                      lengths=lengths)
+    src = torch.cat(args[:2])[:, :-1]
+    with eval_mode(adapter.model):
+        got = adapter.hidden(pk.tokens, pk)
+        dtype = got.dtype
+        got = got.reshape(-1, got.shape[-1])[pk.rows].float()
+        want = adapter.hidden(src).float()
+    real = torch.cat([m if m is not None else torch.ones_like(args[2]) for m in masks])[:, :-1]
+    err = ((got - want)[real].abs().max() / want[real].abs().max().clamp(min=1e-30)).item()
+    tol = 1e-3 if dtype == torch.float32 else 3e-2
+    if not err <= tol:
+        raise ValueError(
+            f"packing={layout!r} (attention {attention!r}) but this model's hidden states change when "
+            f"pairs are packed (relative difference {err:.3g} > {tol:g} on the first pairs): a feature "
+            f"of the model depends on where tokens sit in the sequence beyond their positions"
+        )

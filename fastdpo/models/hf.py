@@ -18,7 +18,7 @@ and imports fast, without them.
   own logits.  Any other causal LM whose output embedding is a plain bias-free linear layer
   gets a head inferred from its config (:func:`inferred_head`: ``logit_scale``,
   ``logits_scaling``, ``final_logit_softcapping``), which its first call checks against the
-  model's own logits on a slice of the real batch (:func:`fastdpo.scoring.check_head`):
+  model's own logits on a slice of the real batch (:func:`fastdpo.scoring.router.check_head`):
   equal to rounding, it is fused from then on; different, the logits route, with the reason.
 * **Padding.**  A batch without padding before a real token (right padding, or none) runs as
   the ids alone: no attention mask, and causality hides the padding after the real tokens.  A
@@ -26,10 +26,10 @@ and imports fast, without them.
   both sides) gets ``attention_mask`` (1 on the inputs' real tokens) and ``position_ids``
   (``cumsum - 1``, clamped at 0, as ``generate`` makes them) on both routes, so the real tokens'
   hidden states are the right-padded batch's (with ``mask_alignment="target"``; the input
-  alignment refuses it: :func:`fastdpo.batches.model_padding`).  Padding between real tokens is
+  alignment refuses it: :func:`fastdpo.batching.batch.model_padding`).  Padding between real tokens is
   an error (:func:`left_padded`).
 * **Packed pairs** go in as ``position_ids``; the model attends by parts of the layout
-  (:mod:`fastdpo.attention`, registered as an attention implementation with transformers'
+  (:mod:`fastdpo.batching.attention`, registered as an attention implementation with transformers'
   ``AttentionInterface`` for the packed call; sliding windows too), or, as the fallback, through
   a 4-D additive ``attention_mask`` (``eager`` and ``sdpa`` attention without a sliding window).
 * **PEFT** models are seen through (:mod:`fastdpo.models.wrappers`): the adapters run inside
@@ -49,12 +49,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from ..attention import SegmentAttention
-from .base import LinearHead, ModelAdapter, Padding, check_weight, logits_of
+from ..batching.attention import SegmentAttention
+from ..batching.batch import Padding
+from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class
 
 if TYPE_CHECKING:
-    from ..packing import Packed
+    from ..batching.packing import Packed
 
 # -------------------------------------------------------------------------------- recognizing
 
@@ -123,7 +124,7 @@ def inferred_head(lm: nn.Module) -> tuple[Transform, str]:
     logits transform its config names, as transformers' classes use the keys (``logit_scale``:
     a product, Cohere's, read from the model or its config; ``logits_scaling``: a division,
     Granite's; ``final_logit_softcapping``: ``tanh(logits / cap) * cap`` after them, Gemma
-    2's).  A claim only: the first call checks it (:func:`fastdpo.scoring.check_head`)."""
+    2's).  A claim only: the first call checks it (:func:`fastdpo.scoring.router.check_head`)."""
     config = _text_config(lm)
     scale, expr, keys = None, "lm_head(hidden)", []
     times = _number(getattr(lm, "logit_scale", None))

@@ -10,9 +10,9 @@
   :class:`~fastdpo.models.Padding`).
 * **Packed pairs** reach the model as ``pos`` (positions restarting after the prompt), for
   causal models whose positions come from the ``pos`` they are given.  Attention by parts
-  (:mod:`fastdpo.attention`) takes over the ``forward`` of every ``Attend`` module for the
+  (:mod:`fastdpo.batching.attention`) takes over the ``forward`` of every ``Attend`` module for the
   packed call (:meth:`XTransformersAdapter.segments` says which attentions it reproduces);
-  otherwise the mask goes in as an additive bias (:meth:`fastdpo.packing.Packed.additive_mask`).
+  otherwise the mask goes in as an additive bias (:meth:`fastdpo.batching.packing.Packed.additive_mask`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..attention import SegmentAttention
+from ..batching.attention import SegmentAttention
 from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class, module_to_call
 
 if TYPE_CHECKING:
-    from ..packing import Packed
+    from ..batching.packing import Packed
 
 
 def _classes():

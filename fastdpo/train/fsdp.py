@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .models.wrappers import inner_model
+from ..models.wrappers import inner_model
 
 
 def check(fsdp: bool, world: int, packing: str) -> None:

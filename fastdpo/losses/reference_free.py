@@ -1,9 +1,9 @@
 """The loss math of the reference-free families, ORPO and CPO (with SimPO and AlphaPO).
 
-Like :mod:`fastdpo.losses` for DPO, these are cheap ops on per-sequence scores, (B,) vectors:
+Like :mod:`fastdpo.losses.pairwise` for DPO, these are cheap ops on per-sequence scores, (B,) vectors:
 every route of :class:`fastdpo.ORPO` and :class:`fastdpo.CPO` (the fused head, the logits,
 the small path) makes the policy's summed token log-probs and calls the functions here, so each
-formula exists once.  CPO's pair losses *are* DPO's (:func:`fastdpo.losses.preference_loss`,
+formula exists once.  CPO's pair losses *are* DPO's (:func:`fastdpo.losses.pairwise.preference_loss`,
 with a zero reference); only the AlphaPO reward transform, ORPO's odds ratio and the
 behaviour-cloning NLL are new.  One module for both families: they share the NLL term, the
 reward metrics, and the reference-free shape of the loss (a pair term on the policy's scores
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
-from .losses import SIMPO_GAMMA, LossConfig, check_loss_config, preference_loss, reward_metrics
+from .. import _checks
+from .pairwise import SIMPO_GAMMA, LossConfig, check_loss_config, preference_loss, reward_metrics
 
 # TRL 1.16's CPOConfig.loss_type values; "alphapo" is TRL's shorthand for "simpo" with cpo_alpha=0.
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")
@@ -83,7 +83,7 @@ def orpo_loss(chosen: Tensor, rejected: Tensor, nll: Tensor, beta: float) -> tup
 def orpo_metrics(chosen: Tensor, rejected: Tensor, nll: Tensor, ratio: Tensor, log_odds: Tensor,
                  beta: float) -> dict[str, Tensor]:
     """What TRL's ORPOTrainer logs (detached), but ``logits/*``: the rewards ``beta * x``
-    (:func:`fastdpo.losses.reward_metrics`), ``nll_loss``, ``log_odds_ratio`` (mean log
+    (:func:`fastdpo.losses.pairwise.reward_metrics`), ``nll_loss``, ``log_odds_ratio`` (mean log
     sigmoid of the log odds ratio) and ``log_odds_chosen`` (mean log odds ratio)."""
     metrics = reward_metrics(chosen, rejected, None, None, beta)
     metrics["nll_loss"] = nll.detach()
@@ -154,7 +154,7 @@ def alphapo_reward(x: Tensor, alpha: float) -> Tensor:
 def cpo_pair_losses(chosen: Tensor, rejected: Tensor, cfg: CPOLossConfig) -> tuple[Tensor, Tensor, Tensor]:
     """CPO's per-pair losses (B,) and the rewards ``r_w``, ``r_l`` (the scores after
     :func:`alphapo_reward`) they are taken on, as TRL 1.16's ``CPOTrainer.cpo_loss``: the DPO
-    loss of the type (:func:`fastdpo.losses.preference_loss`) with a zero reference --
+    loss of the type (:func:`fastdpo.losses.pairwise.preference_loss`) with a zero reference --
     ``sigmoid`` (CPO, Xu et al. 2024, arXiv 2401.08417 eq. 3, with cDPO's label smoothing),
     ``hinge`` ``relu(1 - beta (r_w - r_l))``, ``ipo`` ``(r_w - r_l - 1/(2 beta))^2``,
     ``simpo`` ``-logsig(beta (r_w - r_l) - gamma)`` (SimPO, Meng et al. 2024, arXiv

@@ -9,16 +9,16 @@ The public function checks its arguments, then calls one ``torch.library`` custo
 implementation and registered autograd), whose body runs the route chosen per call:
 
 * ``impl="torch"`` -- counted rows gathered, ``torch.mm`` in chunks, torch elementwise work
-  (:class:`fastdpo.chunks.TorchFold`); backward recomputes each chunk;
+  (:class:`fastdpo.scoring.rows.TorchFold`); backward recomputes each chunk;
 * ``impl="triton", matmul="torch"`` -- the same chunks of counted rows through the library's
   products (cuBLAS on CUDA) with the elementwise work in fastdpo's Triton kernels
-  (:class:`fastdpo.chunks.TritonFold`): the three-product route;
+  (:class:`fastdpo.scoring.rows.TritonFold`): the three-product route;
 * ``impl="triton", matmul="triton"`` -- the cut-cross-entropy-style kernels of
   :mod:`fastdpo.kernels.linear_sequence_logprobs`, which multiply in Triton too: logits tiles
   live in registers only, every row is processed (no host sync), backward recomputes.
 
 ``impl="auto"`` is Triton for CUDA tensors, torch otherwise; ``matmul="auto"`` follows
-:func:`fastdpo.cost_model.choose_matmul`.  For the DPO step itself, :mod:`fastdpo.fused_pair`
+:func:`fastdpo.scoring.cost_model.choose_matmul`.  For the DPO step itself, :mod:`fastdpo.scoring.dpo_head_op`
 does better than this op's forward + backward: the loss gradient is known in forward, so no
 chunk is recomputed.
 """
@@ -28,8 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks, chunks, cost_model, torch_impl
-from .ops import resolve_impl
+from .. import _checks
+from . import cost_model
+from . import rows as chunks
+from .backends import torch_fold as torch_impl
+from .logits_op import resolve_impl
 
 MATMULS = ("auto", "torch", "triton")
 
@@ -58,7 +61,7 @@ def resolve_matmul(matmul: str, impl: str, weight: Tensor, softcap: float | None
 
 def _linear_kernels():
     """The fused-linear kernel module (triton's import already checked by resolve_impl)."""
-    from .kernels import linear_sequence_logprobs as k
+    from ..kernels import linear_sequence_logprobs as k
 
     return k
 
@@ -280,7 +283,7 @@ def linear_sequence_logprobs(
     differentiable w.r.t. ``hidden`` and ``weight``, without ever holding the (N, T, V)
     logits: peak extra memory is O(N*T*D + chunk + V*D).  Backward recomputes each chunk's
     logits from the saved row statistics; for a whole DPO step, :class:`fastdpo.DPO` avoids
-    that recomputation (:mod:`fastdpo.fused_pair`).
+    that recomputation (:mod:`fastdpo.scoring.dpo_head_op`).
 
     Args:
         hidden: (N, T, D) float32, bfloat16 or float16 final hidden states.
@@ -299,10 +302,10 @@ def linear_sequence_logprobs(
         matmul: with ``impl="triton"``, who multiplies: "torch" (the library's products over
             counted rows, Triton for the elementwise work; one host sync per call to count the
             rows), "triton" (the Triton GEMM kernels, every row, no sync) or "auto"
-            (:func:`fastdpo.cost_model.choose_matmul`; "torch" under a softcap).  With
+            (:func:`fastdpo.scoring.cost_model.choose_matmul`; "torch" under a softcap).  With
             ``impl="torch"``: "auto" or "torch".
         token_weights: optional (N, T) floating weight of each position's log-prob (a constant,
-            not differentiated; e.g. LD-DPO's, :mod:`fastdpo.weighting`), as in
+            not differentiated; e.g. LD-DPO's, :mod:`fastdpo.losses.weighting`), as in
             :func:`fastdpo.sequence_logprobs`.
 
     Returns:
@@ -328,8 +331,8 @@ def run_linear(
 ) -> tuple[Tensor, Tensor | None]:
     """The op with ``impl`` and ``matmul`` already resolved, on inputs whose shapes, dtypes and
     devices (and token range, and float32 ``token_weights``) are already checked: what
-    :class:`fastdpo.scoring.Scorer` calls, with its module's ``chunk_bytes`` (0: the device's
-    default, :func:`fastdpo.chunks.chunk_bytes`).  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
+    :class:`fastdpo.scoring.router.Scorer` calls, with its module's ``chunk_bytes`` (0: the device's
+    default, :func:`fastdpo.scoring.rows.chunk_bytes`).  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
     per sequence ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``, else None)."""
     scores, _, wpo = _linear_op(hidden, weight, bias, targets.long(), mask, token_weights, scale, softcap, impl, matmul,
                                 sq, chunk_bytes)

@@ -1,6 +1,6 @@
 """Preference datasets and their collate functions: pairs for :class:`fastdpo.DPO`
 (:class:`PreferenceDataset`; from text records, :meth:`PreferenceDataset.from_records` and
-:mod:`fastdpo.text`), unpaired labelled completions for :class:`fastdpo.KTO`
+:mod:`fastdpo.data.text`), unpaired labelled completions for :class:`fastdpo.KTO`
 (:class:`KTODataset`)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import _checks
+from .. import _checks
 from .text import TokenizedPreferenceDataset, tokenize_records
 
 
@@ -91,7 +91,7 @@ class PreferenceDataset(Dataset):
                 ``chat_template_kwargs`` are merged over these).
             num_proc: processes for ``datasets.Dataset.map`` (a ``datasets.Dataset`` only).
 
-        Returns: a :class:`~fastdpo.text.TokenizedPreferenceDataset`: ``ds[i]`` is a dict of
+        Returns: a :class:`~fastdpo.data.text.TokenizedPreferenceDataset`: ``ds[i]`` is a dict of
         ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``ds.collate`` makes the mapping
         ``dpo(**batch)`` takes (``preferred_seq``, ``unpreferred_seq``, ``prompt_mask``,
         ``preferred_seq_mask``, ``unpreferred_seq_mask``).  Errors name the record and field.

@@ -2,7 +2,7 @@
 
 A loss family (:class:`fastdpo.DPO`, :class:`fastdpo.ORPO`, :class:`fastdpo.CPO`) is a small
 subclass: it checks its loss options, says whether it needs a reference model and whether its
-loss lets the pair op run (:class:`fastdpo.scoring.Scorer`'s ``pair_ok``), and writes
+loss lets the pair op run (:class:`fastdpo.scoring.router.Scorer`'s ``pair_ok``), and writes
 ``forward``: batch (:meth:`PreferenceModule._batch`) -> bodies and sums (the reference's
 first, :meth:`PreferenceModule._reference_body`, then the policy's,
 :meth:`PreferenceModule._policy_sums`) -> its loss function -> scalar (and metrics).  Here
@@ -29,10 +29,10 @@ from copy import deepcopy
 import torch
 from torch import Tensor, nn
 
-from . import _checks
-from .batches import Batch, pair_batch, plan_packing
-from .models import adapter_for, adapters_disabled, check_wrappers, peft_model
-from .scoring import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
+from .. import _checks
+from ..batching.batch import Batch, pair_batch, plan_packing
+from ..models import adapter_for, adapters_disabled, check_first_pairs, check_wrappers, peft_model
+from ..scoring.router import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
 
 
 def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
@@ -103,12 +103,12 @@ class PreferenceModule(nn.Module):
             reference is itself with its adapters disabled; without, ``ref_model`` is None and
             :meth:`has_reference` False.
         pair_ok: whether each pair's loss depends on its own scores only, so that the fused
-            "pair" op (:mod:`fastdpo.fused_pair`, DPO's) may score it; False sends the fused
+            "pair" op (:mod:`fastdpo.scoring.dpo_head_op`, DPO's) may score it; False sends the fused
             head to the "scores" route.
         pad_id, logprob_reduction, mask_alignment, head, impl, matmul, inplace_backward,
         packing, pack_length, pack_attention, share_prompt: as :class:`fastdpo.DPO` documents
             them (each family's docstring says what ``logprob_reduction`` means for its loss).
-        sq: whether the policy's ``log sum_v p_v^2`` is needed (WPO; :class:`~fastdpo.scoring.Scorer`).
+        sq: whether the policy's ``log sum_v p_v^2`` is needed (WPO; :class:`~fastdpo.scoring.router.Scorer`).
         router_aux_loss_coef: for a family that adds an MoE policy's router load-balancing
             loss (:class:`fastdpo.DPO` documents it): ``None`` reads the model's config; the
             default 0.0 is off.  :attr:`router_aux_loss_coef` holds the value in force (0.0:
@@ -191,7 +191,7 @@ class PreferenceModule(nn.Module):
         return self.policy_model.parameters(recurse)
 
     def route(self, model: nn.Module, device: torch.device | str) -> Route:
-        """The :class:`~fastdpo.scoring.Route` this module takes for ``model`` (its policy or
+        """The :class:`~fastdpo.scoring.router.Route` this module takes for ``model`` (its policy or
         reference) on ``device``: decided on the first call there and kept (``head="fused"``
         raises on any call whose model cannot be fused)."""
         return self.scorer.route(model, device)
@@ -221,7 +221,7 @@ class PreferenceModule(nn.Module):
         batch = pair_batch(
             lambda dev: self.route(self.policy_model, dev).adapter,
             preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask, pad_id=self.pad_id,
-            alignment=self.mask_alignment, packing_plan=self.packing, verify=verify,
+            alignment=self.mask_alignment, packing_plan=self.packing, check_packed=check_first_pairs if verify else None,
         )
         if batch.packed is not None:
             self._packing_checked.add(device)
@@ -251,7 +251,7 @@ class PreferenceModule(nn.Module):
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The policy's (N,) float32 summed log-probs of ``batch`` on the "scores" or "logits"
         route (a module whose fused head takes the pair op calls it itself), the (N,) argmax
-        hits with ``count_hits`` (:meth:`~fastdpo.scoring.Scorer.sums`), and, given ``more``
+        hits with ``count_hits`` (:meth:`~fastdpo.scoring.router.Scorer.sums`), and, given ``more``
         -- a batch of the first K of these sequences scored at other positions (its ``tgt``
         and ``mask``; its ``src`` is not run) --, its (K,) sums from the same body: the model
         runs once."""

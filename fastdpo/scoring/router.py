@@ -11,14 +11,14 @@ log-probs of a body.  The route from a model to its body is decided once per mod
 (:meth:`Scorer.route`):
 
 * ``"pair"`` -- the fused head with a loss that each pair's own scores determine: the DPO
-  module hands both bodies to one op, :func:`fastdpo.fused_pair.run_dpo_head`, which scores
+  module hands both bodies to one op, :func:`fastdpo.scoring.dpo_head_op.run_dpo_head`, which scores
   the reference and makes the policy's loss and head gradients in forward;
 * ``"scores"`` -- the fused head where the pair op does not apply (a loss that couples pairs,
   the Triton GEMM kernels): :func:`fastdpo.linear_sequence_logprobs` scores each body;
 * ``"logits"`` -- a model whose head cannot be fused: :func:`fastdpo.sequence_logprobs`
   scores its logits without a log-softmax tensor.
 
-A fused step small enough (:func:`fastdpo.ops.is_small`) builds its logits from the hidden
+A fused step small enough (:func:`fastdpo.scoring.logits_op.is_small`) builds its logits from the hidden
 states and scores them as the logits route does: at that size the fused machinery costs more
 than the work.
 
@@ -36,11 +36,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from . import _checks, ops
-from .batches import Batch
-from .linear import MATMULS, resolve_matmul, run_linear
-from .models import LinearHead, ModelAdapter, Padding, adapter_for, eval_mode, live_bias, live_weight
-from .ops import IMPLS, resolve_impl
+from .. import _checks
+from ..batching.batch import Batch
+from ..batching.batch import Padding
+from ..models import LinearHead, ModelAdapter, adapter_for, eval_mode, live_bias, live_weight
+from . import logits_op as ops
+from .linear_op import MATMULS, resolve_matmul, run_linear
+from .logits_op import IMPLS, resolve_impl
 
 REDUCTIONS = ("mean", "sum")
 ALIGNMENTS = ("input", "target")
@@ -201,7 +203,7 @@ class Scorer:
     @staticmethod
     def small(route: Route, batch: Batch) -> bool:
         """Whether a fused head's step is small enough to build its logits and score them as
-        the logits route does (:func:`fastdpo.ops.is_small`, on the torch path)."""
+        the logits route does (:func:`fastdpo.scoring.logits_op.is_small`, on the torch path)."""
         return route.impl == "torch" and ops.is_small(batch.src.numel() * route.head.weight.shape[0])
 
     def pair(self, route: Route, batch: Batch) -> bool:

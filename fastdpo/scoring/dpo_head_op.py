@@ -6,22 +6,22 @@ size; V vocabulary; M counted rows.
 A pair's loss depends on its own four scores only, so once a group of whole pairs is scored
 the loss gradient of each of its sequences is known (a loss that couples the pairs, ``aot``,
 makes the whole batch one group), while the group's logits are still in
-memory: they meet ``weight`` and ``hidden`` right away (:func:`fastdpo.chunks.kept_grads`).
+memory: they meet ``weight`` and ``hidden`` right away (:func:`fastdpo.scoring.rows.kept_grads`).
 The policy's head then costs one product forward and two backward (the floor); backward
 merely scales the gradients made in forward.  A group whose logits exceed the keep budget
-(:func:`fastdpo.chunks.group_bytes`; one pair is always a group) recomputes the chunks beyond
+(:func:`fastdpo.scoring.rows.group_bytes`; one pair is always a group) recomputes the chunks beyond
 it.  Only counted rows are multiplied.  The elementwise work is a fold of
-:mod:`fastdpo.chunks` (torch on CPU, Triton kernels on CUDA), the products are ``torch.mm``.
+:mod:`fastdpo.scoring.rows` (torch on CPU, Triton kernels on CUDA), the products are ``torch.mm``.
 
 LD-DPO's token weights (a tensor input) weigh each row's log-prob in its sequence's sum and its
 gradient; with WPO (``opts.use_weighting``) the fold also returns each policy row's ``log
-sum_v p_v^2``, and each group's pair weights (:func:`fastdpo.weighting.wpo_weights`) multiply
-its losses before their gradient is taken (:mod:`fastdpo.weighting`).
+sum_v p_v^2``, and each group's pair weights (:func:`fastdpo.losses.weighting.wpo_weights`) multiply
+its losses before their gradient is taken (:mod:`fastdpo.losses.weighting`).
 
 Everything runs inside one ``torch.library`` custom op, ``fastdpo::dpo_head``, so that
 ``torch.compile`` sees one opaque node (with a fake implementation) instead of the
 data-dependent row gathering, and so that the step's one host sync (the counted rows, see
-:func:`fastdpo.chunks.plan_rows`) is shared by the reference and the policy.  Without
+:func:`fastdpo.scoring.rows.plan_rows`) is shared by the reference and the policy.  Without
 gradients (``no_grad``, ``inference_mode``, a frozen policy) it scores forward only.
 """
 
@@ -36,19 +36,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _checks, chunks
-from .linear import check_linear_inputs
-from .losses import LossConfig, pair_losses
-from .weighting import wpo_weights
+from .. import _checks
+from ..losses.pairwise import LossConfig, pair_losses
+from ..losses.weighting import wpo_weights
+from . import rows as chunks
+from .linear_op import check_linear_inputs
 
 
 @dataclass(frozen=True)
 class HeadOptions:
     """The op's non-tensor options, declared once: :func:`op_schema` derives the custom op's
-    arguments from these fields (and :class:`~fastdpo.losses.LossConfig`'s, nested as
+    arguments from these fields (and :class:`~fastdpo.losses.pairwise.LossConfig`'s, nested as
     ``loss``), :func:`to_op_args` and :func:`from_op_args` convert, so nothing else lists them."""
 
-    impl: str  # "torch" | "triton": which fold of fastdpo.chunks.FOLDS does the elementwise work
+    impl: str  # "torch" | "triton": which fold of fastdpo.scoring.rows.FOLDS does the elementwise work
     scale: float | None  # the policy head's logit scale (tied embedding)
     ref_scale: float | None
     reduction: str  # the DPO module's logprob_reduction: "mean" | "sum"
@@ -57,8 +58,8 @@ class HeadOptions:
     use_weighting: bool = False  # WPO: fold the policy's log sum_v p_v^2, weight each pair's loss
     softcap: float | None = None  # the policy head's tanh cap of its logits (Gemma 2)
     ref_softcap: float | None = None
-    chunk_bytes: int = 0  # 0: the device's default, fastdpo.chunks.chunk_bytes
-    group_bytes: int = 0  # 0: the device's default, fastdpo.chunks.group_bytes
+    chunk_bytes: int = 0  # 0: the device's default, fastdpo.scoring.rows.chunk_bytes
+    group_bytes: int = 0  # 0: the device's default, fastdpo.scoring.rows.group_bytes
 
 
 # The op's tensor inputs, then the options' leaves, then who needs a gradient.
@@ -464,14 +465,14 @@ def dpo_head(
             count: (2B,) float scored-token counts (clamped, as the DPO module makes them).
         opts: :class:`HeadOptions` (impl, scales and softcaps, the loss -- a tensor ``bco_delta`` in it
             travels as a tensor --, budgets).  With ``opts.use_weighting`` each pair's loss
-            is weighted by WPO (:func:`fastdpo.weighting.wpo_weights`), the policy's ``log
+            is weighted by WPO (:func:`fastdpo.losses.weighting.wpo_weights`), the policy's ``log
             sum_v p_v^2`` folded with its log-probs.
         ref_hidden, ref_weight: the reference model's hidden states and head weight, scored
             with the same row plan (the step's one host sync); or
         ref_scores: (2B,) precomputed reference scores in ``opts.reduction``; with neither, a
             zero reference.
         token_weights: (2B, T) floating weights of each position's log-prob in the policy's
-            and the reference's sums (LD-DPO, :mod:`fastdpo.weighting`); ``count`` is then the
+            and the reference's sums (LD-DPO, :mod:`fastdpo.losses.weighting`); ``count`` is then the
             divisor of a mean score.
         bias, ref_bias: the policy's and the reference's (V,) head biases (``nn.Linear``'s), or
             None; the policy's is differentiated.

@@ -19,7 +19,7 @@ built around computing it as few times as possible.
   exp at all), or, for in-place or 16-bit logits, the softmax again into the gradient
   (:func:`backward`).
 
-Where float32 rows have the C++ fold (:mod:`fastdpo.native`: built for the host at first use),
+Where float32 rows have the C++ fold (:mod:`fastdpo.scoring.backends.native`: built for the host at first use),
 the score, the softmax and the gradient of a box are each one call to it instead (the same
 passes with four accumulators each and a polynomial exp: the score and the softmax in about
 half the time, the gradient in 0.7x); the ATen and inductor code above serves 16-bit logits
@@ -147,7 +147,7 @@ def box_plan(mask: Tensor, v: int, budget: int) -> list[tuple[slice, slice, int]
 
 def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
     """float32 log-probs of targets ``y`` (...,) under rows of logits ``z`` (..., V), any float
-    dtype, ``z`` left as it is: the C++ fold (:func:`fastdpo.native.score`) where it serves,
+    dtype, ``z`` left as it is: the C++ fold (:func:`fastdpo.scoring.backends.native.score`) where it serves,
     then the compiled score (:func:`compiled_score`), else :func:`row_logprobs_into` a float32
     temporary (``z`` then box-sized)."""
     if sq_out is None:
@@ -166,7 +166,7 @@ def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
 # only ``log p_y = (z_y - m) - log sum_v exp(z_v - m)``: one max pass and one exp-and-sum pass
 # over each row, nothing written but a float per row.  ATen has no such fused op (its softmax
 # writes every probability; ``logsumexp`` builds temporaries), so on the CPU, where the C++ fold
-# (fastdpo.native) does not take the rows (16-bit logits, or no compiler), the formula below
+# (fastdpo.scoring.backends.native) does not take the rows (16-bit logits, or no compiler), the formula below
 # goes through inductor's C++ backend (``torch.compile``, sizes dynamic: one compilation per
 # dtype, cached on disk by inductor: the first call of a process pays ~7 s with a warm cache,
 # ~13 s cold, on a 2-core Xeon VM).  Measured there: 0.6-0.8x the time of the boxed ATen
@@ -257,7 +257,7 @@ def forward(
     the memory of a gradient buffer allocated now rather than in backward.
 
     ``weights``: optional float32 (N, T) weight of each log-prob in its score (LD-DPO,
-    :mod:`fastdpo.weighting`).  ``wpo_sums``: an optional float32 (2, N) buffer that receives
+    :mod:`fastdpo.losses.weighting`).  ``wpo_sums``: an optional float32 (2, N) buffer that receives
     per sequence ``sum_t m_t log sum_v p_v^2`` (:func:`log_sum_sq`) and the unweighted
     ``sum_t m_t log p_t`` (WPO's).
     """

@@ -7,7 +7,7 @@ T = L - 1 input positions.
 scored positions and their counts of the 2B unpacked sequences -- what every route scores --,
 where their real tokens are when the model must be told (left padding for a Hugging Face
 model: :func:`model_padding`), and, when the module packs (:class:`Packing`), the packed layout
-the models run on instead (:mod:`fastdpo.packing`), whose hidden states are gathered back to
+the models run on instead (:mod:`fastdpo.batching.packing`), whose hidden states are gathered back to
 the unpacked rows.
 :func:`unpaired_batch` does the same for N sequences that are not pairs (KTO's), unpacked.
 """
@@ -17,12 +17,16 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from . import _checks, cost_model, packing
-from .models import ModelAdapter, Padding, eval_mode
+from .. import _checks
+from . import packing
+
+if TYPE_CHECKING:  # (an adapter is asked, never imported: fastdpo.models sits above this package)
+    from ..models import ModelAdapter
 
 PACKINGS = ("none", "pair", "batch", "auto")
 PACK_ATTENTIONS = ("auto", "segments", "dense")
@@ -37,19 +41,36 @@ class Batch:
     mask: Tensor  # (N, T) bool, True where the target's log-prob counts
     count: Tensor  # (N,) float, scored positions per sequence clamped at 1e-5 (x-transformers; see token_weights)
     packed: packing.Packed | None = None  # the layout the models run on, when the batch is packed
-    # (N, T) float32 weight of each scored log-prob (LD-DPO, fastdpo.weighting.ld_weighted); None: all 1
+    # (N, T) float32 weight of each scored log-prob (LD-DPO, fastdpo.losses.weighting.ld_weighted); None: all 1
     token_weights: Tensor | None = None
     # where the inputs' real tokens are, when the model must be told (a Hugging Face model given
     # padding before a real token: its attention_mask and position_ids); None: the ids alone
     padding: Padding | None = None
     # (N, L) bool, the sequences' real tokens (their masks; None: every token is real): what an
-    # MoE router's load-balancing term counts (fastdpo.scoring.Scorer.body with router=True)
+    # MoE router's load-balancing term counts (fastdpo.scoring.router.Scorer.body with router=True)
     real: Tensor | None = None
 
     @property
     def seq(self) -> Tensor:
         """(N, L) the whole sequences: the inputs and the last target."""
         return torch.cat((self.src, self.tgt[:, -1:]), 1)
+
+
+@dataclass(frozen=True, eq=False)
+class Padding:
+    """Where the real tokens of a padded batch's inputs (N, T) are, for a family that must be
+    told (:meth:`ModelAdapter.check_padding`; a Hugging Face model given left padding)."""
+
+    mask: Tensor  # (N, T) int64, 1 on a real token, 0 on padding (a tokenizer's attention_mask)
+    pos: Tensor  # (N, T) int64, each real token's position in its unpadded sequence (0 on leading padding)
+
+    @classmethod
+    def of(cls, real: Tensor) -> Padding:
+        """The padding of inputs whose real tokens are ``real`` (N, T) bool, each row's
+        contiguous: positions count the real tokens before each one, as Hugging Face's
+        ``generate`` makes them (``cumsum - 1``, clamped at 0)."""
+        mask = real.long()
+        return cls(mask, (mask.cumsum(-1) - 1).clamp(min=0))
 
 
 def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None,
@@ -97,8 +118,8 @@ def model_padding(adapter: ModelAdapter, alignment: str, masks: dict[str, Tensor
 class Packing:
     """How a module packs its pair batches (decided once, at construction: :func:`plan_packing`)."""
 
-    layout: str  # PACKINGS: "none", "pair", "batch", or "auto" (per batch: cost_model.choose_layout)
-    attention: str = "dense"  # fastdpo.packing.ATTENTIONS: how the models attend in a packed row
+    layout: str  # PACKINGS: "none", "pair", "batch", or "auto" (per batch: packing.choose_layout)
+    attention: str = "dense"  # fastdpo.batching.packing.ATTENTIONS: how the models attend in a packed row
     length: int | None = None  # "batch": the slots a row holds (None: the longest packed pair)
 
 
@@ -142,44 +163,13 @@ def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int
     return Packing(layout, "dense", length)
 
 
-@torch.no_grad()
-def check_first_pairs(adapter: ModelAdapter, layout: str, attention: str, preferred: Tensor, unpreferred: Tensor,
-                      prompt_mask: Tensor, pref_mask: Tensor | None, unpref_mask: Tensor | None) -> None:
-    """The model's hidden states of the first two pairs (one pair with B = 1), packed into one
-    row in ``layout`` and unpacked, in eval mode, must agree to float rounding; else raise
-    with what differs.  Catches what no rule of the adapter names (token shift, say), and any
-    leak between the pairs of a row."""
-    two = slice(0, 2)
-    masks = [m[two] if m is not None else None for m in (pref_mask, unpref_mask)]
-    args = (preferred[two], unpreferred[two], prompt_mask[two], *masks)
-    lengths = packing.pair_lengths(*args)
-    row = sum(w + l - p for p, w, l in zip(*lengths))
-    pk = packing.pack(*args, layout=layout, pack_length=row if layout == "batch" else None, attention=attention,
-                      lengths=lengths)
-    src = torch.cat(args[:2])[:, :-1]
-    with eval_mode(adapter.model):
-        got = adapter.hidden(pk.tokens, pk)
-        dtype = got.dtype
-        got = got.reshape(-1, got.shape[-1])[pk.rows].float()
-        want = adapter.hidden(src).float()
-    real = torch.cat([m if m is not None else torch.ones_like(args[2]) for m in masks])[:, :-1]
-    err = ((got - want)[real].abs().max() / want[real].abs().max().clamp(min=1e-30)).item()
-    tol = 1e-3 if dtype == torch.float32 else 3e-2
-    if not err <= tol:
-        raise ValueError(
-            f"packing={layout!r} (attention {attention!r}) but this model's hidden states change when "
-            f"pairs are packed (relative difference {err:.3g} > {tol:g} on the first pairs): a feature "
-            f"of the model depends on where tokens sit in the sequence beyond their positions"
-        )
-
-
 # ----------------------------------------------------------------------------- pairs
 
 
 def pair_batch(
     adapter_on: Callable[[torch.device], ModelAdapter], preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
     pref_mask: Tensor | None, unpref_mask: Tensor | None, *, pad_id: int | None, alignment: str,
-    packing_plan: Packing = Packing("none"), verify: bool = False,
+    packing_plan: Packing = Packing("none"), check_packed: Callable[..., None] | None = None,
 ) -> Batch:
     """The :class:`Batch` of B pairs: 2B sequences, the B preferred then the B unpreferred, each
     scored on its completion (``~prompt_mask``) where it is real (its sequence mask, default
@@ -188,10 +178,12 @@ def pair_batch(
     Every argument is checked (against the vocabulary and padding rules of
     ``adapter_on(device)``, the policy's adapter on the batch's device; padding the model must
     be told of, :func:`model_padding`, goes with the batch).  With a packing plan the pairs are
-    packed (:func:`fastdpo.packing.pack` checks they can; ``"auto"`` packs in the layout
-    :func:`fastdpo.cost_model.choose_layout` picks from the lengths, and leaves a batch that
-    cannot pack unpacked; padding the model must be told of never packs); with ``verify``, the
-    model is checked on the first packed pairs (:func:`check_first_pairs`).
+    packed (:func:`fastdpo.batching.packing.pack` checks they can; ``"auto"`` packs in the layout
+    :func:`fastdpo.batching.packing.choose_layout` picks from the lengths, and leaves a batch that
+    cannot pack unpacked; padding the model must be told of never packs); given ``check_packed``
+    (:func:`fastdpo.models.check_first_pairs`), it is called as ``check_packed(adapter, layout,
+    attention, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)`` once the pairs are
+    packed, the masks as the batch reads them.
     """
     adapter = _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
     pref_mask, unpref_mask = real_tokens(preferred, pref_mask, pad_id), real_tokens(unpreferred, unpref_mask, pad_id)
@@ -218,13 +210,13 @@ def pair_batch(
             if layout != "auto":
                 raise
         if layout == "auto":
-            layout = cost_model.choose_layout(preferred.shape, lengths, packing_plan.attention, preferred.device)
+            layout = packing.choose_layout(preferred.shape, lengths, packing_plan.attention, preferred.device)
         if layout != "none":
             pad = pad_id if pad_id is not None else 0
             packed = packing.pack(*args, pad_token=pad, layout=layout, pack_length=packing_plan.length,
                                   attention=packing_plan.attention, lengths=lengths)
-            if verify:
-                check_first_pairs(adapter, layout, packing_plan.attention, *args)
+            if check_packed is not None:
+                check_packed(adapter, layout, packing_plan.attention, *args)
     return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding, real)
 
 

@@ -11,7 +11,7 @@ product in the weight's dtype, then the scale); a *fold* then does the elementwi
 them, the softcap included (in float32, and its derivative in the gradient):
 
 * :class:`TorchFold` -- on float32 logits (the CPU path): the C++ fold over a whole chunk
-  (:mod:`fastdpo.native`) where it is built, else torch ops over cache-sized boxes;
+  (:mod:`fastdpo.scoring.backends.native`) where it is built, else torch ops over cache-sized boxes;
 * :class:`TritonFold` -- fastdpo's Triton kernels (:func:`fastdpo.kernels.sequence_logprobs.
   row_logprobs` and ``row_logprob_grad_``), reading the logits in their own dtype and writing
   the gradient over them in place (the CUDA path, and under ``TRITON_INTERPRET=1`` on CPU
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import native, torch_impl
+from .backends import native
+from .backends import torch_fold as torch_impl
 
 # Logits bytes (in the fold's dtype) one chunk of rows may hold, per device type.  CPU: large
 # enough that each chunk's product is an efficient GEMM (hundreds of rows), small against the
@@ -307,8 +308,8 @@ def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
 
 class TorchFold:
     """The elementwise work on float32 logits: one call of the C++ fold per chunk
-    (:mod:`fastdpo.native`; it reads each row twice while the row is in cache), else ATen's
-    fused softmax box by box (cache-sized; :mod:`fastdpo.torch_impl`).  Logits kept for the
+    (:mod:`fastdpo.scoring.backends.native`; it reads each row twice while the row is in cache), else ATen's
+    fused softmax box by box (cache-sized; :mod:`fastdpo.scoring.backends.torch_fold`).  Logits kept for the
     gradient (the pair fusion's) are turned into probabilities in place while they are scored,
     which then meet the gradient products as they are (:func:`kept_grads`): one exp per
     element in all, where scoring and then differentiating the logits would take two (exp is
@@ -328,7 +329,7 @@ class TorchFold:
         """(row stats (2, rows): zeros, this fold's gradient reads none; target log-probs
         (rows,)) of float32 logits ``z``.  With ``keep``, ``z`` becomes ``softmax(z)`` in place,
         for :meth:`grad_`.  ``sq_out`` (rows,), if given, receives each row's ``log sum_v
-        p_v^2`` (:func:`fastdpo.torch_impl.log_sum_sq`, from the same softmax).  With a
+        p_v^2`` (:func:`fastdpo.scoring.backends.torch_fold.log_sum_sq`, from the same softmax).  With a
         ``softcap`` the rows are capped in place first, and kept as capped logits: the
         gradient needs them for the cap's derivative."""
         rows = z.shape[0]
@@ -409,7 +410,7 @@ class TritonFold:
     def stats(
         z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None, softcap: float | None = None
     ) -> tuple[Tensor, Tensor]:
-        from .kernels.sequence_logprobs import row_logprobs
+        from ..kernels.sequence_logprobs import row_logprobs
 
         # A softcap is applied in float32 as the kernel reads the logits; z stays uncapped.
         logp, st = row_logprobs(z, y, sq_out, softcap)
@@ -420,7 +421,7 @@ class TritonFold:
         z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
         softcap: float | None = None,
     ) -> Tensor:
-        from .kernels.sequence_logprobs import row_logprob_grad_
+        from ..kernels.sequence_logprobs import row_logprob_grad_
 
         # The scale folds into the row weight: d logp / dz scaled, rounded once to z's dtype.
         return row_logprob_grad_(z, y, st, g if scale is None else g * scale, softcap)

@@ -1,7 +1,7 @@
 """The ``ORPO`` module: odds-ratio preference optimization, no reference model.
 
-A loss family on :class:`fastdpo.preference.PreferenceModule`: the batch and the policy's sums
-come from there, the loss from :func:`fastdpo.family_losses.orpo_loss`.
+A loss family on :class:`fastdpo.modules.base.PreferenceModule`: the batch and the policy's sums
+come from there, the loss from :func:`fastdpo.losses.reference_free.orpo_loss`.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import _checks
-from .batches import make_batch, real_tokens
-from .family_losses import chosen_nll, orpo_loss, orpo_metrics
-from .preference import PreferenceModule
+from .. import _checks
+from ..batching.batch import make_batch, real_tokens
+from ..losses.reference_free import chosen_nll, orpo_loss, orpo_metrics
+from .base import PreferenceModule
 
 
 class ORPO(PreferenceModule):
@@ -21,10 +21,10 @@ class ORPO(PreferenceModule):
 
     ``loss = nll - mean_b(beta * log sigmoid(log_odds_b))``, where ``log_odds_b`` is the log
     odds ratio of the pair's chosen and rejected completions, odds taken on ``p =
-    exp(mean token log-prob of the completion)`` (:func:`fastdpo.family_losses.orpo_log_odds`),
+    exp(mean token log-prob of the completion)`` (:func:`fastdpo.losses.reference_free.orpo_log_odds`),
     and ``nll`` the mean negative log-likelihood per token over every counted token of the
     batch's chosen sequences -- their prompts included, as TRL counts them (its labels mask
-    padding only) -- :func:`fastdpo.family_losses.chosen_nll`.  No reference model:
+    padding only) -- :func:`fastdpo.losses.reference_free.chosen_nll`.  No reference model:
     ``ref_model`` is None.
 
     Args:
@@ -44,7 +44,7 @@ class ORPO(PreferenceModule):
 
     Where TRL differs: an empty completion (or one every token of which is certain in float)
     has a mean log-prob of 0 and infinite odds, NaN in TRL; here the mean is clamped to
-    ``-tiny`` (:func:`~fastdpo.family_losses.orpo_log_odds`).  A batch whose chosen sequences
+    ``-tiny`` (:func:`~fastdpo.losses.reference_free.orpo_log_odds`).  A batch whose chosen sequences
     count no token has an NLL of 0 (TRL: NaN).
     """
 
@@ -71,7 +71,7 @@ class ORPO(PreferenceModule):
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """The ORPO loss of B pairs; arguments as :meth:`fastdpo.DPO.forward` (no reference
         scores: there is no reference).  With ``return_metrics``, also TRL's metrics
-        (:func:`fastdpo.family_losses.orpo_metrics`: ``rewards/chosen``, ``rewards/rejected``,
+        (:func:`fastdpo.losses.reference_free.orpo_metrics`: ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
         ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``; not TRL's ``logits/*``, means
         over logits this module never builds) and DPO's ``tokens/*`` and

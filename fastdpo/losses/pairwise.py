@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
-from .loss_config import (  # noqa: F401  (re-exported: their historical home)
-    _NEEDS_LENGTHS, _REFERENCE_FREE, _SMOOTHING_RANGE, _USES_LENGTHS, DISCOPOP_TAU,
-    F_ALPHA_DIVERGENCE_COEF, F_DIVERGENCES, LOSS_TYPES, SIMPO_GAMMA, LossConfig, check_loss_config,
+from .. import _checks
+from .config import (
+    _NEEDS_LENGTHS, _REFERENCE_FREE, _SMOOTHING_RANGE, _USES_LENGTHS, DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF,
+    F_DIVERGENCES, LOSS_TYPES, SIMPO_GAMMA, LossConfig, check_loss_config,
 )
 
 
@@ -476,7 +476,7 @@ def pair_losses(
     ``batch_count`` is the whole batch's (2B,) counts when these are some of its pairs (``sft``
     with sums is a token mean over the batch; counts of empty sequences, clamped at 1e-5, count
     as 0).  ``weights`` (k,) multiply the pairs' losses (WPO's,
-    :func:`fastdpo.weighting.wpo_weights`).
+    :func:`fastdpo.losses.weighting.wpo_weights`).
     The configuration was checked once (:func:`check_loss_config`), so nothing is checked here.
     """
     k = sums.shape[0] // 2

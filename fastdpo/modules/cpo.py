@@ -1,9 +1,9 @@
 """The ``CPO`` module: contrastive preference optimization and its kin (SimPO, AlphaPO), no
 reference model.
 
-A loss family on :class:`fastdpo.preference.PreferenceModule`: the batch and the policy's sums
-come from there, the loss from :func:`fastdpo.family_losses.cpo_pair_losses` and
-:func:`~fastdpo.family_losses.chosen_nll`.
+A loss family on :class:`fastdpo.modules.base.PreferenceModule`: the batch and the policy's sums
+come from there, the loss from :func:`fastdpo.losses.reference_free.cpo_pair_losses` and
+:func:`~fastdpo.losses.reference_free.chosen_nll`.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .family_losses import CPO_LOSS_TYPES, check_cpo_config, chosen_nll, cpo_metrics, cpo_pair_losses
-from .losses import SIMPO_GAMMA
-from .preference import PreferenceModule
+from ..losses.pairwise import SIMPO_GAMMA
+from ..losses.reference_free import CPO_LOSS_TYPES, check_cpo_config, chosen_nll, cpo_metrics, cpo_pair_losses
+from .base import PreferenceModule
 
 __all__ = ["CPO", "CPO_LOSS_TYPES"]
 
@@ -24,10 +24,10 @@ class CPO(PreferenceModule):
     ``CPOTrainer`` computes them.
 
     ``loss = mean_b loss_b + cpo_alpha * nll``: ``loss_b`` the pair loss of ``loss_type`` on
-    the policy's scores alone (:func:`fastdpo.family_losses.cpo_pair_losses`: DPO's loss of
+    the policy's scores alone (:func:`fastdpo.losses.reference_free.cpo_pair_losses`: DPO's loss of
     that type with a zero reference, on AlphaPO's rewards when ``alpha != 0``), ``nll`` the
     behaviour-cloning term, the mean negative log-likelihood per token over every completion
-    token of the batch's chosen sequences (:func:`~fastdpo.family_losses.chosen_nll`; TRL's
+    token of the batch's chosen sequences (:func:`~fastdpo.losses.reference_free.chosen_nll`; TRL's
     ``cross_entropy_loss`` on the chosen half's labels).  No reference model: ``ref_model`` is
     None.
 
@@ -40,7 +40,7 @@ class CPO(PreferenceModule):
         simpo_gamma: >= 0, SimPO's target reward margin (``simpo``/``alphapo`` only), after the
             beta scaling: ``-log sigmoid(beta (r_w - r_l) - simpo_gamma)``, as TRL.
         alpha: AlphaPO's reward shape for every type: the scores ``x`` become ``r = (1 -
-            exp(x)^-alpha) / alpha`` (:func:`~fastdpo.family_losses.alphapo_reward`); 0 (default)
+            exp(x)^-alpha) / alpha`` (:func:`~fastdpo.losses.reference_free.alphapo_reward`); 0 (default)
             keeps ``r = x``.
         label_smoothing: in [0, 0.5) for ``sigmoid``, ``simpo``, ``alphapo`` (conservative
             labels); must be 0 for ``hinge`` and ``ipo``.
@@ -56,7 +56,7 @@ class CPO(PreferenceModule):
             share_prompt: as :class:`fastdpo.DPO`.  The fused head takes the ``"scores"`` route
             (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V) logits.
 
-    Options are checked once, here (:func:`fastdpo.family_losses.check_cpo_config`); the
+    Options are checked once, here (:func:`fastdpo.losses.reference_free.check_cpo_config`); the
     checked configuration is ``self.config``.  Where TRL differs: a batch whose chosen
     completions are all empty has an NLL of 0 (TRL: NaN), an empty completion's mean is 0 (TRL:
     NaN), and AlphaPO's reward stays finite where TRL's ``exp(x)`` underflows.
@@ -92,7 +92,7 @@ class CPO(PreferenceModule):
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """The CPO loss of B pairs; arguments as :meth:`fastdpo.DPO.forward` (no reference
         scores: there is no reference).  With ``return_metrics``, also TRL's metrics
-        (:func:`fastdpo.family_losses.cpo_metrics`: ``rewards/chosen``, ``rewards/rejected``,
+        (:func:`fastdpo.losses.reference_free.cpo_metrics`: ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins`` on ``beta * r``, ``logps/chosen``,
         ``logps/rejected`` on the scores, ``nll_loss``; not TRL's ``logits/*``, means over
         logits this module never builds) and DPO's ``tokens/*`` and ``token_accuracy/chosen``."""

@@ -1,8 +1,8 @@
 """The pair losses' options: the loss type names, :class:`LossConfig` and its one check.
 
 :func:`check_loss_config` checks every non-tensor option once (a module's ``__init__``, or
-:func:`fastdpo.losses.preference_loss`) and returns a frozen :class:`LossConfig`; the losses in
-:mod:`fastdpo.losses` read it without checking again.
+:func:`fastdpo.losses.pairwise.preference_loss`) and returns a frozen :class:`LossConfig`; the losses in
+:mod:`fastdpo.losses.pairwise` read it without checking again.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from . import _checks
+from .. import _checks
 
 # Order is documentation order; the names are TRL's ``DPOConfig.loss_type`` names (plus
 # ``simpo``, which TRL keeps in its CPO trainer).
@@ -72,7 +72,7 @@ SIMPO_GAMMA = 0.5
 @dataclass(frozen=True)
 class LossConfig:
     """A checked, normalized loss configuration (see :func:`check_loss_config`); its field
-    names are :func:`fastdpo.losses.preference_loss`'s keyword arguments."""
+    names are :func:`fastdpo.losses.pairwise.preference_loss`'s keyword arguments."""
 
     loss_type: tuple[str, ...]
     beta: float

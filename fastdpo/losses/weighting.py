@@ -9,14 +9,14 @@ Dimensions: B pairs, N = 2B sequences (the B chosen, then their B rejected), T p
   of the pair count 1, the rest ("the verbose tail") count ``ld_alpha``.  For the policy and
   the reference alike.  These are per-position weights of a batch (:func:`ld_token_weights`),
   a function of its mask alone, like its counts: they travel with the
-  :class:`~fastdpo.batches.Batch` (:func:`ld_weighted`), so every route scores
+  :class:`~fastdpo.batching.batch.Batch` (:func:`ld_weighted`), so every route scores
   ``sum_t w_t * log p_t`` and gives row t the gradient ``w_t * dL/ds``.
 * **WPO** (Zhou et al. 2024, "WPO: Enhancing RLHF with Weighted Preference Optimization",
   arXiv 2406.11827, eq. 2), ``use_weighting=True``: each pair's loss is multiplied by
   ``exp(mean_t(log p_t - log sum_v p_v^2))`` of its chosen completion times that of its rejected
   one, under the POLICY, detached (:func:`wpo_weights`).  ``log sum_v p_v^2`` (TRL's
   ``log_sum_sq_probs``) is one more reduction of each scored row's logits, computed where the
-  log-prob is (the folds of :mod:`fastdpo.chunks`, :mod:`fastdpo.torch_impl`, the Triton
+  log-prob is (the folds of :mod:`fastdpo.scoring.rows`, :mod:`fastdpo.scoring.backends.torch_fold`, the Triton
   kernels), forward only.
 
 Both are defined for both conventions.  Under TRL's (``logprob_reduction="sum"``,
@@ -36,7 +36,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from . import _checks
+from .. import _checks
 
 
 def check_ld_alpha(ld_alpha) -> float | None:
@@ -76,7 +76,7 @@ def ld_token_weights(mask: Tensor, ld_alpha: float) -> Tensor:
 
 
 def ld_weighted(batch, ld_alpha: float | None, reduction: str):
-    """``batch`` (a :class:`fastdpo.batches.Batch` of pairs) with its LD-DPO token weights, and,
+    """``batch`` (a :class:`fastdpo.batching.batch.Batch` of pairs) with its LD-DPO token weights, and,
     for ``reduction="mean"``, its counts replaced by the weighted counts (clamped at 1e-5 as
     the plain ones are) that divide a weighted mean score; ``batch`` itself for ``None``.
     With ``"sum"`` the counts stay the token counts: the lengths TRL's length-normalized

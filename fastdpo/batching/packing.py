@@ -11,8 +11,8 @@ Layouts (:data:`LAYOUTS`): ``"pair"`` puts each pair in a row of its own; ``"bat
 whole pairs first-fit (longest first) into as few rows as fit, so no padding runs either.
 
 This module only builds the layout (:func:`pack`; tensors, no model): a model's adapter
-(:mod:`fastdpo.models`) runs it, attending by parts (:mod:`fastdpo.attention`) or through the
-dense mask (:meth:`Packed.additive_mask`), and :mod:`fastdpo.scoring` gathers the hidden states
+(:mod:`fastdpo.models`) runs it, attending by parts (:mod:`fastdpo.batching.attention`) or through the
+dense mask (:meth:`Packed.additive_mask`), and :mod:`fastdpo.scoring.router` gathers the hidden states
 of the unpacked rows back (:attr:`Packed.rows`), which are then scored as usual.
 """
 
@@ -56,7 +56,7 @@ class Packed:
     rows: Tensor  # (2B, L-1) index into the (R*T) slots of each unpacked input position
     spans: tuple[Span, ...]  # every pair's place, by row then start (host ints)
     attention: str = "dense"  # how the models attend within it: ATTENTIONS
-    # What attention derives from the layout once, for every layer of both models (fastdpo.attention)
+    # What attention derives from the layout once, for every layer of both models (fastdpo.batching.attention)
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -198,3 +198,30 @@ def pack(
         scatter(token, pad_token), scatter(pos, 0), scatter(seg, PAD), scatter(owner, -1),
         torch.cat((chosen_rows, rejected_rows)), spans, attention,
     )
+
+
+# ----------------------------------------------------------------------------- when packing pays
+
+# packing="auto" packs a batch (layout "batch") when the predicted packed/unpacked time,
+#     tokens packed / tokens padded + PACK_OVERHEAD / (mean packed pair length),
+# is at most PACK_WHEN.  The first term is what packing saves (padding, repeated prompts: the
+# bodies' work scales with tokens); the second its fixed costs per pair (the layout's host sync
+# and index building, the gathers, one attention call per group of parts per layer), in tokens
+# of a pair.  Fitted on the CPU with small models (dim 32-64, where the fixed costs weigh most:
+# 16-20 tokens a pair; docs/performance.md, "Packed batches"); larger models pay less, and
+# attention by parts often saves more than its token share, so the rule errs towards not
+# packing.  PACK_WHEN leaves a margin for timing noise: a batch it packs runs faster packed.
+PACK_OVERHEAD = 20.0
+PACK_WHEN = 0.95
+
+
+def choose_layout(shape: tuple[int, int], lengths, attention: str, device: torch.device) -> str:
+    """``"batch"`` when packing a batch of ``shape`` (B, L) pays (the rule above), else
+    ``"none"``; ``"none"`` too for a batch that cannot pack (``lengths`` None).  ``lengths``:
+    the (prompt, chosen, rejected) host lists of :func:`pair_lengths`."""
+    if lengths is None:
+        return "none"
+    b, l = shape
+    packed = sum(w + r - p for p, w, r in zip(*lengths))
+    predicted = packed / (2 * b * l) + PACK_OVERHEAD * b / max(packed, 1)
+    return "batch" if predicted <= PACK_WHEN else "none"

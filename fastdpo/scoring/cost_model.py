@@ -1,5 +1,5 @@
-"""Cost models: the fused head's two CUDA routes and the rule that picks between them; and
-(at the end) when packing a pair batch pays (:func:`choose_layout`, ``packing="auto"``).
+"""Cost model of the fused head's two CUDA routes, and the rule that picks between them
+(when packing a batch pays is :func:`fastdpo.batching.packing.choose_layout`).
 
 Dimensions: M counted rows (completion tokens), M_all every row (prompts and padding too),
 D hidden size, V vocabulary; e bytes per logit (2 for bf16/fp16, 4 for float32).
@@ -104,30 +104,3 @@ def table(rows: int = 16384, prompt_share: float = 0.5, dtype: torch.dtype = tor
             b = predict("triton", m, rows, d, v, dtype)["total"] * 1e3
             lines.append(f"| {d} | {v} | {a:.1f} ms | {b:.1f} ms | {b / a:.1f}x | {choose_matmul(d, v, dtype)} |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- packing
-
-# packing="auto" packs a batch (layout "batch") when the predicted packed/unpacked time,
-#     tokens packed / tokens padded + PACK_OVERHEAD / (mean packed pair length),
-# is at most PACK_WHEN.  The first term is what packing saves (padding, repeated prompts: the
-# bodies' work scales with tokens); the second its fixed costs per pair (the layout's host sync
-# and index building, the gathers, one attention call per group of parts per layer), in tokens
-# of a pair.  Fitted on the CPU with small models (dim 32-64, where the fixed costs weigh most:
-# 16-20 tokens a pair; docs/performance.md, "Packed batches"); larger models pay less, and
-# attention by parts often saves more than its token share, so the rule errs towards not
-# packing.  PACK_WHEN leaves a margin for timing noise: a batch it packs runs faster packed.
-PACK_OVERHEAD = 20.0
-PACK_WHEN = 0.95
-
-
-def choose_layout(shape: tuple[int, int], lengths, attention: str, device: torch.device) -> str:
-    """``"batch"`` when packing a batch of ``shape`` (B, L) pays (the rule above), else
-    ``"none"``; ``"none"`` too for a batch that cannot pack (``lengths`` None).  ``lengths``:
-    the (prompt, chosen, rejected) host lists of :func:`fastdpo.packing.pair_lengths`."""
-    if lengths is None:
-        return "none"
-    b, l = shape
-    packed = sum(w + r - p for p, w, r in zip(*lengths))
-    predicted = packed / (2 * b * l) + PACK_OVERHEAD * b / max(packed, 1)
-    return "batch" if predicted <= PACK_WHEN else "none"

@@ -1,11 +1,11 @@
-"""The drop-in ``DPO`` module: the DPO loss family on :class:`fastdpo.preference.PreferenceModule`.
+"""The drop-in ``DPO`` module: the DPO loss family on :class:`fastdpo.modules.base.PreferenceModule`.
 
 Data flows one way: (preferred, unpreferred, masks) -> one batch of 2B sequences
-(:func:`fastdpo.batches.pair_batch`) -> each model's body, the reference's under ``no_grad``
-first (:class:`fastdpo.scoring.Scorer`, which asks the model's adapter, :mod:`fastdpo.models`)
+(:func:`fastdpo.batching.batch.pair_batch`) -> each model's body, the reference's under ``no_grad``
+first (:class:`fastdpo.scoring.router.Scorer`, which asks the model's adapter, :mod:`fastdpo.models`)
 -> the head: on the fused "pair" route one op scores both bodies and makes the policy's loss
-and head gradients (:mod:`fastdpo.fused_pair`); otherwise each body's sums
-(:meth:`~fastdpo.scoring.Scorer.sums`), then the pair loss (:mod:`fastdpo.losses`) -> scalar.
+and head gradients (:mod:`fastdpo.scoring.dpo_head_op`); otherwise each body's sums
+(:meth:`~fastdpo.scoring.router.Scorer.sums`), then the pair loss (:mod:`fastdpo.losses.pairwise`) -> scalar.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .batches import Batch, given_reference_scores
-from .fused_pair import HeadOptions, run_dpo_head
-from .losses import (
+from ..batching.batch import Batch, given_reference_scores
+from ..losses.pairwise import (
     DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics,
 )
-from .preference import PreferenceModule, deepcopy_module, frozen_copy
-from .scoring import Body
-from .weighting import check_ld_alpha, check_use_weighting, ld_weighted, wpo_weights
+from ..losses.weighting import check_ld_alpha, check_use_weighting, ld_weighted, wpo_weights
+from ..scoring.dpo_head_op import HeadOptions, run_dpo_head
+from ..scoring.router import Body
+from .base import PreferenceModule, deepcopy_module, frozen_copy
 
 __all__ = ["DPO", "deepcopy_module", "frozen_copy", "precompute_reference_scores"]
 
@@ -61,7 +61,7 @@ class DPO(PreferenceModule):
             ``ValueError`` with the reason, at construction and at any call that cannot fuse);
             ``"logits"`` always scores the model's logits.  A model wrapped or changed after
             construction is looked at again on its first call on each device.  On the torch
-            path, a fused step with at most ``fastdpo.ops.SMALL_ELEMENTS`` (65536) logits per
+            path, a fused step with at most ``fastdpo.scoring.logits_op.SMALL_ELEMENTS`` (65536) logits per
             model builds them from the hidden states (the same product and scale) and scores
             them with plain ops: at that size the step's head is dispatch, not work.
         impl: "auto" (Triton kernels for CUDA tensors, torch otherwise), "torch" or "triton",
@@ -71,13 +71,13 @@ class DPO(PreferenceModule):
             "torch" (the library's products, cuBLAS on CUDA, over completion rows, with
             Triton kernels for the elementwise work: three products a step), "triton" (the
             Triton GEMM kernels over every row, backward recomputing) or "auto"
-            (:func:`fastdpo.cost_model.choose_matmul`).
+            (:func:`fastdpo.scoring.cost_model.choose_matmul`).
         inplace_backward: on the logits route, let the policy's logits (created by this
             module's own call to the model) take their gradient in place, so the loss adds no
             (2B, L-1, V) buffer to them.  Used only when they come straight from a linear head.
         loss_type, label_smoothing, loss_weights, gamma, bco_delta, discopop_tau,
         f_divergence_type, f_alpha_divergence_coef: the pair loss, see
-            :func:`fastdpo.losses.preference_loss` (default ``"sigmoid"`` with no smoothing:
+            :func:`fastdpo.losses.pairwise.preference_loss` (default ``"sigmoid"`` with no smoothing:
             x-transformers' loss, bitwise).  With ``logprob_reduction="sum"`` the types
             defined on per-token averages (``ipo``, ``simpo``, ``sigmoid_norm``) get the token
             counts and normalize as their authors define them; ``sigmoid_norm`` needs that
@@ -94,7 +94,7 @@ class DPO(PreferenceModule):
             TRL ranks them) weigh ``ld_alpha`` in the policy's and the reference's scores
             (reference scores precomputed by this module too).  With ``"mean"`` the score is
             the weighted mean, ``sum_t w_t log p_t / max(sum_t w_t, 1e-5)``; with ``"sum"``,
-            TRL's weighted sum.  See :mod:`fastdpo.weighting`.
+            TRL's weighted sum.  See :mod:`fastdpo.losses.weighting`.
         use_weighting: WPO (arXiv 2406.11827), as TRL 1.16: each pair's loss times
             ``exp(a_w) * exp(a_l)``, ``a`` the policy's mean over the scored tokens of ``log
             p_t - log sum_v p_v^2``, detached (the fused head folds ``log sum_v p_v^2`` with
@@ -102,20 +102,20 @@ class DPO(PreferenceModule):
             ``aot_unpaired`` (``NotImplementedError``, as TRL).
         packing: how the models run a batch of pairs.  ``"none"`` (default): padded rows of
             2B sequences, as x-transformers.  ``"pair"``: each pair as one packed sequence
-            ``[prompt, chosen completion, rejected completion]`` (:mod:`fastdpo.packing`), so
+            ``[prompt, chosen completion, rejected completion]`` (:mod:`fastdpo.batching.packing`), so
             the prompt runs once.  ``"batch"``: whole pairs packed first-fit into as few rows
             as fit (of ``pack_length`` slots, default the longest packed pair), so no padding
             runs either.  ``"auto"``: ``"batch"`` for the batches where the cost model says it
-            pays (:func:`fastdpo.cost_model.choose_layout`), else ``"none"``.  Packed scores are
+            pays (:func:`fastdpo.scoring.cost_model.choose_layout`), else ``"none"``.  Packed scores are
             the unpacked ones to float rounding.  Each pair's prompt must be a prefix, equal in
             both sequences, with right padding (else ``ValueError`` naming the pair, or for a
             Hugging Face batch with left padding naming ``packing``; ``"auto"`` runs such a
             batch unpacked); a model that cannot pack raises at construction, or
             on its first packed call when packing changes its hidden states
-            (:func:`fastdpo.batches.check_first_pairs`).
+            (:func:`fastdpo.batching.batch.check_first_pairs`).
         pack_length: with ``packing="batch"`` or ``"auto"``, the slots of a packed row.
         pack_attention: how packed rows attend.  ``"auto"`` (default): by parts where the
-            model's adapter can (:mod:`fastdpo.attention`: no masked block is computed), else
+            model's adapter can (:mod:`fastdpo.batching.attention`: no masked block is computed), else
             the dense mask, with a warning saying why; ``"segments"`` insists (``ValueError``);
             ``"dense"``: the dense (rows, 1, T, T) mask.
         share_prompt: ``True`` is ``packing="pair"`` (its earlier name).
@@ -131,12 +131,12 @@ class DPO(PreferenceModule):
             one product at a time (at least one row).  With gradients the pair op makes a
             group's kept logits in one product, and its other products take as many rows as
             that buffer holds where it is larger (no more peak: the buffer is held anyway).
-            ``None`` (default): the device's, :func:`fastdpo.chunks.chunk_bytes` (64 MiB on the
+            ``None`` (default): the device's, :func:`fastdpo.scoring.rows.chunk_bytes` (64 MiB on the
             CPU, 1 GiB on CUDA).
         group_bytes: the pair op's keep budget: the logits one group of whole pairs keeps
             between its scoring and its gradient (at least one pair is a group; logits beyond
             it are made again).  ``None`` (default): the device's,
-            :func:`fastdpo.chunks.group_bytes` (128 MiB on the CPU; on CUDA a quarter of the
+            :func:`fastdpo.scoring.rows.group_bytes` (128 MiB on the CPU; on CUDA a quarter of the
             free memory, within [128 MiB, 4 GiB]).  Both trade peak memory for time, never
             the numbers: every budget gives the same scores and gradients to float rounding
             (docs/performance.md, "Budgets").  The other families take both too.
@@ -179,7 +179,7 @@ class DPO(PreferenceModule):
             discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
             f_alpha_divergence_coef=f_alpha_divergence_coef,
         )
-        # Read by the scoring, not by the loss of a pair's four scores (fastdpo.weighting).
+        # Read by the scoring, not by the loss of a pair's four scores (fastdpo.losses.weighting).
         ld_alpha = check_ld_alpha(ld_alpha)
         use_weighting = check_use_weighting(use_weighting, loss.loss_type)
         if "sft" in loss.loss_type and (use_weighting or ld_alpha is not None):
@@ -213,7 +213,7 @@ class DPO(PreferenceModule):
 
     def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask) -> Batch:
         """The checked pair batch (:meth:`PreferenceModule._batch`) with LD-DPO's token weights
-        when ``ld_alpha`` is set (:func:`fastdpo.weighting.ld_weighted`)."""
+        when ``ld_alpha`` is set (:func:`fastdpo.losses.weighting.ld_weighted`)."""
         batch = super()._batch(preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask)
         return ld_weighted(batch, self.ld_alpha, self.logprob_reduction)
 
@@ -248,7 +248,7 @@ class DPO(PreferenceModule):
         Returns:
             the scalar loss, ``mean_b loss_b`` (default: ``-log sigmoid(beta * ((pi_w - pi_l)
             - (ref_w - ref_l)))``); with ``return_metrics``, ``(loss, metrics)`` where
-            metrics holds :func:`fastdpo.losses.reward_metrics`' ``rewards/chosen``,
+            metrics holds :func:`fastdpo.losses.pairwise.reward_metrics`' ``rewards/chosen``,
             ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
             ``logps/chosen``, ``logps/rejected`` (on the scores in this module's
             ``logprob_reduction``), plus ``tokens/chosen`` and ``tokens/rejected`` (mean
@@ -286,7 +286,7 @@ class DPO(PreferenceModule):
         return loss, metrics
 
     def _pair_op(self, batch: Batch, policy: Body, ref: Body | None, ref_scores: Tensor | None, count_hits: bool):
-        """The fused pair op (:func:`fastdpo.fused_pair.run_dpo_head`) on the policy's body:
+        """The fused pair op (:func:`fastdpo.scoring.dpo_head_op.run_dpo_head`) on the policy's body:
         (loss, policy sums, reference scores, hits); the op scores the reference's body when
         it is given, else takes ``ref_scores``."""
         opts = HeadOptions(

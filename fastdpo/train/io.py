@@ -1,4 +1,4 @@
-"""What ``fastdpo train`` (:mod:`fastdpo.train`) reads and writes: the model and tokenizer of a
+"""What ``fastdpo train`` (:mod:`fastdpo.train.run`) reads and writes: the model and tokenizer of a
 ``save_pretrained`` directory, the preference records (JSONL, or a ``datasets`` directory
 saved with ``save_to_disk``), checkpoints that resume a run exactly, the progress bar,
 ``metrics.jsonl`` and the curves' PNG.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .text import read_jsonl
+from ..data.text import read_jsonl
 
 STATE_FILE = "trainer_state.pt"  # optimizer, scheduler, RNG states, data position, reference scores
 CONFIG_FILE = "fastdpo_train.json"  # the TrainConfig the run was started with

@@ -151,14 +151,14 @@ def _rows(z: Tensor) -> tuple[int, int, int, int]:
 
 def _check(z: Tensor, other: Tensor | None = None) -> None:
     if not serves(z):
-        raise ValueError("fastdpo.native: float32 CPU logits with contiguous rows, at most 3-D, expected")
+        raise ValueError("fastdpo.scoring.backends.native: float32 CPU logits with contiguous rows, at most 3-D, expected")
     if other is not None and (other.shape != z.shape or not serves(other)):
-        raise ValueError("fastdpo.native: the output must be float32 with z's shape and contiguous rows")
+        raise ValueError("fastdpo.scoring.backends.native: the output must be float32 with z's shape and contiguous rows")
 
 
 def _targets(y: Tensor, z: Tensor) -> Tensor:
     if y.shape != z.shape[:-1]:
-        raise ValueError(f"fastdpo.native: targets of shape {tuple(z.shape[:-1])} expected, got {tuple(y.shape)}")
+        raise ValueError(f"fastdpo.scoring.backends.native: targets of shape {tuple(z.shape[:-1])} expected, got {tuple(y.shape)}")
     return y.to(torch.int64).contiguous()
 
 
@@ -170,7 +170,7 @@ def _threads(z: Tensor) -> int:
 
 def _raise_if(bad: int) -> None:
     if bad:
-        raise IndexError("fastdpo.native: a target is outside [0, V)")
+        raise IndexError("fastdpo.scoring.backends.native: a target is outside [0, V)")
 
 
 def score(z: Tensor, y: Tensor) -> Tensor:

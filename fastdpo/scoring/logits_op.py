@@ -5,7 +5,7 @@ This is where a user's call turns into math.  :func:`sequence_logprobs` (and
 op, ``fastdpo::sequence_logprobs``, whose body runs one implementation chosen per call by
 ``impl``:
 
-* ``"torch"`` -- :mod:`fastdpo.torch_impl`, chunked pure torch (any device);
+* ``"torch"`` -- :mod:`fastdpo.scoring.backends.torch_fold`, chunked pure torch (any device);
 * ``"triton"`` -- the fused kernels of :mod:`fastdpo.kernels.sequence_logprobs` (CUDA
   tensors, or CPU tensors under ``TRITON_INTERPRET=1``);
 * ``"auto"`` -- Triton for CUDA tensors when available, torch otherwise.
@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _checks
-from . import torch_impl
+from .. import _checks
+from .backends import torch_fold as torch_impl
 
 IMPLS = ("auto", "torch", "triton")
 
@@ -33,8 +33,8 @@ def _triton_kernels():
     """The logits kernel module, or None when triton or either kernel module (this op's and
     the fused head's, :mod:`fastdpo.kernels.linear_sequence_logprobs`) cannot be imported."""
     try:
-        from .kernels import linear_sequence_logprobs as _  # noqa: F401
-        from .kernels import sequence_logprobs as k
+        from ..kernels import linear_sequence_logprobs as _  # noqa: F401
+        from ..kernels import sequence_logprobs as k
     except ImportError:
         return None
     return k
@@ -59,7 +59,7 @@ def _resolve(impl: str, device_type: str) -> str:
                 "be imported here; use impl='torch' or impl='auto'"
             )
         if device_type != "cuda":
-            from .kernels._common import interpreting
+            from ..kernels._common import interpreting
 
             if not interpreting():
                 raise ValueError(
@@ -89,7 +89,7 @@ def _logprobs_op(
     (N, T, V) for the backward to finish or (0,), WPO's sums (2, N) of the policy logits with
     ``sq`` or (0,)), float32.  ``weights``: (N, T) float32 weights of the rows' log-probs in
     both scores, or None.  ``keep_probs``: torch path, float32 logits that want a gradient (see
-    :func:`fastdpo.torch_impl.forward`)."""
+    :func:`fastdpo.scoring.backends.torch_fold.forward`)."""
     probs = None
     wpo = torch.empty(2, logits.shape[0], dtype=torch.float32, device=logits.device) if sq else None
     if impl == "triton":
@@ -283,7 +283,7 @@ def sequence_logprobs(
             few plain autograd ops (same contract: at that size a call is dispatch, not work).
         token_weights: optional (N, T) floating weights: ``out[n] = sum_t mask * w[n, t] *
             log_softmax(...)``, and each row's gradient is weighted alike (a constant, not
-            differentiated; e.g. LD-DPO's, :mod:`fastdpo.weighting`).  Values at masked
+            differentiated; e.g. LD-DPO's, :mod:`fastdpo.losses.weighting`).  Values at masked
             positions are never read.
 
     Returns:
@@ -301,7 +301,7 @@ def run_logprobs(
     token_weights: Tensor | None = None, sq: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`sequence_logprobs` on checked arguments (``impl`` resolved, ``token_weights``
-    float32 or None): what :class:`fastdpo.scoring.Scorer` calls.  Returns (scores (N,), with
+    float32 or None): what :class:`fastdpo.scoring.router.Scorer` calls.  Returns (scores (N,), with
     ``sq`` WPO's sums (2, N), detached: per sequence ``sum_t log sum_v p_v^2`` and the
     unweighted ``sum_t log p_t``; else None)."""
     if impl == "torch" and is_small(logits.numel()):
@@ -321,7 +321,7 @@ SMALL_ELEMENTS = 1 << 16
 
 def is_small(logits_numel: int) -> bool:
     """Whether logits of this many elements take the plain ops on the torch path (eagerly: a
-    compiled graph keeps the op).  :class:`fastdpo.scoring.Scorer` asks it of a fused head's
+    compiled graph keeps the op).  :class:`fastdpo.scoring.router.Scorer` asks it of a fused head's
     step too, which then builds its logits and scores them here."""
     return logits_numel <= SMALL_ELEMENTS and not torch.compiler.is_compiling()
 

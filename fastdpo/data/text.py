@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from . import _checks
+from .. import _checks
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 FIELDS = ("prompt", "chosen", "rejected")

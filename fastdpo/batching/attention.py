@@ -2,7 +2,7 @@
 
 Dimensions: R packed rows, H heads, T slots a row, d head size.
 
-In a packed row (:class:`fastdpo.packing.Packed`) each pair sits as ``[prompt, chosen,
+In a packed row (:class:`fastdpo.batching.packing.Packed`) each pair sits as ``[prompt, chosen,
 rejected]``: the prompt and the chosen completion attend ``[prompt, chosen]`` causally, the
 rejected completion attends ``[prompt, rejected]`` causally (its diagonal shifted by the
 prompt: lower-right aligned), and nothing attends another pair.  A dense (R, 1, T, T) mask pays

@@ -1,6 +1,6 @@
 """The ``KTO`` module: Kahneman-Tversky optimization on unpaired completions.
 
-A loss family on :class:`fastdpo.preference.PreferenceModule` (the policy, the frozen or
+A loss family on :class:`fastdpo.modules.base.PreferenceModule` (the policy, the frozen or
 ``peft`` reference, the routes and the fused head's sums come from there); what is KTO's is
 here: its options (:func:`check_kto_config`), its loss (:func:`kto_losses`), its KL baseline
 (:func:`kl_baseline`), its metrics (:func:`kto_metrics`) and the module.  Every route calls
@@ -23,9 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import _checks
-from .batches import Batch, unpaired_batch
-from .preference import PreferenceModule
+from .. import _checks
+from ..batching.batch import Batch, unpaired_batch
+from .base import PreferenceModule
 
 # TRL 1.16's KTOConfig.loss_type values.
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")

@@ -22,7 +22,7 @@ has the same model with its adapters off as its reference.
   (tests/test_train.py).  The reference model is always the one ``model`` names.
 * **Several processes.**  Under ``torchrun`` (``WORLD_SIZE`` > 1) the DPO module is wrapped
   in ``DistributedDataParallel`` (gloo on the CPU, nccl on CUDA), or with ``fsdp`` the policy
-  and the reference are sharded with FSDP2's ``fully_shard`` (:mod:`fastdpo.train_fsdp`: the
+  and the reference are sharded with FSDP2's ``fully_shard`` (:mod:`fastdpo.train.fsdp`: the
   checkpoints still hold whole ``save_pretrained`` weights and resume exactly); process 0
   writes the files; logged metrics and evaluations are over all processes' pairs.
 * **Reporting.**  A progress bar (tqdm; lines without it), ``out/metrics.jsonl`` (one JSON
@@ -45,13 +45,13 @@ from pathlib import Path
 
 import torch
 
-from . import train_fsdp
-from . import train_io as io
-from .data import PreferenceDataset
-from .dpo import DPO, precompute_reference_scores
-from .losses import LOSS_TYPES
-from .models import adapter_for
-from .models.wrappers import model_class
+from ..data.datasets import PreferenceDataset
+from ..losses.pairwise import LOSS_TYPES
+from ..models import adapter_for
+from ..models.wrappers import model_class
+from ..modules.dpo import DPO, precompute_reference_scores
+from . import fsdp as train_fsdp
+from . import io
 
 __all__ = ["TrainConfig", "train", "add_arguments", "config_from_args", "main_from_args"]
 

@@ -1,0 +1,10 @@
+"""From token ids to the batch the models run: checks, the positions that count, packed layouts.
+
+* :mod:`.batch` -- :class:`~.batch.Batch` and its builders (pairs, unpaired sequences), every
+  argument checked; the packing plan a module keeps;
+* :mod:`.packing` -- the packed layout: pairs laid out in rows, each prompt once; when it pays;
+* :mod:`.attention` -- attention by parts over a packed row (no masked block computed).
+
+May import: :mod:`fastdpo._checks` only: a model's adapter is asked what it accepts, never
+imported (tests/test_architecture.py holds it to that).
+"""

@@ -1,0 +1,13 @@
+"""``fastdpo train``: DPO on a Hugging Face causal LM, from preference records to a saved model.
+
+* :mod:`.run` -- the run: :class:`~.run.TrainConfig`, :func:`~.run.train`, the command line;
+* :mod:`.io` -- what a run reads and writes (models, records, checkpoints, metrics);
+* :mod:`.fsdp` -- ``--fsdp``: the models sharded with FSDP2, and their whole states.
+
+May import anything below it: :mod:`fastdpo.modules`, :mod:`fastdpo.data`, :mod:`fastdpo.models`,
+:mod:`fastdpo.losses` (tests/test_architecture.py holds it to that).
+"""
+
+from .run import TrainConfig, train
+
+__all__ = ["TrainConfig", "train"]
