@@ -8,12 +8,13 @@ line) trains a Hugging Face causal LM on text preference records.
 
 from .data.datasets import KTODataset, PreferenceDataset
 from .data.text import TokenizedPreferenceDataset
+from .losses.kto import KTO_LOSS_TYPES
 from .losses.pairwise import LOSS_TYPES, check_loss_config, dpo_loss, preference_loss, reward_metrics
 from .losses.reference_free import CPO_LOSS_TYPES
 from .modules.base import PreferenceModule
 from .modules.cpo import CPO
 from .modules.dpo import DPO, precompute_reference_scores
-from .modules.kto import KTO, KTO_LOSS_TYPES
+from .modules.kto import KTO
 from .modules.orpo import ORPO
 from .scoring.linear_op import linear_sequence_logprobs
 from .scoring.logits_op import sequence_logprobs, sequence_logprobs_pair

@@ -99,6 +99,11 @@ def test_each_part_imports_only_the_layers_below_it():
         if _part(target) != _part(name) and _part(target) not in LAYERS[_part(name)]
     )
     assert not upward, "imports against the layers (tests/test_architecture.py, LAYERS):\n" + "\n".join(upward)
+    # Inside scoring, the backends are the bottom: they import no other scoring module.
+    backends = "fastdpo.scoring.backends"
+    up = sorted(f"{n} imports {t}" for n, p in mods.items() if n.startswith(backends)
+                for t in _imports(n, p, known) if t.startswith("fastdpo.scoring") and not t.startswith(backends))
+    assert not up, "a backend imports the scoring code above it:\n" + "\n".join(up)
 
 
 def test_the_layer_check_finds_an_upward_import(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import fastdpo.scoring.router
 from fastdpo import KTO, KTO_LOSS_TYPES, KTODataset
-from fastdpo.modules.kto import check_kto_config, kl_baseline, kto_losses
+from fastdpo.losses.kto import check_kto_config, kl_baseline, kto_losses
 
 from helpers import rel_err, three_way, tiny_transformer
 

@@ -3,6 +3,7 @@
 * :mod:`.config` -- DPO's loss options: the type names, :class:`LossConfig`, its one check;
 * :mod:`.pairwise` -- DPO's pair losses (every TRL ``loss_type``), their mix, reward metrics;
 * :mod:`.reference_free` -- ORPO's and CPO's (SimPO, AlphaPO) losses, no reference;
+* :mod:`.kto` -- KTO's loss, KL baseline and metrics on unpaired completions;
 * :mod:`.weighting` -- LD-DPO's token weights and WPO's pair weights.
 
 May import: :mod:`fastdpo._checks` only (tests/test_architecture.py holds it to that).

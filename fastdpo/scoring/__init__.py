@@ -7,8 +7,8 @@
 * :mod:`.logits_op` -- ``sequence_logprobs``: scores from logits;
 * :mod:`.rows` -- counted rows, chunked head products, buffers: what the fused ops share;
 * :mod:`.cost_model` -- which multiplies where (the fused head's two CUDA routes; packing);
-* :mod:`.backends` -- one fold per place the elementwise work runs (torch, the C++ fold; the
-  Triton kernels live in the top-level ``kernels/``, installed as :mod:`fastdpo.kernels`).
+* :mod:`.backends` -- one fold per place the elementwise work runs: torch, the C++ fold, and
+  the Triton kernels (the top-level ``kernels/``, installed as :mod:`fastdpo.kernels`).
 
 May import: :mod:`fastdpo._checks`, :mod:`fastdpo.kernels`, :mod:`fastdpo.losses` (the DPO head
 computes the loss), :mod:`fastdpo.batching`, :mod:`fastdpo.models`; never :mod:`fastdpo.modules`

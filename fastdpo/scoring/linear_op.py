@@ -32,6 +32,7 @@ from .. import _checks
 from . import cost_model
 from . import rows as chunks
 from .backends import torch_fold as torch_impl
+from .backends import triton_fold
 from .logits_op import resolve_impl
 
 MATMULS = ("auto", "torch", "triton")
@@ -57,13 +58,6 @@ def resolve_matmul(matmul: str, impl: str, weight: Tensor, softcap: float | None
         v, d = weight.shape
         return cost_model.choose_matmul(d, v, weight.dtype)
     return matmul
-
-
-def _linear_kernels():
-    """The fused-linear kernel module (triton's import already checked by resolve_impl)."""
-    from ..kernels import linear_sequence_logprobs as k
-
-    return k
 
 
 # ----------------------------------------------------------------------------- custom op
@@ -99,7 +93,7 @@ def _linear_op(
             raise ValueError("the Triton GEMM kernels (matmul='triton') do not compute log sum_v p_v^2 (WPO)")
         if softcap is not None or bias is not None:
             raise ValueError("the Triton GEMM kernels (matmul='triton') do not cap logits (softcap) nor add a bias")
-        k = _linear_kernels()
+        k = triton_fold.linear_kernels()
         # Every row goes to the kernels: gathering the counted rows would need their count on
         # the host.  Masked rows enter with zero hidden states (so a NaN in padding cannot turn
         # 0 * NaN into NaN in a gradient) and a weight of 0 in backward.
@@ -154,7 +148,7 @@ def _linear_backward_op(
     n, t, d = hidden.shape
     grad_scores = grad_scores.float()
     if matmul == "triton":
-        k = _linear_kernels()
+        k = triton_fold.linear_kernels()
         h = hidden.masked_fill(~mask.unsqueeze(-1), 0).reshape(-1, d)
         y = torch.where(mask, targets, 0).reshape(-1)
         g = torch_impl.row_weights(grad_scores, mask, token_weights).reshape(-1)

@@ -22,22 +22,12 @@ from torch import Tensor
 
 from .. import _checks
 from .backends import torch_fold as torch_impl
+from .backends import triton_fold
 
 IMPLS = ("auto", "torch", "triton")
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-
-def _triton_kernels():
-    """The logits kernel module, or None when triton or either kernel module (this op's and
-    the fused head's, :mod:`fastdpo.kernels.linear_sequence_logprobs`) cannot be imported."""
-    try:
-        from ..kernels import linear_sequence_logprobs as _  # noqa: F401
-        from ..kernels import sequence_logprobs as k
-    except ImportError:
-        return None
-    return k
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -51,17 +41,15 @@ def _resolve(impl: str, device_type: str) -> str:
     # A constant of the compiled graph: torch.compile calls this once, eagerly (it asks
     # triton whether it interprets, which a trace cannot).
     if impl == "auto":
-        return "triton" if device_type == "cuda" and _triton_kernels() is not None else "torch"
+        return "triton" if device_type == "cuda" and triton_fold.sequence_kernels() is not None else "torch"
     if impl == "triton":
-        if _triton_kernels() is None:
+        if triton_fold.sequence_kernels() is None:
             raise NotImplementedError(
                 "impl='triton' needs triton and the kernels in fastdpo.kernels, which cannot "
                 "be imported here; use impl='torch' or impl='auto'"
             )
         if device_type != "cuda":
-            from ..kernels._common import interpreting
-
-            if not interpreting():
+            if not triton_fold.interpreting():
                 raise ValueError(
                     f"impl='triton' needs CUDA tensors, got tensors on {device_type}; set "
                     "TRITON_INTERPRET=1 before importing fastdpo to run the kernels on the "
@@ -93,7 +81,7 @@ def _logprobs_op(
     probs = None
     wpo = torch.empty(2, logits.shape[0], dtype=torch.float32, device=logits.device) if sq else None
     if impl == "triton":
-        k = _triton_kernels()
+        k = triton_fold.sequence_kernels()
         scores, ref_scores, stats = k.sequence_logprobs_forward(
             logits, targets, mask, ref_logits, weights=weights, wpo_sums=wpo
         )
@@ -147,7 +135,7 @@ def _logprobs_backward_inplace_op(
 def _backward(logits, targets, mask, weights, stats, grad_scores, impl, *, inplace):
     grad_scores = grad_scores.float().contiguous()
     if impl == "triton":
-        k = _triton_kernels()
+        k = triton_fold.sequence_kernels()
         return k.sequence_logprobs_backward(logits, targets, mask, stats, grad_scores, inplace=inplace, weights=weights)
     return torch_impl.backward(logits, targets, mask, stats, grad_scores, inplace=inplace, weights=weights)
 

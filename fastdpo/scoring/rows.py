@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .backends import native
 from .backends import torch_fold as torch_impl
+from .backends.torch_fold import TorchFold, chunk_slices
+from .backends.triton_fold import TritonFold
 
 # Logits bytes (in the fold's dtype) one chunk of rows may hold, per device type.  CPU: large
 # enough that each chunk's product is an efficient GEMM (hundreds of rows), small against the
@@ -151,15 +152,6 @@ class Scratch:
             self._flat = flat = None  # the smaller buffer goes before the larger is made
             self._flat = flat = rows_buffer(rows, v, dtype, device).view(-1)
         return flat[:n].view(rows, v)
-
-
-def chunk_slices(m: int, rows: int, start: int = 0) -> list[slice]:
-    """[start, m) cut into as few slices of at most ``rows`` rows as it takes, as even as
-    possible: a product's time per row grows as its rows fall to a few hundred on the CPU
-    (measured on a 2-core Xeon VM, (rows, 256) x (256, 32000) float32: 2924 rows as 4 x 524 +
-    207 took 1.18x the time of one product, as 4 x 731 1.09x), so no short remainder."""
-    n = -(-(m - start) // rows) if m > start else 0
-    return [slice(start + (m - start) * i // n, start + (m - start) * (i + 1) // n) for i in range(n)]
 
 
 # ----------------------------------------------------------------------------- counted rows
@@ -306,128 +298,7 @@ def _mm_float32(a: Tensor, b: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- folds
 
 
-class TorchFold:
-    """The elementwise work on float32 logits: one call of the C++ fold per chunk
-    (:mod:`fastdpo.scoring.backends.native`; it reads each row twice while the row is in cache), else ATen's
-    fused softmax box by box (cache-sized; :mod:`fastdpo.scoring.backends.torch_fold`).  Logits kept for the
-    gradient (the pair fusion's) are turned into probabilities in place while they are scored,
-    which then meet the gradient products as they are (:func:`kept_grads`): one exp per
-    element in all, where scoring and then differentiating the logits would take two (exp is
-    what a CPU spends its time on here)."""
-
-    name = "torch"
-    keeps_probabilities = True  # stats(keep=True) leaves softmax(z) in z (capped logits with a softcap)
-
-    @staticmethod
-    def dtype(weight: Tensor) -> torch.dtype:
-        return torch.float32
-
-    @staticmethod
-    def stats(
-        z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None, softcap: float | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """(row stats (2, rows): zeros, this fold's gradient reads none; target log-probs
-        (rows,)) of float32 logits ``z``.  With ``keep``, ``z`` becomes ``softmax(z)`` in place,
-        for :meth:`grad_`.  ``sq_out`` (rows,), if given, receives each row's ``log sum_v
-        p_v^2`` (:func:`fastdpo.scoring.backends.torch_fold.log_sum_sq`, from the same softmax).  With a
-        ``softcap`` the rows are capped in place first, and kept as capped logits: the
-        gradient needs them for the cap's derivative."""
-        rows = z.shape[0]
-        st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
-        if softcap is None and sq_out is None and native.serves(z):  # the whole chunk in one call
-            return st, (native.softmax(z, z, y) if keep else native.score(z, y))
-        score = torch_impl.compiled_score(z) if not keep and softcap is None and sq_out is None else None
-        if score is not None:  # the whole chunk at once: two passes per row, nothing written
-            return st, score(z, y)
-        logp = torch.empty(rows, dtype=torch.float32, device=z.device)
-        for r in _cache_rows(z):
-            zr, sq = z[r], (sq_out[r] if sq_out is not None else None)
-            if softcap is not None:
-                _cap_(zr, softcap)
-            if keep and softcap is None:
-                logp[r] = torch_impl.row_logprobs_into(zr, zr, y[r], sq)
-            else:
-                logp[r] = torch_impl.row_logprobs(zr, y[r], sq)
-        return st, logp
-
-    @staticmethod
-    def grad_(
-        z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
-        softcap: float | None = None,
-    ) -> Tensor:
-        """Turn ``z`` into d(sum_m g_m logp_m)/d(h @ W.T) in place (the scale folded into the row
-        weights): from the probabilities :meth:`stats` left there when ``kept``, else from
-        logits (one fused softmax).  With a ``softcap``: from the capped logits :meth:`stats`
-        left when ``kept`` (else the logits are capped here), times the cap's derivative
-        ``1 - (z / softcap)^2`` (as torch's own tanh backward forms it)."""
-        if scale is not None:
-            g = g * scale
-        if softcap is None and not kept and native.serves(z):
-            return native.grad(z, z, y, g)
-        for r in _cache_rows(z):
-            zr = z[r]
-            if softcap is None and kept:
-                gr = g[r].unsqueeze(1)
-                zr.mul_(gr.neg()).scatter_add_(1, y[r].unsqueeze(1), gr)
-                continue
-            if softcap is None:
-                torch_impl.row_grad_into(zr, zr, y[r], g[r])
-                continue
-            if not kept:
-                _cap_(zr, softcap)
-            slope = torch.div(zr, softcap).square_().neg_().add_(1.0)  # a cache-sized box
-            torch_impl.row_grad_into(zr, zr, y[r], g[r]).mul_(slope)
-        return z
-
-
-def _cap_(z: Tensor, softcap: float) -> Tensor:
-    """``z`` (float32) replaced by ``softcap * tanh(z / softcap)``, as Gemma 2's forward caps
-    its logits (there in the model's dtype, here in float32)."""
-    return z.div_(softcap).tanh_().mul_(softcap)
-
-
-def _cache_rows(z: Tensor) -> list[slice]:
-    """Row ranges of a chunk ``z`` small enough to stay in cache across the fold's passes
-    (the chunk itself is a GEMM output far larger than any cache)."""
-    return chunk_slices(z.shape[0], rows_per_chunk(z.shape[1], 4, torch_impl.box_bytes()))
-
-
-class TritonFold:
-    """The elementwise work in fastdpo's Triton kernels, on logits in the weight's dtype:
-    one launch for the row statistics and target log-probs, one that writes the gradient over
-    the logits in place (so the two gradient products read it as they would the model's).  On
-    a GPU the second read of the logits costs less than writing probabilities in the first
-    pass would, so kept logits stay logits."""
-
-    name = "triton"
-    keeps_probabilities = False  # kept logits stay logits
-
-    @staticmethod
-    def dtype(weight: Tensor) -> torch.dtype:
-        return weight.dtype
-
-    @staticmethod
-    def stats(
-        z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None, softcap: float | None = None
-    ) -> tuple[Tensor, Tensor]:
-        from ..kernels.sequence_logprobs import row_logprobs
-
-        # A softcap is applied in float32 as the kernel reads the logits; z stays uncapped.
-        logp, st = row_logprobs(z, y, sq_out, softcap)
-        return st, logp
-
-    @staticmethod
-    def grad_(
-        z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
-        softcap: float | None = None,
-    ) -> Tensor:
-        from ..kernels.sequence_logprobs import row_logprob_grad_
-
-        # The scale folds into the row weight: d logp / dz scaled, rounded once to z's dtype.
-        return row_logprob_grad_(z, y, st, g if scale is None else g * scale, softcap)
-
-
-FOLDS = {"torch": TorchFold, "triton": TritonFold}
+FOLDS = {"torch": TorchFold, "triton": TritonFold}  # by impl
 
 
 # ----------------------------------------------------------------------------- scoring

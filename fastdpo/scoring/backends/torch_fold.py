@@ -402,3 +402,101 @@ def backward_from_probs(
         covered[bn, bt] = True
     _zero_rows(probs, ~covered)
     return probs
+
+
+# ----------------------------------------------------------------------------- the fold of the fused head
+
+
+def chunk_slices(m: int, rows: int, start: int = 0) -> list[slice]:
+    """[start, m) cut into as few slices of at most ``rows`` rows as it takes, as even as
+    possible, so no slice is a short remainder (a product's time per row grows as its rows
+    fall to a few hundred on the CPU: docs/performance.md, "Larger products").  The head's
+    chunks (:mod:`fastdpo.scoring.rows`) and a fold's cache-sized parts are cut this way."""
+    n = -(-(m - start) // rows) if m > start else 0
+    return [slice(start + (m - start) * i // n, start + (m - start) * (i + 1) // n) for i in range(n)]
+
+
+class TorchFold:
+    """The elementwise work on float32 logits: one call of the C++ fold per chunk
+    (:mod:`fastdpo.scoring.backends.native`; it reads each row twice while the row is in cache), else ATen's
+    fused softmax box by box (cache-sized; :mod:`fastdpo.scoring.backends.torch_fold`).  Logits kept for the
+    gradient (the pair fusion's) are turned into probabilities in place while they are scored,
+    which then meet the gradient products as they are (:func:`fastdpo.scoring.rows.kept_grads`): one exp per
+    element in all, where scoring and then differentiating the logits would take two (exp is
+    what a CPU spends its time on here)."""
+
+    name = "torch"
+    keeps_probabilities = True  # stats(keep=True) leaves softmax(z) in z (capped logits with a softcap)
+
+    @staticmethod
+    def dtype(weight: Tensor) -> torch.dtype:
+        return torch.float32
+
+    @staticmethod
+    def stats(
+        z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None, softcap: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(row stats (2, rows): zeros, this fold's gradient reads none; target log-probs
+        (rows,)) of float32 logits ``z``.  With ``keep``, ``z`` becomes ``softmax(z)`` in place,
+        for :meth:`grad_`.  ``sq_out`` (rows,), if given, receives each row's ``log sum_v
+        p_v^2`` (:func:`fastdpo.scoring.backends.torch_fold.log_sum_sq`, from the same softmax).  With a
+        ``softcap`` the rows are capped in place first, and kept as capped logits: the
+        gradient needs them for the cap's derivative."""
+        rows = z.shape[0]
+        st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
+        if softcap is None and sq_out is None and native.serves(z):  # the whole chunk in one call
+            return st, (native.softmax(z, z, y) if keep else native.score(z, y))
+        score = compiled_score(z) if not keep and softcap is None and sq_out is None else None
+        if score is not None:  # the whole chunk at once: two passes per row, nothing written
+            return st, score(z, y)
+        logp = torch.empty(rows, dtype=torch.float32, device=z.device)
+        for r in _cache_rows(z):
+            zr, sq = z[r], (sq_out[r] if sq_out is not None else None)
+            if softcap is not None:
+                _cap_(zr, softcap)
+            if keep and softcap is None:
+                logp[r] = row_logprobs_into(zr, zr, y[r], sq)
+            else:
+                logp[r] = row_logprobs(zr, y[r], sq)
+        return st, logp
+
+    @staticmethod
+    def grad_(
+        z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
+        softcap: float | None = None,
+    ) -> Tensor:
+        """Turn ``z`` into d(sum_m g_m logp_m)/d(h @ W.T) in place (the scale folded into the row
+        weights): from the probabilities :meth:`stats` left there when ``kept``, else from
+        logits (one fused softmax).  With a ``softcap``: from the capped logits :meth:`stats`
+        left when ``kept`` (else the logits are capped here), times the cap's derivative
+        ``1 - (z / softcap)^2`` (as torch's own tanh backward forms it)."""
+        if scale is not None:
+            g = g * scale
+        if softcap is None and not kept and native.serves(z):
+            return native.grad(z, z, y, g)
+        for r in _cache_rows(z):
+            zr = z[r]
+            if softcap is None and kept:
+                gr = g[r].unsqueeze(1)
+                zr.mul_(gr.neg()).scatter_add_(1, y[r].unsqueeze(1), gr)
+                continue
+            if softcap is None:
+                row_grad_into(zr, zr, y[r], g[r])
+                continue
+            if not kept:
+                _cap_(zr, softcap)
+            slope = torch.div(zr, softcap).square_().neg_().add_(1.0)  # a cache-sized box
+            row_grad_into(zr, zr, y[r], g[r]).mul_(slope)
+        return z
+
+
+def _cap_(z: Tensor, softcap: float) -> Tensor:
+    """``z`` (float32) replaced by ``softcap * tanh(z / softcap)``, as Gemma 2's forward caps
+    its logits (there in the model's dtype, here in float32)."""
+    return z.div_(softcap).tanh_().mul_(softcap)
+
+
+def _cache_rows(z: Tensor) -> list[slice]:
+    """Row ranges of a chunk ``z`` small enough to stay in cache across the fold's passes
+    (the chunk itself is a GEMM output far larger than any cache)."""
+    return chunk_slices(z.shape[0], rows_per_box(z.shape[1], 4, box_bytes()))
