@@ -3,8 +3,9 @@
 * :mod:`.batch` -- :class:`~.batch.Batch` and its builders (pairs, unpaired sequences), every
   argument checked; the packing plan a module keeps;
 * :mod:`.packing` -- the packed layout: pairs laid out in rows, each prompt once; when it pays;
-* :mod:`.attention` -- attention by parts over a packed row (no masked block computed).
+* :mod:`.attention` -- attention by parts over a packed row (no masked block computed);
+* :mod:`.options` -- the options every module takes on which tokens count and how pairs pack.
 
-May import: :mod:`fastdpo._checks` only: a model's adapter is asked what it accepts, never
+May import: :mod:`fastdpo._checks` and :mod:`fastdpo._options` only: a model's adapter is asked what it accepts, never
 imported (tests/test_architecture.py holds it to that).
 """

@@ -158,7 +158,7 @@ def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int
             f"fastdpo packs this model's pairs with a dense (rows, T, T) attention mask, which pays "
             f"for the blocks it hides: attention by parts cannot stand in for its attention "
             f"({segments}); pass pack_attention='dense' to silence this",
-            stacklevel=4,  # here <- PreferenceModule.__init__ <- a family's __init__ <- the user's call
+            stacklevel=5,  # here <- PreferenceModule.__init__ <- a family's _build <- its __init__ <- the user's call
         )
     return Packing(layout, "dense", length)
 

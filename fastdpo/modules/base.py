@@ -31,8 +31,14 @@ from torch import Tensor, nn
 
 from .. import _checks
 from ..batching.batch import Batch, pair_batch, plan_packing
+from ..batching.options import PackingOptions, TokenOptions
 from ..models import adapter_for, adapters_disabled, check_first_pairs, check_wrappers, peft_model
+from ..scoring.options import ComputeOptions
 from ..scoring.router import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
+
+# A warning about the user's own arguments points at the user's call: warnings.warn <-
+# PreferenceModule.__init__ <- a family's _build <- its __init__ (fastdpo.modules.options) <- the call.
+USER_CALL = 4
 
 
 def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
@@ -96,69 +102,64 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 class PreferenceModule(nn.Module):
     """The shared part of a preference-loss module around a model (see the module docstring).
 
+    A family is a subclass decorated with :func:`fastdpo.modules.options.with_options`, which
+    writes its constructor from its loss options and the shared groups; its ``_build`` checks its
+    loss options and calls this ``__init__`` with the shared ones.
+
     Args:
-        model: the policy (``policy_model``); see :class:`fastdpo.DPO`.
+        model: the policy (``policy_model``), as :class:`fastdpo.DPO` takes it.
+        tokens, packing, compute: the shared options (:class:`~fastdpo.batching.options.TokenOptions`,
+            :class:`~fastdpo.batching.options.PackingOptions`,
+            :class:`~fastdpo.scoring.options.ComputeOptions`); each family's docstring says what
+            ``logprob_reduction`` means for its loss.
         reference: whether the loss reads a reference model's scores.  Then ``ref_model`` is a
             frozen deep copy (:func:`frozen_copy`), or None for a ``peft`` policy, whose
             reference is itself with its adapters disabled; without, ``ref_model`` is None and
             :meth:`has_reference` False.
-        pair_ok: whether each pair's loss depends on its own scores only, so that the fused
-            "pair" op (:mod:`fastdpo.scoring.dpo_head_op`, DPO's) may score it; False sends the fused
-            head to the "scores" route.
-        pad_id, logprob_reduction, mask_alignment, head, impl, matmul, inplace_backward,
-        packing, pack_length, pack_attention, share_prompt: as :class:`fastdpo.DPO` documents
-            them (each family's docstring says what ``logprob_reduction`` means for its loss).
+        pair_ok: whether each pair's loss depends on its own scores only, so that the DPO head
+            (:mod:`fastdpo.scoring.dpo_head_op`) may score it; False sends the fused head to the
+            "scores" route.
         sq: whether the policy's ``log sum_v p_v^2`` is needed (WPO; :class:`~fastdpo.scoring.router.Scorer`).
-        router_aux_loss_coef: for a family that adds an MoE policy's router load-balancing
-            loss (:class:`fastdpo.DPO` documents it): ``None`` reads the model's config; the
-            default 0.0 is off.  :attr:`router_aux_loss_coef` holds the value in force (0.0:
-            off), and :meth:`_policy_body` asks for the loss when it is on.
-        chunk_bytes, group_bytes: the fused head's budgets, as :class:`fastdpo.DPO` documents them.
+        router_aux_loss_coef: for a family that adds an MoE policy's router load-balancing loss
+            (DPO, KTO): ``None`` reads the model's config; 0.0 is off.
+            :attr:`router_aux_loss_coef` holds the value in force (0.0: off), and
+            :meth:`_policy_body` asks for the loss when it is on.
     """
 
     def __init__(
         self,
         model: nn.Module,
+        tokens: TokenOptions,
+        packing: PackingOptions,
+        compute: ComputeOptions,
         *,
         reference: bool,
         pair_ok: bool,
-        pad_id: int | None = None,
-        logprob_reduction: str = "mean",
-        mask_alignment: str = "input",
-        head: str = "auto",
-        impl: str = "auto",
-        matmul: str = "auto",
-        inplace_backward: bool = True,
-        packing: str = "none",
-        pack_length: int | None = None,
-        pack_attention: str = "auto",
-        share_prompt: bool = False,
         sq: bool = False,
         router_aux_loss_coef: float | None = 0.0,
-        chunk_bytes: int | None = None,
-        group_bytes: int | None = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_wrappers(model)
+        pad_id = tokens.pad_id
         if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
             raise TypeError(f"pad_id must be an int or None, got {type(pad_id).__name__}")
+        self.token_options, self.packing_options, self.compute_options = tokens, packing, compute
         self.pad_id = pad_id
-        self.logprob_reduction = _checks.choice("logprob_reduction", logprob_reduction, REDUCTIONS)
-        self.mask_alignment = _checks.choice("mask_alignment", mask_alignment, ALIGNMENTS)
-        self.scorer = Scorer(
-            head=head, impl=impl, matmul=matmul, inplace_backward=inplace_backward, pair_ok=pair_ok, sq=sq,
-            chunk_bytes=chunk_bytes, group_bytes=group_bytes,
-        )
+        self.logprob_reduction = _checks.choice("logprob_reduction", tokens.logprob_reduction, REDUCTIONS)
+        self.mask_alignment = _checks.choice("mask_alignment", tokens.mask_alignment, ALIGNMENTS)
+        self.scorer = Scorer(compute, pair_ok=pair_ok, sq=sq)
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward
+        share_prompt, layout = packing.share_prompt, packing.packing
         if not isinstance(share_prompt, bool):
             raise TypeError(f"share_prompt must be a bool, got {type(share_prompt).__name__}")
-        if share_prompt and packing not in ("none", "pair"):
-            raise ValueError(f"share_prompt=True is packing='pair'; it contradicts packing={packing!r}")
+        if share_prompt and layout not in ("none", "pair"):
+            raise ValueError(f"share_prompt=True is packing='pair'; it contradicts packing={layout!r}")
         adapter = adapter_for(model)
-        self.packing = plan_packing(adapter, "pair" if share_prompt else packing, pack_attention, pack_length)
+        self.packing = plan_packing(adapter, "pair" if share_prompt else layout, packing.pack_attention,
+                                    packing.pack_length)
         self.share_prompt = self.packing.layout == "pair"
         self.router_aux_loss_coef = router_coefficient(model, adapter, router_aux_loss_coef)
         if self.router_aux_loss_coef and self.packing.layout != "none":
@@ -167,16 +168,16 @@ class PreferenceModule(nn.Module):
                 f"{self.router_aux_loss_coef:g}) is not supported: pass packing='none', or router_aux_loss_coef=0.0"
             )
         self._packing_checked: set[str] = set()
-        if head != "logits":
+        if compute.head != "logits":
             found, why = adapter.head()
-            if found is None and head == "fused":
+            if found is None and compute.head == "fused":
                 raise ValueError(f"head='fused' but the model's head cannot be fused: {why}")
             if found is None:  # said once, here, not at every step
                 name = type(self).__name__
                 warnings.warn(
                     f"fastdpo.{name} will score this model's logits (no fused head, so (2B, L-1, V) "
                     f"logits are built): {why}; pass head='logits' to silence this",
-                    stacklevel=3,
+                    stacklevel=USER_CALL,
                 )
         self.policy_model = model
         # A peft policy's reference is itself with its adapters off: no copy (as TRL does).

@@ -8,16 +8,43 @@ come from there, the loss from :func:`fastdpo.losses.reference_free.cpo_pair_los
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
+from .._options import option
+from ..batching.options import PackingOptions, TokenOptions
 from ..losses.pairwise import SIMPO_GAMMA
 from ..losses.reference_free import CPO_LOSS_TYPES, check_cpo_config, chosen_nll, cpo_metrics, cpo_pair_losses
+from ..scoring.options import ComputeOptions
 from .base import PreferenceModule
+from .options import with_options
 
-__all__ = ["CPO", "CPO_LOSS_TYPES"]
+__all__ = ["CPO", "CPO_LOSS_TYPES", "CPOOptions"]
 
 
+@dataclass(frozen=True, kw_only=True)
+class CPOOptions:
+    """CPO's loss, SimPO's and AlphaPO's."""
+
+    beta: float = option(0.1, "> 0, the loss's inverse temperature (IPO's tau; SimPO's paper uses 2 to 10).")
+    loss_type: str = option("sigmoid", """
+        ``"sigmoid"`` (CPO), ``"hinge"``, ``"ipo"``, ``"simpo"`` or ``"alphapo"`` (TRL's shorthand
+        for ``"simpo"`` with ``cpo_alpha=0``: leave ``cpo_alpha`` out).""")
+    cpo_alpha: float = option(1.0, ">= 0, the NLL term's weight (0: not computed, ``nll_loss`` logs 0).")
+    simpo_gamma: float = option(SIMPO_GAMMA, """
+        >= 0, SimPO's target reward margin (``simpo``/``alphapo`` only), after the beta scaling:
+        ``-log sigmoid(beta (r_w - r_l) - simpo_gamma)``, as TRL.""")
+    alpha: float = option(0.0, """
+        AlphaPO's reward shape for every type: the scores ``x`` become ``r = (1 - exp(x)^-alpha) /
+        alpha`` (:func:`~fastdpo.losses.reference_free.alphapo_reward`); 0 (default) keeps ``r = x``.""")
+    label_smoothing: float = option(0.0, """
+        in [0, 0.5) for ``sigmoid``, ``simpo``, ``alphapo`` (conservative labels); must be 0 for
+        ``hinge`` and ``ipo``.""")
+
+
+@with_options(CPOOptions)
 class CPO(PreferenceModule):
     """CPO (Xu et al. 2024, arXiv 2401.08417) around a model, with SimPO (Meng et al. 2024,
     arXiv 2405.14734) and AlphaPO (Gupta et al. 2025, arXiv 2501.03884), as TRL 1.16's
@@ -31,30 +58,14 @@ class CPO(PreferenceModule):
     ``cross_entropy_loss`` on the chosen half's labels).  No reference model: ``ref_model`` is
     None.
 
-    Args:
-        model: the policy, as :class:`fastdpo.DPO` takes it.
-        beta: > 0, the loss's inverse temperature (IPO's tau; SimPO's paper uses 2 to 10).
-        loss_type: ``"sigmoid"`` (CPO), ``"hinge"``, ``"ipo"``, ``"simpo"`` or ``"alphapo"``
-            (TRL's shorthand for ``"simpo"`` with ``cpo_alpha=0``: leave ``cpo_alpha`` out).
-        cpo_alpha: >= 0, the NLL term's weight (0: not computed, ``nll_loss`` logs 0).
-        simpo_gamma: >= 0, SimPO's target reward margin (``simpo``/``alphapo`` only), after the
-            beta scaling: ``-log sigmoid(beta (r_w - r_l) - simpo_gamma)``, as TRL.
-        alpha: AlphaPO's reward shape for every type: the scores ``x`` become ``r = (1 -
-            exp(x)^-alpha) / alpha`` (:func:`~fastdpo.losses.reference_free.alphapo_reward`); 0 (default)
-            keeps ``r = x``.
-        label_smoothing: in [0, 0.5) for ``sigmoid``, ``simpo``, ``alphapo`` (conservative
-            labels); must be 0 for ``hinge`` and ``ipo``.
-        logprob_reduction: the scores of the types defined on summed log-probs, ``sigmoid``
-            and ``hinge``: ``"mean"`` (default, x-transformers' convention: per-token means) or
-            ``"sum"`` (TRL's).  ``ipo``, ``simpo`` and ``alphapo`` are defined on per-token means
-            and always use them (as TRL's ``average_log_prob``).  So with
-            ``logprob_reduction="sum", mask_alignment="target"`` every number is TRL's.  The
-            NLL is a token mean over the batch either way.
-        mask_alignment: which tokens count, as :class:`fastdpo.DPO` (``"target"``: TRL's), for
-            the scores and the NLL alike.
-        pad_id, head, impl, matmul, inplace_backward, packing, pack_length, pack_attention,
-            share_prompt: as :class:`fastdpo.DPO`.  The fused head takes the ``"scores"`` route
-            (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V) logits.
+    Options specific to CPO: ``logprob_reduction`` sets the scores of the types defined on
+    summed log-probs, ``sigmoid`` and ``hinge``: ``"mean"`` (default, x-transformers' convention:
+    per-token means) or ``"sum"`` (TRL's); ``ipo``, ``simpo`` and ``alphapo`` are defined on
+    per-token means and always use them (as TRL's ``average_log_prob``), so with
+    ``logprob_reduction="sum", mask_alignment="target"`` every number is TRL's.  The NLL is a
+    token mean over the batch either way, over the tokens ``mask_alignment`` counts.  The fused
+    head takes the ``"scores"`` route (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V)
+    logits.
 
     Options are checked once, here (:func:`fastdpo.losses.reference_free.check_cpo_config`); the
     checked configuration is ``self.config``.  Where TRL differs: a batch whose chosen
@@ -62,22 +73,13 @@ class CPO(PreferenceModule):
     NaN), and AlphaPO's reward stays finite where TRL's ``exp(x)`` underflows.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        beta: float = 0.1,
-        loss_type: str = "sigmoid",
-        cpo_alpha: float = 1.0,
-        simpo_gamma: float = SIMPO_GAMMA,
-        alpha: float = 0.0,
-        label_smoothing: float = 0.0,
-        **options,
-    ):
-        config = check_cpo_config(loss_type, beta, label_smoothing, cpo_alpha, simpo_gamma, alpha)
-        super().__init__(model, reference=False, pair_ok=False, **options)
-        self.config = config
-        self.beta, self.loss_type, self.label_smoothing = config.loss.beta, loss_type, config.loss.label_smoothing
+    def _build(self, model: nn.Module, loss: CPOOptions, tokens: TokenOptions, packing: PackingOptions,
+               compute: ComputeOptions) -> None:
+        config = check_cpo_config(loss.loss_type, loss.beta, loss.label_smoothing, loss.cpo_alpha, loss.simpo_gamma,
+                                  loss.alpha)
+        super().__init__(model, tokens, packing, compute, reference=False, pair_ok=False)
+        self.loss_options, self.config = loss, config
+        self.beta, self.loss_type, self.label_smoothing = config.loss.beta, loss.loss_type, config.loss.label_smoothing
         self.cpo_alpha, self.simpo_gamma, self.alpha = config.cpo_alpha, config.loss.gamma, config.alpha
 
     def forward(

@@ -11,178 +11,112 @@ and head gradients (:mod:`fastdpo.scoring.dpo_head_op`); otherwise each body's s
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from .._options import option
 from ..batching.batch import Batch, given_reference_scores
+from ..batching.options import PackingOptions, TokenOptions
 from ..losses.pairwise import (
-    DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, SIMPO_GAMMA, check_loss_config, pair_losses, reward_metrics,
+    DISCOPOP_TAU,
+    F_ALPHA_DIVERGENCE_COEF,
+    SIMPO_GAMMA,
+    check_loss_config,
+    pair_losses,
+    reward_metrics,
 )
 from ..losses.weighting import check_ld_alpha, check_use_weighting, ld_weighted, wpo_weights
 from ..scoring.dpo_head_op import HeadOptions, run_dpo_head
+from ..scoring.options import ComputeOptions
 from ..scoring.router import Body
 from .base import PreferenceModule, deepcopy_module, frozen_copy
+from .options import with_options
 
-__all__ = ["DPO", "deepcopy_module", "frozen_copy", "precompute_reference_scores"]
+__all__ = ["DPO", "DPOOptions", "deepcopy_module", "frozen_copy", "precompute_reference_scores"]
 
 
+@dataclass(frozen=True, kw_only=True, eq=False)
+class DPOOptions:
+    """DPO's loss: its type and parameters, what reweights it, and what it adds to it."""
+
+    beta: float = option(0.1, "the inverse temperature of the loss, > 0.")
+    loss_type: str | list[str] = option("sigmoid", """
+        a name from :data:`fastdpo.LOSS_TYPES`, or a list of them mixed by ``loss_weights``: the
+        pair loss of :func:`fastdpo.losses.preference_loss`, which gives each type's formula and
+        paper (default ``"sigmoid"``: x-transformers' loss, bitwise).  With
+        ``logprob_reduction="sum"`` the types defined on per-token averages (``ipo``, ``simpo``,
+        ``sigmoid_norm``) get the token counts and normalize as their authors define them;
+        ``sigmoid_norm`` needs that (with mean scores it would be plain ``sigmoid``).  ``"sft"`` is
+        the chosen completions' NLL: with ``"sum"`` (TRL's conventions) TRL's batch-level mean
+        over every scored chosen token; with ``"mean"`` the mean over pairs of each chosen
+        completion's per-token mean NLL.  ``"aot"``/``"aot_unpaired"`` sort the batch's margins:
+        the DPO head then takes the batch as one group of pairs (logits beyond its keep budget
+        are recomputed, as for one pair too large for it).""")
+    label_smoothing: float = option(0.0, """
+        eps of the types that read it (conservative and robust DPO, EXO, ...; each type's range:
+        :func:`fastdpo.check_loss_config`).""")
+    loss_weights: list[float] | None = option(None, "one weight >= 0 per type of a list ``loss_type``; ``None``: all 1.")
+    gamma: float = option(SIMPO_GAMMA, "SimPO's target reward margin, after the beta scaling (``simpo``).")
+    bco_delta: float | str | Tensor = option(0.0, """
+        BCO's reward shift (``bco_pair``): a float, a detached 0-D or (B,) tensor, or ``"batch"``
+        (the batch's mean reward, which couples the pairs).""")
+    discopop_tau: float = option(DISCOPOP_TAU, "DiscoPOP's temperature, > 0 (``discopop``).")
+    f_divergence_type: str = option("reverse_kl", """
+        the f-DPO regularizer: ``"reverse_kl"`` (DPO), ``"forward_kl"``, ``"js_divergence"``,
+        ``"alpha_divergence"`` (:func:`fastdpo.losses.f_divergence_score`).""")
+    f_alpha_divergence_coef: float = option(F_ALPHA_DIVERGENCE_COEF, 'alpha of ``"alpha_divergence"``.')
+    ld_alpha: float | None = option(None, """
+        LD-DPO (arXiv 2409.06411), ``None`` (off) or in [0, 1]: in each pair, the scored tokens of
+        both sequences beyond the shorter completion's count (ranked as TRL ranks them) weigh
+        ``ld_alpha`` in the policy's and the reference's scores (reference scores precomputed by
+        this module too).  With ``"mean"`` the score is the weighted mean, ``sum_t w_t log p_t /
+        max(sum_t w_t, 1e-5)``; with ``"sum"``, TRL's weighted sum.  See
+        :mod:`fastdpo.losses.weighting`.""")
+    use_weighting: bool = option(False, """
+        WPO (arXiv 2406.11827), as TRL 1.16: each pair's loss times ``exp(a_w) * exp(a_l)``,
+        ``a`` the policy's mean over the scored tokens of ``log p_t - log sum_v p_v^2``,
+        detached (the fused head folds ``log sum_v p_v^2`` with the log-probs;
+        ``matmul="triton"`` cannot, and is refused).  Not with ``aot`` or ``aot_unpaired``
+        (``NotImplementedError``, as TRL).""")
+    reference_free: bool = option(False, """
+        score against a zero reference (TRL's ``reference_free``); no reference copy is made.
+        Reference-free loss types (``simpo``) make none either.""")
+    router_aux_loss_coef: float | None = option(None, """
+        a Mixture-of-Experts policy's router load-balancing loss, added as TRL 1.16's
+        ``DPOTrainer`` adds it: ``loss + coef * aux_loss``, ``aux_loss`` the policy's own (its
+        forward's, asked with ``output_router_logits`` on the whole sequences with the attention
+        mask of their real tokens; nothing for the reference), reported as the metric
+        ``aux_loss``.  ``None`` (default): the config's ``router_aux_loss_coef`` for a model whose
+        config has ``output_router_logits`` (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, GPT-OSS,
+        ...), else off; 0.0: off; a number for a model without a router is a ``ValueError``.  Not
+        with ``packing``.""")
+
+
+@with_options(DPOOptions)
 class DPO(PreferenceModule):
     """Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290) around a model.
 
     A drop-in for ``x_transformers.dpo.DPO``: same constructor, attributes and ``forward``,
     same loss and gradients by default, computed without any (2B, L, V) log-softmax and, for
-    ``TransformerWrapper`` models, without any (2B, L, V) logits.
-
-    Args:
-        model: maps token ids (B, L) to logits (B, L, V), returned as a tensor or as an output
-            with ``.logits``: an x-transformers ``TransformerWrapper`` (also inside
-            ``torch.compile``), a Hugging Face causal LM or a ``peft`` model around one
-            (:mod:`fastdpo.models`; right padding, or left padding with
-            ``mask_alignment="target"``), any such module.  It becomes
-            ``policy_model``; ``ref_model`` is a frozen deep copy (see :func:`frozen_copy`:
-            unlike x-transformers' copy, it shares no weights with the policy, also when the
-            head is tied to the embedding) -- except for a ``peft`` model, whose reference is
-            itself with its adapters disabled (``ref_model`` is then None; see
-            :meth:`has_reference`).
-        beta: inverse temperature of the DPO loss, > 0.
-        pad_id: when given, a missing sequence mask becomes ``seq != pad_id``.
-        logprob_reduction: how token log-probs make a sequence score.  ``"mean"`` (default,
-            x-transformers): masked mean, with the count clamped at 1e-5 so an empty completion
-            scores 0.  ``"sum"`` (the DPO paper, TRL): masked sum.
-        mask_alignment: which mask position decides whether the log-prob of target token
-            ``seq[:, j + 1]`` counts.  ``"input"`` (default, x-transformers): the mask at input
-            position j, i.e. ``mask[:, :-1]`` -- the first completion token is not scored and
-            the token after the last unmasked one is.  ``"target"`` (the DPO paper, TRL): the
-            mask at the target position, ``mask[:, 1:]``.
-        head: ``"auto"`` (default) fuses the head product into the loss whenever
-            the model's adapter (:mod:`fastdpo.models`) can reproduce the model's head exactly, and
-            scores logits otherwise (warning once with the reason); ``"fused"`` insists (a
-            ``ValueError`` with the reason, at construction and at any call that cannot fuse);
-            ``"logits"`` always scores the model's logits.  A model wrapped or changed after
-            construction is looked at again on its first call on each device.  On the torch
-            path, a fused step with at most ``fastdpo.scoring.logits_op.SMALL_ELEMENTS`` (65536) logits per
-            model builds them from the hidden states (the same product and scale) and scores
-            them with plain ops: at that size the step's head is dispatch, not work.
-        impl: "auto" (Triton kernels for CUDA tensors, torch otherwise), "torch" or "triton",
-            for every route (see :func:`fastdpo.sequence_logprobs` and
-            :func:`fastdpo.linear_sequence_logprobs`).
-        matmul: on the fused head with ``impl`` resolving to "triton": who multiplies,
-            "torch" (the library's products, cuBLAS on CUDA, over completion rows, with
-            Triton kernels for the elementwise work: three products a step), "triton" (the
-            Triton GEMM kernels over every row, backward recomputing) or "auto"
-            (:func:`fastdpo.scoring.cost_model.choose_matmul`).
-        inplace_backward: on the logits route, let the policy's logits (created by this
-            module's own call to the model) take their gradient in place, so the loss adds no
-            (2B, L-1, V) buffer to them.  Used only when they come straight from a linear head.
-        loss_type, label_smoothing, loss_weights, gamma, bco_delta, discopop_tau,
-        f_divergence_type, f_alpha_divergence_coef: the pair loss, see
-            :func:`fastdpo.losses.pairwise.preference_loss` (default ``"sigmoid"`` with no smoothing:
-            x-transformers' loss, bitwise).  With ``logprob_reduction="sum"`` the types
-            defined on per-token averages (``ipo``, ``simpo``, ``sigmoid_norm``) get the token
-            counts and normalize as their authors define them; ``sigmoid_norm`` needs that
-            (with mean scores it would be plain ``sigmoid``).  ``"sft"`` is the chosen
-            completions' NLL: with ``"sum"`` (TRL's conventions) TRL's batch-level mean over
-            every scored chosen token; with ``"mean"`` the mean over pairs of each chosen
-            completion's per-token mean NLL.  ``"aot"``/``"aot_unpaired"`` sort the batch's
-            margins: the fused pair op then takes the batch as one group of pairs (logits
-            beyond its keep budget are recomputed, as for one pair too large for it).
-        reference_free: score against a zero reference (TRL's ``reference_free``); no
-            reference copy is made.  Reference-free loss types (``simpo``) make none either.
-        ld_alpha: LD-DPO (arXiv 2409.06411), ``None`` (off) or in [0, 1]: in each pair, the
-            scored tokens of both sequences beyond the shorter completion's count (ranked as
-            TRL ranks them) weigh ``ld_alpha`` in the policy's and the reference's scores
-            (reference scores precomputed by this module too).  With ``"mean"`` the score is
-            the weighted mean, ``sum_t w_t log p_t / max(sum_t w_t, 1e-5)``; with ``"sum"``,
-            TRL's weighted sum.  See :mod:`fastdpo.losses.weighting`.
-        use_weighting: WPO (arXiv 2406.11827), as TRL 1.16: each pair's loss times
-            ``exp(a_w) * exp(a_l)``, ``a`` the policy's mean over the scored tokens of ``log
-            p_t - log sum_v p_v^2``, detached (the fused head folds ``log sum_v p_v^2`` with
-            the log-probs; ``matmul="triton"`` cannot, and is refused).  Not with ``aot`` or
-            ``aot_unpaired`` (``NotImplementedError``, as TRL).
-        packing: how the models run a batch of pairs.  ``"none"`` (default): padded rows of
-            2B sequences, as x-transformers.  ``"pair"``: each pair as one packed sequence
-            ``[prompt, chosen completion, rejected completion]`` (:mod:`fastdpo.batching.packing`), so
-            the prompt runs once.  ``"batch"``: whole pairs packed first-fit into as few rows
-            as fit (of ``pack_length`` slots, default the longest packed pair), so no padding
-            runs either.  ``"auto"``: ``"batch"`` for the batches where the cost model says it
-            pays (:func:`fastdpo.scoring.cost_model.choose_layout`), else ``"none"``.  Packed scores are
-            the unpacked ones to float rounding.  Each pair's prompt must be a prefix, equal in
-            both sequences, with right padding (else ``ValueError`` naming the pair, or for a
-            Hugging Face batch with left padding naming ``packing``; ``"auto"`` runs such a
-            batch unpacked); a model that cannot pack raises at construction, or
-            on its first packed call when packing changes its hidden states
-            (:func:`fastdpo.batching.batch.check_first_pairs`).
-        pack_length: with ``packing="batch"`` or ``"auto"``, the slots of a packed row.
-        pack_attention: how packed rows attend.  ``"auto"`` (default): by parts where the
-            model's adapter can (:mod:`fastdpo.batching.attention`: no masked block is computed), else
-            the dense mask, with a warning saying why; ``"segments"`` insists (``ValueError``);
-            ``"dense"``: the dense (rows, 1, T, T) mask.
-        share_prompt: ``True`` is ``packing="pair"`` (its earlier name).
-        router_aux_loss_coef: a Mixture-of-Experts policy's router load-balancing loss, added
-            as TRL 1.16's ``DPOTrainer`` adds it: ``loss + coef * aux_loss``, ``aux_loss`` the
-            policy's own (its forward's, asked with ``output_router_logits`` on the whole
-            sequences with the attention mask of their real tokens; nothing for the
-            reference), reported as the metric ``aux_loss``.  ``None`` (default): the config's
-            ``router_aux_loss_coef`` for a model whose config has ``output_router_logits``
-            (Mixtral, Qwen2/3-MoE, OLMoE, GraniteMoE, GPT-OSS, ...), else off; 0.0: off; a
-            number for a model without a router is a ``ValueError``.  Not with ``packing``.
-        chunk_bytes: the fused head's chunk: the bytes of logits (in the fold's dtype) made by
-            one product at a time (at least one row).  With gradients the pair op makes a
-            group's kept logits in one product, and its other products take as many rows as
-            that buffer holds where it is larger (no more peak: the buffer is held anyway).
-            ``None`` (default): the device's, :func:`fastdpo.scoring.rows.chunk_bytes` (64 MiB on the
-            CPU, 1 GiB on CUDA).
-        group_bytes: the pair op's keep budget: the logits one group of whole pairs keeps
-            between its scoring and its gradient (at least one pair is a group; logits beyond
-            it are made again).  ``None`` (default): the device's,
-            :func:`fastdpo.scoring.rows.group_bytes` (128 MiB on the CPU; on CUDA a quarter of the
-            free memory, within [128 MiB, 4 GiB]).  Both trade peak memory for time, never
-            the numbers: every budget gives the same scores and gradients to float rounding
-            (docs/performance.md, "Budgets").  The other families take both too.
+    ``TransformerWrapper`` models, without any (2B, L, V) logits.  Every option below is a
+    keyword argument (``DPO(model, beta=0.1, pad_id=0, loss_type="ipo", packing="pair")``),
+    checked once, here.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        beta: float = 0.1,
-        pad_id: int | None = None,
-        logprob_reduction: str = "mean",
-        mask_alignment: str = "input",
-        head: str = "auto",
-        impl: str = "auto",
-        matmul: str = "auto",
-        inplace_backward: bool = True,
-        loss_type: str | list[str] = "sigmoid",
-        label_smoothing: float = 0.0,
-        loss_weights: list[float] | None = None,
-        gamma: float = SIMPO_GAMMA,
-        bco_delta: float | str | Tensor = 0.0,
-        discopop_tau: float = DISCOPOP_TAU,
-        f_divergence_type: str = "reverse_kl",
-        f_alpha_divergence_coef: float = F_ALPHA_DIVERGENCE_COEF,
-        ld_alpha: float | None = None,
-        use_weighting: bool = False,
-        reference_free: bool = False,
-        packing: str = "none",
-        pack_length: int | None = None,
-        pack_attention: str = "auto",
-        share_prompt: bool = False,
-        router_aux_loss_coef: float | None = None,
-        chunk_bytes: int | None = None,
-        group_bytes: int | None = None,
-    ):
+    def _build(self, model: nn.Module, loss: DPOOptions, tokens: TokenOptions, packing: PackingOptions,
+               compute: ComputeOptions) -> None:
         # Checks beta too (the one place it is checked).
-        loss = check_loss_config(
-            loss_type, beta, label_smoothing, loss_weights, gamma=gamma, bco_delta=bco_delta,
-            discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
-            f_alpha_divergence_coef=f_alpha_divergence_coef,
+        config = check_loss_config(
+            loss.loss_type, loss.beta, loss.label_smoothing, loss.loss_weights, gamma=loss.gamma,
+            bco_delta=loss.bco_delta, discopop_tau=loss.discopop_tau, f_divergence_type=loss.f_divergence_type,
+            f_alpha_divergence_coef=loss.f_alpha_divergence_coef,
         )
         # Read by the scoring, not by the loss of a pair's four scores (fastdpo.losses.weighting).
-        ld_alpha = check_ld_alpha(ld_alpha)
-        use_weighting = check_use_weighting(use_weighting, loss.loss_type)
-        if "sft" in loss.loss_type and (use_weighting or ld_alpha is not None):
+        ld_alpha = check_ld_alpha(loss.ld_alpha)
+        use_weighting = check_use_weighting(loss.use_weighting, config.loss_type)
+        if "sft" in config.loss_type and (use_weighting or ld_alpha is not None):
             # TRL's SFT term is the mean of the chosen tokens' plain log-probs, and WPO multiplies
             # that one batch-level number by every pair's weight: neither is a function of the
             # LD-weighted per-pair sums the other types read.
@@ -191,17 +125,15 @@ class DPO(PreferenceModule):
                 "reads the unweighted token log-probs (and WPO scales it by the mean pair weight); "
                 "drop 'sft' or those options"
             )
-        reference_free = bool(reference_free)
+        reference_free = bool(loss.reference_free)
         # A pair's loss depends on its own scores only, except with BCO's batch shift.
-        pair_ok = not ("bco_pair" in loss.loss_type and isinstance(loss.bco_delta, str))
+        pair_ok = not ("bco_pair" in config.loss_type and isinstance(config.bco_delta, str))
         super().__init__(
-            model, reference=loss.needs_reference and not reference_free, pair_ok=pair_ok, pad_id=pad_id,
-            logprob_reduction=logprob_reduction, mask_alignment=mask_alignment, head=head, impl=impl,
-            matmul=matmul, inplace_backward=inplace_backward, packing=packing, pack_length=pack_length,
-            pack_attention=pack_attention, share_prompt=share_prompt, sq=use_weighting,
-            router_aux_loss_coef=router_aux_loss_coef, chunk_bytes=chunk_bytes, group_bytes=group_bytes,
+            model, tokens, packing, compute, reference=config.needs_reference and not reference_free,
+            pair_ok=pair_ok, sq=use_weighting, router_aux_loss_coef=loss.router_aux_loss_coef,
         )
-        self.loss, self.beta, self.reference_free = loss, loss.beta, reference_free
+        self.loss_options = loss
+        self.loss, self.beta, self.reference_free = config, config.beta, reference_free
         self.ld_alpha, self.use_weighting = ld_alpha, use_weighting
         if self.loss.needs_lengths and self.logprob_reduction != "sum":
             raise ValueError(

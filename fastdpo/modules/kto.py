@@ -11,15 +11,21 @@ undesirable), L tokens.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from .. import _checks
+from .._options import option
 from ..batching.batch import Batch, unpaired_batch
+from ..batching.options import PackingOptions, TokenOptions
 from ..losses.kto import KTO_LOSS_TYPES, check_kto_config, kl_baseline, kto_losses, kto_metrics
+from ..scoring.options import ComputeOptions
 from .base import PreferenceModule
+from .options import with_options
 
-__all__ = ["KTO", "KTO_LOSS_TYPES"]
+__all__ = ["KTO", "KTOOptions", "KTO_LOSS_TYPES"]
 
 
 def _given_scores(name: str, x: Tensor | None, n: int, like: Tensor) -> Tensor | None:
@@ -63,6 +69,31 @@ def _given_kl(kl, like: Tensor) -> Tensor:
     return value.clamp(min=0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class KTOOptions:
+    """KTO's loss and its KL baseline."""
+
+    beta: float = option(0.1, "> 0, the inverse temperature.")
+    desirable_weight: float = option(1.0, """
+        >= 0, the paper's lambda_D (eq. 8 suggests ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3]).""")
+    undesirable_weight: float = option(1.0, ">= 0, the paper's lambda_U.")
+    loss_type: str = option("kto", """
+        ``"kto"`` (default) or ``"apo_zero_unpaired"`` (``1 - sigmoid(beta r)`` for desirable,
+        ``sigmoid(beta r)`` for undesirable completions: no KL sequences, as TRL computes none
+        for it).""")
+    sync_kl: bool = option(True, """
+        under ``torch.distributed`` with several processes (DDP), average the per-rank KL
+        estimates over the ranks before the clamp, as TRL does (one all-reduce of a scalar in each
+        ``forward`` that estimates it: every rank must call ``forward`` the same number of times,
+        as DDP requires anyway).  False keeps each rank's estimate.""")
+    router_aux_loss_coef: float | None = option(None, """
+        an MoE policy's router load-balancing loss on the batch's sequences (not the KL
+        sequences'), added as TRL 1.16's ``KTOTrainer`` adds it: ``None`` (default) the config's
+        coefficient for a model with a router, 0.0 off, as :class:`fastdpo.DPO` documents it;
+        metric ``aux_loss``.""")
+
+
+@with_options(KTOOptions)
 class KTO(PreferenceModule):
     """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization",
     arXiv 2402.01306) around a model, as TRL 1.16's ``KTOTrainer`` computes it, with its
@@ -79,63 +110,34 @@ class KTO(PreferenceModule):
     reference_n))`` over their scores, detached; the policy scores them under ``no_grad``.  Or
     pass ``kl=`` a precomputed estimate.  ``loss_type="apo_zero_unpaired"`` has no baseline.
 
-    Args:
-        model: the policy, as :class:`fastdpo.DPO` takes it (x-transformers, Hugging Face,
-            ``peft``).  ``ref_model`` is a frozen deep copy, or, for a ``peft``
-            policy, the policy with its adapters disabled (``ref_model`` None), as DPO.
-        beta: > 0, the inverse temperature.
-        desirable_weight, undesirable_weight: >= 0, the paper's lambda_D and lambda_U (eq. 8
-            suggests ``lambda_D n_D / (lambda_U n_U)`` in [1, 4/3]).
-        loss_type: ``"kto"`` (default) or ``"apo_zero_unpaired"`` (``1 - sigmoid(beta r)`` for
-            desirable, ``sigmoid(beta r)`` for undesirable completions: no KL sequences, as TRL
-            computes none for it).
-        sync_kl: under ``torch.distributed`` with several processes (DDP), average the per-rank
-            KL estimates over the ranks before the clamp, as TRL does (one all-reduce of a
-            scalar in each ``forward`` that estimates it: every rank must call ``forward`` the
-            same number of times, as DDP requires anyway).  False keeps each rank's estimate.
-        logprob_reduction, mask_alignment: how a sequence's score is made, as
-            :class:`fastdpo.DPO` documents them.  With TRL's ``"sum"`` and ``"target"`` every
-            number is TRL's (its ``completion_mask[:, 1:]`` and summed token log-probs).  With
-            x-transformers' ``"mean"`` and ``"input"`` (the defaults) every score -- of the
-            completions and of the KL sequences, the policy's and the reference's -- is the masked
-            per-token mean with the mask at the input position, and the formulas above are
-            unchanged on those scores (so ``z0`` is a per-token KL estimate).
-        pad_id, head, impl, matmul, inplace_backward: as :class:`fastdpo.DPO`.  The fused head
-            takes the ``"scores"`` route (:func:`fastdpo.linear_sequence_logprobs`): no (N,
-            L-1, V) logits for any of the four scorings.
-        packing: ``"none"`` only (packing is for pair batches).
-        router_aux_loss_coef: an MoE policy's router load-balancing loss on the batch's
-            sequences (not the KL sequences'), added as TRL 1.16's ``KTOTrainer`` adds it:
-            ``None`` (default) the config's coefficient for a model with a router, as
-            :class:`fastdpo.DPO` documents it; metric ``aux_loss``.
+    Options specific to KTO: ``logprob_reduction`` and ``mask_alignment`` make every score -- of
+    the completions and of the KL sequences, the policy's and the reference's: with TRL's ``"sum"``
+    and ``"target"`` every number is TRL's (its ``completion_mask[:, 1:]`` and summed token
+    log-probs); with x-transformers' ``"mean"`` and ``"input"`` (the defaults) each is the masked
+    per-token mean with the mask at the input position, and the formulas above are unchanged on
+    them (so ``z0`` is a per-token KL estimate).  ``packing`` is ``"none"`` only (packing lays
+    out pairs).  The fused head takes the ``"scores"`` route
+    (:func:`fastdpo.linear_sequence_logprobs`): no (N, L-1, V) logits for any of the four
+    scorings.
 
-    Options are checked once, here (:func:`check_kto_config`; the checked configuration is
-    ``self.config``).  Where TRL differs: a batch with no desirable (or no undesirable)
+    Options are checked once, here (:func:`~fastdpo.losses.kto.check_kto_config`; the checked
+    configuration is ``self.config``).  Where TRL differs: a batch with no desirable (or no undesirable)
     completion gives NaN for that kind's metrics where TRL logs none.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        beta: float = 0.1,
-        desirable_weight: float = 1.0,
-        undesirable_weight: float = 1.0,
-        loss_type: str = "kto",
-        sync_kl: bool = True,
-        router_aux_loss_coef: float | None = None,
-        **options,
-    ):
-        config = check_kto_config(loss_type, beta, desirable_weight, undesirable_weight)
-        if not isinstance(sync_kl, bool):
-            raise TypeError(f"sync_kl must be a bool, got {type(sync_kl).__name__}")
-        if options.get("packing", "none") != "none" or options.get("share_prompt", False):
+    def _build(self, model: nn.Module, loss: KTOOptions, tokens: TokenOptions, packing: PackingOptions,
+               compute: ComputeOptions) -> None:
+        config = check_kto_config(loss.loss_type, loss.beta, loss.desirable_weight, loss.undesirable_weight)
+        if not isinstance(loss.sync_kl, bool):
+            raise TypeError(f"sync_kl must be a bool, got {type(loss.sync_kl).__name__}")
+        if packing.packing != "none" or packing.share_prompt:
             raise ValueError(
                 f"packing must be 'none' for KTO (packing lays out pairs; KTO's sequences are unpaired), got "
-                f"packing={options.get('packing', 'none')!r}, share_prompt={options.get('share_prompt', False)!r}"
+                f"packing={packing.packing!r}, share_prompt={packing.share_prompt!r}"
             )
-        super().__init__(model, reference=True, pair_ok=False, router_aux_loss_coef=router_aux_loss_coef, **options)
-        self.config, self.sync_kl = config, sync_kl
+        super().__init__(model, tokens, packing, compute, reference=True, pair_ok=False,
+                         router_aux_loss_coef=loss.router_aux_loss_coef)
+        self.loss_options, self.config, self.sync_kl = loss, config, loss.sync_kl
         self.beta, self.loss_type = config.beta, config.loss_type
         self.desirable_weight, self.undesirable_weight = config.desirable_weight, config.undesirable_weight
 

@@ -6,15 +6,29 @@ come from there, the loss from :func:`fastdpo.losses.reference_free.orpo_loss`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from .. import _checks
+from .._options import option
 from ..batching.batch import make_batch, real_tokens
+from ..batching.options import PackingOptions, TokenOptions
 from ..losses.reference_free import chosen_nll, orpo_loss, orpo_metrics
+from ..scoring.options import ComputeOptions
 from .base import PreferenceModule
+from .options import with_options
 
 
+@dataclass(frozen=True, kw_only=True)
+class ORPOOptions:
+    """ORPO's loss."""
+
+    beta: float = option(0.1, "the weight of the odds-ratio term (the paper's lambda; TRL's ``beta``), > 0.")
+
+
+@with_options(ORPOOptions)
 class ORPO(PreferenceModule):
     """ORPO (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without Reference
     Model", arXiv 2403.07691) around a model, as TRL 1.16's ``ORPOTrainer`` computes it.
@@ -27,20 +41,12 @@ class ORPO(PreferenceModule):
     padding only) -- :func:`fastdpo.losses.reference_free.chosen_nll`.  No reference model:
     ``ref_model`` is None.
 
-    Args:
-        model: the policy, as :class:`fastdpo.DPO` takes it (x-transformers, Hugging Face,
-            ``peft``; compiled; DDP/FSDP2 as DPO).
-        beta: the weight of the odds-ratio term (the paper's lambda; TRL's ``beta``), > 0.
-        mask_alignment: which tokens count, as in :class:`fastdpo.DPO`: ``"input"`` (default,
-            x-transformers' convention) or ``"target"`` (TRL's: with it the loss, gradients and
-            metrics are TRL's).  It decides both the completion tokens of the odds and the
-            sequence tokens of the NLL.
-        logprob_reduction: ``"mean"`` only: the odds are defined on per-token mean log-probs
-            (TRL's ORPO averages too), so ``"sum"`` is refused.
-        pad_id, head, impl, matmul, inplace_backward, packing, pack_length, pack_attention,
-            share_prompt: as :class:`fastdpo.DPO`.  The fused head takes the ``"scores"`` route
-            (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V) logits; the chosen
-            prompts' tokens are scored from the same hidden states (one model run).
+    Options specific to ORPO: ``logprob_reduction`` is ``"mean"`` only (the odds are defined on
+    per-token mean log-probs, as TRL's ORPO averages them: ``"sum"`` is refused);
+    ``mask_alignment`` decides both the completion tokens of the odds and the sequence tokens of
+    the NLL (``"target"``: TRL's numbers).  The fused head takes the ``"scores"`` route
+    (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V) logits; the chosen prompts' tokens
+    are scored from the same hidden states (one model run).
 
     Where TRL differs: an empty completion (or one every token of which is certain in float)
     has a mean log-prob of 0 and infinite odds, NaN in TRL; here the mean is clamped to
@@ -48,16 +54,17 @@ class ORPO(PreferenceModule):
     count no token has an NLL of 0 (TRL: NaN).
     """
 
-    def __init__(self, model: nn.Module, *, beta: float = 0.1, logprob_reduction: str = "mean", **options):
-        beta = _checks.positive_finite("beta", beta)
-        if logprob_reduction != "mean":
+    def _build(self, model: nn.Module, loss: ORPOOptions, tokens: TokenOptions, packing: PackingOptions,
+               compute: ComputeOptions) -> None:
+        beta = _checks.positive_finite("beta", loss.beta)
+        if tokens.logprob_reduction != "mean":
             raise ValueError(
                 f"logprob_reduction must be 'mean' for ORPO (its odds are defined on per-token mean "
-                f"log-probs, as TRL's ORPOTrainer computes them), got {logprob_reduction!r}; for TRL's "
+                f"log-probs, as TRL's ORPOTrainer computes them), got {tokens.logprob_reduction!r}; for TRL's "
                 f"numbers pass mask_alignment='target'"
             )
-        super().__init__(model, reference=False, pair_ok=False, logprob_reduction="mean", **options)
-        self.beta = beta
+        super().__init__(model, tokens, packing, compute, reference=False, pair_ok=False)
+        self.loss_options, self.beta = loss, beta
 
     def forward(
         self,

@@ -37,12 +37,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import _checks
-from ..batching.batch import Batch
-from ..batching.batch import Padding
+from ..batching.batch import Batch, Padding
 from ..models import LinearHead, ModelAdapter, adapter_for, eval_mode, live_bias, live_weight
 from . import logits_op as ops
 from .linear_op import MATMULS, resolve_matmul, run_linear
 from .logits_op import IMPLS, resolve_impl
+from .options import ComputeOptions
 
 REDUCTIONS = ("mean", "sum")
 ALIGNMENTS = ("input", "target")
@@ -144,28 +144,26 @@ def _own_logits(logits: Tensor) -> bool:
 class Scorer:
     """Routes (cached per model and device), bodies and sums, for every model of a module.
 
-    Args: ``head``, ``impl``, ``matmul``, ``inplace_backward`` as :class:`fastdpo.DPO` takes
-    them; ``pair_ok``: whether the module's loss lets the pair op run (each pair's loss depends
-    on its own scores only); ``sq``: whether the policy's ``log sum_v p_v^2`` is needed (WPO),
-    which the Triton GEMM kernels do not compute: ``matmul="auto"`` then multiplies with torch,
-    ``matmul="triton"`` is a ``ValueError``; ``chunk_bytes``, ``group_bytes``: the fused head's
-    budgets as :class:`fastdpo.DPO` takes them (None: the device's default), kept as ints (0:
-    the default) for the ops.
+    Args: ``compute`` the module's :class:`~fastdpo.scoring.options.ComputeOptions` (checked here;
+    the budgets kept as ints, 0 for the device's default, for the ops); ``pair_ok``: whether the
+    module's loss lets the DPO head run (each pair's loss depends on its own scores only);
+    ``sq``: whether the policy's ``log sum_v p_v^2`` is needed (WPO), which the Triton GEMM
+    kernels do not compute: ``matmul="auto"`` then multiplies with torch, ``matmul="triton"`` is
+    a ``ValueError``.
     """
 
-    def __init__(self, *, head: str, impl: str, matmul: str, inplace_backward: bool, pair_ok: bool,
-                 sq: bool = False, chunk_bytes: int | None = None, group_bytes: int | None = None):
-        self.head = _checks.choice("head", head, HEADS)
-        self.impl = _checks.choice("impl", impl, IMPLS)
-        self.matmul = _checks.choice("matmul", matmul, MATMULS)
-        if sq and matmul == "triton":
+    def __init__(self, compute: ComputeOptions, *, pair_ok: bool, sq: bool = False):
+        self.head = _checks.choice("head", compute.head, HEADS)
+        self.impl = _checks.choice("impl", compute.impl, IMPLS)
+        self.matmul = _checks.choice("matmul", compute.matmul, MATMULS)
+        if sq and compute.matmul == "triton":
             raise ValueError(
                 "matmul='triton' (the Triton GEMM kernels) cannot compute log sum_v p_v^2, which "
                 "use_weighting=True (WPO) needs: use matmul='auto' or 'torch'"
             )
-        self.inplace_backward = bool(inplace_backward)
-        self.chunk_bytes = _checks.byte_budget("chunk_bytes", chunk_bytes)
-        self.group_bytes = _checks.byte_budget("group_bytes", group_bytes)
+        self.inplace_backward = bool(compute.inplace_backward)
+        self.chunk_bytes = _checks.byte_budget("chunk_bytes", compute.chunk_bytes)
+        self.group_bytes = _checks.byte_budget("group_bytes", compute.group_bytes)
         self.pair_ok = pair_ok
         self.sq = sq
         self.routes: dict[tuple[int, str], tuple[nn.Module, Route]] = {}
