@@ -35,7 +35,7 @@ def _provider(options: dict, scores_route: bool = False):
         batch = bench.make_batch(cfg)
         dpo = _dpo(DPO, cfg, impl="torch", **options)
         if scores_route:  # before the first call decides the route
-            dpo.scorer.pair_ok = False
+            dpo.scorer.independent_pairs = False
         return bench.make_step(lambda: dpo(batch.pref, batch.unpref, **batch.dpo_kwargs), mode, dpo.parameters())
 
     return build

@@ -6,10 +6,11 @@ the same fused head.  ``fastdpo.train.run.train(TrainConfig(...))`` (``fastdpo t
 line) trains a Hugging Face causal LM on text preference records.
 """
 
+from .data.batch import PairBatch
 from .data.datasets import KTODataset, PreferenceDataset
 from .data.text import TokenizedPreferenceDataset
 from .losses.kto import KTO_LOSS_TYPES
-from .losses.pairwise import LOSS_TYPES, check_loss_config, dpo_loss, preference_loss, reward_metrics
+from .losses import LOSS_TYPES, check_loss_config, dpo_loss, preference_loss, reward_metrics
 from .losses.reference_free import CPO_LOSS_TYPES
 from .modules.base import PreferenceModule
 from .modules.cpo import CPO
@@ -17,7 +18,7 @@ from .modules.dpo import DPO, precompute_reference_scores
 from .modules.kto import KTO
 from .modules.orpo import ORPO
 from .scoring.linear_op import linear_sequence_logprobs
-from .scoring.logits_op import sequence_logprobs, sequence_logprobs_pair
+from .scoring.logits_op import sequence_logprobs, sequence_logprobs_pair, sequence_logprobs_with_reference
 from .train.run import TrainConfig
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "preference_loss",
     "reward_metrics",
     "PreferenceDataset",
+    "PairBatch",
     "KTODataset",
     "TokenizedPreferenceDataset",
     "dpo_loss",
@@ -40,6 +42,7 @@ __all__ = [
     "precompute_reference_scores",
     "sequence_logprobs",
     "sequence_logprobs_pair",
+    "sequence_logprobs_with_reference",
     "TrainConfig",
 ]
 __version__ = "0.1.0"

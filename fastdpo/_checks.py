@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -17,6 +18,27 @@ from torch import Tensor
 from .kernels._common import SUPPORTED_DTYPES as FLOAT_DTYPES  # one set for ops and kernels
 
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a model (or a tensor) can do something: true when it can, else false with the
+    reason (``why_not``) that an error or a warning then quotes."""
+
+    why_not: str = ""
+
+    def __bool__(self) -> bool:
+        return not self.why_not
+
+
+YES = Verdict()
+
+
+def no(why_not: str) -> Verdict:
+    """A false :class:`Verdict` with its reason."""
+    if not why_not:
+        raise ValueError("a refusal needs its reason")
+    return Verdict(why_not)
 
 
 def tensor(name: str, x, *, ndim: int | None = None) -> Tensor:

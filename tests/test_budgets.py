@@ -63,7 +63,7 @@ def _rows_seen(monkeypatch):
 def test_dpo_budgets_reach_the_pair_op_and_change_no_number(group_rows, monkeypatch):
     batch = _batch()
     default = DPO(_model())
-    assert default.route(default.policy_model, "cpu").kind == "pair"
+    assert default.route(default.policy_model, "cpu").kind == "dpo_head"
     loss0, grads0 = _step(default, batch)
     chunk = 4 * V * 3  # three rows of float32 logits per product
     group = 4 * V * group_rows if group_rows else None
@@ -91,7 +91,7 @@ def test_a_family_on_the_scores_route_takes_the_chunk_budget(monkeypatch):
     batch = _batch()
     loss0, grads0 = _step(CPO(_model()), batch)
     cpo = CPO(_model(), chunk_bytes=4 * V * 2)
-    assert cpo.route(cpo.policy_model, "cpu").kind == "scores"
+    assert cpo.route(cpo.policy_model, "cpu").kind == "fused"
     products, _ = _rows_seen(monkeypatch)
     loss1, grads1 = _step(cpo, batch)
     assert products and max(products) == 2, products

@@ -200,7 +200,7 @@ def test_dpo_head_schema_is_derived_from_head_options():
 
     from fastdpo import check_loss_config
     from fastdpo.scoring.dpo_head_op import HeadOptions, from_op_args, to_op_args
-    from fastdpo.losses.pairwise import LossConfig
+    from fastdpo.losses import LossConfig
 
     leaves = []
     for f in dataclasses.fields(HeadOptions):

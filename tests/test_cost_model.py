@@ -50,5 +50,5 @@ def test_auto_takes_what_the_rule_says(monkeypatch):
     assert DPO(model, impl="triton").route(model, "cpu").matmul == "torch"
     monkeypatch.setattr(linear.cost_model, "choose_matmul", lambda d, v, dtype: "triton")
     route = DPO(model, impl="triton").route(model, "cpu")
-    assert (route.kind, route.matmul) == ("scores", "triton")
+    assert (route.kind, route.matmul) == ("fused", "triton")
     assert DPO(model, impl="torch").route(model, "cpu").matmul == "torch"  # torch multiplies on its own path

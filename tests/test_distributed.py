@@ -205,7 +205,7 @@ def _fsdp_scenario(rank: int, case: str, res: dict) -> None:
         res["loss"] = loss.detach().float()
         res["route"] = dpo.route(dpo.policy_model, "cpu").kind
         res["ref_route"] = dpo.route(dpo.ref_model, "cpu").kind
-        res["checked"] = sorted(why for _, why in dpo.scorer.checked.values())  # inferred heads' checks
+        res["checked"] = sorted(verdict.why_not for _, verdict in dpo.scorer.checked.values())  # inferred heads' checks
         res["grads"] = policy_grads(dpo)
         res["ref_is_sharded"] = all(hasattr(p, "full_tensor") for p in dpo.ref_model.parameters())
         res["policy_is_sharded"] = all(hasattr(p, "full_tensor") for p in dpo.policy_model.parameters())
@@ -414,7 +414,7 @@ def test_fsdp2_matches_one_process(job, case):
     for rank, res in enumerate(job):
         r = res["fsdp"][case]
         assert r["outcome"] == "ok", r.get("where", r["outcome"])
-        assert r["route"] == r["ref_route"] == ("logits" if head == "logits" else "pair")
+        assert r["route"] == r["ref_route"] == ("logits" if head == "logits" else "dpo_head")
         assert r["checked"] == (["", ""] if family == "hfsub" else [])  # policy and reference, passed
         assert not [w for w in r["warnings"] if "logits" in w]  # no fallback warning
         assert r["ref_is_sharded"] and r["policy_is_sharded"]  # after the step: nothing left gathered
@@ -457,4 +457,4 @@ def test_families_under_ddp_and_fsdp2(job, case):
             assert_grads_match(res["families"][case][key], want, f"{key} {case} rank {rank}")
         g0, g1 = (res["families"][case][key] for res in job)
         assert all(torch.equal(g0[n], g1[n]) for n in g0), key
-    assert all(res["families"][case]["fsdp_route"] == "scores" for res in job)
+    assert all(res["families"][case]["fsdp_route"] == "fused" for res in job)

@@ -385,7 +385,7 @@ def test_triton_impl_matches_x_transformers(cfg, head, matmul):
     b, l, v = cfg["b"], cfg["l"], cfg["v"]
     pad_id = cfg.get("pad_id")
     x, ours = paired(lambda: make_model(v, seed=v + l), beta=0.1, pad_id=pad_id, impl="triton", head=head, matmul=matmul)
-    expected = {"fused": "pair" if matmul == "auto" else "scores", "logits": "logits"}[head]
+    expected = {"fused": "dpo_head" if matmul == "auto" else "fused", "logits": "logits"}[head]
     assert ours.route(ours.policy_model, "cpu").kind == expected
     pref, unpref, prompt_mask = make_batch(
         b, l, v, seed=l, prompt_lens=cfg["prompt_lens"], pad_id=pad_id, pad_lens=cfg.get("pad_lens")

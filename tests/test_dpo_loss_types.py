@@ -247,7 +247,7 @@ def test_aot_on_the_pair_op_takes_the_batch_as_one_group(kind):
     with the batch's logits all kept, and the batch formula's loss (sorting within groups of
     one pair would make it sigmoid)."""
     model = make("hf")
-    assert DPO(model, loss_type=kind, head="fused").route(model, "cpu").kind == "pair"
+    assert DPO(model, loss_type=kind, head="fused").route(model, "cpu").kind == "dpo_head"
     n2, t, d = 8, 6, 8
     g, hidden, weight, targets, mask = head_inputs(6, n2, t, d, V, keep=0.7)
     count = mask.sum(-1).float().clamp(min=1e-5)
@@ -280,7 +280,7 @@ def test_bco_batch_shift_given_without_bco_pair_runs_on_the_pair_op():
     data = batch()
     a = DPO(make("hf"), head="fused", bco_delta="batch")
     b = DPO(make("hf"), head="fused")
-    assert a.route(a.policy_model, "cpu").kind == "pair"
+    assert a.route(a.policy_model, "cpu").kind == "dpo_head"
     pref, unpref, pm, pmask, umask = data
     kw = dict(prompt_mask=pm, preferred_seq_mask=pmask, unpreferred_seq_mask=umask)
     perturb(a.policy_model)
@@ -440,5 +440,5 @@ def test_triton_routes_agree_with_torch(matmul):
     case = dict(loss_type=["aot", "discopop", "sft"], loss_weights=[1.0, 0.5, 0.3])
     _, want, want_g, _ = dpo_step("hf", case, "fused", "trl")
     dpo, loss, got, _ = dpo_step("hf", dict(case, impl="triton", matmul=matmul), "fused", "trl")
-    assert dpo.route(dpo.policy_model, "cpu").kind == ("pair" if matmul == "torch" else "scores")
+    assert dpo.route(dpo.policy_model, "cpu").kind == ("dpo_head" if matmul == "torch" else "fused")
     assert_same(loss, got, want, want_g)

@@ -11,7 +11,7 @@ from x_transformers import Decoder, TransformerWrapper
 
 from fastdpo import DPO
 from fastdpo.modules.dpo import deepcopy_module
-from fastdpo.losses.pairwise import LOSS_TYPES
+from fastdpo.losses import LOSS_TYPES
 
 from helpers import reference_logprobs, rel_err
 from test_losses import truth

@@ -207,7 +207,7 @@ def test_triton_folds_equal_trls_compute_loss(head, opts):
     assert_close(*loss_and_grads(dpo, batch), *trl_reference(dpo, batch, **opts))
 
 
-@pytest.mark.parametrize("route", ["pair", "scores"])
+@pytest.mark.parametrize("route", ["dpo_head", "fused"])
 @pytest.mark.parametrize(
     "loss", [dict(loss_type="ipo"), dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5])],
     ids=["ipo", "sigmoid+ipo"],
@@ -218,7 +218,7 @@ def test_other_loss_types_and_the_scores_route_equal_trl(loss, route):
     weighs and folds as the pair op does."""
     opts = dict(ld_alpha=0.4, use_weighting=True)
     dpo = make_dpo("xt", head="fused", **TRL, **opts, **loss)
-    dpo.scorer.pair_ok = route == "pair"  # before the first call decides the route
+    dpo.scorer.independent_pairs = route == "dpo_head"  # before the first call decides the route
     batch = make_batch()
     assert_close(*loss_and_grads(dpo, batch), *trl_reference(dpo, batch, **opts, **loss))
     assert dpo.route(dpo.policy_model, "cpu").kind == route
@@ -654,4 +654,4 @@ def test_wpo_refuses_the_triton_gemm_and_auto_routes_around_it():
         DPO(model_for_checks(), use_weighting=True, impl="triton", matmul="triton")
     dpo = DPO(model_for_checks(), use_weighting=True, impl="triton", matmul="auto")
     assert dpo.route(dpo.policy_model, "cpu").matmul == "torch"
-    assert dpo.route(dpo.policy_model, "cpu").kind == "pair"
+    assert dpo.route(dpo.policy_model, "cpu").kind == "dpo_head"

@@ -153,7 +153,7 @@ def test_every_head_rule_has_a_tiny_model():
 def test_fused_head_matches_float64_of_the_models_own_logits(key, conv):
     model = tiny(key)
     dpo = DPO(model, head="fused", **CONVENTIONS[conv])
-    assert dpo.route(model, "cpu").kind == "pair"
+    assert dpo.route(model, "cpu").kind == "dpo_head"
     if key.endswith("-tied") or key.startswith(("Gemma", "Cohere", "GPT2")):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     perturb(model)
@@ -400,7 +400,7 @@ def test_lora_reference_is_the_base_model_without_a_copy():
         warnings.simplefilter("error", UserWarning)  # fused: no fallback warning
         dpo = DPO(model, **CONVENTIONS["trl"])
     assert dpo.ref_model is None and dpo.has_reference()
-    assert dpo.route(model, "cpu").kind == "pair"
+    assert dpo.route(model, "cpu").kind == "dpo_head"
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert {id(p) for p in dpo.parameters()} == trainable and len(trainable) == 2 * 2 * 2
     # the reference: the same weights, adapters off (a copy made here for the check only)
@@ -498,7 +498,7 @@ def test_hf_example_trains_to_high_reward_accuracy(lora):
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     result = example.train(steps=150, seed=0, lora=lora, progress=False)
-    assert result["route"] == "pair"
+    assert result["route"] == "dpo_head"
     assert result["rewards/accuracies"] > 0.9, result
 
 
@@ -517,7 +517,7 @@ def test_compiled_hf_model_keeps_the_fused_route():
     for _ in range(2):
         got = dpo(pref, unpref, **kw)
         got.backward()
-    assert dpo.route(compiled, "cpu").kind == "pair"
+    assert dpo.route(compiled, "cpu").kind == "dpo_head"
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 

@@ -53,7 +53,7 @@ def checks(monkeypatch):
     real = fastdpo.scoring.router.check_head
 
     def spy(*args, **kwargs):
-        calls.append(args[1].claim)
+        calls.append(args[1].inferred)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fastdpo.scoring.router, "check_head", spy)
@@ -76,10 +76,10 @@ def test_inferred_head_is_checked_once_then_fused_and_exact(name, conv, checks):
         check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS[conv])
         check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS[conv])
     route = dpo.route(model, "cpu")
-    assert route.kind == "pair" and route.head.claim, route
+    assert route.kind == "dpo_head" and route.head.inferred, route
     assert len(checks) == 2, checks  # the policy and the reference, once each
     if name == "GraniteMoeForCausalLM":
-        assert route.head.scale == pytest.approx(1 / 3) and "/ 3 (logits_scaling)" in route.head.claim
+        assert route.head.scale == pytest.approx(1 / 3) and "/ 3 (logits_scaling)" in route.head.inferred
 
 
 def test_listed_classes_are_not_checked(checks):
@@ -88,7 +88,7 @@ def test_listed_classes_are_not_checked(checks):
     perturb(model)
     check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
     assert checks == []
-    assert dpo.route(dpo.policy_model, "cpu").head.claim == ""
+    assert dpo.route(dpo.policy_model, "cpu").head.inferred == ""
 
 
 class BiasedLlama(transformers.LlamaForCausalLM):
@@ -115,7 +115,7 @@ class HotLlama(transformers.LlamaForCausalLM):
 def test_a_forward_the_head_cannot_reproduce_is_caught_and_stays_exact(cls, checks):
     model = cls(tiny("LlamaForCausalLM").config)
     dpo = DPO(model)  # no warning yet: the claim is checked on the first call
-    assert dpo.route(model, "cpu").head.claim
+    assert dpo.route(model, "cpu").head.inferred
     perturb(model)
     with pytest.warns(UserWarning, match="own logits differ from logits = lm_head"):
         check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["x-transformers"])
@@ -140,7 +140,7 @@ def test_a_subclass_with_the_same_forward_is_fused():
     dpo = DPO(model, head="fused", **CONVENTIONS["trl"])
     perturb(model)
     check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
-    assert dpo.route(model, "cpu").kind == "pair"
+    assert dpo.route(model, "cpu").kind == "dpo_head"
 
 
 @pytest.mark.parametrize("name", ["GPTNeoXForCausalLM", "GraniteMoeForCausalLM"])
@@ -150,7 +150,7 @@ def test_bfloat16_inferred_head_passes_its_check_and_is_within_bf16(name):
     perturb(model)
     # as tests/test_hf.py's bf16 Llama: the model's own logits are rounded to bf16 first
     check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"], loss_tol=2e-2, grad_tol=2e-2)
-    assert dpo.route(model, "cpu").kind == "pair"
+    assert dpo.route(model, "cpu").kind == "dpo_head"
 
 
 @pytest.mark.parametrize("matmul", ["torch", "triton"])
@@ -172,13 +172,13 @@ def test_an_inferred_softcap_is_checked_then_fused_and_exact(impl, checks):
     torch.manual_seed(0)
     model = CappedGemma2(transformers.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=2.0))
     head = hf.find_head(model)[0]
-    assert head.softcap == 2.0 and head.claim.startswith("logits = tanh(lm_head(hidden) / 2) * 2 (final_logit_softcapping)")
+    assert head.softcap == 2.0 and head.inferred.startswith("logits = tanh(lm_head(hidden) / 2) * 2 (final_logit_softcapping)")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning: the head is fused
         dpo = DPO(model, head="auto", impl=impl, **CONVENTIONS["trl"])
         perturb(model)
         check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
-    assert dpo.route(model, "cpu").kind == "pair" and len(checks) == 2
+    assert dpo.route(model, "cpu").kind == "dpo_head" and len(checks) == 2
 
 
 def test_a_softcap_the_forward_ignores_is_caught():
@@ -211,7 +211,7 @@ def test_an_inferred_head_with_a_bias_is_checked_then_fused_and_exact(checks):
         dpo = DPO(model, **CONVENTIONS["trl"])
         perturb(model)
         check_against_own_logits(dpo, dpo.ref_model, CONVENTIONS["trl"])
-    assert dpo.route(model, "cpu").kind == "pair" and len(checks) == 2  # (lm_head.bias's gradient compared too)
+    assert dpo.route(model, "cpu").kind == "dpo_head" and len(checks) == 2  # (lm_head.bias's gradient compared too)
 
 
 def test_a_compiled_first_call_scores_the_logits_exactly():
@@ -236,7 +236,7 @@ def test_a_compiled_first_call_scores_the_logits_exactly():
     # an eager call checks the head; a graph traced after it fuses
     with torch.no_grad():
         fresh(pref, unpref, **kw)
-    assert [why for _, why in fresh.scorer.checked.values()] == ["", ""]
+    assert [verdict.why_not for _, verdict in fresh.scorer.checked.values()] == ["", ""]  # both heads passed
     torch._dynamo.reset()
     traced = []
     real = hf.hidden_states

@@ -80,7 +80,7 @@ def policy_scores(dpo: DPO, data) -> torch.Tensor:
     pref, unpref, pm, pmask, umask = data
     with torch.no_grad():
         batch = dpo._batch(pref, unpref, pm, pmask, umask)
-        return dpo._scores(dpo.scorer.body(dpo.policy_model, batch), batch)
+        return dpo._scores(dpo.scorer.head_input(dpo.policy_model, batch), batch)
 
 
 def dpo_step(dpo: DPO, model: nn.Module, data) -> dict:
@@ -143,7 +143,7 @@ def test_left_padded_step_equals_the_right_padded_one(key, head, layout, reducti
     n = (len(policy_calls.kwargs), len(ref_calls.kwargs))
     got = dpo_step(dpo, model, pairs(layout))
     assert all(policy_calls.told()[n[0]:]) and all(ref_calls.told()[n[1]:]) and len(policy_calls.kwargs) > n[0]
-    assert dpo.route(model, "cpu").kind == ("pair" if head == "fused" else "logits")
+    assert dpo.route(model, "cpu").kind == ("dpo_head" if head == "fused" else "logits")
     assert_same_step(got, want)
 
 
@@ -216,8 +216,8 @@ def test_inferred_head_is_checked_on_real_tokens():
     pref, _, _, pmask, _ = data
     assert first.get("attention_mask") is None and not pmask[0, 0]
     assert first["input_ids"].equal(pref[:1][:, pmask[0]][:, :-1][:, :16])  # (L - 1 <= 16 inputs)
-    assert dpo.route(model, "cpu").kind == "pair" and dpo.route(model, "cpu").head.claim
-    assert [why for _, why in dpo.scorer.checked.values()] == ["", ""]
+    assert dpo.route(model, "cpu").kind == "dpo_head" and dpo.route(model, "cpu").head.inferred
+    assert [verdict.why_not for _, verdict in dpo.scorer.checked.values()] == ["", ""]
     assert_same_step(got, want)
 
 
@@ -267,7 +267,7 @@ def test_kto_left_padded_equals_right_padded(key, head):
         ref = torch.cat(kto.reference_scores(seq, **kw))
         with torch.no_grad():  # the policy's scores of both batches (the KL one's make z0)
             batches = (kto._unpaired(seq, pm, mask), kto._unpaired(kl_seq, kl_pm, kl_mask, "kl_"))
-            policy = torch.cat([kto._scores(kto.scorer.body(model, b), b) for b in batches])
+            policy = torch.cat([kto._scores(kto.scorer.head_input(model, b), b) for b in batches])
         out[layout] = dict(loss=loss.detach(), metrics=metrics, grads=grads, ref=ref, policy=policy)
     assert_same_step(out["left"], out["right"], neutral=0.5)
 

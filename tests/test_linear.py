@@ -21,7 +21,7 @@ from x_transformers.dpo import DPO as XDPO
 import fastdpo.scoring.rows as chunks
 from fastdpo import DPO, linear_sequence_logprobs
 from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
-from fastdpo.losses.pairwise import check_loss_config
+from fastdpo.losses import check_loss_config
 from fastdpo.models import adapter_for
 
 from helpers import reference_logprobs, rel_err, three_way
@@ -185,7 +185,7 @@ def test_dpo_step_never_builds_full_logits(route, tie, monkeypatch):
     torch.manual_seed(0)
     model = TransformerWrapper(num_tokens=v, max_seq_len=16, tie_embedding=tie, attn_layers=Decoder(dim=16, depth=1, heads=2))
     dpo = DPO(model, impl=impl, matmul=matmul)
-    assert dpo.route(dpo.policy_model, "cpu").kind == "pair"
+    assert dpo.route(dpo.policy_model, "cpu").kind == "dpo_head"
     head_calls = []
     if not tie:
         model.to_logits.register_forward_hook(lambda *a: head_calls.append(1))
@@ -349,7 +349,7 @@ def test_a_biased_to_logits_is_fused_and_matches_x_transformers(impl):
     ours, x = DPO(make(), head="fused", impl=impl), XDPO(make())
     pref, unpref, pm = _moved_from_reference(ours, x)
     lx, lo = x(pref, unpref, prompt_mask=pm), ours(pref, unpref, prompt_mask=pm)
-    assert ours.route(ours.policy_model, "cpu").kind == "pair"
+    assert ours.route(ours.policy_model, "cpu").kind == "dpo_head"
     lx.backward()
     lo.backward()
     assert abs(lx.item() - math.log(2)) > 1e-3
@@ -404,7 +404,7 @@ def test_compiled_model_keeps_the_fused_head():
     and gives the eager numbers."""
     model = wrapper()
     dpo = DPO(torch.compile(model, backend="eager"))
-    assert dpo.route(dpo.policy_model, "cpu").kind == "pair"
+    assert dpo.route(dpo.policy_model, "cpu").kind == "dpo_head"
     eager = DPO(wrapper())
     g = torch.Generator().manual_seed(1)
     pref, unpref = torch.randint(0, 64, (2, 9), generator=g), torch.randint(0, 64, (2, 9), generator=g)

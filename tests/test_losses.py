@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastdpo.losses.pairwise import (
+from fastdpo.losses import (
     LOSS_TYPES,
     LossConfig,
     check_loss_config,

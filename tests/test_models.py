@@ -77,7 +77,7 @@ def test_a_new_family_is_one_adapter(monkeypatch):
     monkeypatch.setattr(models, "FAMILIES", (ToyAdapter,) + models.FAMILIES)
     fused = _perturbed(DPO(Toy(), beta=0.3))
     route = fused.route(fused.policy_model, "cpu")
-    assert route.kind == "pair" and route.family == "toy"
+    assert route.kind == "dpo_head" and route.family == "toy"
     pref, unpref, pm = _batch()
     losses = []
     for dpo in (plain, fused):

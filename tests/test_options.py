@@ -79,7 +79,7 @@ def test_a_new_option_is_one_field():
 
         def _build(self, model, loss, tokens, packing, compute, extra):
             seen.update(loss=loss, extra=extra)
-            super().__init__(model, tokens, packing, compute, reference=False, pair_ok=False)
+            super().__init__(model, tokens, packing, compute, reference=False, independent_pairs=False)
 
     Toy(small(), temperature=0.3, impl="torch")
     assert seen == {"loss": Loss(beta=0.5), "extra": Extra(temperature=0.3)}

@@ -335,7 +335,7 @@ def test_bfloat16_model_is_as_accurate_as_trl_in_bfloat16(family):
         truth = reference_step(model, lambda: trl_cpo(model, data))
         low = reference_step(model, lambda: trl_cpo(model, data, float64=False))
     ours = ours_step(module, data)
-    assert module.route(model, "cpu").kind == "scores"
+    assert module.route(model, "cpu").kind == "fused"
     three_way(ours[0], low[0], truth[0], torch.bfloat16, "loss")
     for name in truth[1]:
         three_way(ours[1][name], low[1][name], truth[1][name], torch.bfloat16, name)

@@ -19,7 +19,7 @@ from x_transformers.dpo import DPO as XDPO
 import fastdpo.batching.attention
 from fastdpo import DPO
 from fastdpo.modules.dpo import frozen_copy
-from fastdpo.batching.packing import Packed, pack
+from fastdpo.batching.packing import PackedLayout, pack
 from tests.helpers import rel_err, tiny_transformer
 from tests.test_dpo import loss_and_grads
 
@@ -268,7 +268,7 @@ def _leak(attention: str, monkeypatch) -> None:
     if attention == "segments":
         monkeypatch.setattr(fastdpo.batching.attention.SegmentAttention, "_parts", _leaky_parts)
     else:
-        monkeypatch.setattr(Packed, "attn_mask", property(_rejected_sees_chosen))
+        monkeypatch.setattr(PackedLayout, "attn_mask", property(_rejected_sees_chosen))
 
 
 @pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
@@ -515,7 +515,7 @@ def test_hugging_face_packed_step_equals_unpacked(key, attn, layout, by_parts):
         for dpo in (packed, plain):
             dpo.logprob_reduction, dpo.mask_alignment = conv.get("logprob_reduction", "mean"), conv.get("mask_alignment", "input")
         assert_same(loss_and_grads(packed, pref, unpref, prompt_mask=pm), loss_and_grads(plain, pref, unpref, prompt_mask=pm))
-    assert packed.route(model, "cpu").kind == "pair"
+    assert packed.route(model, "cpu").kind == "dpo_head"
     assert packed.packing.attention == "segments" and by_parts
     assert model.config._attn_implementation == (attn if key != "lora" else "sdpa")  # switched back
 

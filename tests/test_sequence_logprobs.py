@@ -223,12 +223,12 @@ def test_tolerance_table_covers_dtypes():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("ref_dtype", DTYPES)
 def test_pair_equals_two_calls(impl, ref_dtype):
-    from fastdpo import sequence_logprobs_pair
+    from fastdpo import sequence_logprobs_with_reference
 
     logits, targets, mask = make_inputs(3, 4, 300, torch.float32, seed=8)
     ref_logits = make_inputs(3, 4, 300, ref_dtype, seed=9)[0]
     a = logits.clone().requires_grad_()
-    scores, ref_scores = sequence_logprobs_pair(a, ref_logits, targets, mask, impl=impl)
+    scores, ref_scores = sequence_logprobs_with_reference(a, ref_logits, targets, mask, impl=impl)
     assert not ref_scores.requires_grad
     b = logits.clone().requires_grad_()
     alone = sequence_logprobs(b, targets, mask, impl=impl)
@@ -254,7 +254,7 @@ def test_pair_equals_two_calls(impl, ref_dtype):
         (lambda z, y, m: sequence_logprobs(z, y, m, impl="cuda"), ValueError, "impl must be one of"),
         (lambda z, y, m: sequence_logprobs(z[:, :, :0], y, m), ValueError, "vocabulary dimension"),
         (lambda z, y, m: sequence_logprobs(z.tolist(), y, m), TypeError, "logits must be a torch.Tensor"),
-        (lambda z, y, m: __import__("fastdpo").sequence_logprobs_pair(z, z[:1], y, m), ValueError, "ref_logits must have the shape"),
+        (lambda z, y, m: __import__("fastdpo").sequence_logprobs_with_reference(z, z[:1], y, m), ValueError, "ref_logits must have the shape"),
     ],
 )
 def test_bad_input(call, err, match):

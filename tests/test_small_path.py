@@ -117,7 +117,7 @@ def test_dpo_small_step_builds_tiny_logits_and_matches_x_transformers(tie, monke
     b, l, v = 2, 12, 97  # 2B x (L-1) x V = 4268 logits per model
     x = XDPO(make_model(v, tie=tie, seed=3), beta=0.1, pad_id=0)
     ours = DPO(make_model(v, tie=tie, seed=3), beta=0.1, pad_id=0, impl="torch")
-    assert ours.route(ours.policy_model, "cpu").kind == "pair"
+    assert ours.route(ours.policy_model, "cpu").kind == "dpo_head"
     perturb_(x.policy_model, seed=5, skip=TIED if tie else ())
     ours.policy_model.load_state_dict(x.policy_model.state_dict())
     ours.ref_model.load_state_dict(x.ref_model.state_dict())

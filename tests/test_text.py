@@ -1,4 +1,4 @@
-"""PreferenceDataset.from_records (fastdpo/data/text.py) against TRL 1.16's own data path.
+"""TokenizedPreferenceDataset.from_records (fastdpo/data/text.py) against TRL 1.16's own data path.
 
 TRL's side is its real code, called unbound on a stub trainer: ``DPOTrainer._prepare_dataset``
 (prompt extraction, EOS, its tokenize function, the prompt boundary, the ``max_length`` drop)
@@ -182,7 +182,7 @@ def trl_prepare(records, tokenizer, max_length=None, mode="keep_start"):
 def from_records(records, tokenizer, **kw) -> TokenizedPreferenceDataset:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the boundary and drop notices; tested on their own
-        return PreferenceDataset.from_records(records, tokenizer, **kw)
+        return TokenizedPreferenceDataset.from_records(records, tokenizer, **kw)
 
 
 def assert_equals_trl(ds: TokenizedPreferenceDataset, trl_rows, trl_batch, batch=None):
@@ -193,7 +193,7 @@ def assert_equals_trl(ds: TokenizedPreferenceDataset, trl_rows, trl_batch, batch
         for k in ("prompt_ids", "chosen_ids", "rejected_ids"):
             assert item[k].tolist() == row[k], (i, k, item[k].tolist(), row[k])
     b = batch if batch is not None else ds.collate([ds[i] for i in range(len(ds))])
-    assert set(b) == {"preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask"}
+    assert set(b.keys()) == {"preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask"}
     seq = torch.cat((b["preferred_seq"], b["unpreferred_seq"]))
     real = torch.cat((b["preferred_seq_mask"], b["unpreferred_seq_mask"]))
     completion = ~b["prompt_mask"].repeat(2, 1) & real
@@ -248,7 +248,7 @@ def test_keep_start_drops_what_trl_drops(tok):
     assert 0 < len(rows) < len(CONVERSATION)
     with pytest.warns(UserWarning, match=rf"max_length={max_length} drops {len(CONVERSATION) - len(rows)} of "
                                          rf"{len(CONVERSATION)} records"):
-        ds = PreferenceDataset.from_records(CONVERSATION, tok, max_length=max_length)
+        ds = TokenizedPreferenceDataset.from_records(CONVERSATION, tok, max_length=max_length)
     assert ds.indices == [i for i, p in enumerate(prompts) if p < max_length]
     assert_equals_trl(ds, rows, batch)
 
@@ -277,7 +277,7 @@ def test_seam_fixture_has_merging_tokens(tok):
     assert whole[: len(prompt)] != prompt
     with pytest.warns(UserWarning, match=r"2 of 3 records \(the first records\[0\]\): the tokenized prompt is not a "
                                          r"prefix") as record:
-        PreferenceDataset.from_records(SEAM, tok)
+        TokenizedPreferenceDataset.from_records(SEAM, tok)
     assert len(record) == 1
 
 
@@ -370,7 +370,7 @@ def test_controls_a_deviation_fails_the_comparison(tok, tok_eos_pad, monkeypatch
     ds = from_records(PLAIN, tok_eos_pad)
     b = ds.collate([ds[i] for i in range(len(ds))])
     assert ds.pad_id == tok_eos_pad.eos_token_id
-    b.update(preferred_seq_mask=b["preferred_seq"] != ds.pad_id, unpreferred_seq_mask=b["unpreferred_seq"] != ds.pad_id)
+    b = dict(b, preferred_seq_mask=b["preferred_seq"] != ds.pad_id, unpreferred_seq_mask=b["unpreferred_seq"] != ds.pad_id)
     with pytest.raises(AssertionError):
         assert_equals_trl(ds, rows, batch, b)
 
@@ -500,35 +500,35 @@ def test_precomputed_reference_scores_of_mapping_batches(tok_eos_pad):
 ])
 def test_bad_records(records, match, tok):
     with pytest.raises((ValueError, TypeError), match=match):
-        PreferenceDataset.from_records(records, tok)
+        TokenizedPreferenceDataset.from_records(records, tok)
 
 
 def test_bad_records_in_a_dataset_name_their_index(tok):
     records = datasets.Dataset.from_list([dict(prompt="a", chosen="b", rejected="c")] * 3
                                          + [dict(prompt="a", chosen="b", rejected=None)])
     with pytest.raises(ValueError, match=r"records\[3\] has no 'rejected' field"):
-        PreferenceDataset.from_records(records, tok)
+        TokenizedPreferenceDataset.from_records(records, tok)
 
 
 def test_bad_tokenizers():
     with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
-        PreferenceDataset.from_records(PLAIN, make_tokenizer(pad=False, eos=False))
+        TokenizedPreferenceDataset.from_records(PLAIN, make_tokenizer(pad=False, eos=False))
     with pytest.raises(ValueError, match="plain-text records need the tokenizer's EOS token"):
-        PreferenceDataset.from_records(PLAIN, make_tokenizer(eos=False))
+        TokenizedPreferenceDataset.from_records(PLAIN, make_tokenizer(eos=False))
     no_template = make_tokenizer(template=False)
     with pytest.raises(ValueError, match=r"conversational records need a chat template.*chat_template is None"):
-        PreferenceDataset.from_records(CONVERSATION, no_template)
+        TokenizedPreferenceDataset.from_records(CONVERSATION, no_template)
     # (the template given as an argument is one)
     ds = from_records(CONVERSATION, no_template, chat_template_kwargs={"chat_template": TEMPLATE})
     assert len(ds) == len(CONVERSATION)
     with pytest.raises(TypeError, match="must be a transformers tokenizer"):
-        PreferenceDataset.from_records(PLAIN, object())
+        TokenizedPreferenceDataset.from_records(PLAIN, object())
 
 
 def test_max_length_dropping_every_record(tok):
     with pytest.raises(ValueError, match=r"max_length=3 drops every record: each prompt alone has max_length "
                                          r"tokens or more \(the shortest 3\)"):
-        PreferenceDataset.from_records(PLAIN, tok, max_length=3)
+        TokenizedPreferenceDataset.from_records(PLAIN, tok, max_length=3)
     rows, _ = trl_prepare(PLAIN, tok, 3)
     assert rows == []  # TRL drops them all too
 
@@ -545,7 +545,7 @@ def test_keep_end_refuses_what_one_prompt_mask_cannot_mark(tok):
                                          rf"records\[{differ[0]}\]'s chosen completion and "
                                          rf"{int(prompt_tokens[b + differ[0]])} before its rejected one "
                                          rf"\({len(differ)} such records\)"):
-        PreferenceDataset.from_records(PLAIN, tok, max_length=8, truncation_mode="keep_end")
+        TokenizedPreferenceDataset.from_records(PLAIN, tok, max_length=8, truncation_mode="keep_end")
 
 
 @pytest.mark.parametrize("kw, err, match", [
@@ -560,24 +560,24 @@ def test_keep_end_refuses_what_one_prompt_mask_cannot_mark(tok):
 ])
 def test_bad_arguments(kw, err, match, tok):
     with pytest.raises(err, match=match):
-        PreferenceDataset.from_records(PLAIN, tok, **kw)
+        TokenizedPreferenceDataset.from_records(PLAIN, tok, **kw)
 
 
 def test_bad_template_arguments_and_sources(tok, tmp_path):
     with pytest.raises(ValueError, match=r"records\[0\]: chat_template_kwargs must not set \['add_generation_pr"):
-        PreferenceDataset.from_records(CONVERSATION, tok, chat_template_kwargs={"add_generation_prompt": True})
+        TokenizedPreferenceDataset.from_records(CONVERSATION, tok, chat_template_kwargs={"add_generation_prompt": True})
     with pytest.raises(ValueError, match=r"records\[0\]\['tools'\] is a str but not JSON"):
-        PreferenceDataset.from_records([dict(CONVERSATION[0], tools="{nope")], tok)
+        TokenizedPreferenceDataset.from_records([dict(CONVERSATION[0], tools="{nope")], tok)
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(PLAIN[0]) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2 is not a JSON object"):
-        PreferenceDataset.from_records(path, tok)
+        TokenizedPreferenceDataset.from_records(path, tok)
     with pytest.raises(TypeError, match="records must be a list of dicts, a datasets.Dataset or a JSON Lines path"):
-        PreferenceDataset.from_records(5, tok)
+        TokenizedPreferenceDataset.from_records(5, tok)
     with pytest.raises(TypeError, match="one split"):
-        PreferenceDataset.from_records(datasets.DatasetDict(train=datasets.Dataset.from_list(PLAIN)), tok)
+        TokenizedPreferenceDataset.from_records(datasets.DatasetDict(train=datasets.Dataset.from_list(PLAIN)), tok)
     with pytest.raises(TypeError, match=r"records\[0\] must be a mapping"):
-        PreferenceDataset.from_records(["text"], tok)
+        TokenizedPreferenceDataset.from_records(["text"], tok)
 
 
 def test_collate_checks_its_items(tok):

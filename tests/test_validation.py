@@ -23,7 +23,7 @@ from fastdpo import (
     linear_sequence_logprobs,
     precompute_reference_scores,
     sequence_logprobs,
-    sequence_logprobs_pair,
+    sequence_logprobs_with_reference,
 )
 from fastdpo.scoring.dpo_head_op import HeadOptions, dpo_head
 
@@ -232,7 +232,7 @@ def test_sequence_logprobs_triton_inplace_backward_on_v_strided_logits():
     torch.testing.assert_close(leaf.grad, twin.grad, rtol=1e-6, atol=1e-6)
 
 
-# ============================================================================ sequence_logprobs_pair
+# ============================================================================ sequence_logprobs_with_reference
 
 PAIR_ERRORS = [
     ("ref_not_tensor", Z.tolist(), TypeError, "ref_logits must be a torch.Tensor"),
@@ -247,15 +247,15 @@ PAIR_ERRORS = [
 @pytest.mark.parametrize("ref, exc, match", [pytest.param(*r[1:], id=r[0]) for r in PAIR_ERRORS])
 def test_sequence_logprobs_pair_rejects(impl, ref, exc, match):
     with pytest.raises(exc, match=match):
-        sequence_logprobs_pair(Z, ref, Y, M, impl=impl)
+        sequence_logprobs_with_reference(Z, ref, Y, M, impl=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_sequence_logprobs_pair_checks_policy_args_too(impl):
     with pytest.raises(TypeError, match="mask must be a torch.bool"):
-        sequence_logprobs_pair(Z, Z, Y, M.int(), impl=impl)
+        sequence_logprobs_with_reference(Z, Z, Y, M.int(), impl=impl)
     with pytest.raises(TypeError, match="logits must be float32"):
-        sequence_logprobs_pair(Z.double(), Z, Y, M, impl=impl)
+        sequence_logprobs_with_reference(Z.double(), Z, Y, M, impl=impl)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -263,7 +263,7 @@ def test_sequence_logprobs_pair_mixed_dtypes_and_detached_reference(impl):
     dev = device_of(impl)
     logits, targets, mask = logprob_inputs(dev)
     ref = (logits * 0.5).bfloat16().requires_grad_()
-    s, r = sequence_logprobs_pair(logits, ref, targets, mask, impl=impl)
+    s, r = sequence_logprobs_with_reference(logits, ref, targets, mask, impl=impl)
     assert not r.requires_grad
     assert torch.equal(s, sequence_logprobs(logits, targets, mask, impl=impl))
     assert torch.equal(r, sequence_logprobs(ref.detach(), targets, mask, impl=impl))

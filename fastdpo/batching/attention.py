@@ -2,7 +2,7 @@
 
 Dimensions: R packed rows, H heads, T slots a row, d head size.
 
-In a packed row (:class:`fastdpo.batching.packing.Packed`) each pair sits as ``[prompt, chosen,
+In a packed row (:class:`fastdpo.batching.packing.PackedLayout`) each pair sits as ``[prompt, chosen,
 rejected]``: the prompt and the chosen completion attend ``[prompt, chosen]`` causally, the
 rejected completion attends ``[prompt, rejected]`` causally (its diagonal shifted by the
 prompt: lower-right aligned), and nothing attends another pair.  A dense (R, 1, T, T) mask pays
@@ -27,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .packing import PAD, PROMPT, Packed
+from .packing import PAD, PROMPT, PackedLayout
 
 
 class SegmentAttention:
     """Attention of the packed ``layout``'s rows, by parts (see the module docstring)."""
 
-    def __init__(self, layout: Packed):
+    def __init__(self, layout: PackedLayout):
         self.layout = layout
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, scale: float, dropout_p: float = 0.0,
@@ -139,22 +139,22 @@ class _Group:
         return self._masks[window]
 
 
-def mask_mod(layout: Packed, window: int | None = None):
+def mask_mod(layout: PackedLayout, window: int | None = None):
     """The packed mask as a FlexAttention ``mask_mod``: causal, same pair, the prompt or the
     query's own part, within the window; a padding slot sees itself and the slots before it."""
     pair, seg, pos = layout.pair, layout.seg, layout.pos
 
     def visible(b, h, qi, ki):
-        sq, sk = seg[b, qi], seg[b, ki]
-        ok = (qi >= ki) & (pair[b, qi] == pair[b, ki]) & ((sk == PROMPT) | (sk == sq))
+        seg_q, seg_k = seg[b, qi], seg[b, ki]
+        ok = (qi >= ki) & (pair[b, qi] == pair[b, ki]) & ((seg_k == PROMPT) | (seg_k == seg_q))
         if window is not None:
             ok = ok & (pos[b, qi] - pos[b, ki] < window)
-        return ok | ((sq == PAD) & (qi >= ki))
+        return ok | ((seg_q == PAD) & (qi >= ki))
 
     return visible
 
 
-def block_mask(layout: Packed, window: int | None, device):
+def block_mask(layout: PackedLayout, window: int | None, device):
     """FlexAttention's block mask of ``layout`` (its blocks that the mask hides are skipped)."""
     from torch.nn.attention.flex_attention import create_block_mask
 

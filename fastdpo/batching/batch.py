@@ -6,7 +6,7 @@ T = L - 1 input positions.
 :func:`pair_batch` checks a pair batch and returns a :class:`Batch`: the inputs, targets,
 scored positions and their counts of the 2B unpacked sequences -- what every route scores --,
 where their real tokens are when the model must be told (left padding for a Hugging Face
-model: :func:`model_padding`), and, when the module packs (:class:`Packing`), the packed layout
+model: :func:`model_padding`), and, when the module packs (:class:`PackingPlan`), the packed layout
 the models run on instead (:mod:`fastdpo.batching.packing`), whose hidden states are gathered back to
 the unpacked rows.
 :func:`unpaired_batch` does the same for N sequences that are not pairs (KTO's), unpacked.
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from .._checks import no
 from . import packing
 
 if TYPE_CHECKING:  # (an adapter is asked, never imported: fastdpo.models sits above this package)
@@ -40,14 +41,14 @@ class Batch:
     tgt: Tensor  # (N, T) target ids
     mask: Tensor  # (N, T) bool, True where the target's log-prob counts
     count: Tensor  # (N,) float, scored positions per sequence clamped at 1e-5 (x-transformers; see token_weights)
-    packed: packing.Packed | None = None  # the layout the models run on, when the batch is packed
+    packed: packing.PackedLayout | None = None  # the layout the models run on, when the batch is packed
     # (N, T) float32 weight of each scored log-prob (LD-DPO, fastdpo.losses.weighting.ld_weighted); None: all 1
     token_weights: Tensor | None = None
     # where the inputs' real tokens are, when the model must be told (a Hugging Face model given
     # padding before a real token: its attention_mask and position_ids); None: the ids alone
     padding: Padding | None = None
     # (N, L) bool, the sequences' real tokens (their masks; None: every token is real): what an
-    # MoE router's load-balancing term counts (fastdpo.scoring.router.Scorer.body with router=True)
+    # MoE router's load-balancing term counts (fastdpo.scoring.router.Scorer.head_input with router=True)
     real: Tensor | None = None
 
     @property
@@ -73,7 +74,7 @@ class Padding:
         return cls(mask, (mask.cumsum(-1) - 1).clamp(min=0))
 
 
-def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed | None = None,
+def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.PackedLayout | None = None,
                padding: Padding | None = None, real: Tensor | None = None) -> Batch:
     """A :class:`Batch` of ``seq`` (N, L) whose positions ``keep`` (N, L) may be scored:
     inputs ``seq[:, :-1]`` score targets ``seq[:, 1:]``; with ``alignment="input"``
@@ -115,7 +116,7 @@ def model_padding(adapter: ModelAdapter, alignment: str, masks: dict[str, Tensor
 
 
 @dataclass(frozen=True)
-class Packing:
+class PackingPlan:
     """How a module packs its pair batches (decided once, at construction: :func:`plan_packing`)."""
 
     layout: str  # PACKINGS: "none", "pair", "batch", or "auto" (per batch: packing.choose_layout)
@@ -123,8 +124,8 @@ class Packing:
     length: int | None = None  # "batch": the slots a row holds (None: the longest packed pair)
 
 
-def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int | None) -> Packing:
-    """The :class:`Packing` a module with the policy ``adapter`` takes for the asked ``layout``
+def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int | None) -> PackingPlan:
+    """The :class:`PackingPlan` a module with the policy ``adapter`` takes for the asked ``layout``
     (:data:`PACKINGS`), ``attention`` (:data:`PACK_ATTENTIONS`) and ``length``.
 
     A model that cannot pack raises ``ValueError`` naming why (``"auto"`` then never packs);
@@ -137,30 +138,32 @@ def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int
     if length is not None and layout not in ("batch", "auto"):
         raise ValueError(f"pack_length is for packing='batch' or 'auto', got packing={layout!r}")
     if layout == "none":
-        return Packing("none")
-    why = adapter.packing()
-    if not why:
-        segments, dense = adapter.segments(), adapter.dense()
-        if attention != "dense" and not segments:
-            return Packing(layout, "segments", length)
+        return PackingPlan("none")
+    can = adapter.can_pack()
+    if can:
+        by_parts, dense = adapter.can_attend_by_parts(), adapter.can_take_dense_mask()
+        if attention != "dense" and by_parts:
+            return PackingPlan(layout, "segments", length)
         if attention == "segments":
-            why = f"attention by parts (pack_attention='segments') cannot stand in for its attention: {segments}"
-        elif dense and attention == "dense":
-            why = f"the dense mask cannot carry its packed pairs ({dense})"
-        elif dense:
-            why = f"neither attention by parts ({segments}) nor the dense mask ({dense}) fits its attention"
-    if why:
+            can = no(f"attention by parts (pack_attention='segments') cannot stand in for its attention: "
+                     f"{by_parts.why_not}")
+        elif not dense and attention == "dense":
+            can = no(f"the dense mask cannot carry its packed pairs ({dense.why_not})")
+        elif not dense:
+            can = no(f"neither attention by parts ({by_parts.why_not}) nor the dense mask ({dense.why_not}) "
+                     f"fits its attention")
+    if not can:
         if layout == "auto":
-            return Packing("none")
-        raise ValueError(f"packing={layout!r} but this model cannot run packed pairs: {why}")
+            return PackingPlan("none")
+        raise ValueError(f"packing={layout!r} but this model cannot run packed pairs: {can.why_not}")
     if attention == "auto":
         warnings.warn(
             f"fastdpo packs this model's pairs with a dense (rows, T, T) attention mask, which pays "
             f"for the blocks it hides: attention by parts cannot stand in for its attention "
-            f"({segments}); pass pack_attention='dense' to silence this",
+            f"({by_parts.why_not}); pass pack_attention='dense' to silence this",
             stacklevel=5,  # here <- PreferenceModule.__init__ <- a family's _build <- its __init__ <- the user's call
         )
-    return Packing(layout, "dense", length)
+    return PackingPlan(layout, "dense", length)
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -169,7 +172,7 @@ def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int
 def pair_batch(
     adapter_on: Callable[[torch.device], ModelAdapter], preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
     pref_mask: Tensor | None, unpref_mask: Tensor | None, *, pad_id: int | None, alignment: str,
-    packing_plan: Packing = Packing("none"), check_packed: Callable[..., None] | None = None,
+    packing_plan: PackingPlan = PackingPlan("none"), check_packed: Callable[..., None] | None = None,
 ) -> Batch:
     """The :class:`Batch` of B pairs: 2B sequences, the B preferred then the B unpreferred, each
     scored on its completion (``~prompt_mask``) where it is real (its sequence mask, default

@@ -12,8 +12,8 @@ whole pairs first-fit (longest first) into as few rows as fit, so no padding run
 
 This module only builds the layout (:func:`pack`; tensors, no model): a model's adapter
 (:mod:`fastdpo.models`) runs it, attending by parts (:mod:`fastdpo.batching.attention`) or through the
-dense mask (:meth:`Packed.additive_mask`), and :mod:`fastdpo.scoring.router` gathers the hidden states
-of the unpacked rows back (:attr:`Packed.rows`), which are then scored as usual.
+dense mask (:meth:`PackedLayout.additive_mask`), and :mod:`fastdpo.scoring.router` gathers the hidden states
+of the unpacked rows back (:attr:`PackedLayout.rows`), which are then scored as usual.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Span:
 
 
 @dataclass(frozen=True, eq=False)
-class Packed:
+class PackedLayout:
     """B pairs packed into R rows of T slots, each pair as ``[prompt, chosen completion,
     rejected completion]``; the slots after a row's last pair are padding."""
 
@@ -146,7 +146,7 @@ def pack(
     preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor, pref_mask: Tensor | None,
     unpref_mask: Tensor | None, pad_token: int = 0, *, layout: str = "pair", pack_length: int | None = None,
     attention: str = "dense", lengths: tuple[list[int], list[int], list[int]] | None = None,
-) -> Packed:
+) -> PackedLayout:
     """Pack B pairs (each (B, L), right padded, prompt first) in ``layout`` (:data:`LAYOUTS`),
     for models to attend within it as ``attention`` says (:data:`ATTENTIONS`).
 
@@ -194,7 +194,7 @@ def pack(
     pc, wc, lc = p[:, None], wlen[:, None], llen[:, None]
     chosen_rows = torch.where(j < wc, j, 0) + base
     rejected_rows = torch.where(j < lc, torch.where(j < pc, j, j - pc + wc), 0) + base
-    return Packed(
+    return PackedLayout(
         scatter(token, pad_token), scatter(pos, 0), scatter(seg, PAD), scatter(owner, -1),
         torch.cat((chosen_rows, rejected_rows)), spans, attention,
     )

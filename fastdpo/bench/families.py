@@ -67,7 +67,7 @@ def _fastdpo_pair(loss: str, options: dict):
 for _loss, _options, _what in (("orpo", ORPO_TRL, "fastdpo.ORPO"), ("cpo", CPO_TRL, "fastdpo.CPO (sigmoid)"),
                                ("simpo", SIMPO_TRL, "fastdpo.CPO(loss_type='simpo', cpo_alpha=0)")):
     register(f"fastdpo-{_loss}", workloads=("step",), loss=_loss, same_loss_as=_options,
-             help=f"{_what}, TRL's conventions, the fused head ('scores' route)")(_fastdpo_pair(_loss, _options))
+             help=f"{_what}, TRL's conventions, the fused head ('fused' route)")(_fastdpo_pair(_loss, _options))
 
 
 def _fastdpo_kto(given_kl: bool):

@@ -1,11 +1,12 @@
-"""Preference datasets and their collate functions: pairs for :class:`fastdpo.DPO`
-(:class:`PreferenceDataset`; from text records, :meth:`PreferenceDataset.from_records` and
-:mod:`fastdpo.data.text`), unpaired labelled completions for :class:`fastdpo.KTO`
-(:class:`KTODataset`)."""
+"""Preference datasets and their collate functions: pairs of token ids for :class:`fastdpo.DPO`
+(:class:`PreferenceDataset`; from text records, :meth:`fastdpo.TokenizedPreferenceDataset.from_records`
+in :mod:`fastdpo.data.text`: both give a :class:`~fastdpo.data.batch.PairBatch`), unpaired
+labelled completions for :class:`fastdpo.KTO` (:class:`KTODataset`)."""
 
 from __future__ import annotations
 
 import operator
+import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -13,7 +14,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .. import _checks
-from .text import TokenizedPreferenceDataset, tokenize_records
+from .batch import PairBatch
+from .text import TokenizedPreferenceDataset
 
 
 def _tokens(index: int, key: str, item: Mapping, *, empty_ok: bool = False) -> Tensor:
@@ -46,7 +48,7 @@ class PreferenceDataset(Dataset):
     :meth:`collate` right-pads a batch of items of different lengths to a common length, so
     ``DataLoader(ds, batch_size=8, collate_fn=ds.collate)`` yields
     ``(preferred (B, L), unpreferred (B, L), prompt_mask (B, L))`` ready for ``dpo(p, u,
-    prompt_mask=m)``.  Padded positions of ``prompt_mask`` are False: padding is removed by
+    prompt_mask=m)``, or ``dpo(**batch)`` (a :class:`~fastdpo.data.batch.PairBatch`).  Padded positions of ``prompt_mask`` are False: padding is removed by
     the sequence masks that ``DPO`` derives from ``pad_id``.
     """
 
@@ -57,47 +59,12 @@ class PreferenceDataset(Dataset):
         self.pad_id = pad_id
 
     @classmethod
-    def from_records(
-        cls, records, tokenizer, *, max_length: int | None = None, truncation_mode: str = "keep_start",
-        tools=None, chat_template_kwargs: Mapping | None = None, num_proc: int | None = None,
-    ) -> TokenizedPreferenceDataset:
-        """Text preference records tokenized once, here, exactly as TRL 1.16's ``DPOTrainer``
-        prepares them (``_prepare_dataset``), batched as its ``DataCollatorForPreference`` does.
-
-        Args:
-            records: a list of dicts, a ``datasets.Dataset`` (tokenized by its ``map``, with
-                ``num_proc`` processes) or the path of a JSON Lines file.  Each record has
-                ``chosen`` and ``rejected`` and, if the first record has one, ``prompt``: all
-                plain text, or all lists of messages (dicts with ``role`` and ``content``; the
-                completions as assistant messages).  Without a prompt, the prompt is the start
-                ``chosen`` and ``rejected`` share (TRL's ``extract_prompt``).  A record's own
-                ``tools`` (a list, or a JSON str) and ``chat_template_kwargs`` go to the chat
-                template with it.
-            tokenizer: a ``transformers`` tokenizer.  Plain text: each completion gets its EOS
-                token unless it ends with it, and prompt, prompt + chosen and prompt + rejected
-                are tokenized as ``tokenizer(text=...)`` (with its special tokens, e.g. BOS).
-                Messages: rendered and tokenized by its chat template (``apply_chat_template``),
-                the prompt with the generation prompt.  The completion starts where the
-                tokenized prompt and prompt + completion diverge (tokens can merge across the
-                seam).  Batches are padded with its pad token, else its EOS token.
-            max_length: None (no truncation) or the most tokens of a prompt + completion; with
-                ``"keep_start"`` records whose prompt alone has ``max_length`` tokens are
-                dropped (with a warning saying how many; a ``ValueError`` if all are).
-            truncation_mode: ``"keep_start"`` (the first ``max_length`` tokens) or ``"keep_end"``
-                (the last; a ``ValueError`` when it would cut a pair's two prompts to different
-                lengths, which one ``prompt_mask`` cannot mark).
-            tools, chat_template_kwargs: for messages, the tools and template arguments of
-                every record (a record's own ``tools`` replace ``tools``; its
-                ``chat_template_kwargs`` are merged over these).
-            num_proc: processes for ``datasets.Dataset.map`` (a ``datasets.Dataset`` only).
-
-        Returns: a :class:`~fastdpo.data.text.TokenizedPreferenceDataset`: ``ds[i]`` is a dict of
-        ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``ds.collate`` makes the mapping
-        ``dpo(**batch)`` takes (``preferred_seq``, ``unpreferred_seq``, ``prompt_mask``,
-        ``preferred_seq_mask``, ``unpreferred_seq_mask``).  Errors name the record and field.
-        """
-        return tokenize_records(records, tokenizer, max_length=max_length, truncation_mode=truncation_mode,
-                                tools=tools, chat_template_kwargs=chat_template_kwargs, num_proc=num_proc)
+    def from_records(cls, records, tokenizer, **options) -> TokenizedPreferenceDataset:
+        """The earlier place of :meth:`fastdpo.TokenizedPreferenceDataset.from_records`, the class it
+        returns (kept for one release, with a ``DeprecationWarning``)."""
+        warnings.warn("PreferenceDataset.from_records is now TokenizedPreferenceDataset.from_records, the "
+                      "class it returns", DeprecationWarning, stacklevel=2)
+        return TokenizedPreferenceDataset.from_records(records, tokenizer, **options)
 
     def __len__(self) -> int:
         return len(self.data)
@@ -148,8 +115,9 @@ class PreferenceDataset(Dataset):
 
     def collate(
         self, batch: Sequence[tuple[Tensor, Tensor, Tensor]]
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Stack items into (B, L) tensors, right-padding to the longest item with ``pad_id``."""
+    ) -> PairBatch:
+        """Stack items into (B, L) tensors, right-padding to the longest item with ``pad_id``: a
+        :class:`~fastdpo.data.batch.PairBatch` ``(preferred_seq, unpreferred_seq, prompt_mask)``."""
         if len(batch) == 0:
             raise ValueError("collate got an empty batch")
         for i, entry in enumerate(batch):
@@ -166,7 +134,7 @@ class PreferenceDataset(Dataset):
             preferred.append(self._pad(p, length, f"batch item {i}"))
             unpreferred.append(self._pad(u, length, f"batch item {i}"))
             prompt.append(torch.cat((m, m.new_zeros(length - len(m)))))
-        return torch.stack(preferred), torch.stack(unpreferred), torch.stack(prompt)
+        return PairBatch(torch.stack(preferred), torch.stack(unpreferred), torch.stack(prompt))
 
 
 class KTODataset(Dataset):

@@ -1,7 +1,7 @@
 """Text preference records -> the token ids and batches :class:`fastdpo.DPO` takes, as TRL 1.16's
 ``DPOTrainer`` makes them.
 
-:func:`tokenize_records` (what :meth:`fastdpo.PreferenceDataset.from_records` runs) does what
+:func:`tokenize_records` (what :meth:`fastdpo.TokenizedPreferenceDataset.from_records` runs) does what
 ``DPOTrainer._prepare_dataset`` does to a text dataset, in this order: the prompt of records
 without one is the shared start of ``chosen`` and ``rejected`` (TRL's ``extract_prompt``); plain
 completions end with the EOS token (appended unless already there); each record is tokenized as
@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .. import _checks
+from .batch import PairBatch
 
 TRUNCATION_MODES = ("keep_start", "keep_end")
 FIELDS = ("prompt", "chosen", "rejected")
@@ -296,15 +297,16 @@ def window(prompt_len: int, completion_len: int, max_length: int | None, mode: s
 
 
 class TokenizedPreferenceDataset(Dataset):
-    """Tokenized preference pairs for :class:`fastdpo.DPO`, made by
-    :meth:`fastdpo.PreferenceDataset.from_records` (see there for how text becomes ids).
+    """Tokenized preference pairs for :class:`fastdpo.DPO`, made from text records by
+    :meth:`from_records` (see there for how text becomes ids).
 
     ``ds[i]`` is a dict of 1-D int64 tensors ``prompt_ids``, ``chosen_ids``, ``rejected_ids``
     (TRL 1.16's prepared dataset's columns: whole, not yet truncated).  ``ds.indices[i]`` is the
     record it came from (records dropped by ``max_length`` are skipped).  ``ds.pad_id`` is the
     id batches are padded with (the tokenizer's pad token, else its EOS token).
 
-    :meth:`collate` makes the mapping ``DPO.forward`` takes, ``dpo(**batch)``, as TRL's
+    :meth:`collate` makes the :class:`~fastdpo.data.batch.PairBatch` ``DPO.forward`` takes,
+    ``dpo(**batch)``, with both sequence masks, as TRL's
     ``DataCollatorForPreference`` makes its batch: each pair's prompt + chosen and prompt +
     rejected, each cut to ``max_length`` tokens (the first ones with ``"keep_start"``, the last
     with ``"keep_end"``), right padded with ``pad_id`` to the longest of the batch's 2B sequences:
@@ -322,6 +324,49 @@ class TokenizedPreferenceDataset(Dataset):
         self._prompt, self._chosen, self._rejected, self._rows = prompt, chosen, rejected, rows
         self.pad_id, self.max_length, self.truncation_mode, self.indices = pad_id, max_length, truncation_mode, indices
 
+    @classmethod
+    def from_records(
+        cls, records, tokenizer, *, max_length: int | None = None, truncation_mode: str = "keep_start",
+        tools=None, chat_template_kwargs: Mapping | None = None, num_proc: int | None = None,
+    ) -> TokenizedPreferenceDataset:
+        """Text preference records tokenized once, here, exactly as TRL 1.16's ``DPOTrainer``
+        prepares them (``_prepare_dataset``), batched as its ``DataCollatorForPreference`` does.
+
+        Args:
+            records: a list of dicts, a ``datasets.Dataset`` (tokenized by its ``map``, with
+                ``num_proc`` processes) or the path of a JSON Lines file.  Each record has
+                ``chosen`` and ``rejected`` and, if the first record has one, ``prompt``: all
+                plain text, or all lists of messages (dicts with ``role`` and ``content``; the
+                completions as assistant messages).  Without a prompt, the prompt is the start
+                ``chosen`` and ``rejected`` share (TRL's ``extract_prompt``).  A record's own
+                ``tools`` (a list, or a JSON str) and ``chat_template_kwargs`` go to the chat
+                template with it.
+            tokenizer: a ``transformers`` tokenizer.  Plain text: each completion gets its EOS
+                token unless it ends with it, and prompt, prompt + chosen and prompt + rejected
+                are tokenized as ``tokenizer(text=...)`` (with its special tokens, e.g. BOS).
+                Messages: rendered and tokenized by its chat template (``apply_chat_template``),
+                the prompt with the generation prompt.  The completion starts where the
+                tokenized prompt and prompt + completion diverge (tokens can merge across the
+                seam).  Batches are padded with its pad token, else its EOS token.
+            max_length: None (no truncation) or the most tokens of a prompt + completion; with
+                ``"keep_start"`` records whose prompt alone has ``max_length`` tokens are
+                dropped (with a warning saying how many; a ``ValueError`` if all are).
+            truncation_mode: ``"keep_start"`` (the first ``max_length`` tokens) or ``"keep_end"``
+                (the last; a ``ValueError`` when it would cut a pair's two prompts to different
+                lengths, which one ``prompt_mask`` cannot mark).
+            tools, chat_template_kwargs: for messages, the tools and template arguments of
+                every record (a record's own ``tools`` replace ``tools``; its
+                ``chat_template_kwargs`` are merged over these).
+            num_proc: processes for ``datasets.Dataset.map`` (a ``datasets.Dataset`` only).
+
+        Returns: the dataset: ``ds[i]`` is a dict of
+        ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``ds.collate`` makes the
+        :class:`~fastdpo.data.batch.PairBatch` ``dpo(**batch)`` takes (``preferred_seq``, ``unpreferred_seq``, ``prompt_mask``,
+        ``preferred_seq_mask``, ``unpreferred_seq_mask``).  Errors name the record and field.
+        """
+        return tokenize_records(records, tokenizer, max_length=max_length, truncation_mode=truncation_mode,
+                                tools=tools, chat_template_kwargs=chat_template_kwargs, num_proc=num_proc)
+
     def __len__(self) -> int:
         return len(self._rows)
 
@@ -329,8 +374,9 @@ class TokenizedPreferenceDataset(Dataset):
         j = int(self._rows[index])
         return dict(zip(ITEM_KEYS, (self._prompt[j], self._chosen[j], self._rejected[j])))
 
-    def collate(self, batch: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
-        """The mapping ``DPO.forward`` takes, of a list of items (see the class docstring)."""
+    def collate(self, batch: Sequence[Mapping[str, Tensor]]) -> PairBatch:
+        """The :class:`~fastdpo.data.batch.PairBatch` of a list of items (see the class docstring):
+        ``dpo(**batch)``."""
         if len(batch) == 0:
             raise ValueError("collate got an empty batch")
         pairs = []
@@ -360,8 +406,7 @@ class TokenizedPreferenceDataset(Dataset):
                 seqs[s, i, : len(seq)] = seq
                 real[s, i, : len(seq)] = True
             prompt[i, : pair[0][1]] = True
-        return {"preferred_seq": seqs[0], "unpreferred_seq": seqs[1], "prompt_mask": prompt,
-                "preferred_seq_mask": real[0], "unpreferred_seq_mask": real[1]}
+        return PairBatch(seqs[0], seqs[1], prompt, real[0], real[1])
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -395,7 +440,7 @@ def _check_arguments(tokenizer, max_length, truncation_mode, tools, chat_templat
 def tokenize_records(records, tokenizer, *, max_length: int | None = None, truncation_mode: str = "keep_start",
                      tools=None, chat_template_kwargs: Mapping | None = None,
                      num_proc: int | None = None) -> TokenizedPreferenceDataset:
-    """What :meth:`fastdpo.PreferenceDataset.from_records` does (its docstring says how)."""
+    """What :meth:`fastdpo.TokenizedPreferenceDataset.from_records` does (its docstring says how)."""
     _check_arguments(tokenizer, max_length, truncation_mode, tools, chat_template_kwargs, num_proc)
     dataset = _hf_dataset(records)
     if dataset is None:

@@ -9,7 +9,9 @@
 May import: :mod:`fastdpo._checks` only (tests/test_architecture.py holds it to that).
 """
 
-from .config import DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, F_DIVERGENCES, LOSS_TYPES, SIMPO_GAMMA, LossConfig, check_loss_config
+from .config import (
+    DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, F_DIVERGENCES, LOSS_TYPES, SIMPO_GAMMA, LossConfig, check_loss_config,
+)
 from .pairwise import dpo_loss, f_divergence_score, pair_losses, preference_loss, reward_metrics
 
 __all__ = [

@@ -94,7 +94,7 @@ class LossConfig:
     def couples_pairs(self) -> bool:
         """True when a pair's loss depends on other pairs of the batch (``aot``,
         ``aot_unpaired``, ``bco_pair`` with ``bco_delta="batch"``): the loss must see the
-        whole batch at once (the fused pair op takes it as one group)."""
+        whole batch at once (the DPO head op takes it as one group)."""
         batch_shift = "bco_pair" in self.loss_type and isinstance(self.bco_delta, str)
         return batch_shift or any(t in _COUPLED for t in self.loss_type)
 

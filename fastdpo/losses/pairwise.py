@@ -36,8 +36,8 @@ from torch import Tensor
 
 from .. import _checks
 from .config import (
-    _NEEDS_LENGTHS, _REFERENCE_FREE, _SMOOTHING_RANGE, _USES_LENGTHS, DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF,
-    F_DIVERGENCES, LOSS_TYPES, SIMPO_GAMMA, LossConfig, check_loss_config,
+    _REFERENCE_FREE, _USES_LENGTHS, DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, SIMPO_GAMMA, LossConfig,
+    check_loss_config,
 )
 
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _checks
-from .pairwise import SIMPO_GAMMA, LossConfig, check_loss_config, preference_loss, reward_metrics
+from .config import SIMPO_GAMMA, LossConfig, check_loss_config
+from .pairwise import preference_loss, reward_metrics
 
 # TRL 1.16's CPOConfig.loss_type values; "alphapo" is TRL's shorthand for "simpo" with cpo_alpha=0.
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")

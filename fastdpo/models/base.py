@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .._checks import YES, Verdict, no
 from ..batching.batch import Padding
-from ..batching.packing import Packed, pack, pair_lengths
+from ..batching.packing import PackedLayout, pack, pair_lengths
 from .wrappers import eval_mode, module_to_call
 
 
@@ -29,16 +30,16 @@ class LinearHead:
 
     ``weight`` is the weight when the head was found; ``owner``, when given, is the module
     whose ``.weight`` it is, read again at each call by :func:`live_weight` (FSDP2 swaps a
-    sharded parameter for its gathered twin and back around every forward).  ``claim``: empty
+    sharded parameter for its gathered twin and back around every forward).  ``inferred``: empty
     for a head whose model's forward was read (and is tested); else what was inferred about an
     unread one (``"logits = lm_head(hidden) * 0.5 (logit_scale)"``), which the first call checks
-    against the model's own logits (:meth:`fastdpo.scoring.router.Scorer.body`) before it is trusted.
+    against the model's own logits (:meth:`fastdpo.scoring.router.Scorer.head_input`) before it is trusted.
     """
 
     weight: Tensor
     scale: float | None
     owner: nn.Module | None = None
-    claim: str = ""
+    inferred: str = ""
     softcap: float | None = None
     has_bias: bool = False
 
@@ -92,19 +93,20 @@ def _live(w: Tensor, dtype: torch.dtype) -> Tensor:
     return full.to(dtype)
 
 
-def check_weight(weight) -> str:
-    """Why a head weight cannot be used ("" when it can): a plain tensor, or a DTensor."""
+def check_weight(weight) -> Verdict:
+    """Whether a head weight can be used: a plain tensor, or a DTensor (gathered at each call,
+    :func:`live_weight`)."""
     if not isinstance(weight, torch.Tensor):
-        return f"its head weight is a {type(weight).__name__}, not a tensor"
+        return no(f"its head weight is a {type(weight).__name__}, not a tensor")
     if _is_plain(weight):
-        return ""
+        return YES
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover - torch without distributed
         DTensor = ()
     if isinstance(weight, DTensor):
-        return ""  # gathered at each call (live_weight)
-    return f"its head weight is a {type(weight).__name__}, not a plain tensor or a DTensor"
+        return YES
+    return no(f"its head weight is a {type(weight).__name__}, not a plain tensor or a DTensor")
 
 
 def logits_of(out) -> Tensor:
@@ -149,13 +151,13 @@ class ModelAdapter:
             f"Face causal LM"
         )
 
-    def hidden(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
+    def hidden(self, tokens: Tensor, layout: PackedLayout | None = None, padding: Padding | None = None) -> Tensor:
         """(N, T, D): what the head consumes, for ``tokens`` (N, T) -- a padded batch (with the
         ``padding`` :meth:`check_padding` asked for), or the rows of a packed ``layout``
         (``tokens`` is then ``layout.tokens``)."""
         raise NotImplementedError(f"{type(self).__name__} has no fusable head")
 
-    def logits(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None) -> Tensor:
+    def logits(self, tokens: Tensor, layout: PackedLayout | None = None, padding: Padding | None = None) -> Tensor:
         """(N, T, V): the model's logits for ``tokens`` (as :meth:`hidden`)."""
         if layout is not None:
             raise NotImplementedError(f"{type(self).__name__} cannot run a packed layout")
@@ -181,20 +183,20 @@ class ModelAdapter:
         family gets no attention mask and takes any padding (False)."""
         return False
 
-    def segments(self) -> str:
-        """Why attention by parts (:mod:`fastdpo.batching.attention`) cannot run this model's packed
-        pairs ("" when it can); they then attend through the dense mask (:meth:`dense`)."""
-        return f"fastdpo does not know the attention of a {type(self.model).__name__}"
+    def can_attend_by_parts(self) -> Verdict:
+        """Whether attention by parts (:mod:`fastdpo.batching.attention`) can run this model's
+        packed pairs; else they attend through the dense mask (:meth:`can_take_dense_mask`)."""
+        return no(f"fastdpo does not know the attention of a {type(self.model).__name__}")
 
-    def packing(self) -> str:
-        """Why the model cannot run packed pairs at all (:mod:`fastdpo.batching.packing`); "" when
+    def can_pack(self) -> Verdict:
+        """Whether the model can run packed pairs at all (:mod:`fastdpo.batching.packing`): true when
         nothing known stands in the way (the first packed call then checks two pairs)."""
-        return f"fastdpo does not know how to run a {type(self.model).__name__} on packed pairs"
+        return no(f"fastdpo does not know how to run a {type(self.model).__name__} on packed pairs")
 
-    def dense(self) -> str:
-        """Why the dense mask (:meth:`fastdpo.batching.packing.Packed.additive_mask`) cannot carry the
-        model's packed pairs ("" when it can)."""
-        return ""
+    def can_take_dense_mask(self) -> Verdict:
+        """Whether the dense mask (:meth:`fastdpo.batching.packing.PackedLayout.additive_mask`) can
+        carry the model's packed pairs."""
+        return YES
 
 
 @torch.no_grad()

@@ -49,13 +49,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from .._checks import YES, Verdict, no
 from ..batching.attention import SegmentAttention
 from ..batching.batch import Padding
 from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class
 
 if TYPE_CHECKING:
-    from ..batching.packing import Packed
+    from ..batching.packing import PackedLayout
 
 # -------------------------------------------------------------------------------- recognizing
 
@@ -151,9 +152,11 @@ def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
     head = lm.get_output_embeddings()
     if model_class(head) is not nn.Linear:
         return None, f"its output embedding is a {type(head).__name__}, not a plain nn.Linear"
-    why = check_weight(head.weight) or (check_weight(head.bias) if head.bias is not None else "")
-    if why:
-        return None, why
+    usable = check_weight(head.weight)
+    if usable and head.bias is not None:
+        usable = check_weight(head.bias)
+    if not usable:
+        return None, usable.why_not
     biased = head.bias is not None
     if _backbone(lm) is None:
         return None, "it has no separate backbone (base_model, get_decoder()) to run for its hidden states"
@@ -166,7 +169,7 @@ def find_head(lm: nn.Module) -> tuple[LinearHead | None, str]:
     if cap is not None and not cap > 0:
         return None, f"its final_logit_softcapping is {cap:g}, not a cap > 0"
     claim = f"{claim}, inferred for a {name} (not in HEAD_RULES)"
-    return LinearHead(head.weight, scale, head, claim=claim, softcap=cap, has_bias=biased), ""
+    return LinearHead(head.weight, scale, head, inferred=claim, softcap=cap, has_bias=biased), ""
 
 
 # -------------------------------------------------------------------------------- calls
@@ -318,39 +321,39 @@ def router_support(lm: nn.Module) -> tuple[bool, float]:
     return hasattr(config, "output_router_logits"), float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
 
 
-def packing_support(lm: nn.Module) -> str:
-    """Why a Hugging Face causal LM cannot run packed pairs at all ("" when it can): their
-    positions go in as ``position_ids``."""
+def packing_support(lm: nn.Module) -> Verdict:
+    """Whether a Hugging Face causal LM can run packed pairs at all: their positions go in as
+    ``position_ids``."""
     params = inspect.signature(lm.forward).parameters
     if "attention_mask" not in params or "position_ids" not in params:
-        return "its forward takes no attention_mask and position_ids"
-    return ""
+        return no("its forward takes no attention_mask and position_ids")
+    return YES
 
 
-def dense_support(lm: nn.Module) -> str:
-    """Why the dense mask cannot carry packed pairs ("" when it can): it goes in as a 4-D
-    additive ``attention_mask`` (used as it is since transformers 4.44) by eager or SDPA
-    attention, which a sliding window would replace."""
+def dense_support(lm: nn.Module) -> Verdict:
+    """Whether the dense mask can carry packed pairs: it goes in as a 4-D additive
+    ``attention_mask`` (used as it is since transformers 4.44) by eager or SDPA attention, which
+    a sliding window would replace."""
     config = _text_config(lm)
     impl = getattr(config, "_attn_implementation", None) or getattr(lm.config, "_attn_implementation", None)
     if impl not in ("eager", "sdpa"):
-        return f"its attention implementation {impl!r} takes no 4-D mask (use 'sdpa' or 'eager')"
+        return no(f"its attention implementation {impl!r} takes no 4-D mask (use 'sdpa' or 'eager')")
     window = getattr(config, "sliding_window", None)
     if window is not None and getattr(config, "use_sliding_window", True):
-        return f"it uses sliding-window attention (sliding_window={window}), which a 4-D mask would replace"
-    return ""
+        return no(f"it uses sliding-window attention (sliding_window={window}), which a 4-D mask would replace")
+    return YES
 
 
-def segments_support(lm: nn.Module) -> str:
-    """Why attention by parts cannot stand in for the model's attention ("" when it can): it
-    computes softmax attention with a scale, grouped or not, causal, optionally within a
-    sliding window; a tanh cap on the scores or attention sinks it does not reproduce."""
+def segments_support(lm: nn.Module) -> Verdict:
+    """Whether attention by parts can stand in for the model's attention: it computes softmax
+    attention with a scale, grouped or not, causal, optionally within a sliding window; a tanh
+    cap on the scores or attention sinks it does not reproduce."""
     config = _text_config(lm)
     if getattr(config, "attn_logit_softcapping", None) is not None:
-        return f"it caps its attention scores with a tanh (attn_logit_softcapping={config.attn_logit_softcapping})"
+        return no(f"it caps its attention scores with a tanh (attn_logit_softcapping={config.attn_logit_softcapping})")
     if any("sink" in name for name, _ in lm.named_parameters()):
-        return "its attention has learned sinks"
-    return ""
+        return no("its attention has learned sinks")
+    return YES
 
 
 # The attention implementation a packed call runs under (transformers' AttentionInterface), and
@@ -376,7 +379,7 @@ def _attention_by_parts(module, query, key, value, attention_mask, scaling=None,
 
 
 @contextmanager
-def _attending_by_parts(lm: nn.Module, layout: Packed) -> Iterator[None]:
+def _attending_by_parts(lm: nn.Module, layout: PackedLayout) -> Iterator[None]:
     """``lm`` attends by parts of ``layout`` for the duration: its attention implementation
     switched to :data:`ATTENTION_NAME` (registered with transformers once) and back."""
     from transformers import AttentionInterface
@@ -420,21 +423,22 @@ class HFAdapter(ModelAdapter):
 
     def check_padding(self, name: str, mask: Tensor | None) -> bool:
         left = left_padded(name, mask)
-        if left and packing_support(self.lm):
+        supported = packing_support(self.lm)
+        if left and not supported:
             raise ValueError(f"{name} has padding before a real token, which a {type(self.lm).__name__} "
-                             f"cannot be told of: {packing_support(self.lm)}; pad at the end")
+                             f"cannot be told of: {supported.why_not}; pad at the end")
         return left
 
-    def packing(self) -> str:
+    def can_pack(self) -> Verdict:
         return packing_support(self.lm)
 
-    def dense(self) -> str:
+    def can_take_dense_mask(self) -> Verdict:
         return dense_support(self.lm)
 
-    def segments(self) -> str:
+    def can_attend_by_parts(self) -> Verdict:
         return segments_support(self.lm)
 
-    def _run(self, call, tokens: Tensor, layout: Packed | None, padding: Padding | None) -> Tensor:
+    def _run(self, call, tokens: Tensor, layout: PackedLayout | None, padding: Padding | None) -> Tensor:
         if layout is None:  # (right padding, or none: the ids alone)
             return call(tokens) if padding is None else call(tokens, attention_mask=padding.mask, position_ids=padding.pos)
         if layout.attention == "segments":
@@ -458,13 +462,13 @@ class HFAdapter(ModelAdapter):
         aux.append(value)
         return out
 
-    def hidden(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None,
+    def hidden(self, tokens: Tensor, layout: PackedLayout | None = None, padding: Padding | None = None,
                aux: list | None = None) -> Tensor:
         if aux is not None:
             return self._routed(lambda t, o, **kw: hidden_states(self.model, self.lm, t, o, **kw), tokens, padding, aux)
         return self._run(lambda t, **kw: hidden_states(self.model, self.lm, t, **kw), tokens, layout, padding)
 
-    def logits(self, tokens: Tensor, layout: Packed | None = None, padding: Padding | None = None,
+    def logits(self, tokens: Tensor, layout: PackedLayout | None = None, padding: Padding | None = None,
                aux: list | None = None) -> Tensor:
         def call(t, outputs=None, **kw):
             out = self.model(input_ids=t, use_cache=False, **kw)

@@ -12,7 +12,7 @@
   causal models whose positions come from the ``pos`` they are given.  Attention by parts
   (:mod:`fastdpo.batching.attention`) takes over the ``forward`` of every ``Attend`` module for the
   packed call (:meth:`XTransformersAdapter.segments` says which attentions it reproduces);
-  otherwise the mask goes in as an additive bias (:meth:`fastdpo.batching.packing.Packed.additive_mask`).
+  otherwise the mask goes in as an additive bias (:meth:`fastdpo.batching.packing.PackedLayout.additive_mask`).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import YES, Verdict, no
 from ..batching.attention import SegmentAttention
 from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class, module_to_call
 
 if TYPE_CHECKING:
-    from ..batching.packing import Packed
+    from ..batching.packing import PackedLayout
 
 
 def _classes():
@@ -86,25 +87,27 @@ class XTransformersAdapter(ModelAdapter):
                 return None, why
         head = model.to_logits
         if isinstance(head, nn.Module) and model_class(head) is nn.Linear:
-            why = check_weight(head.weight) or (check_weight(head.bias) if head.bias is not None else "")
-            return (LinearHead(head.weight, None, head, has_bias=head.bias is not None), "") if not why else (None, why)
+            usable = check_weight(head.weight)
+            if usable and head.bias is not None:
+                usable = check_weight(head.bias)
+            return (LinearHead(head.weight, None, head, has_bias=head.bias is not None), "") if usable else (None, usable.why_not)
         if _tied_lambda(model) and isinstance(model.token_emb, _classes().TokenEmbedding):
             emb = model.token_emb.emb
-            why = check_weight(emb.weight)
-            return (LinearHead(emb.weight, float(model.tie_embedding_scale), emb), "") if not why else (None, why)
+            usable = check_weight(emb.weight)
+            return (LinearHead(emb.weight, float(model.tie_embedding_scale), emb), "") if usable else (None, usable.why_not)
         return None, f"its to_logits is a custom {type(head).__name__}"
 
     def vocab_size(self) -> int | None:
         n = getattr(self.inner, "num_tokens", None)
         return n if isinstance(n, int) else None
 
-    def hidden(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+    def hidden(self, tokens: Tensor, layout: PackedLayout | None = None) -> Tensor:
         return self._call(tokens, layout, embeddings=True)
 
-    def logits(self, tokens: Tensor, layout: Packed | None = None) -> Tensor:
+    def logits(self, tokens: Tensor, layout: PackedLayout | None = None) -> Tensor:
         return logits_of(self._call(tokens, layout, embeddings=False))
 
-    def _call(self, tokens: Tensor, layout: Packed | None, *, embeddings: bool):
+    def _call(self, tokens: Tensor, layout: PackedLayout | None, *, embeddings: bool):
         callee = module_to_call(self.model)
         if layout is None:
             return callee(tokens, return_embeddings=True) if embeddings else callee(tokens)
@@ -115,7 +118,7 @@ class XTransformersAdapter(ModelAdapter):
             return callee(tokens, return_embeddings=embeddings, pos=layout.pos, **self._mask_kwargs(layout))
 
     @contextmanager
-    def _positions(self, layout: Packed) -> Iterator[None]:
+    def _positions(self, layout: PackedLayout) -> Iterator[None]:
         """The packed positions reach the model as ``pos``: as they are where its attention
         layers use them (rotary, ALiBi); where only an absolute positional embedding does, a
         pre-hook on the wrapper (inside its forward, after FSDP2 gathered its parameters) turns
@@ -139,23 +142,22 @@ class XTransformersAdapter(ModelAdapter):
         finally:
             handle.remove()
 
-    def segments(self) -> str:
-        """Why attention by parts cannot stand in for this model's attention ("" when it can):
-        plain softmax attention (flash or not, grouped or not, with qk-norm) whose only mask is
-        causal."""
+    def can_attend_by_parts(self) -> Verdict:
+        """Whether attention by parts can stand in for this model's attention: plain softmax
+        attention (flash or not, grouped or not, with qk-norm) whose only mask is causal."""
         layers = self.inner.attn_layers
         if getattr(layers, "rel_pos", None) is not None:
-            return f"its {type(layers.rel_pos).__name__} adds a bias to the attention scores"
+            return no(f"its {type(layers.rel_pos).__name__} adds a bias to the attention scores")
         if getattr(layers, "residual_attn", False):
-            return "it uses residual attention (each layer adds the previous layer's scores)"
+            return no("it uses residual attention (each layer adds the previous layer's scores)")
         for module in self.inner.modules():
             why = _attention_why(module) if type(module).__name__ == "Attention" else ""
             why = why or (_attend_why(module) if type(module).__name__ == "Attend" else "")
             if why:
-                return why
-        return ""
+                return no(why)
+        return YES
 
-    def _mask_kwargs(self, layout: Packed) -> dict:
+    def _mask_kwargs(self, layout: PackedLayout) -> dict:
         """The dense packed mask as x-transformers' forward arguments."""
         inner = self.inner
         if getattr(inner.attn_layers, "rel_pos", None) is None:
@@ -167,7 +169,9 @@ class XTransformersAdapter(ModelAdapter):
             return dict(attn_bias=bias, causal=False)
         return dict(attn_mask=layout.attn_mask)  # ALiBi makes its own attn_bias
 
-    def packing(self) -> str:
+    def can_pack(self) -> Verdict:
+        """Whether this model can run packed pairs: causal, no memories or cls tokens, positions
+        it takes as given."""
         xt = _classes()
         model, layers = self.inner, self.inner.attn_layers
         rel_pos = getattr(layers, "rel_pos", None)
@@ -187,19 +191,18 @@ class XTransformersAdapter(ModelAdapter):
         ]
         for bad, why in checks:
             if bad:
-                return why
+                return no(why)
         uses_pos = getattr(layers, "rotary_pos_emb", None) is not None or rel_pos is not None
         if uses_pos and isinstance(model.pos_emb, xt.AbsolutePositionalEmbedding):
-            return (
+            return no(
                 f"it adds an absolute positional embedding (max_seq_len {model.pos_emb.max_seq_len}) to its "
                 f"{'rotary' if layers.rotary_pos_emb is not None else 'ALiBi'} positions: both take the same "
                 f"positions, and a packed pair can be longer than max_seq_len"
             )
         if not isinstance(model.pos_emb, (xt.AbsolutePositionalEmbedding, xt.ScaledSinusoidalEmbedding)):
             if not (callable(model.pos_emb) and not isinstance(model.pos_emb, nn.Module)):  # always(0)
-                return f"its positional embedding is a {type(model.pos_emb).__name__}"
-        return ""
-
+                return no(f"its positional embedding is a {type(model.pos_emb).__name__}")
+        return YES
 
 # ----------------------------------------------------------------------------- attention by parts
 
@@ -238,7 +241,7 @@ def _attention_why(attention: nn.Module) -> str:
 
 
 @contextmanager
-def _attend_by_parts(model: nn.Module, layout: Packed) -> Iterator[None]:
+def _attend_by_parts(model: nn.Module, layout: PackedLayout) -> Iterator[None]:
     """Every ``Attend`` of ``model`` computes attention by parts of ``layout`` for the duration
     (its instance ``forward``; removed after, so the class's own runs again)."""
     by_parts = SegmentAttention(layout)

@@ -2,9 +2,9 @@
 
 A loss family (:class:`fastdpo.DPO`, :class:`fastdpo.ORPO`, :class:`fastdpo.CPO`) is a small
 subclass: it checks its loss options, says whether it needs a reference model and whether its
-loss lets the pair op run (:class:`fastdpo.scoring.router.Scorer`'s ``pair_ok``), and writes
+loss lets the DPO head op run (:class:`fastdpo.scoring.router.Scorer`'s ``independent_pairs``), and writes
 ``forward``: batch (:meth:`PreferenceModule._batch`) -> bodies and sums (the reference's
-first, :meth:`PreferenceModule._reference_body`, then the policy's,
+first, :meth:`PreferenceModule._reference_input`, then the policy's,
 :meth:`PreferenceModule._policy_sums`) -> its loss function -> scalar (and metrics).  Here
 lives everything else: the policy, the frozen reference copy (or a ``peft`` policy's adapters
 switched off), the routes, the checked and possibly packed batch, ``parameters()``.
@@ -34,7 +34,7 @@ from ..batching.batch import Batch, pair_batch, plan_packing
 from ..batching.options import PackingOptions, TokenOptions
 from ..models import adapter_for, adapters_disabled, check_first_pairs, check_wrappers, peft_model
 from ..scoring.options import ComputeOptions
-from ..scoring.router import ALIGNMENTS, REDUCTIONS, Body, Route, Scorer
+from ..scoring.router import ALIGNMENTS, REDUCTIONS, HeadInput, Route, Scorer
 
 # A warning about the user's own arguments points at the user's call: warnings.warn <-
 # PreferenceModule.__init__ <- a family's _build <- its __init__ (fastdpo.modules.options) <- the call.
@@ -116,14 +116,14 @@ class PreferenceModule(nn.Module):
             frozen deep copy (:func:`frozen_copy`), or None for a ``peft`` policy, whose
             reference is itself with its adapters disabled; without, ``ref_model`` is None and
             :meth:`has_reference` False.
-        pair_ok: whether each pair's loss depends on its own scores only, so that the DPO head
+        independent_pairs: whether each pair's loss depends on its own scores only, so that the DPO head
             (:mod:`fastdpo.scoring.dpo_head_op`) may score it; False sends the fused head to the
-            "scores" route.
-        sq: whether the policy's ``log sum_v p_v^2`` is needed (WPO; :class:`~fastdpo.scoring.router.Scorer`).
+            "fused" route.
+        with_wpo: whether the policy's ``log sum_v p_v^2`` is needed (WPO; :class:`~fastdpo.scoring.router.Scorer`).
         router_aux_loss_coef: for a family that adds an MoE policy's router load-balancing loss
             (DPO, KTO): ``None`` reads the model's config; 0.0 is off.
             :attr:`router_aux_loss_coef` holds the value in force (0.0: off), and
-            :meth:`_policy_body` asks for the loss when it is on.
+            :meth:`_policy_input` asks for the loss when it is on.
     """
 
     def __init__(
@@ -134,8 +134,8 @@ class PreferenceModule(nn.Module):
         compute: ComputeOptions,
         *,
         reference: bool,
-        pair_ok: bool,
-        sq: bool = False,
+        independent_pairs: bool,
+        with_wpo: bool = False,
         router_aux_loss_coef: float | None = 0.0,
     ):
         super().__init__()
@@ -149,7 +149,7 @@ class PreferenceModule(nn.Module):
         self.pad_id = pad_id
         self.logprob_reduction = _checks.choice("logprob_reduction", tokens.logprob_reduction, REDUCTIONS)
         self.mask_alignment = _checks.choice("mask_alignment", tokens.mask_alignment, ALIGNMENTS)
-        self.scorer = Scorer(compute, pair_ok=pair_ok, sq=sq)
+        self.scorer = Scorer(compute, independent_pairs=independent_pairs, with_wpo=with_wpo)
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward
         share_prompt, layout = packing.share_prompt, packing.packing
@@ -228,41 +228,41 @@ class PreferenceModule(nn.Module):
             self._packing_checked.add(device)
         return batch
 
-    def _policy_body(self, batch: Batch) -> Body:
-        """The policy's body of ``batch``, with its router's load-balancing loss (``Body.aux``)
+    def _policy_input(self, batch: Batch) -> HeadInput:
+        """The policy's head input of ``batch``, with its router's load-balancing loss (``HeadInput.aux``)
         when :attr:`router_aux_loss_coef` is on."""
-        return self.scorer.body(self.policy_model, batch, router=self.router_aux_loss_coef != 0.0)
+        return self.scorer.head_input(self.policy_model, batch, router=self.router_aux_loss_coef != 0.0)
 
-    def _reference_body(self, batch: Batch) -> Body | None:
-        """The reference model's body of ``batch`` (None without a reference model)."""
+    def _reference_input(self, batch: Batch) -> HeadInput | None:
+        """The reference model's head input of ``batch`` (None without a reference model)."""
         if not self.has_reference():
             return None
         with torch.no_grad(), self._reference() as ref:
-            return self.scorer.body(ref, batch)
+            return self.scorer.head_input(ref, batch)
 
-    def _scores(self, body: Body | None, batch: Batch) -> Tensor:
-        """(N,) scores in ``logprob_reduction`` of a body (a zero reference for None)."""
-        if body is None:
+    def _scores(self, inputs: HeadInput | None, batch: Batch) -> Tensor:
+        """(N,) scores in ``logprob_reduction`` of a head input (a zero reference for None)."""
+        if inputs is None:
             return torch.zeros(batch.src.shape[0], dtype=torch.float32, device=batch.src.device)
-        sums = self.scorer.sums(body, batch)[0]
+        sums = self.scorer.sums(inputs, batch)[0]
         return sums / batch.count if self.logprob_reduction == "mean" else sums
 
     def _policy_sums(
         self, batch: Batch, *, count_hits: bool = False, more: Batch | None = None
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """The policy's (N,) float32 summed log-probs of ``batch`` on the "scores" or "logits"
-        route (a module whose fused head takes the pair op calls it itself), the (N,) argmax
+        """The policy's (N,) float32 summed log-probs of ``batch`` on the "fused" or "logits"
+        route (a module whose fused head takes the DPO head op calls it itself), the (N,) argmax
         hits with ``count_hits`` (:meth:`~fastdpo.scoring.router.Scorer.sums`), and, given ``more``
         -- a batch of the first K of these sequences scored at other positions (its ``tgt``
-        and ``mask``; its ``src`` is not run) --, its (K,) sums from the same body: the model
+        and ``mask``; its ``src`` is not run) --, its (K,) sums from the same head input: the model
         runs once."""
-        policy = self.scorer.body(self.policy_model, batch)
+        policy = self.scorer.head_input(self.policy_model, batch)
         if more is None:
             sums, hits, _ = self.scorer.sums(policy, batch, count_hits=count_hits)
             return sums, hits, None
-        # Two ops read the same body: neither may write its gradient over shared logits.
+        # Two ops read the same head input: neither may write its gradient over shared logits.
         sums, hits, _ = self.scorer.sums(policy, batch, count_hits=count_hits, inplace=False)
-        part = Body(policy.route, policy.out[: more.tgt.shape[0]], policy.weight, bias=policy.bias)
+        part = HeadInput(policy.route, policy.out[: more.tgt.shape[0]], policy.weight, bias=policy.bias)
         return sums, hits, self.scorer.sums(part, more, inplace=False)[0]
 
     @staticmethod

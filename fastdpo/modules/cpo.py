@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .._options import option
 from ..batching.options import PackingOptions, TokenOptions
-from ..losses.pairwise import SIMPO_GAMMA
+from ..losses.config import SIMPO_GAMMA
 from ..losses.reference_free import CPO_LOSS_TYPES, check_cpo_config, chosen_nll, cpo_metrics, cpo_pair_losses
 from ..scoring.options import ComputeOptions
 from .base import PreferenceModule
@@ -64,7 +64,7 @@ class CPO(PreferenceModule):
     per-token means and always use them (as TRL's ``average_log_prob``), so with
     ``logprob_reduction="sum", mask_alignment="target"`` every number is TRL's.  The NLL is a
     token mean over the batch either way, over the tokens ``mask_alignment`` counts.  The fused
-    head takes the ``"scores"`` route (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V)
+    head takes the ``"fused"`` route (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V)
     logits.
 
     Options are checked once, here (:func:`fastdpo.losses.reference_free.check_cpo_config`); the
@@ -77,7 +77,7 @@ class CPO(PreferenceModule):
                compute: ComputeOptions) -> None:
         config = check_cpo_config(loss.loss_type, loss.beta, loss.label_smoothing, loss.cpo_alpha, loss.simpo_gamma,
                                   loss.alpha)
-        super().__init__(model, tokens, packing, compute, reference=False, pair_ok=False)
+        super().__init__(model, tokens, packing, compute, reference=False, independent_pairs=False)
         self.loss_options, self.config = loss, config
         self.beta, self.loss_type, self.label_smoothing = config.loss.beta, loss.loss_type, config.loss.label_smoothing
         self.cpo_alpha, self.simpo_gamma, self.alpha = config.cpo_alpha, config.loss.gamma, config.alpha

@@ -3,14 +3,13 @@
 Data flows one way: (preferred, unpreferred, masks) -> one batch of 2B sequences
 (:func:`fastdpo.batching.batch.pair_batch`) -> each model's body, the reference's under ``no_grad``
 first (:class:`fastdpo.scoring.router.Scorer`, which asks the model's adapter, :mod:`fastdpo.models`)
--> the head: on the fused "pair" route one op scores both bodies and makes the policy's loss
+-> the head: on the ``"dpo_head"`` route one op scores both head inputs and makes the policy's loss
 and head gradients (:mod:`fastdpo.scoring.dpo_head_op`); otherwise each body's sums
 (:meth:`~fastdpo.scoring.router.Scorer.sums`), then the pair loss (:mod:`fastdpo.losses.pairwise`) -> scalar.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,18 +18,12 @@ from torch import Tensor, nn
 from .._options import option
 from ..batching.batch import Batch, given_reference_scores
 from ..batching.options import PackingOptions, TokenOptions
-from ..losses.pairwise import (
-    DISCOPOP_TAU,
-    F_ALPHA_DIVERGENCE_COEF,
-    SIMPO_GAMMA,
-    check_loss_config,
-    pair_losses,
-    reward_metrics,
-)
+from ..losses.config import DISCOPOP_TAU, F_ALPHA_DIVERGENCE_COEF, SIMPO_GAMMA, check_loss_config
+from ..losses.pairwise import pair_losses, reward_metrics
 from ..losses.weighting import check_ld_alpha, check_use_weighting, ld_weighted, wpo_weights
 from ..scoring.dpo_head_op import HeadOptions, run_dpo_head
 from ..scoring.options import ComputeOptions
-from ..scoring.router import Body
+from ..scoring.router import HeadInput
 from .base import PreferenceModule, deepcopy_module, frozen_copy
 from .options import with_options
 
@@ -127,10 +120,10 @@ class DPO(PreferenceModule):
             )
         reference_free = bool(loss.reference_free)
         # A pair's loss depends on its own scores only, except with BCO's batch shift.
-        pair_ok = not ("bco_pair" in config.loss_type and isinstance(config.bco_delta, str))
+        independent_pairs = not ("bco_pair" in config.loss_type and isinstance(config.bco_delta, str))
         super().__init__(
             model, tokens, packing, compute, reference=config.needs_reference and not reference_free,
-            pair_ok=pair_ok, sq=use_weighting, router_aux_loss_coef=loss.router_aux_loss_coef,
+            independent_pairs=independent_pairs, with_wpo=use_weighting, router_aux_loss_coef=loss.router_aux_loss_coef,
         )
         self.loss_options = loss
         self.loss, self.beta, self.reference_free = config, config.beta, reference_free
@@ -184,7 +177,7 @@ class DPO(PreferenceModule):
             ``rewards/rejected``, ``rewards/margins``, ``rewards/accuracies``,
             ``logps/chosen``, ``logps/rejected`` (on the scores in this module's
             ``logprob_reduction``), plus ``tokens/chosen`` and ``tokens/rejected`` (mean
-            number of scored tokens per sequence) and, except on the ``"scores"`` route (the
+            number of scored tokens per sequence) and, except on the ``"fused"`` route (the
             Triton GEMM kernels, or a loss that couples pairs), ``token_accuracy/chosen``: the
             fraction of scored chosen tokens whose target is the policy's argmax (ties go to
             the lowest token id, as ``torch.argmax``).
@@ -192,20 +185,20 @@ class DPO(PreferenceModule):
         batch = self._batch(preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask)
         b = preferred_seq.shape[0]
         ref_scores = given_reference_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, batch.src)
-        ref = self._reference_body(batch) if ref_scores is None else None
-        joint = self.scorer.pair(self.scorer.checked_route(self.policy_model, batch), batch)
-        if ref_scores is None and not (joint and ref is not None and ref.weight is not None):
-            # Scored (and its logits freed) before the policy runs; else the pair op scores it.
+        ref = self._reference_input(batch) if ref_scores is None else None
+        dpo_head = self.scorer.uses_dpo_head(self.scorer.checked_route(self.policy_model, batch), batch)
+        if ref_scores is None and not (dpo_head and ref is not None and ref.weight is not None):
+            # Scored (and its logits freed) before the policy runs; else the DPO head op scores it.
             ref_scores, ref = self._scores(ref, batch), None
-        if joint:
-            policy = self._policy_body(batch)
+        if dpo_head:
+            policy = self._policy_input(batch)
             loss, sums, ref_scores, hits = self._pair_op(batch, policy, ref, ref_scores, return_metrics)
         else:
-            sq = self.use_weighting
-            policy = self._policy_body(batch)
-            sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, sq=sq)
+            with_wpo = self.use_weighting
+            policy = self._policy_input(batch)
+            sums, hits, wpo = self.scorer.sums(policy, batch, count_hits=return_metrics, with_wpo=with_wpo)
             pair_w = None
-            if sq:  # WPO, from the scores themselves when unweighted (wpo_weights detaches them)
+            if with_wpo:  # WPO, from the scores themselves when unweighted (wpo_weights detaches them)
                 pair_w = wpo_weights(sums if batch.token_weights is None else wpo[1], wpo[0], batch.mask.sum(-1))
             loss = pair_losses(sums, ref_scores, batch.count, self.loss, self.logprob_reduction, weights=pair_w).mean()
         if policy.aux is not None:  # the MoE router's load-balancing term, as TRL adds it
@@ -217,9 +210,9 @@ class DPO(PreferenceModule):
             metrics["aux_loss"] = policy.aux.detach()
         return loss, metrics
 
-    def _pair_op(self, batch: Batch, policy: Body, ref: Body | None, ref_scores: Tensor | None, count_hits: bool):
-        """The fused pair op (:func:`fastdpo.scoring.dpo_head_op.run_dpo_head`) on the policy's body:
-        (loss, policy sums, reference scores, hits); the op scores the reference's body when
+    def _pair_op(self, batch: Batch, policy: HeadInput, ref: HeadInput | None, ref_scores: Tensor | None, count_hits: bool):
+        """The DPO head op (:func:`fastdpo.scoring.dpo_head_op.run_dpo_head`) on the policy's head input:
+        (loss, policy sums, reference scores, hits); the op scores the reference's head input when
         it is given, else takes ``ref_scores``."""
         opts = HeadOptions(
             impl=policy.route.impl, scale=policy.route.head.scale,
@@ -258,7 +251,7 @@ class DPO(PreferenceModule):
         ``mask_alignment``.  See :func:`fastdpo.precompute_reference_scores` for a dataset.
         """
         batch = self._batch(preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask)
-        scores = self._scores(self._reference_body(batch), batch)
+        scores = self._scores(self._reference_input(batch), batch)
         b = preferred_seq.shape[0]
         return scores[:b], scores[b:]
 
@@ -267,11 +260,11 @@ class DPO(PreferenceModule):
 def precompute_reference_scores(dpo: DPO, batches, *, progress: bool = True) -> tuple[Tensor, Tensor]:
     """Run ``dpo``'s reference model once over a dataset; return its scores for every pair.
 
-    ``batches`` yields ``(preferred, unpreferred, prompt_mask)`` tuples (optionally with the two
-    sequence masks after them), or mappings of ``forward``'s keyword arguments (what a
-    :meth:`~fastdpo.PreferenceDataset.from_records` dataset's ``collate`` makes), e.g.
-    ``DataLoader(ds, batch_size=..., collate_fn=ds.collate)`` without shuffling.  Returns
-    ``(ref_preferred_logprob, ref_unpreferred_logprob)``, each
+    ``batches`` yields what both pair datasets' ``collate`` make (a
+    :class:`~fastdpo.data.batch.PairBatch`), mappings of ``forward``'s keyword arguments, or
+    ``(preferred, unpreferred, prompt_mask)`` tuples (optionally with the two sequence masks
+    after them), e.g. ``DataLoader(ds, batch_size=..., collate_fn=ds.collate)`` without
+    shuffling.  Returns ``(ref_preferred_logprob, ref_unpreferred_logprob)``, each
     ``(num_pairs,)`` float32 on the CPU in iteration order; slice them per batch and pass them
     to ``dpo(...)`` so a training run need not keep the reference model (``del dpo.ref_model``
     is then safe, as long as every call passes precomputed scores).
@@ -284,22 +277,26 @@ def precompute_reference_scores(dpo: DPO, batches, *, progress: bool = True) -> 
     it = tqdm(batches, desc="reference scores", disable=not progress)
     chosen, rejected = [], []
     for i, batch in enumerate(it):
-        if isinstance(batch, Mapping):  # TokenizedPreferenceDataset.collate's: forward's keyword arguments
-            w, l = dpo.reference_scores(**batch)
-            chosen.append(w.cpu())
-            rejected.append(l.cpu())
-            continue
-        if not 3 <= len(batch) <= 5:
-            raise ValueError(
-                f"batches[{i}] must be (preferred, unpreferred, prompt_mask[, preferred_seq_mask"
-                f"[, unpreferred_seq_mask]]), got {len(batch)} entries"
-            )
-        pref, unpref, prompt_mask, *masks = batch
-        kwargs = dict(zip(("preferred_seq_mask", "unpreferred_seq_mask"), masks))
-        w, l = dpo.reference_scores(pref, unpref, prompt_mask=prompt_mask, **kwargs)
+        w, l = dpo.reference_scores(**_forward_kwargs(batch, i))
         chosen.append(w.cpu())
         rejected.append(l.cpu())
     if not chosen:
         empty = torch.empty(0)
         return empty, empty.clone()
     return torch.cat(chosen), torch.cat(rejected)
+
+
+_BATCH_FIELDS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask")
+
+
+def _forward_kwargs(batch, i: int) -> dict:
+    """``forward``'s keyword arguments of one batch: a mapping of them (a dataset's
+    :class:`~fastdpo.data.batch.PairBatch` is one) or a tuple in their order."""
+    if hasattr(batch, "keys"):
+        return {k: batch[k] for k in batch.keys()}
+    if not 3 <= len(batch) <= 5:
+        raise ValueError(
+            f"batches[{i}] must be (preferred, unpreferred, prompt_mask[, preferred_seq_mask"
+            f"[, unpreferred_seq_mask]]), got {len(batch)} entries"
+        )
+    return dict(zip(_BATCH_FIELDS, batch))

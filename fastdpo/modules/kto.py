@@ -116,7 +116,7 @@ class KTO(PreferenceModule):
     log-probs); with x-transformers' ``"mean"`` and ``"input"`` (the defaults) each is the masked
     per-token mean with the mask at the input position, and the formulas above are unchanged on
     them (so ``z0`` is a per-token KL estimate).  ``packing`` is ``"none"`` only (packing lays
-    out pairs).  The fused head takes the ``"scores"`` route
+    out pairs).  The fused head takes the ``"fused"`` route
     (:func:`fastdpo.linear_sequence_logprobs`): no (N, L-1, V) logits for any of the four
     scorings.
 
@@ -135,7 +135,7 @@ class KTO(PreferenceModule):
                 f"packing must be 'none' for KTO (packing lays out pairs; KTO's sequences are unpaired), got "
                 f"packing={packing.packing!r}, share_prompt={packing.share_prompt!r}"
             )
-        super().__init__(model, tokens, packing, compute, reference=True, pair_ok=False,
+        super().__init__(model, tokens, packing, compute, reference=True, independent_pairs=False,
                          router_aux_loss_coef=loss.router_aux_loss_coef)
         self.loss_options, self.config, self.sync_kl = loss, config, loss.sync_kl
         self.beta, self.loss_type = config.beta, config.loss_type
@@ -165,8 +165,8 @@ class KTO(PreferenceModule):
     def _reference_scores(self, batch: Batch, kl_batch: Batch | None) -> tuple[Tensor, Tensor | None]:
         """The reference's (N,) scores of ``batch`` and of ``kl_batch`` (each body scored, and
         its logits freed, before the next runs)."""
-        scores = self._scores(self._reference_body(batch), batch)
-        kl = self._scores(self._reference_body(kl_batch), kl_batch) if kl_batch is not None else None
+        scores = self._scores(self._reference_input(batch), batch)
+        kl = self._scores(self._reference_input(kl_batch), kl_batch) if kl_batch is not None else None
         return scores, kl
 
     def forward(
@@ -237,13 +237,13 @@ class KTO(PreferenceModule):
             ref_scores, ref_kl = self._reference_scores(batch, kl_batch)
         if kl_batch is not None:
             with torch.no_grad():
-                policy_kl = self._scores(self.scorer.body(self.policy_model, kl_batch), kl_batch)
+                policy_kl = self._scores(self.scorer.head_input(self.policy_model, kl_batch), kl_batch)
             z0 = kl_baseline(policy_kl, ref_kl, sync=self.sync_kl)
         elif kl is not None:
             z0 = _given_kl(kl, seq)
         else:
             z0 = torch.zeros((), dtype=torch.float32, device=seq.device)
-        policy = self._policy_body(batch)
+        policy = self._policy_input(batch)
         sums = self.scorer.sums(policy, batch)[0]
         scores = sums / batch.count if self.logprob_reduction == "mean" else sums
         loss = kto_losses(scores, ref_scores, label, z0, self.config).nanmean()

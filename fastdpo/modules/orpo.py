@@ -44,7 +44,7 @@ class ORPO(PreferenceModule):
     Options specific to ORPO: ``logprob_reduction`` is ``"mean"`` only (the odds are defined on
     per-token mean log-probs, as TRL's ORPO averages them: ``"sum"`` is refused);
     ``mask_alignment`` decides both the completion tokens of the odds and the sequence tokens of
-    the NLL (``"target"``: TRL's numbers).  The fused head takes the ``"scores"`` route
+    the NLL (``"target"``: TRL's numbers).  The fused head takes the ``"fused"`` route
     (:func:`fastdpo.linear_sequence_logprobs`): no (2B, L-1, V) logits; the chosen prompts' tokens
     are scored from the same hidden states (one model run).
 
@@ -63,7 +63,7 @@ class ORPO(PreferenceModule):
                 f"log-probs, as TRL's ORPOTrainer computes them), got {tokens.logprob_reduction!r}; for TRL's "
                 f"numbers pass mask_alignment='target'"
             )
-        super().__init__(model, tokens, packing, compute, reference=False, pair_ok=False)
+        super().__init__(model, tokens, packing, compute, reference=False, independent_pairs=False)
         self.loss_options, self.beta = loss, beta
 
     def forward(
@@ -85,7 +85,7 @@ class ORPO(PreferenceModule):
         ``token_accuracy/chosen``."""
         batch = self._batch(preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask)
         b = preferred_seq.shape[0]
-        # The NLL also counts the chosen prompts' tokens: scored from the same body.
+        # The NLL also counts the chosen prompts' tokens: scored from the same head input.
         real = real_tokens(preferred_seq, preferred_seq_mask, self.pad_id)
         prompts = make_batch(preferred_seq, prompt_mask if real is None else prompt_mask & real, self.mask_alignment)
         sums, hits, prompt_sums = self._policy_sums(batch, count_hits=return_metrics, more=prompts)

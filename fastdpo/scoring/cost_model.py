@@ -9,7 +9,7 @@ what differs is who multiplies and which rows:
 
 * ``"torch"`` (the three-product route): the library's matrix products (cuBLAS) over the
   counted rows only, with fastdpo's Triton kernels for the elementwise fold.  Policy: one
-  product forward, two backward (the pair fusion keeps each group's logits, so none is
+  product forward, two backward (the DPO head op keeps each group's logits, so none is
   recomputed), and the fold's passes over the logits: the statistics read them once, the
   gradient kernel reads and writes them once (3 e V bytes a row).  Reference: one product
   and one read.

@@ -119,7 +119,7 @@ def to_op_args(opts: HeadOptions) -> list:
             value = list(value)
         if len(kinds) == 2:  # a tensor, or a number
             if isinstance(value, str) and "bco_pair" in opts.loss.loss_type:
-                raise ValueError(f"{path[-1]}={value!r} couples the pairs of a batch: the pair op cannot take it")
+                raise ValueError(f"{path[-1]}={value!r} couples the pairs of a batch: the DPO head op cannot take it")
             if isinstance(value, str):  # bco_delta="batch" without bco_pair: never read
                 value = 0.0
             tensor = isinstance(value, Tensor)
@@ -260,23 +260,23 @@ def dpo_head_impl(
         ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
     elif ref_scores is None:  # reference-free: a zero reference
         ref_scores = torch.zeros(n2, dtype=torch.float32, device=dev)
-    sq = opts.use_weighting  # WPO: the policy's log sum_v p_v^2 per row, folded with its log-probs
-    tokens = mask.sum(-1) if sq else None
+    with_wpo = opts.use_weighting  # WPO: the policy's log sum_v p_v^2 per row, folded with its log-probs
+    tokens = mask.sum(-1) if with_wpo else None
     h = plan.take(hidden)
     hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
 
     if not need_grad:
-        _, logp, hit, lsq = chunks.score_rows(
-            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, sq=sq, softcap=opts.softcap, bias=bias,
+        _, logp, hit, log_sum_sq = chunks.score_rows(
+            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, with_wpo=with_wpo, softcap=opts.softcap, bias=bias,
             scratch=scratch,
         )
         sums = plan.sequence_sums(weighted(logp))
         if hit is not None:
             hits.index_add_(0, plan.seq, hit.long())
         pair_w = None
-        if sq:
+        if with_wpo:
             plain = sums if w is None else plan.sequence_sums(logp)
-            pair_w = wpo_weights(plain, plan.sequence_sums(lsq), tokens)
+            pair_w = wpo_weights(plain, plan.sequence_sums(log_sum_sq), tokens)
         loss = pair_losses(sums, ref_scores, count, cfg, opts.reduction, weights=pair_w).mean()
         return loss, sums, ref_scores, hits, None, None, None
 
@@ -285,7 +285,7 @@ def dpo_head_impl(
     grad_b = chunks.BiasGrad(bias) if need_bias else None
     sums64 = torch.zeros(n2, dtype=torch.float64, device=dev)  # see RowPlan.sequence_sums
     # WPO: per sequence, sum_t log sum_v p_v^2 and (with LD weights) the unweighted sum_t log p_t
-    wpo64 = torch.zeros(2, n2, dtype=torch.float64, device=dev) if sq else None
+    wpo64 = torch.zeros(2, n2, dtype=torch.float64, device=dev) if with_wpo else None
     losses = torch.empty(b, dtype=torch.float32, device=dev)
     for pairs, spans, keep in groups:
         hg, yg, seq = _cat_rows(h, spans), _cat_rows(y, spans), _cat_rows(plan.seq, spans)
@@ -297,29 +297,29 @@ def dpo_head_impl(
         whole = keep > 0 and chunks.direct_product(zdtype, weight)
         parts = [slice(0, keep)] if whole else chunks.chunk_slices(keep, rows_per_chunk)
         parts += chunks.chunk_slices(m, rows_per_chunk, keep)
-        spare = None
-        st = torch.empty(2, m, dtype=torch.float32, device=dev)
+        chunk_buffer = None
+        row_stats = torch.empty(2, m, dtype=torch.float32, device=dev)
         logp = torch.empty(m, dtype=torch.float32, device=dev)
-        lsq = torch.empty(m, dtype=torch.float32, device=dev) if sq else None
+        log_sum_sq = torch.empty(m, dtype=torch.float32, device=dev) if with_wpo else None
         # Pass 1: score the group's rows.
         for c in parts:
             if c.stop <= keep:
                 z = kept[c]
             else:
-                spare = spare if spare is not None else chunks.rows_buffer(rows_per_chunk, v, zdtype, dev)
-                z = spare[: c.stop - c.start]
+                chunk_buffer = chunk_buffer if chunk_buffer is not None else chunks.rows_buffer(rows_per_chunk, v, zdtype, dev)
+                z = chunk_buffer[: c.stop - c.start]
             chunks.logits_into(z, hg[c], weight, opts.scale, bias)
             if opts.count_hits:  # before the fold may turn kept logits into probabilities
                 hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
-            st[:, c], logp[c] = fold.stats(
-                z, yg[c], keep=c.stop <= keep, sq_out=lsq[c] if sq else None, softcap=opts.softcap
+            row_stats[:, c], logp[c] = fold.stats(
+                z, yg[c], keep=c.stop <= keep, sq_out=log_sum_sq[c] if with_wpo else None, softcap=opts.softcap
             )
         sums64.index_add_(0, seq, (logp if wg is None else logp * wg).double())
-        if sq:
-            wpo64[0].index_add_(0, seq, lsq.double())
+        if with_wpo:
+            wpo64[0].index_add_(0, seq, log_sum_sq.double())
             if wg is not None:
                 wpo64[1].index_add_(0, seq, logp.double())
-        spare = None  # pass 2 recomputes in the scratch buffer, once the kept rows are done
+        chunk_buffer = None  # pass 2 recomputes in the scratch buffer, once the kept rows are done
         # The group's loss gradient per sequence, from its scores alone.
         index = torch.arange(pairs[0], pairs[-1] + 1, device=dev)  # consecutive: no host copy
         both = torch.cat((index, index + b))
@@ -327,7 +327,7 @@ def dpo_head_impl(
 
         def group_loss(s: Tensor) -> Tensor:
             pair_w = None
-            if sq:  # from the scores themselves when unweighted: wpo_weights detaches them
+            if with_wpo:  # from the scores themselves when unweighted: wpo_weights detaches them
                 plain = s if wg is None else wpo64[1].float()[both]  # rounded as s is
                 pair_w = wpo_weights(plain, wpo64[0][both], tokens[both])
             return pair_losses(
@@ -349,13 +349,13 @@ def dpo_head_impl(
         grad_h = torch.empty_like(hg) if need_hidden else None
         if keep:
             chunks.kept_grads(
-                kept, st[:, :keep], yg[:keep], g[:keep], hg[:keep], weight, opts.scale, fold,
+                kept, row_stats[:, :keep], yg[:keep], g[:keep], hg[:keep], weight, opts.scale, fold,
                 grad_h[:keep] if grad_h is not None else None, grad_w, opts.softcap, grad_b,
             )
         del kept
         if keep < m:
             rest = chunks.row_grads(
-                hg[keep:], yg[keep:], weight, opts.scale, fold, st[:, keep:], g[keep:],
+                hg[keep:], yg[keep:], weight, opts.scale, fold, row_stats[:, keep:], g[keep:],
                 chunk_bytes, grad_w, need_hidden, opts.softcap, bias, grad_b, scratch,
             )
             if grad_h is not None:

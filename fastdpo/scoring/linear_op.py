@@ -75,7 +75,7 @@ def _linear_op(
     softcap: float | None,
     impl: str,
     matmul: str,
-    sq: bool,
+    with_wpo: bool,
     chunk_bytes: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(scores (N,), row stats (2, N, T), WPO's sums), float32.
@@ -85,11 +85,11 @@ def _linear_op(
     sum is its logsumexp; the torch fold's are zeros (its backward recomputes the softmax from
     the logits and reads none).  ``matmul="triton"``: each row's logsumexp and 0, at every row,
     masked ones included (the GEMM kernels score every row, masked rows with zero hidden
-    states).  WPO's sums: (2, N) with ``sq``, per sequence
+    states).  WPO's sums: (2, N) with ``with_wpo``, per sequence
     ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``; else (0,)."""
     n, t, d = hidden.shape
     if matmul == "triton":
-        if sq:
+        if with_wpo:
             raise ValueError("the Triton GEMM kernels (matmul='triton') do not compute log sum_v p_v^2 (WPO)")
         if softcap is not None or bias is not None:
             raise ValueError("the Triton GEMM kernels (matmul='triton') do not cap logits (softcap) nor add a bias")
@@ -105,23 +105,23 @@ def _linear_op(
         return torch.where(mask, logp, 0.0).sum(-1), stats, hidden.new_empty(0, dtype=torch.float32)
     plan = chunks.plan_rows(mask)
     fold = chunks.FOLDS[impl]
-    st, logp, _, lsq = chunks.score_rows(
-        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device, chunk_bytes), sq=sq,
+    row_stats, logp, _, log_sum_sq = chunks.score_rows(
+        plan.take(hidden), plan.take(targets), weight, scale, fold, chunks.chunk_bytes(hidden.device, chunk_bytes), with_wpo=with_wpo,
         softcap=softcap, bias=bias,
     )
     stats = torch.zeros(2, n * t, dtype=torch.float32, device=hidden.device)
-    stats.index_copy_(1, plan.index, st)
+    stats.index_copy_(1, plan.index, row_stats)
     w = plan.take(token_weights) if token_weights is not None else None
     scores = plan.sequence_sums(logp if w is None else logp * w)
-    wpo = torch.stack((plan.sequence_sums(lsq), plan.sequence_sums(logp))) if sq else scores.new_empty(0)
+    wpo = torch.stack((plan.sequence_sums(log_sum_sq), plan.sequence_sums(logp))) if with_wpo else scores.new_empty(0)
     return scores, stats.view(2, n, t), wpo
 
 
 @_linear_op.register_fake
-def _(hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, sq, chunk_bytes):
+def _(hidden, weight, bias, targets, mask, token_weights, scale, softcap, impl, matmul, with_wpo, chunk_bytes):
     n, t, _ = hidden.shape
     f32 = dict(dtype=torch.float32)
-    return hidden.new_empty(n, **f32), hidden.new_empty(2, n, t, **f32), hidden.new_empty((2, n) if sq else (0,), **f32)
+    return hidden.new_empty(n, **f32), hidden.new_empty(2, n, t, **f32), hidden.new_empty((2, n) if with_wpo else (0,), **f32)
 
 
 @torch.library.custom_op("fastdpo::linear_sequence_logprobs_backward", mutates_args=())
@@ -320,14 +320,14 @@ def check_softcap(softcap) -> float | None:
 
 def run_linear(
     hidden: Tensor, weight: Tensor, targets: Tensor, mask: Tensor, scale: float | None, impl: str, matmul: str,
-    token_weights: Tensor | None = None, sq: bool = False, softcap: float | None = None, bias: Tensor | None = None,
+    token_weights: Tensor | None = None, with_wpo: bool = False, softcap: float | None = None, bias: Tensor | None = None,
     chunk_bytes: int = 0,
 ) -> tuple[Tensor, Tensor | None]:
     """The op with ``impl`` and ``matmul`` already resolved, on inputs whose shapes, dtypes and
     devices (and token range, and float32 ``token_weights``) are already checked: what
     :class:`fastdpo.scoring.router.Scorer` calls, with its module's ``chunk_bytes`` (0: the device's
-    default, :func:`fastdpo.scoring.rows.chunk_bytes`).  Returns (scores (N,), with ``sq`` WPO's sums (2, N):
+    default, :func:`fastdpo.scoring.rows.chunk_bytes`).  Returns (scores (N,), with ``with_wpo`` WPO's sums (2, N):
     per sequence ``sum_t log sum_v p_v^2`` and the unweighted ``sum_t log p_t``, else None)."""
     scores, _, wpo = _linear_op(hidden, weight, bias, targets.long(), mask, token_weights, scale, softcap, impl, matmul,
-                                sq, chunk_bytes)
-    return scores, (wpo if sq else None)
+                                with_wpo, chunk_bytes)
+    return scores, (wpo if with_wpo else None)

@@ -1,7 +1,7 @@
 """Functional ops: masked per-sequence log-probabilities of target tokens.
 
 This is where a user's call turns into math.  :func:`sequence_logprobs` (and
-:func:`sequence_logprobs_pair`) check their arguments, then call one ``torch.library`` custom
+:func:`sequence_logprobs_with_reference`) check their arguments, then call one ``torch.library`` custom
 op, ``fastdpo::sequence_logprobs``, whose body runs one implementation chosen per call by
 ``impl``:
 
@@ -16,6 +16,8 @@ implementation does inside.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor
@@ -71,15 +73,15 @@ def _logprobs_op(
     impl: str,
     inplace_backward: bool,
     keep_probs: bool,
-    sq: bool,
+    with_wpo: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(scores (N,), ref_scores (N,) or (0,), row stats (2, N, T): max and log-sum, softmax
     (N, T, V) for the backward to finish or (0,), WPO's sums (2, N) of the policy logits with
-    ``sq`` or (0,)), float32.  ``weights``: (N, T) float32 weights of the rows' log-probs in
+    ``with_wpo`` or (0,)), float32.  ``weights``: (N, T) float32 weights of the rows' log-probs in
     both scores, or None.  ``keep_probs``: torch path, float32 logits that want a gradient (see
     :func:`fastdpo.scoring.backends.torch_fold.forward`)."""
     probs = None
-    wpo = torch.empty(2, logits.shape[0], dtype=torch.float32, device=logits.device) if sq else None
+    wpo = torch.empty(2, logits.shape[0], dtype=torch.float32, device=logits.device) if with_wpo else None
     if impl == "triton":
         k = triton_fold.sequence_kernels()
         scores, ref_scores, stats = k.sequence_logprobs_forward(
@@ -99,7 +101,7 @@ def _logprobs_op(
 
 
 @_logprobs_op.register_fake
-def _(logits, ref_logits, targets, mask, weights, impl, inplace_backward, keep_probs, sq):
+def _(logits, ref_logits, targets, mask, weights, impl, inplace_backward, keep_probs, with_wpo):
     n, t, _ = logits.shape
     f32 = dict(dtype=torch.float32, device=logits.device)
     return (
@@ -107,7 +109,7 @@ def _(logits, ref_logits, targets, mask, weights, impl, inplace_backward, keep_p
         torch.empty(n if ref_logits is not None else 0, **f32),
         torch.empty(2, n, t, **f32),
         torch.empty(logits.shape if keep_probs and impl == "torch" else (0,), **f32),
-        torch.empty((2, n) if sq else (0,), **f32),
+        torch.empty((2, n) if with_wpo else (0,), **f32),
     )
 
 
@@ -286,19 +288,19 @@ def sequence_logprobs(
 
 def run_logprobs(
     logits: Tensor, targets: Tensor, mask: Tensor, impl: str, inplace_backward: bool,
-    token_weights: Tensor | None = None, sq: bool = False,
+    token_weights: Tensor | None = None, with_wpo: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """:func:`sequence_logprobs` on checked arguments (``impl`` resolved, ``token_weights``
     float32 or None): what :class:`fastdpo.scoring.router.Scorer` calls.  Returns (scores (N,), with
-    ``sq`` WPO's sums (2, N), detached: per sequence ``sum_t log sum_v p_v^2`` and the
+    ``with_wpo`` WPO's sums (2, N), detached: per sequence ``sum_t log sum_v p_v^2`` and the
     unweighted ``sum_t log p_t``; else None)."""
     if impl == "torch" and is_small(logits.numel()):
-        return _small_logprobs(logits, targets, mask, token_weights, sq)
+        return _small_logprobs(logits, targets, mask, token_weights, with_wpo)
     _check_range(targets, mask, logits.shape[-1], impl)
     inplace = inplace_backward and _can_overwrite(logits, impl)
     keep = _keep_probs(logits, impl, inplace)
-    scores, _, _, _, wpo = _logprobs_op(logits, None, targets, mask, token_weights, impl, inplace, keep, sq)
-    return scores, (wpo if sq else None)
+    scores, _, _, _, wpo = _logprobs_op(logits, None, targets, mask, token_weights, impl, inplace, keep, with_wpo)
+    return scores, (wpo if with_wpo else None)
 
 
 # Logits up to this many elements (256 KiB of float32) take plain autograd ops: at that size a
@@ -315,7 +317,7 @@ def is_small(logits_numel: int) -> bool:
 
 
 def _small_logprobs(
-    logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor | None = None, sq: bool = False
+    logits: Tensor, targets: Tensor, mask: Tensor, weights: Tensor | None = None, with_wpo: bool = False
 ) -> tuple[Tensor, Tensor | None]:
     """run_logprobs of small logits in a few plain autograd ops, the same contract: masked
     rows are zeroed before the log-softmax (no non-finite value of theirs reaches a score or a
@@ -333,7 +335,7 @@ def _small_logprobs(
         raise
     picked = picked.squeeze(-1)
     scores = torch.where(mask, picked if weights is None else picked * weights, 0.0).sum(-1)
-    if not sq:
+    if not with_wpo:
         return scores, None
     with torch.no_grad():
         log_sq = torch_impl.log_sum_sq(lsm.exp())
@@ -341,7 +343,7 @@ def _small_logprobs(
     return scores, wpo
 
 
-def sequence_logprobs_pair(
+def sequence_logprobs_with_reference(
     logits: Tensor,
     ref_logits: Tensor,
     targets: Tensor,
@@ -381,3 +383,11 @@ def sequence_logprobs_pair(
         _keep_probs(logits, which, inplace), False,
     )
     return scores, ref_scores
+
+
+def sequence_logprobs_pair(*args, **kwargs) -> tuple[Tensor, Tensor]:
+    """The earlier name of :func:`sequence_logprobs_with_reference` (kept for one release,
+    with a ``DeprecationWarning``: "pair" now means a preference pair only)."""
+    warnings.warn("fastdpo.sequence_logprobs_pair is now fastdpo.sequence_logprobs_with_reference",
+                  DeprecationWarning, stacklevel=2)
+    return sequence_logprobs_with_reference(*args, **kwargs)

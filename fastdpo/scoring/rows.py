@@ -40,7 +40,7 @@ from .backends.triton_fold import TritonFold
 # (1 GiB is 4096 rows of bf16 logits at V = 128256).
 CHUNK_BYTES = 64 << 20
 CUDA_CHUNK_BYTES = 1 << 30
-# Logits bytes the pair fusion may keep from one group of whole pairs between its two passes
+# Logits bytes the DPO head op may keep from one group of whole pairs between its two passes
 # (logits beyond it are recomputed).  CPU: at 128 MiB one pair of 2 x 512 tokens over a 32k
 # vocabulary fits whole; a larger budget groups more pairs, which adds their logits to the
 # step's peak for little time saved on a few cores (docs/performance.md, "pair-fusion
@@ -60,7 +60,7 @@ def chunk_bytes(device: torch.device, given: int = 0) -> int:
 
 
 def group_bytes(device: torch.device, given: int = 0) -> int:
-    """The pair fusion's keep budget for tensors on ``device`` (see GROUP_BYTES): ``given`` (a
+    """The DPO head op's keep budget for tensors on ``device`` (see GROUP_BYTES): ``given`` (a
     module's ``group_bytes``) when nonzero, else the device's default."""
     if given:
         return given
@@ -201,7 +201,7 @@ def plan_rows(mask: Tensor) -> RowPlan:
     bounds = [0, *torch.cumsum(counts, 0).tolist()]  # the sync
     m = bounds[-1]
     # Sync-free compaction now that M is known: a stable sort puts the counted positions
-    # first, in order (deterministic, unlike a scatter with a spare slot).
+    # first, in order (deterministic, unlike a scatter with a chunk_buffer slot).
     flat = mask.reshape(-1)
     index = torch.sort((~flat).to(torch.uint8), stable=True).indices[:m]
     return RowPlan(index=index, seq=torch.div(index, max(t, 1), rounding_mode="floor"), bounds=bounds, shape=(n, t))
@@ -312,7 +312,7 @@ def direct_product(dtype: torch.dtype, weight: Tensor) -> bool:
 
 def _chunk_rows(m: int, v: int, dtype: torch.dtype, weight: Tensor, budget: int, scratch: Scratch | None) -> int:
     """Rows per product of a chunk loop over ``m`` rows: the budget's, or all the rows a scratch
-    buffer already holds when that is more (the pair op's is as large as a group's kept logits:
+    buffer already holds when that is more (the DPO head op's is as large as a group's kept logits:
     larger products at no extra peak), where the product needs no temporary
     (:func:`direct_product`)."""
     rows = rows_per_chunk(v, dtype.itemsize, budget)
@@ -330,12 +330,12 @@ def score_rows(
     budget: int,
     *,
     hits: bool = False,
-    sq: bool = False,
+    with_wpo: bool = False,
     softcap: float | None = None,
     bias: Tensor | None = None,
     scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(row stats (2, M), target log-probs (M,), argmax hits (M,) bool or None, with ``sq`` the
+    """(row stats (2, M), target log-probs (M,), argmax hits (M,) bool or None, with ``with_wpo`` the
     rows' ``log sum_v p_v^2`` (M,) or None) of every row of ``h`` (M, D), chunk by chunk
     through one reused buffer, the logits capped by ``softcap`` when given; no logits kept.
     (The argmax: the torch fold's of capped logits, the Triton fold's of uncapped ones; the
@@ -344,23 +344,23 @@ def score_rows(
     more than the budget: :func:`_chunk_rows`), else is made for the call."""
     m, v = h.shape[0], weight.shape[0]
     dtype = fold.dtype(weight)
-    st = torch.empty(2, m, dtype=torch.float32, device=h.device)
+    row_stats = torch.empty(2, m, dtype=torch.float32, device=h.device)
     logp = torch.empty(m, dtype=torch.float32, device=h.device)
     hit = torch.empty(m, dtype=torch.bool, device=h.device) if hits else None
-    lsq = torch.empty(m, dtype=torch.float32, device=h.device) if sq else None
+    log_sum_sq = torch.empty(m, dtype=torch.float32, device=h.device) if with_wpo else None
     rows = _chunk_rows(m, v, dtype, weight, budget, scratch)
     buf = (scratch.rows if scratch is not None else rows_buffer)(rows, v, dtype, h.device) if m else None
     for c in chunk_slices(m, rows):
         z = logits_into(buf[: c.stop - c.start], h[c], weight, scale, bias)
-        st[:, c], logp[c] = fold.stats(z, y[c], sq_out=lsq[c] if sq else None, softcap=softcap)
+        row_stats[:, c], logp[c] = fold.stats(z, y[c], sq_out=log_sum_sq[c] if with_wpo else None, softcap=softcap)
         if hit is not None:
             hit[c] = z.argmax(-1) == y[c]
-    return st, logp, hit, lsq
+    return row_stats, logp, hit, log_sum_sq
 
 
 def kept_grads(
     kept: Tensor,
-    st: Tensor,
+    row_stats: Tensor,
     y: Tensor,
     g: Tensor,
     h: Tensor,
@@ -396,7 +396,7 @@ def kept_grads(
             grad_weight.add(kept, gh.neg())  # -P^T (g h)
             grad_weight.add_rows(y, gh)  # + g h at each row's target
         return
-    dz = fold.grad_(kept, st, y, g, scale, kept=True, softcap=softcap).to(weight.dtype)
+    dz = fold.grad_(kept, row_stats, y, g, scale, kept=True, softcap=softcap).to(weight.dtype)
     if grad_h is not None:
         torch.mm(dz, weight, out=grad_h)
     if grad_weight is not None:
@@ -411,7 +411,7 @@ def row_grads(
     weight: Tensor,
     scale: float | None,
     fold,
-    st: Tensor,
+    row_stats: Tensor,
     g: Tensor,
     budget: int,
     grad_weight: WeightGrad | None,
@@ -432,7 +432,7 @@ def row_grads(
     buf = (scratch.rows if scratch is not None else rows_buffer)(rows, v, dtype, h.device) if m else None
     for c in chunk_slices(m, rows):
         z = logits_into(buf[: c.stop - c.start], h[c], weight, scale, bias)
-        dz = fold.grad_(z, st[:, c], y[c], g[c], scale, softcap=softcap).to(weight.dtype)
+        dz = fold.grad_(z, row_stats[:, c], y[c], g[c], scale, softcap=softcap).to(weight.dtype)
         if grad_h is not None:
             torch.mm(dz, weight, out=grad_h[c])
         if grad_weight is not None:

@@ -3,7 +3,7 @@
 ``train(TrainConfig(model=DIR, data=FILE, out=DIR, ...))`` (or ``fastdpo train --model DIR
 --data FILE --out DIR``) loads ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a
 ``save_pretrained`` directory, tokenizes ``{"prompt", "chosen", "rejected"}`` records as TRL
-1.16 does (:meth:`fastdpo.PreferenceDataset.from_records`), and trains with
+1.16 does (:meth:`fastdpo.TokenizedPreferenceDataset.from_records`), and trains with
 :class:`fastdpo.DPO` (TRL's conventions by default: summed log-probs, target-aligned masks),
 ``torch.optim.AdamW`` and a linear warmup/decay schedule.  A ``peft`` LoRA policy (``lora``)
 has the same model with its adapters off as its reference.
@@ -45,8 +45,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.datasets import PreferenceDataset
-from ..losses.pairwise import LOSS_TYPES
+from ..data.text import TokenizedPreferenceDataset
+from ..losses.config import LOSS_TYPES
 from ..models import adapter_for
 from ..models.wrappers import model_class
 from ..modules.dpo import DPO, precompute_reference_scores
@@ -260,7 +260,7 @@ class Run:
             self.ddp = DistributedDataParallel(self.dpo, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         route = self.dpo.route(self.dpo.policy_model, self.device)
         self.route = "logits (" + (why or route.reason) + ")" if route.kind == "logits" else "fused head"
-        if route.head is not None and route.head.claim:
+        if route.head is not None and route.head.inferred:
             self.route += " (inferred, checked on the first batch)"
         self.params = list(self.dpo.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
@@ -314,7 +314,7 @@ class Run:
             records, held = io.split_records(records, c.eval_fraction, c.seed)
 
         def tokenized(r):
-            return PreferenceDataset.from_records(r, self.tokenizer, max_length=c.max_length, truncation_mode=c.truncation_mode)
+            return TokenizedPreferenceDataset.from_records(r, self.tokenizer, max_length=c.max_length, truncation_mode=c.truncation_mode)
 
         return tokenized(records), tokenized(held) if held is not None else None
 

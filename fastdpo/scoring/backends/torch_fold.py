@@ -420,7 +420,7 @@ class TorchFold:
     """The elementwise work on float32 logits: one call of the C++ fold per chunk
     (:mod:`fastdpo.scoring.backends.native`; it reads each row twice while the row is in cache), else ATen's
     fused softmax box by box (cache-sized; :mod:`fastdpo.scoring.backends.torch_fold`).  Logits kept for the
-    gradient (the pair fusion's) are turned into probabilities in place while they are scored,
+    gradient (the DPO head op's) are turned into probabilities in place while they are scored,
     which then meet the gradient products as they are (:func:`fastdpo.scoring.rows.kept_grads`): one exp per
     element in all, where scoring and then differentiating the logits would take two (exp is
     what a CPU spends its time on here)."""
@@ -443,12 +443,12 @@ class TorchFold:
         ``softcap`` the rows are capped in place first, and kept as capped logits: the
         gradient needs them for the cap's derivative."""
         rows = z.shape[0]
-        st = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
+        row_stats = torch.zeros(2, rows, dtype=torch.float32, device=z.device)
         if softcap is None and sq_out is None and native.serves(z):  # the whole chunk in one call
-            return st, (native.softmax(z, z, y) if keep else native.score(z, y))
+            return row_stats, (native.softmax(z, z, y) if keep else native.score(z, y))
         score = compiled_score(z) if not keep and softcap is None and sq_out is None else None
         if score is not None:  # the whole chunk at once: two passes per row, nothing written
-            return st, score(z, y)
+            return row_stats, score(z, y)
         logp = torch.empty(rows, dtype=torch.float32, device=z.device)
         for r in _cache_rows(z):
             zr, sq = z[r], (sq_out[r] if sq_out is not None else None)
@@ -458,11 +458,11 @@ class TorchFold:
                 logp[r] = row_logprobs_into(zr, zr, y[r], sq)
             else:
                 logp[r] = row_logprobs(zr, y[r], sq)
-        return st, logp
+        return row_stats, logp
 
     @staticmethod
     def grad_(
-        z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
+        z: Tensor, row_stats: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
         softcap: float | None = None,
     ) -> Tensor:
         """Turn ``z`` into d(sum_m g_m logp_m)/d(h @ W.T) in place (the scale folded into the row

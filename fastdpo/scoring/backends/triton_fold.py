@@ -59,13 +59,13 @@ class TritonFold:
         z: Tensor, y: Tensor, keep: bool = False, sq_out: Tensor | None = None, softcap: float | None = None
     ) -> tuple[Tensor, Tensor]:
         # A softcap is applied in float32 as the kernel reads the logits; z stays uncapped.
-        logp, st = sequence_kernels().row_logprobs(z, y, sq_out, softcap)
-        return st, logp
+        logp, row_stats = sequence_kernels().row_logprobs(z, y, sq_out, softcap)
+        return row_stats, logp
 
     @staticmethod
     def grad_(
-        z: Tensor, st: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
+        z: Tensor, row_stats: Tensor, y: Tensor, g: Tensor, scale: float | None, kept: bool = False,
         softcap: float | None = None,
     ) -> Tensor:
         # The scale folds into the row weight: d logp / dz scaled, rounded once to z's dtype.
-        return sequence_kernels().row_logprob_grad_(z, y, st, g if scale is None else g * scale, softcap)
+        return sequence_kernels().row_logprob_grad_(z, y, row_stats, g if scale is None else g * scale, softcap)
