@@ -27,11 +27,11 @@ gradients (``no_grad``, ``inference_mode``, a frozen policy) it scores forward o
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import typing
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -40,6 +40,7 @@ from .. import _checks
 from ..losses.pairwise import LossConfig, pair_losses
 from ..losses.weighting import wpo_weights
 from . import rows as chunks
+from .autograd_inside_op import autograd_inside_op
 from .linear_op import check_linear_inputs
 
 
@@ -62,13 +63,9 @@ class HeadOptions:
     group_bytes: int = 0  # 0: the device's default, fastdpo.scoring.rows.group_bytes
 
 
-# The op's tensor inputs, then the options' leaves, then who needs a gradient.
-_TENSORS = ("Tensor hidden", "Tensor weight", "Tensor targets", "Tensor mask", "Tensor count",
-            "Tensor? token_weights", "Tensor? ref_hidden", "Tensor? ref_weight", "Tensor? ref_scores",
-            "Tensor? bias", "Tensor? ref_bias")
-_N_TENSORS = len(_TENSORS)
-_BIAS = _N_TENSORS - 2  # the policy head bias's input position
-_NEEDS = ("bool need_hidden", "bool need_weight", "bool need_bias")
+# The op's arguments: its tensors (OpInputs, the first five required), the options' leaves, then
+# who needs a gradient (Needs).
+_REQUIRED = ("hidden", "weight", "targets", "mask", "count")
 # How each annotation reaches the schema (a custom op's schema takes no objects).  A field that
 # may hold a tensor (bco_delta) becomes two arguments: the tensor, or None, and the number.
 _SCHEMA_TYPES: dict = {
@@ -104,7 +101,8 @@ def op_schema() -> str:
     for path, kinds in _LEAVES:
         name = path[-1]
         options += [f"{kinds[0]} {name}"] + [f"{k} {name}_value" for k in kinds[1:]]
-    args = ", ".join(_TENSORS + tuple(options) + _NEEDS)
+    tensors = tuple(f"Tensor{'' if name in _REQUIRED else '?'} {name}" for name in OpInputs._fields)
+    args = ", ".join(tensors + tuple(options) + tuple(f"bool need_{name}" for name in Needs._fields))
     return f"({args}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 
@@ -148,28 +146,6 @@ def _build(cls, values: dict, prefix: tuple[str, ...] = ()):
     return cls(**kw)
 
 
-@contextlib.contextmanager
-def _autograd_inside_op():
-    """Let autograd record again inside the custom op's body, for the group's tiny loss.
-
-    A custom op's implementation runs below autograd: its dispatch keys are excluded from
-    the thread's dispatch, so no graph is recorded even under ``torch.enable_grad()``.  The
-    loss gradient of a group (a few scalars per pair, any loss type) is taken with autograd
-    itself rather than a second, hand-written derivative of every loss, so this guard
-    removes the autograd keys from the excluded set for the duration (torch.func's vjp would
-    do it too, but breaks under dispatch modes such as FlopCounterMode).  Never used under
-    ``inference_mode``: without gradients the op does not take the loss's gradient."""
-    c = torch._C
-    autograd = (
-        c.DispatchKeySet(c.DispatchKey.AutogradFunctionality)
-        | c.DispatchKeySet(c.DispatchKey.AutogradOther)
-        | c.DispatchKeySet(c.DispatchKey.AutogradNestedTensor)
-    )
-    excluded = c._dispatch_tls_local_exclude_set()
-    with c._ForceDispatchKeyGuard(c._dispatch_tls_local_include_set(), excluded - autograd), torch.enable_grad():
-        yield
-
-
 def pair_groups(bounds: list[int], b: int, row_bytes: int, budget: int):
     """Consecutive pairs whose counted rows' logits (``row_bytes`` each) fit ``budget`` (at
     least one pair).  Yields (pair indices, row slices of their chosen then rejected rows)."""
@@ -193,183 +169,251 @@ def _cat_rows(x: Tensor, spans: list[slice]) -> Tensor:
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def dpo_head_impl(
-    hidden: Tensor,
-    weight: Tensor,
-    targets: Tensor,
-    mask: Tensor,
-    count: Tensor,
-    token_weights: Tensor | None,
-    ref_hidden: Tensor | None,
-    ref_weight: Tensor | None,
-    ref_scores: Tensor | None,
-    bias: Tensor | None,
-    ref_bias: Tensor | None,
-    opts: HeadOptions,
-    need_hidden: bool,
-    need_weight: bool,
-    need_bias: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The op's body; see :func:`dpo_head` for the arguments and results."""
-    n2, t, d = hidden.shape
-    b = n2 // 2
-    dev = hidden.device
-    plan = chunks.plan_rows(mask)  # the step's one host sync
-    fold = chunks.FOLDS[opts.impl]
-    chunk_bytes = chunks.chunk_bytes(dev, opts.chunk_bytes)
-    y = plan.take(targets).long()
-    w = plan.take(token_weights) if token_weights is not None else None  # (M,) LD-DPO weights
+# ----------------------------------------------------------------------------- the op's body
 
-    def weighted(logp: Tensor) -> Tensor:
-        return logp if w is None else logp * w
 
-    # One buffer serves every chunk loop of the call (see chunks.Scratch); with gradients it
-    # is made at once as large as the largest group's kept logits, which the reference's chunk
-    # then reuses.
-    scratch = chunks.Scratch()
-    cfg = opts.loss
-    need_grad = need_hidden or need_weight or need_bias
-    if need_grad:
-        v = weight.shape[0]
-        zdtype = fold.dtype(weight)
-        rows_per_chunk = chunks.rows_per_chunk(v, zdtype.itemsize, chunk_bytes)
-        group_bytes = chunks.group_bytes(dev, opts.group_bytes)
-        # A loss that couples the pairs (aot sorts the batch's margins) needs every pair's
-        # scores for any gradient: the batch is one group, logits beyond the keep budget
-        # recomputed, the chunk buffer recomputing takes counted in that budget.  (CPU, medium
-        # preset: the head 1.18x sigmoid's time and +32 MiB of peak, against 1.26x and -34 MiB
-        # on the scores route.)
-        coupled = cfg.couples_pairs
+class OpInputs(NamedTuple):
+    """The op's tensor arguments, by name (:func:`dpo_head` says what each holds)."""
+
+    hidden: Tensor
+    weight: Tensor
+    targets: Tensor
+    mask: Tensor
+    count: Tensor
+    token_weights: Tensor | None
+    ref_hidden: Tensor | None
+    ref_weight: Tensor | None
+    ref_scores: Tensor | None
+    bias: Tensor | None
+    ref_bias: Tensor | None
+
+
+class Needs(NamedTuple):
+    """Which of the policy's inputs want a gradient (the op makes only those)."""
+
+    hidden: bool
+    weight: bool
+    bias: bool
+
+    @property
+    def any(self) -> bool:
+        return self.hidden or self.weight or self.bias
+
+
+@dataclass
+class Group:
+    """Consecutive whole pairs scored and differentiated together: their indices, the row
+    spans of their chosen then rejected counted rows, and how many of those rows keep their
+    logits between the two passes (the rest are recomputed)."""
+
+    pairs: list[int]
+    spans: list[slice]
+    keep: int
+
+
+class _Step:
+    """One call of the op: the counted rows (the step's one host sync), the fold, the budgets and
+    the buffer every chunk loop reuses (:class:`fastdpo.scoring.rows.Scratch`)."""
+
+    def __init__(self, inputs: OpInputs, opts: HeadOptions):
+        self.opts, self.count = opts, inputs.count
+        self.n2 = inputs.hidden.shape[0]
+        self.b, self.device = self.n2 // 2, inputs.hidden.device
+        self.plan = chunks.plan_rows(inputs.mask)  # the step's one host sync
+        self.fold = chunks.FOLDS[opts.impl]
+        self.chunk_bytes = chunks.chunk_bytes(self.device, opts.chunk_bytes)
+        self.targets = self.plan.take(inputs.targets).long()
+        # (M,) LD-DPO weights of the counted rows' log-probs, or None
+        self.weights = self.plan.take(inputs.token_weights) if inputs.token_weights is not None else None
+        self.scratch = chunks.Scratch()
+        self.with_wpo = opts.use_weighting  # WPO: each policy row's log sum_v p_v^2, folded with its log-probs
+        self.tokens = inputs.mask.sum(-1) if self.with_wpo else None
+
+    def weighted(self, logp: Tensor) -> Tensor:
+        return logp if self.weights is None else logp * self.weights
+
+    def plan_groups(self, weight: Tensor) -> list[Group]:
+        """The groups of whole pairs, and the held buffer made as large as the largest group's
+        kept logits (the reference's chunks then reuse it).  A loss that couples the pairs (aot
+        sorts the batch's margins) needs every pair's scores for any gradient: the batch is one
+        group, logits beyond the keep budget recomputed, the buffer recomputing takes counted in
+        that budget."""
+        v, zdtype = weight.shape[0], self.fold.dtype(weight)
+        self.v, self.zdtype = v, zdtype
+        self.rows_per_chunk = chunks.rows_per_chunk(v, zdtype.itemsize, self.chunk_bytes)
+        group_bytes = chunks.group_bytes(self.device, self.opts.group_bytes)
+        coupled = self.opts.loss.couples_pairs
         budget = group_bytes if not coupled else float("inf")
         groups = []
-        for pairs, spans in pair_groups(plan.bounds, b, v * zdtype.itemsize, budget):
+        for pairs, spans in pair_groups(self.plan.bounds, self.b, v * zdtype.itemsize, budget):
             m = sum(s.stop - s.start for s in spans)
-            # The first `keep` rows keep their logits between the passes; the rest are recomputed.
-            keep = min(m, group_bytes // (v * zdtype.itemsize))
+            keep = min(m, group_bytes // (v * zdtype.itemsize))  # the first `keep` rows keep their logits
             if coupled and keep < m:
-                keep = max(0, keep - rows_per_chunk)
-            groups.append((pairs, spans, keep))
-        scratch.rows(max(keep for _, _, keep in groups), v, zdtype, dev)
+                keep = max(0, keep - self.rows_per_chunk)
+            groups.append(Group(pairs, spans, keep))
+        self.scratch.rows(max(g.keep for g in groups), v, zdtype, self.device)
+        return groups
 
-    if ref_hidden is not None:
-        _, ref_logp, _, _ = chunks.score_rows(
-            plan.take(ref_hidden), y, ref_weight, opts.ref_scale, fold, chunk_bytes, softcap=opts.ref_softcap,
-            bias=ref_bias, scratch=scratch,
-        )
-        ref_sums = plan.sequence_sums(weighted(ref_logp))
-        ref_scores = ref_sums / count if opts.reduction == "mean" else ref_sums
-    elif ref_scores is None:  # reference-free: a zero reference
-        ref_scores = torch.zeros(n2, dtype=torch.float32, device=dev)
-    with_wpo = opts.use_weighting  # WPO: the policy's log sum_v p_v^2 per row, folded with its log-probs
-    tokens = mask.sum(-1) if with_wpo else None
-    h = plan.take(hidden)
-    hits = torch.zeros(n2 if opts.count_hits else 0, dtype=torch.int64, device=dev)
+    def reference_scores(self, inputs: OpInputs) -> Tensor:
+        """The reference's (2B,) scores in ``opts.reduction``: scored from its hidden states, as
+        given, or a zero reference."""
+        opts = self.opts
+        if inputs.ref_hidden is not None:
+            _, ref_logp, _, _ = chunks.score_rows(
+                self.plan.take(inputs.ref_hidden), self.targets, inputs.ref_weight, opts.ref_scale, self.fold,
+                self.chunk_bytes, softcap=opts.ref_softcap, bias=inputs.ref_bias, scratch=self.scratch,
+            )
+            ref_sums = self.plan.sequence_sums(self.weighted(ref_logp))
+            return ref_sums / self.count if opts.reduction == "mean" else ref_sums
+        if inputs.ref_scores is not None:
+            return inputs.ref_scores
+        return torch.zeros(self.n2, dtype=torch.float32, device=self.device)  # reference-free
 
-    if not need_grad:
+    def forward_only(self, h: Tensor, inputs: OpInputs, ref_scores: Tensor, hits: Tensor):
+        """The loss, sums and hits without gradients: every chunk scored once, nothing kept."""
+        opts = self.opts
         _, logp, hit, log_sum_sq = chunks.score_rows(
-            h, y, weight, opts.scale, fold, chunk_bytes, hits=opts.count_hits, with_wpo=with_wpo, softcap=opts.softcap, bias=bias,
-            scratch=scratch,
+            h, self.targets, inputs.weight, opts.scale, self.fold, self.chunk_bytes, hits=opts.count_hits,
+            with_wpo=self.with_wpo, softcap=opts.softcap, bias=inputs.bias, scratch=self.scratch,
         )
-        sums = plan.sequence_sums(weighted(logp))
+        sums = self.plan.sequence_sums(self.weighted(logp))
         if hit is not None:
-            hits.index_add_(0, plan.seq, hit.long())
+            hits.index_add_(0, self.plan.seq, hit.long())
         pair_w = None
-        if with_wpo:
-            plain = sums if w is None else plan.sequence_sums(logp)
-            pair_w = wpo_weights(plain, plan.sequence_sums(log_sum_sq), tokens)
-        loss = pair_losses(sums, ref_scores, count, cfg, opts.reduction, weights=pair_w).mean()
+        if self.with_wpo:
+            plain = sums if self.weights is None else self.plan.sequence_sums(logp)
+            pair_w = wpo_weights(plain, self.plan.sequence_sums(log_sum_sq), self.tokens)
+        loss = pair_losses(sums, ref_scores, self.count, opts.loss, opts.reduction, weights=pair_w).mean()
         return loss, sums, ref_scores, hits, None, None, None
 
-    grad_rows = torch.empty_like(h) if need_hidden else None
-    grad_w = chunks.WeightGrad(weight) if need_weight else None
-    grad_b = chunks.BiasGrad(bias) if need_bias else None
-    sums64 = torch.zeros(n2, dtype=torch.float64, device=dev)  # see RowPlan.sequence_sums
-    # WPO: per sequence, sum_t log sum_v p_v^2 and (with LD weights) the unweighted sum_t log p_t
-    wpo64 = torch.zeros(2, n2, dtype=torch.float64, device=dev) if with_wpo else None
-    losses = torch.empty(b, dtype=torch.float32, device=dev)
-    for pairs, spans, keep in groups:
-        hg, yg, seq = _cat_rows(h, spans), _cat_rows(y, spans), _cat_rows(plan.seq, spans)
-        wg = _cat_rows(w, spans) if w is not None else None
-        m = hg.shape[0]
-        kept = scratch.rows(keep, v, zdtype, dev)
+    def kept(self, group: Group) -> Tensor:
+        """The (keep, V) rows of the held buffer where the group's kept logits live between the
+        passes (the same view each time it is asked for, until the buffer is remade)."""
+        return self.scratch.rows(group.keep, self.v, self.zdtype, self.device)
+
+    def score_group(self, hg: Tensor, yg: Tensor, seq: Tensor, group: Group, inputs: OpInputs,
+                    hits: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Pass 1: the group's rows scored, its kept rows' logits left in :meth:`kept` (as the
+        fold leaves them: probabilities or logits); (row stats, log-probs, WPO's log sum_v p_v^2)."""
+        opts, m, keep = self.opts, hg.shape[0], group.keep
+        kept = self.kept(group)
         # The kept rows in one product (the more rows a product has, the less each costs, see
         # chunks.chunk_slices) where it needs no temporary; the rest in chunks.
-        whole = keep > 0 and chunks.direct_product(zdtype, weight)
-        parts = [slice(0, keep)] if whole else chunks.chunk_slices(keep, rows_per_chunk)
-        parts += chunks.chunk_slices(m, rows_per_chunk, keep)
+        whole = keep > 0 and chunks.direct_product(self.zdtype, inputs.weight)
+        parts = [slice(0, keep)] if whole else chunks.chunk_slices(keep, self.rows_per_chunk)
+        parts += chunks.chunk_slices(m, self.rows_per_chunk, keep)
         chunk_buffer = None
-        row_stats = torch.empty(2, m, dtype=torch.float32, device=dev)
-        logp = torch.empty(m, dtype=torch.float32, device=dev)
-        log_sum_sq = torch.empty(m, dtype=torch.float32, device=dev) if with_wpo else None
-        # Pass 1: score the group's rows.
+        row_stats = torch.empty(2, m, dtype=torch.float32, device=self.device)
+        logp = torch.empty(m, dtype=torch.float32, device=self.device)
+        log_sum_sq = torch.empty(m, dtype=torch.float32, device=self.device) if self.with_wpo else None
         for c in parts:
             if c.stop <= keep:
                 z = kept[c]
             else:
-                chunk_buffer = chunk_buffer if chunk_buffer is not None else chunks.rows_buffer(rows_per_chunk, v, zdtype, dev)
+                if chunk_buffer is None:
+                    chunk_buffer = chunks.rows_buffer(self.rows_per_chunk, self.v, self.zdtype, self.device)
                 z = chunk_buffer[: c.stop - c.start]
-            chunks.logits_into(z, hg[c], weight, opts.scale, bias)
+            chunks.logits_into(z, hg[c], inputs.weight, opts.scale, inputs.bias)
             if opts.count_hits:  # before the fold may turn kept logits into probabilities
                 hits.index_add_(0, seq[c], (z.argmax(-1) == yg[c]).long())
-            row_stats[:, c], logp[c] = fold.stats(
-                z, yg[c], keep=c.stop <= keep, sq_out=log_sum_sq[c] if with_wpo else None, softcap=opts.softcap
+            row_stats[:, c], logp[c] = self.fold.stats(
+                z, yg[c], keep=c.stop <= keep, sq_out=log_sum_sq[c] if self.with_wpo else None, softcap=opts.softcap
             )
-        sums64.index_add_(0, seq, (logp if wg is None else logp * wg).double())
-        if with_wpo:
-            wpo64[0].index_add_(0, seq, log_sum_sq.double())
-            if wg is not None:
-                wpo64[1].index_add_(0, seq, logp.double())
-        chunk_buffer = None  # pass 2 recomputes in the scratch buffer, once the kept rows are done
-        # The group's loss gradient per sequence, from its scores alone.
-        index = torch.arange(pairs[0], pairs[-1] + 1, device=dev)  # consecutive: no host copy
-        both = torch.cat((index, index + b))
-        group_sums = sums64.float()[both]
+        return row_stats, logp, log_sum_sq
 
-        def group_loss(s: Tensor) -> Tensor:
-            pair_w = None
-            if with_wpo:  # from the scores themselves when unweighted: wpo_weights detaches them
-                plain = s if wg is None else wpo64[1].float()[both]  # rounded as s is
-                pair_w = wpo_weights(plain, wpo64[0][both], tokens[both])
-            return pair_losses(
-                s, ref_scores[both], count[both], cfg, opts.reduction, pairs=index, batch_count=count, weights=pair_w
-            )
+    def group_losses(self, sums: Tensor, index: Tensor, both: Tensor, ref_scores: Tensor, wpo64: Tensor | None,
+                     weighted: bool) -> Tensor:
+        """The group's per-pair losses of its sequences' sums ``sums`` (WPO's pair weights from
+        the scores themselves when unweighted: ``wpo_weights`` detaches them)."""
+        opts, pair_w = self.opts, None
+        if self.with_wpo:
+            plain = sums if not weighted else wpo64[1].float()[both]  # rounded as sums is
+            pair_w = wpo_weights(plain, wpo64[0][both], self.tokens[both])
+        return pair_losses(sums, ref_scores[both], self.count[both], opts.loss, opts.reduction, pairs=index,
+                           batch_count=self.count, weights=pair_w)
 
-        with _autograd_inside_op():
-            leaf = group_sums.detach().requires_grad_()
-            group_losses = group_loss(leaf)
-            (dsums,) = torch.autograd.grad(group_losses.sum() * (1.0 / b), leaf)
-        losses[index] = group_losses.detach()
-        g_of_seq = torch.zeros(n2, dtype=torch.float32, device=dev)
+    def loss_gradient(self, group: Group, sums64: Tensor, ref_scores: Tensor, wpo64: Tensor | None,
+                      weighted: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """(the group's pair indices, their losses, d(mean loss)/d(sum) of each of the batch's
+        sequences, zero outside the group): from the group's scores alone, by autograd."""
+        index = torch.arange(group.pairs[0], group.pairs[-1] + 1, device=self.device)  # consecutive: no host copy
+        both = torch.cat((index, index + self.b))
+        with autograd_inside_op():
+            leaf = sums64.float()[both].detach().requires_grad_()
+            losses = self.group_losses(leaf, index, both, ref_scores, wpo64, weighted)
+            (dsums,) = torch.autograd.grad(losses.sum() * (1.0 / self.b), leaf)
+        g_of_seq = torch.zeros(self.n2, dtype=torch.float32, device=self.device)
         g_of_seq[both] = dsums.float()
-        g = g_of_seq.index_select(0, seq)
-        if wg is not None:
-            g = g * wg
-        # Pass 2: the kept rows meet the two gradient products (chunks.kept_grads); the rest
-        # are recomputed chunk by chunk.
-        grad_h = torch.empty_like(hg) if need_hidden else None
+        return index, losses.detach(), g_of_seq
+
+    def group_grads(self, group: Group, hg: Tensor, yg: Tensor, row_stats: Tensor, g: Tensor, inputs: OpInputs,
+                    needs: Needs, grad_w, grad_b) -> Tensor | None:
+        """Pass 2: the kept rows meet the two gradient products (chunks.kept_grads); the rest are
+        recomputed chunk by chunk, in the held buffer once the kept rows are done with it.
+        Returns the group's rows of d hidden (None: not needed)."""
+        opts, keep, m = self.opts, group.keep, hg.shape[0]
+        grad_h = torch.empty_like(hg) if needs.hidden else None
+        kept = self.kept(group)
         if keep:
             chunks.kept_grads(
-                kept, row_stats[:, :keep], yg[:keep], g[:keep], hg[:keep], weight, opts.scale, fold,
+                kept, row_stats[:, :keep], yg[:keep], g[:keep], hg[:keep], inputs.weight, opts.scale, self.fold,
                 grad_h[:keep] if grad_h is not None else None, grad_w, opts.softcap, grad_b,
             )
-        del kept
+        del kept  # (no view of the buffer outlives the kept rows: recomputing may remake it)
         if keep < m:
             rest = chunks.row_grads(
-                hg[keep:], yg[keep:], weight, opts.scale, fold, row_stats[:, keep:], g[keep:],
-                chunk_bytes, grad_w, need_hidden, opts.softcap, bias, grad_b, scratch,
+                hg[keep:], yg[keep:], inputs.weight, opts.scale, self.fold, row_stats[:, keep:], g[keep:],
+                self.chunk_bytes, grad_w, needs.hidden, opts.softcap, inputs.bias, grad_b, self.scratch,
             )
             if grad_h is not None:
                 grad_h[keep:] = rest
+        return grad_h
+
+
+def dpo_head_impl(inputs: OpInputs, opts: HeadOptions, needs: Needs):
+    """The op's body; see :func:`dpo_head` for the arguments and results: the reference scored,
+    then, without gradients, the policy scored once; with them, group by group, the policy's
+    rows scored (their logits kept), the group's loss gradient taken, and the kept logits made
+    into the head's gradients."""
+    step = _Step(inputs, opts)
+    groups = step.plan_groups(inputs.weight) if needs.any else None
+    ref_scores = step.reference_scores(inputs)
+    h = step.plan.take(inputs.hidden)
+    hits = torch.zeros(step.n2 if opts.count_hits else 0, dtype=torch.int64, device=step.device)
+    if not needs.any:
+        return step.forward_only(h, inputs, ref_scores, hits)
+    grad_rows = torch.empty_like(h) if needs.hidden else None
+    grad_w = chunks.WeightGrad(inputs.weight) if needs.weight else None
+    grad_b = chunks.BiasGrad(inputs.bias) if needs.bias else None
+    sums64 = torch.zeros(step.n2, dtype=torch.float64, device=step.device)  # see RowPlan.sequence_sums
+    # WPO: per sequence, sum_t log sum_v p_v^2 and (with LD weights) the unweighted sum_t log p_t
+    wpo64 = torch.zeros(2, step.n2, dtype=torch.float64, device=step.device) if step.with_wpo else None
+    losses = torch.empty(step.b, dtype=torch.float32, device=step.device)
+    for group in groups:
+        spans = group.spans
+        hg, yg, seq = _cat_rows(h, spans), _cat_rows(step.targets, spans), _cat_rows(step.plan.seq, spans)
+        wg = _cat_rows(step.weights, spans) if step.weights is not None else None
+        row_stats, logp, log_sum_sq = step.score_group(hg, yg, seq, group, inputs, hits)
+        sums64.index_add_(0, seq, (logp if wg is None else logp * wg).double())
+        if step.with_wpo:
+            wpo64[0].index_add_(0, seq, log_sum_sq.double())
+            if wg is not None:
+                wpo64[1].index_add_(0, seq, logp.double())
+        index, group_losses, g_of_seq = step.loss_gradient(group, sums64, ref_scores, wpo64, wg is not None)
+        losses[index] = group_losses
+        g = g_of_seq.index_select(0, seq)
+        if wg is not None:
+            g = g * wg
+        grad_h = step.group_grads(group, hg, yg, row_stats, g, inputs, needs, grad_w, grad_b)
         if grad_rows is not None:
             start = 0
             for s in spans:
                 grad_rows[s] = grad_h[start : start + s.stop - s.start]
                 start += s.stop - s.start
-    grad_hidden = plan.put(grad_rows).to(hidden.dtype) if grad_rows is not None else None
+    grad_hidden = step.plan.put(grad_rows).to(inputs.hidden.dtype) if grad_rows is not None else None
+    grad_weight = None
     if grad_w is not None:
-        grad_weight = grad_w.result() if grad_w.value is not None else torch.zeros_like(weight)
-    else:
-        grad_weight = None
+        grad_weight = grad_w.result() if grad_w.value is not None else torch.zeros_like(inputs.weight)
     grad_bias = grad_b.result() if grad_b is not None else None
     return losses.mean(), sums64.float(), ref_scores, hits, grad_hidden, grad_weight, grad_bias
 
@@ -377,13 +421,19 @@ def dpo_head_impl(
 # ----------------------------------------------------------------------------- custom op
 
 
+def _split(args) -> tuple[OpInputs, HeadOptions, Needs]:
+    """The op's positional arguments (its schema's order) by name."""
+    n, k = len(OpInputs._fields), len(Needs._fields)
+    return OpInputs(*args[:n]), from_op_args(args[n:-k]), Needs(*args[-k:])
+
+
 def _dpo_head_body(*args) -> tuple[Tensor, ...]:
-    tensors, options, needs = args[:_N_TENSORS], args[_N_TENSORS:-3], args[-3:]
-    hidden, ref_scores = tensors[0], tensors[8]
-    loss, sums, ref, hits, grad_h, grad_w, grad_b = dpo_head_impl(*tensors, from_op_args(options), *needs)
-    if ref_scores is not None and ref is ref_scores:
+    inputs, opts, needs = _split(args)
+    loss, sums, ref, hits, grad_h, grad_w, grad_b = dpo_head_impl(inputs, opts, needs)
+    if inputs.ref_scores is not None and ref is inputs.ref_scores:
         ref = ref.clone()  # a custom op's outputs may not alias its inputs or each other
-    return loss, sums, ref, hits, _or_empty(grad_h, hidden), _or_empty(grad_w, hidden), _or_empty(grad_b, hidden)
+    like = inputs.hidden
+    return loss, sums, ref, hits, _or_empty(grad_h, like), _or_empty(grad_w, like), _or_empty(grad_b, like)
 
 
 _dpo_head_op = torch.library.custom_op("fastdpo::dpo_head", _dpo_head_body, mutates_args=(), schema=op_schema())
@@ -395,27 +445,29 @@ def _or_empty(x: Tensor | None, like: Tensor) -> Tensor:
 
 @_dpo_head_op.register_fake
 def _(*args):
-    hidden, weight, bias = args[0], args[1], args[_BIAS]
-    count_hits = from_op_args(args[_N_TENSORS:-3]).count_hits
-    need_hidden, need_weight, need_bias = args[-3:]
+    inputs, opts, needs = _split(args)
+    hidden = inputs.hidden
     n2 = hidden.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     return (
         torch.empty((), **f32),
         torch.empty(n2, **f32),
         torch.empty(n2, **f32),
-        torch.empty(n2 if count_hits else 0, dtype=torch.int64, device=hidden.device),
-        torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-        torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-        torch.empty_like(bias) if need_bias else hidden.new_empty(0),
+        torch.empty(n2 if opts.count_hits else 0, dtype=torch.int64, device=hidden.device),
+        torch.empty_like(hidden) if needs.hidden else hidden.new_empty(0),
+        torch.empty_like(inputs.weight) if needs.weight else hidden.new_empty(0),
+        torch.empty_like(inputs.bias) if needs.bias else hidden.new_empty(0),
     )
+
+
+_POSITION = {name: i for i, name in enumerate(OpInputs._fields)}  # a tensor argument's place in the schema
 
 
 def _setup_context(ctx, inputs, output):
     # save_for_backward keeps the gradients while the graph is retained (a second backward
     # after backward(retain_graph=True) sees them again) and frees them with the graph.
     ctx.save_for_backward(output[4], output[5], output[6])
-    ctx.need = inputs[-3:]
+    ctx.needs = Needs(*inputs[-len(Needs._fields):])
     ctx.inputs = len(inputs)
     ctx.mark_non_differentiable(*output[1:])
     # Outputs nobody differentiates get None in backward, not zeros of their size (a zeros
@@ -425,13 +477,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *_):
     grad_h, grad_w, grad_b = ctx.saved_tensors
-    need_hidden, need_weight, need_bias = ctx.need
     grads = [None] * ctx.inputs
     if grad_loss is None:  # the loss took no part in what is differentiated
         return tuple(grads)
     # A new tensor even when grad_loss is 1: autograd may accumulate into what it is given.
-    for i, need, g in ((0, need_hidden, grad_h), (1, need_weight, grad_w), (_BIAS, need_bias, grad_b)):
-        if need and ctx.needs_input_grad[i]:
+    for name, g in (("hidden", grad_h), ("weight", grad_w), ("bias", grad_b)):
+        i = _POSITION[name]
+        if getattr(ctx.needs, name) and ctx.needs_input_grad[i]:
             grads[i] = g * grad_loss
     return tuple(grads)
 
@@ -516,8 +568,7 @@ def run_dpo_head(
     need_hidden = grad and hidden.requires_grad
     need_weight = grad and weight.requires_grad
     need_bias = grad and bias is not None and bias.requires_grad
-    loss, sums, ref, hits, _, _, _ = _dpo_head_op(
-        hidden, weight, targets, mask, count, token_weights, ref_hidden, ref_weight, ref_scores, bias, ref_bias,
-        *to_op_args(opts), need_hidden, need_weight, need_bias,
-    )
+    inputs = OpInputs(hidden, weight, targets, mask, count, token_weights, ref_hidden, ref_weight, ref_scores, bias,
+                      ref_bias)
+    loss, sums, ref, hits, _, _, _ = _dpo_head_op(*inputs, *to_op_args(opts), *Needs(need_hidden, need_weight, need_bias))
     return loss, sums, ref, hits
