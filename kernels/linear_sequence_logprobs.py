@@ -628,6 +628,7 @@ def linear_logprobs_backward(
     _check_rows("grad_rows", grad_rows, M, torch.float32, hidden.device)
     device, dtype = hidden.device, hidden.dtype
     D_pad = _padded_d(D)
+    stride_hm = stride_wv = None  # (no rows: nothing is launched)
     if M > 0:
         hidden, stride_hm = _aligned_rows(hidden, D_pad)
         weight, stride_wv = _aligned_rows(weight, D_pad)
@@ -637,31 +638,8 @@ def linear_logprobs_backward(
 
     grad_hidden = None
     if need_hidden_grad:
-        grad_hidden = torch.empty((M, D_pad), dtype=dtype, device=device)
-        if M > 0:
-            cfg = _config("bwd_h", dtype, _block_m, _block_v, _block_d)
-            splits = _splits or _num_splits(M, V, cfg, cap=_MAX_HIDDEN_SPLITS)
-            direct = splits == 1
-            if direct:
-                # float32 sums can go straight into a float32 gradient; 16-bit ones need
-                # their own float32 rows.
-                acc = grad_hidden if dtype == torch.float32 else torch.empty_like(grad_hidden, dtype=torch.float32)
-                acc = acc.view(1, M, D_pad)
-            else:
-                acc = torch.empty((splits, M, D_pad), dtype=torch.float32, device=device)
-            args = _grad_hidden_args(hidden, weight, targets, lse, grad_rows, acc, grad_hidden,
-                                     stride_hm, stride_wv, M, V, D_pad, scale, direct).values()
-            if tuned:
-                _grad_hidden_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](
-                    *args, **LAUNCH_OPTIONS)
-            else:
-                _grad_hidden_kernel[(triton.cdiv(M, cfg.block_m), splits)](
-                    *args, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
-            if not direct:
-                # Fixed-order sum over the splits (a plain reduction: no atomics), then the
-                # per-row factor the kernel left out, as the direct path applies it.
-                grad_hidden.copy_(acc.sum(0).mul_((grad_rows * scale)[:, None]))
+        grad_hidden = _grad_hidden(hidden, weight, targets, lse, grad_rows, stride_hm, stride_wv, M, V, D_pad, scale,
+                                   tuned, (_block_m, _block_v, _block_d), _splits)
         if D_pad != D:
             grad_hidden = grad_hidden[:, :D].contiguous()
 
@@ -683,6 +661,40 @@ def linear_logprobs_backward(
         if D_pad != D:
             grad_weight = grad_weight[:, :D].contiguous()
     return grad_hidden, grad_weight
+
+
+def _grad_hidden(hidden, weight, targets, lse, grad_rows, stride_hm, stride_wv, M, V, D_pad, scale, tuned, blocks,
+                 _splits):
+    """grad_hidden's launch: (M, D_pad) in hidden's dtype, the vocabulary split over ``splits``
+    programs whose float32 partial sums are added in a fixed order (no atomics)."""
+    dtype, device = hidden.dtype, hidden.device
+    _block_m, _block_v, _block_d = blocks
+    grad_hidden = torch.empty((M, D_pad), dtype=dtype, device=device)
+    if M > 0:
+        cfg = _config("bwd_h", dtype, _block_m, _block_v, _block_d)
+        splits = _splits or _num_splits(M, V, cfg, cap=_MAX_HIDDEN_SPLITS)
+        direct = splits == 1
+        if direct:
+            # float32 sums can go straight into a float32 gradient; 16-bit ones need
+            # their own float32 rows.
+            acc = grad_hidden if dtype == torch.float32 else torch.empty_like(grad_hidden, dtype=torch.float32)
+            acc = acc.view(1, M, D_pad)
+        else:
+            acc = torch.empty((splits, M, D_pad), dtype=torch.float32, device=device)
+        args = _grad_hidden_args(hidden, weight, targets, lse, grad_rows, acc, grad_hidden,
+                                 stride_hm, stride_wv, M, V, D_pad, scale, direct).values()
+        if tuned:
+            _grad_hidden_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), splits)](
+                *args, **LAUNCH_OPTIONS)
+        else:
+            _grad_hidden_kernel[(triton.cdiv(M, cfg.block_m), splits)](
+                *args, BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **LAUNCH_OPTIONS)
+        if not direct:
+            # Fixed-order sum over the splits (a plain reduction: no atomics), then the
+            # per-row factor the kernel left out, as the direct path applies it.
+            grad_hidden.copy_(acc.sum(0).mul_((grad_rows * scale)[:, None]))
+    return grad_hidden
 
 
 # --------------------------------------------------------------------------------------

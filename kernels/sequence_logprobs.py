@@ -383,26 +383,8 @@ def sequence_logprobs_forward(
         stats: (2, N, T) float32, the backward's input: per row the max of ``logits`` and
             ``log sum exp(logits - max)`` (their sum is the row logsumexp), 0 at masked rows.
     """
-    _check_logits("logits", logits)
+    has_ref, has_sq, has_cap = _check_forward_args(logits, targets, mask, ref_logits, weights, wpo_sums, softcap)
     N, T, V = logits.shape
-    _check_nt("targets", targets, (N, T), torch.int64, logits.device)
-    _check_nt("mask", mask, (N, T), torch.bool, logits.device)
-    has_ref = ref_logits is not None
-    if has_ref:
-        _check_logits("ref_logits", ref_logits, (N, T, V))
-        if ref_logits.device != logits.device:
-            raise ValueError(f"ref_logits must be on {logits.device} like logits, got {ref_logits.device}")
-    if N * T >= 2**31:
-        raise ValueError(f"logits must have fewer than 2**31 rows N*T, got N={N}, T={T}")
-
-    if weights is not None:
-        _check_nt("weights", weights, (N, T), torch.float32, logits.device)
-    has_sq = wpo_sums is not None
-    if has_sq:
-        _check_nt("wpo_sums", wpo_sums, (2, N), torch.float32, logits.device)
-    has_cap = _check_softcap(softcap)
-    if has_cap and has_ref:
-        raise ValueError("softcap applies to one model's logits: score ref_logits in a call of their own")
 
     device = logits.device
     row_vals = torch.empty((N, T), dtype=torch.float32, device=device)
@@ -473,32 +455,8 @@ def sequence_logprobs_backward(
         a NaN row where a counted target is outside [0, V); a new contiguous tensor, or
         ``logits`` itself when ``inplace``.
     """
-    _check_logits("logits", logits)
+    has_cap = _check_backward_args(logits, targets, mask, stats, grad_scores, weights, softcap, inplace)
     N, T, V = logits.shape
-    _check_nt("targets", targets, (N, T), torch.int64, logits.device)
-    _check_nt("mask", mask, (N, T), torch.bool, logits.device)
-    if not isinstance(stats, torch.Tensor):
-        raise TypeError(f"stats must be a torch.Tensor, got {type(stats).__name__}")
-    if stats.dtype != torch.float32 or tuple(stats.shape) != (2, N, T) or stats.device != logits.device:
-        raise ValueError(
-            f"stats must be a float32 (2, N, T) = {(2, N, T)} tensor on {logits.device} (the "
-            f"forward's third output), got {stats.dtype} {tuple(stats.shape)} on {stats.device}"
-        )
-    if not isinstance(grad_scores, torch.Tensor):
-        raise TypeError(f"grad_scores must be a torch.Tensor, got {type(grad_scores).__name__}")
-    if grad_scores.dtype != torch.float32:
-        raise TypeError(f"grad_scores must have dtype torch.float32, got {grad_scores.dtype}")
-    if tuple(grad_scores.shape) != (N,):
-        raise ValueError(f"grad_scores must have shape {(N,)}, got {tuple(grad_scores.shape)}")
-    if grad_scores.device != logits.device:
-        raise ValueError(f"grad_scores must be on {logits.device} like logits, got {grad_scores.device}")
-    if weights is not None:
-        _check_nt("weights", weights, (N, T), torch.float32, logits.device)
-    has_cap = _check_softcap(softcap)
-    if inplace and logits.stride(-1) != 1 and V != 1:
-        raise ValueError(f"inplace backward needs logits with unit stride in V, got strides {logits.stride()}")
-    if N * T >= 2**31:
-        raise ValueError(f"logits must have fewer than 2**31 rows N*T, got N={N}, T={T}")
 
     if inplace:
         grad = logits
@@ -526,6 +484,62 @@ def sequence_logprobs_backward(
         meta = dict(BLOCK_V=_block_v or block_v, num_warps=num_warps)
     _sequence_logprobs_bwd_kernel[grid](*args.values(), HAS_CAP=has_cap, **meta, **LAUNCH_OPTIONS)
     return grad
+
+
+def _check_forward_args(logits, targets, mask, ref_logits, weights, wpo_sums, softcap) -> tuple[bool, bool, bool]:
+    """:func:`sequence_logprobs_forward`'s arguments; returns (has_ref, has_sq, has_cap)."""
+    _check_logits("logits", logits)
+    N, T, V = logits.shape
+    _check_nt("targets", targets, (N, T), torch.int64, logits.device)
+    _check_nt("mask", mask, (N, T), torch.bool, logits.device)
+    has_ref = ref_logits is not None
+    if has_ref:
+        _check_logits("ref_logits", ref_logits, (N, T, V))
+        if ref_logits.device != logits.device:
+            raise ValueError(f"ref_logits must be on {logits.device} like logits, got {ref_logits.device}")
+    if N * T >= 2**31:
+        raise ValueError(f"logits must have fewer than 2**31 rows N*T, got N={N}, T={T}")
+
+    if weights is not None:
+        _check_nt("weights", weights, (N, T), torch.float32, logits.device)
+    has_sq = wpo_sums is not None
+    if has_sq:
+        _check_nt("wpo_sums", wpo_sums, (2, N), torch.float32, logits.device)
+    has_cap = _check_softcap(softcap)
+    if has_cap and has_ref:
+        raise ValueError("softcap applies to one model's logits: score ref_logits in a call of their own")
+    return has_ref, has_sq, has_cap
+
+
+def _check_backward_args(logits, targets, mask, stats, grad_scores, weights, softcap, inplace) -> bool:
+    """:func:`sequence_logprobs_backward`'s arguments; returns has_cap."""
+    _check_logits("logits", logits)
+    N, T, V = logits.shape
+    _check_nt("targets", targets, (N, T), torch.int64, logits.device)
+    _check_nt("mask", mask, (N, T), torch.bool, logits.device)
+    if not isinstance(stats, torch.Tensor):
+        raise TypeError(f"stats must be a torch.Tensor, got {type(stats).__name__}")
+    if stats.dtype != torch.float32 or tuple(stats.shape) != (2, N, T) or stats.device != logits.device:
+        raise ValueError(
+            f"stats must be a float32 (2, N, T) = {(2, N, T)} tensor on {logits.device} (the "
+            f"forward's third output), got {stats.dtype} {tuple(stats.shape)} on {stats.device}"
+        )
+    if not isinstance(grad_scores, torch.Tensor):
+        raise TypeError(f"grad_scores must be a torch.Tensor, got {type(grad_scores).__name__}")
+    if grad_scores.dtype != torch.float32:
+        raise TypeError(f"grad_scores must have dtype torch.float32, got {grad_scores.dtype}")
+    if tuple(grad_scores.shape) != (N,):
+        raise ValueError(f"grad_scores must have shape {(N,)}, got {tuple(grad_scores.shape)}")
+    if grad_scores.device != logits.device:
+        raise ValueError(f"grad_scores must be on {logits.device} like logits, got {grad_scores.device}")
+    if weights is not None:
+        _check_nt("weights", weights, (N, T), torch.float32, logits.device)
+    has_cap = _check_softcap(softcap)
+    if inplace and logits.stride(-1) != 1 and V != 1:
+        raise ValueError(f"inplace backward needs logits with unit stride in V, got strides {logits.stride()}")
+    if N * T >= 2**31:
+        raise ValueError(f"logits must have fewer than 2**31 rows N*T, got N={N}, T={T}")
+    return has_cap
 
 
 def _check_softcap(softcap) -> bool:

@@ -140,6 +140,28 @@ def check_loss_config(
       ``robust``, ``discopop``, ``sft`` (TRL's list: the others have no f-DPO form).
     - ``f_alpha_divergence_coef``: finite.
     """
+    types = _loss_types(loss_type)
+    beta = _checks.positive_finite("beta", beta)
+    eps = _label_smoothing(label_smoothing, types)
+    weights = _loss_weights(loss_weights, types)
+    gamma = _checks.real_number("gamma", gamma)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0 (SimPO's target reward margin), got {gamma!r}")
+    bco_delta = _bco_delta(bco_delta)
+    tau = _checks.positive_finite("discopop_tau", discopop_tau)
+    f = _checks.choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
+    if f != "reverse_kl" and not set(types) <= _F_DIVERGENCE_TYPES:
+        bad = tuple(t for t in types if t not in _F_DIVERGENCE_TYPES)
+        raise ValueError(
+            f"f_divergence_type={f!r} is only defined for loss_type in "
+            f"{tuple(sorted(_F_DIVERGENCE_TYPES))}, got {bad}: use f_divergence_type='reverse_kl' "
+            f"with them"
+        )
+    alpha = _checks.real_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
+    return LossConfig(types, beta, eps, weights, gamma, bco_delta, tau, f, alpha)
+
+
+def _loss_types(loss_type) -> tuple[str, ...]:
     if isinstance(loss_type, str):
         types = (loss_type,)
     elif isinstance(loss_type, Sequence) and all(isinstance(t, str) for t in loss_type):
@@ -155,9 +177,10 @@ def check_loss_config(
             raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {t!r}")
     if len(set(types)) != len(types):
         raise ValueError(f"loss_type lists a name twice ({types}); use loss_weights instead")
+    return types
 
-    beta = _checks.positive_finite("beta", beta)
 
+def _label_smoothing(label_smoothing, types: tuple[str, ...]) -> float:
     eps = _checks.real_number("label_smoothing", label_smoothing)
     readers = [t for t in types if t in _SMOOTHING_RANGE]
     if not readers and eps != 0.0:
@@ -172,30 +195,31 @@ def check_loss_config(
                 f"label_smoothing must be in {_interval(lo, lo_in, hi, hi_in)} for "
                 f"loss_type {t!r}, got {eps!r}"
             )
+    return eps
 
+
+def _loss_weights(loss_weights, types: tuple[str, ...]) -> tuple[float, ...]:
     if loss_weights is None:
-        weights = (1.0,) * len(types)
-    else:
-        if isinstance(loss_weights, (str, Tensor)) or not isinstance(loss_weights, Sequence):
-            raise TypeError(
-                f"loss_weights must be a sequence of numbers or None, got "
-                f"{type(loss_weights).__name__}"
-            )
-        if len(loss_weights) != len(types):
-            raise ValueError(
-                f"loss_weights must have one weight per loss type ({len(types)}: {types}), "
-                f"got {len(loss_weights)}"
-            )
-        weights = tuple(_checks.real_number("loss_weights", w) for w in loss_weights)
-        if any(w < 0 for w in weights):
-            raise ValueError(f"loss_weights must be >= 0, got {tuple(loss_weights)}")
-        if not any(w > 0 for w in weights):
-            raise ValueError(f"loss_weights must not all be 0, got {tuple(loss_weights)}")
+        return (1.0,) * len(types)
+    if isinstance(loss_weights, (str, Tensor)) or not isinstance(loss_weights, Sequence):
+        raise TypeError(
+            f"loss_weights must be a sequence of numbers or None, got "
+            f"{type(loss_weights).__name__}"
+        )
+    if len(loss_weights) != len(types):
+        raise ValueError(
+            f"loss_weights must have one weight per loss type ({len(types)}: {types}), "
+            f"got {len(loss_weights)}"
+        )
+    weights = tuple(_checks.real_number("loss_weights", w) for w in loss_weights)
+    if any(w < 0 for w in weights):
+        raise ValueError(f"loss_weights must be >= 0, got {tuple(loss_weights)}")
+    if not any(w > 0 for w in weights):
+        raise ValueError(f"loss_weights must not all be 0, got {tuple(loss_weights)}")
+    return weights
 
-    gamma = _checks.real_number("gamma", gamma)
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0 (SimPO's target reward margin), got {gamma!r}")
 
+def _bco_delta(bco_delta):
     if isinstance(bco_delta, str):
         if bco_delta != "batch":
             raise ValueError(f"bco_delta must be a number, 'batch' or a tensor, got {bco_delta!r}")
@@ -207,15 +231,4 @@ def check_loss_config(
             )
     else:
         bco_delta = _checks.real_number("bco_delta", bco_delta)
-
-    tau = _checks.positive_finite("discopop_tau", discopop_tau)
-    f = _checks.choice("f_divergence_type", f_divergence_type, F_DIVERGENCES)
-    if f != "reverse_kl" and not set(types) <= _F_DIVERGENCE_TYPES:
-        bad = tuple(t for t in types if t not in _F_DIVERGENCE_TYPES)
-        raise ValueError(
-            f"f_divergence_type={f!r} is only defined for loss_type in "
-            f"{tuple(sorted(_F_DIVERGENCE_TYPES))}, got {bad}: use f_divergence_type='reverse_kl' "
-            f"with them"
-        )
-    alpha = _checks.real_number("f_alpha_divergence_coef", f_alpha_divergence_coef)
-    return LossConfig(types, beta, eps, weights, gamma, bco_delta, tau, f, alpha)
+    return bco_delta

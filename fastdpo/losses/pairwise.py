@@ -18,10 +18,94 @@ Notation used in every docstring below::
 With ``f_divergence_type`` other than reverse KL, z is ``f'(r_w) - f'(r_l)`` instead
 (:func:`f_divergence_score`) for every type that reads z.
 
-The math lives in :func:`_per_type_loss`, one branch per loss type; everything else is argument
-checking.  All forms are written with ``logsigmoid``/``sigmoid`` of a single argument, never
+The math lives in :func:`_per_type_loss` (with :func:`_margin_loss` for the types that read
+the margin z alone and :func:`_reward_loss` for those that read each reward); everything else
+is argument checking.  All forms are written with ``logsigmoid``/``sigmoid`` of a single argument, never
 ``log(sigmoid(.))`` or ``1 - sigmoid(.)``, so they stay finite (value and gradient) for any
 finite input where the formula itself is finite, e.g. equal scores or margins of 1e4.
+
+The loss types (``r_w, r_l`` are log-ratios)::
+
+    sigmoid      -(1-eps) logsig(x) - eps logsig(-x)                  eps in [0, 0.5)
+                 DPO, Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; eps > 0 is
+                 conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy
+                 preferences").  eps = 0 is bitwise :func:`dpo_loss`.
+    robust       (-(1-eps) logsig(x) + eps logsig(-x)) / (1 - 2 eps)  eps in [0, 0.5)
+                 Provably robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409): an
+                 unbiased loss under preference flips with probability eps.  Not bounded
+                 below for eps > 0 (about -eps x / (1-2eps) for large x).
+    ipo          (z - 1/(2 beta))^2
+                 IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, beta = tau.  Its
+                 authors intend length-normalized (per-token mean) log-probs: use mean
+                 scores (fastdpo's default) or pass lengths with sum scores.
+    hinge        relu(1 - x)
+                 SLiC-HF, Zhao et al. 2023 (arXiv 2305.10425): its rank-calibration hinge
+                 with margin delta = 1/beta, scaled by beta, taken (as in TRL) on the
+                 reference-adjusted margin z rather than the raw policy margin.
+    bco_pair     -logsig(beta r_w - delta) - logsig(-(beta r_l - delta))
+                 BCO, Jung et al. 2024 (arXiv 2404.04656): a binary classifier with the
+                 implicit reward as logit, chosen = 1, rejected = 0, reward shift delta.
+    nca_pair     -logsig(beta r_w) - 1/2 logsig(-beta r_w) - 1/2 logsig(-beta r_l)
+                 NCA, Chen et al. 2024, "Noise Contrastive Alignment" (arXiv 2402.05369),
+                 the K = 2 (pairwise) case.
+    exo_pair     sig(x) (logsig(x) - log(1-eps)) + sig(-x) (logsig(-x) - log eps)
+                                                                        eps in (0, 0.5)
+                 EXO, Ji et al. 2024 (arXiv 2402.00856) eq. 16 with K = 2: the reverse KL
+                 from the model's preference distribution softmax(beta r) over the pair to
+                 the smoothed label distribution (1-eps, eps); >= 0.  eps = 1e-3 is
+                 TRL's old default; 0 is not allowed (log 0).
+    sppo_hard    (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2
+                 SPPO, Wu et al. 2024 (arXiv 2405.00675), the squared loss of its
+                 Algorithm 1 with the hard win probability P(y_w > y_l) = 1 (0 for y_l)
+                 in place of the estimated one, and eta = 1/beta.
+    apo_zero     sig(-beta r_w) + sig(beta r_l)      (= 1 - sig(beta r_w) + sig(beta r_l))
+                 APO-zero, D'Oosterlinck et al. 2024, "Anchored Preference Optimization"
+                 (arXiv 2408.06266) eq. 7: raise chosen, lower rejected likelihood.
+    apo_down     sig(beta r_w) + sig(-x)             (= sig(beta r_w) + 1 - sig(x))
+                 APO-down, same paper eq. 8: lower both, the rejected more.
+    sigmoid_norm the ``sigmoid`` loss (same eps) on z computed from per-token averages,
+                 z = (pi_w/n_w - pi_l/n_l) - (ref_w/n_w - ref_l/n_l), n = length clamped
+                 at 1.  Length-normalized DPO, Tulu 3, Lambert et al. 2024 (arXiv
+                 2411.15124).  Needs the lengths and SUM scores (with mean scores it is
+                 exactly ``sigmoid``).
+    simpo        -(1-eps) logsig(u) - eps logsig(-u),  u = beta (pi_w - pi_l) - gamma
+                                                                        eps in [0, 0.5)
+                 SimPO, Meng et al. 2024 (arXiv 2405.14734) (eps: the SimPO trainer's
+                 label smoothing).  Reference-free: ref_* are ignored and may be
+                 None.  Scores must be average log-probs (the default, or sums + lengths).
+                 The paper's beta is 2-10, not DPO's 0.1: set beta for simpo.
+    aot          -(1-eps) logsig(beta d) - eps logsig(-beta d),       eps in [0, 0.5)
+                 d = sort(pi_w - pi_l)_i - sort(ref_w - ref_l)_i  (ascending over the batch)
+                 AOT, Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via
+                 Optimal Transport" (arXiv 2406.05882), paired form: first-order stochastic
+                 dominance of the policy's margins over the reference's, by the 1-D optimal
+                 transport plan (sorting), with the logistic loss.  Entry i is the loss of
+                 the i-th smallest margins, not of pair i: the entries depend on the whole
+                 call (under data parallelism: on the rank's batch); B = 1 is ``sigmoid``.
+    aot_unpaired the same on d = sort(r_w)_i - sort(r_l)_i: the unpaired form (chosen
+                 log-ratios dominate the rejected ones as distributions).
+    discopop     (1 - sig(x/tau)) (-logsig(x)) + sig(x/tau) exp(-x)
+                 DiscoPOP's log-ratio modulated loss, Chan Lu et al. 2024, "Discovering
+                 Preference Optimization Algorithms with and for LLMs" (arXiv 2406.08414)
+                 eq. 5: the logistic loss for x < 0 blending into the exponential loss
+                 for x > 0; tau = ``discopop_tau``.
+    sft          -pi_w, the chosen completion's negative log-likelihood; its mean over the
+                 pairs is the SFT (NLL) term of RPO, Pang et al. 2024 (arXiv 2404.19733)
+                 and TRL's MPO recipe.  With MEAN scores (no lengths): -mean_i pi_w_i,
+                 each chosen completion's per-token mean NLL averaged over the pairs (RPO's
+                 length-normalized NLL).  With SUM scores and lengths: entry i is
+                 -pi_w_i * B / sum_j n_w_j, so the mean over the pairs is TRL 1.16's
+                 "sft": the NLL per chosen token over the whole batch (the total clamped
+                 at 1: a batch without chosen tokens gives 0 where TRL gives NaN).
+                 Reference-free, and unaffected by f_divergence_type.
+
+BCO's reward shift.  TRL's DPOTrainer used to keep a running mean of the batch rewards
+across steps (hidden trainer state; recent versions use delta = 0).  Here it is stateless
+and explicit: ``bco_delta`` is a number (default 0, TRL's current behaviour), a tensor the
+caller maintains (pass it detached; a (B,) tensor gives one shift per pair), or
+``"batch"``: delta = mean over this call's 2B rewards ``cat(beta r_w, beta r_l)``, detached
+-- TRL's first-step value.  With ``"batch"`` a pair's loss depends on the other pairs in
+the call (under data parallelism: on its rank's batch).
 """
 
 from __future__ import annotations
@@ -198,6 +282,17 @@ def _per_type_loss(
         # Same order of operations as dpo_loss (bitwise parity for "sigmoid" with eps == 0).
         z = (pi_w - pi_l) - (ref_w - ref_l)
 
+    if t in _MARGIN_TYPES:
+        return _margin_loss(t, z, cfg)
+    return _reward_loss(t, pi_w, pi_l, ref_w, ref_l, z, cfg)
+
+
+# The types whose loss is a function of the margin z alone; the others read each sequence's reward.
+_MARGIN_TYPES = frozenset({"sigmoid", "sigmoid_norm", "robust", "ipo", "hinge", "exo_pair", "discopop"})
+
+
+def _margin_loss(t: str, z: Tensor, cfg: LossConfig) -> Tensor:
+    beta, eps = cfg.beta, cfg.label_smoothing
     if t in ("sigmoid", "sigmoid_norm"):
         return _smoothed_sigmoid(beta * z, eps)
     if t == "robust":
@@ -219,7 +314,11 @@ def _per_type_loss(
         # finite where exp(-x) alone would overflow (x << 0: the product tends to 0, tau < 1).
         x, tau = beta * z, cfg.discopop_tau
         return -F.logsigmoid(x) * torch.sigmoid(-x / tau) + torch.exp(F.logsigmoid(x / tau) - x)
+    raise AssertionError(t)
 
+
+def _reward_loss(t: str, pi_w: Tensor, pi_l: Tensor, ref_w: Tensor, ref_l: Tensor, z: Tensor, cfg: LossConfig) -> Tensor:
+    beta = cfg.beta
     rw = beta * (pi_w - ref_w)
     rl = beta * (pi_l - ref_l)
     if t == "bco_pair":
@@ -296,88 +395,7 @@ def preference_loss(
             type ignores them.  With fastdpo's default MEAN scores, leave them out: the scores
             already are the averages.
 
-    Formulas (notation in the module docstring; ``r_w, r_l`` are log-ratios)::
-
-        sigmoid      -(1-eps) logsig(x) - eps logsig(-x)                  eps in [0, 0.5)
-                     DPO, Rafailov et al. 2023 (arXiv 2305.18290) eq. 7; eps > 0 is
-                     conservative DPO (cDPO, Mitchell 2023, "A note on DPO with noisy
-                     preferences").  eps = 0 is bitwise :func:`dpo_loss`.
-        robust       (-(1-eps) logsig(x) + eps logsig(-x)) / (1 - 2 eps)  eps in [0, 0.5)
-                     Provably robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409): an
-                     unbiased loss under preference flips with probability eps.  Not bounded
-                     below for eps > 0 (about -eps x / (1-2eps) for large x).
-        ipo          (z - 1/(2 beta))^2
-                     IPO, Azar et al. 2023 (arXiv 2310.12036) eq. 17, beta = tau.  Its
-                     authors intend length-normalized (per-token mean) log-probs: use mean
-                     scores (fastdpo's default) or pass lengths with sum scores.
-        hinge        relu(1 - x)
-                     SLiC-HF, Zhao et al. 2023 (arXiv 2305.10425): its rank-calibration hinge
-                     with margin delta = 1/beta, scaled by beta, taken (as in TRL) on the
-                     reference-adjusted margin z rather than the raw policy margin.
-        bco_pair     -logsig(beta r_w - delta) - logsig(-(beta r_l - delta))
-                     BCO, Jung et al. 2024 (arXiv 2404.04656): a binary classifier with the
-                     implicit reward as logit, chosen = 1, rejected = 0, reward shift delta.
-        nca_pair     -logsig(beta r_w) - 1/2 logsig(-beta r_w) - 1/2 logsig(-beta r_l)
-                     NCA, Chen et al. 2024, "Noise Contrastive Alignment" (arXiv 2402.05369),
-                     the K = 2 (pairwise) case.
-        exo_pair     sig(x) (logsig(x) - log(1-eps)) + sig(-x) (logsig(-x) - log eps)
-                                                                            eps in (0, 0.5)
-                     EXO, Ji et al. 2024 (arXiv 2402.00856) eq. 16 with K = 2: the reverse KL
-                     from the model's preference distribution softmax(beta r) over the pair to
-                     the smoothed label distribution (1-eps, eps); >= 0.  eps = 1e-3 is
-                     TRL's old default; 0 is not allowed (log 0).
-        sppo_hard    (r_w - 1/(2 beta))^2 + (r_l + 1/(2 beta))^2
-                     SPPO, Wu et al. 2024 (arXiv 2405.00675), the squared loss of its
-                     Algorithm 1 with the hard win probability P(y_w > y_l) = 1 (0 for y_l)
-                     in place of the estimated one, and eta = 1/beta.
-        apo_zero     sig(-beta r_w) + sig(beta r_l)      (= 1 - sig(beta r_w) + sig(beta r_l))
-                     APO-zero, D'Oosterlinck et al. 2024, "Anchored Preference Optimization"
-                     (arXiv 2408.06266) eq. 7: raise chosen, lower rejected likelihood.
-        apo_down     sig(beta r_w) + sig(-x)             (= sig(beta r_w) + 1 - sig(x))
-                     APO-down, same paper eq. 8: lower both, the rejected more.
-        sigmoid_norm the ``sigmoid`` loss (same eps) on z computed from per-token averages,
-                     z = (pi_w/n_w - pi_l/n_l) - (ref_w/n_w - ref_l/n_l), n = length clamped
-                     at 1.  Length-normalized DPO, Tulu 3, Lambert et al. 2024 (arXiv
-                     2411.15124).  Needs the lengths and SUM scores (with mean scores it is
-                     exactly ``sigmoid``).
-        simpo        -(1-eps) logsig(u) - eps logsig(-u),  u = beta (pi_w - pi_l) - gamma
-                                                                            eps in [0, 0.5)
-                     SimPO, Meng et al. 2024 (arXiv 2405.14734) (eps: the SimPO trainer's
-                     label smoothing).  Reference-free: ref_* are ignored and may be
-                     None.  Scores must be average log-probs (the default, or sums + lengths).
-                     The paper's beta is 2-10, not DPO's 0.1: set beta for simpo.
-        aot          -(1-eps) logsig(beta d) - eps logsig(-beta d),       eps in [0, 0.5)
-                     d = sort(pi_w - pi_l)_i - sort(ref_w - ref_l)_i  (ascending over the batch)
-                     AOT, Melnyk et al. 2024, "Distributional Preference Alignment of LLMs via
-                     Optimal Transport" (arXiv 2406.05882), paired form: first-order stochastic
-                     dominance of the policy's margins over the reference's, by the 1-D optimal
-                     transport plan (sorting), with the logistic loss.  Entry i is the loss of
-                     the i-th smallest margins, not of pair i: the entries depend on the whole
-                     call (under data parallelism: on the rank's batch); B = 1 is ``sigmoid``.
-        aot_unpaired the same on d = sort(r_w)_i - sort(r_l)_i: the unpaired form (chosen
-                     log-ratios dominate the rejected ones as distributions).
-        discopop     (1 - sig(x/tau)) (-logsig(x)) + sig(x/tau) exp(-x)
-                     DiscoPOP's log-ratio modulated loss, Chan Lu et al. 2024, "Discovering
-                     Preference Optimization Algorithms with and for LLMs" (arXiv 2406.08414)
-                     eq. 5: the logistic loss for x < 0 blending into the exponential loss
-                     for x > 0; tau = ``discopop_tau``.
-        sft          -pi_w, the chosen completion's negative log-likelihood; its mean over the
-                     pairs is the SFT (NLL) term of RPO, Pang et al. 2024 (arXiv 2404.19733)
-                     and TRL's MPO recipe.  With MEAN scores (no lengths): -mean_i pi_w_i,
-                     each chosen completion's per-token mean NLL averaged over the pairs (RPO's
-                     length-normalized NLL).  With SUM scores and lengths: entry i is
-                     -pi_w_i * B / sum_j n_w_j, so the mean over the pairs is TRL 1.16's
-                     "sft": the NLL per chosen token over the whole batch (the total clamped
-                     at 1: a batch without chosen tokens gives 0 where TRL gives NaN).
-                     Reference-free, and unaffected by f_divergence_type.
-
-    BCO's reward shift.  TRL's DPOTrainer used to keep a running mean of the batch rewards
-    across steps (hidden trainer state; recent versions use delta = 0).  Here it is stateless
-    and explicit: ``bco_delta`` is a number (default 0, TRL's current behaviour), a tensor the
-    caller maintains (pass it detached; a (B,) tensor gives one shift per pair), or
-    ``"batch"``: delta = mean over this call's 2B rewards ``cat(beta r_w, beta r_l)``, detached
-    -- TRL's first-step value.  With ``"batch"`` a pair's loss depends on the other pairs in
-    the call (under data parallelism: on its rank's batch).
+    Each type's formula and paper: the module docstring.
 
     Computation stays in the scores' dtype (bitwise parity with :func:`dpo_loss`); length
     division promotes to float32 at least, so bf16/fp16 counts do not round.
@@ -387,6 +405,16 @@ def preference_loss(
         discopop_tau=discopop_tau, f_divergence_type=f_divergence_type,
         f_alpha_divergence_coef=f_alpha_divergence_coef,
     )
+    _check_call(cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths)
+    return _combined_loss(
+        cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
+        chosen_lengths,
+    )
+
+
+def _check_call(cfg: LossConfig, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths,
+                rejected_lengths) -> None:
+    """:func:`preference_loss`'s tensor arguments against each other and the checked ``cfg``."""
     b = _check_scores(
         policy_chosen=policy_chosen,
         policy_rejected=policy_rejected,
@@ -418,11 +446,6 @@ def preference_loss(
             raise ValueError(
                 f"bco_delta must be 0-D or have shape ({b},), got {tuple(cfg.bco_delta.shape)}"
             )
-
-    return _combined_loss(
-        cfg, policy_chosen, policy_rejected, ref_chosen, ref_rejected, chosen_lengths, rejected_lengths,
-        chosen_lengths,
-    )
 
 
 def _combined_loss(

@@ -227,6 +227,25 @@ class KTO(PreferenceModule):
                 "mismatched sequences KTODataset's collate builds) or kl (a precomputed estimate; kl=0.0 for none)"
                 + ("; both were given" if kl is not None else "")
             )
+        ref_scores, z0 = self._reference_and_baseline(seq, batch, kl_batch, ref_logprob, ref_kl_logprob, kl)
+        policy = self._policy_input(batch)
+        sums = self.scorer.sums(policy, batch)[0]
+        scores = sums / batch.count if self.logprob_reduction == "mean" else sums
+        loss = kto_losses(scores, ref_scores, label, z0, self.config).nanmean()
+        if policy.aux is not None:  # the MoE router's load-balancing term, as TRL adds it
+            loss = loss + self.router_aux_loss_coef * policy.aux
+        if not return_metrics:
+            return loss
+        metrics = kto_metrics(scores, ref_scores, label, z0, self.beta)
+        if policy.aux is not None:
+            metrics["aux_loss"] = policy.aux.detach()
+        return loss, metrics
+
+    def _reference_and_baseline(self, seq: Tensor, batch: Batch, kl_batch: Batch | None, ref_logprob, ref_kl_logprob,
+                                kl) -> tuple[Tensor, Tensor]:
+        """The reference's (N,) scores (given, or scored) and the KL baseline ``z0``: from the KL
+        sequences (the policy's scores of them under ``no_grad``), given as ``kl``, or 0."""
+        n = seq.shape[0]
         ref_scores = _given_scores("ref_logprob", ref_logprob, n, seq)
         ref_kl = _given_scores("ref_kl_logprob", ref_kl_logprob, n, seq)
         if ref_kl is not None and (ref_scores is None or kl_batch is None):
@@ -243,18 +262,7 @@ class KTO(PreferenceModule):
             z0 = _given_kl(kl, seq)
         else:
             z0 = torch.zeros((), dtype=torch.float32, device=seq.device)
-        policy = self._policy_input(batch)
-        sums = self.scorer.sums(policy, batch)[0]
-        scores = sums / batch.count if self.logprob_reduction == "mean" else sums
-        loss = kto_losses(scores, ref_scores, label, z0, self.config).nanmean()
-        if policy.aux is not None:  # the MoE router's load-balancing term, as TRL adds it
-            loss = loss + self.router_aux_loss_coef * policy.aux
-        if not return_metrics:
-            return loss
-        metrics = kto_metrics(scores, ref_scores, label, z0, self.beta)
-        if policy.aux is not None:
-            metrics["aux_loss"] = policy.aux.detach()
-        return loss, metrics
+        return ref_scores, z0
 
     @torch.no_grad()
     def reference_scores(
