@@ -7,7 +7,7 @@ Each provider's step (:mod:`fastdpo.bench`, the same models and batch ``fastdpo 
 is built in this process, called twice untimed, then timed over three calls (the minimum is
 printed) and profiled over one (CPU activities; CUDA too on a GPU): a table of self time by op,
 largest first.  One process, one profiled call: the split says where the time goes, not a
-timing to compare (``fastdpo bench`` does that).  docs/performance.md has the medium CPU
+timing to compare (``fastdpo bench`` does that).  docs/performance-log.md has the medium CPU
 training step of ``floor`` against ``fastdpo-torch``.
 """
 

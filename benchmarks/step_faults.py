@@ -9,7 +9,7 @@ in a fresh process: two untimed calls, then ``--repeats`` calls, each measured w
 wall time is printed.  ``--no-huge-pages`` sets ``fastdpo.scoring.rows.HUGE_PAGES = False`` in the
 children (the fused head's buffers in 4 KiB pages, as before issue 25).  A step whose buffers
 are fresh memory pays a fault per 4 KiB page the first time it writes them; on a VM that is
-system time the profiler's op table does not show (docs/performance.md, "Issue 25").
+system time the profiler's op table does not show (docs/performance-log.md, "2026-12-03 · CPU: issue 25").
 """
 
 from __future__ import annotations

@@ -68,7 +68,7 @@ LAYERS: dict[str, set[str]] = {
     "kernels": set(),
     "_checks": {"kernels"},
     "_options": set(),
-    "losses": {"_checks", "_options"},
+    "losses": {"_checks"},
     "batching": {"_checks", "_options"},
     "data": {"_checks"},
     "models": {"batching", "_checks"},

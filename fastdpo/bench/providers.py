@@ -80,7 +80,7 @@ def _floor(workload: str, mode: str, cfg: Config) -> Step:
     # once, into one (M, V) buffer allocated here, outside the timed call: the cheapest way to do
     # the work, whatever it costs in memory.  A floor in chunks through a reused buffer is not a
     # floor: fastdpo's backward products take a whole pair's rows at once and beat it
-    # (docs/performance.md, "Floors").
+    # (docs/performance.md, "Floors: what the floor is").
     plan = body_plan(cfg, mode)
     top = max([1] + [m for _, _, m, _ in plan])
     hidden = torch.randn(top, cfg.dim, generator=g, device=dev, dtype=dt)

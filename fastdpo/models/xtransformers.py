@@ -11,7 +11,7 @@
 * **Packed pairs** reach the model as ``pos`` (positions restarting after the prompt), for
   causal models whose positions come from the ``pos`` they are given.  Attention by parts
   (:mod:`fastdpo.batching.attention`) takes over the ``forward`` of every ``Attend`` module for the
-  packed call (:meth:`XTransformersAdapter.segments` says which attentions it reproduces);
+  packed call (:meth:`XTransformersAdapter.can_attend_by_parts` says which attentions it reproduces);
   otherwise the mask goes in as an additive bias (:meth:`fastdpo.batching.packing.PackedLayout.additive_mask`).
 """
 

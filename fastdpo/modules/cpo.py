@@ -97,7 +97,9 @@ class CPO(PreferenceModule):
         (:func:`fastdpo.losses.reference_free.cpo_metrics`: ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins`` on ``beta * r``, ``logps/chosen``,
         ``logps/rejected`` on the scores, ``nll_loss``; not TRL's ``logits/*``, means over
-        logits this module never builds) and DPO's ``tokens/*`` and ``token_accuracy/chosen``."""
+        logits this module never builds) and DPO's ``tokens/*``; ``token_accuracy/chosen`` where
+        logits are built (the logits route, or a fused step small enough to be scored from
+        logits): the ``"fused"`` route's op counts no argmax hits."""
         batch = self._batch(preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask)
         b = preferred_seq.shape[0]
         sums, hits, _ = self._policy_sums(batch, count_hits=return_metrics)

@@ -81,8 +81,9 @@ class ORPO(PreferenceModule):
         (:func:`fastdpo.losses.reference_free.orpo_metrics`: ``rewards/chosen``, ``rewards/rejected``,
         ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
         ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``; not TRL's ``logits/*``, means
-        over logits this module never builds) and DPO's ``tokens/*`` and
-        ``token_accuracy/chosen``."""
+        over logits this module never builds) and DPO's ``tokens/*``; ``token_accuracy/chosen``
+        where logits are built (the logits route, or a fused step small enough to be scored from
+        logits): the ``"fused"`` route's op counts no argmax hits."""
         batch = self._batch(preferred_seq, unpreferred_seq, prompt_mask, preferred_seq_mask, unpreferred_seq_mask)
         b = preferred_seq.shape[0]
         # The NLL also counts the chosen prompts' tokens: scored from the same head input.

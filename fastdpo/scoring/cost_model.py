@@ -23,8 +23,7 @@ what differs is who multiplies and which rows:
   L2 on an H100).  Reference: one product.
 
 Rates (:data:`H100`): the bf16 product rate and copy bandwidth of the H100 machines lent to
-this project, from their spec sheet (measured there on 2026-11-13: 798 TFLOP/s on an 8192^3
-bf16 ``torch.mm``, ~3.0 TB/s device-to-device copy; docs/performance.md), float32 products at
+this project, from their spec sheet (and checked there: docs/performance-log.md), float32 products at
 51 TFLOP/s (IEEE, no TF32: 75% of the H100's 67 TFLOP/s), and a Triton GEMM efficiency of 50%
 of those rates.  That efficiency is an assumption, not a measurement: Triton's own Hopper
 matmul reaches 70-80% of cuBLAS on large square products, and these kernels run an exp/max/sum

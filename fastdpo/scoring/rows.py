@@ -43,7 +43,7 @@ CUDA_CHUNK_BYTES = 1 << 30
 # Logits bytes the DPO head op may keep from one group of whole pairs between its two passes
 # (logits beyond it are recomputed).  CPU: at 128 MiB one pair of 2 x 512 tokens over a 32k
 # vocabulary fits whole; a larger budget groups more pairs, which adds their logits to the
-# step's peak for little time saved on a few cores (docs/performance.md, "pair-fusion
+# step's peak for little time saved on a few cores (docs/performance-log.md, "Pair-fusion
 # budget").  CUDA: a quarter of the memory free for tensors (cudaMemGetInfo plus what torch's
 # caching allocator holds unused), at most CUDA_GROUP_CAP: 4 GiB holds 16k rows of bf16 logits
 # at V = 128256 (B = 8 pairs of 2 x 1000 completion tokens), so recomputing is the exception.
@@ -80,9 +80,9 @@ rows_per_chunk = torch_impl.rows_per_box  # rows of V logits of elem_bytes each 
 # every step: malloc maps each anew and the kernel faults its 4 KiB pages in one by one as the
 # product first writes them.  On Linux the buffers are advised as transparent huge pages
 # (madvise(MADV_HUGEPAGE): honoured where THP is "madvise" or "always"), one fault per 2 MiB.
-# Measured on a 2-core Xeon VM (torch 2.13): a (731, 32000) float32 product 103 ms into 4 KiB
-# pages, 72 ms into huge pages, 66 ms into memory already mapped.  Nothing is held between
-# calls; a buffer is freed when the step drops it, as before.  False: plain torch.empty.
+# (A product into huge pages costs little more than into memory already mapped, one into 4 KiB
+# pages much more: docs/performance-log.md, "Issue 25".)  Nothing is held between calls; a
+# buffer is freed when the step drops it.  False: plain torch.empty.
 HUGE_PAGES = True
 HUGE_PAGE_MIN_BYTES = 8 << 20  # below this, malloc's own reuse and the fault cost are small
 _HUGE = 2 << 20
@@ -126,9 +126,8 @@ class Scratch:
     """One (rows, V) buffer reused by the chunk loops of one op call (the reference's scoring,
     the policy's scoring, each group's kept logits), so that a call maps and faults in its
     buffer memory once instead of once per loop (on the CPU a fresh buffer is mapped anew and
-    the kernel zeroes each page as it is first written; measured on a 2-core Xeon VM: the small
-    bench training step 4% faster, the medium steps unchanged within noise, see
-    docs/performance.md).  A request larger than the held buffer lets the held one go before
+    the kernel zeroes each page as it is first written; docs/performance-log.md, "The evaluation
+    step's remaining time, and one buffer per call").  A request larger than the held buffer lets the held one go before
     the larger is made, so the peak is that of the largest request; the memory is freed with
     the object (nothing is held between calls).  A view it returns is overwritten by the next
     request: one user at a time."""
@@ -381,8 +380,8 @@ def kept_grads(
     without a softcap) and no bias is differentiated, the row weights ``g`` (times the scale)
     commute with both products: ``dh = g (W_y - P W)`` and ``dW = scatter_y(g h) - P^T (g h)``,
     so P meets the two products as it is and no pass over it writes ``g (onehot - P)`` first
-    (on the CPU that pass was ~30 ms of the medium bench's training step, the row terms are
-    (rows, D): 125x smaller at V = 32000, D = 256).  The two routes round differently, both
+    (the row terms are (rows, D), V / D times smaller than that pass: docs/performance-log.md,
+    "Larger products, and no gradient pass over the kept rows").  The two routes round differently, both
     to float32 accuracy (tests/test_kept_grads.py holds this one as close to float64 as the
     in-place one).  Otherwise ``kept`` becomes the logits' gradient in place (:meth:`grad_`)
     and meets the products in the weight's dtype."""

@@ -9,7 +9,7 @@
 // [-ln2/2, ln2/2] after Cody-Waite range reduction (relative error ~1e-7, the float32 level),
 // written with GCC/Clang vector extensions so that the compiler maps it onto the host's
 // vectors (AVX-512 where measured; x86-64 baseline and AVX2 builds are tested; ARM not
-// tried).  docs/performance.md ("A hand-written fold") has the figures.
+// tried).  docs/performance-log.md ("A hand-written fold") has the figures.
 //
 // Rows are addressed as (a, b) for a < A, b < B, at z + a * sa + b * sb (so a strided box of an
 // (N, T, V) tensor needs no copy); y, g and out are contiguous (A * B).  Semantics, as

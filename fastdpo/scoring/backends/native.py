@@ -5,9 +5,8 @@ Three calls over rows of float32 logits (each row's V entries contiguous): :func
 target's log-prob, nothing written), :func:`softmax` (the softmax written, in place or not, and
 the log-prob) and :func:`grad` (``g * (onehot(y) - softmax(z))`` written).  Each row is read
 twice (a max pass, then an exp pass while the row is still in cache) with four independent
-vector accumulators and a polynomial exp; on a 2-core Xeon (AVX-512) the score took about half
-the time of inductor's generated code for the same formula (docs/performance.md, "A
-hand-written fold").
+vector accumulators and a polynomial exp, which is what makes it faster than inductor's
+generated code for the same formula (docs/performance-log.md, "A hand-written fold").
 
 The shared library is compiled with the host's C++ compiler (``$CXX``, else ``c++``; ``-O3
 -march=native -fopenmp``, about 1 s) into ``$FASTDPO_CACHE`` (else ``~/.cache/fastdpo``), in a file
@@ -38,9 +37,8 @@ SOURCE = Path(__file__).with_name("cpu_fold.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread")
 # OpenMP where the compiler has it: the library then links libgomp.so.1, which on Linux is the
 # runtime torch has already loaded, so the fold's threads are torch's own (warm, and not left
-# spinning against new ones: with std::threads a (524, 32000) score took 12-23 ms inside the
-# medium step against 9 ms with OpenMP).  Without it (Apple's clang) the fold starts
-# std::threads.
+# spinning against new ones, which std::threads were, inside a step: docs/performance-log.md,
+# "A hand-written fold").  Without it (Apple's clang) the fold starts std::threads.
 OPENMP = "-fopenmp"
 
 _lib: list = []  # [CDLL] once loaded, [None] once failed

@@ -47,7 +47,7 @@ from . import native
 # of the box stays in its L2 cache across the box's passes (and under glibc's mmap threshold,
 # so its temporary is not faulted in anew at every call).  None: that rule, read at call time
 # (:func:`box_bytes`); a number of bytes overrides it (tests shrink it to exercise box
-# boundaries).  Measured in docs/performance.md ("Budgets").
+# boundaries).  The measurements behind it: docs/performance-log.md, "Budgets".
 BOX_BYTES: int | None = None
 BOX_BYTES_RANGE = (1 << 20, 32 << 20)
 _FALLBACK_L2 = 1 << 20  # where the host does not say (not Linux): a common L2 size
@@ -57,7 +57,7 @@ def box_bytes() -> int:
     """The box budget: :data:`BOX_BYTES` when set, else one L2 cache per thread (torch's
     intra-op threads at call time times the L2 size of a core, :func:`l2_cache_bytes`), within
     :data:`BOX_BYTES_RANGE`.  Softmax splits a box's rows over the threads, so each thread's
-    rows then fit its own L2 (2-core Xeon: 4 MiB at 2 threads, 2 MiB at 1)."""
+    rows then fit its own L2."""
     if BOX_BYTES is not None:
         return BOX_BYTES
     low, high = BOX_BYTES_RANGE
@@ -168,11 +168,10 @@ def row_logprobs(z: Tensor, y: Tensor, sq_out: Tensor | None = None) -> Tensor:
 # writes every probability; ``logsumexp`` builds temporaries), so on the CPU, where the C++ fold
 # (fastdpo.scoring.backends.native) does not take the rows (16-bit logits, or no compiler), the formula below
 # goes through inductor's C++ backend (``torch.compile``, sizes dynamic: one compilation per
-# dtype, cached on disk by inductor: the first call of a process pays ~7 s with a warm cache,
-# ~13 s cold, on a 2-core Xeon VM).  Measured there: 0.6-0.8x the time of the boxed ATen
-# softmax on a chunk, 2-4% off the small and medium bench steps (docs/performance.md,
-# "Compiled score").  Calls under COMPILE_MIN_ELEMENTS logits keep the ATen path: there the
-# compile and the ~50 us a call costs to dispatch are not paid back.  False, or
+# dtype, cached on disk by inductor: the first large call of a process pays the compilation),
+# faster than the boxed ATen softmax on a chunk (docs/performance-log.md, "Compiled score").
+# Calls under COMPILE_MIN_ELEMENTS logits keep the ATen path: there the compilation and each
+# call's dispatch are not paid back.  False, or
 # FASTDPO_COMPILE=0 in the environment: the ATen path everywhere.  Where compiling fails (no
 # C++ compiler, say) the ATen path is used, with one warning.
 COMPILE = os.environ.get("FASTDPO_COMPILE", "1") != "0"
@@ -410,7 +409,7 @@ def backward_from_probs(
 def chunk_slices(m: int, rows: int, start: int = 0) -> list[slice]:
     """[start, m) cut into as few slices of at most ``rows`` rows as it takes, as even as
     possible, so no slice is a short remainder (a product's time per row grows as its rows
-    fall to a few hundred on the CPU: docs/performance.md, "Larger products").  The head's
+    fall to a few hundred on the CPU: docs/performance-log.md, "Larger products, and no gradient pass over the kept rows").  The head's
     chunks (:mod:`fastdpo.scoring.rows`) and a fold's cache-sized parts are cut this way."""
     n = -(-(m - start) // rows) if m > start else 0
     return [slice(start + (m - start) * i // n, start + (m - start) * (i + 1) // n) for i in range(n)]
