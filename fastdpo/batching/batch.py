@@ -17,17 +17,30 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .. import _checks
-from .._checks import no
+from .._checks import Verdict, no
 from . import packing
 
-if TYPE_CHECKING:  # (an adapter is asked, never imported: fastdpo.models sits above this package)
-    from ..models import ModelAdapter
+
+class ModelAnswers(Protocol):
+    """What building a batch asks of the policy's model: the answers its adapter gives
+    (:class:`fastdpo.models.ModelAdapter`, which sits above this package and is never imported
+    here)."""
+
+    def vocab_size(self) -> int | None: ...
+
+    def check_padding(self, name: str, mask: Tensor | None) -> bool: ...
+
+    def can_pack(self) -> Verdict: ...
+
+    def can_attend_by_parts(self) -> Verdict: ...
+
+    def can_take_dense_mask(self) -> Verdict: ...
 
 PACKINGS = ("none", "pair", "batch", "auto")
 PACK_ATTENTIONS = ("auto", "segments", "dense")
@@ -60,7 +73,7 @@ class Batch:
 @dataclass(frozen=True, eq=False)
 class Padding:
     """Where the real tokens of a padded batch's inputs (N, T) are, for a family that must be
-    told (:meth:`ModelAdapter.check_padding`; a Hugging Face model given left padding)."""
+    told (:meth:`fastdpo.models.ModelAdapter.check_padding`; a Hugging Face model given left padding)."""
 
     mask: Tensor  # (N, T) int64, 1 on a real token, 0 on padding (a tokenizer's attention_mask)
     pos: Tensor  # (N, T) int64, each real token's position in its unpadded sequence (0 on leading padding)
@@ -86,7 +99,7 @@ def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed
     return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed, padding=padding, real=real)
 
 
-def model_padding(adapter: ModelAdapter, alignment: str, masks: dict[str, Tensor | None], like: Tensor) -> Padding | None:
+def model_padding(adapter: ModelAnswers, alignment: str, masks: dict[str, Tensor | None], like: Tensor) -> Padding | None:
     """The :class:`~fastdpo.models.Padding` of the inputs of the sequences whose masks are
     ``masks`` (name -> (n, L) bool or None, stacked in this order; ``like`` a mask of that
     shape), when ``adapter`` must be told of it (:meth:`~fastdpo.models.ModelAdapter.check_padding`
@@ -124,7 +137,7 @@ class PackingPlan:
     length: int | None = None  # "batch": the slots a row holds (None: the longest packed pair)
 
 
-def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int | None) -> PackingPlan:
+def plan_packing(adapter: ModelAnswers, layout: str, attention: str, length: int | None) -> PackingPlan:
     """The :class:`PackingPlan` a module with the policy ``adapter`` takes for the asked ``layout``
     (:data:`PACKINGS`), ``attention`` (:data:`PACK_ATTENTIONS`) and ``length``.
 
@@ -170,7 +183,7 @@ def plan_packing(adapter: ModelAdapter, layout: str, attention: str, length: int
 
 
 def pair_batch(
-    adapter_on: Callable[[torch.device], ModelAdapter], preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
+    adapter_on: Callable[[torch.device], ModelAnswers], preferred: Tensor, unpreferred: Tensor, prompt_mask: Tensor,
     pref_mask: Tensor | None, unpref_mask: Tensor | None, *, pad_id: int | None, alignment: str,
     packing_plan: PackingPlan = PackingPlan("none"), check_packed: Callable[..., None] | None = None,
 ) -> Batch:
@@ -232,7 +245,7 @@ def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor 
 
 
 def unpaired_batch(
-    adapter_on: Callable[[torch.device], ModelAdapter], seq: Tensor, prompt_mask: Tensor, seq_mask: Tensor | None,
+    adapter_on: Callable[[torch.device], ModelAnswers], seq: Tensor, prompt_mask: Tensor, seq_mask: Tensor | None,
     *, pad_id: int | None, alignment: str, names: tuple[str, str, str] = ("seq", "prompt_mask", "seq_mask"),
 ) -> Batch:
     """The :class:`Batch` of N unpaired sequences ``seq`` (N, L), each scored on its completion
@@ -256,7 +269,7 @@ def unpaired_batch(
     return make_batch(seq, keep, alignment, padding=padding, real=seq_mask)
 
 
-def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAdapter:
+def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAnswers:
     _checks.integer_tokens("preferred_seq", preferred, ndim=2)
     _checks.integer_tokens("unpreferred_seq", unpreferred, ndim=2)
     shape = tuple(preferred.shape)
