@@ -302,11 +302,20 @@ def given_reference_scores(pref: Tensor | None, unpref: Tensor | None, b: int, l
         return None
     if (pref is None) != (unpref is None):
         raise ValueError("give both ref_preferred_logprob and ref_unpreferred_logprob, or neither")
-    for name, x in (("ref_preferred_logprob", pref), ("ref_unpreferred_logprob", unpref)):
-        _checks.tensor(name, x, ndim=1)
-        if x.shape[0] != b:
-            raise ValueError(f"{name} must have shape ({b},), got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
-        _checks.same_device(preferred_seq=like, **{name: x})
-    return torch.cat((pref, unpref)).detach().float()
+    pref = given_scores("ref_preferred_logprob", pref, b, like, "preferred_seq")
+    unpref = given_scores("ref_unpreferred_logprob", unpref, b, like, "preferred_seq")
+    return torch.cat((pref, unpref))
+
+
+def given_scores(name: str, x: Tensor | None, n: int, like: Tensor, like_name: str) -> Tensor | None:
+    """A precomputed (n,) score vector ``name``, checked (on the device of ``like``, the
+    argument ``like_name``), as detached float32; None if not given."""
+    if x is None:
+        return None
+    _checks.tensor(name, x, ndim=1)
+    if x.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
+    _checks.same_device(**{like_name: like, name: x})
+    return x.detach().float()

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .. import _checks
 from .._options import option
-from ..batching.batch import Batch, unpaired_batch
+from ..batching.batch import Batch, given_scores, unpaired_batch
 from ..batching.options import PackingOptions, TokenOptions
 from ..losses.kto import KTO_LOSS_TYPES, check_kto_config, kl_baseline, kto_losses, kto_metrics
 from ..scoring.options import ComputeOptions
@@ -26,19 +26,6 @@ from .base import PreferenceModule
 from .options import with_options
 
 __all__ = ["KTO", "KTOOptions", "KTO_LOSS_TYPES"]
-
-
-def _given_scores(name: str, x: Tensor | None, n: int, like: Tensor) -> Tensor | None:
-    """A precomputed (N,) score vector, checked, as detached float32; None if not given."""
-    if x is None:
-        return None
-    _checks.tensor(name, x, ndim=1)
-    if x.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a float tensor, got dtype {x.dtype}")
-    _checks.same_device(seq=like, **{name: x})
-    return x.detach().float()
 
 
 def _check_label(label, n: int, like: Tensor) -> Tensor:
@@ -246,8 +233,8 @@ class KTO(PreferenceModule):
         """The reference's (N,) scores (given, or scored) and the KL baseline ``z0``: from the KL
         sequences (the policy's scores of them under ``no_grad``), given as ``kl``, or 0."""
         n = seq.shape[0]
-        ref_scores = _given_scores("ref_logprob", ref_logprob, n, seq)
-        ref_kl = _given_scores("ref_kl_logprob", ref_kl_logprob, n, seq)
+        ref_scores = given_scores("ref_logprob", ref_logprob, n, seq, "seq")
+        ref_kl = given_scores("ref_kl_logprob", ref_kl_logprob, n, seq, "seq")
         if ref_kl is not None and (ref_scores is None or kl_batch is None):
             raise ValueError("ref_kl_logprob goes with ref_logprob and kl_seq")
         if ref_scores is not None and kl_batch is not None and ref_kl is None:
