@@ -2,7 +2,7 @@
 
 ``from fastdpo import DPO`` is a drop-in for ``from x_transformers.dpo import DPO``; ``ORPO`` and
 ``CPO`` (with SimPO and AlphaPO) are the reference-free families, ``KTO`` the unpaired one, on
-the same fused head.  ``fastdpo.train.run.train(TrainConfig(...))`` (``fastdpo train`` on the command
+the same fused head.  ``fastdpo.train.train(TrainConfig(...))`` (``fastdpo train`` on the command
 line) trains a Hugging Face causal LM on text preference records.
 """
 
@@ -19,7 +19,7 @@ from .modules.kto import KTO
 from .modules.orpo import ORPO
 from .scoring.linear_op import linear_sequence_logprobs
 from .scoring.logits_op import sequence_logprobs, sequence_logprobs_pair, sequence_logprobs_with_reference
-from .train.run import TrainConfig
+from .train.config import TrainConfig
 
 __all__ = [
     "DPO",

@@ -9,7 +9,7 @@
                      (:mod:`fastdpo.kernel_report`; its arguments pass through).
 ``fastdpo train``    DPO on a Hugging Face causal LM from JSONL preference records to a saved
                      model (or LoRA adapters), with evaluation, metrics.jsonl, curves,
-                     checkpoints that resume exactly and torchrun/DDP (:mod:`fastdpo.train.run`).
+                     checkpoints that resume exactly and torchrun/DDP (:mod:`fastdpo.train`).
 
 argparse, not click or typer: four subcommands with flat options need nothing more, the
 standard library adds no dependency to a library that users ``pip install`` for its loss,
@@ -29,7 +29,7 @@ CHECK_GRAD_RTOL = 1e-5
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, bench
-    from .train import run as train_cli
+    from .train import command as train_cli
 
     parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: fused, exact DPO losses")
     parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")

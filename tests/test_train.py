@@ -30,6 +30,7 @@ pytest.importorskip("tokenizers")
 
 import fastdpo.scoring.logits_op  # noqa: E402
 from fastdpo import cli  # noqa: E402
+from fastdpo.train import command as train_command  # noqa: E402
 from fastdpo.train import run as train_mod  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -331,10 +332,10 @@ def _torchrun_worker(root: Path, runs: dict[str, list[str]]) -> None:
 
     torch.distributed.init_process_group("gloo")
     parser = argparse.ArgumentParser()
-    train_mod.add_arguments(parser)
-    procs = train_mod.Processes(None)
+    train_command.add_arguments(parser)
+    procs = train_command.Processes(None)
     for name, options in runs.items():
-        run = train_mod.Run(train_mod.config_from_args(parser.parse_args(options)), procs)
+        run = train_mod.Run(train_command.config_from_args(parser.parse_args(options)), procs)
         run.fit()
         if name == "fsdp":
             trained = {k: p.full_tensor() for k, p in run.dpo.policy_model.named_parameters()}

@@ -1,6 +1,9 @@
 """``fastdpo train``: DPO on a Hugging Face causal LM, from preference records to a saved model.
 
-* :mod:`.run` -- the run: :class:`~.run.TrainConfig`, :func:`~.run.train`, the command line;
+* :mod:`.config` -- :class:`~.config.TrainConfig` (one field per option) and its checks;
+* :mod:`.command` -- the command line: the options, the config they make, the command;
+* :mod:`.run` -- the run (:class:`~.run.Run`, :func:`~.run.train`);
+* :mod:`.processes` -- one process, or those torchrun starts;
 * :mod:`.io` -- what a run reads and writes (models, records, checkpoints, metrics);
 * :mod:`.fsdp` -- ``--fsdp``: the models sharded with FSDP2, and their whole states.
 
@@ -8,6 +11,7 @@ May import anything below it: :mod:`fastdpo.modules`, :mod:`fastdpo.data`, :mod:
 :mod:`fastdpo.losses` (tests/test_architecture.py holds it to that).
 """
 
-from .run import TrainConfig, train
+from .config import TrainConfig
+from .run import train
 
 __all__ = ["TrainConfig", "train"]

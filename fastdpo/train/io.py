@@ -1,4 +1,4 @@
-"""What ``fastdpo train`` (:mod:`fastdpo.train.run`) reads and writes: the model and tokenizer of a
+"""What ``fastdpo train`` (:mod:`fastdpo.train`) reads and writes: the model and tokenizer of a
 ``save_pretrained`` directory, the preference records (JSONL, or a ``datasets`` directory
 saved with ``save_to_disk``), checkpoints that resume a run exactly, the progress bar,
 ``metrics.jsonl`` and the curves' PNG.

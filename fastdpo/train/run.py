@@ -32,165 +32,29 @@ has the same model with its adapters off as its reference.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
 import random
-import sys
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..data.text import TokenizedPreferenceDataset
-from ..losses.config import LOSS_TYPES
 from ..models import adapter_for
 from ..models.wrappers import model_class
 from ..modules.dpo import DPO, precompute_reference_scores
 from . import fsdp as train_fsdp
 from . import io
+from .config import CHANGEABLE_ON_RESUME, TrainConfig, check_config
+from .processes import Processes
 
-__all__ = ["TrainConfig", "train", "add_arguments", "config_from_args", "main_from_args"]
+__all__ = ["Run", "train"]
 
 BATCH_KEYS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask")
 # Logged per step and per evaluation: the loss and what fastdpo.DPO(return_metrics=True) gives.
 LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
-# Options a resumed run may change: they do not touch the trajectory of the weights.
-CHANGEABLE_ON_RESUME = {"out", "resume", "eval", "eval_every", "save_every", "log_every", "progress", "device"}
-
-
-@dataclass
-class TrainConfig:
-    """A training run; each field is the ``fastdpo train`` option of the same name
-    (``fastdpo train --help``).  Defaults follow TRL 1.16's ``DPOConfig`` where it has one
-    (beta 0.1, lr 1e-6, batch 8, max_length 1024, keep_start truncation, max_grad_norm 1)."""
-
-    model: str
-    data: str
-    out: str
-    eval: str | None = None
-    eval_fraction: float | None = None
-    loss_type: str | list[str] = "sigmoid"
-    loss_weights: list[float] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    logprob_reduction: str = "sum"
-    mask_alignment: str = "target"
-    head: str = "auto"
-    packing: str = "none"
-    lora: int = 0
-    lora_alpha: float | None = None
-    precompute_reference: bool = False
-    epochs: int = 1
-    steps: int | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    max_length: int | None = 1024
-    truncation_mode: str = "keep_start"
-    seed: int = 0
-    dtype: str = "float32"
-    device: str | None = None
-    fsdp: bool = False
-    eval_every: int = 0
-    save_every: int = 0
-    log_every: int = 1
-    resume: str | None = None
-    progress: bool = True
-
-
-def check_config(c: TrainConfig) -> TrainConfig:
-    """``c`` checked (one-line ``ValueError`` naming the option), with absolute paths."""
-    def at_least(name, value, low, none_ok=False):
-        if value is None and none_ok:
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-
-    io.check_model_dir(c.model)
-    for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("eval_every", 0),
-                      ("save_every", 0), ("log_every", 1), ("lora", 0), ("seed", 0)):  # fmt: skip
-        at_least(name, getattr(c, name), low)
-    at_least("steps", c.steps, 1, none_ok=True)
-    at_least("max_length", c.max_length, 2, none_ok=True)
-    if not c.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {c.lr}")
-    if not (c.max_grad_norm >= 0 and c.weight_decay >= 0):
-        raise ValueError(f"--max-grad-norm and --weight-decay must be >= 0, got {c.max_grad_norm}, {c.weight_decay}")
-    if c.eval is not None and c.eval_fraction is not None:
-        raise ValueError("give --eval FILE or --eval-fraction F, not both")
-    if c.eval_fraction is not None and not 0 < c.eval_fraction < 1:
-        raise ValueError(f"--eval-fraction must be in (0, 1), got {c.eval_fraction}")
-    if c.dtype not in (*io.DTYPES, "auto"):
-        raise ValueError(f"--dtype must be one of {', '.join((*io.DTYPES, 'auto'))}, got {c.dtype!r}")
-    if c.truncation_mode not in ("keep_start", "keep_end"):
-        raise ValueError(f"--truncation-mode must be keep_start or keep_end, got {c.truncation_mode!r}")
-    if c.eval_every and c.eval is None and c.eval_fraction is None:
-        raise ValueError("--eval-every needs an eval set: --eval FILE or --eval-fraction F")
-    if c.lora_alpha is not None and not c.lora:
-        raise ValueError("--lora-alpha needs --lora R")
-    paths = {k: str(Path(v).resolve()) for k in ("model", "data", "eval", "out") if (v := getattr(c, k)) is not None}
-    c = dataclasses.replace(c, **paths)
-    for option, path in (("--data", c.data), ("--eval", c.eval)):
-        if path is not None and not Path(path).exists():
-            raise ValueError(f"{option} {path}: no such file or directory")
-    out = Path(c.out)
-    if c.resume is None and out.is_dir() and ((out / io.CONFIG_FILE).exists() or io.latest_checkpoint(out)):
-        raise ValueError(f"--out {c.out} holds a previous run: pass --resume to continue it, or another --out")
-    return c
-
-
-# ----------------------------------------------------------------------------- processes
-
-
-class Processes:
-    """This process's place under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``): one
-    process when ``WORLD_SIZE`` is unset or 1."""
-
-    def __init__(self, device: str | None):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0")) if self.world > 1 else 0
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if dev.type == "cuda" and dev.index is None and self.world > 1:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        self.device = dev
-        self.started = False
-        if self.world > 1 and not torch.distributed.is_initialized():
-            if dev.type == "cuda":
-                torch.cuda.set_device(dev)
-            torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-            self.started = True
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
-    def gather(self, obj) -> list:
-        """Every process's ``obj`` on process 0 (None elsewhere)."""
-        if self.world == 1:
-            return [obj]
-        out = [None] * self.world if self.main else None
-        torch.distributed.gather_object(obj, out, dst=0)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.started:
-            torch.distributed.destroy_process_group()
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -533,114 +397,3 @@ def train(config: TrainConfig) -> dict:
         return Run(config, procs).fit()
     finally:
         procs.close()
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _max_length(text: str) -> int | None:
-    return None if text.lower() == "none" else int(text)
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """``fastdpo train``'s options (each a :class:`TrainConfig` field)."""
-    d = TrainConfig(model="", data="", out="")
-    g = p.add_argument_group("data and model")
-    g.add_argument("--model", required=True, metavar="DIR",
-                   help="a save_pretrained directory: AutoModelForCausalLM + AutoTokenizer (the reference model too)")
-    g.add_argument("--data", required=True, metavar="FILE",
-                   help='training records {"prompt", "chosen", "rejected"} (plain text or chat messages): a JSONL '
-                        "file, or a datasets directory saved with save_to_disk (its 'train' split)")
-    g.add_argument("--eval", metavar="FILE", help="eval records, as --data")
-    g.add_argument("--eval-fraction", type=float, metavar="F", help="hold out this fraction of --data (drawn by --seed)")
-    g.add_argument("--out", required=True, metavar="DIR",
-                   help="the trained model (or adapters), tokenizer, metrics.jsonl, curves.png, checkpoint-N/")
-    g.add_argument("--max-length", type=_max_length, default=d.max_length, metavar="N",
-                   help=f"truncate prompt+completion to N tokens, as TRL (default {d.max_length}; none: never)")
-    g.add_argument("--truncation-mode", choices=["keep_start", "keep_end"], default=d.truncation_mode)
-    g.add_argument("--dtype", choices=[*io.DTYPES, "auto"], default=d.dtype,
-                   help="the model's dtype (default float32; auto: its config's)")
-    g = p.add_argument_group("the loss (fastdpo.DPO's options)")
-    g.add_argument("--loss", dest="loss_type", nargs="+", choices=LOSS_TYPES, default=[d.loss_type], metavar="TYPE",
-                   help=f"loss type(s), default {d.loss_type}: {', '.join(LOSS_TYPES)}")
-    g.add_argument("--loss-weights", type=float, nargs="+", metavar="W", help="one weight per --loss type")
-    g.add_argument("--beta", type=float, default=d.beta, help=f"default {d.beta}")
-    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    g.add_argument("--logprob-reduction", choices=["sum", "mean"], default=d.logprob_reduction,
-                   help="sequence score: sum of token log-probs (default, TRL's) or their mean (x-transformers')")
-    g.add_argument("--mask-alignment", choices=["target", "input"], default=d.mask_alignment,
-                   help="default target (TRL's); input: x-transformers'")
-    g.add_argument("--head", choices=["auto", "fused", "logits"], default=d.head,
-                   help="auto: the fused head where the model allows it (default)")
-    g.add_argument("--packing", choices=["none", "pair", "batch", "auto"], default=d.packing)
-    g.add_argument("--precompute-reference", action="store_true",
-                   help="score the reference once before training (fastdpo.precompute_reference_scores); a full "
-                        "fine-tuning run then drops its reference copy")
-    g.add_argument("--lora", type=int, default=d.lora, metavar="R",
-                   help="train peft LoRA adapters of rank R on the attention projections (reference: adapters off)")
-    g.add_argument("--lora-alpha", type=float, metavar="A", help="LoRA's alpha (default 2 R)")
-    g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
-    g.add_argument("--steps", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per process per micro-batch (default {d.batch_size})")
-    g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K", help="micro-batches per step")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW's peak learning rate (default {d.lr:g})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warmup, then linear decay to 0")
-    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm, help="clip (default 1.0; 0: off)")
-    g.add_argument("--seed", type=int, default=d.seed, help="data order, eval split, LoRA's initial weights")
-    g.add_argument("--device", help="default: cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the policy and reference with FSDP2's fully_shard instead of DDP")
-    g = p.add_argument_group("reporting and checkpoints")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N", help="evaluate every N steps (and at the end)")
-    g.add_argument("--save-every", type=int, default=d.save_every, metavar="N", help="checkpoint every N steps")
-    g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="a metrics.jsonl row every N steps")
-    g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue exactly from a checkpoint directory (alone: the latest in --out); pass the "
-                        "run's options again")
-    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    if len(values["loss_type"]) == 1:
-        values["loss_type"] = values["loss_type"][0]
-    return TrainConfig(**values)
-
-
-def _one_line_warnings():
-    """A ``warnings.showwarning`` printing each distinct warning once, as one line (the policy
-    and the reference model can warn the same thing)."""
-    seen = set()
-
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
-        text = (str(message).strip().splitlines() or [category.__name__])[0]
-        if text not in seen:
-            seen.add(text)
-            print(f"fastdpo train: warning: {text}", file=sys.stderr, flush=True)
-
-    return show
-
-
-def main_from_args(args: argparse.Namespace) -> int:
-    """``fastdpo train``: a mistake in the setup is one line on stderr (exit code 2), as is
-    each warning."""
-    with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warnings()
-        procs = None
-        try:
-            config = config_from_args(args)
-            procs = Processes(config.device)
-            run = Run(config, procs)
-        except ValueError as e:
-            print(f"fastdpo train: error: {e}", file=sys.stderr, flush=True)
-            if procs is not None:
-                procs.close()
-            return 2
-        try:
-            run.fit()
-        finally:
-            procs.close()
-    return 0
