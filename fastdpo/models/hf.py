@@ -381,20 +381,59 @@ def _attention_by_parts(module, query, key, value, attention_mask, scaling=None,
 @contextmanager
 def _attending_by_parts(lm: nn.Module, layout: PackedLayout) -> Iterator[None]:
     """``lm`` attends by parts of ``layout`` for the duration: its attention implementation
-    switched to :data:`ATTENTION_NAME` (registered with transformers once) and back."""
+    switched to :data:`ATTENTION_NAME` (registered with transformers once) and back; a layer
+    under gradient checkpointing attends by parts again when backward recomputes it
+    (:func:`_recomputing_by_parts`)."""
     from transformers import AttentionInterface
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, _attention_by_parts)
+    parts = SegmentAttention(layout)
+    with _by_parts_in(lm, parts), _recomputing_by_parts(lm, parts):
+        yield
+
+
+@contextmanager
+def _by_parts_in(lm: nn.Module, parts: SegmentAttention) -> Iterator[None]:
     config = lm.config
     before = config._attn_implementation
-    token = _by_parts.set(SegmentAttention(layout))
+    token = _by_parts.set(parts)
     config._attn_implementation = ATTENTION_NAME
     try:
         yield
     finally:
         config._attn_implementation = before
         _by_parts.reset(token)
+
+
+@contextmanager
+def _recomputing_by_parts(lm: nn.Module, parts: SegmentAttention) -> Iterator[None]:
+    """For the duration, each checkpointed layer of ``lm`` (transformers' gradient checkpointing,
+    which recomputes a layer's forward in backward, after the call has returned and the
+    attention switched back) gets a checkpoint function whose recompute attends by ``parts``:
+    otherwise the recompute would attend across the packed segments (the number of saved
+    tensors would differ, or worse, not).  Whatever checkpoint function the user enabled
+    (reentrant or not, offloading) still runs."""
+    swapped = []
+    for module in lm.modules():
+        checkpoint = module.__dict__.get("_gradient_checkpointing_func")
+        if checkpoint is None or not getattr(module, "gradient_checkpointing", False):
+            continue
+
+        def by_parts(function, *args, _checkpoint=checkpoint, **kwargs):
+            def again(*a, **kw):
+                with _by_parts_in(lm, parts):
+                    return function(*a, **kw)
+
+            return _checkpoint(again, *args, **kwargs)
+
+        module._gradient_checkpointing_func = by_parts
+        swapped.append((module, checkpoint))
+    try:
+        yield
+    finally:
+        for module, checkpoint in swapped:
+            module._gradient_checkpointing_func = checkpoint
 
 
 # -------------------------------------------------------------------------------- the adapter
