@@ -32,12 +32,14 @@ import fastdpo.scoring.logits_op  # noqa: E402
 from fastdpo import cli  # noqa: E402
 from fastdpo.train import command as train_command  # noqa: E402
 from fastdpo.train import run as train_mod  # noqa: E402
+from fastdpo.train.methods import PAIR_METRICS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant :{% endif %}")  # fmt: skip
 QUIET = ["--no-progress", "--log-every", "1"]
+LOGGED = ("loss", *PAIR_METRICS)  # what a DPO run logs
 SMALL_ELEMENTS = fastdpo.scoring.logits_op.SMALL_ELEMENTS  # (as imported: tests/conftest.py patches it per test)
 
 
@@ -281,7 +283,7 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     assert [r["pairs"] for r in r1] == [4, 4, 10, 4, 4, 10]  # train rows of 4 pairs, evals of all 10
     for a, b in zip(r1, r2):
         assert a.keys() == b.keys()
-        for k in (*train_mod.LOGGED, "grad_norm") if a["split"] == "train" else train_mod.LOGGED:
+        for k in (*LOGGED, "grad_norm") if a["split"] == "train" else LOGGED:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], a["split"], k)
     # The weights after 4 AdamW steps of lr 1e-2 (each moved ~2.5e-2): measured 1e-7 apart, but
     # 1.2e-5 on the head row of one letter.  Adam divides each gradient element by its own RMS,
@@ -338,7 +340,7 @@ def _torchrun_worker(root: Path, runs: dict[str, list[str]]) -> None:
         run = train_mod.Run(train_command.config_from_args(parser.parse_args(options)), procs)
         run.fit()
         if name == "fsdp":
-            trained = {k: p.full_tensor() for k, p in run.dpo.policy_model.named_parameters()}
+            trained = {k: p.full_tensor() for k, p in run.module.policy_model.named_parameters()}
             if procs.main:
                 torch.save(trained, root / name / "trained.pt")
     torch.distributed.destroy_process_group()
@@ -392,7 +394,7 @@ def test_fsdp_matches_one_process_and_ddp(fsdp_runs):
         # rewards/accuracies (the share of pairs whose margin is > 0) is the share of rounding
         # signs (measured 0 in one process, 1/8 in two).  Its margins are still compared.
         for a, b in zip(r1, r2):
-            for k in (*train_mod.LOGGED, "grad_norm") if a["split"] == "train" else train_mod.LOGGED:
+            for k in (*LOGGED, "grad_norm") if a["split"] == "train" else LOGGED:
                 if k == "rewards/accuracies" and one == "one-precomputed" and (a["split"], a["step"]) == ("train", 1):
                     continue
                 assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (two, one, a["step"], a["split"], k)

@@ -276,8 +276,9 @@ class _Ragged:
         import pyarrow.compute as pc  # present wherever a datasets.Dataset is
 
         column = column.combine_chunks()
-        lengths = torch.from_numpy(pc.list_value_length(column).to_numpy(zero_copy_only=False)).long()
-        values = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False)).long()
+        # (copies: arrow's arrays are read-only, which torch.from_numpy warns of)
+        lengths = torch.tensor(pc.list_value_length(column).to_numpy(zero_copy_only=False), dtype=torch.long)
+        values = torch.tensor(column.flatten().to_numpy(zero_copy_only=False), dtype=torch.long)
         return cls(values, lengths)
 
     def __getitem__(self, i: int) -> Tensor:

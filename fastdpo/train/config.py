@@ -7,35 +7,61 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import io
+from . import io, methods
 
-__all__ = ["TrainConfig", "check_config", "CHANGEABLE_ON_RESUME"]
+__all__ = ["TrainConfig", "check_config", "CHANGEABLE_ON_RESUME", "LR_SCHEDULERS"]
+
+# transformers' schedules (get_scheduler) that fastdpo train offers: their names in TRL's configs.
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 # Options a resumed run may change: they do not touch the trajectory of the weights.
-CHANGEABLE_ON_RESUME = {"out", "resume", "eval", "eval_every", "save_every", "log_every", "progress", "device"}
+CHANGEABLE_ON_RESUME = {"out", "resume", "eval", "eval_every", "save_every", "log_every", "progress", "device",
+                        "save_total_limit", "num_proc"}
 
 
 @dataclass
 class TrainConfig:
     """A training run; each field is the ``fastdpo train`` option of the same name
-    (``fastdpo train --help``).  Defaults follow TRL 1.16's ``DPOConfig`` where it has one
-    (beta 0.1, lr 1e-6, batch 8, max_length 1024, keep_start truncation, max_grad_norm 1)."""
+    (``fastdpo train --help``).  Defaults follow TRL 1.16's ``DPOConfig`` where it has one (lr
+    1e-6, batch 8, max_length 1024, keep_start truncation, max_grad_norm 1, gradient
+    checkpointing on, dropout off; the loss options' are the modules' own: beta 0.1, ...), except
+    ``bf16`` (TRL: on unless ``fp16``; here float32 unless asked)."""
 
     model: str
     data: str
     out: str
     eval: str | None = None
     eval_fraction: float | None = None
-    loss_type: str | list[str] = "sigmoid"
+    method: str = "dpo"
+    # The loss options (fastdpo.train.methods.LOSS_OPTIONS): None leaves the method's module its
+    # own default.
+    loss_type: str | list[str] | None = None
     loss_weights: list[float] | None = None
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    logprob_reduction: str = "sum"
+    beta: float | None = None
+    label_smoothing: float | None = None
+    gamma: float | None = None
+    bco_delta: float | str | None = None
+    discopop_tau: float | None = None
+    f_divergence_type: str | None = None
+    f_alpha_divergence_coef: float | None = None
+    ld_alpha: float | None = None
+    use_weighting: bool | None = None
+    reference_free: bool | None = None
+    router_aux_loss_coef: float | None = None
+    cpo_alpha: float | None = None
+    simpo_gamma: float | None = None
+    alpha: float | None = None
+    desirable_weight: float | None = None
+    undesirable_weight: float | None = None
+    sync_kl: bool | None = None
+    logprob_reduction: str | None = None  # None: the method's TRL trainer's (methods.Method.reduction)
     mask_alignment: str = "target"
     head: str = "auto"
     packing: str = "none"
     lora: int = 0
     lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
     precompute_reference: bool = False
     epochs: int = 1
     steps: int | None = None
@@ -44,18 +70,30 @@ class TrainConfig:
     lr: float = 1e-6
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    lr_scheduler: str = "linear"
     max_grad_norm: float = 1.0
     max_length: int | None = 1024
     truncation_mode: str = "keep_start"
     seed: int = 0
     dtype: str = "float32"
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = True
+    activation_offloading: bool = False
+    keep_dropout: bool = False
     device: str | None = None
     fsdp: bool = False
     eval_every: int = 0
     save_every: int = 0
     log_every: int = 1
+    save_total_limit: int | None = None
+    num_proc: int | None = None
     resume: str | None = None
     progress: bool = True
+
+    def loss_options(self) -> dict:
+        """The loss options as given (None: not given), by name."""
+        return {k: getattr(self, k) for k in methods.LOSS_OPTIONS}
 
 
 def check_config(c: TrainConfig) -> TrainConfig:
@@ -67,6 +105,10 @@ def check_config(c: TrainConfig) -> TrainConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
     io.check_model_dir(c.model)
+    method = methods.method_of(c.method)
+    methods.loss_options(c.method, c.loss_options())
+    if c.precompute_reference and not method.reference:
+        raise ValueError(f"--precompute-reference: --method {c.method} reads no reference model")
     for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("eval_every", 0),
                       ("save_every", 0), ("log_every", 1), ("lora", 0), ("seed", 0)):  # fmt: skip
         at_least(name, getattr(c, name), low)
@@ -86,8 +128,30 @@ def check_config(c: TrainConfig) -> TrainConfig:
         raise ValueError(f"--truncation-mode must be keep_start or keep_end, got {c.truncation_mode!r}")
     if c.eval_every and c.eval is None and c.eval_fraction is None:
         raise ValueError("--eval-every needs an eval set: --eval FILE or --eval-fraction F")
-    if c.lora_alpha is not None and not c.lora:
-        raise ValueError("--lora-alpha needs --lora R")
+    if c.bf16 and c.fp16:
+        raise ValueError("give --bf16 or --fp16, not both")
+    if (c.bf16 or c.fp16) and c.dtype != "float32":
+        raise ValueError(f"--{'bf16' if c.bf16 else 'fp16'} computes under autocast over float32 master weights: it needs "
+                         f"--dtype float32, got {c.dtype} (--dtype alone trains weights of that dtype)")  # fmt: skip
+    if c.activation_offloading and not c.gradient_checkpointing:
+        raise ValueError("--activation-offloading offloads what gradient checkpointing keeps: leave "
+                         "--no-gradient-checkpointing out")  # fmt: skip
+    for name in ("lora_alpha", "lora_target_modules"):
+        if getattr(c, name) is not None and not c.lora:
+            raise ValueError(f"--{name.replace('_', '-')} needs --lora R")
+    if c.lora_dropout and not c.lora:
+        raise ValueError("--lora-dropout needs --lora R")
+    if c.lora_dropout and not c.keep_dropout:
+        raise ValueError("--lora-dropout: dropout is off in the policy, LoRA's too (as TRL's disable_dropout, its "
+                         "default, zeroes it): add --keep-dropout to train with it")  # fmt: skip
+    if not 0 <= c.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {c.lora_dropout}")
+    if c.lr_scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {c.lr_scheduler!r}")
+    if c.lr_scheduler == "constant" and c.warmup_steps:
+        raise ValueError("--lr-scheduler constant has no warmup: use constant_with_warmup with --warmup-steps")
+    at_least("save_total_limit", c.save_total_limit, 1, none_ok=True)
+    at_least("num_proc", c.num_proc, 1, none_ok=True)
     paths = {k: str(Path(v).resolve()) for k in ("model", "data", "eval", "out") if (v := getattr(c, k)) is not None}
     c = dataclasses.replace(c, **paths)
     for option, path in (("--data", c.data), ("--eval", c.eval)):

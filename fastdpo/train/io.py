@@ -195,14 +195,29 @@ def checkpoint_dir(out: str | Path, step: int) -> Path:
     return Path(out) / f"checkpoint-{step}"
 
 
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The complete checkpoint of ``out`` with the highest step (None if there is none)."""
+def checkpoints(out: str | Path) -> list[Path]:
+    """The complete checkpoints of ``out``, by step."""
     found = []
     for p in Path(out).glob("checkpoint-*"):
         tail = p.name.split("-", 1)[1]
         if tail.isdigit() and (p / STATE_FILE).is_file():
             found.append((int(tail), p))
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The complete checkpoint of ``out`` with the highest step (None if there is none)."""
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(out: str | Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` latest complete checkpoints of ``out`` (``save_total_limit``,
+    as the HF Trainer counts it); returns the deleted ones."""
+    gone = checkpoints(out)[:-keep]
+    for p in gone:
+        shutil.rmtree(p)
+    return gone
 
 
 def save_model(where: Path, model, tokenizer, config: dict, weights: dict | None = None) -> None:

@@ -44,17 +44,17 @@ import torch
 from ..data.text import TokenizedPreferenceDataset
 from ..models import adapter_for
 from ..models.wrappers import model_class
-from ..modules.dpo import DPO, precompute_reference_scores
+from ..modules.dpo import precompute_reference_scores
 from . import fsdp as train_fsdp
 from . import io
+from . import methods
+from . import policy as train_policy
 from .config import CHANGEABLE_ON_RESUME, TrainConfig, check_config
 from .processes import Processes
 
 __all__ = ["Run", "train"]
 
 BATCH_KEYS = ("preferred_seq", "unpreferred_seq", "prompt_mask", "preferred_seq_mask", "unpreferred_seq_mask")
-# Logged per step and per evaluation: the loss and what fastdpo.DPO(return_metrics=True) gives.
-LOGGED = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -98,47 +98,42 @@ class Run:
         if state is not None and state["pairs"] != pairs:
             raise ValueError(f"--resume {ckpt}: the run had {state['pairs']} (train, eval) pairs, the data gives {pairs} now")
         io.check_vocab(c.model, len(self.tokenizer))  # from config.json: before the weights load
-        model = io.load_model(c.model, c.dtype).to(self.device)
-        self.lora = bool(c.lora)
-        if self.lora:
-            model = self._with_lora(model, c)
-        head = c.head
-        found, why = adapter_for(model).head()
-        if found is None and head == "auto":  # said here, once, as one line (DPO would too)
-            warnings.warn(f"{type(model).__name__} has no fused head ({why}): fastdpo falls back to scoring "
-                          f"its logits, (2B, L-1, V) floats a step", stacklevel=2)  # fmt: skip
-            head = "logits"
-        self.dpo = DPO(
-            model, beta=c.beta, loss_type=c.loss_type, loss_weights=c.loss_weights, label_smoothing=c.label_smoothing,
-            logprob_reduction=c.logprob_reduction, mask_alignment=c.mask_alignment, head=head, packing=c.packing,
-        )
+        model = self._policy(io.load_model(c.model, c.dtype).to(self.device), c)
+        self.precision = train_policy.Precision("bf16" if c.bf16 else "fp16" if c.fp16 else "float32", self.device)
+        self.method = methods.method_of(c.method)
+        head, why = self._head(model, c.head)
+        self.module = methods.build(c.method, model, c.loss_options(), head=head,
+                                    packing=c.packing, logprob_reduction=c.logprob_reduction or self.method.reduction,
+                                    mask_alignment=c.mask_alignment)  # fmt: skip
+        self.logged = ("loss", *methods.PAIR_METRICS, *self._extra_metrics())
         if ckpt is not None:  # (before sharding: every process reads the whole weights)
-            io.load_trained_weights(self.dpo.policy_model, ckpt, self.lora)
+            io.load_trained_weights(self.module.policy_model, ckpt, self.lora)
         self.reference = self._reference_scores(state)
         self.ddp = None
         if c.fsdp:
-            train_fsdp.shard(self.dpo.policy_model, self.dpo.ref_model, self.device)
+            train_fsdp.shard(self.module.policy_model, self.module.ref_model, self.device)
         elif procs.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.dpo, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        route = self.dpo.route(self.dpo.policy_model, self.device)
+            self.ddp = DistributedDataParallel(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        route = self.module.route(self.module.policy_model, self.device)
         self.route = "logits (" + (why or route.reason) + ")" if route.kind == "logits" else "fused head"
         if route.head is not None and route.head.inferred:
             self.route += " (inferred, checked on the first batch)"
-        self.params = list(self.dpo.parameters())
+        self.params = list(self.module.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         b = c.batch_size
         self.micro_per_epoch = math.ceil(math.ceil(len(self.train_ds) / procs.world) / b)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / c.grad_accum)
         self.total = c.steps if c.steps is not None else c.epochs * self.steps_per_epoch
-        from transformers import get_linear_schedule_with_warmup
+        from transformers import get_scheduler
 
-        self.sched = get_linear_schedule_with_warmup(self.opt, c.warmup_steps, self.total)
+        self.sched = get_scheduler(c.lr_scheduler, self.opt, num_warmup_steps=c.warmup_steps, num_training_steps=self.total)
         self.start = 0
         if state is not None:
-            train_fsdp.load_optimizer_state(self.dpo.policy_model, self.opt, state["optimizer"])
+            train_fsdp.load_optimizer_state(self.module.policy_model, self.opt, state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
+            self.precision.load_state_dict(state.get("scaler"))
             self.start = state["step"]
             io.set_rng_state(state["rng"][procs.rank])
         if procs.main:
@@ -169,6 +164,39 @@ class Run:
         if len(state["rng"]) != self.procs.world:
             raise ValueError(f"--resume {ckpt}: written by {len(state['rng'])} processes, resumed by {self.procs.world}")
 
+    def _policy(self, model, c: TrainConfig):
+        """The loaded model as the run trains it: LoRA, dropout, checkpointing."""
+        self.lora = bool(c.lora)
+        if self.lora:
+            model = self._with_lora(model, c)
+        if not c.keep_dropout:
+            train_policy.disable_dropout(model)  # (the reference copy the module makes of it too)
+            if rates := train_policy.config_dropouts(model):
+                said = ", ".join(f"{k} {v:g}" for k, v in rates.items())
+                warnings.warn(f"attention_dropout stays on ({said}): the attention code applies it, not an "
+                              f"nn.Dropout, as under TRL's disable_dropout; set attention_dropout to 0 in "
+                              f"config.json to train without it", stacklevel=3)  # fmt: skip
+        train_policy.prepare(model, gradient_checkpointing=c.gradient_checkpointing,
+                             activation_offloading=c.activation_offloading)  # fmt: skip
+        return model
+
+    @staticmethod
+    def _head(model, head: str) -> tuple[str, str | None]:
+        """The ``head`` option to build the module with, and why the model has no fused head."""
+        found, why = adapter_for(model).head()
+        if found is None and head == "auto":  # said here, once, as one line (the module would too)
+            warnings.warn(f"{type(model).__name__} has no fused head ({why}): fastdpo falls back to scoring "
+                          f"its logits, (2B, L-1, V) floats a step", stacklevel=3)  # fmt: skip
+            return "logits", why
+        return head, why
+
+    def _extra_metrics(self) -> tuple[str, ...]:
+        """The method's metrics beyond the pairs' that this run's module returns."""
+        extra = [k for k in self.method.extra_metrics if k != "aux_loss"]
+        if "aux_loss" in self.method.extra_metrics and self.module.router_aux_loss_coef:
+            extra.append("aux_loss")
+        return tuple(extra)
+
     def _datasets(self, c: TrainConfig):
         records = io.read_records(c.data)
         held = None
@@ -178,7 +206,12 @@ class Run:
             records, held = io.split_records(records, c.eval_fraction, c.seed)
 
         def tokenized(r):
-            return TokenizedPreferenceDataset.from_records(r, self.tokenizer, max_length=c.max_length, truncation_mode=c.truncation_mode)
+            if c.num_proc is not None and isinstance(r, list):
+                import datasets  # (num_proc runs datasets.Dataset.map)
+
+                r = datasets.Dataset.from_list(r)
+            return TokenizedPreferenceDataset.from_records(r, self.tokenizer, max_length=c.max_length,
+                                                           truncation_mode=c.truncation_mode, num_proc=c.num_proc)
 
         return tokenized(records), tokenized(held) if held is not None else None
 
@@ -188,12 +221,21 @@ class Run:
             import peft
         except ImportError:
             raise ValueError("--lora needs peft: pip install peft") from None
-        targets = io.attention_projections(model)
-        if not targets:
-            raise ValueError(f"--lora: found no linear layers in {type(model).__name__}'s attention modules to adapt")
-        config = peft.LoraConfig(r=c.lora, lora_alpha=c.lora_alpha or 2 * c.lora, lora_dropout=0.0,
+        targets = c.lora_target_modules
+        if targets is None:
+            targets = io.attention_projections(model)
+            if not targets:
+                raise ValueError(f"--lora: found no linear layers in {type(model).__name__}'s attention modules to "
+                                 f"adapt (name them: --lora-target-modules NAME ..., or all-linear)")  # fmt: skip
+        elif targets == ["all-linear"]:
+            targets = "all-linear"  # peft's: every linear layer but the output head
+        config = peft.LoraConfig(r=c.lora, lora_alpha=c.lora_alpha or 2 * c.lora, lora_dropout=c.lora_dropout,
                                  target_modules=targets, task_type="CAUSAL_LM")  # fmt: skip
-        return peft.get_peft_model(model, config)
+        try:
+            return peft.get_peft_model(model, config)
+        except ValueError as e:  # (e.g. a target module that is not in the model)
+            raise ValueError(f"--lora-target-modules {' '.join(c.lora_target_modules or targets)}: "
+                             f"{str(e).strip().splitlines()[0]}") from None
 
     def _reference_scores(self, state: dict | None) -> dict | None:
         """``{"train": (2, n), "eval": (2, m)}`` reference scores by dataset index with
@@ -207,7 +249,7 @@ class Run:
             scores = {"train": self._score(self.train_ds)}
             if self.eval_ds is not None:
                 scores["eval"] = self._score(self.eval_ds)
-        self.dpo.ref_model = None  # a full fine-tuning run's frozen copy (LoRA's reference is the policy)
+        self.module.ref_model = None  # a full fine-tuning run's frozen copy (LoRA's reference is the policy)
         return scores
 
     def _score(self, ds) -> torch.Tensor:
@@ -215,7 +257,8 @@ class Run:
         # (exact: each entry is one process's score plus zeros).
         mine = list(range(self.procs.rank, len(ds), self.procs.world))
         batches = (tuple(b[k].to(self.device) for k in BATCH_KEYS) for _, b in self._loader(ds, mine))
-        w, l = precompute_reference_scores(self.dpo, batches, progress=self.config.progress and self.procs.main)
+        with self.precision.autocast():
+            w, l = precompute_reference_scores(self.module, batches, progress=self.config.progress and self.procs.main)
         scores = torch.zeros(2, len(ds))
         scores[0, mine], scores[1, mine] = w, l
         return self.procs.sum(scores.to(self.device)).cpu()
@@ -241,7 +284,7 @@ class Run:
         """Train from the start (or the checkpoint) to the last step; returns the last logged
         training row, the last evaluation, the steps and the output directory."""
         c, procs = self.config, self.procs
-        policy = self.dpo.policy_model
+        policy = self.module.policy_model
         policy.train()
         if procs.main:
             print(self._header(), flush=True)
@@ -274,11 +317,11 @@ class Run:
 
     def _header(self) -> str:
         c = self.config
-        n_all = sum(p.numel() for p in self.dpo.policy_model.parameters())
+        n_all = sum(p.numel() for p in self.module.policy_model.parameters())
         n_train = sum(p.numel() for p in self.params)
         ev = f", {len(self.eval_ds)} eval pairs" if self.eval_ds is not None else ", no eval set"
         resumed = f", resumed at step {self.start}" if self.start else ""
-        return (f"fastdpo train: {len(self.train_ds)} training pairs{ev}; {model_class(self.dpo.policy_model).__name__}, "
+        return (f"fastdpo train: {len(self.train_ds)} training pairs{ev}; {model_class(self.module.policy_model).__name__}, "
                 f"{n_train:,} of {n_all:,} parameters trained; scoring: {self.route}; {self.total} steps of "
                 f"{c.batch_size * c.grad_accum * self.procs.world} pairs on {self.procs.world} process(es), "
                 f"{self.device}{resumed}")  # fmt: skip
@@ -290,10 +333,9 @@ class Run:
             kwargs |= {"ref_preferred_logprob": ref[0], "ref_unpreferred_logprob": ref[1]}
         return module(**kwargs, return_metrics=True)
 
-    @staticmethod
-    def _stats(loss: torch.Tensor, metrics: dict, b: int) -> torch.Tensor:
-        """(pairs, and each of :data:`LOGGED` summed over pairs) of one micro-batch."""
-        values = [loss.detach().float()] + [metrics[k].float() for k in LOGGED[1:]]
+    def _stats(self, loss: torch.Tensor, metrics: dict, b: int) -> torch.Tensor:
+        """(pairs, and each of :attr:`logged` summed over pairs) of one micro-batch."""
+        values = [loss.detach().float()] + [metrics[k].float() for k in self.logged[1:]]
         return torch.stack([torch.tensor(float(b), device=loss.device)] + [v * b for v in values])
 
     def _step(self, micro: list) -> tuple[torch.Tensor, float, float | None]:
@@ -301,28 +343,30 @@ class Run:
         stats, the learning rate used and the gradient norm before clipping."""
         # Under FSDP2 each micro-batch's backward reduce-scatters its gradient into the shards: no
         # set_requires_gradient_sync(False), which would keep a whole gradient on every process.
-        module = self.ddp if self.ddp is not None else self.dpo
+        module = self.ddp if self.ddp is not None else self.module
         stats = None
         for i, (indices, batch) in enumerate(micro):
             last = i == len(micro) - 1
             with nullcontext() if last or self.ddp is None else self.ddp.no_sync():
-                loss, metrics = self._call(module, indices, batch, "train")
-                (loss / len(micro)).backward()
+                with self.precision.autocast():
+                    loss, metrics = self._call(module, indices, batch, "train")
+                self.precision.backward(loss / len(micro))
             s = self._stats(loss, metrics, len(indices))
             stats = s if stats is None else stats + s
         grad_norm = None
+        self.precision.unscale(self.opt)
         if self.config.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm).item()
         lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
+        if self.precision.step(self.opt):  # (fp16: False when the scaler skipped it, and the schedule waits)
+            self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         return stats, lr, grad_norm
 
     def _row(self, step: int, split: str, stats: torch.Tensor, **extra) -> dict:
         pairs, *sums = stats.tolist()
         row = {"step": step, "split": split, "epoch": round(step / self.steps_per_epoch, 4)}
-        row |= {k: s / pairs for k, s in zip(LOGGED, sums)}
+        row |= {k: s / pairs for k, s in zip(self.logged, sums)}
         row |= {k: v for k, v in extra.items() if v is not None}
         return row | {"pairs": int(pairs)}
 
@@ -334,21 +378,23 @@ class Run:
     def evaluate(self, step: int) -> dict:
         """The policy (in eval mode) on the eval set: the loss, reward accuracy, margins and
         scores over every pair (each process scores every world-th)."""
-        policy = self.dpo.policy_model
+        policy = self.module.policy_model
         policy.eval()
         stats, n, world = None, 0, self.procs.world
         for indices, batch in self._loader(self.eval_ds, list(range(self.procs.rank, len(self.eval_ds), world))):
-            loss, metrics = self._call(self.dpo, indices, batch, "eval")
+            with self.precision.autocast():
+                loss, metrics = self._call(self.module, indices, batch, "eval")
             s = self._stats(loss, metrics, len(indices))
             stats, n = s if stats is None else stats + s, n + 1
         # Each forward of a sharded model is a collective: a process with fewer batches runs the
         # first pair again, uncounted, until it has run as many as the others.
         most = math.ceil(math.ceil(len(self.eval_ds) / world) / self.config.batch_size) if self.config.fsdp else n
         for _ in range(most - n):
-            self._call(self.dpo, *next(iter(self._loader(self.eval_ds, [0]))), "eval")
+            with self.precision.autocast():
+                self._call(self.module, *next(iter(self._loader(self.eval_ds, [0]))), "eval")
         policy.train()
         if stats is None:  # fewer eval pairs than processes
-            stats = torch.zeros(len(LOGGED) + 1, device=self.device)
+            stats = torch.zeros(len(self.logged) + 1, device=self.device)
         row = self._row(step, "eval", self.procs.sum(stats))
         self._write(row)
         return row
@@ -362,25 +408,27 @@ class Run:
         """``out/checkpoint-{step}`` (process 0 writes it; every process's RNG states in it)."""
         rng = self.procs.gather(io.rng_state())
         # (FSDP: both gathered whole on process 0, every process taking part)
-        weights = train_fsdp.model_state(self.dpo.policy_model, self.lora)
-        opt = train_fsdp.optimizer_state(self.dpo.policy_model, self.opt)
+        weights = train_fsdp.model_state(self.module.policy_model, self.lora)
+        opt = train_fsdp.optimizer_state(self.module.policy_model, self.opt)
         if self.procs.main:
             state = {
                 "step": step, "epoch": step // self.steps_per_epoch,
                 "micro_batch": step % self.steps_per_epoch * self.config.grad_accum,
-                "optimizer": opt, "scheduler": self.sched.state_dict(), "rng": rng,
+                "optimizer": opt, "scheduler": self.sched.state_dict(), "scaler": self.precision.state_dict(), "rng": rng,
                 "reference": self.reference,
                 "pairs": [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0],
             }
-            io.save_checkpoint(self.out, step, self.dpo.policy_model, self.tokenizer, self._config_json(), state, weights)
+            io.save_checkpoint(self.out, step, self.module.policy_model, self.tokenizer, self._config_json(), state, weights)
+            if self.config.save_total_limit is not None:
+                io.prune_checkpoints(self.out, self.config.save_total_limit)
             self._plot()
         self.procs.barrier()
 
     def save_final(self) -> None:
         """The trained model (or adapters), tokenizer and config in ``out``, and the curves."""
-        weights = train_fsdp.model_state(self.dpo.policy_model, self.lora)
+        weights = train_fsdp.model_state(self.module.policy_model, self.lora)
         if self.procs.main:
-            io.save_model(self.out, self.dpo.policy_model, self.tokenizer, self._config_json(), weights)
+            io.save_model(self.out, self.module.policy_model, self.tokenizer, self._config_json(), weights)
             note = self._plot()
             print(f"saved to {self.out}" + (f" ({note})" if note else ""), flush=True)
         self.procs.barrier()
