@@ -96,9 +96,9 @@ def test_attention_dropout_as_a_config_float_is_said(data, tmp_path, capsys):
     assert "attention_dropout stays on (LlamaAttention 0.1)" in capsys.readouterr().err
 
 
-def first_batch_metrics_under(model_dir, data, dtype) -> dict:
+def first_batch_metrics_under(model_dir, data, dtype, where) -> dict:
     """The first step's metrics by hand: the run's first batch through fastdpo.DPO under autocast."""
-    run = run_of("--model", model_dir, "--data", data, "--out", "unused", "--batch-size", 4, "--seed", 0)
+    run = run_of("--model", model_dir, "--data", data, "--out", where, "--batch-size", 4, "--seed", 0)
     indices, batch = next(run._epoch(0, 0))
     dpo = DPO(transformers.AutoModelForCausalLM.from_pretrained(model_dir), logprob_reduction="sum",
               mask_alignment="target")  # fmt: skip
@@ -142,8 +142,8 @@ def test_the_logged_scores_are_the_autocast_forwards(model_dir, data, tmp_path):
     assert train_cli("--model", model_dir, "--data", data, "--out", out, "--steps", 1, "--batch-size", 4,
                      "--seed", 0, "--bf16", *QUIET) == 0  # fmt: skip
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    by_hand = first_batch_metrics_under(model_dir, data, torch.bfloat16)
-    float32 = first_batch_metrics_under(model_dir, data, None)
+    by_hand = first_batch_metrics_under(model_dir, data, torch.bfloat16, tmp_path / "a")
+    float32 = first_batch_metrics_under(model_dir, data, None, tmp_path / "b")
     for key in ("logps/chosen", "logps/rejected"):
         assert first[key] == pytest.approx(by_hand[key], rel=1e-6) and first[key] != float32[key]
 
