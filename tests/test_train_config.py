@@ -26,6 +26,8 @@ model_name_or_path:
   {model}
 dataset_name:
   {data}
+report_to:
+  none
 learning_rate:
   5.0e-3
 num_train_epochs: 1

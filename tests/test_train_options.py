@@ -172,3 +172,21 @@ def test_num_proc_tokenizes_the_same(model_dir, data, tmp_path):
     for i in range(len(one.train_ds)):
         a, b = one.train_ds[i], two.train_ds[i]
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_to_tensorboard_holds_the_rows_of_metrics_jsonl(model_dir, data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from test_report import _float32, _scalars, _tensorboard
+
+    out = tmp_path / "out"
+    held = write_jsonl(tmp_path / "eval.jsonl", records(8, seed=1))
+    assert train_cli("--model", model_dir, "--data", data, "--eval", held, "--out", out, "--steps", 3, "--batch-size",
+                     4, "--eval-every", 2, "--report-to", "tensorboard", *QUIET) == 0  # fmt: skip
+    logged = rows(out)
+    assert {r["split"] for r in logged} == {"train", "eval"}
+    want = {}
+    for r in logged:
+        for k, v in r.items():
+            if k not in ("step", "split"):
+                want.setdefault(f"{r['split']}/{k}", {})[r["step"]] = _float32(v)
+    assert _scalars(_tensorboard(out / "runs")) == want

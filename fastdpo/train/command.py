@@ -12,6 +12,7 @@ import warnings
 from . import io, methods
 from .config import LR_SCHEDULERS, TrainConfig
 from .processes import Processes
+from .report import REPORT_TO
 from .run import Run
 
 __all__ = ["add_arguments", "config_from_args", "main_from_args"]
@@ -139,6 +140,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N", help="evaluate every N steps (and at the end)")
     g.add_argument("--save-every", type=int, default=d.save_every, metavar="N", help="checkpoint every N steps")
     g.add_argument("--save-total-limit", type=int, metavar="K", help="keep only the K latest checkpoints")
+    g.add_argument("--report-to", nargs="+", choices=REPORT_TO, default=[d.report_to], metavar="KIND",
+                   help="also send metrics.jsonl's rows to tensorboard (out/runs), wandb, trackio (default none)")
     g.add_argument("--log-every", type=int, default=d.log_every, metavar="N", help="a metrics.jsonl row every N steps")
     g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                    help="continue exactly from a checkpoint directory (alone: the latest in --out); pass the "
@@ -177,8 +180,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if missing:
         raise ValueError(f"{', '.join(missing)} required (as flags, or in --config as model_name_or_path, "
                          f"dataset_name, output_dir)")  # fmt: skip
-    if isinstance(values["loss_type"], (list, tuple)) and len(values["loss_type"]) == 1:
-        values["loss_type"] = values["loss_type"][0]
+    for key in ("loss_type", "report_to"):
+        if isinstance(values[key], (list, tuple)) and len(values[key]) == 1:
+            values[key] = values[key][0]
     return TrainConfig(**values)
 
 

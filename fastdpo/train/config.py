@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import io, methods
+from . import io, methods, report
 
 __all__ = ["TrainConfig", "check_config", "CHANGEABLE_ON_RESUME", "LR_SCHEDULERS"]
 
@@ -16,7 +16,7 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
 # Options a resumed run may change: they do not touch the trajectory of the weights.
 CHANGEABLE_ON_RESUME = {"out", "resume", "eval", "eval_every", "save_every", "log_every", "progress", "device",
-                        "save_total_limit", "num_proc"}
+                        "save_total_limit", "num_proc", "report_to"}
 
 
 @dataclass
@@ -87,6 +87,7 @@ class TrainConfig:
     save_every: int = 0
     log_every: int = 1
     save_total_limit: int | None = None
+    report_to: str | list[str] = "none"
     num_proc: int | None = None
     resume: str | None = None
     progress: bool = True
@@ -150,6 +151,7 @@ def check_config(c: TrainConfig) -> TrainConfig:
         raise ValueError(f"--lr-scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {c.lr_scheduler!r}")
     if c.lr_scheduler == "constant" and c.warmup_steps:
         raise ValueError("--lr-scheduler constant has no warmup: use constant_with_warmup with --warmup-steps")
+    report.check_report_to(c.report_to)
     at_least("save_total_limit", c.save_total_limit, 1, none_ok=True)
     at_least("num_proc", c.num_proc, 1, none_ok=True)
     paths = {k: str(Path(v).resolve()) for k in ("model", "data", "eval", "out") if (v := getattr(c, k)) is not None}

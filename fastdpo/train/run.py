@@ -47,7 +47,7 @@ from ..models.wrappers import model_class
 from ..modules.dpo import precompute_reference_scores
 from . import fsdp as train_fsdp
 from . import io
-from . import methods
+from . import methods, report
 from . import policy as train_policy
 from .config import CHANGEABLE_ON_RESUME, TrainConfig, check_config
 from .processes import Processes
@@ -140,6 +140,9 @@ class Run:
             self.out.mkdir(parents=True, exist_ok=True)
             history = ckpt / io.METRICS_FILE if ckpt is not None and (ckpt / io.METRICS_FILE).is_file() else None
             self.log = io.MetricsLog(self.out, history)
+            # (trackers after every check: a run refused above starts none)
+            self.trackers = report.Trackers(report.check_report_to(c.report_to), self.out, self._config_json(),
+                                            resume_step=self.start if state is not None else None)  # fmt: skip
         self.procs.barrier()
 
     # ------------------------------------------------------------------------- setup
@@ -283,6 +286,13 @@ class Run:
     def fit(self) -> dict:
         """Train from the start (or the checkpoint) to the last step; returns the last logged
         training row, the last evaluation, the steps and the output directory."""
+        try:
+            return self._fit()
+        finally:  # (an interrupted run's trackers get what it logged)
+            if self.procs.main:
+                self.trackers.close()
+
+    def _fit(self) -> dict:
         c, procs = self.config, self.procs
         policy = self.module.policy_model
         policy.train()
@@ -373,6 +383,7 @@ class Run:
     def _write(self, row: dict) -> None:
         if self.procs.main:
             self.log.write(row)
+            self.trackers.log(row)
 
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:

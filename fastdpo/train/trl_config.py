@@ -46,7 +46,7 @@ DIFFERENT = {
 # Fields that change nothing fastdpo does (bookkeeping of TRL's own trainer).
 IGNORED = {"run_name", "logging_dir", "logging_strategy", "save_strategy", "logging_first_step", "do_train", "do_eval",
            "overwrite_output_dir", "remove_unused_columns", "dataloader_num_workers", "dataset_train_split",
-           "ddp_find_unused_parameters", "report_to"}  # fmt: skip
+           "ddp_find_unused_parameters"}  # fmt: skip
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 # fastdpo's fields a file may not set (the run's own bookkeeping)
 NOT_IN_A_FILE = {"resume"}
