@@ -33,6 +33,17 @@ def _tokens(index: int, key: str, item: Mapping, *, empty_ok: bool = False) -> T
     return x.long()
 
 
+def as_label(name: str, label) -> bool:
+    """A KTO label (Python's or numpy's bool, or a one-element bool tensor: True = desirable) as a
+    bool; a ``TypeError`` naming ``name`` for anything else (an int too: 0/1 labels are refused
+    rather than guessed)."""
+    if isinstance(label, Tensor) and label.numel() == 1 and label.dtype == torch.bool:
+        label = bool(label)
+    if not isinstance(label, bool) and type(label).__name__ != "bool_":  # Python's or numpy's bool
+        raise TypeError(f"{name} must be a bool (True = desirable), got {type(label).__name__}")
+    return bool(label)
+
+
 class PreferenceDataset(Dataset):
     """Preference pairs ``(preferred, unpreferred, prompt_mask)`` for DPO.
 
@@ -185,12 +196,7 @@ class KTODataset(Dataset):
         completion = _tokens(index, "completion", item)
         if "label" not in item:
             raise ValueError(f"data[{index}] has no 'label' entry (True for a desirable completion)")
-        label = item["label"]
-        if isinstance(label, Tensor) and label.numel() == 1 and label.dtype == torch.bool:
-            label = bool(label)
-        if not isinstance(label, bool) and type(label).__name__ != "bool_":  # Python's or numpy's bool
-            raise TypeError(f"data[{index}]['label'] must be a bool (True = desirable), got {type(label).__name__}")
-        return prompt, completion, torch.tensor(bool(label))
+        return prompt, completion, torch.tensor(as_label(f"data[{index}]['label']", item["label"]))
 
     def _rows(self, prompts: list[Tensor], completions: list[Tensor], what: str) -> tuple[Tensor, Tensor, Tensor]:
         """(N, L) ids, prompt mask and sequence mask of prompt + completion rows, right padded."""
