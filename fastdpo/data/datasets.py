@@ -1,7 +1,8 @@
 """Preference datasets and their collate functions: pairs of token ids for :class:`fastdpo.DPO`
 (:class:`PreferenceDataset`; from text records, :meth:`fastdpo.TokenizedPreferenceDataset.from_records`
 in :mod:`fastdpo.data.text`: both give a :class:`~fastdpo.data.batch.PairBatch`), unpaired
-labelled completions for :class:`fastdpo.KTO` (:class:`KTODataset`)."""
+labelled completions for :class:`fastdpo.KTO` (:class:`KTODataset`; from text records,
+:meth:`fastdpo.TokenizedKTODataset.from_records` in :mod:`fastdpo.data.kto_text`, a subclass)."""
 
 from __future__ import annotations
 
@@ -172,6 +173,11 @@ class KTODataset(Dataset):
     ``max_length``, when set, cuts each prompt + completion (and each KL sequence) to its first
     ``max_length`` tokens, as TRL's collator.  ``pad_id`` is needed when lengths differ in a
     batch (a ``ValueError`` otherwise).
+
+    From text records (``{"prompt", "completion", "label"}``, or preference pairs, which TRL
+    unpairs), :meth:`fastdpo.TokenizedKTODataset.from_records` tokenizes them as TRL 1.16's
+    ``KTOTrainer`` does and returns this dataset's subclass (its ``pad_id`` and ``max_length``
+    set, this ``collate``).
     """
 
     def __init__(self, data: Sequence[Mapping], *, pad_id: int | None = None, kl: bool = True,
