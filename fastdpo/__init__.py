@@ -8,6 +8,7 @@ line) trains a Hugging Face causal LM on text preference records.
 
 from .data.batch import PairBatch
 from .data.datasets import KTODataset, PreferenceDataset
+from .data.kto_text import TokenizedKTODataset
 from .data.text import TokenizedPreferenceDataset
 from .losses.kto import KTO_LOSS_TYPES
 from .losses import LOSS_TYPES, check_loss_config, dpo_loss, preference_loss, reward_metrics
@@ -37,6 +38,7 @@ __all__ = [
     "PairBatch",
     "KTODataset",
     "TokenizedPreferenceDataset",
+    "TokenizedKTODataset",
     "dpo_loss",
     "linear_sequence_logprobs",
     "precompute_reference_scores",

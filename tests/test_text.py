@@ -33,6 +33,7 @@ tokenizers = pytest.importorskip("tokenizers")
 datasets = pytest.importorskip("datasets")
 pytest.importorskip("trl")
 
+import fastdpo.data.records  # noqa: E402
 import fastdpo.data.text  # noqa: E402
 from fastdpo import DPO, PreferenceDataset, TokenizedPreferenceDataset  # noqa: E402
 
@@ -318,10 +319,10 @@ def test_other_record_sources_equal_the_list(kind, tok, tmp_path):
 
 
 def test_long_lists_show_a_progress_bar_only_with_tqdm(tok, monkeypatch):
-    assert fastdpo.data.text._progress(10) is not None
+    assert fastdpo.data.records._progress(10) is not None
     monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # not installed
-    assert fastdpo.data.text._progress(10) is None
-    records = PLAIN * (fastdpo.data.text._CHUNK // len(PLAIN) + 1)
+    assert fastdpo.data.records._progress(10) is None
+    records = PLAIN * (fastdpo.data.records._CHUNK // len(PLAIN) + 1)
     ds = from_records(records, tok)
     rows, batch = trl_prepare(records, tok)
     assert_equals_trl(ds, rows, batch)
@@ -347,7 +348,7 @@ def test_controls_a_deviation_fails_the_comparison(tok, tok_eos_pad, monkeypatch
 
     rows, batch = trl_prepare(SEAM, tok)
     with monkeypatch.context() as m:  # the completion starting right after the tokenized prompt
-        m.setattr(fastdpo.data.text, "_shared", lambda prompt, whole: len(prompt))
+        m.setattr(fastdpo.data.text, "common_prefix_length", lambda prompt, whole: len(prompt))
         with pytest.raises(AssertionError):
             assert_equals_trl(from_records(SEAM, tok), rows, batch)
     assert_equals_trl(from_records(SEAM, tok), rows, batch)
@@ -359,7 +360,7 @@ def test_controls_a_deviation_fails_the_comparison(tok, tok_eos_pad, monkeypatch
             n = next((j for j, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
             return chosen[:n], chosen[n:], rejected[n:]
 
-        m.setattr(fastdpo.data.text, "extract_prompt", common_prefix)
+        m.setattr(fastdpo.data.records, "extract_prompt", common_prefix)
         with pytest.raises(AssertionError):
             assert_equals_trl(from_records(IMPLICIT, tok), rows, batch)
     assert_equals_trl(from_records(IMPLICIT, tok), rows, batch)  # (and unmutated it passes)
@@ -526,7 +527,7 @@ def test_bad_tokenizers():
 
 
 def test_max_length_dropping_every_record(tok):
-    with pytest.raises(ValueError, match=r"max_length=3 drops every record: each prompt alone has max_length "
+    with pytest.raises(ValueError, match=r"max_length=3 drops all 4 records: each prompt alone has max_length "
                                          r"tokens or more \(the shortest 3\)"):
         TokenizedPreferenceDataset.from_records(PLAIN, tok, max_length=3)
     rows, _ = trl_prepare(PLAIN, tok, 3)

@@ -1,7 +1,8 @@
 """Preference datasets and their collate functions: pairs of token ids for :class:`fastdpo.DPO`
 (:class:`PreferenceDataset`; from text records, :meth:`fastdpo.TokenizedPreferenceDataset.from_records`
 in :mod:`fastdpo.data.text`: both give a :class:`~fastdpo.data.batch.PairBatch`), unpaired
-labelled completions for :class:`fastdpo.KTO` (:class:`KTODataset`)."""
+labelled completions for :class:`fastdpo.KTO` (:class:`KTODataset`; from text records,
+:meth:`fastdpo.TokenizedKTODataset.from_records` in :mod:`fastdpo.data.kto_text`, a subclass)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,17 @@ def _tokens(index: int, key: str, item: Mapping, *, empty_ok: bool = False) -> T
         raise ValueError(f"{name} must hold at least one token, got an empty sequence")
     _checks.integer_tokens(name, x, ndim=1)
     return x.long()
+
+
+def as_label(name: str, label) -> bool:
+    """A KTO label (Python's or numpy's bool, or a one-element bool tensor: True = desirable) as a
+    bool; a ``TypeError`` naming ``name`` for anything else (an int too: 0/1 labels are refused
+    rather than guessed)."""
+    if isinstance(label, Tensor) and label.numel() == 1 and label.dtype == torch.bool:
+        label = bool(label)
+    if not isinstance(label, bool) and type(label).__name__ != "bool_":  # Python's or numpy's bool
+        raise TypeError(f"{name} must be a bool (True = desirable), got {type(label).__name__}")
+    return bool(label)
 
 
 class PreferenceDataset(Dataset):
@@ -161,6 +173,11 @@ class KTODataset(Dataset):
     ``max_length``, when set, cuts each prompt + completion (and each KL sequence) to its first
     ``max_length`` tokens, as TRL's collator.  ``pad_id`` is needed when lengths differ in a
     batch (a ``ValueError`` otherwise).
+
+    From text records (``{"prompt", "completion", "label"}``, or preference pairs, which TRL
+    unpairs), :meth:`fastdpo.TokenizedKTODataset.from_records` tokenizes them as TRL 1.16's
+    ``KTOTrainer`` does and returns this dataset's subclass (its ``pad_id`` and ``max_length``
+    set, this ``collate``).
     """
 
     def __init__(self, data: Sequence[Mapping], *, pad_id: int | None = None, kl: bool = True,
@@ -185,12 +202,7 @@ class KTODataset(Dataset):
         completion = _tokens(index, "completion", item)
         if "label" not in item:
             raise ValueError(f"data[{index}] has no 'label' entry (True for a desirable completion)")
-        label = item["label"]
-        if isinstance(label, Tensor) and label.numel() == 1 and label.dtype == torch.bool:
-            label = bool(label)
-        if not isinstance(label, bool) and type(label).__name__ != "bool_":  # Python's or numpy's bool
-            raise TypeError(f"data[{index}]['label'] must be a bool (True = desirable), got {type(label).__name__}")
-        return prompt, completion, torch.tensor(bool(label))
+        return prompt, completion, torch.tensor(as_label(f"data[{index}]['label']", item["label"]))
 
     def _rows(self, prompts: list[Tensor], completions: list[Tensor], what: str) -> tuple[Tensor, Tensor, Tensor]:
         """(N, L) ids, prompt mask and sequence mask of prompt + completion rows, right padded."""
