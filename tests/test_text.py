@@ -320,10 +320,11 @@ def test_other_record_sources_equal_the_list(kind, tok, tmp_path):
 
 def test_long_lists_show_a_progress_bar_only_with_tqdm(tok, monkeypatch):
     assert fastdpo.data.records._progress(10) is not None
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # not installed
-    assert fastdpo.data.records._progress(10) is None
     records = PLAIN * (fastdpo.data.records._CHUNK // len(PLAIN) + 1)
-    ds = from_records(records, tok)
+    with monkeypatch.context() as m:  # (only around fastdpo: TRL's first import needs tqdm, via accelerate)
+        m.setitem(sys.modules, "tqdm.auto", None)  # not installed
+        assert fastdpo.data.records._progress(10) is None
+        ds = from_records(records, tok)
     rows, batch = trl_prepare(records, tok)
     assert_equals_trl(ds, rows, batch)
 
