@@ -110,6 +110,9 @@ def check_config(c: TrainConfig) -> TrainConfig:
     methods.loss_options(c.method, c.loss_options())
     if c.precompute_reference and not method.reference:
         raise ValueError(f"--precompute-reference: --method {c.method} reads no reference model")
+    if c.precompute_reference and not method.paired:
+        raise ValueError("--precompute-reference is not implemented for --method kto (the reference scores the KL "
+                         "sequences of each batch too): leave it out")  # fmt: skip
     for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0), ("eval_every", 0),
                       ("save_every", 0), ("log_every", 1), ("lora", 0), ("seed", 0)):  # fmt: skip
         at_least(name, getattr(c, name), low)

@@ -294,11 +294,11 @@ class Progress:
         self.row = row or getattr(self, "row", None)
         if not self.on:
             return
-        said = f"loss {self.row['loss']:.4f}, reward accuracy {self.row['rewards/accuracies']:.3f}" if self.row else ""
+        said = _said(self.row) if self.row else ""
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             if row is not None:
-                self.bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.3f}")
+                self.bar.set_postfix_str(_said(row))
         elif step % self.every == 0 or step == self.total:
             print(f"step {step}/{self.total}" + (f": {said}" if said else ""), flush=True)
 
@@ -313,6 +313,14 @@ class Progress:
             self.bar.close()
 
 
+
+
+def _said(row: dict) -> str:
+    """The loss and, when the run logs it, the reward accuracy (else the reward margin)."""
+    for key, name in (("rewards/accuracies", "reward accuracy"), ("rewards/margins", "reward margin")):
+        if row.get(key) is not None:
+            return f"loss {row['loss']:.4f}, {name} {row[key]:.3f}"
+    return f"loss {row['loss']:.4f}"
 
 
 class MetricsLog:
@@ -334,8 +342,8 @@ class MetricsLog:
 
 
 def plot_curves(rows: list[dict], where: Path) -> str | None:
-    """Training and eval loss and reward accuracy against the step, as a PNG; returns a note
-    instead when matplotlib is not installed."""
+    """Training and eval loss and reward accuracy (KTO: the reward margin) against the step, as
+    a PNG; returns a note instead when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -344,14 +352,18 @@ def plot_curves(rows: list[dict], where: Path) -> str | None:
     # Figure + the Agg canvas, not pyplot: no global backend or figure state is touched.
     fig = Figure(figsize=(10, 4), layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, key, title in zip(fig.subplots(1, 2), ("loss", "rewards/accuracies"), ("DPO loss", "reward accuracy")):
+    second = ("rewards/accuracies", "reward accuracy")
+    if not any(r.get("rewards/accuracies") is not None for r in rows):
+        second = ("rewards/margins", "reward margin")
+    for ax, (key, title) in zip(fig.subplots(1, 2), (("loss", "loss"), second)):
         for split, style in (("train", "-"), ("eval", "o-")):
-            pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and key in r]
+            pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and r.get(key) is not None]
             if pts:
                 ax.plot(*zip(*pts), style, label=split, markersize=4)
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.savefig(where, dpi=100)
     return None

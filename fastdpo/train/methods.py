@@ -44,7 +44,7 @@ METHODS: dict[str, Method] = {
     "cpo": Method(CPO, CPOOptions, extra_metrics=("nll_loss",), reference=False),
     "simpo": Method(CPO, CPOOptions, {"loss_type": "simpo", "cpo_alpha": 0.0}, ("nll_loss",), reference=False),
     "alphapo": Method(CPO, CPOOptions, {"loss_type": "alphapo"}, ("nll_loss",), reference=False),
-    "kto": Method(KTO, KTOOptions, paired=False, extra_metrics=("aux_loss",)),
+    "kto": Method(KTO, KTOOptions, paired=False, extra_metrics=("kl", "aux_loss")),
 }
 
 # Every loss option of every method's module, in a stable order (the TrainConfig fields).
@@ -53,6 +53,9 @@ LOSS_OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.name for m in METHODS.valu
 # Logged for every paired method: the loss, then these (means over pairs).
 PAIR_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
                 "logps/rejected")  # fmt: skip
+# Logged for KTO: the loss, then these (the chosen ones means over the desirable completions, the
+# rejected ones over the undesirable ones; the margin is chosen minus rejected, as TRL's).
+UNPAIRED_METRICS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected")
 
 
 def method_of(name: str) -> Method:

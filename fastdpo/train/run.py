@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.kto_text import TokenizedKTODataset
 from ..data.text import TokenizedPreferenceDataset
 from ..models import adapter_for
 from ..models.wrappers import model_class
@@ -105,7 +106,9 @@ class Run:
         self.module = methods.build(c.method, model, c.loss_options(), head=head,
                                     packing=c.packing, logprob_reduction=c.logprob_reduction or self.method.reduction,
                                     mask_alignment=c.mask_alignment)  # fmt: skip
-        self.logged = ("loss", *methods.PAIR_METRICS, *self._extra_metrics())
+        pair_metrics = methods.PAIR_METRICS if self.method.paired else methods.UNPAIRED_METRICS
+        self.logged = ("loss", *pair_metrics, *self._extra_metrics())
+        self.unit = "pairs" if self.method.paired else "completions"
         if ckpt is not None:  # (before sharding: every process reads the whole weights)
             io.load_trained_weights(self.module.policy_model, ckpt, self.lora)
         self.reference = self._reference_scores(state)
@@ -195,7 +198,9 @@ class Run:
 
     def _extra_metrics(self) -> tuple[str, ...]:
         """The method's metrics beyond the pairs' that this run's module returns."""
-        extra = [k for k in self.method.extra_metrics if k != "aux_loss"]
+        extra = [k for k in self.method.extra_metrics if k not in ("aux_loss", "kl")]
+        if "kl" in self.method.extra_metrics and self.module.loss_type == "kto":
+            extra.append("kl")
         if "aux_loss" in self.method.extra_metrics and self.module.router_aux_loss_coef:
             extra.append("aux_loss")
         return tuple(extra)
@@ -213,8 +218,15 @@ class Run:
                 import datasets  # (num_proc runs datasets.Dataset.map)
 
                 r = datasets.Dataset.from_list(r)
-            return TokenizedPreferenceDataset.from_records(r, self.tokenizer, max_length=c.max_length,
-                                                           truncation_mode=c.truncation_mode, num_proc=c.num_proc)
+            kwargs = dict(max_length=c.max_length, truncation_mode=c.truncation_mode, num_proc=c.num_proc)
+            try:
+                if methods.method_of(c.method).paired:
+                    return TokenizedPreferenceDataset.from_records(r, self.tokenizer, **kwargs)
+                # (KTO: no KL sequences for apo_zero_unpaired, as TRL builds none)
+                return TokenizedKTODataset.from_records(r, self.tokenizer, kl=c.loss_type != "apo_zero_unpaired",
+                                                        **kwargs)  # fmt: skip
+            except TypeError as e:  # a record's field of the wrong type: the user's data, one line
+                raise ValueError(str(e).strip().splitlines()[0]) from e
 
         return tokenized(records), tokenized(held) if held is not None else None
 
@@ -317,8 +329,7 @@ class Run:
             bar.update(done, logged)
             if self.eval_ds is not None and (c.eval_every and done % c.eval_every == 0 or done == self.total):
                 last_eval = self.evaluate(done)
-                bar.note(f"eval at step {done}: reward accuracy {last_eval['rewards/accuracies']:.3f}, "
-                         f"margin {last_eval['rewards/margins']:.3f}, loss {last_eval['loss']:.4f}")  # fmt: skip
+                bar.note(f"eval at step {done}: {io._said(last_eval)}")
             if c.save_every and done % c.save_every == 0:
                 self.save_checkpoint(done)
         bar.close()
@@ -329,24 +340,38 @@ class Run:
         c = self.config
         n_all = sum(p.numel() for p in self.module.policy_model.parameters())
         n_train = sum(p.numel() for p in self.params)
-        ev = f", {len(self.eval_ds)} eval pairs" if self.eval_ds is not None else ", no eval set"
+        unit = self.unit
+        ev = f", {len(self.eval_ds)} eval {unit}" if self.eval_ds is not None else ", no eval set"
         resumed = f", resumed at step {self.start}" if self.start else ""
-        return (f"fastdpo train: {len(self.train_ds)} training pairs{ev}; {model_class(self.module.policy_model).__name__}, "
-                f"{n_train:,} of {n_all:,} parameters trained; scoring: {self.route}; {self.total} steps of "
-                f"{c.batch_size * c.grad_accum * self.procs.world} pairs on {self.procs.world} process(es), "
-                f"{self.device}{resumed}")  # fmt: skip
+        return (f"fastdpo train: {c.method}, {len(self.train_ds)} training {unit}{ev}; "
+                f"{model_class(self.module.policy_model).__name__}, {n_train:,} of {n_all:,} parameters trained; "
+                f"scoring: {self.route}; {self.total} steps of {c.batch_size * c.grad_accum * self.procs.world} "
+                f"{unit} on {self.procs.world} process(es), {self.device}{resumed}")  # fmt: skip
 
     def _call(self, module, indices: torch.Tensor, batch: dict, split: str):
-        kwargs = {k: batch[k].to(self.device) for k in BATCH_KEYS}
+        keys = BATCH_KEYS if self.method.paired else batch.keys()  # (KTO: every key of KTODataset.collate's)
+        kwargs = {k: batch[k].to(self.device) for k in keys}
         if self.reference is not None:
             ref = self.reference[split][:, indices].to(self.device)
             kwargs |= {"ref_preferred_logprob": ref[0], "ref_unpreferred_logprob": ref[1]}
         return module(**kwargs, return_metrics=True)
 
-    def _stats(self, loss: torch.Tensor, metrics: dict, b: int) -> torch.Tensor:
-        """(pairs, and each of :attr:`logged` summed over pairs) of one micro-batch."""
-        values = [loss.detach().float()] + [metrics[k].float() for k in self.logged[1:]]
-        return torch.stack([torch.tensor(float(b), device=loss.device)] + [v * b for v in values])
+    def _stats(self, loss: torch.Tensor, metrics: dict, batch: dict, b: int) -> torch.Tensor:
+        """One micro-batch's (items, then for each of :attr:`logged` its sum and its weight):
+        each metric weighs the batch's items, KTO's ``*/chosen`` (``*/rejected``) metrics its
+        desirable (undesirable) completions, of which a batch may have none (their mean is
+        then NaN, and weighs 0)."""
+        n = torch.tensor(float(b), device=loss.device)
+        if not self.method.paired:
+            chosen = batch["label"].to(loss.device).sum().float()
+        stats = [n]
+        for k in self.logged:
+            value = (loss if k == "loss" else metrics[k]).detach().float()
+            weight = n
+            if not self.method.paired and k.endswith(("/chosen", "/rejected")):
+                weight = chosen if k.endswith("/chosen") else n - chosen
+            stats += [torch.where(weight > 0, value * weight, 0.0), weight]
+        return torch.stack(stats)
 
     def _step(self, micro: list) -> tuple[torch.Tensor, float, float | None]:
         """One optimizer step over ``micro`` (a list of (indices, batch)); returns the summed
@@ -361,7 +386,7 @@ class Run:
                 with self.precision.autocast():
                     loss, metrics = self._call(module, indices, batch, "train")
                 self.precision.backward(loss / len(micro))
-            s = self._stats(loss, metrics, len(indices))
+            s = self._stats(loss, metrics, batch, len(indices))
             stats = s if stats is None else stats + s
         grad_norm = None
         self.precision.unscale(self.opt)
@@ -374,11 +399,15 @@ class Run:
         return stats, lr, grad_norm
 
     def _row(self, step: int, split: str, stats: torch.Tensor, **extra) -> dict:
-        pairs, *sums = stats.tolist()
+        """A metrics.jsonl row of summed :meth:`_stats` (a metric of weight 0: None)."""
+        items, *sums = stats.tolist()
         row = {"step": step, "split": split, "epoch": round(step / self.steps_per_epoch, 4)}
-        row |= {k: s / pairs for k, s in zip(self.logged, sums)}
+        row |= {k: s / w if w > 0 else None for k, s, w in zip(self.logged, sums[::2], sums[1::2])}
+        if not self.method.paired:
+            chosen, rejected = row["rewards/chosen"], row["rewards/rejected"]
+            row["rewards/margins"] = chosen - rejected if chosen is not None and rejected is not None else None
         row |= {k: v for k, v in extra.items() if v is not None}
-        return row | {"pairs": int(pairs)}
+        return row | {self.unit: int(items)}
 
     def _write(self, row: dict) -> None:
         if self.procs.main:
@@ -395,7 +424,7 @@ class Run:
         for indices, batch in self._loader(self.eval_ds, list(range(self.procs.rank, len(self.eval_ds), world))):
             with self.precision.autocast():
                 loss, metrics = self._call(self.module, indices, batch, "eval")
-            s = self._stats(loss, metrics, len(indices))
+            s = self._stats(loss, metrics, batch, len(indices))
             stats, n = s if stats is None else stats + s, n + 1
         # Each forward of a sharded model is a collective: a process with fewer batches runs the
         # first pair again, uncounted, until it has run as many as the others.
@@ -405,7 +434,7 @@ class Run:
                 self._call(self.module, *next(iter(self._loader(self.eval_ds, [0]))), "eval")
         policy.train()
         if stats is None:  # fewer eval pairs than processes
-            stats = torch.zeros(len(self.logged) + 1, device=self.device)
+            stats = torch.zeros(2 * len(self.logged) + 1, device=self.device)
         row = self._row(step, "eval", self.procs.sum(stats))
         self._write(row)
         return row
