@@ -1,12 +1,16 @@
-"""``fastdpo train``: DPO on a Hugging Face causal LM, from preference records to a saved model.
+"""``fastdpo train``: DPO (or ORPO, CPO, SimPO, AlphaPO, KTO) on a Hugging Face causal LM, from
+preference records to a saved model.
 
 ``train(TrainConfig(model=DIR, data=FILE, out=DIR, ...))`` (or ``fastdpo train --model DIR
 --data FILE --out DIR``) loads ``AutoModelForCausalLM`` + ``AutoTokenizer`` from a
 ``save_pretrained`` directory, tokenizes ``{"prompt", "chosen", "rejected"}`` records as TRL
-1.16 does (:meth:`fastdpo.TokenizedPreferenceDataset.from_records`), and trains with
-:class:`fastdpo.DPO` (TRL's conventions by default: summed log-probs, target-aligned masks),
-``torch.optim.AdamW`` and a linear warmup/decay schedule.  A ``peft`` LoRA policy (``lora``)
-has the same model with its adapters off as its reference.
+1.16 does (:meth:`fastdpo.TokenizedPreferenceDataset.from_records`; KTO's unpaired ones with
+:meth:`fastdpo.TokenizedKTODataset.from_records`), and trains with the module ``method`` names
+(:mod:`fastdpo.train.methods`: :class:`fastdpo.DPO` by default, TRL's conventions: summed
+log-probs, target-aligned masks), ``torch.optim.AdamW`` and one of transformers' schedules.  The
+policy is run as TRL runs it (:mod:`fastdpo.train.policy`): gradient checkpointing, dropout off,
+optionally autocast over float32 master weights.  A ``peft`` LoRA policy (``lora``) has the same
+model with its adapters off as its reference.
 
 * **Order.**  Each epoch's order is ``DistributedSampler``'s permutation seeded by ``seed +
   epoch``; a process takes every ``world``-th index of it.  So the order depends on (seed,
@@ -17,7 +21,8 @@ has the same model with its adapters off as its reference.
   data position is a function of its number, so a checkpoint resumes mid-epoch exactly.
 * **Checkpoints** (``out/checkpoint-{step}``): the model (``save_pretrained``: the adapters
   only for LoRA), the tokenizer, the config as JSON, and ``trainer_state.pt`` (optimizer,
-  scheduler, every process's RNG states, the data position, precomputed reference scores).
+  scheduler, fp16's loss scaler, every process's RNG states, the data position, precomputed
+  reference scores).
   Resumed, a run on the CPU ends bitwise equal to the uninterrupted run
   (tests/test_train.py).  The reference model is always the one ``model`` names.
 * **Several processes.**  Under ``torchrun`` (``WORLD_SIZE`` > 1) the DPO module is wrapped
@@ -27,7 +32,8 @@ has the same model with its adapters off as its reference.
   writes the files; logged metrics and evaluations are over all processes' pairs.
 * **Reporting.**  A progress bar (tqdm; lines without it), ``out/metrics.jsonl`` (one JSON
   object per logged step and per evaluation), ``out/curves.png`` (matplotlib, when installed),
-  evaluations of the policy (eval mode, no gradient) every ``eval_every`` steps and at the end.
+  the trackers of ``report_to`` (:mod:`fastdpo.train.report`), evaluations of the policy (eval
+  mode, no gradient) every ``eval_every`` steps and at the end.
 """
 
 from __future__ import annotations
@@ -47,8 +53,7 @@ from ..models import adapter_for
 from ..models.wrappers import model_class
 from ..modules.dpo import precompute_reference_scores
 from . import fsdp as train_fsdp
-from . import io
-from . import methods, report
+from . import io, methods, report
 from . import policy as train_policy
 from .config import CHANGEABLE_ON_RESUME, TrainConfig, check_config
 from .processes import Processes
