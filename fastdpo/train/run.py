@@ -334,12 +334,19 @@ class Run:
             bar.update(done, logged)
             if self.eval_ds is not None and (c.eval_every and done % c.eval_every == 0 or done == self.total):
                 last_eval = self.evaluate(done)
-                bar.note(f"eval at step {done}: {io._said(last_eval)}")
+                bar.note(f"eval at step {done}: {self._eval_said(last_eval)}")
             if c.save_every and done % c.save_every == 0:
                 self.save_checkpoint(done)
         bar.close()
         self.save_final()
         return {"steps": self.total, "train": last_train, "eval": last_eval, "out": str(self.out)}
+
+    @staticmethod
+    def _eval_said(row: dict) -> str:
+        """An evaluation in a line: reward accuracy (when logged), margin, loss."""
+        said = [f"{name} {row[k]:.3f}" for k, name in (("rewards/accuracies", "reward accuracy"),
+                                                       ("rewards/margins", "margin")) if row.get(k) is not None]
+        return ", ".join([*said, f"loss {row['loss']:.4f}"])
 
     def _header(self) -> str:
         c = self.config
