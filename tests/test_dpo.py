@@ -165,6 +165,32 @@ def test_reference_model_is_frozen_and_untouched():
         assert torch.equal(v, before[k])
 
 
+def test_a_given_reference_model_is_used_without_a_copy():
+    """``ref_model=`` (TRL's): that model scores the reference, frozen; the loss is the copy's
+    when it holds the same weights, and moves when it does not."""
+    from fastdpo import KTO
+
+    model, other = make_model(257, seed=4), make_model(257, seed=4)
+    pref, unpref, pm = make_batch(2, 9, 257, seed=1, prompt_lens=[2, 3])
+    with_copy = DPO(model)
+    perturb_(model, seed=5)
+    copied = with_copy(pref, unpref, prompt_mask=pm)
+    dpo = DPO(model, ref_model=other)
+    assert dpo.ref_model is other and dpo.has_reference()
+    assert all(not p.requires_grad for p in other.parameters())
+    torch.testing.assert_close(dpo(pref, unpref, prompt_mask=pm), copied, rtol=0, atol=0)
+    perturb_(other, seed=6)
+    assert rel_err(dpo(pref, unpref, prompt_mask=pm), copied) > 1e-3
+    assert not other.training
+    assert KTO(model, ref_model=other).ref_model is other
+    with pytest.raises(ValueError, match="shares its parameters with the policy"):
+        DPO(model, ref_model=model)
+    with pytest.raises(ValueError, match="reads no reference model"):
+        DPO(model, ref_model=other, reference_free=True)
+    with pytest.raises(TypeError, match="ref_model must be a torch.nn.Module"):
+        DPO(model, ref_model="ref")
+
+
 class Counting(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
