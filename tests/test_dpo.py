@@ -149,6 +149,27 @@ def test_tied_reference_does_not_drift():
     assert emb.data_ptr() != dpo.policy_model.token_emb.emb.weight.data_ptr()
 
 
+def test_reference_copy_of_a_patched_forward_runs_the_copy():
+    """A forward patched as a method closing over the original's forward (TRL's
+    ``add_fused_lm_head`` patches one so): the reference copy runs itself, not the policy."""
+    import types
+
+    model = make_model(257, seed=3)
+    original = model.forward
+
+    def patched(self, *args, **kwargs):
+        return original(*args, **kwargs)
+
+    model.forward = types.MethodType(patched, model)
+    dpo = DPO(model)
+    src = torch.randint(0, 257, (2, 8))
+    with torch.no_grad():
+        before = dpo.ref_model(src)
+        perturb_(model, seed=7)
+        torch.testing.assert_close(dpo.ref_model(src), before, rtol=0, atol=0)
+        assert not torch.allclose(model(src), before)
+
+
 def test_reference_model_is_frozen_and_untouched():
     model = make_model(257)
     dpo = DPO(model)

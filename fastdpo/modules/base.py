@@ -46,7 +46,20 @@ def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType
         value = cell.cell_contents
     except ValueError:  # an empty cell
         return types.CellType()
+    if isinstance(value, types.MethodType) and id(value.__self__) in memo:  # a method of the original: the copy's
+        return types.CellType(types.MethodType(value.__func__, memo[id(value.__self__)]))
     return types.CellType(memo.get(id(value), value))
+
+
+def _rebuilt(fn: types.FunctionType, memo: dict[int, object]) -> types.FunctionType:
+    """``fn`` with its closure's cells re-pointed at the copies in ``memo``, its attributes kept
+    (``functools.wraps``' ``__wrapped__``, which ``inspect.signature`` follows)."""
+    cells = tuple(_remap_cell(c, memo) for c in fn.__closure__)
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
 
 
 def deepcopy_module(model: nn.Module) -> nn.Module:
@@ -57,19 +70,19 @@ def deepcopy_module(model: nn.Module) -> nn.Module:
     ``lambda t: t @ self.token_emb.emb.weight.t() * scale``) would keep reading the
     *original's* live weights from inside the copy: x-transformers' own DPO has that flaw,
     and its reference model drifts with the policy's embedding during training.  Function
-    attributes of the copy's submodules are rebuilt over the copied objects.
+    attributes of the copy's submodules are rebuilt over the copied objects, and so are the
+    functions of method attributes (a forward patched as ``types.MethodType(f, model)`` with
+    ``f`` closing over the original's forward, as TRL's ``add_fused_lm_head`` does: the copy
+    would otherwise run the original model).
     """
     memo: dict[int, object] = {}
     copy = deepcopy(model, memo)
     for module in copy.modules():
         for name, fn in list(vars(module).items()):
             if isinstance(fn, types.FunctionType) and fn.__closure__:
-                cells = tuple(_remap_cell(c, memo) for c in fn.__closure__)
-                rebuilt = types.FunctionType(
-                    fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells
-                )
-                rebuilt.__kwdefaults__ = fn.__kwdefaults__
-                setattr(module, name, rebuilt)
+                setattr(module, name, _rebuilt(fn, memo))
+            elif isinstance(fn, types.MethodType) and isinstance(fn.__func__, types.FunctionType) and fn.__func__.__closure__:
+                setattr(module, name, types.MethodType(_rebuilt(fn.__func__, memo), fn.__self__))
     return copy
 
 
