@@ -37,6 +37,7 @@ class _FastdpoPairs:
     def _fastdpo_init(self) -> None:
         name = type(self).__name__
         config = getattr(self.model, "config", None)
+        common.check_setup(name, self.args, self.processing_class, None)
         common.check_model(name, self.model, None)
         if getattr(config, "output_router_logits", False) and getattr(config, "router_aux_loss_coef", 0.0):
             raise common.refuse(name, "an MoE model's router load-balancing loss (output_router_logits)",
@@ -87,8 +88,8 @@ class ORPOTrainer(_FastdpoPairs, _ORPOTrainer):
     TRL's constructor (same arguments), tokenization, collator, training, evaluation and saving;
     ``get_batch_loss_metrics`` is fastdpo's: the odds-ratio loss plus the NLL of the chosen
     sequences (prompt and completion, TRL's), on the fused head (``head="fused"``: no logits).
-    Options: ``beta``; refused in one line: encoder-decoders, an MoE model's router loss (TRL adds
-    it, fastdpo's ORPO does not).  Metrics, TRL's names and averages: ``rewards/*``, ``logps/*``,
+    Options: ``beta``; refused in one line: vision-language processors, encoder-decoders, model
+    parallelism, an MoE model's router loss (TRL adds it, fastdpo's ORPO does not).  Metrics, TRL's names and averages: ``rewards/*``, ``logps/*``,
     ``nll_loss``, ``log_odds_ratio``, ``log_odds_chosen``; not ``logits/chosen``,
     ``logits/rejected`` (means over logits the fused head never builds).
     """
