@@ -318,6 +318,7 @@ def _one_line(excinfo) -> str:
     return text
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # (TRL's defaults read transformers' v6 renames)
 def test_options_fastdpo_cannot_honour_are_one_line_errors(model_dir, tmp_path):
     import trl
 
@@ -334,6 +335,16 @@ def test_options_fastdpo_cannot_honour_are_one_line_errors(model_dir, tmp_path):
         with pytest.raises(ValueError) as e:
             ftrl.DPOTrainer(model=str(model_dir), args=args, train_dataset=data)
         assert words in _one_line(e)
+    # a PeftModel with its adapter and no ref_model: TRL's reference is a "ref" copy of the adapter
+    import peft
+
+    wrapped = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+                                  peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(ValueError) as e:
+        ftrl.DPOTrainer(model=wrapped, args=args, train_dataset=data,
+                        processing_class=transformers.AutoTokenizer.from_pretrained(model_dir))
+    assert "a PeftModel passed with its adapter and no ref_model" in _one_line(e)
     # a pair whose two prompts keep_end truncation cuts differently: at its batch, in one line
     cut = datasets.Dataset.from_list([{"prompt": "count : a b c d", "chosen": " e", "rejected": " e f g h"}] * 2)
     with pytest.warns(FutureWarning):

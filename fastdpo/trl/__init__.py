@@ -3,7 +3,8 @@
 ``from fastdpo.trl import DPOTrainer`` in place of ``from trl import DPOTrainer``; the same
 config, datasets, collator, callbacks, accelerate and PEFT set-up, logging, evaluation, saving
 and hub code (TRL's own: each class here subclasses TRL's and overrides the one method that
-computes the loss, and the one that scores the reference for ``precompute_ref_log_probs``):
+computes the loss and, for DPO and KTO, the one that scores the reference for
+``precompute_ref_log_probs``):
 
 * :class:`DPOTrainer` (``trl.DPOTrainer``) with :class:`DPOConfig` (``trl.DPOConfig`` plus
   ``packing``) -- :class:`fastdpo.DPO`;
