@@ -3,5 +3,5 @@
 # suite on the CPU, one pytest-xdist worker per core (FASTDPO_TEST_WORKERS=N for another count; 0:
 # none).  Extra arguments go to pytest.  The bench extra too: the CLI tests run the suite (Liger,
 # matplotlib); hf: the Hugging Face tests.
-source "$(dirname "$0")/_venv.sh" test,bench,hf
+source "$(dirname "$0")/_venv.sh" test,bench,hf,trl
 exec "$VENV/bin/python" -m pytest -n "${FASTDPO_TEST_WORKERS:-auto}" --dist loadfile "$@"
