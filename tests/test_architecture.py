@@ -75,6 +75,7 @@ LAYERS: dict[str, set[str]] = {
     "scoring": {"models", "batching", "losses", "_checks", "_options", "kernels"},
     "modules": {"scoring", "models", "batching", "losses", "_checks", "_options"},
     "train": {"modules", "data", "models", "losses", "_checks"},
+    "trl": {"modules", "models", "batching", "losses", "data", "_checks"},
     "bench": {"modules", "scoring", "models", "batching", "losses", "data", "_checks", "kernels", "__init__"},
     "kernel_report": {"kernels"},
     "cli": {"bench", "train", "kernel_report", "kernels", "__init__"},

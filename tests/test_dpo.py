@@ -149,6 +149,27 @@ def test_tied_reference_does_not_drift():
     assert emb.data_ptr() != dpo.policy_model.token_emb.emb.weight.data_ptr()
 
 
+def test_reference_copy_of_a_patched_forward_runs_the_copy():
+    """A forward patched as a method closing over the original's forward (TRL's
+    ``add_fused_lm_head`` patches one so): the reference copy runs itself, not the policy."""
+    import types
+
+    model = make_model(257, seed=3)
+    original = model.forward
+
+    def patched(self, *args, **kwargs):
+        return original(*args, **kwargs)
+
+    model.forward = types.MethodType(patched, model)
+    dpo = DPO(model)
+    src = torch.randint(0, 257, (2, 8))
+    with torch.no_grad():
+        before = dpo.ref_model(src)
+        perturb_(model, seed=7)
+        torch.testing.assert_close(dpo.ref_model(src), before, rtol=0, atol=0)
+        assert not torch.allclose(model(src), before)
+
+
 def test_reference_model_is_frozen_and_untouched():
     model = make_model(257)
     dpo = DPO(model)
@@ -163,6 +184,32 @@ def test_reference_model_is_frozen_and_untouched():
     assert all(p.grad is None for p in dpo.ref_model.parameters())
     for k, v in dpo.ref_model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_a_given_reference_model_is_used_without_a_copy():
+    """``ref_model=`` (TRL's): that model scores the reference, frozen; the loss is the copy's
+    when it holds the same weights, and moves when it does not."""
+    from fastdpo import KTO
+
+    model, other = make_model(257, seed=4), make_model(257, seed=4)
+    pref, unpref, pm = make_batch(2, 9, 257, seed=1, prompt_lens=[2, 3])
+    with_copy = DPO(model)
+    perturb_(model, seed=5)
+    copied = with_copy(pref, unpref, prompt_mask=pm)
+    dpo = DPO(model, ref_model=other)
+    assert dpo.ref_model is other and dpo.has_reference()
+    assert all(not p.requires_grad for p in other.parameters())
+    torch.testing.assert_close(dpo(pref, unpref, prompt_mask=pm), copied, rtol=0, atol=0)
+    perturb_(other, seed=6)
+    assert rel_err(dpo(pref, unpref, prompt_mask=pm), copied) > 1e-3
+    assert not other.training
+    assert KTO(model, ref_model=other).ref_model is other
+    with pytest.raises(ValueError, match="shares its parameters with the policy"):
+        DPO(model, ref_model=model)
+    with pytest.raises(ValueError, match="reads no reference model"):
+        DPO(model, ref_model=other, reference_free=True)
+    with pytest.raises(TypeError, match="ref_model must be a torch.nn.Module"):
+        DPO(model, ref_model="ref")
 
 
 class Counting(torch.nn.Module):

@@ -402,9 +402,11 @@ def test_weighted_combination():
                                rtol=1e-14, atol=0)
     default = preference_loss(*scores, loss_type=tuple(types), **kw)
     torch.testing.assert_close(default, sum(parts), rtol=1e-14, atol=0)
-    # A one-element list is the type itself.
+    # A one-element list is the type itself, times its weight (as TRL weighs a single type).
     assert torch.equal(preference_loss(*scores, loss_type=["sigmoid"], loss_weights=[1.0], **kw),
                        parts[0])
+    torch.testing.assert_close(preference_loss(*scores, loss_type=["sigmoid"], loss_weights=[0.5], **kw),
+                               0.5 * parts[0], rtol=1e-14, atol=0)
 
 
 def test_simpo_is_reference_free():

@@ -473,7 +473,7 @@ def _combined_loss(
         loss = _per_type_loss(
             t, policy_chosen, policy_rejected, ref_chosen, ref_rejected, n_w, n_l, cfg, sft_scale
         )
-        if len(cfg.loss_type) > 1:
+        if w != 1.0:  # (1.0 * loss is loss: the unweighted result stays bitwise)
             loss = w * loss
         total = loss if total is None else total + loss
     return total

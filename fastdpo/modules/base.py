@@ -46,7 +46,20 @@ def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType
         value = cell.cell_contents
     except ValueError:  # an empty cell
         return types.CellType()
+    if isinstance(value, types.MethodType) and id(value.__self__) in memo:  # a method of the original: the copy's
+        return types.CellType(types.MethodType(value.__func__, memo[id(value.__self__)]))
     return types.CellType(memo.get(id(value), value))
+
+
+def _rebuilt(fn: types.FunctionType, memo: dict[int, object]) -> types.FunctionType:
+    """``fn`` with its closure's cells re-pointed at the copies in ``memo``, its attributes kept
+    (``functools.wraps``' ``__wrapped__``, which ``inspect.signature`` follows)."""
+    cells = tuple(_remap_cell(c, memo) for c in fn.__closure__)
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__dict__.update(fn.__dict__)
+    new.__qualname__, new.__doc__, new.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    return new
 
 
 def deepcopy_module(model: nn.Module) -> nn.Module:
@@ -57,19 +70,19 @@ def deepcopy_module(model: nn.Module) -> nn.Module:
     ``lambda t: t @ self.token_emb.emb.weight.t() * scale``) would keep reading the
     *original's* live weights from inside the copy: x-transformers' own DPO has that flaw,
     and its reference model drifts with the policy's embedding during training.  Function
-    attributes of the copy's submodules are rebuilt over the copied objects.
+    attributes of the copy's submodules are rebuilt over the copied objects, and so are the
+    functions of method attributes (a forward patched as ``types.MethodType(f, model)`` with
+    ``f`` closing over the original's forward, as TRL's ``add_fused_lm_head`` does: the copy
+    would otherwise run the original model).
     """
     memo: dict[int, object] = {}
     copy = deepcopy(model, memo)
     for module in copy.modules():
         for name, fn in list(vars(module).items()):
             if isinstance(fn, types.FunctionType) and fn.__closure__:
-                cells = tuple(_remap_cell(c, memo) for c in fn.__closure__)
-                rebuilt = types.FunctionType(
-                    fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells
-                )
-                rebuilt.__kwdefaults__ = fn.__kwdefaults__
-                setattr(module, name, rebuilt)
+                setattr(module, name, _rebuilt(fn, memo))
+            elif isinstance(fn, types.MethodType) and isinstance(fn.__func__, types.FunctionType) and fn.__func__.__closure__:
+                setattr(module, name, types.MethodType(_rebuilt(fn.__func__, memo), fn.__self__))
     return copy
 
 
@@ -89,6 +102,27 @@ def router_coefficient(model: nn.Module, adapter, coef) -> float:
             )
     value = config_coef if coef is None else coef
     return value if has_router else 0.0
+
+
+def given_reference(ref_model: nn.Module | None, model: nn.Module, reference: bool, family: str) -> nn.Module | None:
+    """``ref_model`` checked as the reference of a module around ``model``, its parameters frozen
+    (``requires_grad=False``: it never trains, and a ``DistributedDataParallel`` around the
+    module must not wait for its gradients); None when not given.  A ``TypeError`` for a
+    non-module, a ``ValueError`` for the policy itself or for a loss that reads no reference."""
+    if ref_model is None:
+        return None
+    if not isinstance(ref_model, nn.Module):
+        raise TypeError(f"ref_model must be a torch.nn.Module or None, got {type(ref_model).__name__}")
+    if not reference:
+        raise ValueError(f"ref_model was given, but this {family} loss reads no reference model: drop ref_model")
+    policy = {id(p) for p in model.parameters()}
+    if ref_model is model or any(id(p) in policy for p in ref_model.parameters()):
+        raise ValueError("ref_model shares its parameters with the policy model: the reference must be a model of "
+                         "its own (ref_model=None makes a frozen copy of the policy)")
+    check_wrappers(ref_model)
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    return ref_model
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -112,10 +146,10 @@ class PreferenceModule(nn.Module):
             :class:`~fastdpo.batching.options.PackingOptions`,
             :class:`~fastdpo.scoring.options.ComputeOptions`); each family's docstring says what
             ``logprob_reduction`` means for its loss.
-        reference: whether the loss reads a reference model's scores.  Then ``ref_model`` is a
-            frozen deep copy (:func:`frozen_copy`), or None for a ``peft`` policy, whose
-            reference is itself with its adapters disabled; without, ``ref_model`` is None and
-            :meth:`has_reference` False.
+        reference: whether the loss reads a reference model's scores.  Then ``ref_model`` is the
+            given ``ref_model``, else a frozen deep copy (:func:`frozen_copy`), or None for a
+            ``peft`` policy, whose reference is itself with its adapters disabled; without,
+            ``ref_model`` is None and :meth:`has_reference` False.
         independent_pairs: whether each pair's loss depends on its own scores only, so that the DPO head
             (:mod:`fastdpo.scoring.dpo_head_op`) may score it; False sends the fused head to the
             "fused" route.
@@ -124,6 +158,9 @@ class PreferenceModule(nn.Module):
             (DPO, KTO): ``None`` reads the model's config; 0.0 is off.
             :attr:`router_aux_loss_coef` holds the value in force (0.0: off), and
             :meth:`_policy_input` asks for the loss when it is on.
+        ref_model: for a family that reads a reference (DPO, KTO), the reference model to use
+            instead of a copy (:func:`given_reference`); None: the copy, or a peft policy's
+            adapters off.
     """
 
     def __init__(
@@ -137,6 +174,7 @@ class PreferenceModule(nn.Module):
         independent_pairs: bool,
         with_wpo: bool = False,
         router_aux_loss_coef: float | None = 0.0,
+        ref_model: nn.Module | None = None,
     ):
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -180,9 +218,11 @@ class PreferenceModule(nn.Module):
                     stacklevel=USER_CALL,
                 )
         self.policy_model = model
+        given = given_reference(ref_model, model, reference, type(self).__name__)
         # A peft policy's reference is itself with its adapters off: no copy (as TRL does).
-        self._ref_is_base = reference and peft_model(model) is not None
-        self.ref_model = frozen_copy(model) if reference and not self._ref_is_base else None
+        self._ref_is_base = reference and given is None and peft_model(model) is not None
+        self.ref_model = given if given is not None else (
+            frozen_copy(model) if reference and not self._ref_is_base else None)
 
     def parameters(self, recurse: bool = True):
         """The policy's parameters only (the reference model is frozen), as x-transformers;

@@ -76,6 +76,12 @@ class DPOOptions:
     reference_free: bool = option(False, """
         score against a zero reference (TRL's ``reference_free``); no reference copy is made.
         Reference-free loss types (``simpo``) make none either.""")
+    ref_model: nn.Module | None = option(None, """
+        the reference model (TRL's ``ref_model``), used as it is instead of a copy of ``model``,
+        its parameters frozen (``requires_grad=False``); it runs in eval mode under ``no_grad``.
+        ``None`` (default): a frozen copy of ``model`` (a ``peft`` model: itself with its adapters
+        disabled).  A ``ValueError`` when it shares parameters with ``model``, or with a loss that
+        reads no reference (``reference_free=True``, ``simpo``/``sft`` only).""")
     router_aux_loss_coef: float | None = option(None, """
         a Mixture-of-Experts policy's router load-balancing loss, added as TRL 1.16's
         ``DPOTrainer`` adds it: ``loss + coef * aux_loss``, ``aux_loss`` the policy's own (its
@@ -124,6 +130,7 @@ class DPO(PreferenceModule):
         super().__init__(
             model, tokens, packing, compute, reference=config.needs_reference and not reference_free,
             independent_pairs=independent_pairs, with_wpo=use_weighting, router_aux_loss_coef=loss.router_aux_loss_coef,
+            ref_model=loss.ref_model,
         )
         self.loss_options = loss
         self.loss, self.beta, self.reference_free = config, config.beta, reference_free

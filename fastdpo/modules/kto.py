@@ -78,6 +78,10 @@ class KTOOptions:
         sequences'), added as TRL 1.16's ``KTOTrainer`` adds it: ``None`` (default) the config's
         coefficient for a model with a router, 0.0 off, as :class:`fastdpo.DPO` documents it;
         metric ``aux_loss``.""")
+    ref_model: nn.Module | None = option(None, """
+        the reference model (TRL's ``ref_model``), used as it is instead of a copy of ``model``, its
+        parameters frozen, as :class:`fastdpo.DPO` documents it; ``None`` (default): a frozen copy
+        (a ``peft`` model: itself with its adapters disabled).""")
 
 
 @with_options(KTOOptions)
@@ -123,7 +127,7 @@ class KTO(PreferenceModule):
                 f"packing={packing.packing!r}, share_prompt={packing.share_prompt!r}"
             )
         super().__init__(model, tokens, packing, compute, reference=True, independent_pairs=False,
-                         router_aux_loss_coef=loss.router_aux_loss_coef)
+                         router_aux_loss_coef=loss.router_aux_loss_coef, ref_model=loss.ref_model)
         self.loss_options, self.config, self.sync_kl = loss, config, loss.sync_kl
         self.beta, self.loss_type = config.beta, config.loss_type
         self.desirable_weight, self.undesirable_weight = config.desirable_weight, config.undesirable_weight
