@@ -47,8 +47,12 @@ METHODS: dict[str, Method] = {
     "kto": Method(KTO, KTOOptions, paired=False, extra_metrics=("kl", "aux_loss")),
 }
 
+# Module options that are objects, not settings: the run makes them (ref_model: the reference is
+# the --model itself, frozen, or with LoRA the policy with its adapters off).
+MADE_BY_THE_RUN = ("ref_model",)
 # Every loss option of every method's module, in a stable order (the TrainConfig fields).
-LOSS_OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.name for m in METHODS.values() for f in fields(m.options)))
+LOSS_OPTIONS: tuple[str, ...] = tuple(dict.fromkeys(f.name for m in METHODS.values() for f in fields(m.options)
+                                                    if f.name not in MADE_BY_THE_RUN))
 
 # Logged for every paired method: the loss, then these (means over pairs).
 PAIR_METRICS = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
