@@ -7,9 +7,10 @@
                      ``TransformerWrapper``, for each implementation that runs here.
 ``fastdpo kernels``  the ahead-of-time build report of the Triton kernels
                      (:mod:`fastdpo.kernel_report`; its arguments pass through).
-``fastdpo train``    DPO on a Hugging Face causal LM from JSONL preference records to a saved
-                     model (or LoRA adapters), with evaluation, metrics.jsonl, curves,
-                     checkpoints that resume exactly and torchrun/DDP (:mod:`fastdpo.train`).
+``fastdpo train``    DPO (or ORPO, CPO, SimPO, AlphaPO, KTO) on a Hugging Face causal LM from
+                     JSONL records to a saved model (or LoRA adapters), as TRL trains it, with
+                     evaluation, metrics.jsonl, curves, trackers, checkpoints that resume
+                     exactly and torchrun/DDP/FSDP2 (:mod:`fastdpo.train`).
 
 argparse, not click or typer: four subcommands with flat options need nothing more, the
 standard library adds no dependency to a library that users ``pip install`` for its loss,
@@ -60,10 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="DPO-train a Hugging Face causal LM on JSONL preference records",
-        description="DPO on a Hugging Face causal LM (a save_pretrained directory), from JSONL preference "
-        "records to a saved model or LoRA adapters, with evaluations, metrics.jsonl, curves.png and checkpoints "
-        "that resume exactly; under torchrun, DDP.",
+        help="DPO-train (or ORPO, CPO, SimPO, AlphaPO, KTO) a Hugging Face causal LM on JSONL preference records",
+        description="DPO (--method: ORPO, CPO, SimPO, AlphaPO, KTO) on a Hugging Face causal LM (a save_pretrained "
+        "directory), from JSONL preference records to a saved model or LoRA adapters, with TRL's defaults "
+        "(gradient checkpointing, dropout off), evaluations, metrics.jsonl, curves.png, trackers and checkpoints "
+        "that resume exactly; under torchrun, DDP or FSDP2.  --config FILE.yaml takes TRL's names.",
         epilog="Quick start: fastdpo train --model DIR --data data.jsonl --out out/  (README, 'fastdpo train').",
     )
     train_cli.add_arguments(p)
