@@ -18,13 +18,19 @@ Runs (each its defaults, float32 on the CPU; :data:`RUNS`):
   are float32) and what the bench must set (steps, batch 1, max_length, no saving or reporting);
 * ``fastdpo``: ``fastdpo train`` at its defaults (gradient checkpointing on, no packing);
 * ``fastdpo-pair``: ``--packing pair`` (each pair's prompt run once);
+* ``fastdpo-batch``: ``--packing batch`` (the batch's pairs packed into rows: no padding);
 * ``fastdpo-nogc``: ``--no-gradient-checkpointing``;
-* ``fastdpo-trl``: ``fastdpo.trl.DPOTrainer`` (when the module exists) with TRL's same config.
+* ``fastdpo-trl``: ``fastdpo.trl.DPOTrainer`` with TRL's same config (``fastdpo-trl-batch``:
+  and ``packing="batch"``).
 
 Per step: the median wall time of the steps after the first (timed around the optimizer step's
 forward, backward and update: ``Run._step``, and TRL's ``training_step`` through a callback).
-Peak memory: the process's peak RSS (``ru_maxrss`` of the finished child), set-up included: what
-a user's machine must hold.  The longest pair: for each run, the longest of ``--longest``
+Peak memory: the process's peak RSS (``ru_maxrss`` of the finished child), set-up included,
+with every worker's malloc set as the bench's memory workers set it
+(:func:`fastdpo.bench.measure.worker_heap`: blocks of 256 KiB and more mapped alone and returned
+when freed), so the resident size follows the live tensors rather than glibc's heap, whose
+dynamic threshold made the default's peaks depend on the allocation sizes (one run of 8192 tokens
+peaked lower than one of 6144).  The longest pair: for each run, the longest of ``--longest``
 whose one-step process peaks within ``--limit-gib`` (a process passing the limit is stopped
 there: it does not fit).
 """
@@ -43,7 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2**30
-RUNS = ("trl", "fastdpo", "fastdpo-pair", "fastdpo-nogc", "fastdpo-trl")
+RUNS = ("trl", "fastdpo", "fastdpo-pair", "fastdpo-batch", "fastdpo-nogc", "fastdpo-trl", "fastdpo-trl-batch")
 VOCAB = 49152
 
 
@@ -68,25 +74,31 @@ def make_model(where: Path, max_len: int) -> Path:
     return where
 
 
-def make_records(path: Path, n: int, length: int, seed: int = 0) -> Path:
-    """``n`` records whose prompt + completion is ``length`` tokens (the EOS counted)."""
+def make_records(path: Path, n: int, length: int, seed: int = 0, ragged: bool = False) -> Path:
+    """``n`` records whose prompt + completion is ``length`` tokens (the EOS counted); ``ragged``:
+    each prompt and completion of a length drawn uniformly from 1/8 to 1/2 of ``length`` (as
+    real pairs are: the batch's rows padded to its longest)."""
     rng = random.Random(seed)
     half = length // 2
 
     def text(k: int) -> str:
         return " ".join(f"w{rng.randrange(VOCAB - 3)}" for _ in range(k))
 
+    def size() -> int:
+        return rng.randint(length // 8, half - 1) if ragged else half - 1
+
     with open(path, "w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": text(half), "chosen": " " + text(length - half - 1),
-                                "rejected": " " + text(length - half - 1)}) + "\n")  # fmt: skip
+            prompt = rng.randint(length // 8, half) if ragged else half
+            f.write(json.dumps({"prompt": text(prompt), "chosen": " " + text(size()),
+                                "rejected": " " + text(size())}) + "\n")  # fmt: skip
     return path
 
 
 # ----------------------------------------------------------------------------- workers (fresh processes)
 
 
-def _fastdpo_worker(model: str, data: str, out: str, length: int, steps: int, extra: list[str]) -> dict:
+def _fastdpo_worker(model: str, data: str, out: str, length: int, steps: int, batch: int, extra: list[str]) -> dict:
     import argparse as ap
 
     from fastdpo.train import command, run
@@ -104,7 +116,7 @@ def _fastdpo_worker(model: str, data: str, out: str, length: int, steps: int, ex
     parser = ap.ArgumentParser()
     command.add_arguments(parser)
     config = command.config_from_args(parser.parse_args([
-        "--model", model, "--data", data, "--out", out, "--steps", str(steps), "--batch-size", "1",
+        "--model", model, "--data", data, "--out", out, "--steps", str(steps), "--batch-size", str(batch),
         "--max-length", str(length), "--no-progress", *extra]))  # fmt: skip
     procs = command.Processes(None)
     r = run.Run(config, procs)
@@ -113,7 +125,8 @@ def _fastdpo_worker(model: str, data: str, out: str, length: int, steps: int, ex
     return {"step_s": times, "losses": losses}
 
 
-def _trl_worker(model: str, data: str, out: str, length: int, steps: int, ours: bool) -> dict:
+def _trl_worker(model: str, data: str, out: str, length: int, steps: int, batch: int, ours: bool,
+                packing: str = "none") -> dict:
     import datasets
     from transformers import AutoTokenizer, TrainerCallback
 
@@ -136,9 +149,10 @@ def _trl_worker(model: str, data: str, out: str, length: int, steps: int, ours: 
                 losses.append(logs["loss"])
 
     records = [json.loads(line) for line in open(data)]
-    config = DPOConfig(output_dir=out, per_device_train_batch_size=1, max_steps=steps, max_length=length,
+    config = DPOConfig(output_dir=out, per_device_train_batch_size=batch, max_steps=steps, max_length=length,
                        logging_steps=1, save_strategy="no", report_to="none", bf16=False, use_cpu=True,
-                       seed=0, dataloader_num_workers=0, disable_tqdm=True)  # fmt: skip
+                       seed=0, dataloader_num_workers=0, disable_tqdm=True,
+                       **({"packing": packing} if ours else {}))  # fmt: skip
     trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(records),
                          processing_class=AutoTokenizer.from_pretrained(model), callbacks=[Timer()])  # fmt: skip
     trainer.train()
@@ -146,13 +160,17 @@ def _trl_worker(model: str, data: str, out: str, length: int, steps: int, ours: 
 
 
 def worker(args) -> None:
+    from fastdpo.bench.measure import worker_heap
+
+    worker_heap()  # (the bench's malloc: blocks >= 256 KiB mapped alone, so RSS follows the live tensors)
     with tempfile.TemporaryDirectory() as out:
-        if args.run.startswith("fastdpo") and args.run != "fastdpo-trl":
-            extra = {"fastdpo": [], "fastdpo-pair": ["--packing", "pair"],
+        if args.run.startswith("fastdpo") and not args.run.startswith("fastdpo-trl"):
+            extra = {"fastdpo": [], "fastdpo-pair": ["--packing", "pair"], "fastdpo-batch": ["--packing", "batch"],
                      "fastdpo-nogc": ["--no-gradient-checkpointing"]}[args.run]  # fmt: skip
-            result = _fastdpo_worker(args.model, args.data, out + "/o", args.length, args.steps, extra)
+            result = _fastdpo_worker(args.model, args.data, out + "/o", args.length, args.steps, args.batch, extra)
         else:
-            result = _trl_worker(args.model, args.data, out + "/o", args.length, args.steps, args.run == "fastdpo-trl")
+            result = _trl_worker(args.model, args.data, out + "/o", args.length, args.steps, args.batch,
+                                 args.run.startswith("fastdpo-trl"), "batch" if args.run.endswith("-batch") else "none")
     Path(args.result).write_text(json.dumps(result))
 
 
@@ -167,23 +185,25 @@ def _rss_mib(pid: int) -> int:
         return 0
 
 
-def measure(run: str, model: Path, data: Path, length: int, steps: int, limit_mib: float | None = None) -> dict:
+def measure(run: str, model: Path, data: Path, length: int, steps: int, limit_mib: float | None = None,
+            batch: int = 1) -> dict:
     """One run in a fresh process: its step times, losses and peak RSS.  With ``limit_mib`` the
     process is stopped as soon as its resident memory passes the limit (what a machine with
     that much memory would do to it, sooner): it did not fit."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, __file__, "--worker", "--run", run, "--model", str(model), "--data", str(data),
-               "--length", str(length), "--steps", str(steps), "--result", f.name]  # fmt: skip
+               "--length", str(length), "--steps", str(steps), "--batch", str(batch), "--result", f.name]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
         t = time.perf_counter()
         err_file = tempfile.TemporaryFile(mode="w+")
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
-        over = None
+        over, sampled = None, 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
-            if limit_mib is not None and (rss := _rss_mib(proc.pid)) > limit_mib:
+            sampled = max(sampled, rss := _rss_mib(proc.pid))
+            if limit_mib is not None and rss > limit_mib:
                 over = rss
                 proc.kill()
             time.sleep(0.2)
@@ -196,8 +216,8 @@ def measure(run: str, model: Path, data: Path, length: int, steps: int, limit_mi
             return {"run": run, "length": length, "error": (err.strip().splitlines() or ["?"])[-1]}
         result = json.loads(Path(f.name).read_text())
     steady = sorted(result["step_s"][1:] or result["step_s"])
-    return {"run": run, "length": length, "steps": steps, "wall_s": round(wall, 1),
-            "step_s": round(steady[len(steady) // 2], 2), "peak_mib": usage.ru_maxrss // 1024,
+    return {"run": run, "length": length, "batch": batch, "steps": steps, "wall_s": round(wall, 1),
+            "step_s": round(steady[len(steady) // 2], 2), "peak_mib": usage.ru_maxrss // 1024, "sampled_mib": sampled,
             "losses": result["losses"]}  # fmt: skip
 
 
@@ -205,6 +225,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--lengths", type=int, nargs="*", default=[384, 2048])
     p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--batch", type=int, default=1, help="pairs a step")
+    p.add_argument("--ragged", action="store_true", help="prompts and completions of random lengths")
     p.add_argument("--runs", nargs="+", default=["trl", "fastdpo", "fastdpo-pair", "fastdpo-trl"])
     p.add_argument("--limit-gib", type=float, default=None, help="with --longest: the memory limit")
     p.add_argument("--longest", type=int, nargs="+", default=[], help="pair lengths to try, one step each")
@@ -230,9 +252,9 @@ def main() -> None:
         longest = max([*args.lengths, *args.longest])
         model = make_model(tmp / "model", longest + 8)
         for length in args.lengths:
-            data = make_records(tmp / f"data-{length}.jsonl", args.steps, length)
+            data = make_records(tmp / f"data-{length}.jsonl", args.steps * args.batch, length, ragged=args.ragged)
             for run in args.runs:
-                r = measure(run, model, data, length, args.steps)
+                r = measure(run, model, data, length, args.steps, batch=args.batch) | {"ragged": args.ragged}
                 results.append(r)
                 print(json.dumps(r), flush=True)
         for length in args.longest:
