@@ -26,9 +26,15 @@ CURVES_FILE = "curves.png"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+def message(e: BaseException) -> str:
+    """The first line of ``e``'s message ('' when it has none): a refusal said in one line."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def first_line(e: BaseException) -> str:
+    """``e``'s type and the first line of its message."""
+    return f"{type(e).__name__}: {message(e)}"
 
 
 # ----------------------------------------------------------------------------- model, tokenizer
@@ -54,7 +60,7 @@ def load_tokenizer(path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 -- many kinds; the user needs the first line
-        raise ValueError(f"--model {path}: no tokenizer could be loaded from it ({_first_line(e)})") from None
+        raise ValueError(f"--model {path}: no tokenizer could be loaded from it ({first_line(e)})") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(
@@ -73,7 +79,7 @@ def load_model(path: str, dtype: str):
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:  # no weights, an unknown model_type, ...
-        raise ValueError(f"--model {path}: cannot load it as a causal LM ({_first_line(e)})") from None
+        raise ValueError(f"--model {path}: cannot load it as a causal LM ({first_line(e)})") from None
 
 
 def check_vocab(path: str, n_tokens: int) -> None:
@@ -83,7 +89,7 @@ def check_vocab(path: str, n_tokens: int) -> None:
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:  # an unknown model_type, a broken config.json
-        raise ValueError(f"--model {path}: cannot read its config.json ({_first_line(e)})") from None
+        raise ValueError(f"--model {path}: cannot read its config.json ({first_line(e)})") from None
     vocab = getattr(config.get_text_config(), "vocab_size", None)
     if isinstance(vocab, int) and n_tokens > vocab:
         raise ValueError(f"--model {path}: the tokenizer has {n_tokens} tokens, the model's embedding only {vocab}")

@@ -21,6 +21,7 @@ from ..modules.cpo import CPO, CPOOptions
 from ..modules.dpo import DPO, DPOOptions
 from ..modules.kto import KTO, KTOOptions
 from ..modules.orpo import ORPO, ORPOOptions
+from . import io
 
 __all__ = ["METHODS", "LOSS_OPTIONS", "Method", "method_of", "loss_options", "build"]
 
@@ -100,4 +101,4 @@ def build(method: str, model: nn.Module, given: dict, **shared) -> nn.Module:
     try:
         return method_of(method).module(model, **options, **shared)
     except (TypeError, NotImplementedError) as e:
-        raise ValueError(f"--method {method}: {str(e).strip().splitlines()[0]}") from e
+        raise ValueError(f"--method {method}: {io.message(e)}") from e

@@ -43,7 +43,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .io import _first_line
+from .io import first_line
 
 REPORT_TO = ("tensorboard", "wandb", "trackio", "none")  # the CLI's choices for --report-to
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}  # kind -> pip package
@@ -86,7 +86,7 @@ def _import(kind: str):
         if kind == "tensorboard":
             from torch.utils import tensorboard as module
     except ImportError as e:
-        reason = "" if isinstance(e, ModuleNotFoundError) and e.name == package else f" ({_first_line(e)})"
+        reason = "" if isinstance(e, ModuleNotFoundError) and e.name == package else f" ({first_line(e)})"
         raise ValueError(f"--report-to {kind} needs {package}: pip install {package}{reason}") from None
     return module
 

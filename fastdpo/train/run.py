@@ -231,7 +231,7 @@ class Run:
                 return TokenizedKTODataset.from_records(r, self.tokenizer, kl=c.loss_type != "apo_zero_unpaired",
                                                         **kwargs)  # fmt: skip
             except TypeError as e:  # a record's field of the wrong type: the user's data, one line
-                raise ValueError(str(e).strip().splitlines()[0]) from e
+                raise ValueError(io.message(e)) from e
 
         return tokenized(records), tokenized(held) if held is not None else None
 
@@ -255,7 +255,7 @@ class Run:
             return peft.get_peft_model(model, config)
         except ValueError as e:  # (e.g. a target module that is not in the model)
             raise ValueError(f"--lora-target-modules {' '.join(c.lora_target_modules or targets)}: "
-                             f"{str(e).strip().splitlines()[0]}") from None
+                             f"{io.message(e)}") from None
 
     def _reference_scores(self, state: dict | None) -> dict | None:
         """``{"train": (2, n), "eval": (2, m)}`` reference scores by dataset index with

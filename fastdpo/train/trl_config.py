@@ -17,6 +17,7 @@ import dataclasses
 import warnings
 from pathlib import Path
 
+from . import io
 from .config import TrainConfig
 
 __all__ = ["read", "RENAMED", "DIFFERENT", "IGNORED"]
@@ -151,7 +152,7 @@ def read(path: str) -> dict:
     try:
         fields = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"--config {path}: not YAML ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"--config {path}: not YAML ({io.message(e)})") from None
     if fields is None:
         return {}
     if not isinstance(fields, dict):
