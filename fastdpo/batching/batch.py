@@ -25,6 +25,7 @@ from torch import Tensor
 from .. import _checks
 from .._checks import Verdict, no
 from . import packing
+from .sequence_parallel import ShardedLayout, group_of, shard_rows
 
 
 class ModelAnswers(Protocol):
@@ -63,6 +64,8 @@ class Batch:
     # (N, L) bool, the sequences' real tokens (their masks; None: every token is real): what an
     # MoE router's load-balancing term counts (fastdpo.scoring.router.Scorer.head_input with router=True)
     real: Tensor | None = None
+    # this process's share of the packed rows, under sequence parallelism (PackingPlan.group)
+    shard: ShardedLayout | None = None
 
     @property
     def seq(self) -> Tensor:
@@ -88,7 +91,8 @@ class Padding:
 
 
 def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.PackedLayout | None = None,
-               padding: Padding | None = None, real: Tensor | None = None) -> Batch:
+               padding: Padding | None = None, real: Tensor | None = None,
+               shard: ShardedLayout | None = None) -> Batch:
     """A :class:`Batch` of ``seq`` (N, L) whose positions ``keep`` (N, L) may be scored:
     inputs ``seq[:, :-1]`` score targets ``seq[:, 1:]``; with ``alignment="input"``
     (x-transformers) the mask at the input position decides, with ``"target"`` (TRL) the mask
@@ -96,7 +100,7 @@ def make_batch(seq: Tensor, keep: Tensor, alignment: str, packed: packing.Packed
     mask = keep[:, :-1] if alignment == "input" else keep[:, 1:]
     # x-transformers clamps the count at 1e-5, so an empty completion scores 0, not NaN.
     count = mask.sum(-1).clamp(min=1e-5)
-    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed, padding=padding, real=real)
+    return Batch(seq[:, :-1], seq[:, 1:], mask, count, packed, padding=padding, real=real, shard=shard)
 
 
 def model_padding(adapter: ModelAnswers, alignment: str, masks: dict[str, Tensor | None], like: Tensor) -> Padding | None:
@@ -135,15 +139,21 @@ class PackingPlan:
     layout: str  # PACKINGS: "none", "pair", "batch", or "auto" (per batch: packing.choose_layout)
     attention: str = "dense"  # fastdpo.batching.packing.ATTENTIONS: how the models attend in a packed row
     length: int | None = None  # "batch": the slots a row holds (None: the longest packed pair)
+    group: object = None  # sequence parallelism: the process group that splits each packed row
 
 
-def plan_packing(adapter: ModelAnswers, layout: str, attention: str, length: int | None) -> PackingPlan:
+def plan_packing(adapter: ModelAnswers, layout: str, attention: str, length: int | None,
+                 sequence_parallel=None) -> PackingPlan:
     """The :class:`PackingPlan` a module with the policy ``adapter`` takes for the asked ``layout``
     (:data:`PACKINGS`), ``attention`` (:data:`PACK_ATTENTIONS`) and ``length``.
 
     A model that cannot pack raises ``ValueError`` naming why (``"auto"`` then never packs);
     ``attention="auto"`` attends by parts where the adapter can (:meth:`segments`), else through
-    the dense mask, with a warning saying why (``"segments"`` raises instead)."""
+    the dense mask, with a warning saying why (``"segments"`` raises instead).  With a
+    ``sequence_parallel`` group the rows are split across its processes, which needs a packed
+    layout attended by parts (else a ``ValueError`` saying why)."""
+    if sequence_parallel is not None:
+        return _parallel_plan(adapter, layout, attention, length, group_of(sequence_parallel))
     _checks.choice("packing", layout, PACKINGS)
     _checks.choice("pack_attention", attention, PACK_ATTENTIONS)
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
@@ -179,6 +189,20 @@ def plan_packing(adapter: ModelAnswers, layout: str, attention: str, length: int
     return PackingPlan(layout, "dense", length)
 
 
+def _parallel_plan(adapter: ModelAnswers, layout: str, attention: str, length: int | None, group) -> PackingPlan:
+    if layout not in ("pair", "batch"):
+        raise ValueError(f"sequence_parallel splits packed rows across processes: pass packing='batch' or 'pair', "
+                         f"not packing={layout!r}")
+    if attention == "dense":
+        raise ValueError("sequence_parallel splits attention by parts: pack_attention='dense' cannot be split "
+                         "(pass 'auto' or 'segments')")
+    try:
+        plan = plan_packing(adapter, layout, "segments", length)
+    except ValueError as e:
+        raise ValueError(f"sequence_parallel cannot split this model's attention: {e}") from None
+    return PackingPlan(plan.layout, plan.attention, plan.length, group)
+
+
 # ----------------------------------------------------------------------------- pairs
 
 
@@ -212,6 +236,9 @@ def pair_batch(
         real = torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
         keep = keep & real
     packed = None
+    if padding is not None and packing_plan.group is not None:
+        raise ValueError("sequence_parallel splits packed rows, and these pairs have padding before a real token "
+                         "(left padding): pad at the end")
     if padding is not None and packing_plan.layout not in ("none", "auto"):
         raise ValueError(
             f"packing={packing_plan.layout!r} packs right-padded pairs, and these have padding before a real "
@@ -233,7 +260,8 @@ def pair_batch(
                                   attention=packing_plan.attention, lengths=lengths)
             if check_packed is not None:
                 check_packed(adapter, layout, packing_plan.attention, *args)
-    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding, real)
+    shard = shard_rows(packed, packing_plan.group) if packing_plan.group is not None else None
+    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding, real, shard)
 
 
 def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor | None:

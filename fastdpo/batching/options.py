@@ -49,3 +49,12 @@ class PackingOptions:
         mask, with a warning saying why; ``"segments"`` insists (``ValueError``); ``"dense"``:
         the dense (rows, 1, T, T) mask.""")
     share_prompt: bool = option(False, '``True`` is ``packing="pair"`` (its earlier name).')
+    sequence_parallel: object = option(None, """
+        a ``torch.distributed`` process group (or a one-dimensional ``DeviceMesh``, a mesh's
+        dimension) whose processes split each packed batch's tokens
+        (:mod:`fastdpo.batching.sequence_parallel`): each runs the models on 1/N of the slots,
+        attention exchanges heads (Ulysses) or keys and values (a ring, when the heads do not
+        divide by N), and the per-sequence scores are summed over the group.  Every process of
+        the group gets the same batch, and takes part in the gradient average (DDP or FSDP2
+        over the world).  Needs ``packing="pair"`` or ``"batch"`` and a model whose attention
+        fastdpo computes by parts; None (default): off.""")

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import YES, Verdict, no
-from ..batching.attention import SegmentAttention
+from ..batching.sequence_parallel import by_parts
 from ..batching.batch import Padding
 from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class
@@ -365,8 +365,8 @@ _by_parts: contextvars.ContextVar = contextvars.ContextVar("fastdpo_parts", defa
 def _attention_by_parts(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                         sliding_window=None, softcap=None, **kwargs):
     """An ``AttentionInterface`` function: (out (R, T, H, d), None) as SDPA's returns them."""
-    by_parts = _by_parts.get()
-    if by_parts is None:
+    parts = _by_parts.get()
+    if parts is None:
         raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside fastdpo's packed calls")
     if softcap is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention by parts reproduces no score cap and no attention sinks")
@@ -374,13 +374,14 @@ def _attention_by_parts(module, query, key, value, attention_mask, scaling=None,
     if key.shape[1] != heads:  # grouped queries: transformers repeats each kv head in place
         key, value = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (key, value))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = by_parts(query, key, value, scale=scale, dropout_p=dropout, window=sliding_window)
+    out = parts(query, key, value, scale=scale, dropout_p=dropout, window=sliding_window)
     return out.transpose(1, 2).contiguous(), None
 
 
 @contextmanager
 def _attending_by_parts(lm: nn.Module, layout: PackedLayout) -> Iterator[None]:
-    """``lm`` attends by parts of ``layout`` for the duration: its attention implementation
+    """``lm`` attends by parts of ``layout`` (or of one process's share of it, a
+    :class:`~fastdpo.batching.sequence_parallel.ShardedLayout`) for the duration: its attention implementation
     switched to :data:`ATTENTION_NAME` (registered with transformers once) and back; a layer
     under gradient checkpointing attends by parts again when backward recomputes it
     (:func:`_recomputing_by_parts`)."""
@@ -388,13 +389,13 @@ def _attending_by_parts(lm: nn.Module, layout: PackedLayout) -> Iterator[None]:
 
     if ATTENTION_NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(ATTENTION_NAME, _attention_by_parts)
-    parts = SegmentAttention(layout)
+    parts = by_parts(layout)
     with _by_parts_in(lm, parts), _recomputing_by_parts(lm, parts):
         yield
 
 
 @contextmanager
-def _by_parts_in(lm: nn.Module, parts: SegmentAttention) -> Iterator[None]:
+def _by_parts_in(lm: nn.Module, parts) -> Iterator[None]:
     config = lm.config
     before = config._attn_implementation
     token = _by_parts.set(parts)
@@ -407,7 +408,7 @@ def _by_parts_in(lm: nn.Module, parts: SegmentAttention) -> Iterator[None]:
 
 
 @contextmanager
-def _recomputing_by_parts(lm: nn.Module, parts: SegmentAttention) -> Iterator[None]:
+def _recomputing_by_parts(lm: nn.Module, parts) -> Iterator[None]:
     """For the duration, each checkpointed layer of ``lm`` (transformers' gradient checkpointing,
     which recomputes a layer's forward in backward, after the call has returned and the
     attention switched back) gets a checkpoint function whose recompute attends by ``parts``:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import YES, Verdict, no
-from ..batching.attention import SegmentAttention
+from ..batching.sequence_parallel import by_parts
 from .base import LinearHead, ModelAdapter, check_weight, logits_of
 from .wrappers import inner_model, model_class, module_to_call
 
@@ -242,12 +242,13 @@ def _attention_why(attention: nn.Module) -> str:
 
 @contextmanager
 def _attend_by_parts(model: nn.Module, layout: PackedLayout) -> Iterator[None]:
-    """Every ``Attend`` of ``model`` computes attention by parts of ``layout`` for the duration
+    """Every ``Attend`` of ``model`` computes attention by parts of ``layout`` (or of one
+    process's share of it, :class:`~fastdpo.batching.sequence_parallel.ShardedLayout`) for the duration
     (its instance ``forward``; removed after, so the class's own runs again)."""
-    by_parts = SegmentAttention(layout)
+    parts = by_parts(layout)
     attends = [m for m in model.modules() if type(m).__name__ == "Attend"]
     for attend in attends:
-        attend.forward = functools.partial(_attend_forward, attend, by_parts)
+        attend.forward = functools.partial(_attend_forward, attend, parts)
     try:
         yield
     finally:
@@ -255,7 +256,7 @@ def _attend_by_parts(model: nn.Module, layout: PackedLayout) -> Iterator[None]:
             del attend.forward
 
 
-def _attend_forward(attend, by_parts, q, k, v, mask=None, attn_bias=None, prev_attn=None, attn_delta=None,
+def _attend_forward(attend, parts, q, k, v, mask=None, attn_bias=None, prev_attn=None, attn_delta=None,
                     row_mask=None, flash_pack_seq_kwargs=None, causal=None):
     """``Attend.forward`` by parts: (out, Intermediates()) as the flash path returns them."""
     from x_transformers.attend import Intermediates
@@ -267,4 +268,4 @@ def _attend_forward(attend, by_parts, q, k, v, mask=None, attn_bias=None, prev_a
         k, v = (t.repeat(1, heads // t.shape[1], 1, 1) for t in (k, v))
     scale = attend.scale if attend.scale is not None else q.shape[-1] ** -0.5
     dropout = attend.dropout if attend.training else 0.0
-    return by_parts(q, k, v, scale=scale, dropout_p=dropout), Intermediates()
+    return parts(q, k, v, scale=scale, dropout_p=dropout), Intermediates()

@@ -25,6 +25,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -187,7 +188,9 @@ class PreferenceModule(nn.Module):
         self.pad_id = pad_id
         self.logprob_reduction = _checks.choice("logprob_reduction", tokens.logprob_reduction, REDUCTIONS)
         self.mask_alignment = _checks.choice("mask_alignment", tokens.mask_alignment, ALIGNMENTS)
-        self.scorer = Scorer(compute, independent_pairs=independent_pairs, with_wpo=with_wpo)
+        # Under sequence parallelism the sums are all-reduced before any loss: no DPO head op.
+        split = packing.sequence_parallel is not None
+        self.scorer = Scorer(compute, independent_pairs=independent_pairs and not split, with_wpo=with_wpo)
         self.head, self.impl, self.matmul = self.scorer.head, self.scorer.impl, self.scorer.matmul
         self.inplace_backward = self.scorer.inplace_backward
         share_prompt, layout = packing.share_prompt, packing.packing
@@ -197,7 +200,7 @@ class PreferenceModule(nn.Module):
             raise ValueError(f"share_prompt=True is packing='pair'; it contradicts packing={layout!r}")
         adapter = adapter_for(model)
         self.packing = plan_packing(adapter, "pair" if share_prompt else layout, packing.pack_attention,
-                                    packing.pack_length)
+                                    packing.pack_length, packing.sequence_parallel)
         self.share_prompt = self.packing.layout == "pair"
         self.router_aux_loss_coef = router_coefficient(model, adapter, router_aux_loss_coef)
         if self.router_aux_loss_coef and self.packing.layout != "none":
@@ -302,7 +305,10 @@ class PreferenceModule(nn.Module):
             return sums, hits, None
         # Two ops read the same head input: neither may write its gradient over shared logits.
         sums, hits, _ = self.scorer.sums(policy, batch, count_hits=count_hits, inplace=False)
-        part = HeadInput(policy.route, policy.out[: more.tgt.shape[0]], policy.weight, bias=policy.bias)
+        if batch.shard is not None:  # (this process's slots: the same head input, scored at more's positions)
+            part, more = policy, replace(more, shard=batch.shard)
+        else:
+            part = HeadInput(policy.route, policy.out[: more.tgt.shape[0]], policy.weight, bias=policy.bias)
         return sums, hits, self.scorer.sums(part, more, inplace=False)[0]
 
     @staticmethod

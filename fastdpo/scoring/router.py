@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .. import _checks
 from .._checks import YES, Verdict, no
 from ..batching.batch import Batch, Padding
+from ..batching.sequence_parallel import all_reduce_sum
 from ..models import LinearHead, ModelAdapter, adapter_for, eval_mode, live_bias, live_weight
 from . import logits_op as ops
 from .linear_op import MATMULS, resolve_matmul, run_linear
@@ -297,7 +298,10 @@ class Scorer:
             run = adapter.hidden if fused else adapter.logits
             out = run(seq, padding=Padding.of(real), aux=aux)[:, :-1]
             return self._with_head(route, batch, out, aux[0])
-        if batch.packed is not None:  # run on the packed rows, gathered back to the unpacked ones
+        if batch.shard is not None:  # this process's slots of the packed rows: (s, D) or (s, V), as they are
+            sh = batch.shard
+            out = (adapter.hidden(sh.tokens, sh) if fused else adapter.logits(sh.tokens, sh))[0]
+        elif batch.packed is not None:  # run on the packed rows, gathered back to the unpacked ones
             out = adapter.hidden(batch.packed.tokens, batch.packed) if fused else adapter.logits(batch.packed.tokens, batch.packed)
             out = out.reshape(-1, out.shape[-1])[batch.packed.rows]
         else:  # told of the padding only when it asked to be (a family that never asks takes no such argument)
@@ -325,6 +329,8 @@ class Scorer:
         leave the kernels); with ``with_wpo``, WPO's (2, N) detached sums (``sum_t log sum_v p_v^2``,
         the unweighted ``sum_t log p_t``).  ``inplace=False`` keeps the logits intact in
         backward (for logits another op reads), whatever ``inplace_backward`` says."""
+        if batch.shard is not None:
+            return self._shard_sums(inputs, batch, count_hits, inplace, with_wpo)
         route = inputs.route
         w = batch.token_weights
         if inputs.weight is not None:
@@ -341,3 +347,35 @@ class Scorer:
         targets, mask = ops.check_logprob_inputs(inputs.out, batch.tgt, batch.mask)
         sums, wpo = ops.run_logprobs(inputs.out, targets, mask, route.impl, inplace, w, with_wpo)
         return sums, hits, wpo
+
+    def _shard_sums(self, inputs: HeadInput, batch: Batch, count_hits: bool, inplace: bool, with_wpo: bool):
+        """:meth:`sums` under sequence parallelism: this process scores the targets of its own
+        slots (each a sequence of one position), adds them up per sequence, and the sums (hits,
+        WPO's sums) are summed over the group (:func:`~fastdpo.batching.sequence_parallel.all_reduce_sum`).
+        A process with no target to score still joins every collective, forward and backward."""
+        sh = batch.shard
+        n, t = batch.tgt.shape
+        mine, slot = sh.scored(batch.mask)
+        seq = mine // t
+        weights = batch.token_weights
+        local = Batch(batch.tgt.reshape(-1)[mine][:, None], batch.tgt.reshape(-1)[mine][:, None],
+                      torch.ones(mine.numel(), 1, dtype=torch.bool, device=mine.device), batch.count,
+                      token_weights=None if weights is None else weights.reshape(-1)[mine][:, None])
+        sums = inputs.out.new_zeros(n, dtype=torch.float32)
+        if inputs.out.requires_grad:  # tie to the graph even with nothing to score, so backward reaches the collectives
+            sums = sums + 0.0 * inputs.out.sum().float()
+        hits = wpo = None
+        if mine.numel():
+            part = replace(inputs, out=inputs.out.index_select(0, slot)[:, None])
+            got, got_hits, got_wpo = self.sums(part, local, count_hits=count_hits, inplace=inplace, with_wpo=with_wpo)
+            sums = sums.index_add(0, seq, got)
+            hits = None if got_hits is None else torch.zeros(n, dtype=got_hits.dtype, device=seq.device).index_add(0, seq, got_hits)
+            wpo = None if got_wpo is None else got_wpo.new_zeros(2, n).index_add(1, seq, got_wpo)
+        if count_hits and hits is None and inputs.weight is None:
+            hits = torch.zeros(n, dtype=torch.long, device=seq.device)
+        if with_wpo and wpo is None:
+            wpo = sums.new_zeros(2, n)
+        group = sh.group
+        return (all_reduce_sum(sums, group), None if hits is None else all_reduce_sum(hits, group),
+                None if wpo is None else all_reduce_sum(wpo, group))
+
