@@ -8,10 +8,11 @@ rejected completion attends ``[prompt, rejected]`` causally (its diagonal shifte
 prompt: lower-right aligned), and nothing attends another pair.  A dense (R, 1, T, T) mask pays
 for every hidden block; :class:`SegmentAttention` computes only the visible ones:
 
-* on the CPU, ``scaled_dot_product_attention`` over the parts, grouped by size and padded
-  to their group's longest (torch 2.13's FlexAttention has no backward on the CPU; one call per
-  part costs less than one call with a dense mask, but the calls' overhead dominates small
-  parts: docs/performance.md, "Packed batches");
+* on the CPU, causal ``scaled_dot_product_attention`` over the parts (``[prompt, chosen]``, and
+  ``[prompt, rejected]`` with its prompt rows dropped), grouped by size and padded to their
+  group's longest: no mask, so torch's memory-efficient kernel runs (torch 2.13's
+  FlexAttention has no backward on the CPU; the calls' overhead dominates small parts:
+  docs/performance.md, "Packed batches");
 * on CUDA, FlexAttention with a block mask built once per packed call (compiled once per
   process), which skips the blocks the mask hides.
 
@@ -54,41 +55,43 @@ class SegmentAttention:
         flat = [x.transpose(1, 2).reshape(r * t, h, x.shape[-1]) for x in (q, k, v)]
         out = q.new_zeros(r * t, h, v.shape[-1])
         for group in self._groups():
-            n, lq, lk = group.queries.shape[0], group.queries.shape[1], group.keys.shape[1]
-            qg = flat[0].index_select(0, group.queries.view(-1)).view(n, lq, h, d).transpose(1, 2)
-            kg, vg = (x.index_select(0, group.keys.view(-1)).view(n, lk, h, x.shape[-1]).transpose(1, 2)
-                      for x in flat[1:])
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask(window), scale=scale, dropout_p=dropout_p)
-            og = og.transpose(1, 2).reshape(n * lq, h, -1)
+            n, lk = group.keys.shape
+            qg, kg, vg = (x.index_select(0, group.keys.view(-1)).view(n, lk, h, x.shape[-1]).transpose(1, 2)
+                          for x in flat)
+            mask = group.mask(window)
+            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                                dropout_p=dropout_p)
+            og = og.transpose(1, 2).reshape(n * lk, h, -1)
             out = out.index_copy(0, group.slots, og.index_select(0, group.real))
         return out.view(r, t, h, -1).transpose(1, 2)
 
     def _groups(self) -> list[_Group]:
-        """The parts of every pair -- ``[prompt, chosen]`` attending itself, the rejected part
-        attending ``[prompt, rejected]`` -- in groups of similar size, each group padded to its
-        longest part: one attention call a group, padding in attention only (at most ~30% more
-        query-key pairs than the parts hold)."""
+        """The parts of every pair -- ``[prompt, chosen]`` and ``[prompt, rejected]``, each
+        attending itself causally (the second's prompt rows are computed again and dropped: the
+        prompt's outputs are the first part's) -- in groups of similar length, each padded at
+        its end to its longest part: one causal attention call a group, no mask (so SDPA's
+        memory-efficient kernel runs; a sliding window adds one (L, L) mask a group), padding
+        at most ~30% more query-key pairs than the parts hold."""
         plan = self.layout.cache.get("parts")
         if plan is None:
-            parts = []  # (query slots, key slots) as flat (R*T) indices
+            parts = []  # (slots as flat (R*T) indices, the first row whose output is kept)
             t = self.layout.length
             for s in self.layout.spans:
                 o = s.row * t + s.start
                 a, e = o + s.prompt + s.chosen, o + s.length
                 if a > o:
-                    parts.append((range(o, a), range(o, a)))
+                    parts.append(([*range(o, a)], 0))
                 if e > a:
-                    parts.append((range(a, e), [*range(o, o + s.prompt), *range(a, e)]))
-            parts.sort(key=lambda p: -len(p[1]))
-            groups, current, area, lq = [], [], 0, 0
+                    parts.append(([*range(o, o + s.prompt), *range(a, e)], s.prompt))
+            parts.sort(key=lambda p: -len(p[0]))
+            groups, current, area = [], [], 0
             for part in parts:
-                size = len(part[0]) * len(part[1])
-                longest_q = max(lq, len(part[0]))  # keys come longest first: current[0]'s are the longest
-                if current and (len(current) + 1) * longest_q * len(current[0][1]) > 1.3 * (area + size):
+                size = len(part[0]) ** 2
+                if current and (len(current) + 1) * len(current[0][0]) ** 2 > 1.3 * (area + size):
                     groups.append(current)
-                    current, area, longest_q = [], 0, len(part[0])
+                    current, area = [], 0
                 current.append(part)
-                area, lq = area + size, longest_q
+                area += size
             if current:
                 groups.append(current)
             plan = self.layout.cache["parts"] = [_Group(g, self.layout.tokens.device) for g in groups]
@@ -103,39 +106,31 @@ class SegmentAttention:
 
 
 class _Group:
-    """Parts padded to the group's longest: ``queries`` (n, Lq) and ``keys`` (n, Lk) flat slot
-    indices (padding: slot 0), ``slots``/``real``: where the real queries' outputs go."""
+    """Parts padded at their end to the group's longest: ``keys`` (n, L) flat slot indices (the
+    queries are the same slots; padding: slot 0), ``slots``/``real``: where the kept rows'
+    outputs go, and where they are among the (n * L) rows."""
 
     def __init__(self, parts, device):
-        n = len(parts)
-        lq, lk = max(len(p[0]) for p in parts), max(len(p[1]) for p in parts)
-        queries = torch.zeros(n, lq, dtype=torch.long)
-        keys = torch.zeros(n, lk, dtype=torch.long)
-        n_q, n_k = torch.tensor([len(p[0]) for p in parts]), torch.tensor([len(p[1]) for p in parts])
-        for i, (qs, ks) in enumerate(parts):
-            queries[i, : len(qs)] = torch.tensor(qs)
-            keys[i, : len(ks)] = torch.tensor(ks)
-        real = torch.arange(lq)[None] < n_q[:, None]
-        self.queries, self.keys = queries.to(device), keys.to(device)
-        self.slots = queries[real].to(device)
-        self.real = real.reshape(-1).nonzero().squeeze(1).to(device)
-        # query i of a part sits at position i + (n_k - n_q) among its keys (lower-right causal)
-        self._qpos = (torch.arange(lq)[None] + (n_k - n_q)[:, None]).to(device)
-        self._n_k, self._valid_q = n_k.to(device), real.to(device)
+        n, length = len(parts), max(len(p[0]) for p in parts)
+        keys = torch.zeros(n, length, dtype=torch.long)
+        kept = torch.zeros(n, length, dtype=torch.bool)
+        for i, (slots, first) in enumerate(parts):
+            keys[i, : len(slots)] = torch.tensor(slots)
+            kept[i, first: len(slots)] = True
+        self.keys = keys.to(device)
+        self.slots = keys[kept].to(device)
+        self.real = kept.reshape(-1).nonzero().squeeze(1).to(device)
         self._masks: dict = {}
 
-    def mask(self, window: int | None) -> Tensor:
-        """(n, 1, Lq, Lk) bool: causal within the part (and the window), its own keys only; a
-        padding query sees key 0 (its output is dropped; no row of the mask is empty)."""
+    def mask(self, window: int | None) -> Tensor | None:
+        """None (causal, ``is_causal``) without a window; else the (L, L) bool mask causal within
+        the window (a part's slots are consecutive positions of its unpacked sequence)."""
+        if window is None:
+            return None
         if window not in self._masks:
-            lk = self.keys.shape[1]
-            j = torch.arange(lk, device=self.keys.device)[None, None]
-            qpos = self._qpos[:, :, None]
-            ok = (j <= qpos) & (j < self._n_k[:, None, None])
-            if window is not None:
-                ok = ok & (qpos - j < window)
-            ok = ok | (~self._valid_q[:, :, None] & (j == 0))
-            self._masks[window] = ok[:, None]
+            i = torch.arange(self.keys.shape[1], device=self.keys.device)
+            back = i[:, None] - i[None, :]
+            self._masks[window] = (back >= 0) & (back < window)
         return self._masks[window]
 
 
