@@ -235,33 +235,42 @@ def pair_batch(
         ones = torch.ones_like(prompt_mask)
         real = torch.cat((ones if pref_mask is None else pref_mask, ones if unpref_mask is None else unpref_mask))
         keep = keep & real
-    packed = None
-    if padding is not None and packing_plan.group is not None:
-        raise ValueError("sequence_parallel splits packed rows, and these pairs have padding before a real token "
-                         "(left padding): pad at the end")
-    if padding is not None and packing_plan.layout not in ("none", "auto"):
+    args = (preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
+    packed, shard = _packed(adapter, packing_plan, args, padding, pad_id, check_packed, "pairs")
+    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding, real, shard)
+
+
+def _packed(adapter: ModelAnswers, plan: PackingPlan, args: tuple, padding: Padding | None, pad_id: int | None,
+            check_packed, what: str) -> tuple[packing.PackedLayout | None, ShardedLayout | None]:
+    """The packed layout of pairs ``args`` (preferred, unpreferred, prompt mask, the two
+    sequence masks) as ``plan`` says (None: unpacked), and this process's share of it under
+    sequence parallelism; ``what`` names the sequences in errors."""
+    if padding is not None and plan.group is not None:
+        raise ValueError(f"sequence_parallel splits packed rows, and these {what} have padding before a real token "
+                         f"(left padding): pad at the end")
+    if padding is not None and plan.layout not in ("none", "auto"):
         raise ValueError(
-            f"packing={packing_plan.layout!r} packs right-padded pairs, and these have padding before a real "
+            f"packing={plan.layout!r} packs right-padded {what}, and these have padding before a real "
             f"token: pad at the end, or pass packing='none' ('auto' runs such a batch unpacked)"
         )
-    if packing_plan.layout != "none" and padding is None:
-        args = (preferred, unpreferred, prompt_mask, pref_mask, unpref_mask)
-        layout, lengths = packing_plan.layout, None
-        try:
-            lengths = packing.pair_lengths(*args)
-        except ValueError:
-            if layout != "auto":
-                raise
-        if layout == "auto":
-            layout = packing.choose_layout(preferred.shape, lengths, packing_plan.attention, preferred.device)
-        if layout != "none":
-            pad = pad_id if pad_id is not None else 0
-            packed = packing.pack(*args, pad_token=pad, layout=layout, pack_length=packing_plan.length,
-                                  attention=packing_plan.attention, lengths=lengths)
-            if check_packed is not None:
-                check_packed(adapter, layout, packing_plan.attention, *args)
-    shard = shard_rows(packed, packing_plan.group) if packing_plan.group is not None else None
-    return make_batch(torch.cat((preferred, unpreferred)), keep, alignment, packed, padding, real, shard)
+    if plan.layout == "none" or padding is not None:
+        return None, None
+    layout, lengths = plan.layout, None
+    try:
+        lengths = packing.pair_lengths(*args)
+    except ValueError:
+        if layout != "auto":
+            raise
+    if layout == "auto":
+        layout = packing.choose_layout(args[0].shape, lengths, plan.attention, args[0].device)
+    if layout == "none":
+        return None, None
+    pad = pad_id if pad_id is not None else 0
+    packed = packing.pack(*args, pad_token=pad, layout=layout, pack_length=plan.length, attention=plan.attention,
+                          lengths=lengths)
+    if check_packed is not None:
+        check_packed(adapter, layout, plan.attention, *args)
+    return packed, shard_rows(packed, plan.group) if plan.group is not None else None
 
 
 def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor | None:
@@ -275,11 +284,14 @@ def real_tokens(seq: Tensor, mask: Tensor | None, pad_id: int | None) -> Tensor 
 def unpaired_batch(
     adapter_on: Callable[[torch.device], ModelAnswers], seq: Tensor, prompt_mask: Tensor, seq_mask: Tensor | None,
     *, pad_id: int | None, alignment: str, names: tuple[str, str, str] = ("seq", "prompt_mask", "seq_mask"),
+    packing_plan: PackingPlan = PackingPlan("none"), check_packed: Callable[..., None] | None = None,
 ) -> Batch:
     """The :class:`Batch` of N unpaired sequences ``seq`` (N, L), each scored on its completion
     (``~prompt_mask``) where it is real (``seq_mask``, default ``seq != pad_id`` when ``pad_id``
     is given), checked as :func:`pair_batch` checks a pair batch; errors name the arguments
-    ``names`` (the sequences, their prompt mask, their sequence mask).  Never packed."""
+    ``names`` (the sequences, their prompt mask, their sequence mask).  Packed as
+    :func:`pair_batch` packs, each sequence a pair whose rejected completion is empty (its
+    prompt and its completion in the layout's prompt and chosen parts)."""
     seq_name, prompt_name, mask_name = names
     _checks.integer_tokens(seq_name, seq, ndim=2)
     shape = tuple(seq.shape)
@@ -294,7 +306,9 @@ def unpaired_batch(
     seq_mask = real_tokens(seq, seq_mask, pad_id)
     padding = model_padding(adapter, alignment, {mask_name: seq_mask}, prompt_mask)
     keep = ~prompt_mask if seq_mask is None else ~prompt_mask & seq_mask
-    return make_batch(seq, keep, alignment, padding=padding, real=seq_mask)
+    args = (seq, seq, prompt_mask, seq_mask, prompt_mask)  # (the "rejected" sequence: its prompt alone)
+    packed, shard = _packed(adapter, packing_plan, args, padding, pad_id, check_packed, "sequences")
+    return make_batch(seq, keep, alignment, packed, padding, seq_mask, shard)
 
 
 def _check_pair_inputs(adapter_on, preferred, unpreferred, prompt_mask, pref_mask, unpref_mask) -> ModelAnswers:

@@ -201,14 +201,16 @@ class ModelAdapter:
 
 @torch.no_grad()
 def check_first_pairs(adapter: ModelAdapter, layout: str, attention: str, preferred: Tensor, unpreferred: Tensor,
-                      prompt_mask: Tensor, pref_mask: Tensor | None, unpref_mask: Tensor | None) -> None:
+                      prompt_mask: Tensor, pref_mask: Tensor | None, unpref_mask: Tensor | None, *,
+                      tokens: int | None = None) -> None:
     """The model's hidden states of the first two pairs (one pair with B = 1), packed into one
     row in ``layout`` and unpacked, in eval mode, must agree to float rounding; else raise
     with what differs.  Catches what no rule of the adapter names (token shift, say), and any
-    leak between the pairs of a row."""
-    two = slice(0, 2)
-    masks = [m[two] if m is not None else None for m in (pref_mask, unpref_mask)]
-    args = (preferred[two], unpreferred[two], prompt_mask[two], *masks)
+    leak between the pairs of a row.  ``tokens``: check only the first ``tokens`` of each
+    sequence (under sequence parallelism, where no process may hold a whole long row)."""
+    two, cut = slice(0, 2), slice(0, tokens)
+    masks = [m[two, cut] if m is not None else None for m in (pref_mask, unpref_mask)]
+    args = (preferred[two, cut], unpreferred[two, cut], prompt_mask[two, cut], *masks)
     lengths = pair_lengths(*args)
     row = sum(w + l - p for p, w, l in zip(*lengths))
     pk = pack(*args, layout=layout, pack_length=row if layout == "batch" else None, attention=attention,

@@ -20,6 +20,7 @@ positions.
 
 from __future__ import annotations
 
+import functools
 import types
 import warnings
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ from ..scoring.router import ALIGNMENTS, REDUCTIONS, HeadInput, Route, Scorer
 # A warning about the user's own arguments points at the user's call: warnings.warn <-
 # PreferenceModule.__init__ <- a family's _build <- its __init__ (fastdpo.modules.options) <- the call.
 USER_CALL = 4
+# Under sequence parallelism, the first packed call checks the first pairs' first tokens only.
+CHECK_TOKENS = 64
 
 
 def _remap_cell(cell: types.CellType, memo: dict[int, object]) -> types.CellType:
@@ -260,12 +263,23 @@ class PreferenceModule(nn.Module):
     def _batch(self, preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask) -> Batch:
         """The checked batch of 2B sequences (packed as ``packing`` says; on the first packed
         call per device, two pairs are also run packed and unpacked, which must agree)."""
-        device = str(preferred_seq.device) if isinstance(preferred_seq, Tensor) else None
-        verify = device not in self._packing_checked and not torch.compiler.is_compiling()
-        batch = pair_batch(
-            lambda dev: self.route(self.policy_model, dev).adapter,
-            preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask, pad_id=self.pad_id,
-            alignment=self.mask_alignment, packing_plan=self.packing, check_packed=check_first_pairs if verify else None,
+        return self._packed_batch(pair_batch, preferred_seq.device if isinstance(preferred_seq, Tensor) else None,
+                                  preferred_seq, unpreferred_seq, prompt_mask, pref_mask, unpref_mask)
+
+    def _packed_batch(self, build, device, *args, **kwargs) -> Batch:
+        """``build(adapter_on, *args, ..., packing_plan=, check_packed=)`` (:func:`pair_batch`,
+        :func:`unpaired_batch`) with this module's packing, the first packed call on ``device``
+        checked (:func:`check_first_pairs`; under sequence parallelism on the first tokens only:
+        no process runs a whole long row, not even to check it)."""
+        device = str(device)
+        check = None
+        if device not in self._packing_checked and not torch.compiler.is_compiling():
+            check = check_first_pairs
+            if self.packing.group is not None:
+                check = functools.partial(check_first_pairs, tokens=CHECK_TOKENS)
+        batch = build(
+            lambda dev: self.route(self.policy_model, dev).adapter, *args, pad_id=self.pad_id,
+            alignment=self.mask_alignment, packing_plan=self.packing, check_packed=check, **kwargs,
         )
         if batch.packed is not None:
             self._packing_checked.add(device)

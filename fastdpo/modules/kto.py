@@ -106,8 +106,9 @@ class KTO(PreferenceModule):
     and ``"target"`` every number is TRL's (its ``completion_mask[:, 1:]`` and summed token
     log-probs); with x-transformers' ``"mean"`` and ``"input"`` (the defaults) each is the masked
     per-token mean with the mask at the input position, and the formulas above are unchanged on
-    them (so ``z0`` is a per-token KL estimate).  ``packing`` is ``"none"`` only (packing lays
-    out pairs).  The fused head takes the ``"fused"`` route
+    them (so ``z0`` is a per-token KL estimate).  ``packing`` packs the sequences (each a
+    prompt and one completion; ``"pair"``: one a row, ``"batch"``: first-fit, no padding run),
+    ``sequence_parallel`` splits the packed rows across processes.  The fused head takes the ``"fused"`` route
     (:func:`fastdpo.linear_sequence_logprobs`): no (N, L-1, V) logits for any of the four
     scorings.
 
@@ -121,11 +122,9 @@ class KTO(PreferenceModule):
         config = check_kto_config(loss.loss_type, loss.beta, loss.desirable_weight, loss.undesirable_weight)
         if not isinstance(loss.sync_kl, bool):
             raise TypeError(f"sync_kl must be a bool, got {type(loss.sync_kl).__name__}")
-        if packing.packing != "none" or packing.share_prompt:
-            raise ValueError(
-                f"packing must be 'none' for KTO (packing lays out pairs; KTO's sequences are unpaired), got "
-                f"packing={packing.packing!r}, share_prompt={packing.share_prompt!r}"
-            )
+        if packing.share_prompt:
+            raise ValueError("share_prompt=True shares a pair's prompt; KTO's sequences are unpaired (packing='batch' "
+                             "packs them)")
         super().__init__(model, tokens, packing, compute, reference=True, independent_pairs=False,
                          router_aux_loss_coef=loss.router_aux_loss_coef, ref_model=loss.ref_model)
         self.loss_options, self.config, self.sync_kl = loss, config, loss.sync_kl
@@ -134,10 +133,8 @@ class KTO(PreferenceModule):
 
     def _unpaired(self, seq, prompt_mask, seq_mask, prefix: str = "") -> Batch:
         names = (f"{prefix}seq", f"{prefix}prompt_mask", f"{prefix}seq_mask")
-        return unpaired_batch(
-            lambda dev: self.route(self.policy_model, dev).adapter, seq, prompt_mask, seq_mask,
-            pad_id=self.pad_id, alignment=self.mask_alignment, names=names,
-        )
+        return self._packed_batch(unpaired_batch, seq.device if isinstance(seq, Tensor) else None, seq, prompt_mask,
+                                  seq_mask, names=names)
 
     def _batches(self, seq, prompt_mask, seq_mask, kl_seq, kl_prompt_mask, kl_seq_mask) -> tuple[Batch, Batch | None]:
         """The checked batch of ``seq`` and, when ``kl_seq`` is given, of the KL sequences."""

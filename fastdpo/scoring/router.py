@@ -303,7 +303,7 @@ class Scorer:
             out = (adapter.hidden(sh.tokens, sh) if fused else adapter.logits(sh.tokens, sh))[0]
         elif batch.packed is not None:  # run on the packed rows, gathered back to the unpacked ones
             out = adapter.hidden(batch.packed.tokens, batch.packed) if fused else adapter.logits(batch.packed.tokens, batch.packed)
-            out = out.reshape(-1, out.shape[-1])[batch.packed.rows]
+            out = out.reshape(-1, out.shape[-1])[batch.packed.rows[: batch.src.shape[0]]]
         else:  # told of the padding only when it asked to be (a family that never asks takes no such argument)
             told = {} if batch.padding is None else {"padding": batch.padding}
             out = adapter.hidden(batch.src, **told) if fused else adapter.logits(batch.src, **told)
