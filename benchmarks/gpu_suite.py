@@ -941,7 +941,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds the whole suite may take; sections that would not fit are skipped "
                         "(default 330 on a GPU, 600 in the dry run)")
-    p.add_argument("--sections", default="roofline,correctness,kernels,head,step",
+    p.add_argument("--sections", default="roofline,correctness,kernels,head,step,sequence_parallel",
                    help="comma-separated subset, in this order")
     p.add_argument("--allow-missing-peers", action="store_true",
                    help="run without liger-kernel / trl / cut-cross-entropy (their rows say unavailable)")
@@ -983,8 +983,10 @@ def main(argv=None) -> int:
     env = dict(device=str(device), **environment(device))
     print(f"gpu_suite on {env['device_name']} (torch {env['torch']}, triton {env['triton']}), "
           f"budget {budget:.0f} s, imports took {time.perf_counter() - t0:.1f} s", flush=True)
+    from benchmarks.gpu_sequence_parallel import section as sequence_parallel
+
     sections = {"roofline": (roofline, 5), "correctness": (correctness, 30), "kernels": (kernels, 20),
-                "head": (head, 40), "step": (step, 60)}
+                "head": (head, 40), "step": (step, 60), "sequence_parallel": (sequence_parallel, 45)}
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
     for name in wanted:
         if name not in sections:

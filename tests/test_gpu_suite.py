@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "gpu_suite.py"
-SECTIONS = ("roofline", "correctness", "kernels", "head", "step")
+SECTIONS = ("roofline", "correctness", "kernels", "head", "step", "sequence_parallel")
 
 
 def run_suite(*args, env=None, timeout=600):
