@@ -4,6 +4,7 @@
   argument checked; the packing plan a module keeps;
 * :mod:`.packing` -- the packed layout: pairs laid out in rows, each prompt once; when it pays;
 * :mod:`.attention` -- attention by parts over a packed row (no masked block computed);
+* :mod:`.ring` -- ring attention over a packed layout dealt to the processes of a group;
 * :mod:`.options` -- the options every module takes on which tokens count and how pairs pack.
 
 May import: :mod:`fastdpo._checks` and :mod:`fastdpo._options` only: a model's adapter is asked what it accepts, never
