@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     g.add_argument("--steps", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per process per micro-batch (default {d.batch_size})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per process (per group of --sequence-parallel N) per micro-batch (default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K", help="micro-batches per step")
     g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW's peak learning rate (default {d.lr:g})")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
