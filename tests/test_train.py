@@ -115,12 +115,13 @@ def train_cli(*args) -> int:
     return cli.main(["train", *map(str, args)])
 
 
-def torchrun(*args, timeout: float) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone --nproc-per-node 2 ARGS`` on the CPU, one
-    thread a process.  Its own session: past ``timeout`` (a collective that one process never
-    joins hangs), torchrun and its processes are all stopped, none left behind."""
+def torchrun(*args, timeout: float, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone --nproc-per-node NPROC ARGS`` on the CPU,
+    one thread a process.  Its own session: past ``timeout`` (a collective that one process
+    never joins hangs), torchrun and its processes are all stopped, none left behind."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           *map(str, args)]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
     try:

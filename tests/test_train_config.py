@@ -104,6 +104,7 @@ def test_trl_names_and_their_meaning():
     assert t({"lora_target_modules": "q_proj, v_proj", "use_peft": True}, "f") == {
         "lora_target_modules": ["q_proj", "v_proj"], "lora": 16}
     assert t({"desirable_weight": 1.5, "cpo_alpha": 0.0}, "f") == {"desirable_weight": 1.5, "cpo_alpha": 0.0}
+    assert t({"sequence_parallel": 2, "packing": "batch"}, "f") == {"sequence_parallel": 2, "packing": "batch"}
 
 
 def test_differences_are_warnings_naming_them():
@@ -126,6 +127,7 @@ def test_differences_are_warnings_naming_them():
     ({"logging_steps": 0.1}, "fraction of the run"),
     ({"resume": "latest"}, "command line only"),
     ({"learning_rate": 1e-3, "lr": 2e-3}, "learning_rate and lr both set lr"),
+    ({"parallelism_config": {"sp_size": 2}}, "parallelism_config .*takes sequence_parallel: N"),
 ])  # fmt: skip
 def test_what_a_file_cannot_say_is_one_line(fields, said):
     with warnings.catch_warnings(), pytest.raises(ValueError, match=said) as e:

@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"default {d.epochs}")
     g.add_argument("--steps", type=int, metavar="N", help="optimizer steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per process per micro-batch (default {d.batch_size})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per process (per group of --sequence-parallel N) per micro-batch (default {d.batch_size})")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, metavar="K", help="micro-batches per step")
     g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW's peak learning rate (default {d.lr:g})")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -136,6 +136,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="default: cuda when available, else cpu (under torchrun: cuda:LOCAL_RANK)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the policy and reference with FSDP2's fully_shard instead of DDP")
+    g.add_argument("--sequence-parallel", type=int, default=d.sequence_parallel, metavar="N",
+                   help="under torchrun: split each packed batch's tokens across N processes (ranks k*N to k*N+N-1 "
+                        "read the same micro-batches, data shard k of WORLD_SIZE/N; attention exchanges heads); "
+                        "needs --packing batch or pair (default 1: off)")
     g = p.add_argument_group("reporting and checkpoints")
     g.add_argument("--eval-every", type=int, default=d.eval_every, metavar="N", help="evaluate every N steps (and at the end)")
     g.add_argument("--save-every", type=int, default=d.save_every, metavar="N", help="checkpoint every N steps")

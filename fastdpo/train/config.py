@@ -14,6 +14,8 @@ __all__ = ["TrainConfig", "check_config", "CHANGEABLE_ON_RESUME", "LR_SCHEDULERS
 # transformers' schedules (get_scheduler) that fastdpo train offers: their names in TRL's configs.
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 
+# Fields added since checkpoints were first written: a checkpoint's config without one ran as this.
+ADDED_SINCE = {"sequence_parallel": 1}
 # Options a resumed run may change: they do not touch the trajectory of the weights.
 CHANGEABLE_ON_RESUME = {"out", "resume", "eval", "eval_every", "save_every", "log_every", "progress", "device",
                         "save_total_limit", "num_proc", "report_to"}
@@ -83,6 +85,7 @@ class TrainConfig:
     keep_dropout: bool = False
     device: str | None = None
     fsdp: bool = False
+    sequence_parallel: int = 1
     eval_every: int = 0
     save_every: int = 0
     log_every: int = 1
@@ -117,6 +120,14 @@ def check_config(c: TrainConfig) -> TrainConfig:
                       ("save_every", 0), ("log_every", 1), ("lora", 0), ("seed", 0)):  # fmt: skip
         at_least(name, getattr(c, name), low)
     at_least("steps", c.steps, 1, none_ok=True)
+    at_least("sequence_parallel", c.sequence_parallel, 1)
+    if c.sequence_parallel > 1:
+        if not method.sequence_parallel:
+            raise ValueError(f"--sequence-parallel is not yet implemented for --method {c.method} (its sequences are "
+                             f"unpaired, and it packs none): leave it out")  # fmt: skip
+        if c.packing not in ("batch", "pair"):
+            raise ValueError(f"--sequence-parallel {c.sequence_parallel} splits packed rows across processes: it needs "
+                             f"--packing batch or pair, got --packing {c.packing}")  # fmt: skip
     at_least("max_length", c.max_length, 2, none_ok=True)
     if not c.lr > 0:
         raise ValueError(f"--lr must be > 0, got {c.lr}")

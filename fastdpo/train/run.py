@@ -13,9 +13,9 @@ optionally autocast over float32 master weights.  A ``peft`` LoRA policy (``lora
 model with its adapters off as its reference.
 
 * **Order.**  Each epoch's order is ``DistributedSampler``'s permutation seeded by ``seed +
-  epoch``; a process takes every ``world``-th index of it.  So the order depends on (seed,
-  epoch) only, and a step's pairs across N processes of batch B are those of one process of
-  batch N * B.
+  epoch``; a data shard takes every ``dp``-th index of it (``dp``: the processes, or their
+  sequence-parallel groups).  So the order depends on (seed, epoch) only, and a step's pairs
+  across N shards of batch B are those of one process of batch N * B.
 * **Steps.**  An optimizer step accumulates ``grad_accum`` micro-batches (the last step of an
   epoch takes what is left), each micro-batch's mean loss divided by their number.  A step's
   data position is a function of its number, so a checkpoint resumes mid-epoch exactly.
@@ -30,6 +30,13 @@ model with its adapters off as its reference.
   and the reference are sharded with FSDP2's ``fully_shard`` (:mod:`fastdpo.train.fsdp`: the
   checkpoints still hold whole ``save_pretrained`` weights and resume exactly); process 0
   writes the files; logged metrics and evaluations are over all processes' pairs.
+* **Sequence parallelism** (``sequence_parallel`` N > 1, packed batches): the processes form a
+  (dp, N) ``DeviceMesh``; the N processes of a row (ranks ``[k*N, (k+1)*N)``) read data shard k
+  of dp, each micro-batch the same, and split its packed rows' tokens (the module's
+  ``sequence_parallel=mesh["sp"]``: :mod:`fastdpo.batching.sequence_parallel`).  DDP (or FSDP2)
+  over every process averages the gradients, which makes them the gradient of the dp shards'
+  batches; a group's processes compute the same loss and metrics, summed over the data shards
+  once (:class:`~fastdpo.train.processes.Layout`).
 * **Reporting.**  A progress bar (tqdm; lines without it), ``out/metrics.jsonl`` (one JSON
   object per logged step and per evaluation), ``out/curves.png`` (matplotlib, when installed),
   the trackers of ``report_to`` (:mod:`fastdpo.train.report`), evaluations of the policy (eval
@@ -55,7 +62,7 @@ from ..modules.dpo import precompute_reference_scores
 from . import fsdp as train_fsdp
 from . import io, methods, report
 from . import policy as train_policy
-from .config import CHANGEABLE_ON_RESUME, TrainConfig, check_config
+from .config import ADDED_SINCE, CHANGEABLE_ON_RESUME, TrainConfig, check_config
 from .processes import Processes
 
 __all__ = ["Run", "train"]
@@ -90,6 +97,7 @@ class Run:
         c = self.config = check_config(config)
         self.procs, self.device = procs, procs.device
         train_fsdp.check(c.fsdp, procs.world, c.packing)
+        self.layout = procs.layout(c.sequence_parallel)  # (sequence parallelism: the (dp, sp) mesh)
         self.out = Path(c.out)
         ckpt, state = None, None
         if c.resume is not None:
@@ -108,9 +116,10 @@ class Run:
         self.precision = train_policy.Precision("bf16" if c.bf16 else "fp16" if c.fp16 else "float32", self.device)
         self.method = methods.method_of(c.method)
         head, why = self._head(model, c.head)
+        split = {"sequence_parallel": self.layout.sp_mesh} if self.layout.sp > 1 else {}
         self.module = methods.build(c.method, model, c.loss_options(), head=head,
                                     packing=c.packing, logprob_reduction=c.logprob_reduction or self.method.reduction,
-                                    mask_alignment=c.mask_alignment)  # fmt: skip
+                                    mask_alignment=c.mask_alignment, **split)  # fmt: skip
         pair_metrics = methods.PAIR_METRICS if self.method.paired else methods.UNPAIRED_METRICS
         self.logged = ("loss", *pair_metrics, *self._extra_metrics())
         self.unit = "pairs" if self.method.paired else "completions"
@@ -131,7 +140,7 @@ class Run:
         self.params = list(self.module.parameters())
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         b = c.batch_size
-        self.micro_per_epoch = math.ceil(math.ceil(len(self.train_ds) / procs.world) / b)
+        self.micro_per_epoch = math.ceil(math.ceil(len(self.train_ds) / self.layout.dp) / b)
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / c.grad_accum)
         self.total = c.steps if c.steps is not None else c.epochs * self.steps_per_epoch
         from transformers import get_scheduler
@@ -168,9 +177,10 @@ class Run:
 
     def _check_resumable(self, saved: dict, state: dict, ckpt: Path) -> None:
         now = dataclasses.asdict(self.config)
-        differ = [k for k in now if k not in CHANGEABLE_ON_RESUME and saved.get(k) != now[k]]
+        was = {k: saved.get(k, ADDED_SINCE.get(k)) for k in now}
+        differ = [k for k in now if k not in CHANGEABLE_ON_RESUME and was[k] != now[k]]
         if differ:
-            said = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {now[k]!r})" for k in differ)
+            said = ", ".join(f"--{k.replace('_', '-')} {was[k]!r} (now {now[k]!r})" for k in differ)
             raise ValueError(f"--resume {ckpt}: the checkpoint's run had {said}; pass the same options to resume it")
         if len(state["rng"]) != self.procs.world:
             raise ValueError(f"--resume {ckpt}: written by {len(state['rng'])} processes, resumed by {self.procs.world}")
@@ -273,15 +283,25 @@ class Run:
         return scores
 
     def _score(self, ds) -> torch.Tensor:
-        # Each process scores every world-th pair; a sum of zero-filled copies assembles them
-        # (exact: each entry is one process's score plus zeros).
-        mine = list(range(self.procs.rank, len(ds), self.procs.world))
+        # Each data shard scores every dp-th pair; a sum of zero-filled copies over the shards
+        # assembles them (exact: each entry is one shard's score plus zeros).
+        mine = self._shard(len(ds))
         batches = (tuple(b[k].to(self.device) for k in BATCH_KEYS) for _, b in self._loader(ds, mine))
         with self.precision.autocast():
             w, l = precompute_reference_scores(self.module, batches, progress=self.config.progress and self.procs.main)
         scores = torch.zeros(2, len(ds))
         scores[0, mine], scores[1, mine] = w, l
-        return self.procs.sum(scores.to(self.device)).cpu()
+        return self._sum(scores.to(self.device)).cpu()
+
+    def _shard(self, n: int) -> list[int]:
+        """This process's data shard of ``n`` items: every dp-th (the processes of a
+        sequence-parallel group read the same)."""
+        return list(range(self.layout.dp_rank, n, self.layout.dp))
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the data shards, each counted once (a sequence-parallel group's
+        processes hold the same sums: only one of them per shard is added)."""
+        return self.procs.sum(t, self.layout.dp_group)
 
     def _loader(self, ds, order: list[int]):
         # A generator of its own: a DataLoader's iterator otherwise draws its base seed from the
@@ -293,7 +313,7 @@ class Run:
     def _epoch(self, epoch: int, skip: int):
         """The micro-batches of ``epoch`` on this process, after the first ``skip``."""
         sampler = torch.utils.data.DistributedSampler(
-            self.train_ds, num_replicas=self.procs.world, rank=self.procs.rank, shuffle=True, seed=self.config.seed
+            self.train_ds, num_replicas=self.layout.dp, rank=self.layout.dp_rank, shuffle=True, seed=self.config.seed
         )
         sampler.set_epoch(epoch)
         return iter(self._loader(self.train_ds, list(sampler)[skip * self.config.batch_size:]))
@@ -328,7 +348,7 @@ class Run:
             done = step + 1
             logged = None
             if done % c.log_every == 0 or done == self.total:
-                logged = last_train = self._row(done, "train", procs.sum(window), lr=lr, grad_norm=grad_norm)
+                logged = last_train = self._row(done, "train", self._sum(window), lr=lr, grad_norm=grad_norm)
                 window = None
                 self._write(last_train)
             bar.update(done, logged)
@@ -355,10 +375,12 @@ class Run:
         unit = self.unit
         ev = f", {len(self.eval_ds)} eval {unit}" if self.eval_ds is not None else ", no eval set"
         resumed = f", resumed at step {self.start}" if self.start else ""
+        lay = self.layout
+        split = f" (data parallel {lay.dp} x sequence parallel {lay.sp})" if lay.sp > 1 else ""
         return (f"fastdpo train: {c.method}, {len(self.train_ds)} training {unit}{ev}; "
                 f"{model_class(self.module.policy_model).__name__}, {n_train:,} of {n_all:,} parameters trained; "
-                f"scoring: {self.route}; {self.total} steps of {c.batch_size * c.grad_accum * self.procs.world} "
-                f"{unit} on {self.procs.world} process(es), {self.device}{resumed}")  # fmt: skip
+                f"scoring: {self.route}; {self.total} steps of {c.batch_size * c.grad_accum * lay.dp} "
+                f"{unit} on {self.procs.world} process(es){split}, {self.device}{resumed}")  # fmt: skip
 
     def _call(self, module, indices: torch.Tensor, batch: dict, split: str):
         keys = BATCH_KEYS if self.method.paired else batch.keys()  # (KTO: every key of KTODataset.collate's)
@@ -429,25 +451,25 @@ class Run:
     @torch.no_grad()
     def evaluate(self, step: int) -> dict:
         """The policy (in eval mode) on the eval set: the loss, reward accuracy, margins and
-        scores over every pair (each process scores every world-th)."""
+        scores over every pair (each data shard scores every dp-th)."""
         policy = self.module.policy_model
         policy.eval()
-        stats, n, world = None, 0, self.procs.world
-        for indices, batch in self._loader(self.eval_ds, list(range(self.procs.rank, len(self.eval_ds), world))):
+        stats, n, shards = None, 0, self.layout.dp
+        for indices, batch in self._loader(self.eval_ds, self._shard(len(self.eval_ds))):
             with self.precision.autocast():
                 loss, metrics = self._call(self.module, indices, batch, "eval")
             s = self._stats(loss, metrics, batch, len(indices))
             stats, n = s if stats is None else stats + s, n + 1
         # Each forward of a sharded model is a collective: a process with fewer batches runs the
         # first pair again, uncounted, until it has run as many as the others.
-        most = math.ceil(math.ceil(len(self.eval_ds) / world) / self.config.batch_size) if self.config.fsdp else n
+        most = math.ceil(math.ceil(len(self.eval_ds) / shards) / self.config.batch_size) if self.config.fsdp else n
         for _ in range(most - n):
             with self.precision.autocast():
                 self._call(self.module, *next(iter(self._loader(self.eval_ds, [0]))), "eval")
         policy.train()
         if stats is None:  # fewer eval pairs than processes
             stats = torch.zeros(2 * len(self.logged) + 1, device=self.device)
-        row = self._row(step, "eval", self.procs.sum(stats))
+        row = self._row(step, "eval", self._sum(stats))
         self._write(row)
         return row
 

@@ -116,6 +116,9 @@ def translate(fields: dict, where: str) -> dict:
         elif name == "warmup_ratio":
             raise ValueError(f"--config {where}: warmup_ratio: give warmup_steps (fastdpo train counts the warmup "
                              f"in steps)")  # fmt: skip
+        elif name == "parallelism_config":  # (TrainingArguments': accelerate's ParallelismConfig)
+            raise ValueError(f"--config {where}: parallelism_config (accelerate's sp_size, cp_size, ...): fastdpo train "
+                             f"takes sequence_parallel: N (its own Ulysses over packed rows; data parallel the rest)")  # fmt: skip
         elif name in NOT_IN_A_FILE:
             raise ValueError(f"--config {where}: {name} is given on the command line only")
         elif name in FIELDS:
