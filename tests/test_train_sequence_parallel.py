@@ -6,7 +6,7 @@ shard ``rank // N`` of dp) and split each packed batch's tokens; DDP (or FSDP2) 
 process averages the gradients.  So, step by step:
 
 * 2 processes of sequence parallel 2 (dp 1) log what one process logs on the same batches,
-  with DDP, ``--fsdp``, ``--method orpo``, and ``--lora --packing pair``: the losses after the
+  with DDP, ``--fsdp``, ``--method orpo`` and ``kto``, and ``--lora --packing pair``: the losses after the
   first step depend on the gradients of the ones before, so the gradients match too;
 * 4 processes of dp 2 x sequence parallel 2 log what 2 processes of plain data parallelism log
   (and, with ``--fsdp --precompute-reference``, what one process logs: the reference scores and
@@ -52,6 +52,7 @@ TWO = [
     ["dp", ["--batch-size", 2], False],
     ["sp-orpo", [*SP, "--method", "orpo", "--batch-size", 4], False],
     ["sp-lora", [*SP, "--lora", 4, "--packing", "pair", "--batch-size", 4], False],
+    ["sp-kto", [*SP, "--method", "kto", "--batch-size", 4], False],
     ["whole", [*SP, "--batch-size", 4, "--model", "{root}/dropout"], False],
     ["cut", [*SP, "--batch-size", 4, "--model", "{root}/dropout"], True],
     ["cut", [*SP, "--batch-size", 4, "--model", "{root}/dropout", "--resume"], False],
@@ -62,7 +63,8 @@ FOUR = [
 ]
 ONE = {"one": ["--batch-size", 4], "one-precomputed": ["--precompute-reference", "--batch-size", 4],
        "one-orpo": ["--method", "orpo", "--batch-size", 4],
-       "one-lora": ["--lora", 4, "--packing", "pair", "--batch-size", 4]}
+       "one-lora": ["--lora", 4, "--packing", "pair", "--batch-size", 4],
+       "one-kto": ["--method", "kto", "--batch-size", 4]}
 
 
 class Interrupted(Exception):
@@ -155,15 +157,17 @@ def one(root) -> Path:
     return root
 
 
-def _same_steps(root: Path, got: str, want: str, skip_first_accuracy: bool = False) -> None:
+def _same_steps(root: Path, got: str, want: str, skip_first_accuracy: bool = False, pairs: bool = True) -> None:
     """``got``'s metrics.jsonl is ``want``'s, row for row (the same steps, splits and pair counts),
     every logged number (the loss, rewards, log-probs, the method's own, the gradient norm)
     within 1e-5 relative; and the weights after 4 steps within 5e-5."""
     r1, r2 = rows(root / want), rows(root / got)
-    assert [(r["step"], r["split"], r["pairs"]) for r in r2] == [(r["step"], r["split"], r["pairs"]) for r in r1]
-    assert [r["pairs"] for r in r1] == [8, 8, 5, 8, 8, 5]  # 8 pairs a step; evals of all 5, none twice
+    unit = "pairs" if pairs else "completions"
+    assert [(r["step"], r["split"], r[unit]) for r in r2] == [(r["step"], r["split"], r[unit]) for r in r1]
+    if pairs:
+        assert [r["pairs"] for r in r1] == [8, 8, 5, 8, 8, 5]  # 8 pairs a step; evals of all 5, none twice
     for a, b in zip(r1, r2):
-        assert a.keys() == b.keys() and set(LOGGED) < a.keys()
+        assert a.keys() == b.keys() and (set(LOGGED) < a.keys() if pairs else "kl" in a)
         for k in (k for k, v in a.items() if isinstance(v, float) and k not in ("epoch", "lr")):
             # (precomputed reference scores: step 1's margins are rounding, and its reward
             # accuracy the share of their signs; tests/test_train.py's FSDP test says more)
@@ -180,7 +184,7 @@ def _same_steps(root: Path, got: str, want: str, skip_first_accuracy: bool = Fal
 
 
 def test_sequence_parallel_matches_one_process(two, one):
-    """2 processes of sequence parallel 2 (DDP, FSDP2, ORPO, LoRA with packed pairs) against one
+    """2 processes of sequence parallel 2 (DDP, FSDP2, ORPO, KTO, LoRA with packed pairs) against one
     process of the same batches; plain data parallelism (dp 2, half the batch a process)
     against it too."""
     root = one
@@ -189,6 +193,7 @@ def test_sequence_parallel_matches_one_process(two, one):
     for got, want in (("sp", "one"), ("sp-fsdp", "one"), ("dp", "one"), ("sp-orpo", "one-orpo"),
                       ("sp-lora", "one-lora")):  # fmt: skip
         _same_steps(root, got, want)
+    _same_steps(root, "sp-kto", "one-kto", pairs=False)  # (its KL sequences packed and split too)
     start = weights(root / "model")
     assert min((weights(root / "sp")[k] - start[k]).abs().max().item() for k in start) > 1e-2  # it trained
 
@@ -245,15 +250,13 @@ def test_resuming_with_another_sequence_parallel_is_refused(two, one, tmp_path, 
 
 
 def test_each_sequence_parallel_mistake_is_one_line(root, tmp_path, capsys):
-    """--sequence-parallel without packing, with KTO, below 1, or with processes it does not
+    """--sequence-parallel without packing, below 1, or with processes it does not
     divide (one process here; 3 by the check itself) is refused in one line naming the flag."""
     args = [*_common(root), "--out", tmp_path / "out"]
     line = _error([*args, *SP, "--packing", "none"], capsys)
     assert "--sequence-parallel 2 splits packed rows across processes: it needs --packing batch or pair" in line
     assert "got --packing none" in line
     assert "--packing auto" in _error([*args, *SP, "--packing", "auto"], capsys)
-    line = _error([*args, *SP, "--method", "kto"], capsys)
-    assert "--sequence-parallel is not yet implemented for --method kto" in line
     assert "--sequence-parallel must be an integer >= 1, got 0" in _error([*args, "--sequence-parallel", 0], capsys)
     line = _error([*args, *SP], capsys)
     assert "torchrun's WORLD_SIZE must be a multiple of it, got 1" in line

@@ -174,6 +174,7 @@ def shard_rows(layout: PackedLayout, group) -> ShardedLayout:
     a multiple of the group's size where needed (padding slots), the slots dealt (:func:`deal`).
     Every process of the group must call it on the same layout."""
     size, rank = dist.get_world_size(group), dist.get_rank(group)
+    _check_same_batch(layout, group)
     r, t = layout.tokens.shape
     if (r * t) % size:
         layout = widen(layout, -(-t // size) * size)
@@ -183,6 +184,21 @@ def shard_rows(layout: PackedLayout, group) -> ShardedLayout:
     flat = layout.rows.reshape(-1)
     where = torch.where(inverse[flat] // s == rank, inverse[flat] - rank * s, -1)
     return ShardedLayout(layout, group, size, rank, order, inverse, where)
+
+
+def _check_same_batch(layout: PackedLayout, group) -> None:
+    """Raise on every process (one all-reduce of a few numbers) unless every process of the group
+    packed the same batch: a process with another batch would score a mix of both silently, or
+    stop in a collective of another size."""
+    w = torch.arange(layout.tokens.numel(), device=layout.tokens.device) % 1_000_003 + 1
+    seen = torch.stack((torch.tensor(layout.tokens.shape, device=w.device).prod(),
+                        torch.tensor(layout.tokens.shape[1], device=w.device),
+                        (layout.tokens.reshape(-1).long() * w).sum(), (layout.pos.reshape(-1) * w).sum()))
+    both = torch.cat((seen, -seen))
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(both[:4], -both[4:]):
+        raise ValueError("the processes of a sequence_parallel group got different batches: every process of the group "
+                         "must get the same batch (shard the data by data-parallel rank, not by process)")
 
 
 # ----------------------------------------------------------------------------- collectives

@@ -122,9 +122,6 @@ def check_config(c: TrainConfig) -> TrainConfig:
     at_least("steps", c.steps, 1, none_ok=True)
     at_least("sequence_parallel", c.sequence_parallel, 1)
     if c.sequence_parallel > 1:
-        if not method.sequence_parallel:
-            raise ValueError(f"--sequence-parallel is not yet implemented for --method {c.method} (its sequences are "
-                             f"unpaired, and it packs none): leave it out")  # fmt: skip
         if c.packing not in ("batch", "pair"):
             raise ValueError(f"--sequence-parallel {c.sequence_parallel} splits packed rows across processes: it needs "
                              f"--packing batch or pair, got --packing {c.packing}")  # fmt: skip

@@ -36,7 +36,6 @@ class Method:
     paired: bool = True  # pairs of completions (else KTO's unpaired ones)
     reference: bool = True  # reads a reference model (before its loss type says otherwise)
     reduction: str = "sum"  # the sequence score TRL's trainer uses (ORPO's odds: per-token means)
-    sequence_parallel: bool = True  # its module splits packed rows across processes (sequence_parallel=)
 
 
 METHODS: dict[str, Method] = {
@@ -46,7 +45,7 @@ METHODS: dict[str, Method] = {
     "cpo": Method(CPO, CPOOptions, extra_metrics=("nll_loss",), reference=False),
     "simpo": Method(CPO, CPOOptions, {"loss_type": "simpo", "cpo_alpha": 0.0}, ("nll_loss",), reference=False),
     "alphapo": Method(CPO, CPOOptions, {"loss_type": "alphapo"}, ("nll_loss",), reference=False),
-    "kto": Method(KTO, KTOOptions, paired=False, extra_metrics=("kl", "aux_loss"), sequence_parallel=False),
+    "kto": Method(KTO, KTOOptions, paired=False, extra_metrics=("kl", "aux_loss")),
 }
 
 # Module options that are objects, not settings: the run makes them (ref_model: the reference is
