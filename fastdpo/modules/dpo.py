@@ -185,7 +185,8 @@ class DPO(PreferenceModule):
             ``logps/chosen``, ``logps/rejected`` (on the scores in this module's
             ``logprob_reduction``), plus ``tokens/chosen`` and ``tokens/rejected`` (mean
             number of scored tokens per sequence) and, except on the ``"fused"`` route
-            (``matmul="triton"``, or BCO's ``bco_delta="batch"``), ``token_accuracy/chosen``: the
+            (``matmul="triton"``, BCO's ``bco_delta="batch"``, ``sequence_parallel``),
+            ``token_accuracy/chosen``: the
             fraction of scored chosen tokens whose target is the policy's argmax (ties go to
             the lowest token id, as ``torch.argmax``).
         """
