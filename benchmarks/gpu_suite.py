@@ -898,6 +898,7 @@ def markdown(rows: list[dict], env: dict) -> str:
         ("kernels", ("name", "status", "ms", "gbps", "pct_bw", "peak_mib", "vs_fastdpo", "detail")),
         ("head", ("name", "status", "ms", "tflops", "pct_mm", "peak_mib", "vs_fastdpo", "detail")),
         ("step", ("name", "status", "ms", "peak_mib", "vs_fastdpo", "detail")),
+        ("sequence_parallel", ("name", "status", "err", "bound", "ms", "peak_mib", "vs_fastdpo", "detail")),
     ):
         these = [r for r in rows if r["section"] == section]
         if not these:
@@ -915,7 +916,7 @@ def short_table(rows: list[dict]) -> str:
     failed = [r["name"] for r in checks if r["status"] == "fail"]
     lines = [f"correctness: {passed}/{len(checks)} passed" + (f"; FAILED: {', '.join(failed[:6])}" if failed else "")]
     for r in rows:
-        if r["section"] in ("roofline", "kernels", "head", "step"):
+        if r["section"] in ("roofline", "kernels", "head", "step", "sequence_parallel"):
             parts = [f"{r['section']:9s}", f"{r['name'][:70]:70s}", f"{r['status']:8s}"]
             for key, unit in (("ms", "ms"), ("gbps", "GB/s"), ("pct_bw", "% bw"), ("tflops", "TFLOP/s"),
                               ("pct_mm", "% mm"), ("peak_mib", "MiB"), ("vs_fastdpo", "x fastdpo")):

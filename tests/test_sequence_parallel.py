@@ -147,6 +147,9 @@ CASES: dict[str, dict] = {
     "ddp-llama-newgroup": {"model": "llama", "batch": "odd", "packing": "pair", "reduction": "sum", "extra": "ddp", "sp": "new"},
     "fsdp-xt": {"model": "xt-rotary", **_BATCH50, "reduction": "mean", "extra": "fsdp"},
     "fsdp-llama": {"model": "llama", **_BATCH50, "reduction": "sum", "alignment": "target", "extra": "fsdp"},
+    "xt-wpo-ld": {"model": "xt-rotary", **_BATCH50, "reduction": "sum", "alignment": "target",
+                  "options": {"use_weighting": True, "ld_alpha": 0.5}},
+    "llama-ipo-mean": {"model": "llama", **_LONG, "reduction": "mean", "options": {"loss_type": "ipo"}},
     "mismatch": {"model": "xt-rotary", **_BATCH50, "reduction": "mean", "extra": "mismatch"},
     # heads the group does not divide: the ring
     "ring-xt-3heads": {"model": "xt-rotary", "heads": 3, **_BATCH50, "reduction": "mean", "ring": True},
@@ -162,7 +165,7 @@ WORLD_CASES = {
     2: ["xt-rotary-batch-mean", "xt-abs-pair-sum", "xt-rotary-long-sum", "xt-abs-odd-mean", "xt-logits",
         "xt-precomputed", "llama-gqa-batch-sum-mesh", "llama-gqa-long-mean", "llama-gqa-odd-pair", "llama-logits",
         "qwen2-window-batch", "mistral-window-pair", "llama-lora", "llama-checkpointing", "orpo-xt", "cpo-llama",
-        "ddp-xt", "ddp-llama-newgroup", "mismatch", "ring-xt-3heads", "ring-llama-3heads", "ring-qwen2-window-3heads"],
+        "ddp-xt", "ddp-llama-newgroup", "xt-wpo-ld", "llama-ipo-mean", "mismatch", "ring-xt-3heads", "ring-llama-3heads", "ring-qwen2-window-3heads"],
     4: ["xt-rotary-batch-mean", "xt-rotary-long-sum", "xt-abs-odd-mean", "llama-gqa-batch-sum-mesh",
         "qwen2-window-batch", "ddp-xt", "fsdp-xt", "fsdp-llama", "ring-xt-2heads", "ring-llama-6heads"],
 }
@@ -208,6 +211,7 @@ def build(case: str, sequence_parallel=None, window: int | None | str = "case"):
           "sequence_parallel": sequence_parallel}
     if "head" in spec:
         kw["head"] = spec["head"]
+    kw.update(spec.get("options", {}))
     method = spec.get("method", "dpo")
     if method == "orpo":
         module = ORPO(model, **kw)

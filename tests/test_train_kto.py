@@ -92,7 +92,6 @@ def test_preference_pairs_are_unpaired_as_trl_does(model_dir, tmp_path):
 def test_what_kto_cannot_do_is_one_line(model_dir, data, tmp_path, capsys):
     base = ["--model", model_dir, "--data", data, "--out", tmp_path / "out", "--method", "kto"]
     assert "not implemented for --method kto" in _error([*base, "--precompute-reference"], capsys)
-    assert "packing must be 'none' for KTO" in _error([*base, "--packing", "pair"], capsys)
     assert "--cpo-alpha is an option of --method cpo, simpo, alphapo, not of kto" in _error([*base, "--cpo-alpha", 1], capsys)
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "count : a b", "completion": " c d", "label": 1}) + "\n")
     line = _error(["--model", model_dir, "--data", tmp_path / "bad.jsonl", "--out", tmp_path / "o2", "--method",

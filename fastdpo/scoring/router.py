@@ -358,8 +358,10 @@ class Scorer:
         mine, slot = sh.scored(batch.mask)
         seq = mine // t
         weights = batch.token_weights
-        local = Batch(batch.tgt.reshape(-1)[mine][:, None], batch.tgt.reshape(-1)[mine][:, None],
-                      torch.ones(mine.numel(), 1, dtype=torch.bool, device=mine.device), batch.count,
+        # this process's targets, each its own sequence of one position (src: never run)
+        targets = batch.tgt.reshape(-1)[mine][:, None]
+        local = Batch(targets, targets, torch.ones_like(targets, dtype=torch.bool),
+                      torch.ones(targets.shape[0], device=targets.device),
                       token_weights=None if weights is None else weights.reshape(-1)[mine][:, None])
         sums = inputs.out.new_zeros(n, dtype=torch.float32)
         if inputs.out.requires_grad:  # tie to the graph even with nothing to score, so backward reaches the collectives
