@@ -82,3 +82,31 @@ def tiny_transformer(
         attn_layers=Decoder(dim=dim, depth=depth, heads=heads, **layer_kw), **(wrapper_kw or {}),
     )
     return model if dtype is None else model.to(dtype)
+
+
+def spawned_job(worker, world: int, out, timeout_s: float, *extra) -> tuple:
+    """Run ``worker(rank, world, port, str(out), *extra)`` once in each of ``world`` fresh
+    processes (spawned; ``port`` a free one for gloo's rendezvous), bounded by ``timeout_s``
+    (``pytest.fail`` past it; a worker's exception is raised here), and return every rank's
+    results, which each worker saved with ``torch.save`` as ``out/rank{rank}.pt``.  Only the
+    processes started here are stopped on the way out."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    from benchmarks.fsdp_memory import _free_port
+
+    ctx = mp.start_processes(worker, args=(world, _free_port(), str(out), *extra), nprocs=world, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker failed
+            if time.monotonic() > deadline:
+                pytest.fail(f"the {world}-process job did not finish in {timeout_s:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return tuple(torch.load(f"{out}/rank{r}.pt", weights_only=False) for r in range(world))

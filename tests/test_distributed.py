@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from benchmarks.fsdp_memory import _free_port
-from helpers import tiny_transformer
+from helpers import spawned_job, tiny_transformer
 
 WORLD = 2
 B, L, V = 4, 8, 32  # 4 pairs: 2 per rank
@@ -49,7 +45,7 @@ def make_model(family: str, tied: bool = False) -> torch.nn.Module:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         if family == "hfsub":
-            LlamaForCausalLM = type("InferredLlama", (LlamaForCausalLM,), {})  # noqa: N806
+            LlamaForCausalLM = type("InferredLlama", (LlamaForCausalLM,), {})
 
         config = LlamaConfig(
             vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -287,21 +283,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     """Run the two-process job once; return (rank 0 results, rank 1 results)."""
-    out = tmp_path_factory.mktemp("dist")
-    ctx = mp.start_processes(
-        _worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"the 2-process job did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:  # only the processes this fixture started
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    return spawned_job(_worker, WORLD, tmp_path_factory.mktemp("dist"), TIMEOUT_S)
 
 
 def full_batch_grads(head: str, family: str = "x-transformers", tied: bool = False) -> dict[str, torch.Tensor]:

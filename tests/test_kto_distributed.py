@@ -11,15 +11,11 @@ each rank keeps its own estimate.
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from benchmarks.fsdp_memory import _free_port
-from helpers import tiny_transformer
+from helpers import spawned_job, tiny_transformer
 
 WORLD = 2
 V = 32
@@ -83,20 +79,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
-    out = tmp_path_factory.mktemp("kto_dist")
-    ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"the 2-process job did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:  # only the processes this fixture started
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD))
+    return spawned_job(_worker, WORLD, tmp_path_factory.mktemp("kto_dist"), TIMEOUT_S)
 
 
 def test_ddp_kl_is_averaged_over_ranks_and_gradients_are_the_whole_batchs(job):

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import spawned_job
 from torch import Tensor
 
-from benchmarks.fsdp_memory import _free_port
 from fastdpo.batching.attention import SegmentAttention
 from fastdpo.batching.packing import PAD, PackedLayout, pack
 from fastdpo.batching.ring import ring_attention
@@ -144,19 +142,8 @@ def _worker(rank: int, n: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module", params=WORLDS, ids=lambda n: f"{n}proc")
 def job(request, tmp_path_factory):
     """Run the n-process job once; return (n, each rank's results)."""
-    n, out = request.param, tmp_path_factory.mktemp(f"ring{request.param}")
-    ctx = mp.start_processes(_worker, args=(n, _free_port(), str(out)), nprocs=n, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker failed
-            if time.monotonic() > deadline:
-                pytest.fail(f"the {n}-process job did not finish in {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:  # only the processes this fixture started
-            if p.is_alive():
-                p.kill()
-                p.join()
-    return n, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(n)]
+    n = request.param
+    return n, list(spawned_job(_worker, n, tmp_path_factory.mktemp(f"ring{n}"), TIMEOUT_S))
 
 
 # ----------------------------------------------------------------------------- the references

@@ -39,8 +39,7 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import tiny_transformer
+from helpers import spawned_job, tiny_transformer
 
 from benchmarks.fsdp_memory import _free_port
 
@@ -385,19 +384,8 @@ def jobs(tmp_path_factory):
             out = tmp_path_factory.mktemp(f"sp{world}")
             cases = [c for c in WORLD_CASES[world] if available(c)]
             start = time.monotonic()
-            ctx = mp.start_processes(_worker, args=(world, _free_port(), str(out), cases), nprocs=world,
-                                     join=False, start_method="spawn")
-            try:
-                while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker failed
-                    if time.monotonic() > start + TIMEOUT_S:
-                        pytest.fail(f"the {world}-process job did not finish in {TIMEOUT_S} s")
-            finally:
-                for p in ctx.processes:  # only the processes this fixture started
-                    if p.is_alive():
-                        p.kill()
-                        p.join()
+            done[world] = spawned_job(_worker, world, out, TIMEOUT_S, cases)
             print(f"\nthe {world}-process sequence-parallel job: {time.monotonic() - start:.1f} s")
-            done[world] = tuple(torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world))
         return done[world]
 
     return get
