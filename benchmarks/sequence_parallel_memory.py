@@ -36,7 +36,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.fsdp_memory import _free_port  # noqa: E402
+from benchmarks.fsdp_memory import _free_port
 
 MIB = 2**20
 

@@ -51,7 +51,7 @@ class SegmentAttention:
         return self._parts(q, k, v, scale, dropout_p, window).to(dtype)
 
     def _parts(self, q, k, v, scale, dropout_p, window) -> Tensor:
-        r, h, t, d = q.shape
+        r, h, t, _ = q.shape
         flat = [x.transpose(1, 2).reshape(r * t, h, x.shape[-1]) for x in (q, k, v)]
         out = q.new_zeros(r * t, h, v.shape[-1])
         for group in self._groups():
