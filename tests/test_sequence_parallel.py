@@ -49,8 +49,6 @@ pytestmark = pytest.mark.skipif(
 
 HAS_HF = importlib.util.find_spec("transformers") is not None
 HAS_PEFT = HAS_HF and importlib.util.find_spec("peft") is not None
-HAS_RING = importlib.util.find_spec("fastdpo.batching.ring") is not None
-needs_ring = pytest.mark.skipif(not HAS_RING, reason="ring attention (fastdpo.batching.ring) has not landed yet")
 
 V = 48  # vocabulary; token 0 is padding, real tokens are drawn from 1..V-1
 TIMEOUT_S = 400  # a job of fresh interpreters importing torch and transformers on a shared 2-core machine
@@ -172,8 +170,6 @@ WORLD_CASES = {
 
 def available(case: str) -> bool:
     spec = CASES[case]
-    if spec.get("ring") and not HAS_RING:
-        return False
     if spec["model"] in HF_KINDS and not HAS_HF:
         return False
     return spec.get("extra") != "lora" or HAS_PEFT
@@ -435,7 +431,7 @@ def world_params(worlds=(2, 4), only=lambda spec: True):
             spec = CASES[case]
             if spec.get("extra") in ("fsdp", "mismatch") or not only(spec):
                 continue
-            marks = [needs_ring] if spec.get("ring") else []
+            marks = []
             if spec["model"] in HF_KINDS and not HAS_HF:
                 marks.append(pytest.mark.skip(reason="needs transformers"))
             if spec.get("extra") == "lora" and not HAS_PEFT:
