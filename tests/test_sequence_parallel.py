@@ -16,7 +16,7 @@ share of the slots, a slot count that is not a multiple of the group (rows widen
 padding); ``logprob_reduction`` "mean" and "sum", ``head="logits"``, precomputed reference
 scores, a peft LoRA policy, gradient checkpointing, ORPO and CPO, DDP over the world around the
 sequence-parallel module, FSDP2 x sequence parallel on a (dp, sp) mesh; heads that the group
-does not divide (the ring, :mod:`fastdpo.batching.ring`, skipped until it exists).
+does not divide (the ring, :mod:`fastdpo.batching.ring`).
 
 One known difference, an expected failure until fixed: DPO under sequence parallelism takes the
 "fused" route (no DPO head op), which counts no argmax hits, so ``token_accuracy/chosen`` is
