@@ -355,6 +355,28 @@ def test_precomputed_scores_free_the_reference(sharded_runs, tmp_path):
     assert _reference_alive(config, train_command.Processes(None)) is False
 
 
+def test_weights_written_a_tensor_at_a_time_load_with_from_pretrained(tmp_path):
+    """``export.write_safetensors`` (the final model's and ``fastdpo export``'s writer): one
+    ``model.safetensors``, or numbered files and their index past ``max_shard_bytes``, each read
+    by ``from_pretrained`` as the weights given (float32 and bfloat16)."""
+    from fastdpo.train import export
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = transformers.AutoModelForCausalLM.from_pretrained(save_model(tmp_path / f"src-{dtype}"), dtype=dtype)
+        state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+        for limit in (export.MAX_SHARD_BYTES, 20_000):
+            out = tmp_path / f"out-{dtype}-{limit}"
+            out.mkdir()
+            export.write_config(model, out)
+            specs = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+            export.write_safetensors(out, specs, iter(state.values()), max_shard_bytes=limit)
+            files = sorted(p.name for p in out.glob("*.safetensors"))
+            assert (files == ["model.safetensors"]) == (limit == export.MAX_SHARD_BYTES), files
+            assert (out / "model.safetensors.index.json").exists() == (len(files) > 1)
+            again = transformers.AutoModelForCausalLM.from_pretrained(out).state_dict()
+            assert [k for k in state if not (again[k].dtype == dtype and torch.equal(again[k], state[k]))] == []
+
+
 def test_startup_memory_per_process_falls_with_the_processes(tmp_path):
     """benchmarks/fsdp_startup_memory.py, a Llama of 130 MiB of float32 weights (hidden 256,
     vocabulary 64,000, untied head), each configuration in fresh processes: one process (the
