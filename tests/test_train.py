@@ -482,6 +482,9 @@ def test_fsdp_writes_whole_models_and_sharded_checkpoints(fsdp_runs, tmp_path, c
     assert cli.main(["export", str(root / "fsdp"), str(tmp_path / "nothing")]) == 2  # (the run's out: no checkpoint)
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("fastdpo export: error: ") and "not a fastdpo train checkpoint" in line
+    assert cli.main(["export", str(root / "fsdp" / "checkpoint-4"), str(exported)]) == 2  # (written above)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"{exported} is not an empty directory (give a new one)")
 
 
 # ----------------------------------------------------------------------------- mistakes
