@@ -11,8 +11,10 @@
                      JSONL records to a saved model (or LoRA adapters), as TRL trains it, with
                      evaluation, metrics.jsonl, curves, trackers, checkpoints that resume
                      exactly and torchrun/DDP/FSDP2 (:mod:`fastdpo.train`).
+``fastdpo export``   a ``fastdpo train`` checkpoint (a sharded one too) as a ``save_pretrained``
+                     directory (:mod:`fastdpo.train.export`).
 
-argparse, not click or typer: four subcommands with flat options need nothing more, the
+argparse, not click or typer: five subcommands with flat options need nothing more, the
 standard library adds no dependency to a library that users ``pip install`` for its loss,
 and ``parser.error`` gives the one-line usage errors the tests expect.
 """
@@ -31,10 +33,11 @@ CHECK_GRAD_RTOL = 1e-5
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__, bench
     from .train import command as train_cli
+    from .train import export as train_export
 
     parser = argparse.ArgumentParser(prog="fastdpo", description="fastdpo: fused, exact DPO losses")
     parser.add_argument("--version", action="version", version=f"fastdpo {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,kernels,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,check,export,kernels,train}")
 
     p = sub.add_parser(
         "bench",
@@ -54,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.set_defaults(run=lambda args, error=p.error: check(args.device, error))
+
+    p = sub.add_parser(
+        "export",
+        help="a fastdpo train checkpoint as a save_pretrained directory (the model, or LoRA adapters)",
+        description="Write the model (or LoRA adapters) of a fastdpo train checkpoint-N directory as a save_pretrained "
+        "directory, with its tokenizer.  A --fsdp run's checkpoint (sharded, torch.distributed.checkpoint) is read "
+        "one tensor at a time, in this process: no torchrun.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint-N directory that fastdpo train wrote")
+    p.add_argument("out", metavar="OUT", help="the directory to write (new, or empty)")
+    p.set_defaults(run=lambda args: train_export.main_from_args(args))
 
     # add_help=False: `fastdpo kernels --help` shows the report's own options.
     p = sub.add_parser("kernels", add_help=False, help="ahead-of-time build report of the Triton kernels (no GPU needed)")

@@ -415,9 +415,9 @@ def test_fsdp_matches_one_process_and_ddp(fsdp_runs):
 
 
 def test_fsdp_resume_is_bitwise_equal(fsdp_runs, model_dir):
-    """A sharded run resumed from its checkpoint at step 2 (the whole weights before sharding,
-    the whole optimizer state scattered into the shards, every process's RNG states) ends with
-    the uninterrupted run's weights and metrics, bit for bit, full and LoRA."""
+    """A sharded run resumed from its checkpoint at step 2 (each process reading its shards of the
+    weights and of the optimizer's state, and its RNG states) ends with the uninterrupted run's
+    weights and metrics, bit for bit, full and LoRA."""
     root = fsdp_runs
     assert (root / "stdout.txt").read_text().count("resumed at step 2") == 2
     for whole, resumed in (("fsdp", "fsdp-resumed"), ("fsdp-lora", "fsdp-lora-resumed")):
@@ -429,28 +429,62 @@ def test_fsdp_resume_is_bitwise_equal(fsdp_runs, model_dir):
     assert min((weights(root / "fsdp")[k] - start[k]).abs().max().item() for k in start) > 1e-2  # it trained
 
 
-def test_fsdp_saves_whole_weights(fsdp_runs):
-    """What a sharded run writes: the final model and each checkpoint a save_pretrained directory
-    of the whole weights (``from_pretrained`` reads exactly what the shards held at the end);
-    LoRA's adapters only; the optimizer's whole state by parameter name."""
+def test_fsdp_writes_whole_models_and_sharded_checkpoints(fsdp_runs, tmp_path, capsys):
+    """What a sharded run writes: its final model a save_pretrained directory of the whole weights
+    (``from_pretrained`` reads exactly what the shards held at the end; LoRA: the adapters only);
+    each checkpoint DCP's files, one a process, with the optimizer's state of every parameter
+    (whole shapes in DCP's metadata), no save_pretrained weights and no trainer_state.pt, and a
+    complete.json listing every other file; ``fastdpo export`` makes the final model's files of
+    the last checkpoint, bit for bit (a DDP checkpoint's: copied)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
     root = fsdp_runs
     trained = torch.load(root / "fsdp" / "trained.pt", weights_only=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(root / "fsdp")
     loaded = model.state_dict()
     assert trained.keys() == loaded.keys()
     assert [k for k in trained if not torch.equal(trained[k], loaded[k])] == []
-    final, ckpt = weights(root / "fsdp"), weights(root / "fsdp" / "checkpoint-4")
-    assert all(torch.equal(final[k], ckpt[k]) for k in final)
-    state = torch.load(root / "fsdp" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
-    adam = state["optimizer"]["state"]
-    assert adam.keys() == trained.keys() and len(state["rng"]) == 2
-    assert all(adam[k]["exp_avg"].shape == trained[k].shape and adam[k]["exp_avg"].abs().max() > 0 for k in adam)
+    for run in ("fsdp", "fsdp-lora"):
+        ckpt = root / run / "checkpoint-4"
+        names = {p.name for p in ckpt.iterdir()}
+        assert {".metadata", "__0_0.distcp", "__1_0.distcp", "complete.json", "config.json", "tokenizer.json",
+                "fastdpo_train.json", "metrics.jsonl"} <= names, names  # fmt: skip
+        assert not names & {"model.safetensors", "adapter_model.safetensors", "trainer_state.pt"}
+        assert set(json.loads((ckpt / "complete.json").read_text())["files"]) == names - {"complete.json"}
+    meta = FileSystemReader(str(root / "fsdp" / "checkpoint-2")).read_metadata().state_dict_metadata
+    for k, t in trained.items():
+        assert tuple(meta[f"model.{k}"].size) == tuple(meta[f"optimizer.state.{k}.exp_avg"].size) == tuple(t.shape)
+    assert {k for k in meta if k.startswith("rng.")} == {"rng.0", "rng.1"}
+
+    exported = tmp_path / "exported"
+    assert cli.main(["export", str(root / "fsdp" / "checkpoint-4"), str(exported)]) == 0
+    final, again = weights(root / "fsdp"), weights(exported)
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(exported).state_dict()
+    assert [k for k in trained if not torch.equal(trained[k], reloaded[k])] == []
+    assert transformers.AutoTokenizer.from_pretrained(exported).pad_token == "<pad>"
+
     lora = weights(root / "fsdp-lora")
     assert lora and all("lora_" in k for k in lora)
     assert not (root / "fsdp-lora" / "model.safetensors").exists()
-    state = torch.load(root / "fsdp-lora" / "checkpoint-2" / "trainer_state.pt", weights_only=True)
-    adam = state["optimizer"]["state"]
-    assert len(adam) == len(lora) and all("lora_" in k for k in adam)  # the adapters' only
+    assert cli.main(["export", str(root / "fsdp-lora" / "checkpoint-4"), str(tmp_path / "adapters")]) == 0
+    again = weights(tmp_path / "adapters")
+    assert lora.keys() == again.keys() and all(torch.equal(lora[k], again[k]) for k in lora)
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == json.loads((root / "fsdp-lora" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]  # fmt: skip
+
+    assert cli.main(["export", str(root / "ddp" / "checkpoint-4"), str(tmp_path / "ddp")]) == 0
+    final, again = weights(root / "ddp"), weights(tmp_path / "ddp")
+    assert final.keys() == again.keys() and all(torch.equal(final[k], again[k]) for k in final)
+    assert not (tmp_path / "ddp" / "trainer_state.pt").exists()
+    capsys.readouterr()
+    assert cli.main(["export", str(root / "fsdp"), str(tmp_path / "nothing")]) == 2  # (the run's out: no checkpoint)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("fastdpo export: error: ") and "not a fastdpo train checkpoint" in line
+    assert cli.main(["export", str(root / "fsdp" / "checkpoint-4"), str(exported)]) == 2  # (written above)
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith(f"{exported} is not an empty directory (give a new one)")
 
 
 # ----------------------------------------------------------------------------- mistakes

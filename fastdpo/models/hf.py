@@ -194,17 +194,19 @@ class _Hooks:
     def __init__(self):
         self.armed = False
         self.out = None
-        self.on: tuple[nn.Module, nn.Module] | None = None  # (backbone, head) hooked
+        # (backbone, head) hooked, held weakly: this entry of the weak-keyed _hooks must not keep
+        # its model alive (under FSDP2 the backbone reaches the root through its groups)
+        self.on: tuple[weakref.ref, weakref.ref] | None = None
         self.handles: list = []
 
     def attach(self, body: nn.Module, head: nn.Module) -> None:
         """Hook ``body`` and ``head`` (again, if other modules were swapped in since)."""
-        if self.on is not None and self.on[0] is body and self.on[1] is head:
+        if self.on is not None and self.on[0]() is body and self.on[1]() is head:
             return
         for h in self.handles:
             h.remove()
         self.handles = [body.register_forward_hook(self.backbone), head.register_forward_hook(self.head)]
-        self.on = (body, head)
+        self.on = (weakref.ref(body), weakref.ref(head))
 
     def backbone(self, module, args, output):
         if self.armed:

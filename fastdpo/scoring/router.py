@@ -217,6 +217,13 @@ class Scorer:
         self.routes[key] = (model, decided)
         return decided
 
+    def forget(self, model: nn.Module) -> None:
+        """Drop what is cached for ``model`` (its routes hold it, through their adapter): a
+        module whose reference model is dropped (precomputed scores) lets it be freed."""
+        for cache in (self.routes, self.checked):
+            for key in [k for k, (m, _) in cache.items() if m is model]:
+                del cache[key]
+
     def _decide(self, model: nn.Module, device: torch.device) -> Route:
         impl = resolve_impl(self.impl, device)
         adapter = adapter_for(model)

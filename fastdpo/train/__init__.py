@@ -5,7 +5,9 @@
 * :mod:`.run` -- the run (:class:`~.run.Run`, :func:`~.run.train`);
 * :mod:`.processes` -- one process, or those torchrun starts;
 * :mod:`.io` -- what a run reads and writes (models, records, checkpoints, metrics);
-* :mod:`.fsdp` -- ``--fsdp``: the models sharded with FSDP2, and their whole states;
+* :mod:`.fsdp` -- ``--fsdp``: the models built empty, sharded with FSDP2, read shard by shard;
+* :mod:`.sharded_checkpoint` -- ``--fsdp``'s checkpoints (``torch.distributed.checkpoint``);
+* :mod:`.export` -- ``save_pretrained`` directories from sharded states, ``fastdpo export``;
 * :mod:`.report` -- ``--report-to``: the metrics rows sent to TensorBoard, W&B, Trackio.
 
 May import anything below it: :mod:`fastdpo.modules`, :mod:`fastdpo.data`, :mod:`fastdpo.models`,

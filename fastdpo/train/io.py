@@ -20,6 +20,7 @@ import torch
 from ..data.text import read_jsonl
 
 STATE_FILE = "trainer_state.pt"  # optimizer, scheduler, RNG states, data position, reference scores
+COMPLETE_FILE = "complete.json"  # a sharded (--fsdp) checkpoint's last file: every other one and its size
 CONFIG_FILE = "fastdpo_train.json"  # the TrainConfig the run was started with
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -202,11 +203,12 @@ def checkpoint_dir(out: str | Path, step: int) -> Path:
 
 
 def checkpoints(out: str | Path) -> list[Path]:
-    """The complete checkpoints of ``out``, by step."""
+    """The complete checkpoints of ``out`` (a ``trainer_state.pt``, or a sharded checkpoint's
+    ``complete.json``), by step."""
     found = []
     for p in Path(out).glob("checkpoint-*"):
         tail = p.name.split("-", 1)[1]
-        if tail.isdigit() and (p / STATE_FILE).is_file():
+        if tail.isdigit() and ((p / STATE_FILE).is_file() or (p / COMPLETE_FILE).is_file()):
             found.append((int(tail), p))
     return [p for _, p in sorted(found)]
 
@@ -241,23 +243,45 @@ def save_checkpoint(out: Path, step: int, model, tokenizer, config: dict, state:
     leaves a checkpoint that looks complete and is not."""
     final = checkpoint_dir(out, step)
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove(tmp)
     tmp.mkdir(parents=True)
     save_model(tmp, model, tokenizer, config, weights)
     torch.save(state, tmp / STATE_FILE)
-    if (out / METRICS_FILE).is_file():
-        shutil.copyfile(out / METRICS_FILE, tmp / METRICS_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    write_run_files(tmp, out)
+    replace(tmp, final)
     return final
+
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_run_files(where: Path, out: Path, config: dict | None = None) -> None:
+    """The run's config (when given) and a copy of its ``metrics.jsonl`` so far, in a checkpoint."""
+    if config is not None:
+        (where / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if (out / METRICS_FILE).is_file():
+        shutil.copyfile(out / METRICS_FILE, where / METRICS_FILE)
+
+
+def replace(tmp: Path, final: Path) -> None:
+    """A checkpoint written as ``tmp`` becomes ``final`` (an older one of that name goes)."""
+    remove(final)
+    os.replace(tmp, final)
+
+
+def load_run_config(path: Path) -> dict:
+    """The config of the run that wrote the checkpoint ``path``."""
+    if not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"--resume {path}: not a fastdpo train checkpoint (no {CONFIG_FILE})")
+    return json.loads((path / CONFIG_FILE).read_text())
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict]:
     """(the saved run's config, its trainer state) of a checkpoint directory."""
     if not (path / STATE_FILE).is_file() or not (path / CONFIG_FILE).is_file():
         raise ValueError(f"--resume {path}: not a fastdpo train checkpoint (no {STATE_FILE} or {CONFIG_FILE})")
-    config = json.loads((path / CONFIG_FILE).read_text())
-    return config, torch.load(path / STATE_FILE, weights_only=True)
+    return load_run_config(path), torch.load(path / STATE_FILE, weights_only=True)
 
 
 def load_trained_weights(model, path: Path, lora: bool) -> None:

@@ -22,14 +22,16 @@ model with its adapters off as its reference.
 * **Checkpoints** (``out/checkpoint-{step}``): the model (``save_pretrained``: the adapters
   only for LoRA), the tokenizer, the config as JSON, and ``trainer_state.pt`` (optimizer,
   scheduler, fp16's loss scaler, every process's RNG states, the data position, precomputed
-  reference scores).
+  reference scores); with ``fsdp``, the same state as a ``torch.distributed.checkpoint``
+  written by every process, its own shards (:mod:`fastdpo.train.sharded_checkpoint`).
   Resumed, a run on the CPU ends bitwise equal to the uninterrupted run
-  (tests/test_train.py).  The reference model is always the one ``model`` names.
+  (tests/test_train.py); a sharded one also resumes on another number of processes.  The
+  reference model is always the one ``model`` names.
 * **Several processes.**  Under ``torchrun`` (``WORLD_SIZE`` > 1) the DPO module is wrapped
   in ``DistributedDataParallel`` (gloo on the CPU, nccl on CUDA), or with ``fsdp`` the policy
-  and the reference are sharded with FSDP2's ``fully_shard`` (:mod:`fastdpo.train.fsdp`: the
-  checkpoints still hold whole ``save_pretrained`` weights and resume exactly); process 0
-  writes the files; logged metrics and evaluations are over all processes' pairs.
+  and the reference are built empty, sharded with FSDP2's ``fully_shard`` and filled shard by
+  shard (:mod:`fastdpo.train.fsdp`: no process holds a whole model); process 0 writes the
+  files; logged metrics and evaluations are over all processes' pairs.
 * **Sequence parallelism** (``sequence_parallel`` N > 1, packed batches): the processes form a
   (dp, N) ``DeviceMesh``; the N processes of a row (ranks ``[k*N, (k+1)*N)``) read data shard k
   of dp, each micro-batch the same, and split its packed rows' tokens (the module's
@@ -46,6 +48,7 @@ model with its adapters off as its reference.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import random
 import warnings
@@ -60,7 +63,7 @@ from ..models import adapter_for
 from ..models.wrappers import model_class
 from ..modules.dpo import precompute_reference_scores
 from . import fsdp as train_fsdp
-from . import io, methods, report
+from . import export, io, methods, report, sharded_checkpoint
 from . import policy as train_policy
 from .config import ADDED_SINCE, CHANGEABLE_ON_RESUME, TrainConfig, check_config
 from .processes import Processes
@@ -99,11 +102,16 @@ class Run:
         train_fsdp.check(c.fsdp, procs.world, c.packing)
         self.layout = procs.layout(c.sequence_parallel)  # (sequence parallelism: the (dp, sp) mesh)
         self.out = Path(c.out)
-        ckpt, state = None, None
+        ckpt, state, rng = None, None, None
         if c.resume is not None:
             ckpt = self._checkpoint(c)
-            saved, state = io.load_checkpoint(ckpt)
+            if sharded_checkpoint.is_sharded(ckpt):  # (--fsdp's: DCP)
+                sharded_checkpoint.check_complete(ckpt)
+                saved, (state, rng) = io.load_run_config(ckpt), sharded_checkpoint.read_trainer(ckpt, procs.rank)
+            else:
+                saved, state = io.load_checkpoint(ckpt)
             self._check_resumable(saved, state, ckpt)
+            rng = rng if rng is not None else state["rng"][procs.rank]
         torch.manual_seed(c.seed)  # LoRA's initial weights; every process draws the same
         random.seed(c.seed)
         self.tokenizer = io.load_tokenizer(c.model)
@@ -112,7 +120,14 @@ class Run:
         if state is not None and state["pairs"] != pairs:
             raise ValueError(f"--resume {ckpt}: the run had {state['pairs']} (train, eval) pairs, the data gives {pairs} now")
         io.check_vocab(c.model, len(self.tokenizer))  # from config.json: before the weights load
-        model = self._policy(io.load_model(c.model, c.dtype).to(self.device), c)
+        if c.fsdp:  # empty (on the meta device) until sharded, then filled shard by shard
+            model = train_fsdp.empty_model(c.model, c.dtype)
+            names = train_fsdp.base_names(model)
+            with train_fsdp.new_parameters() as found:
+                model = self._policy(model, c)
+            initial = train_fsdp.initial_values(model, found)  # (LoRA's adapters, drawn as in one process)
+        else:
+            model = self._policy(io.load_model(c.model, c.dtype).to(self.device), c)
         self.precision = train_policy.Precision("bf16" if c.bf16 else "fp16" if c.fp16 else "float32", self.device)
         self.method = methods.method_of(c.method)
         head, why = self._head(model, c.head)
@@ -123,13 +138,19 @@ class Run:
         pair_metrics = methods.PAIR_METRICS if self.method.paired else methods.UNPAIRED_METRICS
         self.logged = ("loss", *pair_metrics, *self._extra_metrics())
         self.unit = "pairs" if self.method.paired else "completions"
-        if ckpt is not None:  # (before sharding: every process reads the whole weights)
+        self.loaded = None
+        if c.fsdp:
+            if c.precompute_reference and state is not None:  # (the checkpoint has the scores)
+                self._drop_reference()
+            train_fsdp.shard(self.module.policy_model, self.module.ref_model, self.device)
+            self._fill(ckpt, names, initial)
+        elif ckpt is not None:
             io.load_trained_weights(self.module.policy_model, ckpt, self.lora)
         self.reference = self._reference_scores(state)
+        if c.fsdp:  # (scoring may leave the policy's root gathered: the optimizer takes its shards)
+            train_fsdp.reshard(self.module.policy_model)
         self.ddp = None
-        if c.fsdp:
-            train_fsdp.shard(self.module.policy_model, self.module.ref_model, self.device)
-        elif procs.world > 1:
+        if not c.fsdp and procs.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
             self.ddp = DistributedDataParallel(self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -138,6 +159,7 @@ class Run:
         if route.head is not None and route.head.inferred:
             self.route += " (inferred, checked on the first batch)"
         self.params = list(self.module.parameters())
+        assert not c.fsdp or all(type(p).__name__ == "DTensor" for p in self.params), "the optimizer must take the shards"
         self.opt = torch.optim.AdamW(self.params, lr=c.lr, weight_decay=c.weight_decay)
         b = c.batch_size
         self.micro_per_epoch = math.ceil(math.ceil(len(self.train_ds) / self.layout.dp) / b)
@@ -148,11 +170,14 @@ class Run:
         self.sched = get_scheduler(c.lr_scheduler, self.opt, num_warmup_steps=c.warmup_steps, num_training_steps=self.total)
         self.start = 0
         if state is not None:
-            train_fsdp.load_optimizer_state(self.module.policy_model, self.opt, state["optimizer"])
+            if c.fsdp:
+                sharded_checkpoint.load_optimizer(ckpt, self.module.policy_model, self.opt)
+            else:
+                self.opt.load_state_dict(state["optimizer"])
             self.sched.load_state_dict(state["scheduler"])
             self.precision.load_state_dict(state.get("scaler"))
             self.start = state["step"]
-            io.set_rng_state(state["rng"][procs.rank])
+            io.set_rng_state(rng)
         if procs.main:
             self.out.mkdir(parents=True, exist_ok=True)
             history = ckpt / io.METRICS_FILE if ckpt is not None and (ckpt / io.METRICS_FILE).is_file() else None
@@ -178,12 +203,24 @@ class Run:
     def _check_resumable(self, saved: dict, state: dict, ckpt: Path) -> None:
         now = dataclasses.asdict(self.config)
         was = {k: saved.get(k, ADDED_SINCE.get(k)) for k in now}
-        differ = [k for k in now if k not in CHANGEABLE_ON_RESUME and was[k] != now[k]]
+        resharded = "world" in state  # (a sharded checkpoint: onto any number of processes)
+        fixed = CHANGEABLE_ON_RESUME | ({"batch_size"} if resharded else set())
+        differ = [k for k in now if k not in fixed and was[k] != now[k]]
         if differ:
             said = ", ".join(f"--{k.replace('_', '-')} {was[k]!r} (now {now[k]!r})" for k in differ)
             raise ValueError(f"--resume {ckpt}: the checkpoint's run had {said}; pass the same options to resume it")
-        if len(state["rng"]) != self.procs.world:
-            raise ValueError(f"--resume {ckpt}: written by {len(state['rng'])} processes, resumed by {self.procs.world}")
+        if not resharded:
+            if len(state["rng"]) != self.procs.world:
+                raise ValueError(f"--resume {ckpt}: written by {len(state['rng'])} processes, resumed by {self.procs.world}")
+            return
+        # Another number of processes takes the same pairs a step when a micro-batch of all of
+        # them does (a data shard's pairs are every dp-th of the epoch's order).
+        pairs, dp = state["batch_size"] * state["dp"], self.layout.dp
+        unit = "pairs" if methods.method_of(self.config.method).paired else "completions"
+        if self.config.batch_size * dp != pairs:
+            fix = f"pass --batch-size {pairs // dp}" if pairs % dp == 0 else f"run on a number of data shards dividing {pairs}"
+            raise ValueError(f"--resume {ckpt}: its micro-batches were {pairs} {unit} ({state['dp']} data shards of "
+                             f"--batch-size {state['batch_size']}); on {dp} data shards {fix}")  # fmt: skip
 
     def _policy(self, model, c: TrainConfig):
         """The loaded model as the run trains it: LoRA, dropout, checkpointing."""
@@ -267,6 +304,26 @@ class Run:
             raise ValueError(f"--lora-target-modules {' '.join(c.lora_target_modules or targets)}: "
                              f"{io.message(e)}") from None
 
+    def _fill(self, ckpt: Path | None, names: dict, initial: dict) -> None:
+        """Allocate the sharded models' shards and read their weights, each process its own:
+        the policy's base from ``model`` (a full fine-tuning run resumed: from the checkpoint),
+        LoRA's adapters from the checkpoint or their initial values, the reference from
+        ``model``."""
+        c, policy, ref = self.config, self.module.policy_model, self.module.ref_model
+        for m in (policy, ref):
+            if m is not None:
+                train_fsdp.materialize(m, self.device)
+        how = []  # (said in the header: a broadcast from process 0 holds the model whole there)
+        if ckpt is None or self.lora:
+            how.append(train_fsdp.load_pretrained(policy, c.model, names))
+        if ckpt is not None:
+            sharded_checkpoint.load_model(ckpt, policy, self.lora)
+        elif initial:
+            train_fsdp.load_whole(policy, initial)
+        if ref is not None:
+            how.append(train_fsdp.load_pretrained(ref, c.model, train_fsdp.base_names(ref)))
+        self.loaded = ", ".join(dict.fromkeys(how)) or "the checkpoint's shards"
+
     def _reference_scores(self, state: dict | None) -> dict | None:
         """``{"train": (2, n), "eval": (2, m)}`` reference scores by dataset index with
         ``precompute_reference`` (from the checkpoint when resuming), else None.  A full
@@ -279,19 +336,34 @@ class Run:
             scores = {"train": self._score(self.train_ds)}
             if self.eval_ds is not None:
                 scores["eval"] = self._score(self.eval_ds)
-        self.module.ref_model = None  # a full fine-tuning run's frozen copy (LoRA's reference is the policy)
+        self._drop_reference()
         return scores
+
+    def _drop_reference(self) -> None:
+        """A full fine-tuning run's frozen copy goes (LoRA's reference is the policy), with what
+        the module cached of it."""
+        if self.module.ref_model is not None:
+            self.module.scorer.forget(self.module.ref_model)
+            self.module.ref_model = None
+            gc.collect()  # (a sharded model's hooks make cycles)
 
     def _score(self, ds) -> torch.Tensor:
         # Each data shard scores every dp-th pair; a sum of zero-filled copies over the shards
-        # assembles them (exact: each entry is one shard's score plus zeros).
+        # assembles them (exact: each entry is one shard's score plus zeros).  Sharded, a shard
+        # of fewer batches scores its first pair again, uncounted, as evaluate() does.
         mine = self._shard(len(ds))
-        batches = (tuple(b[k].to(self.device) for k in BATCH_KEYS) for _, b in self._loader(ds, mine))
+        extra = self._most_batches(len(ds)) - math.ceil(len(mine) / self.config.batch_size) if self.config.fsdp else 0
+        order = mine + mine[:1] * extra * self.config.batch_size
+        batches = (tuple(b[k].to(self.device) for k in BATCH_KEYS) for _, b in self._loader(ds, order))
         with self.precision.autocast():
             w, l = precompute_reference_scores(self.module, batches, progress=self.config.progress and self.procs.main)
         scores = torch.zeros(2, len(ds))
-        scores[0, mine], scores[1, mine] = w, l
+        scores[0, mine], scores[1, mine] = w[:len(mine)], l[:len(mine)]
         return self._sum(scores.to(self.device)).cpu()
+
+    def _most_batches(self, n: int) -> int:
+        """The batches of the largest data shard of ``n`` items."""
+        return math.ceil(math.ceil(n / self.layout.dp) / self.config.batch_size)
 
     def _shard(self, n: int) -> list[int]:
         """This process's data shard of ``n`` items: every dp-th (the processes of a
@@ -377,6 +449,8 @@ class Run:
         resumed = f", resumed at step {self.start}" if self.start else ""
         lay = self.layout
         split = f" (data parallel {lay.dp} x sequence parallel {lay.sp})" if lay.sp > 1 else ""
+        if self.loaded is not None:  # (--fsdp: how the processes read the weights)
+            split += f" (--fsdp, weights: {self.loaded})"
         return (f"fastdpo train: {c.method}, {len(self.train_ds)} training {unit}{ev}; "
                 f"{model_class(self.module.policy_model).__name__}, {n_train:,} of {n_all:,} parameters trained; "
                 f"scoring: {self.route}; {self.total} steps of {c.batch_size * c.grad_accum * lay.dp} "
@@ -454,7 +528,7 @@ class Run:
         scores over every pair (each data shard scores every dp-th)."""
         policy = self.module.policy_model
         policy.eval()
-        stats, n, shards = None, 0, self.layout.dp
+        stats, n = None, 0
         for indices, batch in self._loader(self.eval_ds, self._shard(len(self.eval_ds))):
             with self.precision.autocast():
                 loss, metrics = self._call(self.module, indices, batch, "eval")
@@ -462,7 +536,7 @@ class Run:
             stats, n = s if stats is None else stats + s, n + 1
         # Each forward of a sharded model is a collective: a process with fewer batches runs the
         # first pair again, uncounted, until it has run as many as the others.
-        most = math.ceil(math.ceil(len(self.eval_ds) / shards) / self.config.batch_size) if self.config.fsdp else n
+        most = self._most_batches(len(self.eval_ds)) if self.config.fsdp else n
         for _ in range(most - n):
             with self.precision.autocast():
                 self._call(self.module, *next(iter(self._loader(self.eval_ds, [0]))), "eval")
@@ -479,30 +553,53 @@ class Run:
         return dataclasses.asdict(self.config)
 
     def save_checkpoint(self, step: int) -> None:
-        """``out/checkpoint-{step}`` (process 0 writes it; every process's RNG states in it)."""
-        rng = self.procs.gather(io.rng_state())
-        # (FSDP: both gathered whole on process 0, every process taking part)
-        weights = train_fsdp.model_state(self.module.policy_model, self.lora)
-        opt = train_fsdp.optimizer_state(self.module.policy_model, self.opt)
+        """``out/checkpoint-{step}``: process 0 writes it, with every process's RNG states (with
+        ``fsdp``, every process writes its shards: :mod:`fastdpo.train.sharded_checkpoint`)."""
+        state = {
+            "step": step, "epoch": step // self.steps_per_epoch,
+            "micro_batch": step % self.steps_per_epoch * self.config.grad_accum,
+            "scheduler": self.sched.state_dict(), "scaler": self.precision.state_dict(), "reference": self.reference,
+            "pairs": [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0],
+        }  # fmt: skip
+        if self.config.fsdp:
+            self._save_sharded(step, state | {"world": self.procs.world, "dp": self.layout.dp,
+                                              "batch_size": self.config.batch_size})  # fmt: skip
+        else:
+            rng = self.procs.gather(io.rng_state())
+            if self.procs.main:
+                state |= {"optimizer": self.opt.state_dict(), "rng": rng}
+                io.save_checkpoint(self.out, step, self.module.policy_model, self.tokenizer, self._config_json(), state)
         if self.procs.main:
-            state = {
-                "step": step, "epoch": step // self.steps_per_epoch,
-                "micro_batch": step % self.steps_per_epoch * self.config.grad_accum,
-                "optimizer": opt, "scheduler": self.sched.state_dict(), "scaler": self.precision.state_dict(), "rng": rng,
-                "reference": self.reference,
-                "pairs": [len(self.train_ds), len(self.eval_ds) if self.eval_ds is not None else 0],
-            }
-            io.save_checkpoint(self.out, step, self.module.policy_model, self.tokenizer, self._config_json(), state, weights)
             if self.config.save_total_limit is not None:
                 io.prune_checkpoints(self.out, self.config.save_total_limit)
             self._plot()
         self.procs.barrier()
 
+    def _save_sharded(self, step: int, state: dict) -> None:
+        final = io.checkpoint_dir(self.out, step)
+        tmp = final.with_name(final.name + ".tmp")
+        if self.procs.main:
+            io.remove(tmp)
+        self.procs.barrier()
+        policy = self.module.policy_model
+        sharded_checkpoint.save(tmp, policy, self.opt, self.lora, state, io.rng_state())
+        if self.procs.main:  # (DCP's save returns once every process's files and the metadata are written)
+            export.write_config(policy, tmp)
+            if self.lora:
+                policy.peft_config["default"].save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            io.write_run_files(tmp, self.out, self._config_json())
+            sharded_checkpoint.mark_complete(tmp)
+            io.replace(tmp, final)
+
     def save_final(self) -> None:
         """The trained model (or adapters), tokenizer and config in ``out``, and the curves."""
-        weights = train_fsdp.model_state(self.module.policy_model, self.lora)
+        if self.config.fsdp:
+            export.save_sharded(self.out, self.module.policy_model, self.lora, self.tokenizer, self._config_json(),
+                                self.procs.main)  # fmt: skip
+        elif self.procs.main:
+            io.save_model(self.out, self.module.policy_model, self.tokenizer, self._config_json())
         if self.procs.main:
-            io.save_model(self.out, self.module.policy_model, self.tokenizer, self._config_json(), weights)
             note = self._plot()
             print(f"saved to {self.out}" + (f" ({note})" if note else ""), flush=True)
         self.procs.barrier()
