@@ -10,9 +10,10 @@ another number of processes, and the memory a process needs.
 * Refused by name, before anything is read: a checkpoint without ``complete.json``, one with a
   truncated shard, one with a shard missing, and a resume whose micro-batches would take other
   pairs (``--batch-size``).
-* The weights: each process's sharded read of the ``save_pretrained`` files (untied and tied
-  embeddings) gives ``from_pretrained``'s weights, and a file whose names are not the model's
-  (transformers' prefix-less format) is read by process 0 and broadcast, to the same weights.
+* The weights: each process's sharded read of the ``save_pretrained`` files (Llama with untied
+  and tied embeddings, GPT-2) gives ``from_pretrained``'s weights, and a file whose names are
+  not the model's (transformers' prefix-less format, Mixtral's experts) is read by process 0
+  and broadcast, to the same weights; Mixtral's final model is written by ``save_pretrained``.
 * With precomputed reference scores the reference is freed once scored.
 * Start-up memory (benchmarks/fsdp_startup_memory.py, fresh processes, a 130 MiB model): the
   peak per process falls with the number of processes, by what the shards predict, and a
@@ -41,6 +42,7 @@ from test_train import (
     records,
     rows,
     save_model,
+    tokenizer,
     torchrun,
     weights,
     write_jsonl,
@@ -100,7 +102,7 @@ def _check_loading(root: Path) -> dict:
     from fastdpo.train import fsdp
 
     out = {}
-    for name in ("model", "tied", "renamed"):
+    for name in ("model", "tied", "renamed", "gpt2", "mixtral"):
         model = fsdp.empty_model(str(root / name), "float32")
         names = fsdp.base_names(model)
         fsdp.shard(model, None, torch.device("cpu"))
@@ -109,6 +111,15 @@ def _check_loading(root: Path) -> dict:
         whole = transformers.AutoModelForCausalLM.from_pretrained(root / name).state_dict()
         got = {k: p.full_tensor() for k, p in model.named_parameters()}
         out[name] = {"how": how, "differ": [k for k in got if not torch.equal(got[k], whole[k])], "tensors": len(got)}
+        if name == "mixtral":  # the final model of a format transformers converts: save_pretrained's
+            from fastdpo.train import export
+
+            saved = root / "mixtral-final"
+            export.save_sharded(saved, model, False, tokenizer(), {}, torch.distributed.get_rank() == 0)
+            torch.distributed.barrier()
+            again = transformers.AutoModelForCausalLM.from_pretrained(saved).state_dict()
+            out["mixtral-final"] = {"fallback": export.whole_fallback(model),
+                                    "differ": [k for k in whole if not torch.equal(again[k], whole[k])]}  # fmt: skip
     return out
 
 
@@ -217,6 +228,12 @@ def _models(root: Path) -> None:
     shutil.copytree(tied, root / "renamed")
     save_file({k.removeprefix("model."): v for k, v in state.items()}, root / "renamed" / "model.safetensors",
               metadata={"format": "pt"})  # fmt: skip
+    torch.manual_seed(0)  # another family (Conv1D layers, other names) and one whose experts transformers fuses on load
+    small = {"vocab_size": 300, "num_hidden_layers": 2, "num_attention_heads": 4}
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**small, n_embd=32, n_positions=64)).save_pretrained(root / "gpt2")
+    transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        **small, hidden_size=32, intermediate_size=32, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+    )).save_pretrained(root / "mixtral")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -331,12 +348,18 @@ def test_checkpoints_move_no_weights_between_processes(sharded_runs):
 
 def test_each_process_reads_its_shards_of_the_weights(sharded_runs):
     """``fsdp.load_pretrained`` on 2 processes gives ``from_pretrained``'s weights, bit for bit:
-    a sharded read of untied and tied (one tensor, read once) embeddings, and process 0's
-    broadcast for files whose names are not the model's."""
+    a sharded read of untied and tied (one tensor, read once) embeddings and of GPT-2 (another
+    family's names and layers), and process 0's broadcast for files whose names are not the
+    model's (a prefix-less file; Mixtral, whose experts transformers fuses on load).  Mixtral's
+    final model, whose format transformers converts back on save, is written by
+    ``save_pretrained`` from the gathered weights and reads back as ``from_pretrained``'s."""
     found = json.loads((sharded_runs / "loading.json").read_text())
     assert found["model"] == {"how": "sharded read", "differ": [], "tensors": 21}
     assert found["tied"] == {"how": "sharded read", "differ": [], "tensors": 20}
     assert found["renamed"] == {"how": "broadcast from process 0", "differ": [], "tensors": 20}
+    assert found["gpt2"] == {"how": "sharded read", "differ": [], "tensors": 28}
+    assert found["mixtral"] == {"how": "broadcast from process 0", "differ": [], "tensors": 21}
+    assert found["mixtral-final"] == {"fallback": True, "differ": []}
 
 
 def test_precomputed_scores_free_the_reference(sharded_runs, tmp_path):
