@@ -225,5 +225,6 @@ def main_from_args(args: argparse.Namespace) -> int:
         try:
             run.fit()
         finally:
+            del run  # (its models freed while the process group lives: Processes.close)
             procs.close()
     return 0

@@ -3,6 +3,7 @@ split the work (:class:`Layout`: data parallel by sequence parallel)."""
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -89,5 +90,10 @@ class Processes:
             torch.distributed.barrier()
 
     def close(self) -> None:
+        """Destroy the process group, after freeing what is unreachable: a sharded model's
+        cycles (FSDP2's hooks) freed later, during the interpreter's finalization, can free
+        gloo work then and abort the process at exit (pytorch/pytorch#179291).  The caller
+        drops its run first."""
         if self.started:
+            gc.collect()
             torch.distributed.destroy_process_group()

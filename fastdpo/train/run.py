@@ -612,7 +612,10 @@ def train(config: TrainConfig) -> dict:
     """Run ``config`` (see the module docstring); returns ``{"steps", "train", "eval", "out"}``:
     the last logged training row and evaluation (as written to ``metrics.jsonl``)."""
     procs = Processes(config.device)
+    run = None
     try:
-        return Run(config, procs).fit()
+        run = Run(config, procs)
+        return run.fit()
     finally:
+        run = None  # (its models freed while the process group lives: Processes.close)
         procs.close()
