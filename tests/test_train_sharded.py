@@ -400,6 +400,57 @@ def test_weights_written_a_tensor_at_a_time_load_with_from_pretrained(tmp_path):
             assert [k for k in state if not (again[k].dtype == dtype and torch.equal(again[k], state[k]))] == []
 
 
+def test_an_empty_model_keeps_the_directory_s_generation_config(tmp_path):
+    """The model built empty reads ``generation_config.json`` as ``from_pretrained`` does (the
+    final model and each checkpoint write it back), and builds the config's own without one."""
+    from fastdpo.train import export, fsdp
+
+    path = save_model(tmp_path / "model")
+    transformers.GenerationConfig(do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=17).save_pretrained(path)
+    empty = fsdp.empty_model(str(path), "auto")
+    whole = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert empty.generation_config.to_dict() == whole.generation_config.to_dict()
+    assert empty.generation_config.temperature == 0.7 and empty.generation_config.max_new_tokens == 17
+    export.write_config(empty, tmp_path / "out")
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "out").to_dict() == whole.generation_config.to_dict()
+    (path / "generation_config.json").unlink()
+    assert fsdp.empty_model(str(path), "auto").generation_config.temperature != 0.7
+
+
+def test_export_of_a_format_transformers_converts_and_of_a_foreign_checkpoint(tmp_path, capsys):
+    """``fastdpo export`` of a sharded checkpoint of Mixtral (its experts fused on load, unfused
+    on save: written by ``save_pretrained`` from the tensors read): ``from_pretrained`` reads
+    the model's weights back.  A checkpoint whose tensors are not its ``config.json``'s model's
+    is refused in one line, not written with weights left uninitialized."""
+    import torch.distributed.checkpoint as dcp
+
+    from fastdpo import cli
+    from fastdpo.train import export, fsdp, io
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=300, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    model = transformers.MixtralForCausalLM(config)
+    ckpt = tmp_path / "checkpoint-1"  # (as a --fsdp run writes one, in one process)
+    dcp.save({"model": fsdp.model_entries(model, trainable_only=False)}, checkpoint_id=str(ckpt), no_dist=True)
+    export.write_config(model, ckpt)
+    tokenizer().save_pretrained(ckpt)
+    (ckpt / io.CONFIG_FILE).write_text("{}")
+    sharded_checkpoint.mark_complete(ckpt)
+    assert cli.main(["export", str(ckpt), str(tmp_path / "out")]) == 0
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    whole = model.state_dict()
+    assert again.keys() == whole.keys() and [k for k in whole if not torch.equal(again[k], whole[k])] == []
+    foreign = tmp_path / "foreign"
+    shutil.copytree(ckpt, foreign)
+    (foreign / "config.json").write_text(json.dumps(json.loads((ckpt / "config.json").read_text()) | {"num_hidden_layers": 3}))
+    sharded_checkpoint.mark_complete(foreign)
+    capsys.readouterr()
+    assert cli.main(["export", str(foreign), str(tmp_path / "out-foreign")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"fastdpo export: error: fastdpo export {foreign}: its tensors are not its config.json's model's")
+
+
 def test_startup_memory_per_process_falls_with_the_processes(tmp_path):
     """benchmarks/fsdp_startup_memory.py, a Llama of 130 MiB of float32 weights (hidden 256,
     vocabulary 64,000, untied head), each configuration in fresh processes: one process (the

@@ -166,11 +166,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
 
 def _meta_model(ckpt: Path) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(ckpt)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=fsdp.torch_dtype(config, "auto"))
+    # (its generation_config.json read: the fallback's save_pretrained writes it)
+    return fsdp.empty_model(str(ckpt), "auto", option="fastdpo export")
 
 
 def _export_weights(ckpt: Path, out: Path, tensors: dict) -> None:
@@ -178,10 +175,16 @@ def _export_weights(ckpt: Path, out: Path, tensors: dict) -> None:
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, out / name)
     model = _meta_model(ckpt)
+    expected = {name: (t.dtype, tuple(t.shape)) for name, t in fsdp.model_entries(model, trainable_only=False).items()}
+    if set(expected) != set(tensors):  # (never written by fastdpo train: a checkpoint of another model)
+        differ = sorted(set(expected) ^ set(tensors))
+        raise ValueError(f"fastdpo export {ckpt}: its tensors are not its config.json's model's "
+                         f"({len(differ)} differ, e.g. {differ[0]})")  # fmt: skip
     if whole_fallback(model):  # save_pretrained converts the format back: the whole weights here
-        model.to_empty(device="cpu")
-        state = {name: sharded_checkpoint.read_tensor(ckpt, name, *spec) for name, spec in tensors.items()}
-        model.load_state_dict(state, strict=False)
+        fsdp.materialize(model, torch.device("cpu"))
+        with torch.no_grad():
+            for name, t in fsdp.model_entries(model, trainable_only=False).items():
+                t.copy_(sharded_checkpoint.read_tensor(ckpt, name, *tensors[name]))
         model.save_pretrained(out)
         return
     specs = [(name, dtype, shape) for name, (dtype, shape) in tensors.items()]

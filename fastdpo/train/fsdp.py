@@ -139,9 +139,10 @@ def torch_dtype(config, dtype: str) -> torch.dtype:
     return given if isinstance(given, torch.dtype) else torch.float32
 
 
-def empty_model(path: str, dtype: str) -> nn.Module:
+def empty_model(path: str, dtype: str, option: str = "--model") -> nn.Module:
     """``AutoModelForCausalLM`` of the directory's ``config.json``, its parameters on the meta
-    device (of ``dtype``), its buffers computed; its weights are read after sharding."""
+    device (of ``dtype``), its buffers computed, its ``generation_config.json`` read; its
+    weights are read after sharding.  Refused in one line naming ``option`` and ``path``."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .io import first_line
@@ -149,9 +150,17 @@ def empty_model(path: str, dtype: str) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(path)
         with params_on_meta():
-            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(config, dtype))
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(config, dtype))
     except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--model {path}: cannot build it as a causal LM ({first_line(e)})") from None
+        raise ValueError(f"{option} {path}: cannot build it as a causal LM ({first_line(e)})") from None
+    if model.can_generate():  # the directory's generation_config.json, as from_pretrained reads it
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # none: the one from_config made from the model's config
+            pass
+    return model
 
 
 def base_names(model: nn.Module) -> dict[int, str]:
