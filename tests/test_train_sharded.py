@@ -449,6 +449,11 @@ def test_export_of_a_format_transformers_converts_and_of_a_foreign_checkpoint(tm
     assert cli.main(["export", str(foreign), str(tmp_path / "out-foreign")]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"fastdpo export: error: fastdpo export {foreign}: its tensors are not its config.json's model's")
+    (foreign / "config.json").write_text(json.dumps(json.loads((ckpt / "config.json").read_text()) | {"vocab_size": 301}))
+    sharded_checkpoint.mark_complete(foreign)
+    assert cli.main(["export", str(foreign), str(tmp_path / "out-wider")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.endswith("(2 differ, e.g. model.embed_tokens.weight)"), line
 
 
 def test_startup_memory_per_process_falls_with_the_processes(tmp_path):

@@ -175,9 +175,9 @@ def _export_weights(ckpt: Path, out: Path, tensors: dict) -> None:
         if (ckpt / name).is_file():
             shutil.copyfile(ckpt / name, out / name)
     model = _meta_model(ckpt)
-    expected = {name: (t.dtype, tuple(t.shape)) for name, t in fsdp.model_entries(model, trainable_only=False).items()}
-    if set(expected) != set(tensors):  # (never written by fastdpo train: a checkpoint of another model)
-        differ = sorted(set(expected) ^ set(tensors))
+    expected = {name: tuple(t.shape) for name, t in fsdp.model_entries(model, trainable_only=False).items()}
+    differ = sorted(set(expected) ^ set(tensors)) or [n for n in expected if expected[n] != tensors[n][1]]
+    if differ:  # (never written by fastdpo train: a checkpoint of another model)
         raise ValueError(f"fastdpo export {ckpt}: its tensors are not its config.json's model's "
                          f"({len(differ)} differ, e.g. {differ[0]})")  # fmt: skip
     if whole_fallback(model):  # save_pretrained converts the format back: the whole weights here
