@@ -43,6 +43,20 @@ LOGGED = ("loss", *PAIR_METRICS)  # what a DPO run logs
 SMALL_ELEMENTS = fastdpo.scoring.logits_op.SMALL_ELEMENTS  # (as imported: tests/conftest.py patches it per test)
 
 
+@contextlib.contextmanager
+def as_torchrun_runs():
+    """One-process runs inside compute as torchrun's processes do: the small path and one
+    thread (they have no conftest, and OMP_NUM_THREADS=1), so their numbers can be compared."""
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fastdpo.scoring.logits_op, "SMALL_ELEMENTS", SMALL_ELEMENTS)
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 def records(n: int, seed: int, chat: bool = False) -> list[dict]:
     rng = random.Random(seed)
     out = []
@@ -360,17 +374,10 @@ def fsdp_runs(model_dir, tmp_path_factory) -> Path:
     done = torchrun(__file__, root, root / "runs.json", timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (root / "stdout.txt").write_text(done.stdout)
-    # The small path and one thread, as the processes run (they have no conftest, and
-    # OMP_NUM_THREADS=1; LoRA's many small ops took 3x as long on 2 threads of 2 busy cores).
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fastdpo.scoring.logits_op, "SMALL_ELEMENTS", SMALL_ELEMENTS)
-        torch.set_num_threads(1)
-        try:
-            for name, options in ONE.items():
-                assert train_cli(*common, *options, "--batch-size", 4, "--out", root / name) == 0
-        finally:
-            torch.set_num_threads(threads)
+    # (one thread, as the processes: LoRA's many small ops took 3x as long on 2 threads of 2 busy cores)
+    with as_torchrun_runs():
+        for name, options in ONE.items():
+            assert train_cli(*common, *options, "--batch-size", 4, "--out", root / name) == 0
     return root
 
 

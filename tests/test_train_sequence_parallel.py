@@ -31,12 +31,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import fastdpo.scoring.logits_op  # noqa: E402
 from fastdpo.train import command as train_command  # noqa: E402
 from fastdpo.train import processes as train_processes  # noqa: E402
 from fastdpo.train import run as train_mod  # noqa: E402
 from test_train import (  # noqa: E402
-    LOGGED, QUIET, SMALL_ELEMENTS, _error, records, rows, save_model, torchrun, train_cli, weights, write_jsonl,
+    LOGGED, QUIET, _error, as_torchrun_runs, records, rows, save_model, torchrun, train_cli, weights, write_jsonl,
 )
 
 # 32 training pairs, 8 a step (2 micro-batches), clipped at 0.3 (full fine-tuning's gradient
@@ -152,15 +151,9 @@ def four(root) -> str:
 def one(root) -> Path:
     """The one-process runs of :data:`ONE`: the small path and one thread, as torchrun's
     processes run (they have no conftest, and OMP_NUM_THREADS=1)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fastdpo.scoring.logits_op, "SMALL_ELEMENTS", SMALL_ELEMENTS)
-        torch.set_num_threads(1)
-        try:
-            for name, options in ONE.items():
-                assert train_cli(*_common(root), *options, "--out", root / name) == 0
-        finally:
-            torch.set_num_threads(threads)
+    with as_torchrun_runs():
+        for name, options in ONE.items():
+            assert train_cli(*_common(root), *options, "--out", root / name) == 0
     return root
 
 
@@ -245,14 +238,8 @@ def test_resuming_with_another_sequence_parallel_is_refused(two, one, tmp_path, 
     config = json.loads((old / "fastdpo_train.json").read_text())
     del config["sequence_parallel"]
     (old / "fastdpo_train.json").write_text(json.dumps(config))
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fastdpo.scoring.logits_op, "SMALL_ELEMENTS", SMALL_ELEMENTS)
-        torch.set_num_threads(1)
-        try:
-            assert train_cli(*_common(root), "--batch-size", 4, "--out", tmp_path / "b", "--resume", old) == 0
-        finally:
-            torch.set_num_threads(threads)
+    with as_torchrun_runs():
+        assert train_cli(*_common(root), "--batch-size", 4, "--out", tmp_path / "b", "--resume", old) == 0
     assert rows(tmp_path / "b") == rows(root / "one")
 
 
