@@ -84,11 +84,29 @@ def tiny_transformer(
     return model if dtype is None else model.to(dtype)
 
 
+def _then_leave(rank: int, worker, *args) -> None:
+    """``worker(rank, *args)``, then leave without the interpreter's teardown (a worker's
+    exception propagates as usual): after gloo collectives (a backward through them, DDP, a
+    sharded model), torch 2.13 sometimes aborts in finalization, even past
+    ``destroy_process_group`` ("terminate called without an active exception", SIGABRT:
+    2 in 20 spawned pairs of test_sequence_parallel.py, once in a fresh-clone run of
+    test_kto_distributed.py), which would fail a job whose results are saved.
+    pytorch/pytorch#179291."""
+    import os
+    import sys
+
+    worker(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def spawned_job(worker, world: int, out, timeout_s: float, *extra) -> tuple:
     """Run ``worker(rank, world, port, str(out), *extra)`` once in each of ``world`` fresh
     processes (spawned; ``port`` a free one for gloo's rendezvous), bounded by ``timeout_s``
     (``pytest.fail`` past it; a worker's exception is raised here), and return every rank's
-    results, which each worker saved with ``torch.save`` as ``out/rank{rank}.pt``.  Only the
+    results, which each worker saved with ``torch.save`` as ``out/rank{rank}.pt``.  A worker
+    that returned leaves without the interpreter's teardown (:func:`_then_leave`).  Only the
     processes started here are stopped on the way out."""
     import time
 
@@ -97,8 +115,8 @@ def spawned_job(worker, world: int, out, timeout_s: float, *extra) -> tuple:
 
     from benchmarks.fsdp_memory import _free_port
 
-    ctx = mp.start_processes(worker, args=(world, _free_port(), str(out), *extra), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(_then_leave, args=(worker, world, _free_port(), str(out), *extra), nprocs=world,
+                             join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1):  # raises ProcessRaisedException if a worker failed
