@@ -84,21 +84,29 @@ def tiny_transformer(
     return model if dtype is None else model.to(dtype)
 
 
-def _then_leave(rank: int, worker, *args) -> None:
-    """``worker(rank, *args)``, then leave without the interpreter's teardown (a worker's
-    exception propagates as usual): after gloo collectives (a backward through them, DDP, a
-    sharded model), torch 2.13 sometimes aborts in finalization, even past
-    ``destroy_process_group`` ("terminate called without an active exception", SIGABRT:
-    2 in 20 spawned pairs of test_sequence_parallel.py, once in a fresh-clone run of
-    test_kto_distributed.py), which would fail a job whose results are saved.
-    pytorch/pytorch#179291."""
+def leave(procs=None) -> None:
+    """End a worker process of a gloo job: ``procs.close()`` (a
+    ``fastdpo.train.processes.Processes``: what is unreachable freed, then the group destroyed;
+    the caller drops its runs first), then leave without the interpreter's teardown.  After
+    gloo collectives (a backward through them, DDP, a sharded model), torch 2.13 sometimes
+    aborts in finalization, even past ``destroy_process_group`` ("terminate called without an
+    active exception", SIGABRT: 2 in 20 spawned pairs of test_sequence_parallel.py, once in a
+    fresh-clone run of test_kto_distributed.py, once in CI in test_train.py's torchrun
+    launch), which would fail a job whose results are saved.  pytorch/pytorch#179291."""
     import os
     import sys
 
-    worker(rank, *args)
+    if procs is not None:
+        procs.close()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _then_leave(rank: int, worker, *args) -> None:
+    """``worker(rank, *args)``, then :func:`leave` (a worker's exception propagates as usual)."""
+    worker(rank, *args)
+    leave()
 
 
 def spawned_job(worker, world: int, out, timeout_s: float, *extra) -> tuple:
@@ -106,7 +114,7 @@ def spawned_job(worker, world: int, out, timeout_s: float, *extra) -> tuple:
     processes (spawned; ``port`` a free one for gloo's rendezvous), bounded by ``timeout_s``
     (``pytest.fail`` past it; a worker's exception is raised here), and return every rank's
     results, which each worker saved with ``torch.save`` as ``out/rank{rank}.pt``.  A worker
-    that returned leaves without the interpreter's teardown (:func:`_then_leave`).  Only the
+    that returned leaves without the interpreter's teardown (:func:`leave`).  Only the
     processes started here are stopped on the way out."""
     import time
 

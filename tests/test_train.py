@@ -28,6 +28,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from helpers import leave  # noqa: E402
+
 import fastdpo.scoring.logits_op  # noqa: E402
 from fastdpo import cli  # noqa: E402
 from fastdpo.train import command as train_command  # noqa: E402
@@ -358,7 +360,8 @@ def _torchrun_worker(root: Path, runs: dict[str, list[str]]) -> None:
             trained = {k: p.full_tensor() for k, p in run.module.policy_model.named_parameters()}
             if procs.main:
                 torch.save(trained, root / name / "trained.pt")
-    torch.distributed.destroy_process_group()
+    run = trained = None  # (the sharded models freed while the group lives)
+    leave(procs)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ several runs in one process group, and the one-process runs in this process."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,6 +33,7 @@ transformers = pytest.importorskip("transformers")
 from fastdpo.train import command as train_command  # noqa: E402
 from fastdpo.train import processes as train_processes  # noqa: E402
 from fastdpo.train import run as train_mod  # noqa: E402
+from helpers import leave  # noqa: E402
 from test_train import (  # noqa: E402
     LOGGED, QUIET, _error, as_torchrun_runs, records, rows, save_model, torchrun, train_cli, weights, write_jsonl,
 )
@@ -102,13 +102,8 @@ def _torchrun_worker(runs: list) -> None:
             pass
         finally:
             train_mod.Run._step = real_step
-    torch.distributed.destroy_process_group()
-    # Leave without the interpreter's teardown: after a backward through gloo collectives, torch
-    # 2.13 sometimes aborts there (SIGABRT, "terminate called without an active exception";
-    # tests/test_sequence_parallel.py), which would fail the launch after every run ended.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    run = None
+    leave(procs)  # (an abort in the interpreter's teardown would fail a launch whose runs all ended)
 
 
 @pytest.fixture(scope="module")

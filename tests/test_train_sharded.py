@@ -24,9 +24,7 @@ several runs in one process group."""
 
 from __future__ import annotations
 
-import gc
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from helpers import leave
 from test_train import (
     LOGGED,
     QUIET,
@@ -196,17 +195,9 @@ def _torchrun_worker(root: Path, launch: str) -> None:
             (root / "loading.json").write_text(json.dumps(found))
     # The sharded models (cycles, through FSDP2's hooks) freed while the process group lives: 3
     # of about 110 launches of the 4-process runs without this aborted at exit, every run done
-    # ("terminate called without an active exception"), as gloo work freed during the
-    # interpreter's finalization does (pytorch/pytorch#179291).  Too rare to show it cured, so
-    # the worker also leaves without the interpreter's teardown, as
-    # tests/test_train_sequence_parallel.py's does: an abort there would fail the launch after
-    # every run ended and wrote its results.
-    run = None
-    gc.collect()
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # (tests/helpers.leave).
+    run = trained = None
+    leave(procs)
 
 
 def _broken_copies(root: Path) -> None:
