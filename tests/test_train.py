@@ -289,7 +289,7 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     held = write_jsonl(tmp_path / "eval.jsonl", records(10, seed=6))
     common = ["--model", model_dir, "--data", data, "--eval", held, "--steps", 4, "--lr", 1e-2, "--eval-every", 2,
               "--save-every", 4, "--seed", 3, *QUIET]  # fmt: skip
-    done = torchrun("-m", "fastdpo.cli", "train", *common, "--batch-size", 2, "--out", tmp_path / "two", timeout=240)
+    done = torchrun("-m", "fastdpo", "train", *common, "--batch-size", 2, "--out", tmp_path / "two", timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 process(es)" in done.stdout and done.stdout.count("fastdpo train:") == 1  # process 0 speaks
     assert train_cli(*common, "--batch-size", 4, "--out", tmp_path / "one") == 0
