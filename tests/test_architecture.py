@@ -79,6 +79,7 @@ LAYERS: dict[str, set[str]] = {
     "bench": {"modules", "scoring", "models", "batching", "losses", "data", "_checks", "kernels", "__init__"},
     "kernel_report": {"kernels"},
     "cli": {"bench", "train", "kernel_report", "kernels", "__init__"},
+    "__main__": {"cli"},
     "__init__": {"modules", "scoring", "losses", "data", "train"},
 }
 
