@@ -17,7 +17,9 @@ tensors) and reports:
 * ``baseline``: its resident size once torch, transformers and fastdpo are imported;
 * ``startup_peak``: its peak resident size (``VmHWM``) from its start to the end of
   ``fastdpo.train.run.Run(...)`` (models loaded and sharded, optimizer built, before any step);
-* with ``--checkpoint``: one training step (so AdamW has its state), then the peak resident size
+* with ``--checkpoint``: two training steps (the first makes AdamW's state, the second starts
+  with it), their peak resident size (``step_peak``: from the first step's start, ``VmHWM``
+  reset by ``clear_refs``) and each one's seconds (``step_s``), then the peak resident size
   during ``save_checkpoint`` above what it held before (``VmHWM`` reset by ``clear_refs``),
   ``checkpoint_extra``, then the peak above what it held while writing the final model (``save_final``),
   ``final_extra``; and ``fastdpo export`` of the last sharded checkpoint in a fresh process
@@ -94,23 +96,33 @@ def _worker(where: Path, fsdp: bool, checkpoint: bool, resume: str | None, batch
     baseline = _status("VmRSS")
     procs = Processes(None)
     config = TrainConfig(model=str(where / "model"), data=str(where / "train.jsonl"), out=str(where / f"out-{tag}"),
-                         fsdp=fsdp, batch_size=batch_size, steps=1, max_length=16, lr=1e-3, progress=False,
+                         fsdp=fsdp, batch_size=batch_size, steps=2, max_length=16, lr=1e-3, progress=False,
                          log_every=1, gradient_checkpointing=False, resume=resume)  # fmt: skip
     start = time.perf_counter()
     run = Run(config, procs)
     row = {"tag": tag, "rank": procs.rank, "world": procs.world, "fsdp": fsdp, "resumed": resume is not None,
            "baseline": baseline, "startup_peak": _status("VmHWM"), "startup_s": time.perf_counter() - start}  # fmt: skip
     if checkpoint:
-        batches = run._epoch(0, 0)
-        run._step([next(batches)])
         import gc
+
+        batches = run._epoch(0, 0)
+        micro = [[next(batches)] for _ in range(2)]
+        gc.collect()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM back to the current resident size
+        took = []
+        for m in micro:
+            start = time.perf_counter()
+            run._step(m)
+            took.append(time.perf_counter() - start)
+        row |= {"step_peak": _status("VmHWM"), "step_s": took}
 
         gc.collect()
         before = _status("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # VmHWM back to the current resident size
         start = time.perf_counter()
-        run.save_checkpoint(1)
+        run.save_checkpoint(2)
         row |= {"checkpoint_extra": _status("VmHWM") - before, "checkpoint_s": time.perf_counter() - start}
         gc.collect()
         before = _status("VmRSS")
@@ -169,12 +181,12 @@ def measure(where: Path, processes: list[int], checkpoint: bool, resume: bool = 
     for n in processes:
         rows += _job(where, n, str(n), root, timeout, checkpoint=checkpoint or resume)
     for n in [n for n in processes if n > 1] if resume else []:
-        rows += _job(where, n, f"{n}-resumed", root, timeout, resume=where / f"out-{n}" / "checkpoint-1")
+        rows += _job(where, n, f"{n}-resumed", root, timeout, resume=where / f"out-{n}" / "checkpoint-2")
     if resume and 4 in processes:
-        rows += _job(where, 2, "4-resumed-on-2", root, timeout, resume=where / "out-4" / "checkpoint-1", batch_size=2)
+        rows += _job(where, 2, "4-resumed-on-2", root, timeout, resume=where / "out-4" / "checkpoint-2", batch_size=2)
     sharded = [n for n in processes if n > 1]
     if (checkpoint or resume) and sharded and export:  # fastdpo export of the last sharded checkpoint, in one process
-        cmd = [sys.executable, __file__, "--export", str(where / f"out-{sharded[-1]}" / "checkpoint-1"),
+        cmd = [sys.executable, __file__, "--export", str(where / f"out-{sharded[-1]}" / "checkpoint-2"),
                str(where / "exported")]  # fmt: skip
         env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1")
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -187,9 +199,11 @@ def measure(where: Path, processes: list[int], checkpoint: bool, resume: bool = 
 def table(rows: list[dict], model_bytes: int) -> str:
     lines = [f"model: {model_bytes / MIB:.0f} MiB of weights (float32); MiB per process (the largest of each run; "
              f"checkpoint: process 0 / the largest other)",
-             "| run | processes | baseline | start-up peak | peak - baseline | vs 1 process | checkpoint extra | final model extra |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| run | processes | baseline | start-up peak | peak - baseline | vs 1 process | checkpoint extra | final model extra "
+             "| step peak | vs 1 process |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     one = max((r["startup_peak"] for r in rows if r["tag"] == "1"), default=None)
+    one_step = max((r["step_peak"] for r in rows if r["tag"] == "1" and "step_peak" in r), default=None)
     for tag in dict.fromkeys(r["tag"] for r in rows):
         mine = [r for r in rows if r["tag"] == tag]
         peak, base = max(r["startup_peak"] for r in mine), max(r["baseline"] for r in mine)
@@ -199,8 +213,12 @@ def table(rows: list[dict], model_bytes: int) -> str:
         final = max((r["final_extra"] for r in mine if "final_extra" in r), default=None)
         final = "-" if final is None else f"{final / MIB:.0f}"
         ratio = f"{peak / one:.2f}x" if one else "-"
+        step = max((r["step_peak"] for r in mine if "step_peak" in r), default=None)
+        step_ratio = f"{step / one_step:.2f}x" if step and one_step else "-"
+        step = "-" if step is None else f"{step / MIB:.0f}"
         lines.append(f"| {tag} | {mine[0]['world']}{' (--fsdp)' if mine[0]['fsdp'] else ''} | {base / MIB:.0f} | "
-                     f"{peak / MIB:.0f} | {(peak - base) / MIB:.0f} | {ratio} | {extra} | {final} |")  # fmt: skip
+                     f"{peak / MIB:.0f} | {(peak - base) / MIB:.0f} | {ratio} | {extra} | {final} | {step} | "
+                     f"{step_ratio} |")  # fmt: skip
     return "\n".join(lines)
 
 

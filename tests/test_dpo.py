@@ -133,6 +133,35 @@ def test_parity_with_x_transformers(cfg, head, routes):
         assert rel_err(go[name], gt[name]) <= rel_err(gx[name], gt[name]) + 1e-5, name
 
 
+def test_a_gathered_reference_head_is_scored_before_the_policy_runs(monkeypatch):
+    """A reference head weight gathered from FSDP2 shards (a whole copy made for the call) is
+    scored before the policy's forward and the copy dropped, instead of riding to the DPO head
+    op with the policy's: held through the policy's forward it would add a whole head weight to
+    the step's peak (measured under --fsdp: benchmarks/fsdp_startup_memory.py).  The loss and
+    the gradients are the ones the op gives scoring both."""
+    import fastdpo.modules.dpo as dpo_module
+    import fastdpo.scoring.router as router
+
+    _, ours = paired(lambda: make_model(257, seed=5), beta=0.1)
+    pref, unpref, prompt_mask = make_batch(3, 17, 257, seed=4, prompt_lens=[2, 5, 9])
+    handed = []
+
+    def spy(*args, **kwargs):
+        handed.append((kwargs["ref_weight"] is not None, kwargs["ref_scores"] is not None))
+        return real(*args, **kwargs)
+
+    real = dpo_module.run_dpo_head
+    monkeypatch.setattr(dpo_module, "run_dpo_head", spy)
+    both, both_grads = loss_and_grads(ours, pref, unpref, prompt_mask=prompt_mask)
+    monkeypatch.setattr(router, "gathers", lambda head: True)
+    first, first_grads = loss_and_grads(ours, pref, unpref, prompt_mask=prompt_mask)
+    assert handed == [(True, False), (False, True)]  # the op scored the reference, then was given its scores
+    assert rel_err(first, both) <= 1e-6
+    assert first_grads.keys() == both_grads.keys()
+    for name in both_grads:
+        assert rel_err(first_grads[name], both_grads[name]) <= 1e-6, name
+
+
 def test_tied_reference_does_not_drift():
     """x-transformers' deepcopy leaves the tied head reading the policy's embedding; ours not."""
     dpo = DPO(make_model(257, tie=True, seed=3))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..batching.batch import Padding
-from .base import LinearHead, ModelAdapter, check_first_pairs, live_bias, live_weight
+from .base import LinearHead, ModelAdapter, check_first_pairs, gathers, live_bias, live_weight
 from .hf import HFAdapter
 from .wrappers import adapters_disabled, check_wrappers, eval_mode, peft_model
 from .xtransformers import XTransformersAdapter
@@ -49,6 +49,7 @@ __all__ = [
     "check_first_pairs",
     "check_wrappers",
     "eval_mode",
+    "gathers",
     "live_bias",
     "live_weight",
     "peft_model",

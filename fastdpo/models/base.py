@@ -70,6 +70,12 @@ def live_weight(head: LinearHead, dtype: torch.dtype) -> Tensor:
     return _live(head.owner.weight if head.owner is not None else head.weight, dtype)
 
 
+def gathers(head: LinearHead) -> bool:
+    """Whether :func:`live_weight` gathers ``head``'s weight now (an FSDP2 shard): its result is
+    then a whole copy of the weight, alive as long as its holder keeps it."""
+    return not _is_plain(head.owner.weight if head.owner is not None else head.weight)
+
+
 def live_bias(head: LinearHead, dtype: torch.dtype) -> Tensor | None:
     """The head's bias to add now (None without one), read and gathered as :func:`live_weight`."""
     if not head.has_bias:

@@ -195,8 +195,10 @@ class DPO(PreferenceModule):
         ref_scores = given_reference_scores(ref_preferred_logprob, ref_unpreferred_logprob, b, batch.src)
         ref = self._reference_input(batch) if ref_scores is None else None
         dpo_head = self.scorer.uses_dpo_head(self.scorer.checked_route(self.policy_model, batch), batch)
-        if ref_scores is None and not (dpo_head and ref is not None and ref.weight is not None):
-            # Scored (and its logits freed) before the policy runs; else the DPO head op scores it.
+        if ref_scores is None and not (dpo_head and ref is not None and ref.weight is not None and not ref.gathered):
+            # Scored (and its logits freed) before the policy runs; else the DPO head op scores it.  A
+            # head weight gathered from FSDP2 shards is scored first too: held through the policy's
+            # forward, the whole copy would add a head's weight to the step's peak.
             ref_scores, ref = self._scores(ref, batch), None
         if dpo_head:
             policy = self._policy_input(batch)

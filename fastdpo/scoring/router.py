@@ -44,7 +44,7 @@ from .. import _checks
 from .._checks import YES, Verdict, no
 from ..batching.batch import Batch, Padding
 from ..batching.sequence_parallel import all_reduce_sum
-from ..models import LinearHead, ModelAdapter, adapter_for, eval_mode, live_bias, live_weight
+from ..models import LinearHead, ModelAdapter, adapter_for, eval_mode, gathers, live_bias, live_weight
 from . import logits_op as ops
 from .linear_op import MATMULS, resolve_matmul, run_linear
 from .logits_op import IMPLS, resolve_impl
@@ -125,6 +125,7 @@ class HeadInput:
     weight: Tensor | None  # the fused head's weight as it is now (FSDP2: gathered)
     aux: Tensor | None = None  # the MoE router's load-balancing loss, when asked (Scorer.head_input)
     bias: Tensor | None = None  # the fused head's bias as it is now (with ``weight``; None: none)
+    gathered: bool = False  # ``weight`` is a whole copy gathered from shards for this input (FSDP2)
 
     @property
     def takes_dpo_head(self) -> bool:
@@ -325,7 +326,7 @@ class Scorer:
         weight, bias = live_weight(head, out.dtype), live_bias(head, out.dtype)
         if self.small(route, batch):
             return HeadInput(route, head.logits(out, weight, bias), None, aux)
-        return HeadInput(route, out, weight, aux, bias)
+        return HeadInput(route, out, weight, aux, bias, gathered=gathers(head))
 
     def sums(
         self, inputs: HeadInput, batch: Batch, *, count_hits: bool = False, inplace: bool = True, with_wpo: bool = False

@@ -81,9 +81,15 @@ def shard(policy: nn.Module, reference: nn.Module | None, device: torch.device) 
             continue
         for layer in decoder_layers(model):
             fully_shard(layer, mesh=mesh)
-        # A root keeps its parameters gathered after forward, for backward to reshard; the
-        # reference never runs backward, so its root reshards right away.
-        fully_shard(model, mesh=mesh, **({"reshard_after_forward": True} if model is reference else {}))
+        # The root (the embedding, the final norm, the head) reshards after forward, the policy's
+        # too (FSDP2 would keep a root gathered for backward): the fused head gathers its weight
+        # itself (models.base.live_weight; its gradient reduce-scattered as soon as the head's
+        # backward made it), and backward gathers the root again for the embedding only at its
+        # end.  Kept gathered, the embedding, the head and both their whole gradients sat on
+        # every process through backward, with the reduce-scatter's copy of them: measured, two
+        # steps' peak at 4 processes fell from 4473 to 3797 MiB, with the reference's gathered head
+        # scored first (modules/dpo.py; docs/distributed.md, benchmarks/fsdp_startup_memory.py).
+        fully_shard(model, mesh=mesh, reshard_after_forward=True)
 
 
 def sharded(model: nn.Module) -> bool:
@@ -96,8 +102,9 @@ def sharded(model: nn.Module) -> bool:
 
 
 def reshard(model: nn.Module) -> None:
-    """Every group of sharded ``model`` back to its shards (a root keeps its parameters
-    gathered after a forward without backward, as an evaluation's): what a checkpoint reads."""
+    """Every group of sharded ``model`` back to its shards, what a checkpoint reads and the
+    optimizer takes (a no-op after :func:`shard`'s forwards, whose roots reshard; a root sharded
+    otherwise keeps its group gathered after a forward without backward)."""
     from torch.distributed.fsdp import FSDPModule
 
     for m in model.modules():

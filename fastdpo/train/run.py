@@ -147,7 +147,7 @@ class Run:
         elif ckpt is not None:
             io.load_trained_weights(self.module.policy_model, ckpt, self.lora)
         self.reference = self._reference_scores(state)
-        if c.fsdp:  # (scoring may leave the policy's root gathered: the optimizer takes its shards)
+        if c.fsdp:  # (every group back to its shards: the optimizer takes them)
             train_fsdp.reshard(self.module.policy_model)
         self.ddp = None
         if not c.fsdp and procs.world > 1:
