@@ -70,8 +70,8 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(policy: nn.Module, reference: nn.Module | None, device: torch.device) -> None:
-    """``fully_shard`` each decoder layer, then the root, of ``policy`` and ``reference`` over
-    every process (one mesh dimension)."""
+    """``fully_shard`` each decoder layer, then the root (resharding after forward), of
+    ``policy`` and ``reference`` over every process (one mesh dimension)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
