@@ -197,10 +197,10 @@ def measure(where: Path, processes: list[int], checkpoint: bool, resume: bool = 
 
 
 def table(rows: list[dict], model_bytes: int) -> str:
-    lines = [f"model: {model_bytes / MIB:.0f} MiB of weights (float32); MiB per process (the largest of each run; "
-             f"checkpoint: process 0 / the largest other)",
-             "| run | processes | baseline | start-up peak | peak - baseline | vs 1 process | checkpoint extra | final model extra "
-             "| step peak | vs 1 process |",
+    lines = [(f"model: {model_bytes / MIB:.0f} MiB of weights (float32); MiB per process (the largest of each run; "
+              f"checkpoint: process 0 / the largest other)"),
+             ("| run | processes | baseline | start-up peak | peak - baseline | vs 1 process | checkpoint extra "
+              "| final model extra | step peak | vs 1 process |"),
              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     one = max((r["startup_peak"] for r in rows if r["tag"] == "1"), default=None)
     one_step = max((r["step_peak"] for r in rows if r["tag"] == "1" and "step_peak" in r), default=None)
