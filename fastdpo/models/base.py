@@ -51,6 +51,11 @@ class LinearHead:
         return torch.tanh(z / self.softcap) * self.softcap if self.softcap is not None else z
 
 
+def _stored(head: LinearHead) -> Tensor:
+    """The head's weight as its owner holds it now (FSDP2 swaps shards and gathered twins)."""
+    return head.owner.weight if head.owner is not None else head.weight
+
+
 def _is_plain(w: Tensor) -> bool:
     return type(w) in (torch.Tensor, nn.Parameter)
 
@@ -67,13 +72,13 @@ def live_weight(head: LinearHead, dtype: torch.dtype) -> Tensor:
     ``param_dtype`` under a mixed-precision policy) after.  The gathered weight lives as long
     as the caller holds it.
     """
-    return _live(head.owner.weight if head.owner is not None else head.weight, dtype)
+    return _live(_stored(head), dtype)
 
 
 def gathers(head: LinearHead) -> bool:
     """Whether :func:`live_weight` gathers ``head``'s weight now (an FSDP2 shard): its result is
     then a whole copy of the weight, alive as long as its holder keeps it."""
-    return not _is_plain(head.owner.weight if head.owner is not None else head.weight)
+    return not _is_plain(_stored(head))
 
 
 def live_bias(head: LinearHead, dtype: torch.dtype) -> Tensor | None:
